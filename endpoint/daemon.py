@@ -1,0 +1,377 @@
+"""The endpoint daemon: dials out to the manager, runs tasks on Parsl-provisioned pools.
+
+    manager ROUTER <--tcp-- DEALER [endpoint loop] ROUTER <--tcp-- pools (control)
+                                        |                  <--tcp-- workers (data)
+                                    Scheduler (sans-IO): queue, prefetch credits, failures
+                                        |
+                        Parsl JobStatusPoller thread: PoolExecutor blocks via the provider
+
+Each wake-up drains the manager and the workers, dispatches, and sends what accumulated: one
+``Results`` and one ``States`` message to the manager, one ``Tasks`` message per worker. Results
+are kept until the manager acknowledges them (it commits first), and are re-sent after the link
+comes back; the manager re-sends tasks the same way, and ids already held are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+from dlhub.protocol import ProtocolError
+from dlhub.protocol import messages as m
+from dlhub.protocol.serialize import runtime_versions
+
+from .config import EndpointConfig
+from .scheduler import Scheduler
+
+log = logging.getLogger("dlhub.endpoint")
+
+DRAIN_LIMIT = 1000
+
+
+class EndpointRefused(RuntimeError):
+    """The manager refused this endpoint (bad token or protocol)."""
+
+
+class Endpoint:
+    def __init__(self, config: EndpointConfig, run_dir: Path):
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.session = secrets.token_hex(8)
+        self.pool_token = secrets.token_urlsafe(24)
+        self.scheduler = Scheduler(
+            prefetch_target_ms=config.pool.prefetch_target_ms,
+            min_prefetch=config.pool.min_prefetch,
+            max_prefetch=config.pool.max_prefetch,
+            heartbeat_threshold_s=config.heartbeat_threshold_s,
+            max_retries=config.max_retries,
+        )
+        self.unacked: dict[bytes, list] = {}
+        self.registered = False
+        self.manager_state = "connecting"
+        self.last_heard_manager = time.monotonic()
+        self._stop = threading.Event()
+        self.poller = None
+        self.executor = None
+
+    # ---- start-up ----------------------------------------------------------------------------
+
+    def start(self, register_timeout_s: float = 15.0) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.ctx = zmq.Context()
+        self.manager_sock = self.ctx.socket(zmq.DEALER)
+        self.manager_sock.setsockopt(zmq.IDENTITY, f"e:{self.config.name}:{self.session}".encode())
+        self.manager_sock.setsockopt(zmq.LINGER, 0)
+        self.manager_sock.setsockopt(zmq.SNDHWM, 0)
+        self.manager_sock.setsockopt(zmq.RCVHWM, 0)
+        self.manager_sock.connect(self.config.manager.address)
+        self.worker_sock = self.ctx.socket(zmq.ROUTER)
+        self.worker_sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.worker_sock.setsockopt(zmq.SNDHWM, 0)
+        self.worker_sock.setsockopt(zmq.RCVHWM, 0)
+        self.worker_sock.setsockopt(zmq.LINGER, 0)
+        addr = self.config.pool.worker_address
+        if self.config.pool.worker_port:
+            self.worker_sock.bind(f"tcp://{addr}:{self.config.pool.worker_port}")
+        else:
+            self.worker_sock.bind_to_random_port(f"tcp://{addr}")
+        self.worker_url = self.worker_sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._write_pool_config()
+        self._register(register_timeout_s)
+        self._start_pools()
+
+    def _write_pool_config(self) -> None:
+        self.pool_config_path = self.run_dir / "pool.json"
+        cfg = {
+            "endpoint_url": self.worker_url,
+            "token": self.pool_token,
+            "workers_per_node": self.config.pool.workers_per_node,
+            "heartbeat_s": self.config.heartbeat_s,
+            "heartbeat_threshold_s": self.config.heartbeat_threshold_s,
+            "payload_limit_bytes": self.config.payload_limit_bytes,
+            "output_limit_bytes": self.config.output_limit_bytes,
+        }
+        fd = os.open(self.pool_config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(cfg, f)
+
+    def _hello(self) -> m.Hello:
+        return m.Hello(
+            "endpoint",
+            self.config.name,
+            self.config.manager.token,
+            self.session,
+            {**runtime_versions(), "protocol": m.PROTOCOL_VERSION},
+            {"pid": os.getpid(), "workers_per_node": self.config.pool.workers_per_node},
+        )
+
+    def _register(self, timeout_s: float) -> None:
+        """Say Hello and wait for the answer, so a bad token fails the start at once."""
+        self.manager_sock.send(m.pack(self._hello()))
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.manager_sock.poll(100):
+                msg = m.unpack(self.manager_sock.recv())
+                if isinstance(msg, m.Welcome):
+                    self.registered, self.manager_state = True, "running"
+                    self.last_heard_manager = time.monotonic()
+                    self._on_manager(msg)
+                    log.info("registered with manager %s", self.config.manager.address)
+                    return
+                if isinstance(msg, m.Refused):
+                    raise EndpointRefused(f"manager refused endpoint: {msg.code}: {msg.message}")
+                self._on_manager(msg)
+        self.manager_state = "disconnected"
+        log.warning("manager at %s did not answer; will keep trying", self.config.manager.address)
+
+    def _start_pools(self) -> None:
+        from .engine import PoolExecutor, build_provider, start_scaling
+
+        self.executor = PoolExecutor(
+            build_provider(self.config),
+            self.pool_config_path,
+            self.config.pool.workers_per_node,
+            outstanding=self.scheduler.outstanding,
+            idle_blocks=self._idle_blocks,
+            python=self.config.pool.python,
+        )
+        self.poller = start_scaling(self.executor, self.run_dir, self.config)
+
+    def _idle_blocks(self) -> list[str]:
+        idle_pools = set(self.scheduler.idle_pools())
+        pools = list(self.scheduler.pools.values())
+        busy = {p.block_id for p in pools if p.pool_id not in idle_pools}
+        return [b for b in list(self.executor._status) if b not in busy] if self.executor else []
+
+    # ---- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.manager_sock, zmq.POLLIN)
+        poller.register(self.worker_sock, zmq.POLLIN)
+        next_beat = 0.0
+        try:
+            while not self._stop.is_set():
+                events = dict(poller.poll(max(1, min(250, int(self.config.heartbeat_s * 1000)))))
+                if self.manager_sock in events:
+                    self._drain(self.manager_sock, None)
+                if self.worker_sock in events:
+                    self._drain(self.worker_sock, True)
+                now = time.monotonic()
+                if now >= next_beat:
+                    self._periodic(now)
+                    next_beat = now + self.config.heartbeat_s
+                self._pump()
+        finally:
+            self._shutdown()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _drain(self, sock: zmq.Socket, routed: bool | None) -> None:
+        for _ in range(DRAIN_LIMIT):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            identity, frame = (frames[0], frames[-1]) if routed else (b"", frames[-1])
+            try:
+                msg = m.unpack(frame, self.config.payload_limit_bytes + 16 * 1024 * 1024)
+            except ProtocolError as exc:
+                log.warning("bad frame on %s link: %s", "worker" if routed else "manager", exc)
+                continue
+            try:
+                if routed:
+                    self._on_worker(identity, msg)
+                else:
+                    self._on_manager(msg)
+            except Exception:
+                log.exception("error handling %s", type(msg).__name__)
+
+    def _pump(self) -> None:
+        """Dispatch and send everything the scheduler produced."""
+        s = self.scheduler
+        s.dispatch()
+        for identity, msg in s.to_workers:
+            try:
+                self.worker_sock.send_multipart([identity, m.pack(msg)], zmq.NOBLOCK, copy=False)
+            except zmq.ZMQError as exc:  # the worker vanished: the pool reports the death
+                log.warning("cannot reach worker %r: %s", identity, exc)
+        s.to_workers.clear()
+        if s.code_requests:
+            self._to_manager(m.CodeRequest(s.code_requests))
+            s.code_requests = []
+        s.running_updates()
+        if s.states:
+            done = {r[m.R_ID] for r in s.results}
+            updates = [u for u in s.states if u[0] not in done]
+            if updates:
+                self._to_manager(m.States(updates))
+            s.states.clear()
+        if s.results:
+            for res in s.results:
+                self.unacked[res[m.R_ID]] = res
+            self._to_manager(m.Results(s.results))
+            s.results = []
+
+    def _to_manager(self, msg: m.Message) -> None:
+        self.manager_sock.send(m.pack(msg), copy=False)
+
+    def _periodic(self, now: float) -> None:
+        self._to_manager(m.Heartbeat(self.scheduler.snapshot()))
+        if now - self.last_heard_manager > self.config.heartbeat_threshold_s:
+            if self.manager_state != "disconnected":
+                log.warning(
+                    "manager silent for %.0f s: disconnected", now - self.last_heard_manager
+                )
+            self.manager_state = "disconnected"
+            self.manager_sock.send(m.pack(self._hello()))
+        for pool_id in self.scheduler.check_pools():
+            log.warning("pool %s lost (missed heartbeats); its tasks were re-queued", pool_id)
+        self._write_status()
+
+    # ---- messages from the manager -------------------------------------------------------------
+
+    def _on_manager(self, msg: m.Message) -> None:
+        self.last_heard_manager = time.monotonic()
+        if isinstance(msg, m.Tasks):
+            fresh = []
+            for rec in msg.tasks:  # a resent task we already finished: resend its result
+                res = self.unacked.get(rec[m.T_ID])
+                if res is None:
+                    fresh.append(rec)
+                else:
+                    self.scheduler.results.append(res)
+            self.scheduler.add_tasks(fresh)
+        elif isinstance(msg, m.Code):
+            self.scheduler.add_code(msg.blobs)
+            missing = [d for d in list(self.scheduler.waiting_code) if d not in msg.blobs]
+            self.scheduler.code_missing(missing)
+        elif isinstance(msg, m.Accepted):
+            for task_id in msg.task_ids:
+                self.unacked.pop(task_id, None)
+        elif isinstance(msg, m.Cancel):
+            refused = self.scheduler.cancel(msg.task_ids)
+            if refused:
+                self._to_manager(m.CancelRefused(refused, "already running or finished"))
+        elif isinstance(msg, m.Welcome):
+            if self.manager_state != "running":
+                log.info("connected to the manager")
+            self.registered, self.manager_state = True, "running"
+            if self.unacked:
+                self._to_manager(m.Results(list(self.unacked.values())))
+        elif isinstance(msg, m.Refused):
+            if msg.code == "not-registered":  # the manager restarted
+                self.manager_sock.send(m.pack(self._hello()))
+            else:
+                log.error("manager refused: %s: %s", msg.code, msg.message)
+        elif isinstance(msg, m.Heartbeat):
+            if self.manager_state != "running" and self.registered:
+                self.manager_state = "running"
+
+    # ---- messages from pools and workers ------------------------------------------------------
+
+    def _on_worker(self, identity: bytes, msg: m.Message) -> None:
+        s = self.scheduler
+        if isinstance(msg, m.Results):
+            s.worker_results(identity, msg.results)
+        elif isinstance(msg, m.Heartbeat):
+            if s.pool_heartbeat(identity[2:].decode(), msg.info):
+                self._send_worker(identity, m.Heartbeat({}))
+        elif isinstance(msg, m.Hello):
+            self._worker_hello(identity, msg)
+        elif isinstance(msg, m.WorkerDied):
+            log.warning("worker %s died: %s", msg.worker_id, msg.reason)
+            s.worker_died(msg.worker_id, msg.reason)
+        elif isinstance(msg, m.CancelRefused):
+            self._to_manager(msg)
+
+    def _worker_hello(self, identity: bytes, hello: m.Hello) -> None:
+        if hello.token != self.pool_token:
+            self._send_worker(identity, m.Refused("access-denied", "wrong pool token"))
+            return
+        mine, theirs = runtime_versions(), hello.versions
+        if (mine["python"].rsplit(".", 1)[0], mine["dill"]) != (
+            str(theirs.get("python", "")).rsplit(".", 1)[0],
+            theirs.get("dill"),
+        ):
+            log.warning(
+                "%s %s runs Python %s / dill %s; the endpoint has Python %s / dill %s",
+                hello.role,
+                hello.name,
+                theirs.get("python"),
+                theirs.get("dill"),
+                mine["python"],
+                mine["dill"],
+            )
+        if hello.role == "pool":
+            self.scheduler.add_pool(
+                identity, hello.name, str(hello.info.get("block_id")), dict(hello.info)
+            )
+            log.info("pool %s registered (block %s)", hello.name, hello.info.get("block_id"))
+            self._send_worker(identity, m.Welcome(self.session, {}))
+        elif hello.role == "worker":
+            self.scheduler.add_worker(identity, hello.name, str(hello.info.get("pool_id")))
+            # tell the manager and `dlhub up` at once rather than at the next heartbeat
+            self._to_manager(m.Heartbeat(self.scheduler.snapshot()))
+            self._write_status()
+
+    def _send_worker(self, identity: bytes, msg: m.Message) -> None:
+        try:
+            self.worker_sock.send_multipart([identity, m.pack(msg)], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+
+    # ---- status and shutdown -----------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "name": self.config.name,
+            "state": self.manager_state,
+            "pid": os.getpid(),
+            "manager": self.config.manager.address,
+            "updated": time.time(),
+            "blocks": self.executor.block_states() if self.executor else {},
+            "versions": runtime_versions(),
+            **self.scheduler.snapshot(),
+        }
+
+    def _write_status(self) -> None:
+        tmp = self.run_dir / "status.json.tmp"
+        tmp.write_text(json.dumps(self.status(), default=str))
+        tmp.replace(self.run_dir / "status.json")
+
+    def _shutdown(self) -> None:
+        for pool in list(self.scheduler.pools.values()):
+            self._send_worker(pool.identity, m.Shutdown("endpoint stopping"))
+        if self.poller is not None:
+            try:
+                self.poller.close(timeout=10)
+            except Exception:
+                log.exception("error while scaling in blocks")
+        if self.executor is not None:
+            self.executor.cancel_all()
+        self.manager_state = "stopped"
+        try:
+            self._write_status()
+        except OSError:
+            pass
+        self.manager_sock.close(0)
+        self.worker_sock.close(0)
+        self.ctx.term()
+
+
+def install_signal_handlers(endpoint: Endpoint) -> None:
+    def _stop(signum, frame):
+        endpoint.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)

@@ -1,0 +1,143 @@
+"""Pools as Parsl block executors: Parsl's providers and launchers start, watch, scale, cancel.
+
+``PoolExecutor`` subclasses Parsl's ``BlockProviderExecutor`` and is driven by Parsl's
+``JobStatusPoller`` (its scaling strategy runs on the poller's thread). The block's command
+starts our pool process (``python -m dlhub.endpoint.pool``), which reads a JSON file written by
+the endpoint instead of a long command line. Traps handled (see DESIGN.md): ``scale_in`` only
+cancels idle blocks; ``block_error_handler=False``; the pool never calls ``setsid``, so the
+provider's process-group kill ends its workers too. Parsl is pinned: ``*_facade`` is internal.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from parsl.executors.status_handling import BlockProviderExecutor
+from parsl.jobs.job_status_poller import JobStatusPoller
+from parsl.jobs.states import TERMINAL_STATES
+from parsl.launchers import SingleNodeLauncher
+from parsl.providers import LocalProvider
+
+from .config import EndpointConfig
+
+log = logging.getLogger("dlhub.endpoint.engine")
+
+
+def build_provider(config: EndpointConfig) -> Any:
+    p = config.provider
+    if p.type == "local":
+        return LocalProvider(
+            launcher=SingleNodeLauncher(),
+            init_blocks=p.init_blocks,
+            min_blocks=p.min_blocks,
+            max_blocks=p.max_blocks,
+            parallelism=p.parallelism,
+            worker_init=p.worker_init,
+            cmd_timeout=p.cmd_timeout_s,
+        )
+    raise ValueError(f"provider type {p.type!r} is not supported")  # pragma: no cover
+
+
+class PoolExecutor(BlockProviderExecutor):
+    """Blocks of dlhub pools. Tasks never go through ``submit``: the endpoint loop routes them."""
+
+    def __init__(
+        self,
+        provider: Any,
+        pool_config_path: Path,
+        workers_per_node: int,
+        outstanding: Callable[[], int],
+        idle_blocks: Callable[[], list[str]],
+        python: str = "",
+        label: str = "dlhub-pool",
+    ):
+        super().__init__(provider=provider, block_error_handler=False)
+        self.label = label
+        self._pool_config_path = pool_config_path
+        self._workers_per_node = workers_per_node
+        self._outstanding = outstanding
+        self._idle_blocks = idle_blocks
+        self._python = python or sys.executable
+
+    def _get_launch_command(self, block_id: str) -> str:
+        return " ".join(
+            shlex.quote(part)
+            for part in (
+                self._python,
+                "-m",
+                "dlhub.endpoint.pool",
+                "--config",
+                str(self._pool_config_path),
+                "--block-id",
+                block_id,
+            )
+        )
+
+    def outstanding(self) -> int:
+        return self._outstanding()
+
+    @property
+    def workers_per_node(self) -> int:
+        return self._workers_per_node
+
+    def scale_in(self, blocks: int) -> list[str]:
+        """Cancel up to ``blocks`` blocks, idle ones only: a busy block is never cancelled."""
+        idle = set(self._idle_blocks())
+        candidates = [
+            block_id
+            for block_id, status in list(self._status.items())
+            if status.state not in TERMINAL_STATES and block_id in idle
+        ][:blocks]
+        if not candidates or self.provider is None:
+            return []
+        job_ids = [self.blocks_to_job_id[b] for b in candidates]
+        log.info("scaling in idle blocks %s (jobs %s)", candidates, job_ids)
+        killed = self.provider.cancel(job_ids)
+        return [self.job_ids_to_block[j] for j in self._filter_scale_in_ids(job_ids, killed)]
+
+    def cancel_all(self) -> None:
+        live = [
+            self.blocks_to_job_id[b]
+            for b, s in list(self._status.items())
+            if s.state not in TERMINAL_STATES and b in self.blocks_to_job_id
+        ]
+        if live and self.provider is not None:
+            self.provider.cancel(live)
+
+    def block_states(self) -> dict[str, dict[str, Any]]:
+        return {
+            b: {
+                "job_id": self.blocks_to_job_id.get(b),
+                "state": s.state.name,
+                "message": s.message,
+            }
+            for b, s in list(self._status.items())
+        }
+
+    def submit(self, func, resource_specification, *args, **kwargs):  # pragma: no cover
+        raise NotImplementedError("dlhub pools receive tasks from the endpoint, not from Parsl")
+
+    def shutdown(self) -> None:
+        self.cancel_all()
+
+
+def start_scaling(executor: PoolExecutor, run_dir: Path, config: EndpointConfig) -> JobStatusPoller:
+    """Start Parsl's poller + strategy; run its first pass now so init blocks start at once."""
+    script_dir = run_dir / "submit_scripts"
+    script_dir.mkdir(parents=True, exist_ok=True)
+    executor.provider.script_dir = str(script_dir)
+    executor.run_dir = str(run_dir)
+    executor.start()
+    poller = JobStatusPoller(
+        strategy="simple",
+        max_idletime=config.max_idletime_s,
+        strategy_period=config.strategy_period_s,
+    )
+    poller.add_executors([executor])
+    poller.poll()
+    return poller

@@ -1,0 +1,165 @@
+"""The pool process: one per node of a block, started by a Parsl provider's launch command.
+
+    Parsl provider (LocalProvider, Slurm, ...) --launch--> [pool]
+        pool --spawns--> N worker processes (same process group: cancelling the block kills all)
+        pool --DEALER--> endpoint: Hello (block, host, versions), Heartbeat, WorkerDied
+        workers --DEALER--> endpoint directly (the data plane skips the pool: one hop fewer)
+
+The pool supervises: it restarts a worker that dies and tells the endpoint which one died, so
+the endpoint fails that worker's running task with ``WorkerLost`` instead of waiting. It exits
+(ending its workers) when the endpoint says ``Shutdown`` or stops answering heartbeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import zmq
+from dlhub.protocol import messages as m
+from dlhub.protocol.serialize import runtime_versions
+
+log = logging.getLogger("dlhub.pool")
+
+SCHEDULER_JOB_VARS = ("SLURM_JOB_ID", "PBS_JOBID", "COBALT_JOBID", "LSB_JOBID")
+
+
+class Pool:
+    def __init__(self, config: dict, config_path: str, block_id: str):
+        self.config, self.config_path, self.block_id = config, config_path, block_id
+        self.pool_id = f"{block_id}.{socket.gethostname()}.{secrets.token_hex(3)}"
+        self.n_workers = int(config["workers_per_node"])
+        self.heartbeat_s = float(config.get("heartbeat_s", 2.0))
+        self.threshold_s = float(config.get("heartbeat_threshold_s", 10.0))
+        self.workers: dict[str, subprocess.Popen] = {}
+        self.generation = 0
+        self.stopping = False
+
+    def _spawn(self, slot: int) -> None:
+        self.generation += 1
+        worker_id = f"{self.pool_id}.{slot}.{self.generation}"
+        env = dict(os.environ)
+        env["DLHUB_WORKER_ID"] = worker_id
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "dlhub.endpoint.worker",
+                "--config",
+                self.config_path,
+                "--worker-id",
+                worker_id,
+                "--pool-id",
+                self.pool_id,
+            ],
+            env=env,
+        )
+        proc.slot = slot  # type: ignore[attr-defined]
+        self.workers[worker_id] = proc
+
+    def run(self) -> int:
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, f"p:{self.pool_id}".encode())
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.connect(self.config["endpoint_url"])
+        info = {
+            "block_id": self.block_id,
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+            "workers": self.n_workers,
+            "job_id": next((os.environ[v] for v in SCHEDULER_JOB_VARS if v in os.environ), None),
+            "platform": platform.platform(),
+        }
+        sock.send(
+            m.pack(
+                m.Hello(
+                    "pool",
+                    self.pool_id,
+                    self.config["token"],
+                    self.pool_id,
+                    {**runtime_versions(), "protocol": m.PROTOCOL_VERSION},
+                    info,
+                )
+            )
+        )
+        for slot in range(self.n_workers):
+            self._spawn(slot)
+        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stopping", True))
+        last_heard = time.monotonic()
+        next_beat = 0.0
+        try:
+            while not self.stopping:
+                now = time.monotonic()
+                if now >= next_beat:
+                    sock.send(m.pack(m.Heartbeat({"workers": len(self.workers)})))
+                    next_beat = now + self.heartbeat_s
+                if sock.poll(min(250, int(self.heartbeat_s * 1000))):
+                    while True:
+                        try:
+                            msg = m.unpack(sock.recv(zmq.NOBLOCK))
+                        except zmq.Again:
+                            break
+                        except Exception as exc:
+                            log.warning("bad frame from endpoint: %s", exc)
+                            continue
+                        last_heard = time.monotonic()
+                        if isinstance(msg, (m.Shutdown, m.Refused)):
+                            log.info("pool %s stopping: %s", self.pool_id, msg)
+                            return 0
+                if time.monotonic() - last_heard > self.threshold_s:
+                    log.warning("endpoint silent for %.0f s; pool exits", self.threshold_s)
+                    return 1
+                self._reap(sock)
+        finally:
+            self.stopping = True
+            self._stop_workers()
+            sock.close()
+            ctx.term()
+        return 0
+
+    def _reap(self, sock: zmq.Socket) -> None:
+        for worker_id, proc in list(self.workers.items()):
+            code = proc.poll()
+            if code is None:
+                continue
+            del self.workers[worker_id]
+            reason = f"exit code {code}" if code >= 0 else f"killed by signal {-code}"
+            sock.send(m.pack(m.WorkerDied(worker_id, code, reason)))
+            if not self.stopping:
+                self._spawn(proc.slot)  # type: ignore[attr-defined]
+
+    def _stop_workers(self) -> None:
+        for proc in self.workers.values():
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + 5
+        for proc in self.workers.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="dlhub worker pool (started by an endpoint)")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--block-id", required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    with open(args.config) as f:
+        config = json.load(f)
+    sys.exit(Pool(config, args.config, args.block_id).run())
+
+
+if __name__ == "__main__":
+    main()

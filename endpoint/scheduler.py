@@ -1,0 +1,350 @@
+"""Sans-IO task scheduling at the endpoint: queue, workers, prefetch credits, failures.
+
+Events in: tasks from the manager, code blobs, workers and pools registering, results, worker
+deaths, pool heartbeats and clock ticks. Out: ``to_workers`` (identity, message) pairs, and
+``results``/``states``/``code_requests`` for the manager. The daemon only moves these in and out.
+
+Dispatch: each worker holds at most ``1 + prefetch`` tasks (FIFO, the head is running). The
+prefetch adapts to the worker's measured task time so that about ``prefetch_target_ms`` of work
+is queued ahead of it: many for no-ops (so batches fill), one for long tasks (so work spreads).
+
+Failures: a dead worker fails its running task with ``WorkerLost`` and re-queues the prefetched
+ones; a dead pool (missed heartbeats) re-queues all its tasks, counting a retry against each,
+and after ``max_retries`` reports them ``lost`` with the reason.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from dlhub.protocol import errors
+from dlhub.protocol import messages as m
+
+CODE_CACHE_BYTES = 512 * 1024 * 1024
+
+
+@dataclass
+class TaskState:
+    record: list
+    worker: bytes | None = None
+    retries: int = 0
+
+
+@dataclass
+class WorkerState:
+    identity: bytes
+    worker_id: str
+    pool_id: str
+    assigned: deque = field(default_factory=deque)  # task ids, head = running
+    known_code: set = field(default_factory=set)
+    avg_task_s: float | None = None
+    capacity: int = 2
+    reported_running: bytes | None = None
+
+
+@dataclass
+class PoolState:
+    pool_id: str
+    identity: bytes
+    block_id: str
+    last_seen: float
+    workers: set = field(default_factory=set)  # worker ids
+    info: dict = field(default_factory=dict)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        prefetch_target_ms: float = 2.0,
+        min_prefetch: int = 1,
+        max_prefetch: int = 64,
+        heartbeat_threshold_s: float = 10.0,
+        max_retries: int = 2,
+        wall_clock: Callable[[], float] = time.time,
+    ):
+        self.clock, self.wall_clock = clock, wall_clock
+        self.prefetch_target_s = prefetch_target_ms / 1000.0
+        self.min_prefetch, self.max_prefetch = min_prefetch, max_prefetch
+        self.heartbeat_threshold_s = heartbeat_threshold_s
+        self.max_retries = max_retries
+        self.queue: deque[bytes] = deque()
+        self.tasks: dict[bytes, TaskState] = {}
+        self.workers: dict[bytes, WorkerState] = {}
+        self.worker_by_id: dict[str, bytes] = {}
+        self.pools: dict[str, PoolState] = {}
+        self.code: OrderedDict[str, bytes] = OrderedDict()
+        self.code_bytes = 0
+        self.waiting_code: dict[str, list[bytes]] = {}
+        # outputs
+        self.to_workers: list[tuple[bytes, m.Message]] = []
+        self.results: list[list] = []
+        self.states: list[list] = []
+        self.code_requests: list[str] = []
+        self.counters = {"received": 0, "completed": 0, "worker_lost": 0, "requeued": 0}
+
+    # ---- tasks and code from the manager ----------------------------------------------------
+
+    def add_tasks(self, records: list[list]) -> int:
+        """Queue new tasks; ids already held are ignored (the manager resends after reconnect)."""
+        added = 0
+        for rec in records:
+            task_id = rec[m.T_ID]
+            if task_id in self.tasks:
+                continue
+            self.tasks[task_id] = TaskState(rec)
+            digest = rec[m.T_FUNCTION]
+            if digest in self.code:
+                self.queue.append(task_id)
+            else:
+                waiting = self.waiting_code.get(digest)
+                if waiting is None:
+                    self.waiting_code[digest] = [task_id]
+                    self.code_requests.append(digest)
+                else:
+                    waiting.append(task_id)
+            added += 1
+        self.counters["received"] += added
+        return added
+
+    def add_code(self, blobs: dict[str, bytes]) -> None:
+        for digest, blob in blobs.items():
+            if digest not in self.code:
+                self.code[digest] = blob
+                self.code_bytes += len(blob)
+            for task_id in self.waiting_code.pop(digest, ()):
+                if task_id in self.tasks:
+                    self.queue.append(task_id)
+        while self.code_bytes > CODE_CACHE_BYTES and len(self.code) > 1:
+            digest, blob = self.code.popitem(last=False)
+            self.code_bytes -= len(blob)
+
+    def code_missing(self, digests: list[str]) -> None:
+        """The manager does not have this code: fail the tasks that need it."""
+        for digest in digests:
+            for task_id in self.waiting_code.pop(digest, ()):
+                self._fail(
+                    task_id,
+                    errors.infra_error("serialization", f"function code {digest} is unknown"),
+                )
+
+    # ---- workers and pools ----------------------------------------------------------------
+
+    def add_pool(self, identity: bytes, pool_id: str, block_id: str, info: dict) -> None:
+        pool = self.pools.get(pool_id)
+        if pool is None:
+            self.pools[pool_id] = PoolState(pool_id, identity, block_id, self.clock(), info=info)
+        else:
+            pool.identity, pool.last_seen, pool.info = identity, self.clock(), info
+
+    def pool_heartbeat(self, pool_id: str, info: dict | None = None) -> bool:
+        pool = self.pools.get(pool_id)
+        if pool is None:
+            return False
+        pool.last_seen = self.clock()
+        if info:
+            pool.info.update(info)
+        return True
+
+    def add_worker(self, identity: bytes, worker_id: str, pool_id: str) -> None:
+        w = WorkerState(identity, worker_id, pool_id, capacity=1 + self.min_prefetch)
+        self.workers[identity] = w
+        self.worker_by_id[worker_id] = identity
+        pool = self.pools.get(pool_id)
+        if pool is not None:
+            pool.workers.add(worker_id)
+
+    def worker_died(self, worker_id: str, reason: str) -> None:
+        """The running task fails with WorkerLost; prefetched tasks go back to the queue."""
+        identity = self.worker_by_id.pop(worker_id, None)
+        w = self.workers.pop(identity, None) if identity is not None else None
+        if w is None:
+            return
+        pool = self.pools.get(w.pool_id)
+        if pool is not None:
+            pool.workers.discard(worker_id)
+        if w.assigned:
+            running = w.assigned.popleft()
+            self.counters["worker_lost"] += 1
+            self._fail(
+                running,
+                errors.infra_error(
+                    "worker-lost", f"worker {worker_id} died running the task: {reason}"
+                ),
+            )
+        self._requeue(list(w.assigned), count_retry=False, reason=reason)
+
+    def pool_lost(self, pool_id: str, reason: str) -> None:
+        """A whole block went away: every task it held is retried, or lost after max_retries."""
+        pool = self.pools.pop(pool_id, None)
+        if pool is None:
+            return
+        for worker_id in list(pool.workers):
+            identity = self.worker_by_id.pop(worker_id, None)
+            w = self.workers.pop(identity, None) if identity is not None else None
+            if w is not None:
+                self._requeue(list(w.assigned), count_retry=True, reason=reason)
+
+    def check_pools(self) -> list[str]:
+        """Pools whose heartbeats stopped; they are dropped and their tasks re-queued."""
+        now = self.clock()
+        dead = [
+            p.pool_id for p in self.pools.values() if now - p.last_seen > self.heartbeat_threshold_s
+        ]
+        for pool_id in dead:
+            self.pool_lost(
+                pool_id, f"pool {pool_id} missed heartbeats for {self.heartbeat_threshold_s:.0f} s"
+            )
+        return dead
+
+    def _requeue(self, task_ids: list[bytes], count_retry: bool, reason: str) -> None:
+        for task_id in reversed(task_ids):
+            t = self.tasks.get(task_id)
+            if t is None:
+                continue
+            t.worker = None
+            if count_retry:
+                t.retries += 1
+                if t.retries > self.max_retries:
+                    self._finish(
+                        m.result_record(
+                            task_id,
+                            "lost",
+                            error=errors.infra_error(
+                                "lost", f"{reason} (after {self.max_retries} retries)"
+                            ),
+                        )
+                    )
+                    continue
+            self.counters["requeued"] += 1
+            self.queue.appendleft(task_id)
+
+    # ---- dispatch ----------------------------------------------------------------------------
+
+    def dispatch(self) -> None:
+        """Fill every worker up to its capacity from the queue, one message per worker."""
+        if not self.queue or not self.workers:
+            return
+        for w in sorted(self.workers.values(), key=lambda w: len(w.assigned)):
+            free = w.capacity - len(w.assigned)
+            if free <= 0:
+                continue
+            batch, code = [], {}
+            while free and self.queue:
+                task_id = self.queue.popleft()
+                t = self.tasks.get(task_id)
+                if t is None:  # cancelled while queued
+                    continue
+                digest = t.record[m.T_FUNCTION]
+                if digest not in w.known_code:
+                    blob = self.code.get(digest)
+                    if blob is None:  # evicted from the code cache: fetch it again
+                        self.tasks.pop(task_id)
+                        self.add_tasks([t.record])
+                        continue
+                    code[digest] = blob
+                    w.known_code.add(digest)
+                t.worker = w.identity
+                w.assigned.append(task_id)
+                batch.append(t.record)
+                free -= 1
+            if batch:
+                self.to_workers.append((w.identity, m.Tasks(batch, code)))
+            if not self.queue:
+                break
+
+    def worker_results(self, identity: bytes, results: list[list]) -> None:
+        w = self.workers.get(identity)
+        for res in results:
+            task_id = res[m.R_ID]
+            if w is not None:
+                try:
+                    w.assigned.remove(task_id)
+                except ValueError:
+                    pass
+                timing = res[m.R_TIMING]
+                if timing and timing[0] is not None and timing[1] is not None:
+                    self._learn(w, max(timing[1] - timing[0], 1e-6))
+            self._finish(res)
+
+    def _learn(self, w: WorkerState, seconds: float) -> None:
+        """Update the worker's mean task time and its prefetch depth."""
+        w.avg_task_s = seconds if w.avg_task_s is None else 0.8 * w.avg_task_s + 0.2 * seconds
+        want = math.ceil(self.prefetch_target_s / w.avg_task_s) if w.avg_task_s > 0 else 1
+        w.capacity = 1 + max(self.min_prefetch, min(self.max_prefetch, want))
+
+    def running_updates(self) -> None:
+        """Report each worker's head task as running (once), for users watching states."""
+        now = self.wall_clock()
+        for w in self.workers.values():
+            head = w.assigned[0] if w.assigned else None
+            if head is not None and head != w.reported_running:
+                w.reported_running = head
+                self.states.append([head, "running", now])
+
+    # ---- cancel ------------------------------------------------------------------------------
+
+    def cancel(self, task_ids: list[bytes]) -> list[bytes]:
+        """Cancel tasks not yet started; return those that are running or unknown here."""
+        refused: list[bytes] = []
+        forward: dict[bytes, list[bytes]] = {}
+        for task_id in task_ids:
+            t = self.tasks.get(task_id)
+            if t is None:
+                refused.append(task_id)
+            elif t.worker is None:
+                self._finish(
+                    m.result_record(
+                        task_id,
+                        "cancelled",
+                        error=errors.infra_error(
+                            "cancelled", "task was cancelled before it started"
+                        ),
+                    )
+                )
+            else:
+                w = self.workers.get(t.worker)
+                if w is not None and w.assigned and w.assigned[0] == task_id:
+                    refused.append(task_id)
+                else:  # prefetched at a worker: it drops the task unless it already started
+                    forward.setdefault(t.worker, []).append(task_id)
+        for identity, ids in forward.items():
+            self.to_workers.append((identity, m.Cancel(ids)))
+        return refused
+
+    # ---- bookkeeping -------------------------------------------------------------------------
+
+    def _fail(self, task_id: bytes, error: list) -> None:
+        self._finish(m.result_record(task_id, "failed", error=error))
+
+    def _finish(self, res: list) -> None:
+        t = self.tasks.pop(res[m.R_ID], None)
+        if t is None:
+            return  # duplicate (e.g. a late result after a requeue already finished it)
+        self.counters["completed"] += 1
+        self.results.append(res)
+
+    def outstanding(self) -> int:
+        return len(self.tasks)
+
+    def idle_pools(self) -> list[str]:
+        """Pools none of whose workers hold a task (safe to scale in)."""
+        busy = {w.pool_id for w in list(self.workers.values()) if w.assigned}
+        return [p for p in list(self.pools) if p not in busy]
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "queued": len(self.queue),
+            "outstanding": len(self.tasks),
+            "workers": len(self.workers),
+            "pools": {
+                p.pool_id: {"block_id": p.block_id, "workers": len(p.workers), **p.info}
+                for p in self.pools.values()
+            },
+            **self.counters,
+        }

@@ -1,0 +1,31 @@
+"""dlhub.executor: the user's side — the futures ``Executor`` and the ``dlhub`` CLI."""
+
+from dlhub.protocol import (
+    AccessDenied,
+    DLHubError,
+    EndpointLost,
+    ManagerUnreachable,
+    PayloadTooLarge,
+    RemoteError,
+    TaskLost,
+    TaskTimeout,
+    UnknownEndpoint,
+    WorkerLost,
+)
+
+from .executor import DLHubFuture, Executor
+
+__all__ = [
+    "AccessDenied",
+    "DLHubError",
+    "DLHubFuture",
+    "EndpointLost",
+    "Executor",
+    "ManagerUnreachable",
+    "PayloadTooLarge",
+    "RemoteError",
+    "TaskLost",
+    "TaskTimeout",
+    "UnknownEndpoint",
+    "WorkerLost",
+]

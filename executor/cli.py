@@ -1,0 +1,277 @@
+"""``dlhub``: the embedded default (``up``/``down``/``status``) for one machine.
+
+``dlhub up`` starts a manager (SQLite under the home directory) and an endpoint named ``local``
+with a LocalProvider pool, as separate processes, and writes the client config so that
+``Executor(endpoint="local")`` needs nothing else. The executor never imports the manager or the
+endpoint: it runs their CLIs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+import yaml
+
+from .config import dlhub_home, write_client_config
+
+ENDPOINT_NAME = "local"
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child counts as gone
+        return os.waitpid(pid, os.WNOHANG)[0] != pid
+    except ChildProcessError:
+        return True
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _wait(predicate, timeout_s: float, what: str, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.01)
+    tail = ""
+    if log is not None and log.exists():
+        tail = "\n" + log.read_text()[-3000:]
+    raise click.ClickException(f"{what} did not come up within {timeout_s:.0f} s{tail}")
+
+
+def _spawn(args: list[str], log: Path, detach: bool) -> subprocess.Popen:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=detach,
+        )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """dlhub: publish, find and run models and functions for science."""
+
+
+@main.command()
+@click.option(
+    "--home",
+    type=click.Path(file_okay=False),
+    help="state directory (default $DLHUB_HOME or ~/.dlhub)",
+)
+@click.option("--workers", default=2, show_default=True, help="workers in the local pool")
+@click.option("--detach", is_flag=True, help="return once ready, leaving the services running")
+def up(home: str | None, workers: int, detach: bool) -> None:
+    """Start a manager and a `local` endpoint on this machine."""
+    started = time.monotonic()
+    root = dlhub_home(home).resolve()
+    manager_home = root / "manager"
+    ep_dir = root / "endpoints" / ENDPOINT_NAME
+    manager_info = _read_json(manager_home / "manager.json")
+    procs: list[subprocess.Popen] = []
+    if _pid_alive(manager_info.get("pid")):
+        click.echo(f"manager already running (pid {manager_info['pid']})")
+    else:
+        (manager_home / "manager.json").unlink(missing_ok=True)
+        procs.append(
+            _spawn(
+                [sys.executable, "-m", "dlhub.manager.cli", "serve", "--home", str(manager_home)],
+                manager_home / "manager.stdout",
+                detach,
+            )
+        )
+        _wait(
+            lambda: (manager_home / "manager.json").exists() or procs[0].poll() is not None,
+            30,
+            "the manager",
+        )
+        if procs[0].poll() is not None:
+            raise click.ClickException(
+                "the manager failed to start:\n"
+                + (manager_home / "manager.stdout").read_text()[-3000:]
+            )
+        manager_info = _read_json(manager_home / "manager.json")
+    token_file = manager_home / "admin.token"
+    token = token_file.read_text().strip()
+    write_client_config(root, manager_info["client_url"], token)
+
+    endpoint_status = _read_json(ep_dir / "status.json")
+    if endpoint_status.get("state") in ("running", "disconnected") and _pid_alive(
+        endpoint_status.get("pid")
+    ):
+        click.echo(f"endpoint {ENDPOINT_NAME!r} already running (pid {endpoint_status['pid']})")
+    else:
+        # the endpoint validates this file when it starts (the executor never imports it)
+        ep_dir.mkdir(parents=True, exist_ok=True)
+        config_path = ep_dir / "config.yaml"
+        config_path.write_text(
+            yaml.safe_dump(
+                {
+                    "name": ENDPOINT_NAME,
+                    "manager": {"address": manager_info["endpoint_url"], "token": token},
+                    "pool": {"workers_per_node": workers},
+                },
+                sort_keys=False,
+            )
+        )
+        config_path.chmod(0o600)
+        (ep_dir / "status.json").unlink(missing_ok=True)
+        ep_proc = _spawn(
+            [
+                sys.executable,
+                "-m",
+                "dlhub.endpoint.cli",
+                "start",
+                ENDPOINT_NAME,
+                "--home",
+                str(root),
+            ],
+            ep_dir / "endpoint.stdout",
+            detach,
+        )
+        procs.append(ep_proc)
+
+        def ready() -> bool:
+            s = _read_json(ep_dir / "status.json")
+            return (
+                s.get("state") == "running" and s.get("workers", 0) >= 1
+            ) or ep_proc.poll() is not None
+
+        _wait(ready, 60, f"endpoint {ENDPOINT_NAME!r}", ep_dir / "endpoint.log")
+        if ep_proc.poll() is not None:
+            raise click.ClickException(
+                "the endpoint failed to start:\n" + (ep_dir / "endpoint.stdout").read_text()[-3000:]
+            )
+    (root / "up.json").write_text(json.dumps({"pids": [p.pid for p in procs]}))
+    click.echo(
+        f"dlhub ready in {time.monotonic() - started:.2f} s: manager {manager_info['client_url']}, "
+        f"endpoint {ENDPOINT_NAME!r}, home {root}"
+    )
+    if detach:
+        return
+    click.echo("press Ctrl-C to stop")
+    try:
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    except KeyboardInterrupt:
+        pass
+    _down(root)
+
+
+def _stop_pid(pid: int | None, timeout_s: float = 20.0) -> bool:
+    """SIGTERM, wait for the process to go, then SIGKILL."""
+    if not _pid_alive(pid):
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and _pid_alive(pid):
+        time.sleep(0.05)
+    if _pid_alive(pid):
+        os.kill(pid, signal.SIGKILL)
+    return True
+
+
+def _down(root: Path) -> list[str]:
+    stopped = []
+    endpoints = root / "endpoints"
+    for ep_dir in sorted(endpoints.iterdir()) if endpoints.exists() else []:
+        try:
+            pid = int((ep_dir / "endpoint.pid").read_text())
+        except (FileNotFoundError, ValueError):
+            continue
+        if _stop_pid(pid):
+            stopped.append(f"endpoint {ep_dir.name}")
+    if _stop_pid(_read_json(root / "manager" / "manager.json").get("pid")):
+        stopped.append("manager")
+    (root / "up.json").unlink(missing_ok=True)
+    return stopped
+
+
+@main.command()
+@click.option("--home", type=click.Path(file_okay=False))
+def down(home: str | None) -> None:
+    """Stop what `dlhub up` started."""
+    stopped = _down(dlhub_home(home).resolve())
+    click.echo("stopped: " + ", ".join(stopped) if stopped else "nothing was running")
+
+
+@main.command()
+@click.option("--home", type=click.Path(file_okay=False))
+@click.option(
+    "--endpoint", default=ENDPOINT_NAME, show_default=True, help="endpoint that must be up"
+)
+@click.option("--json", "as_json", is_flag=True, help="print the raw status as JSON")
+def status(home: str | None, endpoint: str, as_json: bool) -> None:
+    """Show the manager and its endpoints; exit 0 only if the manager and ENDPOINT are up."""
+    from dlhub.protocol import DLHubError
+
+    from .config import ClientConfig
+    from .connection import Connection
+
+    try:
+        config = ClientConfig.resolve(home=home)
+        conn = Connection(
+            config.manager, config.token, on_results=lambda r: None, connect_timeout_s=3
+        )
+    except (DLHubError, ValueError) as exc:
+        click.echo(f"manager: down ({exc})")
+        sys.exit(1)
+    try:
+        info = conn.request("status").result(5)
+    finally:
+        conn.close()
+    if as_json:
+        click.echo(json.dumps(info, indent=2, default=str))
+    else:
+        _print_status(config.manager, info)
+    ep = info["endpoints"].get(endpoint)
+    sys.exit(0 if ep and ep["connected"] and ep["info"].get("workers", 0) >= 1 else 1)
+
+
+def _print_status(address: str, info: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(
+        f"manager: [green]up[/] at {address} (received {info['received']}, "
+        f"finished {info['finished']}, open {info['tasks_open']})"
+    )
+    table = Table("endpoint", "state", "workers", "queued", "in flight", "python", "dill")
+    for name, ep in sorted(info["endpoints"].items()):
+        state = "[green]connected[/]" if ep["connected"] else "[red]disconnected[/]"
+        table.add_row(
+            name,
+            state,
+            str(ep["info"].get("workers", 0)),
+            str(ep["info"].get("queued", ep["pending"])),
+            str(ep["inflight"]),
+            str(ep["versions"].get("python", "?")),
+            str(ep["versions"].get("dill", "?")),
+        )
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()

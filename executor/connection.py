@@ -1,0 +1,224 @@
+"""The client's link to the manager: one I/O thread owns the socket.
+
+    submit() / cancel() / query()  --deque + eventfd-->  [I/O thread]  --DEALER-->  manager
+    futures resolved  <--on_results--  [I/O thread]  <--Results/Accepted/...--  manager
+
+The I/O thread wakes when work is queued or a frame arrives, takes everything that is waiting
+and sends it as few messages as possible (one ``Submit`` per endpoint per wake-up, up to
+``batch_size`` tasks): no timer on the latency path. Tasks stay in ``unacked`` until the manager
+has committed them; after the manager restarts (it answers ``not-registered``) the thread says
+Hello again, resends them, and asks for the results of everything still pending.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+import zmq
+from dlhub.protocol import AccessDenied, ManagerUnreachable, ProtocolError
+from dlhub.protocol import messages as m
+from dlhub.protocol.serialize import runtime_versions
+
+MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+HEARTBEAT_S = 2.0
+
+
+class Connection:
+    def __init__(
+        self,
+        address: str,
+        token: str,
+        on_results: Callable[[list[list]], None],
+        on_cancel_refused: Callable[[list[bytes]], None] = lambda ids: None,
+        pending_ids: Callable[[], list[bytes]] = list,
+        batch_size: int = 1024,
+        connect_timeout_s: float = 10.0,
+    ):
+        self.address, self.token = address, token
+        self.on_results, self.on_cancel_refused = on_results, on_cancel_refused
+        self.pending_ids = pending_ids
+        self.batch_size = batch_size
+        self.session = secrets.token_hex(8)
+        self.outgoing: deque[tuple] = deque()
+        self.unacked: dict[bytes, tuple[str, list]] = {}
+        self.lock = threading.Lock()  # guards a future's "sent" flag against cancel()
+        self.welcome: dict[str, Any] = {}
+        self.code_sent: dict[str, bytes] = {}  # resent after a manager restart
+        self._requests: dict[int, Future] = {}
+        self._request_ids = itertools.count(1)
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dlhub-executor-io", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(connect_timeout_s):
+            self.close()
+            raise ManagerUnreachable(
+                f"no dlhub manager answered at {address} within {connect_timeout_s:g} s "
+                "(is it running? `dlhub status`)"
+            )
+        if self._error is not None:
+            self.close()
+            raise self._error
+
+    # ---- called from user threads --------------------------------------------------------
+
+    def send(self, item: tuple) -> None:
+        self.outgoing.append(item)
+        os.eventfd_write(self._wake_fd, 1)
+
+    def request(self, kind: str, *args: Any) -> Future:
+        fut: Future = Future()
+        rid = next(self._request_ids)
+        self._requests[rid] = fut
+        self.send((kind, rid, *args))
+        return fut
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        try:
+            os.eventfd_write(self._wake_fd, 1)
+        except OSError:
+            pass
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    # ---- the I/O thread --------------------------------------------------------------------
+
+    def _hello(self) -> bytes:
+        versions = {**runtime_versions(), "protocol": m.PROTOCOL_VERSION}
+        return m.pack(m.Hello("client", "", self.token, self.session, versions, {}))
+
+    def _run(self) -> None:
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, f"c:{self.session}".encode())
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.connect(self.address)
+        sock.send(self._hello())
+        self.sock = sock
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_fd, zmq.POLLIN)
+        last_heard = last_beat = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                events = dict(poller.poll(int(HEARTBEAT_S * 1000)))
+                if sock in events:
+                    last_heard = time.monotonic()
+                    self._drain_socket(sock)
+                if self._wake_fd in events:
+                    try:
+                        os.eventfd_read(self._wake_fd)
+                    except BlockingIOError:
+                        pass
+                if self._ready.is_set() and self.outgoing:
+                    self._send_outgoing(sock)
+                now = time.monotonic()
+                if now - last_beat >= HEARTBEAT_S and (self.unacked or self.pending_ids()):
+                    # a restarted manager answers "not-registered": we then resync
+                    sock.send(m.pack(m.Heartbeat({})) if now - last_heard < 30 else self._hello())
+                    last_beat = now
+        finally:
+            for fut in self._requests.values():
+                if not fut.done():
+                    fut.set_exception(ManagerUnreachable("connection closed"))
+            sock.close(0)
+            ctx.term()
+            os.close(self._wake_fd)
+
+    def _drain_socket(self, sock: zmq.Socket) -> None:
+        while True:
+            try:
+                frame = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = m.unpack(frame)
+            except ProtocolError:
+                continue
+            self._handle(sock, msg)
+
+    def _handle(self, sock: zmq.Socket, msg: m.Message) -> None:
+        if isinstance(msg, m.Results):
+            self.on_results(msg.results)
+        elif isinstance(msg, m.Accepted):
+            for task_id in msg.task_ids:
+                self.unacked.pop(task_id, None)
+        elif isinstance(msg, m.Welcome):
+            first = not self._ready.is_set()
+            self.welcome = msg.info
+            self._ready.set()
+            if not first:
+                self._resync(sock)
+        elif isinstance(msg, m.Refused):
+            if msg.code == "not-registered":
+                sock.send(self._hello())
+            elif not self._ready.is_set():
+                cls = AccessDenied if msg.code == "access-denied" else ProtocolError
+                self._error = cls(f"manager refused the connection: {msg.message}")
+                self._ready.set()
+                self._stop.set()
+        elif isinstance(msg, m.CancelRefused):
+            self.on_cancel_refused(msg.task_ids)
+        elif isinstance(msg, (m.TaskInfo, m.Status)):
+            fut = self._requests.pop(msg.request_id, None)
+            if fut is not None:
+                fut.set_result(msg.records if isinstance(msg, m.TaskInfo) else msg.info)
+
+    def _resync(self, sock: zmq.Socket) -> None:
+        """After a manager restart: resend unacknowledged tasks, fetch pending results."""
+        by_endpoint: dict[str, list] = {}
+        for endpoint, rec in self.unacked.values():
+            by_endpoint.setdefault(endpoint, []).append(rec)
+        for digest, blob in self.code_sent.items():
+            sock.send(m.pack(m.PutCode(digest, blob)))
+        for endpoint, recs in by_endpoint.items():
+            for i in range(0, len(recs), self.batch_size):
+                sock.send(m.pack(m.Submit(endpoint, recs[i : i + self.batch_size])))
+        pending = self.pending_ids()
+        if pending:
+            sock.send(m.pack(m.Fetch(pending)))
+
+    def _send_outgoing(self, sock: zmq.Socket) -> None:
+        batches: dict[str, list] = {}
+        sizes: dict[str, int] = {}
+        while self.outgoing:
+            item = self.outgoing.popleft()
+            kind = item[0]
+            if kind == "task":
+                _, endpoint, fut, rec = item
+                with self.lock:
+                    if fut.cancelled():
+                        continue
+                    fut.sent = True
+                self.unacked[rec[m.T_ID]] = (endpoint, rec)
+                batch = batches.setdefault(endpoint, [])
+                batch.append(rec)
+                sizes[endpoint] = sizes.get(endpoint, 0) + len(rec[m.T_PAYLOAD])
+                if len(batch) >= self.batch_size or sizes[endpoint] >= MAX_MESSAGE_BYTES:
+                    sock.send(m.pack(m.Submit(endpoint, batch)), copy=False)
+                    batches[endpoint], sizes[endpoint] = [], 0
+            elif kind == "code":
+                self.code_sent[item[1]] = item[2]
+                sock.send(m.pack(m.PutCode(item[1], item[2])), copy=False)
+            elif kind == "cancel":
+                sock.send(m.pack(m.Cancel(item[1])))
+            elif kind == "query":
+                sock.send(m.pack(m.Query(item[1], item[2])))
+            elif kind == "status":
+                sock.send(m.pack(m.StatusRequest(item[1])))
+        for endpoint, batch in batches.items():
+            if batch:
+                sock.send(m.pack(m.Submit(endpoint, batch)), copy=False)

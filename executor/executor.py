@@ -1,0 +1,287 @@
+"""``Executor``: run Python functions on a dlhub endpoint through the manager, futures-style.
+
+    ex.submit(fn, *args) -> DLHubFuture   (code serialized once per function per Executor)
+        |  record [task_id, digest, payload, timeout_s, serializer] -> Connection (I/O thread)
+        v
+    manager -> endpoint -> worker; results stream back and resolve futures by task id
+
+A remote exception is re-raised as its own type when it can be rebuilt, with the remote
+traceback as ``__cause__``; otherwise as a typed :class:`dlhub.protocol.RemoteError`.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from concurrent import futures as cf
+from typing import Any
+
+from dlhub.protocol import (
+    DEFAULT_PAYLOAD_LIMIT_BYTES,
+    PayloadTooLarge,
+    TaskCancelled,
+    UnknownEndpoint,
+)
+from dlhub.protocol import messages as m
+from dlhub.protocol.errors import exception_from_record
+from dlhub.protocol.serialize import (
+    code_digest,
+    deserialize,
+    runtime_versions,
+    serialize,
+    serialize_function,
+)
+
+from .config import ClientConfig
+from .connection import Connection
+
+
+class DLHubFuture(cf.Future):
+    """A future for one remote task. ``task_id`` names it everywhere (manager, endpoint, CLI).
+
+    Successful results are decoded lazily, in the thread that asks for them.
+    """
+
+    def __init__(self, task_id: bytes, executor: Executor):
+        super().__init__()
+        self._task_id = task_id
+        self._executor = executor
+        self.sent = False
+        self._cancel_answer = threading.Event()
+        self._raw: bytes | None = None
+        self._decoded = False
+        self.output: tuple[str | None, str | None] | None = None
+
+    @property
+    def task_id(self) -> str:
+        return self._task_id.hex()
+
+    def result(self, timeout: float | None = None) -> Any:
+        value = super().result(timeout)
+        if not self._decoded:
+            self._value = deserialize(value) if value is not None else None
+            self._decoded = True
+        return self._value
+
+    def cancel(self) -> bool:
+        """Cancel the task if it has not started, wherever it waits (client, manager, endpoint).
+
+        Blocks for at most ``Executor.cancel_timeout_s`` while the manager and the endpoint
+        answer; returns True only when the task was really cancelled.
+        """
+        return self._executor._cancel([self], wait=True)
+
+    def _base_cancel(self) -> bool:
+        return super().cancel()
+
+
+class Executor(cf.Executor):
+    """A ``concurrent.futures.Executor`` whose tasks run on a dlhub endpoint.
+
+    Args:
+        endpoint: name of the endpoint to run on (``"local"`` after ``dlhub up``).
+        manager: manager URL; default from ``$DLHUB_MANAGER`` or ``$DLHUB_HOME/config.json``.
+        token: access token; default from ``$DLHUB_TOKEN`` or the config file.
+        task_timeout_s: per-task time limit; an overrunning task fails with ``TaskTimeout``.
+        result_serializer: ``"auto"`` (msgpack for plain data, else dill), ``"dill"`` or ``"msgpack"``.
+        payload_limit_bytes: largest arguments accepted (``PayloadTooLarge`` above it).
+        batch_size: most tasks sent in one message to the manager.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        manager: str | None = None,
+        token: str | None = None,
+        *,
+        task_timeout_s: float | None = None,
+        result_serializer: str = "auto",
+        payload_limit_bytes: int = DEFAULT_PAYLOAD_LIMIT_BYTES,
+        batch_size: int = 1024,
+        connect_timeout_s: float = 10.0,
+        cancel_timeout_s: float = 10.0,
+        home: str | None = None,
+    ):
+        if task_timeout_s is not None and task_timeout_s <= 0:
+            raise ValueError(f"task_timeout_s must be positive, got {task_timeout_s!r}")
+        config = ClientConfig.resolve(manager, token, home)
+        self.endpoint = endpoint
+        self.task_timeout_s = task_timeout_s
+        self.result_serializer = result_serializer
+        self.payload_limit_bytes = payload_limit_bytes
+        self.cancel_timeout_s = cancel_timeout_s
+        self._futures: dict[bytes, DLHubFuture] = {}
+        self._functions: dict[int, tuple[Callable, str]] = {}
+        self._shutdown = False
+        self._conn = Connection(
+            config.manager,
+            config.token,
+            on_results=self._on_results,
+            on_cancel_refused=self._on_cancel_refused,
+            pending_ids=lambda: list(self._futures),
+            batch_size=batch_size,
+            connect_timeout_s=connect_timeout_s,
+        )
+        endpoints = self._conn.welcome.get("endpoints", {})
+        if endpoint not in endpoints:
+            self._conn.close()
+            raise UnknownEndpoint(
+                f"endpoint {endpoint!r} is not registered with the manager at {config.manager} "
+                f"(known: {', '.join(sorted(endpoints)) or 'none'})"
+            )
+        self._warn_on_version_mismatch(endpoints[endpoint].get("versions") or {})
+
+    @staticmethod
+    def _warn_on_version_mismatch(theirs: dict) -> None:
+        mine = runtime_versions()
+        if not theirs:
+            return
+        py_mine, py_theirs = mine["python"].rsplit(".", 1)[0], str(theirs.get("python", ""))
+        if py_theirs.rsplit(".", 1)[0] != py_mine or theirs.get("dill") != mine["dill"]:
+            warnings.warn(
+                f"this process runs Python {mine['python']} / dill {mine['dill']} but the "
+                f"endpoint runs Python {theirs.get('python')} / dill {theirs.get('dill')}; "
+                "functions sent by value may fail to load there",
+                stacklevel=3,
+            )
+
+    # ---- submitting --------------------------------------------------------------------------
+
+    def _digest(self, fn: Callable) -> str:
+        known = self._functions.get(id(fn))
+        if known is not None and known[0] is fn:
+            return known[1]
+        blob = serialize_function(fn)
+        digest = code_digest(blob)
+        self._functions[id(fn)] = (fn, digest)
+        self._conn.send(("code", digest, blob))
+        return digest
+
+    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> DLHubFuture:
+        if self._shutdown:
+            raise RuntimeError("cannot submit after shutdown")
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+        digest = self._digest(fn)
+        payload = serialize([list(args), kwargs])
+        if len(payload) > self.payload_limit_bytes:
+            raise PayloadTooLarge(len(payload), self.payload_limit_bytes, "arguments")
+        task_id = os.urandom(m.TASK_ID_BYTES)
+        fut = DLHubFuture(task_id, self)
+        self._futures[task_id] = fut
+        rec = [task_id, digest, payload, self.task_timeout_s, self.result_serializer]
+        self._conn.send(("task", self.endpoint, fut, rec))
+        return fut
+
+    def map(
+        self,
+        fn: Callable,
+        *iterables: Iterable,
+        timeout: float | None = None,
+        chunksize: int = 1,
+    ) -> Iterator:
+        """Like ``concurrent.futures.Executor.map``: results in order, ``timeout`` overall."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        fs = [self.submit(fn, *args) for args in zip(*iterables)]
+
+        def results() -> Iterator:
+            try:
+                fs.reverse()
+                while fs:
+                    if deadline is None:
+                        yield fs.pop().result()
+                    else:
+                        yield fs.pop().result(max(0.0, deadline - time.monotonic()))
+            finally:
+                if fs:
+                    self._cancel(fs, wait=False)
+
+        return results()
+
+    # ---- results -----------------------------------------------------------------------------
+
+    def _on_results(self, results: list[list]) -> None:
+        """Runs on the I/O thread: resolve each future once."""
+        for res in results:
+            fut = self._futures.pop(res[m.R_ID], None)
+            if fut is None or fut.done():
+                continue
+            if res[m.R_OUTPUT]:
+                fut.output = tuple(res[m.R_OUTPUT])
+            state = res[m.R_STATE]
+            if state == "succeeded":
+                fut.set_result(res[m.R_PAYLOAD])
+            elif state == "cancelled":
+                fut._base_cancel()
+                fut.set_running_or_notify_cancel()
+            else:
+                error = res[m.R_ERROR] or ["lost", f"task ended in state {state}", "", None]
+                fut.set_exception(exception_from_record(error))
+            fut._cancel_answer.set()
+
+    def _on_cancel_refused(self, task_ids: list[bytes]) -> None:
+        for task_id in task_ids:
+            fut = self._futures.get(task_id)
+            if fut is not None:
+                fut._cancel_answer.set()
+
+    def _cancel(self, futs: list[DLHubFuture], wait: bool) -> bool:
+        remote = []
+        for fut in futs:
+            with self._conn.lock:
+                if fut.done():
+                    continue
+                if not fut.sent:
+                    fut._base_cancel()
+                    fut.set_running_or_notify_cancel()
+                    self._futures.pop(fut._task_id, None)
+                    continue
+            fut._cancel_answer.clear()
+            remote.append(fut)
+        if remote:
+            self._conn.send(("cancel", [f._task_id for f in remote]))
+            if wait:
+                deadline = time.monotonic() + self.cancel_timeout_s
+                for fut in remote:
+                    fut._cancel_answer.wait(max(0.0, deadline - time.monotonic()))
+        return all(f.cancelled() for f in futs)
+
+    # ---- inspection ----------------------------------------------------------------------------
+
+    def task_info(self, task: DLHubFuture | str, timeout: float = 10.0) -> dict[str, Any]:
+        """State, timestamps and captured stdout/stderr of a task (by future or task id)."""
+        task_id = task._task_id if isinstance(task, DLHubFuture) else bytes.fromhex(task)
+        records = self._conn.request("query", [task_id]).result(timeout)
+        record = dict(records[0])
+        record["task_id"] = task_id.hex()
+        return record
+
+    def status(self, timeout: float = 10.0) -> dict[str, Any]:
+        """The manager's view: endpoints, their workers and queues, task counters."""
+        return self._conn.request("status").result(timeout)
+
+    # ---- shutdown ------------------------------------------------------------------------------
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        if self._shutdown:
+            return
+        self._shutdown = True
+        if cancel_futures:
+            pending = [f for f in list(self._futures.values()) if not f.done()]
+            if pending:
+                self._cancel(pending, wait=True)
+        if wait:
+            cf.wait(list(self._futures.values()))
+        self._conn.close()
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown(wait=True)
+
+
+__all__ = ["DLHubFuture", "Executor", "TaskCancelled"]

@@ -1,0 +1,385 @@
+"""The manager's broker loop: moves frames between clients, endpoints and the task store.
+
+    clients (DEALER) --tcp--> [client ROUTER] --\\
+                                                 +--> Router (sans-IO) --> outbox --> sockets
+    endpoints (DEALER) -tcp-> [endpoint ROUTER] -/            |
+                                                        TaskStore.enqueue --> writer thread
+    writer thread --eventfd--> loop: send Accepted for what was committed
+
+One thread owns both sockets. Each wake-up drains every waiting frame before it sends, so
+results and tasks that arrive together leave together (batching between hops, no timers on the
+latency path). User payloads stay opaque bytes: nothing here unpickles them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zmq
+from dlhub.protocol import PROTOCOL_VERSION, ProtocolError
+from dlhub.protocol import messages as m
+from dlhub.protocol.serialize import runtime_versions
+
+from .auth import Authenticator, ensure_admin
+from .routing import Router
+from .store import TaskStore, make_engine, migrate
+
+log = logging.getLogger("dlhub.manager")
+
+DRAIN_LIMIT = 1000  # frames read from one socket before the loop looks at the others
+
+
+@dataclass(frozen=True)
+class ManagerConfig:
+    home: Path
+    db_url: str | None = None  # default: SQLite file under home
+    host: str = "127.0.0.1"
+    client_port: int = 0  # 0: pick a free port (written to manager.json)
+    endpoint_port: int = 0
+    payload_limit_bytes: int = 256 * 1024 * 1024
+    endpoint_timeout_s: float = 30.0
+    admin_user: str = "admin"
+
+    def __post_init__(self) -> None:
+        for key in ("client_port", "endpoint_port"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or not 0 <= value < 65536:
+                raise ValueError(f"{key} must be a port number 0-65535, got {value!r}")
+        if self.payload_limit_bytes <= 0:
+            raise ValueError(
+                f"payload_limit_bytes must be positive, got {self.payload_limit_bytes!r}"
+            )
+        if self.endpoint_timeout_s <= 0:
+            raise ValueError(f"endpoint_timeout_s must be positive, got {self.endpoint_timeout_s}")
+
+    @property
+    def database_url(self) -> str:
+        return self.db_url or f"sqlite:///{Path(self.home) / 'dlhub.db'}"
+
+
+@dataclass
+class _Client:
+    user: str
+    session: str
+
+
+class Manager:
+    """Run with :meth:`start` then :meth:`run` (blocking) or :meth:`start_thread`."""
+
+    def __init__(self, config: ManagerConfig):
+        self.config = config
+        self.home = Path(config.home)
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.session = secrets.token_hex(8)
+        self._stop = threading.Event()
+        self._acks: queue.SimpleQueue = queue.SimpleQueue()
+        self._ack_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.clients: dict[bytes, _Client] = {}
+        self.client_url = self.endpoint_url = ""
+        self._thread: threading.Thread | None = None
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        engine = make_engine(self.config.database_url)
+        migrate(engine)
+        ensure_admin(engine, self.config.admin_user, self.home / "admin.token")
+        self.auth = Authenticator(engine)
+        self.store = TaskStore(engine, self._on_commit)
+        self.router = Router(self.store, endpoint_timeout_s=self.config.endpoint_timeout_s)
+        unfinished = self.store.unfinished()
+        self.router.recover(unfinished)
+        if unfinished:
+            log.info("re-queued %d unfinished tasks from the database", len(unfinished))
+        self.store.start()
+
+        self.ctx = zmq.Context()
+        self.client_sock = self._router_socket(self.config.client_port)
+        self.endpoint_sock = self._router_socket(self.config.endpoint_port)
+        self.client_url = self.client_sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.endpoint_url = self.endpoint_sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        info = {
+            "client_url": self.client_url,
+            "endpoint_url": self.endpoint_url,
+            "pid": os.getpid(),
+            "session": self.session,
+            "started": time.time(),
+        }
+        tmp = self.home / "manager.json.tmp"
+        tmp.write_text(json.dumps(info, indent=2))
+        tmp.replace(self.home / "manager.json")
+        log.info("manager listening: clients %s, endpoints %s", self.client_url, self.endpoint_url)
+
+    def _router_socket(self, port: int) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable sends raise, never vanish
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting peer takes over its identity
+        sock.setsockopt(zmq.SNDHWM, 0)  # batches keep message counts small; no silent drops
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.config.payload_limit_bytes + 16 * 1024 * 1024)
+        if port:
+            sock.bind(f"tcp://{self.config.host}:{port}")
+        else:
+            sock.bind_to_random_port(f"tcp://{self.config.host}")
+        return sock
+
+    def start_thread(self) -> None:
+        self.start()
+        self._thread = threading.Thread(target=self.run, name="dlhub-manager", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        os.eventfd_write(self._ack_fd, 1)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # ---- the loop --------------------------------------------------------------------------
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.client_sock, zmq.POLLIN)
+        poller.register(self.endpoint_sock, zmq.POLLIN)
+        poller.register(self._ack_fd, zmq.POLLIN)
+        next_tick = time.monotonic() + 1.0
+        try:
+            while not self._stop.is_set():
+                events = dict(poller.poll(1000))
+                if self.client_sock in events:
+                    self._drain(self.client_sock, self._on_client)
+                if self.endpoint_sock in events:
+                    self._drain(self.endpoint_sock, self._on_endpoint)
+                if self._ack_fd in events:
+                    self._send_acks()
+                if time.monotonic() >= next_tick:
+                    self.router.tick()
+                    next_tick = time.monotonic() + 1.0
+                self._flush()
+        finally:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        self.store.flush()
+        self.store.close()
+        self.client_sock.close(0)
+        self.endpoint_sock.close(0)
+        self.ctx.term()
+        os.close(self._ack_fd)
+        try:
+            (self.home / "manager.json").unlink()
+        except FileNotFoundError:
+            pass
+
+    def _drain(self, sock: zmq.Socket, handler) -> None:
+        for _ in range(DRAIN_LIMIT):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            if len(frames) != 2:
+                log.warning("dropping a message of %d frames (expected 2)", len(frames))
+                continue
+            identity, frame = frames
+            try:
+                msg = m.unpack(frame)
+            except ProtocolError as exc:
+                log.warning("bad frame from %r: %s", identity[:16], exc)
+                self._send(sock, identity, m.Refused("protocol", str(exc)))
+                continue
+            try:
+                handler(identity, msg)
+            except Exception:  # a bug must not take the broker down
+                log.exception("error handling %s", type(msg).__name__)
+
+    def _flush(self) -> None:
+        for link, identity, msg in self.router.drain():
+            sock = self.client_sock if link == "client" else self.endpoint_sock
+            self._send(sock, identity, msg)
+
+    def _send(self, sock: zmq.Socket, identity: bytes, msg: m.Message) -> None:
+        try:
+            sock.send_multipart([identity, m.pack(msg)], zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as exc:  # peer gone: results stay in the store for Fetch
+            log.debug("cannot send %s to %r: %s", type(msg).__name__, identity[:16], exc)
+
+    # ---- clients ---------------------------------------------------------------------------
+
+    def _on_client(self, identity: bytes, msg: m.Message) -> None:
+        if isinstance(msg, m.Hello):
+            self._client_hello(identity, msg)
+            return
+        client = self.clients.get(identity)
+        if client is None:
+            self._send(self.client_sock, identity, m.Refused("not-registered", "say Hello first"))
+            return
+        if isinstance(msg, m.Submit):
+            self._check_sizes(identity, msg)
+            self.router.submit(identity, client.user, client.session, msg)
+        elif isinstance(msg, m.PutCode):
+            self.router.put_code(msg.digest, msg.blob)
+        elif isinstance(msg, m.Cancel):
+            self.router.cancel(identity, msg.task_ids)
+        elif isinstance(msg, m.Fetch):
+            self._fetch(identity, msg.task_ids)
+        elif isinstance(msg, m.Query):
+            records = self.router.task_records(msg.task_ids)
+            self._send(self.client_sock, identity, m.TaskInfo(msg.request_id, records))
+        elif isinstance(msg, m.StatusRequest):
+            info = self.router.status()
+            info["manager"] = {"session": self.session, "versions": runtime_versions()}
+            self._send(self.client_sock, identity, m.Status(msg.request_id, info))
+        elif isinstance(msg, m.Heartbeat):
+            self._send(self.client_sock, identity, m.Heartbeat({}))
+        else:
+            self._send(
+                self.client_sock,
+                identity,
+                m.Refused("unexpected", f"{type(msg).__name__} is not a client message"),
+            )
+
+    def _client_hello(self, identity: bytes, hello: m.Hello) -> None:
+        who = self.auth.check(hello.token)
+        if who is None:
+            self._send(self.client_sock, identity, m.Refused("access-denied", "token refused"))
+            return
+        if hello.versions.get("protocol", PROTOCOL_VERSION) != PROTOCOL_VERSION:
+            self._send(
+                self.client_sock,
+                identity,
+                m.Refused("protocol", f"manager speaks protocol {PROTOCOL_VERSION}"),
+            )
+            return
+        self.clients[identity] = _Client(who[0], hello.session)
+        endpoints = {
+            name: {"connected": ep.connected, "versions": ep.versions}
+            for name, ep in self.router.endpoints.items()
+        }
+        self._send(
+            self.client_sock,
+            identity,
+            m.Welcome(self.session, {"user": who[0], "endpoints": endpoints}),
+        )
+
+    def _check_sizes(self, identity: bytes, msg: m.Submit) -> None:
+        limit = self.config.payload_limit_bytes
+        too_big = [t for t in msg.tasks if len(t[m.T_PAYLOAD]) > limit]
+        if not too_big:
+            return
+        from dlhub.protocol.errors import infra_error
+
+        results = [
+            m.result_record(
+                t[m.T_ID],
+                "failed",
+                error=infra_error(
+                    "payload-too-large",
+                    f"payload of {len(t[m.T_PAYLOAD]):,} bytes exceeds the limit of {limit:,}",
+                ),
+            )
+            for t in too_big
+        ]
+        msg.tasks[:] = [t for t in msg.tasks if len(t[m.T_PAYLOAD]) <= limit]
+        self._send(self.client_sock, identity, m.Results(results))
+
+    def _fetch(self, identity: bytes, task_ids: list[bytes]) -> None:
+        """Resend stored results; tasks still running will be routed to this client."""
+        results, missing = [], []
+        for task_id in task_ids:
+            entry = self.router.tasks.get(task_id)
+            if entry is not None:
+                entry.client = identity
+            else:
+                missing.append(task_id)
+        from .store import unpack_error
+
+        for task_id, row in self.store.lookup(missing).items():
+            if row["state"] in m.TERMINAL_STATES:
+                output = [row["stdout"], row["stderr"]] if row["stdout"] or row["stderr"] else None
+                results.append(
+                    m.result_record(
+                        task_id,
+                        row["state"],
+                        row["result"],
+                        unpack_error(row["error"]),
+                        [row["t_started"], row["t_finished"]],
+                        output,
+                    )
+                )
+        if results:
+            self._send(self.client_sock, identity, m.Results(results))
+
+    # ---- endpoints -------------------------------------------------------------------------
+
+    def _on_endpoint(self, identity: bytes, msg: m.Message) -> None:
+        if isinstance(msg, m.Hello):
+            who = self.auth.check(msg.token)
+            if who is None or msg.role != "endpoint":
+                self._send(
+                    self.endpoint_sock, identity, m.Refused("access-denied", "token refused")
+                )
+                return
+            log.info("endpoint %r registered (session %s)", msg.name, msg.session)
+            self.router.endpoint_hello(identity, msg)
+            return
+        if identity not in self.router.endpoint_by_identity:
+            self._send(self.endpoint_sock, identity, m.Refused("not-registered", "say Hello first"))
+            return
+        if isinstance(msg, m.Results):
+            self.router.endpoint_results(identity, msg.results)
+        elif isinstance(msg, m.States):
+            self.router.endpoint_states(identity, msg.updates)
+        elif isinstance(msg, m.Heartbeat):
+            self.router.endpoint_heartbeat(identity, msg.info)
+            self._send(self.endpoint_sock, identity, m.Heartbeat({}))
+        elif isinstance(msg, m.CodeRequest):
+            blobs = self.router.code_for(msg.digests)
+            self._send(self.endpoint_sock, identity, m.Code(blobs))
+        elif isinstance(msg, m.CancelRefused):
+            self.router.endpoint_cancel_refused(identity, msg)
+        else:
+            self._send(
+                self.endpoint_sock,
+                identity,
+                m.Refused("unexpected", f"{type(msg).__name__} is not an endpoint message"),
+            )
+
+    # ---- acknowledgements after commit -----------------------------------------------------
+
+    def _on_commit(self, acks: list[tuple[str, bytes, bytes]]) -> None:
+        """Called on the writer thread: hand committed ids to the loop."""
+        self._acks.put(acks)
+        os.eventfd_write(self._ack_fd, 1)
+
+    def _send_acks(self) -> None:
+        try:
+            os.eventfd_read(self._ack_fd)
+        except BlockingIOError:
+            pass
+        grouped: dict[tuple[str, bytes], list[bytes]] = {}
+        while True:
+            try:
+                acks = self._acks.get_nowait()
+            except queue.Empty:
+                break
+            for link, identity, task_id in acks:
+                grouped.setdefault((link, identity), []).append(task_id)
+        for (link, identity), ids in grouped.items():
+            sock = self.client_sock if link == "client" else self.endpoint_sock
+            self._send(sock, identity, m.Accepted(ids))
+
+
+def read_manager_info(home: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((Path(home) / "manager.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None

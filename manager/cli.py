@@ -1,0 +1,92 @@
+"""``dlhub-manager``: run the manager and administer its users."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from pathlib import Path
+
+import click
+
+from .broker import Manager, ManagerConfig
+
+
+def _home(home: str | None) -> Path:
+    base = (
+        Path(home)
+        if home
+        else Path(os.environ.get("DLHUB_HOME", Path.home() / ".dlhub")) / "manager"
+    )
+    return base.expanduser()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """The dlhub manager: brokers tasks between clients and endpoints and records them."""
+
+
+@main.command()
+@click.option(
+    "--home", type=click.Path(file_okay=False), help="state directory (default $DLHUB_HOME/manager)"
+)
+@click.option("--db-url", default=None, help="SQLAlchemy URL (default: SQLite under --home)")
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to bind")
+@click.option("--client-port", default=0, show_default=True, help="port for clients (0: any free)")
+@click.option(
+    "--endpoint-port", default=0, show_default=True, help="port for endpoints (0: any free)"
+)
+@click.option(
+    "--payload-limit-mb", default=256, show_default=True, help="largest payload or result"
+)
+@click.option(
+    "--admin-user", default="admin", show_default=True, help="admin created on first start"
+)
+def serve(home, db_url, host, client_port, endpoint_port, payload_limit_mb, admin_user) -> None:
+    """Run the manager in the foreground (writes manager.json with its addresses)."""
+    from logging.handlers import RotatingFileHandler
+
+    state = _home(home)
+    state.mkdir(parents=True, exist_ok=True)
+    handler = RotatingFileHandler(state / "manager.log", maxBytes=10 * 2**20, backupCount=3)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    try:
+        config = ManagerConfig(
+            home=state,
+            db_url=db_url,
+            host=host,
+            client_port=client_port,
+            endpoint_port=endpoint_port,
+            payload_limit_bytes=payload_limit_mb * 2**20,
+            admin_user=admin_user,
+        )
+    except ValueError as exc:
+        raise click.ClickException(str(exc))
+    manager = Manager(config)
+    manager.start()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: manager._stop.set())
+    click.echo(f"manager ready: clients {manager.client_url}, endpoints {manager.endpoint_url}")
+    manager.run()
+
+
+@main.command("create-user")
+@click.argument("name")
+@click.option("--role", type=click.Choice(["admin", "user", "endpoint"]), default="user")
+@click.option("--home", type=click.Path(file_okay=False))
+@click.option("--db-url", default=None)
+def create_user(name: str, role: str, home: str | None, db_url: str | None) -> None:
+    """Create NAME (or replace its token) and print the new token once."""
+    from .auth import create_user as make
+    from .store import make_engine, migrate
+
+    state = _home(home)
+    state.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(db_url or f"sqlite:///{state / 'dlhub.db'}")
+    migrate(engine)
+    click.echo(make(engine, name, role))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,364 @@
+"""Sans-IO routing state of the manager: which task goes where, and what to send next.
+
+The broker loop feeds events in (a client submitted, an endpoint registered, results arrived,
+a heartbeat, a clock tick) and drains ``outbox``: ``(link, identity, message)`` triples, where
+``link`` is ``"client"`` or ``"endpoint"``. Writes to the task store are handed to ``store``
+(whose methods only enqueue). No sockets here, so every decision is unit-tested directly.
+
+A task lives in ``tasks`` from receipt until its terminal state is committed. Tasks for an
+endpoint that is offline wait in its ``pending`` queue (state ``queued``); tasks sent to an
+endpoint stay in its ``inflight`` map until their result arrives, and are re-sent when the
+endpoint registers again (the endpoint drops ids it already holds).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from dlhub.protocol import errors
+from dlhub.protocol import messages as m
+
+FINISHED_MEMORY = 200_000  # recently finished task ids kept to recognise late resends
+MAX_TASKS_PER_MESSAGE = 2048
+
+
+@dataclass
+class TaskEntry:
+    record: list  # the wire task record (holds the payload until the task is terminal)
+    endpoint: str
+    client: bytes  # routing identity of the submitting client
+    state: str
+
+
+@dataclass
+class EndpointState:
+    name: str
+    identity: bytes | None = None
+    session: str = ""
+    connected: bool = False
+    last_seen: float = 0.0
+    versions: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+    pending: OrderedDict = field(default_factory=OrderedDict)  # task_id -> None (not yet sent)
+    inflight: dict = field(default_factory=dict)  # task_id -> None (sent, no result yet)
+
+
+class Router:
+    def __init__(
+        self,
+        store: Any,
+        clock: Callable[[], float] = time.time,
+        endpoint_timeout_s: float = 30.0,
+        known_endpoints: list[str] | None = None,
+    ):
+        self.store = store
+        self.clock = clock
+        self.endpoint_timeout_s = endpoint_timeout_s
+        self.tasks: dict[bytes, TaskEntry] = {}
+        self.endpoints: dict[str, EndpointState] = {
+            name: EndpointState(name) for name in known_endpoints or ()
+        }
+        self.endpoint_by_identity: dict[bytes, str] = {}
+        self.finished: OrderedDict[bytes, str] = OrderedDict()
+        self.code: OrderedDict[str, bytes] = OrderedDict()
+        self.code_bytes = 0
+        self.code_cache_bytes = 256 * 1024 * 1024
+        self.outbox: list[tuple[str, bytes, m.Message]] = []
+        self._results_out: dict[bytes, list] = {}  # client identity -> results to send
+        self.counters = {"received": 0, "finished": 0, "duplicates": 0}
+
+    # ---- clients -------------------------------------------------------------------------
+
+    def submit(self, client: bytes, owner: str, session: str, msg: m.Submit) -> None:
+        now = self.clock()
+        ep = self.endpoints.get(msg.endpoint)
+        if ep is None:
+            err = errors.infra_error(
+                "unknown-endpoint",
+                f"endpoint {msg.endpoint!r} is not registered with this manager "
+                f"(known: {', '.join(sorted(self.endpoints)) or 'none'})",
+            )
+            for rec in msg.tasks:
+                self._result_to_client(client, m.result_record(rec[m.T_ID], "failed", error=err))
+            return
+        rows, acks, fresh = [], [], []
+        for rec in msg.tasks:
+            task_id = rec[m.T_ID]
+            if task_id in self.tasks or task_id in self.finished:
+                self.counters["duplicates"] += 1
+                entry = self.tasks.get(task_id)
+                if entry is not None:
+                    entry.client = client  # a reconnected client gets the result
+                # already committed (or being committed): acknowledge again after this batch
+                acks.append(("client", client, task_id))
+                continue
+            state = "dispatched" if ep.connected else "queued"
+            self.tasks[task_id] = TaskEntry(rec, msg.endpoint, client, state)
+            rows.append(
+                {
+                    "task_id": task_id,
+                    "owner": owner,
+                    "client_session": session,
+                    "endpoint": msg.endpoint,
+                    "function": rec[m.T_FUNCTION],
+                    "state": state,
+                    "timeout_s": rec[m.T_TIMEOUT],
+                    "result_serializer": rec[m.T_SERIALIZER],
+                    "t_received": now,
+                    "t_dispatched": now if ep.connected else None,
+                    "payload": rec[m.T_PAYLOAD],
+                }
+            )
+            acks.append(("client", client, task_id))
+            fresh.append(rec)
+        self.counters["received"] += len(rows)
+        self.store.received(rows, acks)
+        if not fresh:
+            return
+        if ep.connected and ep.identity is not None:
+            for rec in fresh:
+                ep.inflight[rec[m.T_ID]] = None
+            self._send_tasks(ep, fresh)
+        else:
+            for rec in fresh:
+                ep.pending[rec[m.T_ID]] = None
+
+    def cancel(self, client: bytes, task_ids: list[bytes]) -> None:
+        """Cancel what has not reached a worker; ask the endpoint about the rest."""
+        refused, forward = [], {}
+        for task_id in task_ids:
+            entry = self.tasks.get(task_id)
+            if entry is None or entry.state in m.TERMINAL_STATES:
+                refused.append(task_id)
+                continue
+            ep = self.endpoints[entry.endpoint]
+            if task_id in ep.pending:
+                del ep.pending[task_id]
+                self._finish(
+                    m.result_record(task_id, "cancelled", error=_cancelled_error()), ep=None
+                )
+            elif ep.connected and ep.identity is not None:
+                forward.setdefault(ep.identity, []).append(task_id)
+            else:
+                refused.append(task_id)
+        for identity, ids in forward.items():
+            self.outbox.append(("endpoint", identity, m.Cancel(ids)))
+        if refused:
+            self.outbox.append(("client", client, m.CancelRefused(refused, "not cancellable")))
+
+    def task_records(self, task_ids: list[bytes]) -> list[dict[str, Any]]:
+        """Task states for ``Query``: memory first (newest), then the database."""
+        stored = self.store.lookup([t for t in task_ids if t not in self.tasks])
+        out = []
+        for task_id in task_ids:
+            entry = self.tasks.get(task_id)
+            if entry is not None:
+                out.append({"task_id": task_id, "state": entry.state, "endpoint": entry.endpoint})
+            elif task_id in stored:
+                row = stored[task_id]
+                row.pop("result", None)
+                row.pop("error", None)
+                out.append(row)
+            else:
+                out.append({"task_id": task_id, "state": "unknown"})
+        return out
+
+    # ---- code ------------------------------------------------------------------------------
+
+    def put_code(self, digest: str, blob: bytes) -> None:
+        if digest not in self.code:
+            self.store.put_code(digest, blob)
+        self._remember_code(digest, blob)
+
+    def code_for(self, digests: list[str]) -> dict[str, bytes]:
+        out = {}
+        for digest in digests:
+            blob = self.code.get(digest)
+            if blob is None:
+                blob = self.store.get_code(digest)
+                if blob is not None:
+                    self._remember_code(digest, blob)
+            if blob is not None:
+                out[digest] = blob
+        return out
+
+    def _remember_code(self, digest: str, blob: bytes) -> None:
+        if digest in self.code:
+            self.code.move_to_end(digest)
+            return
+        self.code[digest] = blob
+        self.code_bytes += len(blob)
+        while self.code_bytes > self.code_cache_bytes and len(self.code) > 1:
+            _, old = self.code.popitem(last=False)
+            self.code_bytes -= len(old)
+
+    # ---- endpoints ---------------------------------------------------------------------------
+
+    def endpoint_hello(self, identity: bytes, hello: m.Hello) -> None:
+        now = self.clock()
+        ep = self.endpoints.get(hello.name)
+        if ep is None:
+            ep = self.endpoints[hello.name] = EndpointState(hello.name)
+        if ep.identity is not None and ep.identity != identity:
+            self.endpoint_by_identity.pop(ep.identity, None)
+        ep.identity, ep.session, ep.connected, ep.last_seen = identity, hello.session, True, now
+        ep.versions, ep.info = dict(hello.versions), dict(hello.info)
+        self.endpoint_by_identity[identity] = ep.name
+        self.outbox.append(("endpoint", identity, m.Welcome(ep.session, {"name": ep.name})))
+        resend = [self.tasks[t].record for t in ep.inflight if t in self.tasks]
+        waiting = [self.tasks[t].record for t in ep.pending if t in self.tasks]
+        if waiting:
+            updates = []
+            for rec in waiting:
+                ep.inflight[rec[m.T_ID]] = None
+                self.tasks[rec[m.T_ID]].state = "dispatched"
+                updates.append((rec[m.T_ID], {"state": "dispatched", "t_dispatched": now}))
+            ep.pending.clear()
+            self.store.update(updates)
+        if resend or waiting:
+            self._send_tasks(ep, resend + waiting)
+
+    def endpoint_heartbeat(self, identity: bytes, info: dict) -> bool:
+        """Record a heartbeat; False when the identity is not a registered endpoint."""
+        ep = self._endpoint(identity)
+        if ep is None:
+            return False
+        ep.last_seen, ep.connected = self.clock(), True
+        ep.info = info
+        return True
+
+    def endpoint_results(self, identity: bytes, results: list[list]) -> None:
+        ep = self._endpoint(identity)
+        for res in results:
+            self._finish(res, ep)
+            if ep is not None:
+                ep.last_seen = self.clock()
+
+    def endpoint_states(self, identity: bytes, updates: list[list]) -> None:
+        changes = []
+        for task_id, state, ts in updates:
+            entry = self.tasks.get(task_id)
+            if entry is None or entry.state in m.TERMINAL_STATES or state not in m.TASK_STATES:
+                continue
+            entry.state = state
+            col = "t_started" if state == "running" else "t_dispatched"
+            changes.append((task_id, {"state": state, col: ts}))
+        if changes:
+            self.store.update(changes)
+
+    def endpoint_cancel_refused(self, identity: bytes, msg: m.CancelRefused) -> None:
+        by_client: dict[bytes, list] = {}
+        for task_id in msg.task_ids:
+            entry = self.tasks.get(task_id)
+            if entry is not None:
+                by_client.setdefault(entry.client, []).append(task_id)
+        for client, ids in by_client.items():
+            self.outbox.append(("client", client, m.CancelRefused(ids, msg.reason)))
+
+    def tick(self) -> None:
+        """Mark endpoints whose heartbeats stopped as disconnected (their tasks wait)."""
+        now = self.clock()
+        for ep in self.endpoints.values():
+            if ep.connected and now - ep.last_seen > self.endpoint_timeout_s:
+                ep.connected = False
+
+    def recover(self, rows: list[dict[str, Any]]) -> None:
+        """Re-queue tasks that were committed but unfinished when the manager stopped."""
+        for row in rows:
+            ep = self.endpoints.setdefault(row["endpoint"], EndpointState(row["endpoint"]))
+            rec = m.task_record(
+                row["task_id"],
+                row["function"],
+                row["payload"] or b"",
+                row["timeout_s"],
+                row["result_serializer"],
+            )
+            self.tasks[row["task_id"]] = TaskEntry(rec, row["endpoint"], b"", "queued")
+            ep.pending[row["task_id"]] = None
+
+    # ---- results -----------------------------------------------------------------------------
+
+    def _finish(self, res: list, ep: EndpointState | None) -> None:
+        task_id = res[m.R_ID]
+        entry = self.tasks.get(task_id)
+        acks = [("endpoint", ep.identity, task_id)] if ep is not None and ep.identity else []
+        if entry is None or entry.state in m.TERMINAL_STATES:
+            self.store.update([], acks)  # a duplicate result: acknowledge it again
+            return
+        entry.state = res[m.R_STATE]
+        endpoint = self.endpoints.get(entry.endpoint)
+        if endpoint is not None:
+            endpoint.inflight.pop(task_id, None)
+        timing = res[m.R_TIMING] or [None, None]
+        output = res[m.R_OUTPUT] or [None, None]
+        change = {
+            "state": res[m.R_STATE],
+            "t_finished": self.clock(),
+            "t_started": timing[0],
+            "result": res[m.R_PAYLOAD],
+            "error": _pack_error(res[m.R_ERROR]),
+            "stdout": output[0],
+            "stderr": output[1],
+            "payload": None,
+        }
+        self.store.update([(task_id, change)], acks)
+        self.counters["finished"] += 1
+        del self.tasks[task_id]
+        self.finished[task_id] = res[m.R_STATE]
+        if len(self.finished) > FINISHED_MEMORY:
+            self.finished.popitem(last=False)
+        if entry.client:
+            self._result_to_client(entry.client, res)
+
+    def _result_to_client(self, client: bytes, res: list) -> None:
+        self._results_out.setdefault(client, []).append(res)
+
+    def drain(self) -> list[tuple[str, bytes, m.Message]]:
+        """Everything to send now; results are coalesced into one message per client."""
+        for client, results in self._results_out.items():
+            self.outbox.append(("client", client, m.Results(results)))
+        self._results_out = {}
+        out, self.outbox = self.outbox, []
+        return out
+
+    def _send_tasks(self, ep: EndpointState, records: list[list]) -> None:
+        for i in range(0, len(records), MAX_TASKS_PER_MESSAGE):
+            self.outbox.append(
+                ("endpoint", ep.identity, m.Tasks(records[i : i + MAX_TASKS_PER_MESSAGE], {}))
+            )
+
+    def _endpoint(self, identity: bytes) -> EndpointState | None:
+        name = self.endpoint_by_identity.get(identity)
+        return self.endpoints.get(name) if name is not None else None
+
+    def status(self) -> dict[str, Any]:
+        now = self.clock()
+        return {
+            "endpoints": {
+                ep.name: {
+                    "connected": ep.connected,
+                    "last_seen_s_ago": round(now - ep.last_seen, 3) if ep.last_seen else None,
+                    "pending": len(ep.pending),
+                    "inflight": len(ep.inflight),
+                    "versions": ep.versions,
+                    "info": ep.info,
+                }
+                for ep in self.endpoints.values()
+            },
+            "tasks_open": len(self.tasks),
+            **self.counters,
+        }
+
+
+def _cancelled_error() -> list:
+    return errors.infra_error("cancelled", "task was cancelled before it started")
+
+
+def _pack_error(record: list | None) -> bytes | None:
+    from .store import pack_error
+
+    return pack_error(record)

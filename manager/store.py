@@ -1,0 +1,304 @@
+"""The task store: every task's state, timestamps, payload and result, in a SQL database.
+
+    broker loop --enqueue(op)--> [queue] --> writer thread: merge ops, one transaction,
+                                                commit, then on_commit(acks) --> broker loop
+
+Writes are group-committed off the hot path: the writer drains whatever is queued, folds updates
+into inserts of the same batch (a task that is received and finished within one batch is written
+once), commits, and only then reports the committed task ids so the broker can acknowledge them.
+Reads (queries by task id, recovery at start) use their own connection. SQLite in WAL mode is the
+default; the SQL is plain SQLAlchemy Core so PostgreSQL can follow.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import sqlalchemy as sa
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+metadata = sa.MetaData()
+
+tasks_table = sa.Table(
+    "tasks",
+    metadata,
+    sa.Column("task_id", sa.LargeBinary(16), primary_key=True),
+    sa.Column("owner", sa.String(128), nullable=False),
+    sa.Column("client_session", sa.String(64), nullable=False),
+    sa.Column("endpoint", sa.String(128), nullable=False, index=True),
+    sa.Column("function", sa.String(80), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False, index=True),
+    sa.Column("timeout_s", sa.Float, nullable=True),
+    sa.Column("result_serializer", sa.String(16), nullable=False),
+    sa.Column("t_received", sa.Float, nullable=False),
+    sa.Column("t_dispatched", sa.Float, nullable=True),
+    sa.Column("t_started", sa.Float, nullable=True),
+    sa.Column("t_finished", sa.Float, nullable=True),
+    sa.Column("payload", sa.LargeBinary, nullable=True),  # dropped once the task is terminal
+    sa.Column("result", sa.LargeBinary, nullable=True),
+    sa.Column("error", sa.LargeBinary, nullable=True),  # msgpack of the wire error record
+    sa.Column("stdout", sa.Text, nullable=True),
+    sa.Column("stderr", sa.Text, nullable=True),
+)
+
+code_table = sa.Table(
+    "code",
+    metadata,
+    sa.Column("digest", sa.String(80), primary_key=True),
+    sa.Column("blob", sa.LargeBinary, nullable=False),
+    sa.Column("created", sa.Float, nullable=False),
+)
+
+users_table = sa.Table(
+    "users",
+    metadata,
+    sa.Column("name", sa.String(128), primary_key=True),
+    sa.Column("token_sha256", sa.String(64), nullable=False, unique=True),
+    sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("created", sa.Float, nullable=False),
+)
+
+meta_table = sa.Table(
+    "dlhub_meta",
+    metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.String(256), nullable=False),
+)
+
+TERMINAL = ("succeeded", "failed", "cancelled", "lost")
+
+
+def make_engine(url: str) -> sa.Engine:
+    """Create the engine; for SQLite turn on WAL so readers never block the writer."""
+    engine = sa.create_engine(url, future=True)
+    if engine.dialect.name == "sqlite":
+
+        @sa.event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record):  # pragma: no cover - trivial
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")  # durable against a killed process
+            cur.execute("PRAGMA busy_timeout=5000")
+            cur.close()
+
+    return engine
+
+
+def migrate(engine: sa.Engine) -> None:
+    """Create missing tables and record the schema version (future versions migrate here)."""
+    metadata.create_all(engine)
+    with engine.begin() as conn:
+        row = conn.execute(
+            sa.select(meta_table.c.value).where(meta_table.c.key == "schema_version")
+        ).first()
+        if row is None:
+            conn.execute(
+                meta_table.insert().values(key="schema_version", value=str(SCHEMA_VERSION))
+            )
+        elif int(row[0]) > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"database schema version {row[0]} is newer than this manager ({SCHEMA_VERSION})"
+            )
+
+
+@dataclass
+class _Batch:
+    inserts: dict[bytes, dict[str, Any]] = field(default_factory=dict)
+    updates: dict[bytes, dict[str, Any]] = field(default_factory=dict)
+    code: dict[str, bytes] = field(default_factory=dict)
+    acks: list[tuple[str, bytes, bytes]] = field(default_factory=list)  # (kind, ident, task_id)
+
+
+class TaskStore:
+    """Asynchronous, group-committed writes plus synchronous reads."""
+
+    def __init__(self, engine: sa.Engine, on_commit: Callable[[list], None]):
+        self.engine = engine
+        self._on_commit = on_commit
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._reader = engine.connect()
+        self._thread = threading.Thread(target=self._run, name="dlhub-store-writer", daemon=True)
+        self._stopped = threading.Event()
+        self.commits = 0
+        self.rows_written = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout)
+        self._reader.close()
+        self.engine.dispose()
+
+    # ---- writes (called from the broker loop; never block) -------------------------------
+
+    def received(self, rows: list[dict[str, Any]], acks: Iterable[tuple[str, bytes, bytes]]):
+        self._queue.put(("insert", rows, list(acks)))
+
+    def update(self, changes: list[tuple[bytes, dict[str, Any]]], acks=()) -> None:
+        """Apply column changes to tasks; a terminal state is never overwritten."""
+        self._queue.put(("update", changes, list(acks)))
+
+    def put_code(self, digest: str, blob: bytes) -> None:
+        self._queue.put(("code", digest, blob))
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until everything enqueued so far is committed (tests, shutdown)."""
+        done = threading.Event()
+        self._queue.put(("flush", done, None))
+        return done.wait(timeout)
+
+    # ---- reads -----------------------------------------------------------------------------
+
+    def lookup(self, task_ids: list[bytes]) -> dict[bytes, dict[str, Any]]:
+        if not task_ids:
+            return {}
+        t = tasks_table
+        cols = [c for c in t.c if c.name != "payload"]
+        out = {}
+        for chunk_start in range(0, len(task_ids), 500):
+            chunk = task_ids[chunk_start : chunk_start + 500]
+            rows = self._reader.execute(sa.select(*cols).where(t.c.task_id.in_(chunk)))
+            out.update({r.task_id: dict(r._mapping) for r in rows})
+        self._reader.rollback()
+        return out
+
+    def unfinished(self) -> list[dict[str, Any]]:
+        """Tasks that were committed but never finished: re-queued when the manager restarts."""
+        t = tasks_table
+        rows = self._reader.execute(
+            sa.select(t).where(t.c.state.not_in(TERMINAL)).order_by(t.c.t_received)
+        )
+        out = [dict(r._mapping) for r in rows]
+        self._reader.rollback()
+        return out
+
+    def get_code(self, digest: str) -> bytes | None:
+        row = self._reader.execute(
+            sa.select(code_table.c.blob).where(code_table.c.digest == digest)
+        ).first()
+        self._reader.rollback()
+        return row[0] if row else None
+
+    # ---- the writer thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            items = [self._queue.get()]
+            while len(items) < 20000:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            batch, flushes = _Batch(), []
+            for item in items:
+                if item is None:
+                    stop = True
+                else:
+                    self._fold(batch, item, flushes)
+            try:
+                self._write(batch)
+            except Exception:
+                log.exception("task store commit failed; %d acks withheld", len(batch.acks))
+                batch.acks.clear()
+            if batch.acks:
+                self._on_commit(batch.acks)
+            for ev in flushes:
+                ev.set()
+
+    @staticmethod
+    def _fold(batch: _Batch, item: tuple, flushes: list) -> None:
+        kind = item[0]
+        if kind == "insert":
+            for row in item[1]:
+                batch.inserts[row["task_id"]] = row
+            batch.acks.extend(item[2])
+        elif kind == "update":
+            for task_id, changes in item[1]:
+                row = batch.inserts.get(task_id)
+                target = row if row is not None else batch.updates.setdefault(task_id, {})
+                if target.get("state") in TERMINAL and changes.get("state") not in TERMINAL:
+                    changes = {k: v for k, v in changes.items() if k != "state"}
+                target.update(changes)
+            batch.acks.extend(item[2])
+        elif kind == "code":
+            batch.code[item[1]] = item[2]
+        elif kind == "flush":
+            flushes.append(item[1])
+
+    def _write(self, batch: _Batch) -> None:
+        if not (batch.inserts or batch.updates or batch.code):
+            return
+        t = tasks_table
+        with self.engine.begin() as conn:
+            if batch.code:
+                existing = {
+                    r[0]
+                    for r in conn.execute(
+                        sa.select(code_table.c.digest).where(code_table.c.digest.in_(batch.code))
+                    )
+                }
+                new = [
+                    {"digest": d, "blob": b, "created": time.time()}
+                    for d, b in batch.code.items()
+                    if d not in existing
+                ]
+                if new:
+                    conn.execute(code_table.insert(), new)
+            if batch.inserts:
+                rows = list(batch.inserts.values())
+                existing = {
+                    r[0]
+                    for r in conn.execute(
+                        sa.select(t.c.task_id).where(t.c.task_id.in_(list(batch.inserts)))
+                    )
+                }
+                rows = [r for r in rows if r["task_id"] not in existing]
+                if rows:
+                    conn.execute(t.insert(), [_full_row(r) for r in rows])
+            if batch.updates:
+                # group by the set of changed columns so each group is one executemany
+                groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+                for task_id, changes in batch.updates.items():
+                    key = tuple(sorted(changes))
+                    groups.setdefault(key, []).append({"tid": task_id, **changes})
+                for cols, params in groups.items():
+                    stmt = (
+                        t.update()
+                        .where(t.c.task_id == sa.bindparam("tid"))
+                        .values({c: sa.bindparam(c) for c in cols})
+                    )
+                    if "state" in cols and not set(cols) & {"result", "error"}:
+                        stmt = stmt.where(t.c.state.not_in(TERMINAL))
+                    conn.execute(stmt, params)
+        self.commits += 1
+        self.rows_written += len(batch.inserts) + len(batch.updates)
+
+
+_DEFAULTS = {c.name: None for c in tasks_table.c}
+
+
+def _full_row(row: dict[str, Any]) -> dict[str, Any]:
+    """executemany needs every row to name the same columns."""
+    full = dict(_DEFAULTS)
+    full.update(row)
+    return full
+
+
+def pack_error(record: list | None) -> bytes | None:
+    return None if record is None else msgpack.packb(record, use_bin_type=True)
+
+
+def unpack_error(blob: bytes | None) -> list | None:
+    return None if blob is None else msgpack.unpackb(blob, raw=False)

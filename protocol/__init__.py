@@ -1,0 +1,52 @@
+"""dlhub.protocol: the contract every dlhub process speaks.
+
+Versioned wire messages (:mod:`.messages`), the user-payload serializer registry
+(:mod:`.serialize`) and the typed errors with their wire record (:mod:`.errors`).
+Depends on the standard library and msgpack only (dill is loaded lazily by the serializers).
+"""
+
+from .errors import (
+    AccessDenied,
+    DLHubError,
+    EndpointLost,
+    ManagerUnreachable,
+    PayloadTooLarge,
+    ProtocolError,
+    RemoteError,
+    RemoteTraceback,
+    SerializationError,
+    TaskCancelled,
+    TaskLost,
+    TaskTimeout,
+    UnknownEndpoint,
+    VersionMismatch,
+    WorkerLost,
+)
+from .messages import PROTOCOL_VERSION, TASK_STATES, TERMINAL_STATES, pack, unpack
+
+__version__ = "0.1.0"
+DEFAULT_PAYLOAD_LIMIT_BYTES = 256 * 1024 * 1024
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "TASK_STATES",
+    "TERMINAL_STATES",
+    "DEFAULT_PAYLOAD_LIMIT_BYTES",
+    "pack",
+    "unpack",
+    "AccessDenied",
+    "DLHubError",
+    "EndpointLost",
+    "ManagerUnreachable",
+    "PayloadTooLarge",
+    "ProtocolError",
+    "RemoteError",
+    "RemoteTraceback",
+    "SerializationError",
+    "TaskCancelled",
+    "TaskLost",
+    "TaskTimeout",
+    "UnknownEndpoint",
+    "VersionMismatch",
+    "WorkerLost",
+]

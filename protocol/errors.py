@@ -1,0 +1,186 @@
+"""Typed dlhub errors and the wire error record.
+
+Errors cross the wire as ``[code, message, traceback_text, exception]`` where ``exception`` is an
+optional pickled exception whose round trip was checked on the worker. The manager never opens
+that blob; only the submitting client does, and it falls back to a typed :class:`RemoteError`
+carrying the traceback text when the original type cannot be rebuilt.
+"""
+
+from __future__ import annotations
+
+import traceback
+from typing import Any
+
+
+class DLHubError(Exception):
+    """Base class of every error dlhub raises itself."""
+
+    code = "error"
+
+
+class ProtocolError(DLHubError):
+    """A frame was malformed, truncated, oversized or of another protocol version."""
+
+    code = "protocol"
+
+
+class PayloadTooLarge(DLHubError):
+    """A payload or a result exceeds the configured size limit."""
+
+    code = "payload-too-large"
+
+    def __init__(self, size: int, limit: int, what: str = "payload"):
+        super().__init__(f"{what} of {size:,} bytes exceeds the limit of {limit:,} bytes")
+        self.size, self.limit = size, limit
+
+
+class AccessDenied(DLHubError):
+    """The token was refused or does not allow the request."""
+
+    code = "access-denied"
+
+
+class ManagerUnreachable(DLHubError):
+    """No manager answered at the configured address in time."""
+
+    code = "manager-unreachable"
+
+
+class UnknownEndpoint(DLHubError):
+    """The task names an endpoint the manager has never seen."""
+
+    code = "unknown-endpoint"
+
+
+class EndpointLost(DLHubError):
+    """The endpoint went away while it held the task."""
+
+    code = "endpoint-lost"
+
+
+class WorkerLost(DLHubError):
+    """The worker process running the task died (it crashed, exited or was killed)."""
+
+    code = "worker-lost"
+
+
+class TaskLost(DLHubError):
+    """Infrastructure failed the task after every retry (e.g. its block ended)."""
+
+    code = "lost"
+
+
+class TaskTimeout(DLHubError):
+    """The task ran longer than its time limit."""
+
+    code = "task-timeout"
+
+
+class TaskCancelled(DLHubError):
+    """The task was cancelled before it started."""
+
+    code = "cancelled"
+
+
+class SerializationError(DLHubError):
+    """A value could not be serialized or deserialized (its type is named in the message)."""
+
+    code = "serialization"
+
+
+class VersionMismatch(DLHubError):
+    """Python or dill versions differ between the submitting process and the worker."""
+
+    code = "version-mismatch"
+
+
+class RemoteError(DLHubError):
+    """A remote exception whose original type could not be rebuilt here."""
+
+    code = "remote"
+
+    def __init__(self, message: str, traceback_text: str = "", remote_type: str = ""):
+        super().__init__(message)
+        self.traceback_text = traceback_text
+        self.remote_type = remote_type
+
+    def __str__(self) -> str:
+        return f"{self.remote_type}: {self.args[0]}" if self.remote_type else str(self.args[0])
+
+
+class RemoteTraceback(Exception):
+    """Carries the remote traceback text; set as ``__cause__`` of re-raised exceptions."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.text}"""'
+
+
+ERROR_TYPES: dict[str, type[DLHubError]] = {
+    cls.code: cls
+    for cls in (
+        ProtocolError,
+        PayloadTooLarge,
+        AccessDenied,
+        ManagerUnreachable,
+        UnknownEndpoint,
+        EndpointLost,
+        WorkerLost,
+        TaskLost,
+        TaskTimeout,
+        TaskCancelled,
+        SerializationError,
+        VersionMismatch,
+    )
+}
+
+
+def error_record(exc: BaseException, code: str | None = None) -> list[Any]:
+    """Build the wire record of ``exc``; pickle it only when the pickle round-trips."""
+    tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    blob: bytes | None = None
+    try:
+        import dill
+
+        candidate = dill.dumps(exc, protocol=5)
+        dill.loads(candidate)
+        blob = candidate
+    except Exception:
+        blob = None
+    if code is None:
+        code = exc.code if isinstance(exc, DLHubError) else "remote"
+    return [code, f"{type(exc).__name__}: {exc}", tb_text, blob]
+
+
+def infra_error(code: str, message: str) -> list[Any]:
+    """A record for failures that did not come from user code (no traceback, no blob)."""
+    return [code, message, "", None]
+
+
+def exception_from_record(record: list[Any] | tuple[Any, ...]) -> BaseException:
+    """Rebuild the exception for the caller, with the remote traceback as ``__cause__``."""
+    code, message, tb_text, blob = record
+    if code in ERROR_TYPES and not blob:
+        cls = ERROR_TYPES[code]
+        infra = cls.__new__(cls)
+        Exception.__init__(infra, message)
+        return infra
+    exc: BaseException | None = None
+    if blob:
+        try:
+            import dill
+
+            exc = dill.loads(blob)
+        except Exception:
+            exc = None
+        if exc is not None and not isinstance(exc, BaseException):
+            exc = None
+    if exc is None:
+        remote_type, _, text = message.partition(": ")
+        exc = RemoteError(text or message, tb_text, remote_type)
+    if tb_text:
+        exc.__cause__ = RemoteTraceback(tb_text)
+    return exc

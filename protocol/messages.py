@@ -1,0 +1,323 @@
+"""Versioned wire messages: frozen dataclasses packed with msgpack behind a version byte.
+
+A frame is ``bytes([PROTOCOL_VERSION]) + msgpack([type_code, field, field, ...])``. Every link
+(client-manager, endpoint-manager, worker/pool-endpoint) speaks the same message set; each
+process accepts the subset that makes sense for its role and answers the rest with ``Refused``.
+
+Per-task records inside batches are plain lists, not objects, so that a batch of thousands of
+tasks costs one C-level msgpack call per hop:
+
+    task   = [task_id: bytes(16), function: str (code digest), payload: bytes,
+              timeout_s: float | None, result_serializer: str]
+    result = [task_id, state: str, payload: bytes | None, error: list | None,
+              timing: [t_start, t_end] | None, output: [stdout, stderr] | None]
+
+``unpack`` checks the version byte, the size, the type code, the arity and the type of every
+top-level field, and the shape of each task/result record, raising :class:`ProtocolError` with
+what was wrong. It never lets a malformed frame crash a loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import msgpack
+
+from .errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+_VERSION_BYTE = bytes([PROTOCOL_VERSION])
+DEFAULT_MAX_FRAME_BYTES = 256 * 1024 * 1024 + 1024 * 1024  # payload limit plus headroom
+
+TASK_ID_BYTES = 16
+
+# task record field positions
+T_ID, T_FUNCTION, T_PAYLOAD, T_TIMEOUT, T_SERIALIZER = range(5)
+TASK_FIELDS = 5
+# result record field positions
+R_ID, R_STATE, R_PAYLOAD, R_ERROR, R_TIMING, R_OUTPUT = range(6)
+RESULT_FIELDS = 6
+
+TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled", "lost"})
+TASK_STATES = (
+    "received",
+    "queued",
+    "dispatched",
+    "running",
+    "succeeded",
+    "failed",
+    "cancelled",
+    "lost",
+)
+
+_REGISTRY: dict[int, type[Message]] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    TYPE: ClassVar[int] = 0
+    _FIELDS: ClassVar[tuple[str, ...]] = ()
+    _TYPES: ClassVar[tuple[tuple[type, ...], ...]] = ()
+
+    def pack(self) -> bytes:
+        return pack(self)
+
+
+def _message(code: int):
+    """Register a dataclass as message type ``code`` and precompute its field layout."""
+
+    def wrap(cls):
+        cls = dataclass(frozen=True, slots=True)(cls)
+        cls.TYPE = code
+        fields = dataclasses.fields(cls)
+        cls._FIELDS = tuple(f.name for f in fields)
+        cls._TYPES = tuple(_TYPE_MAP[f.type] for f in fields)
+        if code in _REGISTRY:
+            raise RuntimeError(f"message code {code} registered twice")
+        _REGISTRY[code] = cls
+        return cls
+
+    return wrap
+
+
+_TYPE_MAP: dict[str, tuple[type, ...]] = {
+    "str": (str,),
+    "int": (int,),
+    "bytes": (bytes,),
+    "list": (list,),
+    "dict": (dict,),
+    "bool": (bool,),
+    "float": (float, int),
+    "str | None": (str, type(None)),
+    "bytes | None": (bytes, type(None)),
+}
+
+
+@_message(1)
+class Hello(Message):
+    """First message on every link: who I am, my token, my versions."""
+
+    role: str  # "client" | "endpoint" | "pool" | "worker"
+    name: str  # endpoint name, or pool/worker id
+    token: str
+    session: str  # random per process; lets the receiver spot a restarted peer
+    versions: dict = field(default_factory=dict)  # python, dill, dlhub, protocol
+    info: dict = field(default_factory=dict)
+
+
+@_message(2)
+class Welcome(Message):
+    session: str
+    info: dict = field(default_factory=dict)
+
+
+@_message(3)
+class Refused(Message):
+    """The peer is refused (bad token, unknown session, wrong role): code + message."""
+
+    code: str
+    message: str
+
+
+@_message(4)
+class Submit(Message):
+    """Client -> manager: tasks for one endpoint."""
+
+    endpoint: str
+    tasks: list
+
+
+@_message(5)
+class Accepted(Message):
+    """Committed: the receiver may forget these tasks (or results) from its resend buffer."""
+
+    task_ids: list
+
+
+@_message(6)
+class Tasks(Message):
+    """Manager -> endpoint, endpoint -> worker. ``code`` maps digest -> blob for workers."""
+
+    tasks: list
+    code: dict = field(default_factory=dict)
+
+
+@_message(7)
+class Results(Message):
+    results: list
+
+
+@_message(8)
+class Cancel(Message):
+    task_ids: list
+
+
+@_message(9)
+class CancelRefused(Message):
+    """These tasks could not be cancelled (already running or finished)."""
+
+    task_ids: list
+    reason: str
+
+
+@_message(10)
+class States(Message):
+    """Progress updates: ``[[task_id, state, timestamp], ...]``."""
+
+    updates: list
+
+
+@_message(11)
+class PutCode(Message):
+    """Client -> manager: a function's code blob, stored under its digest."""
+
+    digest: str
+    blob: bytes
+
+
+@_message(12)
+class CodeRequest(Message):
+    digests: list
+
+
+@_message(13)
+class Code(Message):
+    """Reply to CodeRequest: digest -> blob (missing digests are absent)."""
+
+    blobs: dict
+
+
+@_message(14)
+class Heartbeat(Message):
+    info: dict = field(default_factory=dict)
+
+
+@_message(15)
+class Query(Message):
+    """Ask for task records (state, timestamps, captured output)."""
+
+    request_id: int
+    task_ids: list
+
+
+@_message(16)
+class TaskInfo(Message):
+    request_id: int
+    records: list
+
+
+@_message(17)
+class Fetch(Message):
+    """Ask the manager to resend the stored results of these tasks."""
+
+    task_ids: list
+
+
+@_message(18)
+class StatusRequest(Message):
+    request_id: int
+
+
+@_message(19)
+class Status(Message):
+    request_id: int
+    info: dict
+
+
+@_message(20)
+class WorkerDied(Message):
+    """Pool -> endpoint: a worker process exited."""
+
+    worker_id: str
+    exitcode: int
+    reason: str
+
+
+@_message(21)
+class Shutdown(Message):
+    reason: str
+
+
+def pack(msg: Message) -> bytes:
+    """Encode ``msg`` as one frame."""
+    body = [msg.TYPE]
+    body.extend(getattr(msg, name) for name in msg._FIELDS)
+    return _VERSION_BYTE + msgpack.packb(body, use_bin_type=True)
+
+
+def unpack(frame: bytes | memoryview, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Message:
+    """Decode one frame, or raise :class:`ProtocolError` saying what is wrong with it."""
+    size = len(frame)
+    if size == 0:
+        raise ProtocolError("empty frame")
+    if size > max_bytes:
+        raise ProtocolError(f"frame of {size:,} bytes exceeds the limit of {max_bytes:,} bytes")
+    version = frame[0]
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"protocol version {version} not supported (this side speaks {PROTOCOL_VERSION}); "
+            "upgrade the older side"
+        )
+    try:
+        body = msgpack.unpackb(frame[1:], raw=False, strict_map_key=False, use_list=True)
+    except Exception as exc:
+        raise ProtocolError(f"malformed or truncated frame: {exc}") from None
+    if not isinstance(body, list) or not body or not isinstance(body[0], int):
+        raise ProtocolError("frame body is not a [type, fields...] list")
+    cls = _REGISTRY.get(body[0])
+    if cls is None:
+        raise ProtocolError(f"unknown message type {body[0]}")
+    values = body[1:]
+    if len(values) != len(cls._FIELDS):
+        raise ProtocolError(f"{cls.__name__} expects {len(cls._FIELDS)} fields, got {len(values)}")
+    for name, value, types in zip(cls._FIELDS, values, cls._TYPES):
+        if not isinstance(value, types):
+            raise ProtocolError(
+                f"{cls.__name__}.{name} must be {' or '.join(t.__name__ for t in types)}, "
+                f"got {type(value).__name__}"
+            )
+    msg = cls(*values)
+    if cls is Submit or cls is Tasks:
+        _check_records(msg.tasks, TASK_FIELDS, "task")
+    elif cls is Results:
+        _check_records(msg.results, RESULT_FIELDS, "result")
+    return msg
+
+
+def _check_records(records: list, arity: int, what: str) -> None:
+    for i, rec in enumerate(records):
+        if not isinstance(rec, list) or len(rec) != arity:
+            raise ProtocolError(f"{what} #{i} must be a list of {arity} fields")
+        tid = rec[0]
+        if not isinstance(tid, bytes) or len(tid) != TASK_ID_BYTES:
+            raise ProtocolError(f"{what} #{i} has a malformed task id")
+        if arity == TASK_FIELDS:
+            if not isinstance(rec[T_FUNCTION], str) or not isinstance(rec[T_PAYLOAD], bytes):
+                raise ProtocolError(f"task #{i} needs a function digest (str) and payload (bytes)")
+            if rec[T_TIMEOUT] is not None and not isinstance(rec[T_TIMEOUT], (int, float)):
+                raise ProtocolError(f"task #{i} timeout_s must be a number or nil")
+        elif not isinstance(rec[R_STATE], str):
+            raise ProtocolError(f"result #{i} state must be a string")
+
+
+def task_record(
+    task_id: bytes,
+    function: str,
+    payload: bytes,
+    timeout_s: float | None = None,
+    result_serializer: str = "auto",
+) -> list:
+    return [task_id, function, payload, timeout_s, result_serializer]
+
+
+def result_record(
+    task_id: bytes,
+    state: str,
+    payload: bytes | None = None,
+    error: list | None = None,
+    timing: list | None = None,
+    output: list | None = None,
+) -> list:
+    return [task_id, state, payload, error, timing, output]

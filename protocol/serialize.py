@@ -1,0 +1,166 @@
+"""Serializer registry for user payloads: every buffer starts with one byte naming its method.
+
+Only the user's process and the worker call these functions; the manager and the endpoint carry
+the buffers as opaque bytes. Methods:
+
+- ``msgpack`` (0x01): plain data (None, bool, int, float, str, bytes, list, dict). Packed with
+  ``strict_types`` so a tuple or a subclass falls through to dill instead of silently changing type.
+- ``dill`` (0x02): anything else, pickle protocol 5 (numpy arrays are copied once, in-band).
+- ``json`` (0x03): for REST callers.
+- ``code`` (0x10): a function's code: dill by value plus its source text when available.
+
+``auto`` picks msgpack when the value round-trips exactly and dill otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import platform
+import textwrap
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+
+from .errors import SerializationError
+
+MSGPACK, DILL, JSON, CODE = 0x01, 0x02, 0x03, 0x10
+METHOD_NAMES = {MSGPACK: "msgpack", DILL: "dill", JSON: "json", CODE: "code"}
+METHOD_IDS = {name: mid for mid, name in METHOD_NAMES.items()}
+_H_MSGPACK, _H_DILL, _H_JSON, _H_CODE = (bytes([m]) for m in (MSGPACK, DILL, JSON, CODE))
+
+
+def _packb(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True, strict_types=True)
+
+
+def _dill():
+    import dill  # imported lazily: a plain-data client never pays for it
+
+    return dill
+
+
+def serialize(obj: Any, method: str = "auto") -> bytes:
+    """Encode ``obj`` with ``method`` ("auto", "msgpack", "dill" or "json")."""
+    if method in ("auto", "msgpack"):
+        try:
+            return _H_MSGPACK + _packb(obj)
+        except (TypeError, ValueError, OverflowError) as exc:
+            if method == "msgpack":
+                raise SerializationError(
+                    f"cannot encode a {type(obj).__name__} with msgpack: {exc}"
+                ) from None
+    if method in ("auto", "dill"):
+        try:
+            return _H_DILL + _dill().dumps(obj, protocol=5)
+        except Exception as exc:
+            raise SerializationError(
+                f"cannot serialize a {type(obj).__name__}: {type(exc).__name__}: {exc}"
+            ) from None
+    if method == "json":
+        try:
+            return _H_JSON + json.dumps(obj).encode()
+        except (TypeError, ValueError) as exc:
+            raise SerializationError(
+                f"result of type {type(obj).__name__} cannot be encoded as JSON: {exc}"
+            ) from None
+    raise SerializationError(f"unknown serializer {method!r}; use auto, msgpack, dill or json")
+
+
+def deserialize(buf: bytes | memoryview) -> Any:
+    """Decode a buffer made by :func:`serialize`."""
+    if not buf:
+        raise SerializationError("empty buffer")
+    method, body = buf[0], buf[1:]
+    try:
+        if method == MSGPACK:
+            return msgpack.unpackb(body, raw=False, strict_map_key=False)
+        if method == DILL:
+            return _dill().loads(body)
+        if method == JSON:
+            return json.loads(bytes(body))
+    except Exception as exc:
+        raise SerializationError(
+            f"cannot deserialize {METHOD_NAMES[method]} buffer: {type(exc).__name__}: {exc}"
+        ) from exc
+    raise SerializationError(f"unknown serializer id 0x{method:02x}")
+
+
+def method_of(buf: bytes) -> str:
+    return METHOD_NAMES.get(buf[0], f"0x{buf[0]:02x}") if buf else "empty"
+
+
+def runtime_versions() -> dict[str, str]:
+    """Versions that must agree between the submitting process and the worker."""
+    try:
+        import dill
+
+        dill_version = dill.__version__
+    except Exception:  # pragma: no cover - dill is a hard dependency
+        dill_version = "missing"
+    return {"python": platform.python_version(), "dill": dill_version}
+
+
+def serialize_function(fn: Callable[..., Any]) -> bytes:
+    """Serialize a function's code once: dill by value plus source text when it can be had."""
+    try:
+        code = _dill().dumps(fn, protocol=5, recurse=True)
+    except Exception as exc:
+        raise SerializationError(
+            f"cannot serialize function {getattr(fn, '__qualname__', fn)!r}: {exc}"
+        ) from None
+    try:
+        source: str | None = textwrap.dedent(inspect.getsource(fn))
+    except (OSError, TypeError):
+        source = None
+    record = {
+        "name": getattr(fn, "__name__", "function"),
+        "dill": code,
+        "source": source,
+        **runtime_versions(),
+    }
+    return _H_CODE + msgpack.packb(record, use_bin_type=True)
+
+
+def code_digest(blob: bytes) -> str:
+    return "sha256:" + hashlib.sha256(blob).hexdigest()
+
+
+def load_function(blob: bytes) -> Callable[..., Any]:
+    """Rebuild a function from :func:`serialize_function` output.
+
+    Falls back to the source text when the dill bytes do not load here (e.g. another Python
+    version), and names both versions when neither works.
+    """
+    if not blob or blob[0] != CODE:
+        raise SerializationError("not a code buffer")
+    record = msgpack.unpackb(blob[1:], raw=False)
+    try:
+        return _dill().loads(record["dill"])
+    except Exception as exc:
+        first_error = exc
+    source = record.get("source")
+    if source:
+        namespace: dict[str, Any] = {"__name__": "__dlhub_source__"}
+        try:
+            exec(compile(source, f"<dlhub source of {record['name']}>", "exec"), namespace)
+            fn = namespace.get(record["name"])
+            if callable(fn):
+                return fn
+        except Exception:
+            pass
+    here = runtime_versions()
+    from .errors import VersionMismatch
+
+    if (record.get("python"), record.get("dill")) != (here["python"], here["dill"]):
+        raise VersionMismatch(
+            f"function {record['name']!r} was serialized with Python {record.get('python')} / "
+            f"dill {record.get('dill')}, this worker has Python {here['python']} / dill "
+            f"{here['dill']}, and it does not load here ({type(first_error).__name__}: "
+            f"{first_error}); match the versions or publish it as a servable"
+        )
+    raise SerializationError(
+        f"cannot load function {record['name']!r}: {type(first_error).__name__}: {first_error}"
+    )
