@@ -39,9 +39,7 @@ def main() -> None:
 
 @main.command()
 @click.argument("name")
-@click.option(
-    "--manager", "manager_address", required=True, help="manager endpoint URL (tcp://host:port)"
-)
+@click.option("--manager", "manager_address", required=True, help="manager endpoint URL (tcp://host:port)")
 @click.option("--token", required=True, help="token the endpoint presents to the manager")
 @click.option("--workers", default=2, show_default=True, help="workers per node")
 @home_option
@@ -88,9 +86,7 @@ def start(name: str, detach: bool, log_to_console: bool, home: str | None) -> No
         lock.acquire()
     except AlreadyRunning as exc:
         raise click.ClickException(str(exc))
-    setup_logging(
-        run_dir / "endpoint.log", config.log_max_bytes, config.log_backups, log_to_console
-    )
+    setup_logging(run_dir / "endpoint.log", config.log_max_bytes, config.log_backups, log_to_console)
     endpoint = Endpoint(config, run_dir)
     install_signal_handlers(endpoint)
     try:
@@ -106,9 +102,7 @@ def start(name: str, detach: bool, log_to_console: bool, home: str | None) -> No
 
 def _start_detached(name: str, run_dir: Path, home: str | None) -> None:
     if read_status(run_dir).get("state") != "stopped":
-        raise click.ClickException(
-            f"endpoint {name!r} is already running (pid {read_pid(run_dir)})"
-        )
+        raise click.ClickException(f"endpoint {name!r} is already running (pid {read_pid(run_dir)})")
     started = time.time()
     args = [sys.executable, "-m", "dlhub.endpoint.cli", "start", name]
     if home:
@@ -157,11 +151,7 @@ def stop(name: str, home: str | None) -> None:
 def list_endpoints(home: str | None) -> None:
     """List endpoints configured under the home directory."""
     root = dlhub_home(home) / "endpoints"
-    names = (
-        sorted(p.name for p in root.iterdir() if (p / "config.yaml").exists())
-        if root.exists()
-        else []
-    )
+    names = sorted(p.name for p in root.iterdir() if (p / "config.yaml").exists()) if root.exists() else []
     if not names:
         click.echo("no endpoints configured")
         return

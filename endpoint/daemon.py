@@ -161,6 +161,8 @@ class Endpoint:
         try:
             while not self._stop.is_set():
                 events = dict(poller.poll(max(1, min(250, int(self.config.heartbeat_s * 1000)))))
+                if not events:  # idle: tell the manager which tasks are running (off the hot path)
+                    self.scheduler.running_updates()
                 if self.manager_sock in events:
                     self._drain(self.manager_sock, None)
                 if self.worker_sock in events:
@@ -209,7 +211,6 @@ class Endpoint:
         if s.code_requests:
             self._to_manager(m.CodeRequest(s.code_requests))
             s.code_requests = []
-        s.running_updates()
         if s.states:
             done = {r[m.R_ID] for r in s.results}
             updates = [u for u in s.states if u[0] not in done]
@@ -226,12 +227,11 @@ class Endpoint:
         self.manager_sock.send(m.pack(msg), copy=False)
 
     def _periodic(self, now: float) -> None:
+        self.scheduler.running_updates()
         self._to_manager(m.Heartbeat(self.scheduler.snapshot()))
         if now - self.last_heard_manager > self.config.heartbeat_threshold_s:
             if self.manager_state != "disconnected":
-                log.warning(
-                    "manager silent for %.0f s: disconnected", now - self.last_heard_manager
-                )
+                log.warning("manager silent for %.0f s: disconnected", now - self.last_heard_manager)
             self.manager_state = "disconnected"
             self.manager_sock.send(m.pack(self._hello()))
         for pool_id in self.scheduler.check_pools():
@@ -313,9 +313,7 @@ class Endpoint:
                 mine["dill"],
             )
         if hello.role == "pool":
-            self.scheduler.add_pool(
-                identity, hello.name, str(hello.info.get("block_id")), dict(hello.info)
-            )
+            self.scheduler.add_pool(identity, hello.name, str(hello.info.get("block_id")), dict(hello.info))
             log.info("pool %s registered (block %s)", hello.name, hello.info.get("block_id"))
             self._send_worker(identity, m.Welcome(self.session, {}))
         elif hello.role == "worker":

@@ -173,9 +173,7 @@ class Scheduler:
             self.counters["worker_lost"] += 1
             self._fail(
                 running,
-                errors.infra_error(
-                    "worker-lost", f"worker {worker_id} died running the task: {reason}"
-                ),
+                errors.infra_error("worker-lost", f"worker {worker_id} died running the task: {reason}"),
             )
         self._requeue(list(w.assigned), count_retry=False, reason=reason)
 
@@ -193,9 +191,7 @@ class Scheduler:
     def check_pools(self) -> list[str]:
         """Pools whose heartbeats stopped; they are dropped and their tasks re-queued."""
         now = self.clock()
-        dead = [
-            p.pool_id for p in self.pools.values() if now - p.last_seen > self.heartbeat_threshold_s
-        ]
+        dead = [p.pool_id for p in self.pools.values() if now - p.last_seen > self.heartbeat_threshold_s]
         for pool_id in dead:
             self.pool_lost(
                 pool_id, f"pool {pool_id} missed heartbeats for {self.heartbeat_threshold_s:.0f} s"
@@ -215,9 +211,7 @@ class Scheduler:
                         m.result_record(
                             task_id,
                             "lost",
-                            error=errors.infra_error(
-                                "lost", f"{reason} (after {self.max_retries} retries)"
-                            ),
+                            error=errors.infra_error("lost", f"{reason} (after {self.max_retries} retries)"),
                         )
                     )
                     continue
@@ -302,9 +296,7 @@ class Scheduler:
                     m.result_record(
                         task_id,
                         "cancelled",
-                        error=errors.infra_error(
-                            "cancelled", "task was cancelled before it started"
-                        ),
+                        error=errors.infra_error("cancelled", "task was cancelled before it started"),
                     )
                 )
             else:

@@ -205,9 +205,7 @@ class Worker:
             state, body, error = (
                 "failed",
                 None,
-                errors.infra_error(
-                    "task-timeout", f"task exceeded its time limit of {timeout_s} s"
-                ),
+                errors.infra_error("task-timeout", f"task exceeded its time limit of {timeout_s} s"),
             )
         except BaseException as exc:  # noqa: BLE001 - user code may raise anything
             state, body, error = "failed", None, errors.error_record(exc)

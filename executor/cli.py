@@ -109,8 +109,7 @@ def up(home: str | None, workers: int, detach: bool) -> None:
         )
         if procs[0].poll() is not None:
             raise click.ClickException(
-                "the manager failed to start:\n"
-                + (manager_home / "manager.stdout").read_text()[-3000:]
+                "the manager failed to start:\n" + (manager_home / "manager.stdout").read_text()[-3000:]
             )
         manager_info = _read_json(manager_home / "manager.json")
     token_file = manager_home / "admin.token"
@@ -118,9 +117,7 @@ def up(home: str | None, workers: int, detach: bool) -> None:
     write_client_config(root, manager_info["client_url"], token)
 
     endpoint_status = _read_json(ep_dir / "status.json")
-    if endpoint_status.get("state") in ("running", "disconnected") and _pid_alive(
-        endpoint_status.get("pid")
-    ):
+    if endpoint_status.get("state") in ("running", "disconnected") and _pid_alive(endpoint_status.get("pid")):
         click.echo(f"endpoint {ENDPOINT_NAME!r} already running (pid {endpoint_status['pid']})")
     else:
         # the endpoint validates this file when it starts (the executor never imports it)
@@ -155,9 +152,7 @@ def up(home: str | None, workers: int, detach: bool) -> None:
 
         def ready() -> bool:
             s = _read_json(ep_dir / "status.json")
-            return (
-                s.get("state") == "running" and s.get("workers", 0) >= 1
-            ) or ep_proc.poll() is not None
+            return (s.get("state") == "running" and s.get("workers", 0) >= 1) or ep_proc.poll() is not None
 
         _wait(ready, 60, f"endpoint {ENDPOINT_NAME!r}", ep_dir / "endpoint.log")
         if ep_proc.poll() is not None:
@@ -218,9 +213,7 @@ def down(home: str | None) -> None:
 
 @main.command()
 @click.option("--home", type=click.Path(file_okay=False))
-@click.option(
-    "--endpoint", default=ENDPOINT_NAME, show_default=True, help="endpoint that must be up"
-)
+@click.option("--endpoint", default=ENDPOINT_NAME, show_default=True, help="endpoint that must be up")
 @click.option("--json", "as_json", is_flag=True, help="print the raw status as JSON")
 def status(home: str | None, endpoint: str, as_json: bool) -> None:
     """Show the manager and its endpoints; exit 0 only if the manager and ENDPOINT are up."""
@@ -231,9 +224,7 @@ def status(home: str | None, endpoint: str, as_json: bool) -> None:
 
     try:
         config = ClientConfig.resolve(home=home)
-        conn = Connection(
-            config.manager, config.token, on_results=lambda r: None, connect_timeout_s=3
-        )
+        conn = Connection(config.manager, config.token, on_results=lambda r: None, connect_timeout_s=3)
     except (DLHubError, ValueError) as exc:
         click.echo(f"manager: down ({exc})")
         sys.exit(1)

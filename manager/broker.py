@@ -55,9 +55,7 @@ class ManagerConfig:
             if not isinstance(value, int) or not 0 <= value < 65536:
                 raise ValueError(f"{key} must be a port number 0-65535, got {value!r}")
         if self.payload_limit_bytes <= 0:
-            raise ValueError(
-                f"payload_limit_bytes must be positive, got {self.payload_limit_bytes!r}"
-            )
+            raise ValueError(f"payload_limit_bytes must be positive, got {self.payload_limit_bytes!r}")
         if self.endpoint_timeout_s <= 0:
             raise ValueError(f"endpoint_timeout_s must be positive, got {self.endpoint_timeout_s}")
 
@@ -324,9 +322,7 @@ class Manager:
         if isinstance(msg, m.Hello):
             who = self.auth.check(msg.token)
             if who is None or msg.role != "endpoint":
-                self._send(
-                    self.endpoint_sock, identity, m.Refused("access-denied", "token refused")
-                )
+                self._send(self.endpoint_sock, identity, m.Refused("access-denied", "token refused"))
                 return
             log.info("endpoint %r registered (session %s)", msg.name, msg.session)
             self.router.endpoint_hello(identity, msg)

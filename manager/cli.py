@@ -13,11 +13,7 @@ from .broker import Manager, ManagerConfig
 
 
 def _home(home: str | None) -> Path:
-    base = (
-        Path(home)
-        if home
-        else Path(os.environ.get("DLHUB_HOME", Path.home() / ".dlhub")) / "manager"
-    )
+    base = Path(home) if home else Path(os.environ.get("DLHUB_HOME", Path.home() / ".dlhub")) / "manager"
     return base.expanduser()
 
 
@@ -33,15 +29,9 @@ def main() -> None:
 @click.option("--db-url", default=None, help="SQLAlchemy URL (default: SQLite under --home)")
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to bind")
 @click.option("--client-port", default=0, show_default=True, help="port for clients (0: any free)")
-@click.option(
-    "--endpoint-port", default=0, show_default=True, help="port for endpoints (0: any free)"
-)
-@click.option(
-    "--payload-limit-mb", default=256, show_default=True, help="largest payload or result"
-)
-@click.option(
-    "--admin-user", default="admin", show_default=True, help="admin created on first start"
-)
+@click.option("--endpoint-port", default=0, show_default=True, help="port for endpoints (0: any free)")
+@click.option("--payload-limit-mb", default=256, show_default=True, help="largest payload or result")
+@click.option("--admin-user", default="admin", show_default=True, help="admin created on first start")
 def serve(home, db_url, host, client_port, endpoint_port, payload_limit_mb, admin_user) -> None:
     """Run the manager in the foreground (writes manager.json with its addresses)."""
     from logging.handlers import RotatingFileHandler

@@ -138,9 +138,7 @@ class Router:
             ep = self.endpoints[entry.endpoint]
             if task_id in ep.pending:
                 del ep.pending[task_id]
-                self._finish(
-                    m.result_record(task_id, "cancelled", error=_cancelled_error()), ep=None
-                )
+                self._finish(m.result_record(task_id, "cancelled", error=_cancelled_error()), ep=None)
             elif ep.connected and ep.identity is not None:
                 forward.setdefault(ep.identity, []).append(task_id)
             else:
@@ -327,9 +325,7 @@ class Router:
 
     def _send_tasks(self, ep: EndpointState, records: list[list]) -> None:
         for i in range(0, len(records), MAX_TASKS_PER_MESSAGE):
-            self.outbox.append(
-                ("endpoint", ep.identity, m.Tasks(records[i : i + MAX_TASKS_PER_MESSAGE], {}))
-            )
+            self.outbox.append(("endpoint", ep.identity, m.Tasks(records[i : i + MAX_TASKS_PER_MESSAGE], {})))
 
     def _endpoint(self, identity: bytes) -> EndpointState | None:
         name = self.endpoint_by_identity.get(identity)
