@@ -51,6 +51,7 @@ class Endpoint:
             prefetch_target_ms=config.pool.prefetch_target_ms,
             min_prefetch=config.pool.min_prefetch,
             max_prefetch=config.pool.max_prefetch,
+            no_prefetch_above_ms=config.pool.no_prefetch_above_ms,
             heartbeat_threshold_s=config.heartbeat_threshold_s,
             max_retries=config.max_retries,
         )

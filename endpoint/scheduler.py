@@ -4,9 +4,12 @@ Events in: tasks from the manager, code blobs, workers and pools registering, re
 deaths, pool heartbeats and clock ticks. Out: ``to_workers`` (identity, message) pairs, and
 ``results``/``states``/``code_requests`` for the manager. The daemon only moves these in and out.
 
-Dispatch: each worker holds at most ``1 + prefetch`` tasks (FIFO, the head is running). The
-prefetch adapts to the worker's measured task time so that about ``prefetch_target_ms`` of work
-is queued ahead of it: many for no-ops (so batches fill), one for long tasks (so work spreads).
+Dispatch: each worker holds a FIFO of tasks, the head running. A task may sit at depth ``d``
+behind the head only if its function's prefetch allows it. The prefetch adapts to the function's
+measured run time so that about ``prefetch_target_ms`` of work is queued ahead of a worker: many
+for no-ops (so batches fill), one for short tasks, none for tasks longer than
+``no_prefetch_above_ms`` (a round trip is noise next to them; kept at the endpoint, any idle
+worker can take them and a cancel acts at once). Unknown functions get ``min_prefetch``.
 
 Failures: a dead worker fails its running task with ``WorkerLost`` and re-queues the prefetched
 ones; a dead pool (missed heartbeats) re-queues all its tasks, counting a retry against each,
@@ -42,8 +45,6 @@ class WorkerState:
     pool_id: str
     assigned: deque = field(default_factory=deque)  # task ids, head = running
     known_code: set = field(default_factory=set)
-    avg_task_s: float | None = None
-    capacity: int = 2
     reported_running: bytes | None = None
 
 
@@ -67,10 +68,13 @@ class Scheduler:
         heartbeat_threshold_s: float = 10.0,
         max_retries: int = 2,
         wall_clock: Callable[[], float] = time.time,
+        no_prefetch_above_ms: float = 100.0,
     ):
         self.clock, self.wall_clock = clock, wall_clock
         self.prefetch_target_s = prefetch_target_ms / 1000.0
         self.min_prefetch, self.max_prefetch = min_prefetch, max_prefetch
+        self.no_prefetch_above_s = no_prefetch_above_ms / 1000.0
+        self.avg_task_s: dict[str, float] = {}  # function digest -> EWMA of its run time
         self.heartbeat_threshold_s = heartbeat_threshold_s
         self.max_retries = max_retries
         self.queue: deque[bytes] = deque()
@@ -152,7 +156,7 @@ class Scheduler:
         return True
 
     def add_worker(self, identity: bytes, worker_id: str, pool_id: str) -> None:
-        w = WorkerState(identity, worker_id, pool_id, capacity=1 + self.min_prefetch)
+        w = WorkerState(identity, worker_id, pool_id)
         self.workers[identity] = w
         self.worker_by_id[worker_id] = identity
         pool = self.pools.get(pool_id)
@@ -221,20 +225,21 @@ class Scheduler:
     # ---- dispatch ----------------------------------------------------------------------------
 
     def dispatch(self) -> None:
-        """Fill every worker up to its capacity from the queue, one message per worker."""
+        """Fill every worker from the queue (FIFO) as deep as each task's prefetch allows."""
         if not self.queue or not self.workers:
             return
         for w in sorted(self.workers.values(), key=lambda w: len(w.assigned)):
-            free = w.capacity - len(w.assigned)
-            if free <= 0:
-                continue
             batch, code = [], {}
-            while free and self.queue:
-                task_id = self.queue.popleft()
+            while self.queue:
+                task_id = self.queue[0]
                 t = self.tasks.get(task_id)
                 if t is None:  # cancelled while queued
+                    self.queue.popleft()
                     continue
                 digest = t.record[m.T_FUNCTION]
+                if len(w.assigned) > self.prefetch(digest):
+                    break
+                self.queue.popleft()
                 if digest not in w.known_code:
                     blob = self.code.get(digest)
                     if blob is None:  # evicted from the code cache: fetch it again
@@ -246,11 +251,19 @@ class Scheduler:
                 t.worker = w.identity
                 w.assigned.append(task_id)
                 batch.append(t.record)
-                free -= 1
             if batch:
                 self.to_workers.append((w.identity, m.Tasks(batch, code)))
             if not self.queue:
                 break
+
+    def prefetch(self, digest: str) -> int:
+        """How many tasks of this function may wait behind a worker's running task."""
+        avg = self.avg_task_s.get(digest)
+        if avg is None:
+            return self.min_prefetch
+        if avg > self.no_prefetch_above_s:
+            return 0
+        return max(1, min(self.max_prefetch, math.ceil(self.prefetch_target_s / max(avg, 1e-6))))
 
     def worker_results(self, identity: bytes, results: list[list]) -> None:
         w = self.workers.get(identity)
@@ -261,16 +274,16 @@ class Scheduler:
                     w.assigned.remove(task_id)
                 except ValueError:
                     pass
-                timing = res[m.R_TIMING]
-                if timing and timing[0] is not None and timing[1] is not None:
-                    self._learn(w, max(timing[1] - timing[0], 1e-6))
+            t = self.tasks.get(task_id)
+            timing = res[m.R_TIMING]
+            if t is not None and timing and timing[0] is not None and timing[1] is not None:
+                self._learn(t.record[m.T_FUNCTION], max(timing[1] - timing[0], 1e-6))
             self._finish(res)
 
-    def _learn(self, w: WorkerState, seconds: float) -> None:
-        """Update the worker's mean task time and its prefetch depth."""
-        w.avg_task_s = seconds if w.avg_task_s is None else 0.8 * w.avg_task_s + 0.2 * seconds
-        want = math.ceil(self.prefetch_target_s / w.avg_task_s) if w.avg_task_s > 0 else 1
-        w.capacity = 1 + max(self.min_prefetch, min(self.max_prefetch, want))
+    def _learn(self, digest: str, seconds: float) -> None:
+        """Update the function's mean run time (an EWMA), which sets its prefetch depth."""
+        avg = self.avg_task_s.get(digest)
+        self.avg_task_s[digest] = seconds if avg is None else 0.8 * avg + 0.2 * seconds
 
     def running_updates(self) -> None:
         """Report each worker's head task as running (once), for users watching states."""

@@ -150,7 +150,10 @@ class Router:
 
     def task_records(self, task_ids: list[bytes]) -> list[dict[str, Any]]:
         """Task states for ``Query``: memory first (newest), then the database."""
-        stored = self.store.lookup([t for t in task_ids if t not in self.tasks])
+        wanted = [t for t in task_ids if t not in self.tasks]
+        if any(t in self.finished for t in wanted):
+            self.store.flush()  # finished moments ago: make the stored row current first
+        stored = self.store.lookup(wanted)
         out = []
         for task_id in task_ids:
             entry = self.tasks.get(task_id)

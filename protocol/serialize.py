@@ -117,7 +117,7 @@ def serialize_function(fn: Callable[..., Any]) -> bytes:
         source = None
     record = {
         "name": getattr(fn, "__name__", "function"),
-        "dill": code,
+        "code": code,
         "source": source,
         **runtime_versions(),
     }
@@ -138,7 +138,7 @@ def load_function(blob: bytes) -> Callable[..., Any]:
         raise SerializationError("not a code buffer")
     record = msgpack.unpackb(blob[1:], raw=False)
     try:
-        return _dill().loads(record["dill"])
+        return _dill().loads(record["code"])
     except Exception as exc:
         first_error = exc
     source = record.get("source")
