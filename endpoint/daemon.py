@@ -237,6 +237,13 @@ class Endpoint:
             self.manager_sock.send(m.pack(self._hello()))
         for pool_id in self.scheduler.check_pools():
             log.warning("pool %s lost (missed heartbeats); its tasks were re-queued", pool_id)
+        self.scheduler.check_timeouts()
+        for pool_id, worker_id, reason in self.scheduler.kill_requests:
+            pool = self.scheduler.pools.get(pool_id)
+            if pool is not None:
+                log.warning("killing worker %s: %s", worker_id, reason)
+                self._send_worker(pool.identity, m.KillWorker(worker_id, reason))
+        self.scheduler.kill_requests.clear()
         self._write_status()
 
     # ---- messages from the manager -------------------------------------------------------------

@@ -113,7 +113,12 @@ class Pool:
                             log.warning("bad frame from endpoint: %s", exc)
                             continue
                         last_heard = time.monotonic()
-                        if isinstance(msg, (m.Shutdown, m.Refused)):
+                        if isinstance(msg, m.KillWorker):
+                            proc = self.workers.get(msg.worker_id)
+                            if proc is not None:
+                                log.warning("killing worker %s: %s", msg.worker_id, msg.reason)
+                                proc.kill()
+                        elif isinstance(msg, (m.Shutdown, m.Refused)):
                             log.info("pool %s stopping: %s", self.pool_id, msg)
                             return 0
                 if time.monotonic() - last_heard > self.threshold_s:

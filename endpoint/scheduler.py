@@ -46,6 +46,8 @@ class WorkerState:
     assigned: deque = field(default_factory=deque)  # task ids, head = running
     known_code: set = field(default_factory=set)
     reported_running: bytes | None = None
+    head_since: float | None = None  # when the head task (approximately) started
+    killing: str | None = None  # why we asked the pool to kill this worker
 
 
 @dataclass
@@ -90,6 +92,7 @@ class Scheduler:
         self.results: list[list] = []
         self.states: list[list] = []
         self.code_requests: list[str] = []
+        self.kill_requests: list[tuple[str, str, str]] = []  # (pool_id, worker_id, reason)
         self.counters = {"received": 0, "completed": 0, "worker_lost": 0, "requeued": 0}
 
     # ---- tasks and code from the manager ----------------------------------------------------
@@ -174,12 +177,30 @@ class Scheduler:
             pool.workers.discard(worker_id)
         if w.assigned:
             running = w.assigned.popleft()
-            self.counters["worker_lost"] += 1
-            self._fail(
-                running,
-                errors.infra_error("worker-lost", f"worker {worker_id} died running the task: {reason}"),
-            )
+            if w.killing:
+                error = errors.infra_error("task-timeout", w.killing)
+            else:
+                self.counters["worker_lost"] += 1
+                error = errors.infra_error(
+                    "worker-lost", f"worker {worker_id} died running the task: {reason}"
+                )
+            self._fail(running, error)
         self._requeue(list(w.assigned), count_retry=False, reason=reason)
+
+    def check_timeouts(self, grace_s: float = 1.0) -> None:
+        """Ask pools to kill workers whose running task overran its limit and ignored SIGALRM."""
+        now = self.clock()
+        for w in self.workers.values():
+            if w.killing or not w.assigned or w.head_since is None:
+                continue
+            t = self.tasks.get(w.assigned[0])
+            limit = t.record[m.T_TIMEOUT] if t is not None else None
+            if limit and now - w.head_since > limit + grace_s:
+                w.killing = (
+                    f"task exceeded its time limit of {limit} s and did not respond to the "
+                    "interrupt; its worker was killed"
+                )
+                self.kill_requests.append((w.pool_id, w.worker_id, w.killing))
 
     def pool_lost(self, pool_id: str, reason: str) -> None:
         """A whole block went away: every task it held is retried, or lost after max_retries."""
@@ -249,6 +270,8 @@ class Scheduler:
                     code[digest] = blob
                     w.known_code.add(digest)
                 t.worker = w.identity
+                if not w.assigned:
+                    w.head_since = self.clock()
                 w.assigned.append(task_id)
                 batch.append(t.record)
             if batch:
@@ -270,10 +293,13 @@ class Scheduler:
         for res in results:
             task_id = res[m.R_ID]
             if w is not None:
+                head = w.assigned[0] if w.assigned else None
                 try:
                     w.assigned.remove(task_id)
                 except ValueError:
                     pass
+                if w.assigned and w.assigned[0] != head:
+                    w.head_since = self.clock()
             t = self.tasks.get(task_id)
             timing = res[m.R_TIMING]
             if t is not None and timing and timing[0] is not None and timing[1] is not None:

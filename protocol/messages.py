@@ -240,6 +240,14 @@ class Shutdown(Message):
     reason: str
 
 
+@_message(22)
+class KillWorker(Message):
+    """Endpoint -> pool: kill this worker (its task overran its time limit and ignored SIGALRM)."""
+
+    worker_id: str
+    reason: str
+
+
 def pack(msg: Message) -> bytes:
     """Encode ``msg`` as one frame."""
     body = [msg.TYPE]
