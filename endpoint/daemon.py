@@ -59,6 +59,7 @@ class Endpoint:
         self.registered = False
         self.manager_state = "connecting"
         self.last_heard_manager = time.monotonic()
+        self._last_hello = 0.0
         self._stop = threading.Event()
         self.poller = None
         self.executor = None
@@ -113,6 +114,13 @@ class Endpoint:
             {**runtime_versions(), "protocol": m.PROTOCOL_VERSION},
             {"pid": os.getpid(), "workers_per_node": self.config.pool.workers_per_node},
         )
+
+    def _say_hello(self) -> None:
+        """Register again (at most once a second: every queued message may answer not-registered)."""
+        now = time.monotonic()
+        if now - self._last_hello >= 1.0:
+            self._last_hello = now
+            self.manager_sock.send(m.pack(self._hello()))
 
     def _register(self, timeout_s: float) -> None:
         """Say Hello and wait for the answer, so a bad token fails the start at once."""
@@ -234,7 +242,7 @@ class Endpoint:
             if self.manager_state != "disconnected":
                 log.warning("manager silent for %.0f s: disconnected", now - self.last_heard_manager)
             self.manager_state = "disconnected"
-            self.manager_sock.send(m.pack(self._hello()))
+            self._say_hello()
         for pool_id in self.scheduler.check_pools():
             log.warning("pool %s lost (missed heartbeats); its tasks were re-queued", pool_id)
         self.scheduler.check_timeouts()
@@ -278,7 +286,7 @@ class Endpoint:
                 self._to_manager(m.Results(list(self.unacked.values())))
         elif isinstance(msg, m.Refused):
             if msg.code == "not-registered":  # the manager restarted
-                self.manager_sock.send(m.pack(self._hello()))
+                self._say_hello()
             else:
                 log.error("manager refused: %s: %s", msg.code, msg.message)
         elif isinstance(msg, m.Heartbeat):

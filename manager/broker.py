@@ -300,6 +300,8 @@ class Manager:
                 missing.append(task_id)
         from .store import unpack_error
 
+        if any(t in self.router.finished for t in missing):
+            self.store.flush()  # finished moments ago: read the committed row
         for task_id, row in self.store.lookup(missing).items():
             if row["state"] in m.TERMINAL_STATES:
                 output = [row["stdout"], row["stderr"]] if row["stdout"] or row["stderr"] else None
