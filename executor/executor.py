@@ -50,7 +50,7 @@ class DLHubFuture(cf.Future):
         self._task_id = task_id
         self._executor = executor
         self.sent = False
-        self._cancel_answer = threading.Event()
+        self._cancel_answer: threading.Event | None = None  # made only when a cancel is asked
         self._raw: bytes | None = None
         self._decoded = False
         self.output: tuple[str | None, str | None] | None = None
@@ -220,12 +220,13 @@ class Executor(cf.Executor):
             else:
                 error = res[m.R_ERROR] or ["lost", f"task ended in state {state}", "", None]
                 fut.set_exception(exception_from_record(error))
-            fut._cancel_answer.set()
+            if fut._cancel_answer is not None:
+                fut._cancel_answer.set()
 
     def _on_cancel_refused(self, task_ids: list[bytes]) -> None:
         for task_id in task_ids:
             fut = self._futures.get(task_id)
-            if fut is not None:
+            if fut is not None and fut._cancel_answer is not None:
                 fut._cancel_answer.set()
 
     def _cancel(self, futs: list[DLHubFuture], wait: bool) -> bool:
@@ -239,7 +240,9 @@ class Executor(cf.Executor):
                     fut.set_running_or_notify_cancel()
                     self._futures.pop(fut._task_id, None)
                     continue
-            fut._cancel_answer.clear()
+            answer = fut._cancel_answer = threading.Event()
+            if fut.done():  # resolved before the event existed
+                answer.set()
             remote.append(fut)
         if remote:
             self._conn.send(("cancel", [f._task_id for f in remote]))

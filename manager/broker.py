@@ -33,6 +33,8 @@ from .auth import Authenticator, ensure_admin
 from .routing import Router
 from .store import TaskStore, make_engine, migrate
 
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+
 log = logging.getLogger("dlhub.manager")
 
 DRAIN_LIMIT = 1000  # frames read from one socket before the loop looks at the others
@@ -180,10 +182,9 @@ class Manager:
 
     def _drain(self, sock: zmq.Socket, handler) -> None:
         for _ in range(DRAIN_LIMIT):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
-            except zmq.Again:
+            if not sock.get(_EVENTS) & _POLLIN:  # cheaper than a raised zmq.Again
                 return
+            frames = sock.recv_multipart(zmq.NOBLOCK)
             if len(frames) != 2:
                 log.warning("dropping a message of %d frames (expected 2)", len(frames))
                 continue

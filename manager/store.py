@@ -197,13 +197,15 @@ class TaskStore:
             # Group commit: gather for up to commit_interval_s since the last commit. Tasks and
             # results are forwarded before they are committed, so this window delays only the
             # acknowledgements (how long senders keep a copy), never a result.
-            deadline = last_commit + self.commit_interval_s
-            while len(items) < 20000 and items[-1] is not None and items[-1][0] != "flush":
-                remaining = deadline - time.monotonic()
+            # Sleep through the window rather than waking for each item: every wake-up would
+            # take the GIL from the broker loop.
+            if items[-1] is not None and items[-1][0] != "flush":
+                remaining = last_commit + self.commit_interval_s - time.monotonic()
+                if remaining > 0:
+                    time.sleep(remaining)
+            while len(items) < 20000:
                 try:
-                    items.append(
-                        self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
-                    )
+                    items.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
             last_commit = time.monotonic()
