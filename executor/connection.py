@@ -218,6 +218,8 @@ class Connection:
                 sock.send(m.pack(m.Cancel(item[1])))
             elif kind == "query":
                 sock.send(m.pack(m.Query(item[1], item[2])))
+            elif kind == "fetch":
+                sock.send(m.pack(m.Fetch(item[1])))
             elif kind == "status":
                 sock.send(m.pack(m.StatusRequest(item[1])))
         for endpoint, batch in batches.items():

@@ -252,6 +252,25 @@ class Executor(cf.Executor):
                     fut._cancel_answer.wait(max(0.0, deadline - time.monotonic()))
         return all(f.cancelled() for f in futs)
 
+    def fetch(self, task_ids: Iterable[str]) -> list[DLHubFuture]:
+        """Futures for tasks submitted earlier (e.g. by a process that has since exited).
+
+        The manager answers with stored results, or routes them here when they finish; an id it
+        has never seen fails with ``TaskLost``.
+        """
+        futs = []
+        for task_id in task_ids:
+            raw = bytes.fromhex(task_id)
+            fut = self._futures.get(raw)
+            if fut is None:
+                fut = DLHubFuture(raw, self)
+                fut.sent = True
+                self._futures[raw] = fut
+            futs.append(fut)
+        if futs:
+            self._conn.send(("fetch", [f._task_id for f in futs]))
+        return futs
+
     # ---- inspection ----------------------------------------------------------------------------
 
     def task_info(self, task: DLHubFuture | str, timeout: float = 10.0) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from typing import Any
 import zmq
 from dlhub.protocol import PROTOCOL_VERSION, ProtocolError
 from dlhub.protocol import messages as m
+from dlhub.protocol.errors import infra_error
 from dlhub.protocol.serialize import runtime_versions
 
 from .auth import Authenticator, ensure_admin
@@ -274,8 +275,6 @@ class Manager:
         too_big = [t for t in msg.tasks if len(t[m.T_PAYLOAD]) > limit]
         if not too_big:
             return
-        from dlhub.protocol.errors import infra_error
-
         results = [
             m.result_record(
                 t[m.T_ID],
@@ -303,7 +302,17 @@ class Manager:
 
         if any(t in self.router.finished for t in missing):
             self.store.flush()  # finished moments ago: read the committed row
-        for task_id, row in self.store.lookup(missing).items():
+        stored = self.store.lookup(missing)
+        for task_id in missing:
+            if task_id not in stored:
+                results.append(
+                    m.result_record(
+                        task_id,
+                        "lost",
+                        error=infra_error("lost", f"task {task_id.hex()} is unknown to this manager"),
+                    )
+                )
+        for task_id, row in stored.items():
             if row["state"] in m.TERMINAL_STATES:
                 output = [row["stdout"], row["stderr"]] if row["stdout"] or row["stderr"] else None
                 results.append(
