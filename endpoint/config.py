@@ -50,8 +50,8 @@ class PoolConfig(_Frozen):
     # keep about this much work queued at each worker so it never idles for a round trip
     prefetch_target_ms: Annotated[float, Field(ge=0)] = 2.0
     max_prefetch: Annotated[int, Field(ge=0, le=10_000)] = 64
-    # prefetch for functions not yet measured
-    min_prefetch: Annotated[int, Field(ge=0)] = 1
+    # prefetch for functions not yet measured (0: wait for the first result to learn its run time)
+    min_prefetch: Annotated[int, Field(ge=0)] = 0
     # tasks longer than this are never prefetched: they wait at the endpoint for an idle worker
     no_prefetch_above_ms: Annotated[float, Field(ge=0)] = 100.0
     # address the workers dial back to (the endpoint host as seen from compute nodes)

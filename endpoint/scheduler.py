@@ -9,7 +9,8 @@ behind the head only if its function's prefetch allows it. The prefetch adapts t
 measured run time so that about ``prefetch_target_ms`` of work is queued ahead of a worker: many
 for no-ops (so batches fill), one for short tasks, none for tasks longer than
 ``no_prefetch_above_ms`` (a round trip is noise next to them; kept at the endpoint, any idle
-worker can take them and a cancel acts at once). Unknown functions get ``min_prefetch``.
+worker can take them and a cancel acts at once). Functions not yet measured get ``min_prefetch``
+(0 by default: the first results arrive within one task's time and set the real depth).
 
 Failures: a dead worker fails its running task with ``WorkerLost`` and re-queues the prefetched
 ones; a dead pool (missed heartbeats) re-queues all its tasks, counting a retry against each,
@@ -18,6 +19,7 @@ and after ``max_retries`` reports them ``lost`` with the reason.
 
 from __future__ import annotations
 
+import heapq
 import math
 import time
 from collections import OrderedDict, deque
@@ -65,7 +67,7 @@ class Scheduler:
         self,
         clock: Callable[[], float] = time.monotonic,
         prefetch_target_ms: float = 2.0,
-        min_prefetch: int = 1,
+        min_prefetch: int = 0,
         max_prefetch: int = 64,
         heartbeat_threshold_s: float = 10.0,
         max_retries: int = 2,
@@ -246,38 +248,43 @@ class Scheduler:
     # ---- dispatch ----------------------------------------------------------------------------
 
     def dispatch(self) -> None:
-        """Fill every worker from the queue (FIFO) as deep as each task's prefetch allows."""
+        """Hand queued tasks (FIFO) to the least-loaded worker whose depth the task allows.
+
+        Idle workers get work before any worker prefetches; each worker gets one message.
+        """
         if not self.queue or not self.workers:
             return
-        for w in sorted(self.workers.values(), key=lambda w: len(w.assigned)):
-            batch, code = [], {}
-            while self.queue:
-                task_id = self.queue[0]
-                t = self.tasks.get(task_id)
-                if t is None:  # cancelled while queued
-                    self.queue.popleft()
-                    continue
-                digest = t.record[m.T_FUNCTION]
-                if len(w.assigned) > self.prefetch(digest):
-                    break
+        load = [(len(w.assigned), i, w) for i, w in enumerate(self.workers.values())]
+        heapq.heapify(load)
+        batches: dict[bytes, tuple[list, dict]] = {}
+        while self.queue and load:
+            task_id = self.queue[0]
+            t = self.tasks.get(task_id)
+            if t is None:  # cancelled while queued
                 self.queue.popleft()
-                if digest not in w.known_code:
-                    blob = self.code.get(digest)
-                    if blob is None:  # evicted from the code cache: fetch it again
-                        self.tasks.pop(task_id)
-                        self.add_tasks([t.record])
-                        continue
-                    code[digest] = blob
-                    w.known_code.add(digest)
-                t.worker = w.identity
-                if not w.assigned:
-                    w.head_since = self.clock()
-                w.assigned.append(task_id)
-                batch.append(t.record)
-            if batch:
-                self.to_workers.append((w.identity, m.Tasks(batch, code)))
-            if not self.queue:
-                break
+                continue
+            digest = t.record[m.T_FUNCTION]
+            depth, i, w = load[0]
+            if depth > self.prefetch(digest):
+                break  # even the least-loaded worker is full for this task
+            self.queue.popleft()
+            batch, code = batches.setdefault(w.identity, ([], {}))
+            if digest not in w.known_code:
+                blob = self.code.get(digest)
+                if blob is None:  # evicted from the code cache: fetch it again
+                    self.tasks.pop(task_id)
+                    self.add_tasks([t.record])
+                    continue
+                code[digest] = blob
+                w.known_code.add(digest)
+            t.worker = w.identity
+            if not w.assigned:
+                w.head_since = self.clock()
+            w.assigned.append(task_id)
+            batch.append(t.record)
+            heapq.heapreplace(load, (depth + 1, i, w))
+        for identity, (batch, code) in batches.items():
+            self.to_workers.append((identity, m.Tasks(batch, code)))
 
     def prefetch(self, digest: str) -> int:
         """How many tasks of this function may wait behind a worker's running task."""
@@ -286,7 +293,7 @@ class Scheduler:
             return self.min_prefetch
         if avg > self.no_prefetch_above_s:
             return 0
-        return max(1, min(self.max_prefetch, math.ceil(self.prefetch_target_s / max(avg, 1e-6))))
+        return min(self.max_prefetch, max(1, math.ceil(self.prefetch_target_s / max(avg, 1e-6))))
 
     def worker_results(self, identity: bytes, results: list[list]) -> None:
         w = self.workers.get(identity)

@@ -152,7 +152,9 @@ def up(home: str | None, workers: int, detach: bool) -> None:
 
         def ready() -> bool:
             s = _read_json(ep_dir / "status.json")
-            return (s.get("state") == "running" and s.get("workers", 0) >= 1) or ep_proc.poll() is not None
+            return (
+                s.get("state") == "running" and s.get("workers", 0) >= workers
+            ) or ep_proc.poll() is not None
 
         _wait(ready, 60, f"endpoint {ENDPOINT_NAME!r}", ep_dir / "endpoint.log")
         if ep_proc.poll() is not None:

@@ -195,9 +195,19 @@ class Connection:
     def _send_outgoing(self, sock: zmq.Socket) -> None:
         batches: dict[str, list] = {}
         sizes: dict[str, int] = {}
+
+        def flush_tasks() -> None:  # keep the user's order: nothing overtakes a task
+            for endpoint, batch in batches.items():
+                if batch:
+                    sock.send(m.pack(m.Submit(endpoint, batch)), copy=False)
+            batches.clear()
+            sizes.clear()
+
         while self.outgoing:
             item = self.outgoing.popleft()
             kind = item[0]
+            if kind != "task":
+                flush_tasks()
             if kind == "task":
                 _, endpoint, fut, rec = item
                 with self.lock:
@@ -222,6 +232,4 @@ class Connection:
                 sock.send(m.pack(m.Fetch(item[1])))
             elif kind == "status":
                 sock.send(m.pack(m.StatusRequest(item[1])))
-        for endpoint, batch in batches.items():
-            if batch:
-                sock.send(m.pack(m.Submit(endpoint, batch)), copy=False)
+        flush_tasks()

@@ -121,7 +121,7 @@ class Executor(cf.Executor):
             config.token,
             on_results=self._on_results,
             on_cancel_refused=self._on_cancel_refused,
-            pending_ids=lambda: list(self._futures),
+            pending_ids=self._sent_pending_ids,
             batch_size=batch_size,
             connect_timeout_s=connect_timeout_s,
         )
@@ -133,6 +133,10 @@ class Executor(cf.Executor):
                 f"(known: {', '.join(sorted(endpoints)) or 'none'})"
             )
         self._warn_on_version_mismatch(endpoints[endpoint].get("versions") or {})
+
+    def _sent_pending_ids(self) -> list[bytes]:
+        """Unresolved tasks the manager has been sent (unsent ones are not its business yet)."""
+        return [task_id for task_id, fut in list(self._futures.items()) if fut.sent]
 
     @staticmethod
     def _warn_on_version_mismatch(theirs: dict) -> None:

@@ -139,9 +139,13 @@ class Manager:
         self._thread = threading.Thread(target=self.run, name="dlhub-manager", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def request_stop(self) -> None:
+        """Ask the loop to finish (safe from a signal handler): it wakes at once."""
         self._stop.set()
         os.eventfd_write(self._ack_fd, 1)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.request_stop()
         if self._thread is not None:
             self._thread.join(timeout)
 

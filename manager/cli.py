@@ -56,7 +56,7 @@ def serve(home, db_url, host, client_port, endpoint_port, payload_limit_mb, admi
     manager = Manager(config)
     manager.start()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: manager._stop.set())
+        signal.signal(sig, lambda *_: manager.request_stop())
     click.echo(f"manager ready: clients {manager.client_url}, endpoints {manager.endpoint_url}")
     manager.run()
 

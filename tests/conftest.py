@@ -1,0 +1,319 @@
+"""Shared fixtures: real dlhub stacks on 127.0.0.1 with ephemeral ports, always torn down.
+
+- ``wait_until(pred, timeout)`` (import it from conftest): the bounded poll loop the suite waits
+  with, never a bare sleep.
+- ``stack``: a session-wide ``dlhub up --workers 2`` (manager + ``local`` endpoint as processes),
+  for tests that do not disturb each other.
+- ``stack_factory``: start an extra, private stack (for tests that stop it or need fresh workers).
+- ``custom_stack_factory``: an in-process :class:`dlhub.manager.Manager` plus an endpoint subprocess
+  started from a config.yaml written here (for settings ``dlhub up`` does not expose).
+
+Every process a stack starts lives in the endpoint's session (``dlhub up --detach`` starts it
+with ``start_new_session``; pools and workers inherit it) or is the manager: teardown runs
+``dlhub down`` and then kills whatever of those is left, by pid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import yaml
+
+CLI_TIMEOUT_S = 90
+
+
+def wait_until(pred: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> Any:
+    """Poll ``pred`` until it returns something truthy (returned) or fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or pred}")
+        time.sleep(interval)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def dlhub_cli(
+    *args: str, timeout: float = CLI_TIMEOUT_S, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dlhub.executor.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def _session_members(sid: int) -> list[int]:
+    out = []
+    for pid in psutil.pids():
+        if pid == os.getpid():
+            continue
+        try:
+            if os.getsid(pid) == sid:
+                out.append(pid)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        p = psutil.Process(pid)
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def kill_pids(pids: list[int], timeout: float = 10.0) -> None:
+    """SIGKILL what is still alive among ``pids`` and wait (bounded) for it to go."""
+    for pid in pids:
+        if _alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    for pid in pids:
+        try:
+            psutil.Process(pid).wait(timeout)
+        except (psutil.NoSuchProcess, psutil.TimeoutExpired, ChildProcessError):
+            pass
+
+
+@dataclass
+class Stack:
+    """A running manager + ``local`` endpoint under ``home`` started by ``dlhub up``."""
+
+    home: Path
+    executors: list = field(default_factory=list)
+
+    @property
+    def manager_info(self) -> dict:
+        return read_json(self.home / "manager" / "manager.json")
+
+    @property
+    def endpoint_dir(self) -> Path:
+        return self.home / "endpoints" / "local"
+
+    def endpoint_pid(self) -> int | None:
+        try:
+            return int((self.endpoint_dir / "endpoint.pid").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def executor(self, endpoint: str = "local", **kwargs: Any):
+        from dlhub.executor import Executor
+
+        kwargs.setdefault("home", str(self.home))
+        ex = Executor(endpoint=endpoint, **kwargs)
+        self.executors.append(ex)
+        return ex
+
+    def cli(self, *args: str, timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess:
+        return dlhub_cli(*args, "--home", str(self.home), timeout=timeout)
+
+    def close_executors(self) -> None:
+        for ex in self.executors:
+            try:
+                ex.shutdown(wait=False, cancel_futures=False)
+            except Exception:
+                pass
+        self.executors.clear()
+
+
+def start_stack(home: Path, workers: int = 2) -> Stack:
+    proc = dlhub_cli("up", "--home", str(home), "--workers", str(workers), "--detach")
+    stack = Stack(home)
+    if proc.returncode != 0:
+        stop_stack(stack)
+        raise RuntimeError(f"dlhub up failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    # `dlhub up` returns once one worker has registered; tests that count on all of them wait
+    try:
+        wait_until(
+            lambda: read_json(stack.endpoint_dir / "status.json").get("workers", 0) >= workers,
+            60,
+            what=f"{workers} workers to register",
+        )
+    except BaseException:
+        stop_stack(stack)
+        raise
+    return stack
+
+
+def stop_stack(stack: Stack) -> None:
+    """``dlhub down``, then kill anything of this stack that is left."""
+    stack.close_executors()
+    ep_pid = stack.endpoint_pid()
+    sid = None
+    if ep_pid is not None:
+        try:
+            sid = os.getsid(ep_pid)
+        except ProcessLookupError:
+            sid = None
+    pids = [p for p in [stack.manager_info.get("pid"), ep_pid] if p]
+    if sid is not None:
+        pids += _session_members(sid)
+    try:
+        dlhub_cli("down", "--home", str(stack.home), timeout=60)
+    except subprocess.TimeoutExpired:
+        pass
+    if sid is not None:
+        pids += _session_members(sid)
+    kill_pids(sorted(set(pids)))
+
+
+@pytest.fixture(scope="session")
+def stack_factory(tmp_path_factory) -> Iterator[Callable[..., Stack]]:
+    """Start private stacks; each is stopped at the end of the session unless stopped before."""
+    started: list[Stack] = []
+
+    def make(workers: int = 2) -> Stack:
+        s = start_stack(tmp_path_factory.mktemp("dlhub-home"), workers)
+        started.append(s)
+        return s
+
+    try:
+        yield make
+    finally:
+        for s in started:
+            stop_stack(s)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory) -> Iterator[Stack]:
+    """One ``dlhub up --workers 2`` for the whole session."""
+    s = start_stack(tmp_path_factory.mktemp("dlhub-session"))
+    try:
+        yield s
+    finally:
+        stop_stack(s)
+
+
+# ---- an in-process manager plus an endpoint subprocess with a custom config -------------------
+
+
+@dataclass
+class CustomStack:
+    manager: Any
+    home: Path
+    token: str
+    endpoint_proc: subprocess.Popen | None = None
+    endpoint_name: str = "custom"
+    executors: list = field(default_factory=list)
+
+    @property
+    def endpoint_dir(self) -> Path:
+        return self.home / "endpoints" / self.endpoint_name
+
+    def status(self) -> dict:
+        return read_json(self.endpoint_dir / "status.json")
+
+    def executor(self, **kwargs: Any):
+        from dlhub.executor import Executor
+
+        kwargs.setdefault("manager", self.manager.client_url)
+        kwargs.setdefault("token", self.token)
+        kwargs.setdefault("home", str(self.home))
+        ex = Executor(endpoint=self.endpoint_name, **kwargs)
+        self.executors.append(ex)
+        return ex
+
+
+def start_custom_stack(
+    home: Path,
+    manager_kwargs: dict | None = None,
+    endpoint: dict | None = None,
+    name: str = "custom",
+    workers: int = 1,
+) -> CustomStack:
+    from dlhub.manager import Manager, ManagerConfig
+
+    mgr_home = home / "manager"
+    mgr = Manager(ManagerConfig(home=mgr_home, **(manager_kwargs or {})))
+    mgr.start_thread()
+    token = (mgr_home / "admin.token").read_text().strip()
+    cs = CustomStack(mgr, home, token, endpoint_name=name)
+    config = {
+        "name": name,
+        "manager": {"address": mgr.endpoint_url, "token": token},
+        "pool": {"workers_per_node": workers},
+        **(endpoint or {}),
+    }
+    cs.endpoint_dir.mkdir(parents=True, exist_ok=True)
+    (cs.endpoint_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    cs.endpoint_proc = subprocess.Popen(
+        [sys.executable, "-m", "dlhub.endpoint.cli", "start", name, "--home", str(home)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its pools and workers share this session: easy to clean up
+    )
+    try:
+        wait_until(
+            lambda: cs.status().get("workers", 0) >= workers or cs.endpoint_proc.poll() is not None,
+            60,
+            what="the custom endpoint's workers",
+        )
+        if cs.endpoint_proc.poll() is not None:
+            log = cs.endpoint_dir / "endpoint.log"
+            raise RuntimeError(f"endpoint exited: {log.read_text()[-3000:] if log.exists() else ''}")
+    except BaseException:
+        stop_custom_stack(cs)
+        raise
+    return cs
+
+
+def stop_custom_stack(cs: CustomStack) -> None:
+    for ex in cs.executors:
+        try:
+            ex.shutdown(wait=False)
+        except Exception:
+            pass
+    proc = cs.endpoint_proc
+    if proc is not None:
+        members = _session_members(proc.pid)
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        kill_pids(members + _session_members(proc.pid))
+    cs.manager.stop()
+
+
+@pytest.fixture
+def custom_stack_factory(tmp_path_factory) -> Iterator[Callable[..., CustomStack]]:
+    started: list[CustomStack] = []
+
+    def make(**kwargs: Any) -> CustomStack:
+        cs = start_custom_stack(tmp_path_factory.mktemp("dlhub-custom"), **kwargs)
+        started.append(cs)
+        return cs
+
+    try:
+        yield make
+    finally:
+        for cs in started:
+            stop_custom_stack(cs)

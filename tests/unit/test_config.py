@@ -1,0 +1,152 @@
+"""Endpoint config files: loaded into frozen models, bad ones fail naming key, value, expectation."""
+
+from __future__ import annotations
+
+import pydantic
+import pytest
+import yaml
+from dlhub.endpoint.config import ConfigError, EndpointConfig, dump_config, load_config, parse_config
+
+GOOD = {
+    "name": "hpc-login_1",
+    "manager": {"address": "tcp://127.0.0.1:5581", "token": "dlh_secret"},
+    "provider": {"type": "local", "init_blocks": 1, "min_blocks": 0, "max_blocks": 2},
+    "pool": {"workers_per_node": 4, "prefetch_target_ms": 5.0},
+    "heartbeat_s": 0.5,
+    "heartbeat_threshold_s": 2.0,
+    "max_retries": 3,
+}
+
+
+def write(tmp_path, data, raw: str | None = None):
+    path = tmp_path / "config.yaml"
+    path.write_text(raw if raw is not None else yaml.safe_dump(data))
+    return path
+
+
+def with_changes(**changes) -> dict:
+    data = yaml.safe_load(yaml.safe_dump(GOOD))
+    for dotted, value in changes.items():
+        *parents, key = dotted.split("__")
+        target = data
+        for p in parents:
+            target = target.setdefault(p, {})
+        target[key] = value
+    return data
+
+
+def error_for(tmp_path, data) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, data))
+    return str(info.value)
+
+
+def test_good_file_loads(tmp_path):
+    cfg = load_config(write(tmp_path, GOOD))
+    assert isinstance(cfg, EndpointConfig)
+    assert cfg.name == "hpc-login_1"
+    assert cfg.manager.address == "tcp://127.0.0.1:5581"
+    assert cfg.provider.max_blocks == 2 and cfg.pool.workers_per_node == 4
+    assert cfg.heartbeat_s == 0.5 and cfg.max_retries == 3
+    # defaults fill what the file leaves out
+    assert cfg.pool.worker_port == 0 and cfg.pool.worker_address == "127.0.0.1"
+    # frozen
+    with pytest.raises(pydantic.ValidationError):
+        cfg.name = "other"  # type: ignore[misc]
+
+
+def test_minimal_file_loads_and_dump_round_trips(tmp_path):
+    cfg = load_config(write(tmp_path, {"name": "x", "manager": {"address": "tcp://h:1", "token": "t"}}))
+    assert cfg.pool.workers_per_node >= 1
+    out = tmp_path / "out" / "config.yaml"
+    dump_config(cfg, out)
+    assert load_config(out) == cfg
+    assert out.stat().st_mode & 0o777 == 0o600  # it holds a token
+
+
+def test_typo_suggests_the_key(tmp_path):
+    msg = error_for(tmp_path, with_changes(heartbeat_sec=1.0))
+    assert "heartbeat_sec: unknown key" in msg
+    assert "did you mean heartbeat_s?" in msg
+    assert str(tmp_path / "config.yaml") in msg
+
+
+def test_nested_typo_suggests_the_full_path(tmp_path):
+    msg = error_for(tmp_path, with_changes(pool__workers_per_nod=2))
+    assert "pool.workers_per_nod: unknown key" in msg
+    assert "did you mean pool.workers_per_node?" in msg
+    msg = error_for(tmp_path, with_changes(provider__max_block=3))
+    assert "did you mean provider.max_blocks?" in msg
+
+
+def test_unrelated_unknown_key_lists_the_valid_ones(tmp_path):
+    msg = error_for(tmp_path, with_changes(zzzz=1))
+    assert "zzzz: unknown key" in msg and "did you mean" not in msg
+    assert "valid:" in msg and "heartbeat_s" in msg
+
+
+@pytest.mark.parametrize(
+    "changes, path, value",
+    [
+        ({"pool__workers_per_node": 0}, "pool.workers_per_node", "0"),
+        ({"pool__workers_per_node": "many"}, "pool.workers_per_node", "'many'"),
+        ({"heartbeat_s": -1}, "heartbeat_s", "-1"),
+        ({"provider__parallelism": 1.5}, "provider.parallelism", "1.5"),
+        ({"pool__worker_port": 70000}, "pool.worker_port", "70000"),
+        ({"name": "bad name!"}, "name", "'bad name!'"),
+        ({"provider__type": "slurmish"}, "provider.type", "'slurmish'"),
+    ],
+)
+def test_bad_value_names_key_path_and_value(tmp_path, changes, path, value):
+    msg = error_for(tmp_path, with_changes(**changes))
+    line = next((ln for ln in msg.splitlines() if ln.strip().startswith(path + ":")), None)
+    assert line is not None, msg
+    assert f"(got {value})" in line
+    # and says what was expected
+    assert any(word in line for word in ("greater", "less", "valid", "match", "Input should")), line
+
+
+def test_missing_required_key(tmp_path):
+    data = with_changes()
+    del data["manager"]["token"]
+    msg = error_for(tmp_path, data)
+    assert "manager.token: required key is missing" in msg
+    data = with_changes()
+    del data["name"]
+    assert "name: required key is missing" in error_for(tmp_path, data)
+
+
+def test_min_blocks_above_max_blocks(tmp_path):
+    msg = error_for(tmp_path, with_changes(provider__min_blocks=3, provider__max_blocks=1))
+    assert "provider" in msg and "min_blocks (3) > max_blocks (1)" in msg
+
+
+def test_init_blocks_above_max_blocks(tmp_path):
+    msg = error_for(tmp_path, with_changes(provider__init_blocks=5, provider__max_blocks=2))
+    assert "init_blocks (5) > max_blocks (2)" in msg
+
+
+def test_threshold_must_cover_two_heartbeats(tmp_path):
+    msg = error_for(tmp_path, with_changes(heartbeat_s=2.0, heartbeat_threshold_s=3.0))
+    assert "heartbeat_threshold_s (3.0) must be at least twice heartbeat_s (2.0)" in msg
+
+
+@pytest.mark.parametrize("raw, kind", [("- a\n- b\n", "list"), ("just text\n", "str"), ("", "NoneType")])
+def test_non_mapping_yaml(tmp_path, raw, kind):
+    with pytest.raises(ConfigError, match=rf"must hold a mapping of keys, got {kind}"):
+        load_config(write(tmp_path, None, raw))
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(write(tmp_path, None, "name: [unclosed\n"))
+    with pytest.raises(ConfigError, match="no endpoint config at"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_several_problems_are_reported_together():
+    with pytest.raises(ConfigError) as info:
+        parse_config(with_changes(heartbeat_sec=1, pool__workers_per_node=0), "<test>")
+    msg = str(info.value)
+    assert msg.startswith("invalid endpoint config <test>:")
+    assert "heartbeat_sec" in msg and "pool.workers_per_node" in msg
