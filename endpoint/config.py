@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -27,14 +27,60 @@ class ManagerLink(_Frozen):
     token: str = Field(min_length=1, description="the endpoint's token on that manager")
 
 
-class LocalProviderConfig(_Frozen):
-    type: Literal["local"] = "local"
+WALLTIME_PATTERN = r"^(\d+-)?\d{1,3}:\d{2}:\d{2}$"
+
+
+def walltime_seconds(walltime: str) -> int:
+    """``[D-]HH:MM:SS`` -> seconds."""
+    days, _, clock = walltime.rpartition("-")
+    h, mi, sec = (int(x) for x in clock.split(":"))
+    return (int(days) if days else 0) * 86400 + h * 3600 + mi * 60 + sec
+
+
+class SingleNodeLauncherConfig(_Frozen):
+    type: Literal["single-node"] = "single-node"
+
+
+class SimpleLauncherConfig(_Frozen):
+    type: Literal["simple"]
+
+
+class SrunLauncherConfig(_Frozen):
+    type: Literal["srun"]
+    overrides: str = ""
+
+
+class MpiExecLauncherConfig(_Frozen):
+    type: Literal["mpiexec"]
+    bind_cmd: str = "--bind-to"
+    overrides: str = ""
+
+
+class AprunLauncherConfig(_Frozen):
+    type: Literal["aprun"]
+    overrides: str = ""
+
+
+LauncherConfig = Annotated[
+    SingleNodeLauncherConfig
+    | SimpleLauncherConfig
+    | SrunLauncherConfig
+    | MpiExecLauncherConfig
+    | AprunLauncherConfig,
+    Field(discriminator="type"),
+]
+
+
+class _BlockKeys(_Frozen):
+    """What every provider shares: how many blocks, and what runs before the pool starts."""
+
     init_blocks: Annotated[int, Field(ge=0)] = 1
     min_blocks: Annotated[int, Field(ge=0)] = 0
     max_blocks: Annotated[int, Field(ge=1)] = 1
     parallelism: Annotated[float, Field(gt=0, le=1)] = 1.0
     worker_init: str = ""
     cmd_timeout_s: Annotated[int, Field(ge=1)] = 30
+    launcher: LauncherConfig = SingleNodeLauncherConfig()
 
     @model_validator(mode="after")
     def _blocks_in_order(self):
@@ -43,6 +89,48 @@ class LocalProviderConfig(_Frozen):
         if self.init_blocks > self.max_blocks:
             raise ValueError(f"init_blocks ({self.init_blocks}) > max_blocks ({self.max_blocks})")
         return self
+
+
+class LocalProviderConfig(_BlockKeys):
+    type: Literal["local"] = "local"
+
+
+class _BatchKeys(_BlockKeys):
+    nodes_per_block: Annotated[int, Field(ge=1)] = 1
+    walltime: str = Field("00:30:00", pattern=WALLTIME_PATTERN)
+    account: str | None = None
+    scheduler_options: str = ""  # extra lines for the submit script ("#SBATCH ...", "#PBS ...")
+
+
+class SlurmProviderConfig(_BatchKeys):
+    type: Literal["slurm"]
+    partition: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    clusters: str | None = None
+    cores_per_node: Annotated[int, Field(ge=1)] | None = None
+    mem_per_node_gb: Annotated[int, Field(ge=1)] | None = None
+    gpus_per_node: Annotated[int, Field(ge=0)] | None = None
+    gres: str | None = None
+    exclusive: bool = True
+
+
+class PBSProProviderConfig(_BatchKeys):
+    type: Literal["pbspro"]
+    queue: str | None = None
+    select_options: str = ""  # appended to "#PBS -l select=N:ncpus=C" (e.g. ":ngpus=4")
+    cpus_per_node: Annotated[int, Field(ge=1)] = 1
+
+
+class TorqueProviderConfig(_BatchKeys):
+    type: Literal["torque"]
+    queue: str | None = None
+
+
+ProviderConfig = Annotated[
+    LocalProviderConfig | SlurmProviderConfig | PBSProProviderConfig | TorqueProviderConfig,
+    Field(discriminator="type"),
+]
 
 
 class PoolConfig(_Frozen):
@@ -58,12 +146,18 @@ class PoolConfig(_Frozen):
     worker_address: str = "127.0.0.1"
     worker_port: Annotated[int, Field(ge=0, lt=65536)] = 0
     python: str = ""  # interpreter for pools; default: the endpoint's own
+    # one worker per listed device, each seeing only its own (CUDA_VISIBLE_DEVICES etc.)
+    accelerators: list[str] = Field(default_factory=list)
+    cores_per_worker: Annotated[float, Field(gt=0)] | None = None
+    memory_per_worker_gb: Annotated[float, Field(gt=0)] | None = None
+    # stop giving work to a block this long before its walltime ends, so it drains
+    drain_before_walltime_s: Annotated[float, Field(ge=0)] = 60.0
 
 
 class EndpointConfig(_Frozen):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     manager: ManagerLink
-    provider: LocalProviderConfig = LocalProviderConfig()
+    provider: ProviderConfig = LocalProviderConfig()
     pool: PoolConfig = PoolConfig()
     heartbeat_s: Annotated[float, Field(gt=0)] = 2.0
     heartbeat_threshold_s: Annotated[float, Field(gt=0)] = 10.0
@@ -85,34 +179,71 @@ class EndpointConfig(_Frozen):
         return self
 
 
-def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """The valid keys at ``loc`` (the parent of a bad key), for typo suggestions."""
-    for part in loc:
-        field = model.model_fields.get(str(part))
-        if field is None or not (
-            isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
-        ):
-            return []
-        model = field.annotation
-    return list(model.model_fields)
+def _members(annotation: Any) -> list[type[BaseModel]]:
+    """The models an annotation may hold: itself, or each member of a (tagged) union."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    out: list[type[BaseModel]] = []
+    for arg in args:
+        out.extend(_members(arg))
+    return out
+
+
+def _tag_of(model: type[BaseModel]) -> str | None:
+    """The value of a union member's ``type: Literal[...]`` field."""
+    field = model.model_fields.get("type")
+    literal = get_args(field.annotation) if field is not None else ()
+    return str(literal[0]) if literal else None
+
+
+def _resolve(loc: tuple[Any, ...]) -> tuple[list[str], type[BaseModel] | None]:
+    """Walk an error location: the path a user would write (union tags dropped) and the model
+    that holds its last key."""
+    model: type[BaseModel] | None = EndpointConfig
+    path: list[str] = []
+    parts = list(loc)
+    while parts and model is not None:
+        part = str(parts.pop(0))
+        path.append(part)
+        if not parts:
+            break
+        field = model.model_fields.get(part)
+        members = _members(field.annotation) if field is not None else []
+        if len(members) > 1 and parts and str(parts[0]) in {_tag_of(mm) for mm in members}:
+            tag = str(parts.pop(0))
+            model = next(mm for mm in members if _tag_of(mm) == tag)
+        else:
+            model = members[0] if len(members) == 1 else None
+    return path, model
 
 
 def _explain(exc: ValidationError, source: str) -> str:
     lines = [f"invalid endpoint config {source}:"]
     for err in exc.errors():
         loc = tuple(err["loc"])
-        path = ".".join(str(p) for p in loc) or "(top level)"
         if err["type"] == "extra_forbidden":
-            known = _known_keys(EndpointConfig, loc[:-1])
-            hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
-            suggestion = ""
-            if hint:
-                suggestion = "; did you mean " + ".".join([*map(str, loc[:-1]), hint[0]]) + "?"
-            lines.append(f"  {path}: unknown key{suggestion} (valid: {', '.join(known)})")
-        elif err["type"] == "missing":
-            lines.append(f"  {path}: required key is missing")
+            path, parent = _resolve(loc)
+            known = list(parent.model_fields) if parent is not None else []
+            hint = difflib.get_close_matches(path[-1], known, n=1)
+            where = ".".join(path)
+            suggestion = f"; did you mean {'.'.join([*path[:-1], hint[0]])}?" if hint else ""
+            lines.append(f"  {where}: unknown key{suggestion} (valid here: {', '.join(known)})")
+            continue
+        path, _ = _resolve(loc)
+        where = ".".join(path) or "(top level)"
+        if err["type"] == "missing":
+            lines.append(f"  {where}: required key is missing")
+        elif err["type"] == "union_tag_invalid":
+            tags = err["ctx"]["expected_tags"].replace("'", "")
+            got = err["ctx"]["tag"]
+            hint = difflib.get_close_matches(str(got), [t.strip() for t in tags.split(",")], n=1)
+            more = f"; did you mean {hint[0]}?" if hint else ""
+            lines.append(f"  {where}.type: {got!r} is not one of {tags}{more}")
+        elif err["type"] == "string_pattern_mismatch" and path[-1] == "walltime":
+            lines.append(f"  {where}: expected HH:MM:SS or D-HH:MM:SS, got {err.get('input')!r}")
         else:
-            lines.append(f"  {path}: {err['msg']} (got {err.get('input')!r})")
+            lines.append(f"  {where}: {err['msg']} (got {err.get('input')!r})")
     return "\n".join(lines)
 
 

@@ -20,27 +20,109 @@ from typing import Any
 from parsl.executors.status_handling import BlockProviderExecutor
 from parsl.jobs.job_status_poller import JobStatusPoller
 from parsl.jobs.states import TERMINAL_STATES
-from parsl.launchers import SingleNodeLauncher
-from parsl.providers import LocalProvider
+from parsl.launchers import (
+    AprunLauncher,
+    MpiExecLauncher,
+    SimpleLauncher,
+    SingleNodeLauncher,
+    SrunLauncher,
+)
+from parsl.providers import LocalProvider, PBSProProvider, SlurmProvider, TorqueProvider
 
 from .config import EndpointConfig
 
 log = logging.getLogger("dlhub.endpoint.engine")
 
 
-def build_provider(config: EndpointConfig) -> Any:
+def build_launcher(launcher: Any) -> Any:
+    """Our launcher config -> Parsl's launcher (it wraps the pool command once per node)."""
+    if launcher.type == "single-node":
+        return SingleNodeLauncher()
+    if launcher.type == "simple":
+        return SimpleLauncher()
+    if launcher.type == "srun":
+        return SrunLauncher(overrides=launcher.overrides)
+    if launcher.type == "mpiexec":
+        return MpiExecLauncher(bind_cmd=launcher.bind_cmd, overrides=launcher.overrides)
+    if launcher.type == "aprun":
+        return AprunLauncher(overrides=launcher.overrides)
+    raise ValueError(f"launcher type {launcher.type!r} is not supported")  # pragma: no cover
+
+
+def provider_class(config: EndpointConfig) -> type:
+    return {
+        "local": LocalProvider,
+        "slurm": SlurmProvider,
+        "pbspro": PBSProProvider,
+        "torque": TorqueProvider,
+    }[config.provider.type]
+
+
+def provider_kwargs(config: EndpointConfig) -> dict[str, Any]:
+    """Keyword arguments for the Parsl provider; every key of ours maps onto one of Parsl's."""
     p = config.provider
+    kwargs: dict[str, Any] = {
+        "launcher": build_launcher(p.launcher),
+        "init_blocks": p.init_blocks,
+        "min_blocks": p.min_blocks,
+        "max_blocks": p.max_blocks,
+        "parallelism": p.parallelism,
+        "worker_init": p.worker_init,
+        "cmd_timeout": p.cmd_timeout_s,
+    }
     if p.type == "local":
-        return LocalProvider(
-            launcher=SingleNodeLauncher(),
-            init_blocks=p.init_blocks,
-            min_blocks=p.min_blocks,
-            max_blocks=p.max_blocks,
-            parallelism=p.parallelism,
-            worker_init=p.worker_init,
-            cmd_timeout=p.cmd_timeout_s,
+        return kwargs
+    kwargs.update(
+        nodes_per_block=p.nodes_per_block,
+        walltime=p.walltime,
+        account=p.account,
+        scheduler_options=p.scheduler_options,
+    )
+    if p.type == "slurm":
+        kwargs.update(
+            partition=p.partition,
+            qos=p.qos,
+            constraint=p.constraint,
+            clusters=p.clusters,
+            cores_per_node=p.cores_per_node,
+            mem_per_node=p.mem_per_node_gb,
+            gpus_per_node=p.gpus_per_node,
+            gres=p.gres,
+            exclusive=p.exclusive,
         )
-    raise ValueError(f"provider type {p.type!r} is not supported")  # pragma: no cover
+    elif p.type == "pbspro":
+        kwargs.update(queue=p.queue, select_options=p.select_options, cpus_per_node=p.cpus_per_node)
+    elif p.type == "torque":
+        kwargs.update(queue=p.queue)
+    return kwargs
+
+
+def build_provider(config: EndpointConfig) -> Any:
+    return provider_class(config)(**provider_kwargs(config))
+
+
+def render_submit_script(config: EndpointConfig, command: str, script_dir: Path) -> tuple[str, list[str]]:
+    """Render the block's submit script and the scheduler commands Parsl would run, without
+    running them: the provider's one shell seam (``execute_wait``) records instead."""
+    base = provider_class(config)
+    commands: list[str] = []
+    if config.provider.type == "local":  # no scheduler: the "script" is what bash runs
+        launcher = build_launcher(config.provider.launcher)
+        return f"{config.provider.worker_init}\n{launcher(command, 1, 1)}\n", commands
+
+    class DryRun(base):  # type: ignore[misc, valid-type]
+        def execute_wait(self, cmd, timeout=None):
+            commands.append(cmd)
+            if cmd.startswith(("sbatch", "qsub")):
+                return 0, "Submitted batch job 4242\n" if cmd.startswith("sbatch") else "4242.server\n", ""
+            return 1, "", "dry run"
+
+    provider = DryRun(**provider_kwargs(config))
+    provider.script_dir = str(script_dir)
+    script_dir.mkdir(parents=True, exist_ok=True)
+    provider.submit(command, 1, "dlhub.check")
+    submit = next(c for c in commands if c.startswith(("sbatch", "qsub")))
+    return Path(submit.split()[-1]).read_text(), commands
 
 
 class PoolExecutor(BlockProviderExecutor):

@@ -82,7 +82,7 @@ def test_nested_typo_suggests_the_full_path(tmp_path):
 def test_unrelated_unknown_key_lists_the_valid_ones(tmp_path):
     msg = error_for(tmp_path, with_changes(zzzz=1))
     assert "zzzz: unknown key" in msg and "did you mean" not in msg
-    assert "valid:" in msg and "heartbeat_s" in msg
+    assert "valid here:" in msg and "heartbeat_s" in msg
 
 
 @pytest.mark.parametrize(
@@ -94,7 +94,6 @@ def test_unrelated_unknown_key_lists_the_valid_ones(tmp_path):
         ({"provider__parallelism": 1.5}, "provider.parallelism", "1.5"),
         ({"pool__worker_port": 70000}, "pool.worker_port", "70000"),
         ({"name": "bad name!"}, "name", "'bad name!'"),
-        ({"provider__type": "slurmish"}, "provider.type", "'slurmish'"),
     ],
 )
 def test_bad_value_names_key_path_and_value(tmp_path, changes, path, value):
@@ -104,6 +103,27 @@ def test_bad_value_names_key_path_and_value(tmp_path, changes, path, value):
     assert f"(got {value})" in line
     # and says what was expected
     assert any(word in line for word in ("greater", "less", "valid", "match", "Input should")), line
+
+
+def test_unknown_provider_type_lists_the_types_and_suggests_one(tmp_path):
+    msg = error_for(tmp_path, with_changes(provider__type="slurmish"))
+    assert "provider.type: 'slurmish' is not one of local, slurm, pbspro, torque" in msg
+    assert "did you mean slurm?" in msg
+
+
+def test_typo_inside_a_provider_and_its_launcher_suggests_the_key(tmp_path):
+    data = with_changes()
+    data["provider"] = {"type": "slurm", "partiton": "debug", "launcher": {"type": "srun", "overide": "x"}}
+    msg = error_for(tmp_path, data)
+    assert "provider.partiton: unknown key; did you mean provider.partition?" in msg
+    assert "provider.launcher.overide: unknown key; did you mean provider.launcher.overrides?" in msg
+
+
+def test_walltime_format_is_explained(tmp_path):
+    data = with_changes()
+    data["provider"] = {"type": "slurm", "walltime": "5min"}
+    msg = error_for(tmp_path, data)
+    assert "provider.walltime: expected HH:MM:SS or D-HH:MM:SS, got '5min'" in msg
 
 
 def test_missing_required_key(tmp_path):
