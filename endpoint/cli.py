@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 
 import click
+import yaml
 
-from .config import ConfigError, EndpointConfig, dump_config, load_config, parse_config
+from .config import ConfigError, EndpointConfig, load_config, parse_config
 from .lifecycle import (
     AlreadyRunning,
     InstanceLock,
@@ -37,27 +39,77 @@ def main() -> None:
     """Run a dlhub endpoint: it dials out to a manager and runs tasks on worker pools."""
 
 
+TEMPLATES = ("local", "slurm", "pbs", "perlmutter", "frontier", "polaris", "aurora")
+
+
+def _template_text(template: str) -> str:
+    from importlib.resources import files
+
+    return (files("dlhub.configs") / f"{template}.yaml").read_text()
+
+
+def _local_manager(home: str | None) -> tuple[str | None, str | None]:
+    """The manager `dlhub up` runs under this home, if any: its endpoint URL and admin token."""
+    root = dlhub_home(home) / "manager"
+    try:
+        info = json.loads((root / "manager.json").read_text())
+        return info.get("endpoint_url"), (root / "admin.token").read_text().strip()
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None, None
+
+
+def _fill(text: str, name: str, address: str | None, token: str | None, workers: int | None) -> str:
+    """Set name, manager address/token and workers in a template, keeping its comments."""
+    import re
+
+    text = re.sub(r"(?m)^name: \S+", f"name: {name}", text, count=1)
+    if address:
+        text = re.sub(r"(?m)^(  address: )\S+", rf"\g<1>{address}", text, count=1)
+    if token:
+        text = re.sub(r"(?m)^(  token: )\S+", rf"\g<1>{token}", text, count=1)
+    if workers:
+        text = re.sub(r"(?m)^(  workers_per_node: )\d+", rf"\g<1>{workers}", text, count=1)
+    return text
+
+
 @main.command()
 @click.argument("name")
-@click.option("--manager", "manager_address", required=True, help="manager endpoint URL (tcp://host:port)")
-@click.option("--token", required=True, help="token the endpoint presents to the manager")
-@click.option("--workers", default=2, show_default=True, help="workers per node")
+@click.option(
+    "--template",
+    type=click.Choice(TEMPLATES),
+    default="local",
+    show_default=True,
+    help="config template to start from (see configs/ in the source)",
+)
+@click.option(
+    "--manager",
+    "manager_address",
+    default=None,
+    help="manager endpoint URL (default: the manager `dlhub up` runs here, if any)",
+)
+@click.option("--token", default=None, help="token the endpoint presents to the manager")
+@click.option("--workers", default=None, type=int, help="workers per node")
+@click.option("--force", is_flag=True, help="overwrite an existing config.yaml")
 @home_option
-def configure(name: str, manager_address: str, token: str, workers: int, home: str | None) -> None:
-    """Write ENDPOINT's config.yaml (local provider)."""
+def configure(name, template, manager_address, token, workers, force, home) -> None:
+    """Write ENDPOINT's config.yaml from a commented template."""
+    path = endpoint_dir(name, home) / "config.yaml"
+    if path.exists() and not force:
+        raise click.ClickException(f"{path} exists; edit it, or pass --force to replace it")
+    local_address, local_token = _local_manager(home)
+    text = _fill(
+        _template_text(template), name, manager_address or local_address, token or local_token, workers
+    )
     try:
-        config = parse_config(
-            {
-                "name": name,
-                "manager": {"address": manager_address, "token": token},
-                "pool": {"workers_per_node": workers},
-            }
-        )
+        parse_config(yaml.safe_load(text), f"(template {template})")
     except ConfigError as exc:
         raise click.ClickException(str(exc))
-    path = endpoint_dir(name, home) / "config.yaml"
-    dump_config(config, path)
-    click.echo(f"wrote {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(0o600)
+    click.echo(f"wrote {path} (template {template})")
+    if "CHANGE-ME" in text or "hub.example.org" in text:
+        click.echo("edit manager.address and manager.token before `dlhub-endpoint check`")
 
 
 def _load(name: str, home: str | None) -> tuple[EndpointConfig, Path]:
@@ -133,17 +185,92 @@ def _start_detached(name: str, run_dir: Path, home: str | None) -> None:
 
 @main.command()
 @click.argument("name")
+@click.option("--now", is_flag=True, help="do not wait for running tasks (default: drain first)")
 @home_option
-def stop(name: str, home: str | None) -> None:
-    """Stop ENDPOINT: its blocks are cancelled."""
+def stop(name: str, now: bool, home: str | None) -> None:
+    """Stop ENDPOINT: drain running tasks (up to drain_timeout_s), then cancel its blocks."""
     run_dir = endpoint_dir(name, home)
-    status = read_status(run_dir)
-    if status.get("state") == "stopped":
+    if read_status(run_dir).get("state") == "stopped":
         click.echo(f"endpoint {name!r} is not running")
         return
-    if not stop_process(read_pid(run_dir)):
+    try:
+        drain_s = load_config(run_dir / "config.yaml").drain_timeout_s
+    except ConfigError:
+        drain_s = 300.0
+    sig = signal.SIGINT if now else signal.SIGTERM
+    if not stop_process(read_pid(run_dir), timeout_s=(5 if now else drain_s) + 30, sig=sig):
         raise click.ClickException(f"endpoint {name!r} did not stop")
     click.echo(f"endpoint {name!r} stopped")
+
+
+@main.command()
+@click.argument("name")
+@click.option("--now", is_flag=True, help="do not wait for running tasks")
+@home_option
+@click.pass_context
+def restart(ctx: click.Context, name: str, now: bool, home: str | None) -> None:
+    """Stop ENDPOINT (draining unless --now) and start it again in the background."""
+    ctx.invoke(stop, name=name, now=now, home=home)
+    ctx.invoke(start, name=name, detach=True, log_to_console=False, home=home)
+
+
+@main.command()
+@click.argument("name")
+@click.option("-f", "--follow", is_flag=True, help="keep printing new lines (Ctrl-C to stop)")
+@click.option("-n", "--lines", default=50, show_default=True, help="lines to show from the end")
+@home_option
+def logs(name: str, follow: bool, lines: int, home: str | None) -> None:
+    """Show ENDPOINT's log (rotated files are endpoint.log.1, .2, ...)."""
+    path = endpoint_dir(name, home) / "endpoint.log"
+    if not path.exists():
+        raise click.ClickException(f"no log at {path}")
+    with open(path, errors="replace") as f:
+        for line in f.readlines()[-lines:]:
+            click.echo(line, nl=False)
+        if not follow:
+            return
+        inode = os.fstat(f.fileno()).st_ino
+        try:
+            while True:
+                line = f.readline()
+                if line:
+                    click.echo(line, nl=False)
+                    continue
+                time.sleep(0.2)
+                try:
+                    if os.stat(path).st_ino != inode:  # rotated: follow the new file
+                        f.close()
+                        f = open(path, errors="replace")  # noqa: SIM115
+                        inode = os.fstat(f.fileno()).st_ino
+                except FileNotFoundError:
+                    pass
+        except KeyboardInterrupt:
+            pass
+
+
+@main.command()
+@click.argument("name")
+@click.option("--timeout", "timeout_s", default=60.0, show_default=True, help="seconds per probe")
+@home_option
+def check(name: str, timeout_s: float, home: str | None) -> None:
+    """Validate ENDPOINT's config, render its submit script, and dry-run what can be tried here:
+    the scheduler's own validation (sbatch --test-only), worker_init, and the manager's token."""
+    from .checks import run_checks
+
+    run_dir = endpoint_dir(name, home)
+    try:
+        config = load_config(run_dir / "config.yaml")
+    except ConfigError as exc:
+        click.echo(f"FAIL config: {exc}")
+        sys.exit(1)
+    click.echo(f"ok   config {run_dir / 'config.yaml'} ({config.provider.type} provider)")
+    failures = 0
+    for ok, title, detail in run_checks(config, run_dir, timeout_s):
+        click.echo(f"{'ok  ' if ok else 'FAIL'} {title}")
+        if detail:
+            click.echo("\n".join(f"     {line}" for line in detail.rstrip().splitlines()))
+        failures += not ok
+    sys.exit(1 if failures else 0)
 
 
 @main.command("list")

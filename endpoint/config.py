@@ -153,6 +153,22 @@ class PoolConfig(_Frozen):
     # stop giving work to a block this long before its walltime ends, so it drains
     drain_before_walltime_s: Annotated[float, Field(ge=0)] = 60.0
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_worker_per_accelerator(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("accelerators") and "workers_per_node" not in data:
+            data = {**data, "workers_per_node": len(data["accelerators"])}
+        return data
+
+    @model_validator(mode="after")
+    def _accelerators_match_workers(self):
+        if self.accelerators and len(self.accelerators) != self.workers_per_node:
+            raise ValueError(
+                f"workers_per_node ({self.workers_per_node}) must equal the number of accelerators "
+                f"({len(self.accelerators)}): each worker gets one device"
+            )
+        return self
+
 
 class EndpointConfig(_Frozen):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -164,6 +180,7 @@ class EndpointConfig(_Frozen):
     max_retries: Annotated[int, Field(ge=0)] = 2
     strategy_period_s: Annotated[float, Field(gt=0)] = 5.0
     max_idletime_s: Annotated[float, Field(ge=0)] = 120.0
+    drain_timeout_s: Annotated[float, Field(ge=0)] = 300.0  # `stop` waits this long for running tasks
     payload_limit_bytes: Annotated[int, Field(gt=0)] = 256 * 1024 * 1024
     output_limit_bytes: Annotated[int, Field(ge=0)] = 64 * 1024
     log_max_bytes: Annotated[int, Field(gt=0)] = 10 * 1024 * 1024

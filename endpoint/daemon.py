@@ -25,11 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+
 from dlhub.protocol import ProtocolError
 from dlhub.protocol import messages as m
 from dlhub.protocol.serialize import runtime_versions
 
-from .config import EndpointConfig
+from .config import EndpointConfig, walltime_seconds
 from .scheduler import Scheduler
 
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
@@ -62,6 +63,7 @@ class Endpoint:
         self.manager_state = "connecting"
         self.last_heard_manager = time.monotonic()
         self._last_hello = 0.0
+        self._draining_since: float | None = None
         self._stop = threading.Event()
         self.poller = None
         self.executor = None
@@ -102,6 +104,10 @@ class Endpoint:
             "heartbeat_threshold_s": self.config.heartbeat_threshold_s,
             "payload_limit_bytes": self.config.payload_limit_bytes,
             "output_limit_bytes": self.config.output_limit_bytes,
+            "accelerators": list(self.config.pool.accelerators),
+            "walltime_s": walltime_seconds(self.config.provider.walltime)
+            if self.config.provider.type != "local"
+            else None,
         }
         fd = os.open(self.pool_config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -179,6 +185,11 @@ class Endpoint:
                 if self.worker_sock in events:
                     self._drain(self.worker_sock, True)
                 now = time.monotonic()
+                if self._draining_since is not None and (
+                    not any(w.assigned for w in self.scheduler.workers.values())
+                    or now - self._draining_since > self.config.drain_timeout_s
+                ):
+                    self._stop.set()
                 if now >= next_beat:
                     self._periodic(now)
                     next_beat = now + self.config.heartbeat_s
@@ -186,8 +197,17 @@ class Endpoint:
         finally:
             self._shutdown()
 
-    def stop(self) -> None:
-        self._stop.set()
+    def stop(self, drain: bool = False) -> None:
+        """Stop now, or drain first: dispatch nothing new and wait (up to ``drain_timeout_s``)
+        for running tasks; tasks still queued here are re-sent by the manager next time."""
+        if drain and self._draining_since is None:
+            log.info(
+                "draining: no new work; waiting up to %.0f s for running tasks", self.config.drain_timeout_s
+            )
+            self._draining_since = time.monotonic()
+            self.scheduler.paused = True
+        else:
+            self._stop.set()
 
     def _drain(self, sock: zmq.Socket, routed: bool | None) -> None:
         for _ in range(DRAIN_LIMIT):
@@ -331,6 +351,11 @@ class Endpoint:
             )
         if hello.role == "pool":
             self.scheduler.add_pool(identity, hello.name, str(hello.info.get("block_id")), dict(hello.info))
+            left = hello.info.get("walltime_left_s")
+            if isinstance(left, (int, float)):
+                self.scheduler.drain_pool_in(
+                    hello.name, max(0.0, left - self.config.pool.drain_before_walltime_s)
+                )
             log.info("pool %s registered (block %s)", hello.name, hello.info.get("block_id"))
             self._send_worker(identity, m.Welcome(self.session, {}))
         elif hello.role == "worker":
@@ -385,8 +410,6 @@ class Endpoint:
 
 
 def install_signal_handlers(endpoint: Endpoint) -> None:
-    def _stop(signum, frame):
-        endpoint.stop()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    """SIGTERM drains (a second one stops at once); SIGINT stops at once."""
+    signal.signal(signal.SIGTERM, lambda *_: endpoint.stop(drain=True))
+    signal.signal(signal.SIGINT, lambda *_: endpoint.stop(drain=False))

@@ -140,12 +140,12 @@ def wait_for(predicate, timeout_s: float, interval_s: float = 0.02) -> bool:
     return predicate()
 
 
-def stop_process(pid: int | None, timeout_s: float = 20.0) -> bool:
-    """SIGTERM, wait, then SIGKILL. True when the process is gone."""
+def stop_process(pid: int | None, timeout_s: float = 20.0, sig: int = signal.SIGTERM) -> bool:
+    """Signal (SIGTERM: drain), wait, then SIGKILL. True when the process is gone."""
     if not pid:
         return True
     try:
-        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, sig)
     except ProcessLookupError:
         return True
 

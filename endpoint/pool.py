@@ -25,12 +25,14 @@ import sys
 import time
 
 import zmq
+
 from dlhub.protocol import messages as m
 from dlhub.protocol.serialize import runtime_versions
 
 log = logging.getLogger("dlhub.pool")
 
 SCHEDULER_JOB_VARS = ("SLURM_JOB_ID", "PBS_JOBID", "COBALT_JOBID", "LSB_JOBID")
+ACCELERATOR_VARS = ("CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "ZE_AFFINITY_MASK")
 
 
 class Pool:
@@ -49,6 +51,11 @@ class Pool:
         worker_id = f"{self.pool_id}.{slot}.{self.generation}"
         env = dict(os.environ)
         env["DLHUB_WORKER_ID"] = worker_id
+        accelerators = self.config.get("accelerators") or []
+        if accelerators:  # each worker sees only its own device
+            device = str(accelerators[slot % len(accelerators)])
+            for var in ACCELERATOR_VARS:
+                env[var] = device
         proc = subprocess.Popen(
             [
                 sys.executable,
@@ -79,6 +86,9 @@ class Pool:
             "workers": self.n_workers,
             "job_id": next((os.environ[v] for v in SCHEDULER_JOB_VARS if v in os.environ), None),
             "platform": platform.platform(),
+            "accelerators": self.config.get("accelerators") or [],
+            # the block's walltime counts from (about) now: the pool is its first process
+            "walltime_left_s": self.config.get("walltime_s"),
         }
         sock.send(
             m.pack(

@@ -60,6 +60,7 @@ class PoolState:
     last_seen: float
     workers: set = field(default_factory=set)  # worker ids
     info: dict = field(default_factory=dict)
+    drain_at: float | None = None  # stop giving this pool work at this time (walltime ahead)
 
 
 class Scheduler:
@@ -95,6 +96,7 @@ class Scheduler:
         self.states: list[list] = []
         self.code_requests: list[str] = []
         self.kill_requests: list[tuple[str, str, str]] = []  # (pool_id, worker_id, reason)
+        self.paused = False  # draining for shutdown: nothing new is dispatched
         self.counters = {"received": 0, "completed": 0, "worker_lost": 0, "requeued": 0}
 
     # ---- tasks and code from the manager ----------------------------------------------------
@@ -150,6 +152,18 @@ class Scheduler:
             self.pools[pool_id] = PoolState(pool_id, identity, block_id, self.clock(), info=info)
         else:
             pool.identity, pool.last_seen, pool.info = identity, self.clock(), info
+
+    def drain_pool_in(self, pool_id: str, seconds: float) -> None:
+        """Give the pool no new work after ``seconds`` (its block's walltime is ending)."""
+        pool = self.pools.get(pool_id)
+        if pool is not None:
+            pool.drain_at = self.clock() + seconds
+
+    def _accepting(self, w: WorkerState, now: float) -> bool:
+        if self.paused:
+            return False
+        pool = self.pools.get(w.pool_id)
+        return pool is None or pool.drain_at is None or now < pool.drain_at
 
     def pool_heartbeat(self, pool_id: str, info: dict | None = None) -> bool:
         pool = self.pools.get(pool_id)
@@ -254,7 +268,10 @@ class Scheduler:
         """
         if not self.queue or not self.workers:
             return
-        load = [(len(w.assigned), i, w) for i, w in enumerate(self.workers.values())]
+        now = self.clock()
+        load = [
+            (len(w.assigned), i, w) for i, w in enumerate(self.workers.values()) if self._accepting(w, now)
+        ]
         heapq.heapify(load)
         batches: dict[bytes, tuple[list, dict]] = {}
         while self.queue and load:
@@ -381,8 +398,14 @@ class Scheduler:
             "outstanding": len(self.tasks),
             "workers": len(self.workers),
             "pools": {
-                p.pool_id: {"block_id": p.block_id, "workers": len(p.workers), **p.info}
+                p.pool_id: {
+                    **p.info,
+                    "block_id": p.block_id,
+                    "workers": len(p.workers),
+                    "draining": p.drain_at is not None and self.clock() >= p.drain_at,
+                }
                 for p in self.pools.values()
             },
+            "busy_workers": sum(1 for w in self.workers.values() if w.assigned),
             **self.counters,
         }

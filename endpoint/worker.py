@@ -26,6 +26,7 @@ from collections import deque
 from typing import Any
 
 import zmq
+
 from dlhub.protocol import errors
 from dlhub.protocol import messages as m
 from dlhub.protocol.serialize import deserialize, load_function, runtime_versions, serialize

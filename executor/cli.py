@@ -176,11 +176,11 @@ def up(home: str | None, workers: int, detach: bool) -> None:
     _down(root)
 
 
-def _stop_pid(pid: int | None, timeout_s: float = 20.0) -> bool:
-    """SIGTERM, wait for the process to go, then SIGKILL."""
+def _stop_pid(pid: int | None, timeout_s: float = 20.0, sig: int = signal.SIGTERM) -> bool:
+    """Signal, wait for the process to go, then SIGKILL."""
     if not _pid_alive(pid):
         return False
-    os.kill(pid, signal.SIGTERM)
+    os.kill(pid, sig)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and _pid_alive(pid):
         time.sleep(0.05)
@@ -197,7 +197,7 @@ def _down(root: Path) -> list[str]:
             pid = int((ep_dir / "endpoint.pid").read_text())
         except (FileNotFoundError, ValueError):
             continue
-        if _stop_pid(pid):
+        if _stop_pid(pid, sig=signal.SIGINT):  # at once: `down` does not wait for tasks to drain
             stopped.append(f"endpoint {ep_dir.name}")
     if _stop_pid(_read_json(root / "manager" / "manager.json").get("pid")):
         stopped.append("manager")

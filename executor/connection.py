@@ -23,6 +23,7 @@ from concurrent.futures import Future
 from typing import Any
 
 import zmq
+
 from dlhub.protocol import AccessDenied, ManagerUnreachable, ProtocolError
 from dlhub.protocol import messages as m
 from dlhub.protocol.serialize import runtime_versions

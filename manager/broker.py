@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+
 from dlhub.protocol import PROTOCOL_VERSION, ProtocolError
 from dlhub.protocol import messages as m
 from dlhub.protocol.errors import infra_error
@@ -335,6 +336,11 @@ class Manager:
     # ---- endpoints -------------------------------------------------------------------------
 
     def _on_endpoint(self, identity: bytes, msg: m.Message) -> None:
+        if isinstance(msg, m.Hello) and msg.role == "check":  # `dlhub-endpoint check`: no session
+            ok = self.auth.check(msg.token) is not None
+            reply = m.Welcome(self.session, {}) if ok else m.Refused("access-denied", "token refused")
+            self._send(self.endpoint_sock, identity, reply)
+            return
         if isinstance(msg, m.Hello):
             who = self.auth.check(msg.token)
             if who is None or msg.role != "endpoint":
