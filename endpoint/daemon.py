@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+from parsl.jobs.states import JobState
 
-from dlhub.protocol import ProtocolError
+from dlhub.protocol import ProtocolError, errors
 from dlhub.protocol import messages as m
 from dlhub.protocol.serialize import runtime_versions
 
@@ -38,6 +39,7 @@ _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 log = logging.getLogger("dlhub.endpoint")
 
 DRAIN_LIMIT = 1000
+MAX_EARLY_BLOCK_FAILURES = 3  # then stop scaling and fail tasks with the blocks' error
 
 
 class EndpointRefused(RuntimeError):
@@ -64,6 +66,9 @@ class Endpoint:
         self.last_heard_manager = time.monotonic()
         self._last_hello = 0.0
         self._draining_since: float | None = None
+        self._ended_blocks: set[str] = set()
+        self._early_failures = 0  # consecutive blocks that ended before their pool registered
+        self.block_errors: dict[str, dict[str, Any]] = {}  # blocks that ended before their pool ran
         self._stop = threading.Event()
         self.poller = None
         self.executor = None
@@ -264,6 +269,7 @@ class Endpoint:
                 log.warning("manager silent for %.0f s: disconnected", now - self.last_heard_manager)
             self.manager_state = "disconnected"
             self._say_hello()
+        self._watch_blocks()
         for pool_id in self.scheduler.check_pools():
             log.warning("pool %s lost (missed heartbeats); its tasks were re-queued", pool_id)
         self.scheduler.check_timeouts()
@@ -274,6 +280,62 @@ class Endpoint:
                 self._send_worker(pool.identity, m.KillWorker(worker_id, reason))
         self.scheduler.kill_requests.clear()
         self._write_status()
+
+    # ---- blocks -------------------------------------------------------------------------------
+
+    def _watch_blocks(self) -> None:
+        """Ask the provider now about blocks that matter now (Parsl's own polls are 5-60 s apart):
+        blocks whose pool has not registered (a failing worker_init shows up here within one
+        block start) and blocks whose pool went quiet (ended by walltime, scancel, node loss)."""
+        ex = self.executor
+        if ex is None or ex.provider is None:
+            return
+        by_block = {p.block_id: p for p in list(self.scheduler.pools.values())}
+        now = self.scheduler.clock()
+        quiet = {b for b, p in by_block.items() if now - p.last_seen > 2 * self.config.heartbeat_s}
+        scaled_in = {b for b, st in list(ex._status.items()) if st.state == JobState.SCALED_IN}
+        watch = [
+            b
+            for b in list(ex.blocks_to_job_id)
+            if b not in self._ended_blocks and b not in scaled_in and (b not in by_block or b in quiet)
+        ]
+        if not watch:
+            return
+        try:
+            statuses = ex.provider.status([ex.blocks_to_job_id[b] for b in watch])
+        except Exception as exc:
+            log.warning("cannot ask the provider about blocks %s: %s", watch, exc)
+            return
+        for block_id, st in zip(watch, statuses):
+            if st is None or not st.terminal:
+                continue
+            self._ended_blocks.add(block_id)
+            job_id = ex.blocks_to_job_id[block_id]
+            reason = f"block {block_id} ({self.config.provider.type} job {job_id}) ended: {st.state.name}"
+            if st.message:
+                reason += f" ({st.message})"
+            pool = by_block.get(block_id)
+            if pool is not None:
+                self.scheduler.pool_lost(pool.pool_id, reason)
+                log.warning("%s; its tasks were re-queued", reason)
+                continue
+            tail = _tail(st.stderr_path) or _tail(st.stdout_path)
+            self._early_failures += 1
+            self.block_errors[block_id] = {
+                "job_id": job_id,
+                "state": st.state.name,
+                "reason": reason,
+                "output": tail,
+            }
+            log.error("%s before its pool started (check worker_init):\n%s", reason, tail)
+            if self._early_failures >= MAX_EARLY_BLOCK_FAILURES and self.scheduler.reject_with is None:
+                message = (
+                    f"endpoint {self.config.name!r} cannot start workers: {self._early_failures} blocks "
+                    f"in a row ended before their pool started; last: {reason}: {tail[-1000:]}"
+                )
+                log.error("%s; scaling stopped, tasks are failed until the endpoint is restarted", message)
+                ex.set_bad_state_and_fail_all(RuntimeError(message))  # Parsl's strategy skips it now
+                self.scheduler.refuse_new_work(errors.infra_error("lost", message))
 
     # ---- messages from the manager -------------------------------------------------------------
 
@@ -357,6 +419,7 @@ class Endpoint:
                     hello.name, max(0.0, left - self.config.pool.drain_before_walltime_s)
                 )
             log.info("pool %s registered (block %s)", hello.name, hello.info.get("block_id"))
+            self._early_failures = 0
             self._send_worker(identity, m.Welcome(self.session, {}))
         elif hello.role == "worker":
             self.scheduler.add_worker(identity, hello.name, str(hello.info.get("pool_id")))
@@ -380,6 +443,8 @@ class Endpoint:
             "manager": self.config.manager.address,
             "updated": time.time(),
             "blocks": self.executor.block_states() if self.executor else {},
+            "block_errors": self.block_errors,
+            "failing": self.scheduler.reject_with[1] if self.scheduler.reject_with else None,
             "versions": runtime_versions(),
             **self.scheduler.snapshot(),
         }
@@ -407,6 +472,19 @@ class Endpoint:
         self.manager_sock.close(0)
         self.worker_sock.close(0)
         self.ctx.term()
+
+
+def _tail(path: str | None, limit: int = 4000) -> str:
+    """The end of a block's output file (blank when it cannot be read)."""
+    if not path:
+        return ""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - limit))
+            return f.read().decode(errors="replace").strip()
+    except OSError:
+        return ""
 
 
 def install_signal_handlers(endpoint: Endpoint) -> None:

@@ -67,7 +67,9 @@ def provider_kwargs(config: EndpointConfig) -> dict[str, Any]:
         "min_blocks": p.min_blocks,
         "max_blocks": p.max_blocks,
         "parallelism": p.parallelism,
-        "worker_init": p.worker_init,
+        # strict: a failing line ends the block at once (its output names the error) instead of
+        # starting the pool in the wrong environment and failing tasks later
+        "worker_init": f"set -e\n{p.worker_init}\nset +e" if p.worker_init.strip() else "",
         "cmd_timeout": p.cmd_timeout_s,
     }
     if p.type == "local":

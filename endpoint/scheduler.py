@@ -97,9 +97,21 @@ class Scheduler:
         self.code_requests: list[str] = []
         self.kill_requests: list[tuple[str, str, str]] = []  # (pool_id, worker_id, reason)
         self.paused = False  # draining for shutdown: nothing new is dispatched
+        self.reject_with: list | None = None  # set when no block can start: fail tasks at once
         self.counters = {"received": 0, "completed": 0, "worker_lost": 0, "requeued": 0}
 
     # ---- tasks and code from the manager ----------------------------------------------------
+
+    def refuse_new_work(self, error: list) -> None:
+        """The endpoint cannot run anything (its blocks keep failing): fail what waits, and what
+        comes, with ``error`` instead of letting it wait forever."""
+        self.reject_with = error
+        waiting = [t for t in self.queue if t in self.tasks]
+        waiting += [t for ids in self.waiting_code.values() for t in ids if t in self.tasks]
+        self.queue.clear()
+        self.waiting_code.clear()
+        for task_id in waiting:
+            self._fail(task_id, error)
 
     def add_tasks(self, records: list[list]) -> int:
         """Queue new tasks; ids already held are ignored (the manager resends after reconnect)."""
@@ -109,6 +121,9 @@ class Scheduler:
             if task_id in self.tasks:
                 continue
             self.tasks[task_id] = TaskState(rec)
+            if self.reject_with is not None:
+                self._fail(task_id, self.reject_with)
+                continue
             digest = rec[m.T_FUNCTION]
             if digest in self.code:
                 self.queue.append(task_id)
