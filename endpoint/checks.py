@@ -29,59 +29,59 @@ Check = tuple[bool, str, str]
 
 
 def run_checks(config: EndpointConfig, run_dir: Path, timeout_s: float) -> Iterator[Check]:
-    python = config.pool.python or sys.executable
-    pool_cmd = f"{shlex.quote(python)} -m dlhub.endpoint.pool --config {run_dir / 'pool.json'} --block-id 0"
-    with tempfile.TemporaryDirectory(prefix="dlhub-check-") as tmp:
-        try:
-            script, commands = render_submit_script(config, pool_cmd, Path(tmp))
-        except Exception as exc:  # a provider that cannot even render is a config error
-            yield False, "render submit script", f"{type(exc).__name__}: {exc}"
-            return
-        yield True, "submit script (as Parsl will write it)", script
-        if commands:
-            yield True, "scheduler commands", "\n".join(commands)
-        if config.provider.type == "slurm":
-            yield _sbatch_test_only(script, Path(tmp), timeout_s)
-    yield _worker_init(config, python, timeout_s)
+    for name, named in config.all_pools().items():
+        python = named.pool.python or sys.executable
+        pool_json = run_dir / f"pool-{name}.json"
+        pool_cmd = f"{shlex.quote(python)} -m dlhub.endpoint.pool --config {pool_json} --block-id {name}/0"
+        with tempfile.TemporaryDirectory(prefix="dlhub-check-") as tmp:
+            try:
+                script, commands = render_submit_script(named.provider, pool_cmd, Path(tmp))
+            except Exception as exc:  # a provider that cannot even render is a config error
+                yield False, f"pool {name}: render submit script", f"{type(exc).__name__}: {exc}"
+                continue
+            yield True, f"pool {name}: submit script (as Parsl will write it)", script
+            if commands:
+                yield True, f"pool {name}: scheduler commands", "\n".join(commands)
+            if named.provider.type == "slurm":
+                yield _sbatch_test_only(name, script, Path(tmp), timeout_s)
+        yield _worker_init(name, named.provider.worker_init, python, timeout_s)
     yield _manager(config, timeout_s)
 
 
-def _sbatch_test_only(script: str, tmp: Path, timeout_s: float) -> Check:
+def _sbatch_test_only(name: str, script: str, tmp: Path, timeout_s: float) -> Check:
+    title = f"pool {name}: sbatch --test-only (the scheduler accepts the job)"
     if shutil.which("sbatch") is None:
-        return False, "sbatch --test-only", "sbatch is not on PATH: is this a Slurm login node?"
+        return False, title, "sbatch is not on PATH: is this a Slurm login node?"
     path = tmp / "test-only.sh"
     path.write_text(script)
     proc = subprocess.run(
         ["sbatch", "--test-only", str(path)], capture_output=True, text=True, timeout=timeout_s
     )
     out = (proc.stdout + proc.stderr).strip()
-    return proc.returncode == 0, "sbatch --test-only (the scheduler accepts the job)", out
+    return proc.returncode == 0, title, out
 
 
-def _worker_init(config: EndpointConfig, python: str, timeout_s: float) -> Check:
+def _worker_init(name: str, worker_init: str, python: str, timeout_s: float) -> Check:
     """Run worker_init then import the pool, as the first lines of a block would."""
+    title = f"pool {name}: worker_init + import dlhub (as a block starts)"
     probe = (
-        f"{config.provider.worker_init}\n"
+        f"{worker_init}\n"
         f"{shlex.quote(python)} -c 'import dlhub.endpoint.pool, dill, zmq, sys, platform; "
         f"print(platform.python_version(), dill.__version__)'"
     )
     try:
         proc = subprocess.run(["bash", "-e", "-c", probe], capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        return False, "worker_init", f"did not finish within {timeout_s:.0f} s"
+        return False, title, f"did not finish within {timeout_s:.0f} s"
     if proc.returncode != 0:
-        return (
-            False,
-            "worker_init + import dlhub (as a block starts)",
-            (f"exit code {proc.returncode}\n{(proc.stdout + proc.stderr).strip()[-2000:]}"),
-        )
+        return False, title, f"exit code {proc.returncode}\n{(proc.stdout + proc.stderr).strip()[-2000:]}"
     versions = proc.stdout.strip().splitlines()[-1].split()
     mine = runtime_versions()
     detail = f"pool would run Python {versions[0]} / dill {versions[1]}"
     same = versions[0].rsplit(".", 1)[0] == mine["python"].rsplit(".", 1)[0] and versions[1] == mine["dill"]
     if not same:
         detail += f" but the endpoint runs Python {mine['python']} / dill {mine['dill']}"
-    return same, "worker_init + import dlhub (as a block starts)", detail
+    return same, title, detail
 
 
 def _manager(config: EndpointConfig, timeout_s: float) -> Check:

@@ -153,6 +153,14 @@ class PoolConfig(_Frozen):
     # stop giving work to a block this long before its walltime ends, so it drains
     drain_before_walltime_s: Annotated[float, Field(ge=0)] = 60.0
 
+    def offers(self) -> dict[str, Any]:
+        """What one worker of this pool offers a task (None: not declared, any request fits)."""
+        return {
+            "cores": self.cores_per_worker,
+            "memory_gb": self.memory_per_worker_gb,
+            "gpus": 1 if self.accelerators else 0,
+        }
+
     @model_validator(mode="before")
     @classmethod
     def _one_worker_per_accelerator(cls, data: Any) -> Any:
@@ -170,11 +178,23 @@ class PoolConfig(_Frozen):
         return self
 
 
+class NamedPoolConfig(_Frozen):
+    """An extra pool: its own provider (e.g. a GPU partition) and worker shape."""
+
+    provider: ProviderConfig = LocalProviderConfig()
+    pool: PoolConfig = PoolConfig()
+
+
+DEFAULT_POOL = "default"
+
+
 class EndpointConfig(_Frozen):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     manager: ManagerLink
-    provider: ProviderConfig = LocalProviderConfig()
-    pool: PoolConfig = PoolConfig()
+    provider: ProviderConfig = LocalProviderConfig()  # the "default" pool's provider
+    pool: PoolConfig = PoolConfig()  # the "default" pool's workers
+    # more pools by name; tasks choose one by resources ({"pool": name, "gpus": 1, ...})
+    pools: dict[str, NamedPoolConfig] = Field(default_factory=dict)
     heartbeat_s: Annotated[float, Field(gt=0)] = 2.0
     heartbeat_threshold_s: Annotated[float, Field(gt=0)] = 10.0
     max_retries: Annotated[int, Field(ge=0)] = 2
@@ -185,6 +205,21 @@ class EndpointConfig(_Frozen):
     output_limit_bytes: Annotated[int, Field(ge=0)] = 64 * 1024
     log_max_bytes: Annotated[int, Field(gt=0)] = 10 * 1024 * 1024
     log_backups: Annotated[int, Field(ge=0)] = 3
+
+    def all_pools(self) -> dict[str, NamedPoolConfig]:
+        """Every pool, the default one first."""
+        return {DEFAULT_POOL: NamedPoolConfig(provider=self.provider, pool=self.pool), **self.pools}
+
+    @model_validator(mode="after")
+    def _pool_names(self):
+        import re
+
+        for name in self.pools:
+            if name == DEFAULT_POOL or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}", name):
+                raise ValueError(
+                    f"pool name {name!r} must be letters, digits, - or _ (up to 32) and not 'default'"
+                )
+        return self
 
     @model_validator(mode="after")
     def _threshold_covers_heartbeats(self):

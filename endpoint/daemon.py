@@ -59,6 +59,7 @@ class Endpoint:
             no_prefetch_above_ms=config.pool.no_prefetch_above_ms,
             heartbeat_threshold_s=config.heartbeat_threshold_s,
             max_retries=config.max_retries,
+            pool_offers={name: named.pool.offers() for name, named in config.all_pools().items()},
         )
         self.unacked: dict[bytes, list] = {}
         self.registered = False
@@ -71,7 +72,7 @@ class Endpoint:
         self.block_errors: dict[str, dict[str, Any]] = {}  # blocks that ended before their pool ran
         self._stop = threading.Event()
         self.poller = None
-        self.executor = None
+        self.executors: dict[str, Any] = {}  # pool name -> PoolExecutor
 
     # ---- start-up ----------------------------------------------------------------------------
 
@@ -100,23 +101,27 @@ class Endpoint:
         self._start_pools()
 
     def _write_pool_config(self) -> None:
-        self.pool_config_path = self.run_dir / "pool.json"
-        cfg = {
-            "endpoint_url": self.worker_url,
-            "token": self.pool_token,
-            "workers_per_node": self.config.pool.workers_per_node,
-            "heartbeat_s": self.config.heartbeat_s,
-            "heartbeat_threshold_s": self.config.heartbeat_threshold_s,
-            "payload_limit_bytes": self.config.payload_limit_bytes,
-            "output_limit_bytes": self.config.output_limit_bytes,
-            "accelerators": list(self.config.pool.accelerators),
-            "walltime_s": walltime_seconds(self.config.provider.walltime)
-            if self.config.provider.type != "local"
-            else None,
-        }
-        fd = os.open(self.pool_config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(cfg, f)
+        """One JSON file per named pool: what its pool processes and workers need to start."""
+        self.pool_config_paths: dict[str, Path] = {}
+        for name, named in self.config.all_pools().items():
+            path = self.pool_config_paths[name] = self.run_dir / f"pool-{name}.json"
+            cfg = {
+                "pool_name": name,
+                "endpoint_url": self.worker_url,
+                "token": self.pool_token,
+                "workers_per_node": named.pool.workers_per_node,
+                "heartbeat_s": self.config.heartbeat_s,
+                "heartbeat_threshold_s": self.config.heartbeat_threshold_s,
+                "payload_limit_bytes": self.config.payload_limit_bytes,
+                "output_limit_bytes": self.config.output_limit_bytes,
+                "accelerators": list(named.pool.accelerators),
+                "walltime_s": None
+                if named.provider.type == "local"
+                else walltime_seconds(named.provider.walltime),
+            }
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(cfg, f)
 
     def _hello(self) -> m.Hello:
         return m.Hello(
@@ -157,21 +162,31 @@ class Endpoint:
     def _start_pools(self) -> None:
         from .engine import PoolExecutor, build_provider, start_scaling
 
-        self.executor = PoolExecutor(
-            build_provider(self.config),
-            self.pool_config_path,
-            self.config.pool.workers_per_node,
-            outstanding=self.scheduler.outstanding,
-            idle_blocks=self._idle_blocks,
-            python=self.config.pool.python,
-        )
-        self.poller = start_scaling(self.executor, self.run_dir, self.config)
+        for name, named in self.config.all_pools().items():
+            self.executors[name] = PoolExecutor(
+                build_provider(named.provider),
+                self.pool_config_paths[name],
+                named.pool.workers_per_node,
+                outstanding=lambda name=name: self.scheduler.outstanding(name),
+                idle_blocks=lambda name=name: self._idle_blocks(name),
+                python=named.pool.python,
+                label=f"dlhub-{name}",
+                pool_name=name,
+            )
+        self.poller = start_scaling(list(self.executors.values()), self.run_dir, self.config)
 
-    def _idle_blocks(self) -> list[str]:
+    def _idle_blocks(self, pool_name: str) -> list[str]:
+        """This pool's blocks with no task at any of their workers (safe to cancel)."""
+        ex = self.executors.get(pool_name)
+        if ex is None:
+            return []
         idle_pools = set(self.scheduler.idle_pools())
-        pools = list(self.scheduler.pools.values())
-        busy = {p.block_id for p in pools if p.pool_id not in idle_pools}
-        return [b for b in list(self.executor._status) if b not in busy] if self.executor else []
+        busy = {
+            p.block_id.partition("/")[2]
+            for p in list(self.scheduler.pools.values())
+            if p.pool_id not in idle_pools and p.block_id.startswith(f"{pool_name}/")
+        }
+        return [b for b in list(ex._status) if b not in busy]
 
     # ---- the loop ----------------------------------------------------------------------------
 
@@ -284,58 +299,57 @@ class Endpoint:
     # ---- blocks -------------------------------------------------------------------------------
 
     def _watch_blocks(self) -> None:
-        """Ask the provider now about blocks that matter now (Parsl's own polls are 5-60 s apart):
+        """Ask the providers now about blocks that matter now (Parsl's own polls are 5-60 s apart):
         blocks whose pool has not registered (a failing worker_init shows up here within one
         block start) and blocks whose pool went quiet (ended by walltime, scancel, node loss)."""
-        ex = self.executor
-        if ex is None or ex.provider is None:
-            return
         by_block = {p.block_id: p for p in list(self.scheduler.pools.values())}
         now = self.scheduler.clock()
         quiet = {b for b, p in by_block.items() if now - p.last_seen > 2 * self.config.heartbeat_s}
-        scaled_in = {b for b, st in list(ex._status.items()) if st.state == JobState.SCALED_IN}
-        watch = [
-            b
-            for b in list(ex.blocks_to_job_id)
-            if b not in self._ended_blocks and b not in scaled_in and (b not in by_block or b in quiet)
-        ]
-        if not watch:
-            return
-        try:
-            statuses = ex.provider.status([ex.blocks_to_job_id[b] for b in watch])
-        except Exception as exc:
-            log.warning("cannot ask the provider about blocks %s: %s", watch, exc)
-            return
-        for block_id, st in zip(watch, statuses):
-            if st is None or not st.terminal:
+        for name, ex in self.executors.items():
+            scaled_in = {b for b, st in list(ex._status.items()) if st.state == JobState.SCALED_IN}
+            watch = [
+                b
+                for b in list(ex.blocks_to_job_id)
+                if f"{name}/{b}" not in self._ended_blocks
+                and b not in scaled_in
+                and (f"{name}/{b}" not in by_block or f"{name}/{b}" in quiet)
+            ]
+            if not watch:
                 continue
-            self._ended_blocks.add(block_id)
-            job_id = ex.blocks_to_job_id[block_id]
-            reason = f"block {block_id} ({self.config.provider.type} job {job_id}) ended: {st.state.name}"
-            if st.message:
-                reason += f" ({st.message})"
-            pool = by_block.get(block_id)
-            if pool is not None:
-                self.scheduler.pool_lost(pool.pool_id, reason)
-                log.warning("%s; its tasks were re-queued", reason)
+            try:
+                statuses = ex.provider.status([ex.blocks_to_job_id[b] for b in watch])
+            except Exception as exc:
+                log.warning("cannot ask the provider about blocks %s: %s", watch, exc)
                 continue
-            tail = _tail(st.stderr_path) or _tail(st.stdout_path)
-            self._early_failures += 1
-            self.block_errors[block_id] = {
-                "job_id": job_id,
-                "state": st.state.name,
-                "reason": reason,
-                "output": tail,
-            }
-            log.error("%s before its pool started (check worker_init):\n%s", reason, tail)
-            if self._early_failures >= MAX_EARLY_BLOCK_FAILURES and self.scheduler.reject_with is None:
-                message = (
-                    f"endpoint {self.config.name!r} cannot start workers: {self._early_failures} blocks "
-                    f"in a row ended before their pool started; last: {reason}: {tail[-1000:]}"
-                )
-                log.error("%s; scaling stopped, tasks are failed until the endpoint is restarted", message)
-                ex.set_bad_state_and_fail_all(RuntimeError(message))  # Parsl's strategy skips it now
-                self.scheduler.refuse_new_work(errors.infra_error("lost", message))
+            for block_id, st in zip(watch, statuses):
+                if st is not None and st.terminal:
+                    self._block_ended(ex, name, block_id, st, by_block.get(f"{name}/{block_id}"))
+
+    def _block_ended(self, ex: Any, pool_name: str, block_id: str, st: Any, pool: Any) -> None:
+        key = f"{pool_name}/{block_id}"
+        self._ended_blocks.add(key)
+        job_id = ex.blocks_to_job_id[block_id]
+        kind = self.config.all_pools()[pool_name].provider.type
+        reason = f"block {key} ({kind} job {job_id}) ended: {st.state.name}"
+        if st.message:
+            reason += f" ({st.message})"
+        if pool is not None:
+            self.scheduler.pool_lost(pool.pool_id, reason)
+            log.warning("%s; its tasks were re-queued", reason)
+            return
+        tail = _tail(st.stderr_path) or _tail(st.stdout_path)
+        self._early_failures += 1
+        self.block_errors[key] = {"job_id": job_id, "state": st.state.name, "reason": reason, "output": tail}
+        log.error("%s before its pool started (check worker_init):\n%s", reason, tail)
+        if self._early_failures >= MAX_EARLY_BLOCK_FAILURES and self.scheduler.reject_with is None:
+            message = (
+                f"endpoint {self.config.name!r} cannot start workers: {self._early_failures} blocks "
+                f"in a row ended before their pool started; last: {reason}: {tail[-1000:]}"
+            )
+            log.error("%s; scaling stopped, tasks are failed until the endpoint is restarted", message)
+            for executor in self.executors.values():  # Parsl's strategy skips them now
+                executor.set_bad_state_and_fail_all(RuntimeError(message))
+            self.scheduler.refuse_new_work(errors.infra_error("lost", message))
 
     # ---- messages from the manager -------------------------------------------------------------
 
@@ -415,14 +429,19 @@ class Endpoint:
             self.scheduler.add_pool(identity, hello.name, str(hello.info.get("block_id")), dict(hello.info))
             left = hello.info.get("walltime_left_s")
             if isinstance(left, (int, float)):
-                self.scheduler.drain_pool_in(
-                    hello.name, max(0.0, left - self.config.pool.drain_before_walltime_s)
-                )
+                named = self.config.all_pools().get(str(hello.info.get("pool_name")))
+                margin = named.pool.drain_before_walltime_s if named else 60.0
+                self.scheduler.drain_pool_in(hello.name, max(0.0, left - margin))
             log.info("pool %s registered (block %s)", hello.name, hello.info.get("block_id"))
             self._early_failures = 0
             self._send_worker(identity, m.Welcome(self.session, {}))
         elif hello.role == "worker":
-            self.scheduler.add_worker(identity, hello.name, str(hello.info.get("pool_id")))
+            self.scheduler.add_worker(
+                identity,
+                hello.name,
+                str(hello.info.get("pool_id")),
+                str(hello.info.get("pool_name", "default")),
+            )
             # tell the manager and `dlhub up` at once rather than at the next heartbeat
             self._to_manager(m.Heartbeat(self.scheduler.snapshot()))
             self._write_status()
@@ -442,7 +461,7 @@ class Endpoint:
             "pid": os.getpid(),
             "manager": self.config.manager.address,
             "updated": time.time(),
-            "blocks": self.executor.block_states() if self.executor else {},
+            "blocks": {name: ex.block_states() for name, ex in self.executors.items()},
             "block_errors": self.block_errors,
             "failing": self.scheduler.reject_with[1] if self.scheduler.reject_with else None,
             "versions": runtime_versions(),
@@ -462,8 +481,8 @@ class Endpoint:
                 self.poller.close(timeout=10)
             except Exception:
                 log.exception("error while scaling in blocks")
-        if self.executor is not None:
-            self.executor.cancel_all()
+        for ex in self.executors.values():
+            ex.cancel_all()
         self.manager_state = "stopped"
         try:
             self._write_status()

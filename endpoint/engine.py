@@ -29,7 +29,7 @@ from parsl.launchers import (
 )
 from parsl.providers import LocalProvider, PBSProProvider, SlurmProvider, TorqueProvider
 
-from .config import EndpointConfig
+from .config import EndpointConfig, ProviderConfig
 
 log = logging.getLogger("dlhub.endpoint.engine")
 
@@ -49,18 +49,17 @@ def build_launcher(launcher: Any) -> Any:
     raise ValueError(f"launcher type {launcher.type!r} is not supported")  # pragma: no cover
 
 
-def provider_class(config: EndpointConfig) -> type:
+def provider_class(provider: ProviderConfig) -> type:
     return {
         "local": LocalProvider,
         "slurm": SlurmProvider,
         "pbspro": PBSProProvider,
         "torque": TorqueProvider,
-    }[config.provider.type]
+    }[provider.type]
 
 
-def provider_kwargs(config: EndpointConfig) -> dict[str, Any]:
+def provider_kwargs(p: ProviderConfig) -> dict[str, Any]:
     """Keyword arguments for the Parsl provider; every key of ours maps onto one of Parsl's."""
-    p = config.provider
     kwargs: dict[str, Any] = {
         "launcher": build_launcher(p.launcher),
         "init_blocks": p.init_blocks,
@@ -99,18 +98,18 @@ def provider_kwargs(config: EndpointConfig) -> dict[str, Any]:
     return kwargs
 
 
-def build_provider(config: EndpointConfig) -> Any:
-    return provider_class(config)(**provider_kwargs(config))
+def build_provider(provider: ProviderConfig) -> Any:
+    return provider_class(provider)(**provider_kwargs(provider))
 
 
-def render_submit_script(config: EndpointConfig, command: str, script_dir: Path) -> tuple[str, list[str]]:
+def render_submit_script(provider: ProviderConfig, command: str, script_dir: Path) -> tuple[str, list[str]]:
     """Render the block's submit script and the scheduler commands Parsl would run, without
     running them: the provider's one shell seam (``execute_wait``) records instead."""
-    base = provider_class(config)
+    base = provider_class(provider)
     commands: list[str] = []
-    if config.provider.type == "local":  # no scheduler: the "script" is what bash runs
-        launcher = build_launcher(config.provider.launcher)
-        return f"{config.provider.worker_init}\n{launcher(command, 1, 1)}\n", commands
+    if provider.type == "local":  # no scheduler: the "script" is what bash runs
+        launcher = build_launcher(provider.launcher)
+        return f"{provider.worker_init}\n{launcher(command, 1, 1)}\n", commands
 
     class DryRun(base):  # type: ignore[misc, valid-type]
         def execute_wait(self, cmd, timeout=None):
@@ -119,10 +118,10 @@ def render_submit_script(config: EndpointConfig, command: str, script_dir: Path)
                 return 0, "Submitted batch job 4242\n" if cmd.startswith("sbatch") else "4242.server\n", ""
             return 1, "", "dry run"
 
-    provider = DryRun(**provider_kwargs(config))
-    provider.script_dir = str(script_dir)
+    dry = DryRun(**provider_kwargs(provider))
+    dry.script_dir = str(script_dir)
     script_dir.mkdir(parents=True, exist_ok=True)
-    provider.submit(command, 1, "dlhub.check")
+    dry.submit(command, 1, "dlhub.check")
     submit = next(c for c in commands if c.startswith(("sbatch", "qsub")))
     return Path(submit.split()[-1]).read_text(), commands
 
@@ -139,6 +138,7 @@ class PoolExecutor(BlockProviderExecutor):
         idle_blocks: Callable[[], list[str]],
         python: str = "",
         label: str = "dlhub-pool",
+        pool_name: str = "default",
     ):
         super().__init__(provider=provider, block_error_handler=False)
         self.label = label
@@ -147,6 +147,7 @@ class PoolExecutor(BlockProviderExecutor):
         self._outstanding = outstanding
         self._idle_blocks = idle_blocks
         self._python = python or sys.executable
+        self.pool_name = pool_name
 
     def _get_launch_command(self, block_id: str) -> str:
         return " ".join(
@@ -158,7 +159,7 @@ class PoolExecutor(BlockProviderExecutor):
                 "--config",
                 str(self._pool_config_path),
                 "--block-id",
-                block_id,
+                f"{self.pool_name}/{block_id}",  # unique across the endpoint's pools
             )
         )
 
@@ -210,18 +211,20 @@ class PoolExecutor(BlockProviderExecutor):
         self.cancel_all()
 
 
-def start_scaling(executor: PoolExecutor, run_dir: Path, config: EndpointConfig) -> JobStatusPoller:
-    """Start Parsl's poller + strategy; run its first pass now so init blocks start at once."""
-    script_dir = run_dir / "submit_scripts"
-    script_dir.mkdir(parents=True, exist_ok=True)
-    executor.provider.script_dir = str(script_dir)
-    executor.run_dir = str(run_dir)
-    executor.start()
+def start_scaling(executors: list[PoolExecutor], run_dir: Path, config: EndpointConfig) -> JobStatusPoller:
+    """Start Parsl's poller + strategy over every pool; run its first pass now so init blocks
+    start at once (the poller's own first tick comes a strategy period later)."""
+    for executor in executors:
+        script_dir = run_dir / "submit_scripts" / executor.pool_name
+        script_dir.mkdir(parents=True, exist_ok=True)
+        executor.provider.script_dir = str(script_dir)
+        executor.run_dir = str(run_dir)
+        executor.start()
     poller = JobStatusPoller(
         strategy="simple",
         max_idletime=config.max_idletime_s,
         strategy_period=config.strategy_period_s,
     )
-    poller.add_executors([executor])
+    poller.add_executors(executors)
     poller.poll()
     return poller

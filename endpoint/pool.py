@@ -81,6 +81,7 @@ class Pool:
         sock.connect(self.config["endpoint_url"])
         info = {
             "block_id": self.block_id,
+            "pool_name": self.config.get("pool_name", "default"),
             "hostname": socket.gethostname(),
             "pid": os.getpid(),
             "workers": self.n_workers,

@@ -38,6 +38,7 @@ class TaskState:
     record: list
     worker: bytes | None = None
     retries: int = 0
+    pool: str = "default"  # the named pool whose workers may run it
 
 
 @dataclass
@@ -46,6 +47,7 @@ class WorkerState:
     worker_id: str
     pool_id: str
     assigned: deque = field(default_factory=deque)  # task ids, head = running
+    pool_name: str = "default"
     known_code: set = field(default_factory=set)
     reported_running: bytes | None = None
     head_since: float | None = None  # when the head task (approximately) started
@@ -74,6 +76,7 @@ class Scheduler:
         max_retries: int = 2,
         wall_clock: Callable[[], float] = time.time,
         no_prefetch_above_ms: float = 100.0,
+        pool_offers: dict[str, dict[str, Any]] | None = None,
     ):
         self.clock, self.wall_clock = clock, wall_clock
         self.prefetch_target_s = prefetch_target_ms / 1000.0
@@ -82,7 +85,10 @@ class Scheduler:
         self.avg_task_s: dict[str, float] = {}  # function digest -> EWMA of its run time
         self.heartbeat_threshold_s = heartbeat_threshold_s
         self.max_retries = max_retries
-        self.queue: deque[bytes] = deque()
+        # what one worker of each named pool offers, the default pool first
+        self.pool_offers = pool_offers or {"default": {"cores": None, "memory_gb": None, "gpus": 0}}
+        self.queues: dict[str, deque[bytes]] = {name: deque() for name in self.pool_offers}
+        self.queue = self.queues[next(iter(self.queues))]  # the default pool's queue
         self.tasks: dict[bytes, TaskState] = {}
         self.workers: dict[bytes, WorkerState] = {}
         self.worker_by_id: dict[str, bytes] = {}
@@ -106,9 +112,10 @@ class Scheduler:
         """The endpoint cannot run anything (its blocks keep failing): fail what waits, and what
         comes, with ``error`` instead of letting it wait forever."""
         self.reject_with = error
-        waiting = [t for t in self.queue if t in self.tasks]
+        waiting = [t for q in self.queues.values() for t in q if t in self.tasks]
         waiting += [t for ids in self.waiting_code.values() for t in ids if t in self.tasks]
-        self.queue.clear()
+        for q in self.queues.values():
+            q.clear()
         self.waiting_code.clear()
         for task_id in waiting:
             self._fail(task_id, error)
@@ -120,13 +127,18 @@ class Scheduler:
             task_id = rec[m.T_ID]
             if task_id in self.tasks:
                 continue
-            self.tasks[task_id] = TaskState(rec)
+            t = self.tasks[task_id] = TaskState(rec)
             if self.reject_with is not None:
                 self._fail(task_id, self.reject_with)
                 continue
+            pool, why = self.choose_pool(rec[m.T_RESOURCES])
+            if pool is None:
+                self._fail(task_id, errors.infra_error("resources", why))
+                continue
+            t.pool = pool
             digest = rec[m.T_FUNCTION]
             if digest in self.code:
-                self.queue.append(task_id)
+                self.queues[pool].append(task_id)
             else:
                 waiting = self.waiting_code.get(digest)
                 if waiting is None:
@@ -144,11 +156,29 @@ class Scheduler:
                 self.code[digest] = blob
                 self.code_bytes += len(blob)
             for task_id in self.waiting_code.pop(digest, ()):
-                if task_id in self.tasks:
-                    self.queue.append(task_id)
+                t = self.tasks.get(task_id)
+                if t is not None:
+                    self.queues[t.pool].append(task_id)
         while self.code_bytes > CODE_CACHE_BYTES and len(self.code) > 1:
             digest, blob = self.code.popitem(last=False)
             self.code_bytes -= len(blob)
+
+    def choose_pool(self, resources: dict[str, Any] | None) -> tuple[str | None, str]:
+        """``(pool, "")`` for a resource request: the named pool, else the first (default first)
+        whose workers offer it; ``(None, why)`` when no pool here can ever run it."""
+        if not resources:
+            return next(iter(self.pool_offers)), ""
+        wanted = resources.get("pool")
+        if wanted and wanted not in self.pool_offers:
+            return None, f"no pool named {wanted!r} at this endpoint (pools: {', '.join(self.pool_offers)})"
+        for name in [wanted] if wanted else list(self.pool_offers):
+            offers = self.pool_offers[name]
+            if all(
+                _fits(resources.get(k), offers.get(k), k == "gpus") for k in ("cores", "memory_gb", "gpus")
+            ):
+                return name, ""
+        shapes = "; ".join(f"{n}: {o}" for n, o in self.pool_offers.items())
+        return None, f"no pool offers {resources} per worker (pools: {shapes})"
 
     def code_missing(self, digests: list[str]) -> None:
         """The manager does not have this code: fail the tasks that need it."""
@@ -189,8 +219,8 @@ class Scheduler:
             pool.info.update(info)
         return True
 
-    def add_worker(self, identity: bytes, worker_id: str, pool_id: str) -> None:
-        w = WorkerState(identity, worker_id, pool_id)
+    def add_worker(self, identity: bytes, worker_id: str, pool_id: str, pool_name: str = "default") -> None:
+        w = WorkerState(identity, worker_id, pool_id, pool_name=pool_name)
         self.workers[identity] = w
         self.worker_by_id[worker_id] = identity
         pool = self.pools.get(pool_id)
@@ -272,34 +302,39 @@ class Scheduler:
                     )
                     continue
             self.counters["requeued"] += 1
-            self.queue.appendleft(task_id)
+            self.queues[t.pool].appendleft(task_id)
 
     # ---- dispatch ----------------------------------------------------------------------------
 
     def dispatch(self) -> None:
-        """Hand queued tasks (FIFO) to the least-loaded worker whose depth the task allows.
-
-        Idle workers get work before any worker prefetches; each worker gets one message.
-        """
-        if not self.queue or not self.workers:
+        """Hand each pool's queued tasks (FIFO) to the least-loaded of its workers whose depth the
+        task allows. Idle workers get work before any worker prefetches; one message per worker."""
+        if not self.workers:
             return
         now = self.clock()
+        for pool_name, queue in self.queues.items():
+            if queue:
+                self._dispatch_pool(pool_name, queue, now)
+
+    def _dispatch_pool(self, pool_name: str, queue: deque[bytes], now: float) -> None:
         load = [
-            (len(w.assigned), i, w) for i, w in enumerate(self.workers.values()) if self._accepting(w, now)
+            (len(w.assigned), i, w)
+            for i, w in enumerate(self.workers.values())
+            if w.pool_name == pool_name and self._accepting(w, now)
         ]
         heapq.heapify(load)
         batches: dict[bytes, tuple[list, dict]] = {}
-        while self.queue and load:
-            task_id = self.queue[0]
+        while queue and load:
+            task_id = queue[0]
             t = self.tasks.get(task_id)
             if t is None:  # cancelled while queued
-                self.queue.popleft()
+                queue.popleft()
                 continue
             digest = t.record[m.T_FUNCTION]
             depth, i, w = load[0]
             if depth > self.prefetch(digest):
                 break  # even the least-loaded worker is full for this task
-            self.queue.popleft()
+            queue.popleft()
             batch, code = batches.setdefault(w.identity, ([], {}))
             if digest not in w.known_code:
                 blob = self.code.get(digest)
@@ -311,7 +346,7 @@ class Scheduler:
                 w.known_code.add(digest)
             t.worker = w.identity
             if not w.assigned:
-                w.head_since = self.clock()
+                w.head_since = now
             w.assigned.append(task_id)
             batch.append(t.record)
             heapq.heapreplace(load, (depth + 1, i, w))
@@ -399,8 +434,11 @@ class Scheduler:
         self.counters["completed"] += 1
         self.results.append(res)
 
-    def outstanding(self) -> int:
-        return len(self.tasks)
+    def outstanding(self, pool_name: str | None = None) -> int:
+        """Tasks held here (waiting or running), for one pool or all: what scaling looks at."""
+        if pool_name is None:
+            return len(self.tasks)
+        return sum(1 for t in list(self.tasks.values()) if t.pool == pool_name)
 
     def idle_pools(self) -> list[str]:
         """Pools none of whose workers hold a task (safe to scale in)."""
@@ -409,7 +447,8 @@ class Scheduler:
 
     def snapshot(self) -> dict[str, Any]:
         return {
-            "queued": len(self.queue),
+            "queued": sum(len(q) for q in self.queues.values()),
+            "queued_by_pool": {name: len(q) for name, q in self.queues.items()},
             "outstanding": len(self.tasks),
             "workers": len(self.workers),
             "pools": {
@@ -424,3 +463,13 @@ class Scheduler:
             "busy_workers": sum(1 for w in self.workers.values() if w.assigned),
             **self.counters,
         }
+
+
+def _fits(wanted: Any, offered: Any, counted: bool) -> bool:
+    """Does one worker offer what a task asks? Undeclared cores/memory fit any request; GPUs are
+    counted (a worker without accelerators offers 0)."""
+    if wanted is None:
+        return True
+    if offered is None:
+        return not counted
+    return wanted <= offered

@@ -96,7 +96,11 @@ class Worker:
             self.config["token"],
             self.worker_id,
             {**runtime_versions(), "protocol": m.PROTOCOL_VERSION},
-            {"pool_id": self.pool_id, "pid": os.getpid()},
+            {
+                "pool_id": self.pool_id,
+                "pool_name": self.config.get("pool_name", "default"),
+                "pid": os.getpid(),
+            },
         )
         self.sock.send(m.pack(hello))
 
@@ -186,7 +190,7 @@ class Worker:
         return fn
 
     def execute(self, rec: list) -> list:
-        task_id, digest, payload, timeout_s, serializer = rec
+        task_id, digest, payload, timeout_s, serializer = rec[: m.T_RESOURCES]
         out, err = BoundedText(self.output_limit), BoundedText(self.output_limit)
         try:
             fn = self._function(digest)

@@ -89,6 +89,8 @@ class Executor(cf.Executor):
         result_serializer: ``"auto"`` (msgpack for plain data, else dill), ``"dill"`` or ``"msgpack"``.
         payload_limit_bytes: largest arguments accepted (``PayloadTooLarge`` above it).
         batch_size: most tasks sent in one message to the manager.
+        resources: what each task needs: ``{"cores": 2, "memory_gb": 8, "gpus": 1, "pool": "gpu"}``
+            (any subset); the endpoint runs it on a pool that offers it, or fails it at once.
     """
 
     def __init__(
@@ -104,9 +106,15 @@ class Executor(cf.Executor):
         connect_timeout_s: float = 10.0,
         cancel_timeout_s: float = 10.0,
         home: str | None = None,
+        resources: dict[str, Any] | None = None,
     ):
         if task_timeout_s is not None and task_timeout_s <= 0:
             raise ValueError(f"task_timeout_s must be positive, got {task_timeout_s!r}")
+        if resources is not None:
+            problem = m.check_resources(resources)
+            if problem:
+                raise ValueError(f"resources: {problem}")
+        self.resources = dict(resources) if resources else None
         config = ClientConfig.resolve(manager, token, home)
         self.endpoint = endpoint
         self.task_timeout_s = task_timeout_s
@@ -176,7 +184,7 @@ class Executor(cf.Executor):
         task_id = os.urandom(m.TASK_ID_BYTES)
         fut = DLHubFuture(task_id, self)
         self._futures[task_id] = fut
-        rec = [task_id, digest, payload, self.task_timeout_s, self.result_serializer]
+        rec = [task_id, digest, payload, self.task_timeout_s, self.result_serializer, self.resources]
         self._conn.send(("task", self.endpoint, fut, rec))
         return fut
 

@@ -13,6 +13,7 @@ endpoint registers again (the endpoint drops ids it already holds).
 
 from __future__ import annotations
 
+import json
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -108,6 +109,7 @@ class Router:
                     "state": state,
                     "timeout_s": rec[m.T_TIMEOUT],
                     "result_serializer": rec[m.T_SERIALIZER],
+                    "resources": json.dumps(rec[m.T_RESOURCES]) if rec[m.T_RESOURCES] else None,
                     "t_received": now,
                     "t_dispatched": now if ep.connected else None,
                     "payload": rec[m.T_PAYLOAD],
@@ -277,6 +279,7 @@ class Router:
                 row["payload"] or b"",
                 row["timeout_s"],
                 row["result_serializer"],
+                json.loads(row["resources"]) if row.get("resources") else None,
             )
             self.tasks[row["task_id"]] = TaskEntry(rec, row["endpoint"], b"", "queued")
             ep.pending[row["task_id"]] = None

@@ -25,7 +25,7 @@ import sqlalchemy as sa
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: tasks.resources
 metadata = sa.MetaData()
 
 tasks_table = sa.Table(
@@ -39,6 +39,7 @@ tasks_table = sa.Table(
     sa.Column("state", sa.String(16), nullable=False, index=True),
     sa.Column("timeout_s", sa.Float, nullable=True),
     sa.Column("result_serializer", sa.String(16), nullable=False),
+    sa.Column("resources", sa.Text, nullable=True),  # JSON of the task's resource request
     sa.Column("t_received", sa.Float, nullable=False),
     sa.Column("t_dispatched", sa.Float, nullable=True),
     sa.Column("t_started", sa.Float, nullable=True),
@@ -93,16 +94,35 @@ def make_engine(url: str) -> sa.Engine:
     return engine
 
 
+# version -> statements that bring a database from the version before up to it
+MIGRATIONS: dict[int, list[str]] = {2: ["ALTER TABLE tasks ADD COLUMN resources TEXT"]}
+
+
 def migrate(engine: sa.Engine) -> None:
-    """Create missing tables and record the schema version (future versions migrate here)."""
+    """Create missing tables, then apply each migration the database has not seen, in order."""
+    fresh = not sa.inspect(engine).has_table("tasks")
     metadata.create_all(engine)
     with engine.begin() as conn:
         row = conn.execute(sa.select(meta_table.c.value).where(meta_table.c.key == "schema_version")).first()
+        if fresh:
+            version = SCHEMA_VERSION
+        else:  # a database from before versions were recorded is version 1
+            version = int(row[0]) if row is not None else 1
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"database schema version {version} is newer than this manager ({SCHEMA_VERSION}); "
+                "upgrade dlhub"
+            )
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in MIGRATIONS.get(target, []):
+                conn.exec_driver_sql(statement)
         if row is None:
             conn.execute(meta_table.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
-        elif int(row[0]) > SCHEMA_VERSION:
-            raise RuntimeError(
-                f"database schema version {row[0]} is newer than this manager ({SCHEMA_VERSION})"
+        else:
+            conn.execute(
+                meta_table.update()
+                .where(meta_table.c.key == "schema_version")
+                .values(value=str(SCHEMA_VERSION))
             )
 
 

@@ -82,6 +82,12 @@ class TaskCancelled(DLHubError):
     code = "cancelled"
 
 
+class ResourceUnavailable(DLHubError):
+    """No pool of the endpoint offers the resources the task asked for."""
+
+    code = "resources"
+
+
 class SerializationError(DLHubError):
     """A value could not be serialized or deserialized (its type is named in the message)."""
 
@@ -132,6 +138,7 @@ ERROR_TYPES: dict[str, type[DLHubError]] = {
         TaskLost,
         TaskTimeout,
         TaskCancelled,
+        ResourceUnavailable,
         SerializationError,
         VersionMismatch,
     )

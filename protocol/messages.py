@@ -8,7 +8,7 @@ Per-task records inside batches are plain lists, not objects, so that a batch of
 tasks costs one C-level msgpack call per hop:
 
     task   = [task_id: bytes(16), function: str (code digest), payload: bytes,
-              timeout_s: float | None, result_serializer: str]
+              timeout_s: float | None, result_serializer: str, resources: dict | None]
     result = [task_id, state: str, payload: bytes | None, error: list | None,
               timing: [t_start, t_end] | None, output: [stdout, stderr] | None]
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import msgpack
 
@@ -34,8 +34,9 @@ DEFAULT_MAX_FRAME_BYTES = 256 * 1024 * 1024 + 1024 * 1024  # payload limit plus 
 TASK_ID_BYTES = 16
 
 # task record field positions
-T_ID, T_FUNCTION, T_PAYLOAD, T_TIMEOUT, T_SERIALIZER = range(5)
-TASK_FIELDS = 5
+T_ID, T_FUNCTION, T_PAYLOAD, T_TIMEOUT, T_SERIALIZER, T_RESOURCES = range(6)
+TASK_FIELDS = 6
+RESOURCE_KEYS = {"cores": (int, float), "memory_gb": (int, float), "gpus": (int,), "pool": (str,)}
 # result record field positions
 R_ID, R_STATE, R_PAYLOAD, R_ERROR, R_TIMING, R_OUTPUT = range(6)
 RESULT_FIELDS = 6
@@ -301,13 +302,32 @@ def _check_records(records: list, arity: int, what: str) -> None:
         tid = rec[0]
         if not isinstance(tid, bytes) or len(tid) != TASK_ID_BYTES:
             raise ProtocolError(f"{what} #{i} has a malformed task id")
-        if arity == TASK_FIELDS:
+        if what == "task":
             if not isinstance(rec[T_FUNCTION], str) or not isinstance(rec[T_PAYLOAD], bytes):
                 raise ProtocolError(f"task #{i} needs a function digest (str) and payload (bytes)")
             if rec[T_TIMEOUT] is not None and not isinstance(rec[T_TIMEOUT], (int, float)):
                 raise ProtocolError(f"task #{i} timeout_s must be a number or nil")
+            if rec[T_RESOURCES] is not None:
+                problem = check_resources(rec[T_RESOURCES])
+                if problem:
+                    raise ProtocolError(f"task #{i} resources: {problem}")
         elif not isinstance(rec[R_STATE], str):
             raise ProtocolError(f"result #{i} state must be a string")
+
+
+def check_resources(resources: Any) -> str | None:
+    """What is wrong with a resource request (None when it is fine)."""
+    if not isinstance(resources, dict):
+        return f"must be a mapping, got {type(resources).__name__}"
+    for key, value in resources.items():
+        types = RESOURCE_KEYS.get(key)
+        if types is None:
+            return f"unknown key {key!r} (known: {', '.join(RESOURCE_KEYS)})"
+        if not isinstance(value, types) or isinstance(value, bool):
+            return f"{key} must be {' or '.join(t.__name__ for t in types)}, got {value!r}"
+        if not isinstance(value, str) and value < 0:
+            return f"{key} must not be negative, got {value!r}"
+    return None
 
 
 def task_record(
@@ -316,8 +336,9 @@ def task_record(
     payload: bytes,
     timeout_s: float | None = None,
     result_serializer: str = "auto",
+    resources: dict | None = None,
 ) -> list:
-    return [task_id, function, payload, timeout_s, result_serializer]
+    return [task_id, function, payload, timeout_s, result_serializer, resources]
 
 
 def result_record(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pydantic
 import pytest
 import yaml
+
 from dlhub.endpoint.config import ConfigError, EndpointConfig, dump_config, load_config, parse_config
 
 GOOD = {

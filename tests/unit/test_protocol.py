@@ -9,6 +9,7 @@ import traceback
 import msgpack
 import numpy as np
 import pytest
+
 from dlhub.protocol import (
     PROTOCOL_VERSION,
     PayloadTooLarge,
@@ -199,13 +200,20 @@ def test_wrong_field_type(frame, text):
 @pytest.mark.parametrize(
     "record, text",
     [
-        ([tid(1), "f", b"", None], "task #0 must be a list of 5 fields"),
-        ("not a list", "task #0 must be a list of 5 fields"),
-        ([b"short", "f", b"", None, "auto"], "task #0 has a malformed task id"),
-        (["0" * 16, "f", b"", None, "auto"], "task #0 has a malformed task id"),
-        ([tid(1), 5, b"", None, "auto"], r"task #0 needs a function digest \(str\) and payload \(bytes\)"),
-        ([tid(1), "f", "text", None, "auto"], r"task #0 needs a function digest \(str\) and payload"),
-        ([tid(1), "f", b"", "soon", "auto"], "task #0 timeout_s must be a number or nil"),
+        ([tid(1), "f", b"", None, "auto"], "task #0 must be a list of 6 fields"),
+        ("not a list", "task #0 must be a list of 6 fields"),
+        ([b"short", "f", b"", None, "auto", None], "task #0 has a malformed task id"),
+        (["0" * 16, "f", b"", None, "auto", None], "task #0 has a malformed task id"),
+        (
+            [tid(1), 5, b"", None, "auto", None],
+            r"task #0 needs a function digest \(str\) and payload \(bytes\)",
+        ),
+        ([tid(1), "f", "text", None, "auto", None], r"task #0 needs a function digest \(str\) and payload"),
+        ([tid(1), "f", b"", "soon", "auto", None], "task #0 timeout_s must be a number or nil"),
+        ([tid(1), "f", b"", None, "auto", "gpu"], "task #0 resources: must be a mapping, got str"),
+        ([tid(1), "f", b"", None, "auto", {"gpu": 1}], "task #0 resources: unknown key 'gpu'"),
+        ([tid(1), "f", b"", None, "auto", {"gpus": 0.5}], "task #0 resources: gpus must be int, got 0.5"),
+        ([tid(1), "f", b"", None, "auto", {"cores": -1}], "task #0 resources: cores must not be negative"),
     ],
 )
 def test_malformed_task_record(record, text):
@@ -237,7 +245,8 @@ def test_oversized_frame():
 
 
 def test_record_helpers_match_field_positions():
-    rec = m.task_record(tid(5), "sha256:x", b"p", 1.5, "dill")
+    rec = m.task_record(tid(5), "sha256:x", b"p", 1.5, "dill", {"gpus": 1})
+    assert rec[m.T_RESOURCES] == {"gpus": 1}
     assert (rec[m.T_ID], rec[m.T_FUNCTION], rec[m.T_PAYLOAD], rec[m.T_TIMEOUT], rec[m.T_SERIALIZER]) == (
         tid(5),
         "sha256:x",

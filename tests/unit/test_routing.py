@@ -6,6 +6,7 @@ import sqlite3
 import threading
 
 import pytest
+
 from dlhub.manager.routing import Router
 from dlhub.manager.store import TaskStore, make_engine, migrate, unpack_error
 from dlhub.protocol import messages as m

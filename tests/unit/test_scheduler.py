@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from dlhub.endpoint.scheduler import Scheduler
 from dlhub.protocol import messages as m
 
