@@ -68,6 +68,7 @@ class Endpoint:
         self._last_hello = 0.0
         self._draining_since: float | None = None
         self._ended_blocks: set[str] = set()
+        self._terminal_since: dict[str, float] = {}  # block -> when a terminal status was first seen
         self._early_failures = 0  # consecutive blocks that ended before their pool registered
         self.block_errors: dict[str, dict[str, Any]] = {}  # blocks that ended before their pool ran
         self._stop = threading.Event()
@@ -322,12 +323,20 @@ class Endpoint:
                 log.warning("cannot ask the provider about blocks %s: %s", watch, exc)
                 continue
             for block_id, st in zip(watch, statuses):
-                if st is not None and st.terminal:
-                    self._block_ended(ex, name, block_id, st, by_block.get(f"{name}/{block_id}"))
+                key = f"{name}/{block_id}"
+                if st is None or not st.terminal:
+                    self._terminal_since.pop(key, None)
+                    continue
+                # Confirm before acting: just after sbatch, sacct does not know the job yet and
+                # Parsl's Slurm provider reports a job it cannot see as COMPLETED.
+                first = self._terminal_since.setdefault(key, now)
+                if now - first >= max(1.0, self.config.heartbeat_s):
+                    self._block_ended(ex, name, block_id, st, by_block.get(key))
 
     def _block_ended(self, ex: Any, pool_name: str, block_id: str, st: Any, pool: Any) -> None:
         key = f"{pool_name}/{block_id}"
         self._ended_blocks.add(key)
+        ex.mark_ended(block_id, st)
         job_id = ex.blocks_to_job_id[block_id]
         kind = self.config.all_pools()[pool_name].provider.type
         reason = f"block {key} ({kind} job {job_id}) ended: {st.state.name}"

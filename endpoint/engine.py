@@ -185,6 +185,11 @@ class PoolExecutor(BlockProviderExecutor):
         killed = self.provider.cancel(job_ids)
         return [self.job_ids_to_block[j] for j in self._filter_scale_in_ids(job_ids, killed)]
 
+    def mark_ended(self, block_id: str, status: Any) -> None:
+        """Record a block's end that we learned before Parsl's own poll (5-60 s apart), so its
+        strategy counts it gone and starts a replacement at its next tick."""
+        self._status[block_id] = status
+
     def cancel_all(self) -> None:
         live = [
             self.blocks_to_job_id[b]

@@ -32,6 +32,7 @@ from dlhub.protocol.serialize import runtime_versions
 log = logging.getLogger("dlhub.pool")
 
 SCHEDULER_JOB_VARS = ("SLURM_JOB_ID", "PBS_JOBID", "COBALT_JOBID", "LSB_JOBID")
+BLOCK_SIGNAL_GRACE_S = 0.5
 ACCELERATOR_VARS = ("CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "ZE_AFFINITY_MASK")
 
 
@@ -148,11 +149,19 @@ class Pool:
             code = proc.poll()
             if code is None:
                 continue
+            if code < 0 and not self.stopping:
+                # A scheduler ending the job (scancel, walltime) signals every process in it; the
+                # worker may die first. Give our own signal a moment to arrive: if it does, this
+                # is the block ending (its tasks are retried), not a worker dying (WorkerLost).
+                deadline = time.monotonic() + BLOCK_SIGNAL_GRACE_S
+                while not self.stopping and time.monotonic() < deadline:
+                    time.sleep(0.02)
+            if self.stopping:
+                return
             del self.workers[worker_id]
             reason = f"exit code {code}" if code >= 0 else f"killed by signal {-code}"
             sock.send(m.pack(m.WorkerDied(worker_id, code, reason)))
-            if not self.stopping:
-                self._spawn(proc.slot)  # type: ignore[attr-defined]
+            self._spawn(proc.slot)  # type: ignore[attr-defined]
 
     def _stop_workers(self) -> None:
         for proc in self.workers.values():
