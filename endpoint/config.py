@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -210,25 +218,25 @@ class EndpointConfig(_Frozen):
         """Every pool, the default one first."""
         return {DEFAULT_POOL: NamedPoolConfig(provider=self.provider, pool=self.pool), **self.pools}
 
-    @model_validator(mode="after")
-    def _pool_names(self):
+    @field_validator("pools")
+    @classmethod
+    def _pool_names(cls, pools: dict[str, NamedPoolConfig]) -> dict[str, NamedPoolConfig]:
         import re
 
-        for name in self.pools:
+        for name in pools:
             if name == DEFAULT_POOL or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}", name):
                 raise ValueError(
                     f"pool name {name!r} must be letters, digits, - or _ (up to 32) and not 'default'"
                 )
-        return self
+        return pools
 
-    @model_validator(mode="after")
-    def _threshold_covers_heartbeats(self):
-        if self.heartbeat_threshold_s < 2 * self.heartbeat_s:
-            raise ValueError(
-                f"heartbeat_threshold_s ({self.heartbeat_threshold_s}) must be at least twice "
-                f"heartbeat_s ({self.heartbeat_s})"
-            )
-        return self
+    @field_validator("heartbeat_threshold_s")
+    @classmethod
+    def _threshold_covers_heartbeats(cls, threshold: float, info: ValidationInfo) -> float:
+        beat = info.data.get("heartbeat_s")
+        if beat is not None and threshold < 2 * beat:
+            raise ValueError(f"must be at least twice heartbeat_s ({beat})")
+        return threshold
 
 
 def _members(annotation: Any) -> list[type[BaseModel]]:
@@ -295,7 +303,10 @@ def _explain(exc: ValidationError, source: str) -> str:
         elif err["type"] == "string_pattern_mismatch" and path[-1] == "walltime":
             lines.append(f"  {where}: expected HH:MM:SS or D-HH:MM:SS, got {err.get('input')!r}")
         else:
-            lines.append(f"  {where}: {err['msg']} (got {err.get('input')!r})")
+            value = err.get("input")
+            got = "" if isinstance(value, (dict, list)) else f" (got {value!r})"  # never echo tokens
+            message = err["msg"].removeprefix("Value error, ")
+            lines.append(f"  {where}: {message}{got}")
     return "\n".join(lines)
 
 

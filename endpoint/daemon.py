@@ -69,7 +69,7 @@ class Endpoint:
         self._draining_since: float | None = None
         self._ended_blocks: set[str] = set()
         self._terminal_since: dict[str, float] = {}  # block -> when a terminal status was first seen
-        self._early_failures = 0  # consecutive blocks that ended before their pool registered
+        self._early_failures: dict[str, int] = {}  # pool -> blocks in a row that ended before registering
         self.block_errors: dict[str, dict[str, Any]] = {}  # blocks that ended before their pool ran
         self._stop = threading.Event()
         self.poller = None
@@ -347,18 +347,17 @@ class Endpoint:
             log.warning("%s; its tasks were re-queued", reason)
             return
         tail = _tail(st.stderr_path) or _tail(st.stdout_path)
-        self._early_failures += 1
+        failures = self._early_failures[pool_name] = self._early_failures.get(pool_name, 0) + 1
         self.block_errors[key] = {"job_id": job_id, "state": st.state.name, "reason": reason, "output": tail}
         log.error("%s before its pool started (check worker_init):\n%s", reason, tail)
-        if self._early_failures >= MAX_EARLY_BLOCK_FAILURES and self.scheduler.reject_with is None:
+        if failures >= MAX_EARLY_BLOCK_FAILURES and pool_name not in self.scheduler.refused_pools:
             message = (
-                f"endpoint {self.config.name!r} cannot start workers: {self._early_failures} blocks "
-                f"in a row ended before their pool started; last: {reason}: {tail[-1000:]}"
+                f"endpoint {self.config.name!r} cannot start workers in pool {pool_name!r}: {failures} "
+                f"blocks in a row ended before their pool started; last: {reason}: {tail[-1000:]}"
             )
-            log.error("%s; scaling stopped, tasks are failed until the endpoint is restarted", message)
-            for executor in self.executors.values():  # Parsl's strategy skips them now
-                executor.set_bad_state_and_fail_all(RuntimeError(message))
-            self.scheduler.refuse_new_work(errors.infra_error("lost", message))
+            log.error("%s; its scaling stopped and its tasks fail until a restart", message)
+            ex.set_bad_state_and_fail_all(RuntimeError(message))  # Parsl's strategy skips it now
+            self.scheduler.refuse_pool(pool_name, errors.infra_error("lost", message))
 
     # ---- messages from the manager -------------------------------------------------------------
 
@@ -442,7 +441,7 @@ class Endpoint:
                 margin = named.pool.drain_before_walltime_s if named else 60.0
                 self.scheduler.drain_pool_in(hello.name, max(0.0, left - margin))
             log.info("pool %s registered (block %s)", hello.name, hello.info.get("block_id"))
-            self._early_failures = 0
+            self._early_failures[str(hello.info.get("pool_name", "default"))] = 0
             self._send_worker(identity, m.Welcome(self.session, {}))
         elif hello.role == "worker":
             self.scheduler.add_worker(
@@ -472,7 +471,7 @@ class Endpoint:
             "updated": time.time(),
             "blocks": {name: ex.block_states() for name, ex in self.executors.items()},
             "block_errors": self.block_errors,
-            "failing": self.scheduler.reject_with[1] if self.scheduler.reject_with else None,
+            "failing": {pool: error[1] for pool, error in self.scheduler.refused_pools.items()},
             "versions": runtime_versions(),
             **self.scheduler.snapshot(),
         }

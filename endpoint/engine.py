@@ -29,7 +29,7 @@ from parsl.launchers import (
 )
 from parsl.providers import LocalProvider, PBSProProvider, SlurmProvider, TorqueProvider
 
-from .config import EndpointConfig, ProviderConfig
+from .config import EndpointConfig, ProviderConfig, walltime_seconds
 
 log = logging.getLogger("dlhub.endpoint.engine")
 
@@ -75,7 +75,7 @@ def provider_kwargs(p: ProviderConfig) -> dict[str, Any]:
         return kwargs
     kwargs.update(
         nodes_per_block=p.nodes_per_block,
-        walltime=p.walltime,
+        walltime=hours_minutes_seconds(p.walltime),  # Parsl and PBS read HH:MM:SS, not D-HH:MM:SS
         account=p.account,
         scheduler_options=p.scheduler_options,
     )
@@ -98,6 +98,12 @@ def provider_kwargs(p: ProviderConfig) -> dict[str, Any]:
     return kwargs
 
 
+def hours_minutes_seconds(walltime: str) -> str:
+    """``1-02:03:04`` -> ``26:03:04``: the form Parsl's providers and PBS understand."""
+    seconds = walltime_seconds(walltime)
+    return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
 def build_provider(provider: ProviderConfig) -> Any:
     return provider_class(provider)(**provider_kwargs(provider))
 
@@ -109,7 +115,8 @@ def render_submit_script(provider: ProviderConfig, command: str, script_dir: Pat
     commands: list[str] = []
     if provider.type == "local":  # no scheduler: the "script" is what bash runs
         launcher = build_launcher(provider.launcher)
-        return f"{provider.worker_init}\n{launcher(command, 1, 1)}\n", commands
+        worker_init = provider_kwargs(provider)["worker_init"]  # as LocalProvider will run it
+        return f"{worker_init}\n{launcher(command, 1, 1)}\n", commands
 
     class DryRun(base):  # type: ignore[misc, valid-type]
         def execute_wait(self, cmd, timeout=None):

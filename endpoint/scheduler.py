@@ -103,20 +103,22 @@ class Scheduler:
         self.code_requests: list[str] = []
         self.kill_requests: list[tuple[str, str, str]] = []  # (pool_id, worker_id, reason)
         self.paused = False  # draining for shutdown: nothing new is dispatched
-        self.reject_with: list | None = None  # set when no block can start: fail tasks at once
+        self.refused_pools: dict[str, list] = {}  # pools whose blocks cannot start -> the error
         self.counters = {"received": 0, "completed": 0, "worker_lost": 0, "requeued": 0}
 
     # ---- tasks and code from the manager ----------------------------------------------------
 
-    def refuse_new_work(self, error: list) -> None:
-        """The endpoint cannot run anything (its blocks keep failing): fail what waits, and what
-        comes, with ``error`` instead of letting it wait forever."""
-        self.reject_with = error
-        waiting = [t for q in self.queues.values() for t in q if t in self.tasks]
-        waiting += [t for ids in self.waiting_code.values() for t in ids if t in self.tasks]
-        for q in self.queues.values():
-            q.clear()
-        self.waiting_code.clear()
+    def refuse_pool(self, pool_name: str, error: list) -> None:
+        """A pool cannot start workers (its blocks keep failing): fail its waiting tasks, and the
+        ones that come for it, with ``error`` instead of letting them wait forever."""
+        self.refused_pools[pool_name] = error
+        queue = self.queues[pool_name]
+        waiting = [t for t in queue if t in self.tasks]
+        queue.clear()
+        for digest, ids in list(self.waiting_code.items()):
+            mine = [t for t in ids if t in self.tasks and self.tasks[t].pool == pool_name]
+            waiting += mine
+            self.waiting_code[digest] = [t for t in ids if t not in mine]
         for task_id in waiting:
             self._fail(task_id, error)
 
@@ -128,12 +130,12 @@ class Scheduler:
             if task_id in self.tasks:
                 continue
             t = self.tasks[task_id] = TaskState(rec)
-            if self.reject_with is not None:
-                self._fail(task_id, self.reject_with)
-                continue
             pool, why = self.choose_pool(rec[m.T_RESOURCES])
             if pool is None:
                 self._fail(task_id, errors.infra_error("resources", why))
+                continue
+            if pool in self.refused_pools:
+                self._fail(task_id, self.refused_pools[pool])
                 continue
             t.pool = pool
             digest = rec[m.T_FUNCTION]
