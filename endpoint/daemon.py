@@ -68,6 +68,7 @@ class Endpoint:
         self._last_hello = 0.0
         self._draining_since: float | None = None
         self._ended_blocks: set[str] = set()
+        self.version_warnings: list[str] = []  # shown in status
         self._terminal_since: dict[str, float] = {}  # block -> when a terminal status was first seen
         self._early_failures: dict[str, int] = {}  # pool -> blocks in a row that ended before registering
         self.block_errors: dict[str, dict[str, Any]] = {}  # blocks that ended before their pool ran
@@ -424,15 +425,15 @@ class Endpoint:
             str(theirs.get("python", "")).rsplit(".", 1)[0],
             theirs.get("dill"),
         ):
-            log.warning(
-                "%s %s runs Python %s / dill %s; the endpoint has Python %s / dill %s",
-                hello.role,
-                hello.name,
-                theirs.get("python"),
-                theirs.get("dill"),
-                mine["python"],
-                mine["dill"],
+            warning = (
+                f"{hello.role}s of pool {hello.info.get('pool_name', 'default')!r} run Python "
+                f"{theirs.get('python')} / dill {theirs.get('dill')} but the endpoint runs Python "
+                f"{mine['python']} / dill {mine['dill']}: functions sent by value may not load "
+                "(set pool.python or worker_init to a matching environment)"
             )
+            if warning not in self.version_warnings:
+                self.version_warnings.append(warning)
+                log.warning("%s", warning)
         if hello.role == "pool":
             self.scheduler.add_pool(identity, hello.name, str(hello.info.get("block_id")), dict(hello.info))
             left = hello.info.get("walltime_left_s")
@@ -471,6 +472,7 @@ class Endpoint:
             "updated": time.time(),
             "blocks": {name: ex.block_states() for name, ex in self.executors.items()},
             "block_errors": self.block_errors,
+            "version_warnings": self.version_warnings,
             "failing": {pool: error[1] for pool, error in self.scheduler.refused_pools.items()},
             "versions": runtime_versions(),
             **self.scheduler.snapshot(),
