@@ -54,9 +54,12 @@ def _sbatch_test_only(name: str, script: str, tmp: Path, timeout_s: float) -> Ch
         return False, title, "sbatch is not on PATH: is this a Slurm login node?"
     path = tmp / "test-only.sh"
     path.write_text(script)
-    proc = subprocess.run(
-        ["sbatch", "--test-only", str(path)], capture_output=True, text=True, timeout=timeout_s
-    )
+    try:
+        proc = subprocess.run(
+            ["sbatch", "--test-only", str(path)], capture_output=True, text=True, timeout=timeout_s
+        )
+    except subprocess.TimeoutExpired:
+        return False, title, f"sbatch did not answer within {timeout_s:.0f} s (is slurmctld up?)"
     out = (proc.stdout + proc.stderr).strip()
     return proc.returncode == 0, title, out
 

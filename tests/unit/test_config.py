@@ -149,7 +149,7 @@ def test_init_blocks_above_max_blocks(tmp_path):
 
 def test_threshold_must_cover_two_heartbeats(tmp_path):
     msg = error_for(tmp_path, with_changes(heartbeat_s=2.0, heartbeat_threshold_s=3.0))
-    assert "heartbeat_threshold_s (3.0) must be at least twice heartbeat_s (2.0)" in msg
+    assert "heartbeat_threshold_s: must be at least twice heartbeat_s (2.0)" in msg
 
 
 @pytest.mark.parametrize("raw, kind", [("- a\n- b\n", "list"), ("just text\n", "str"), ("", "NoneType")])
@@ -171,3 +171,95 @@ def test_several_problems_are_reported_together():
     msg = str(info.value)
     assert msg.startswith("invalid endpoint config <test>:")
     assert "heartbeat_sec" in msg and "pool.workers_per_node" in msg
+
+
+# ---- named pools and accelerators ----------------------------------------------------------------
+
+
+def test_named_pools_load_default_first():
+    data = with_changes()
+    data["pools"] = {
+        "gpu": {"provider": {"type": "slurm", "partition": "gpu"}, "pool": {"accelerators": ["0", "1"]}},
+        "big-mem": {"pool": {"workers_per_node": 1, "memory_per_worker_gb": 512}},
+    }
+    cfg = parse_config(data)
+    pools = cfg.all_pools()
+    assert list(pools) == ["default", "gpu", "big-mem"]
+    assert pools["default"].provider == cfg.provider and pools["default"].pool == cfg.pool
+    assert pools["gpu"].provider.type == "slurm" and pools["gpu"].provider.partition == "gpu"
+    assert pools["big-mem"].provider.type == "local"  # a named pool's provider defaults to local
+    assert pools["gpu"].pool.offers() == {"cores": None, "memory_gb": None, "gpus": 1}
+    assert pools["big-mem"].pool.offers() == {"cores": None, "memory_gb": 512, "gpus": 0}
+    assert cfg.pool.offers()["gpus"] == 0
+
+
+@pytest.mark.parametrize("name", ["default", "bad name", "-starts-with-dash", "a" * 33, "dot.ted"])
+def test_bad_pool_names_are_refused(name):
+    data = with_changes()
+    data["pools"] = {name: {}}
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, "<test>")
+    msg = str(info.value)
+    assert f"pool name {name!r} must be letters, digits, - or _ (up to 32) and not 'default'" in msg
+
+
+def test_good_pool_names_are_accepted():
+    data = with_changes()
+    data["pools"] = {"gpu_A100-x": {}, "a" * 32: {}, "9": {}}
+    assert list(parse_config(data).all_pools()) == ["default", "gpu_A100-x", "a" * 32, "9"]
+
+
+def test_cross_key_errors_name_the_key_and_never_echo_the_token():
+    data = with_changes()
+    data["pools"] = {"default": {}}
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, "<test>")
+    msg = str(info.value)
+    assert "dlh_secret" not in msg
+    assert "\n  pools: pool name 'default' must be" in msg
+    with pytest.raises(ConfigError) as info:
+        parse_config(with_changes(heartbeat_s=2.0, heartbeat_threshold_s=3.0), "<test>")
+    msg = str(info.value)
+    assert "dlh_secret" not in msg
+    assert "heartbeat_threshold_s: must be at least twice heartbeat_s (2.0) (got 3.0)" in msg
+
+
+def test_accelerators_fill_workers_per_node():
+    data = with_changes()
+    data["pool"] = {"accelerators": ["0", "1", "2"]}
+    cfg = parse_config(data)
+    assert cfg.pool.workers_per_node == 3 and cfg.pool.accelerators == ["0", "1", "2"]
+    data["pools"] = {"gpu": {"pool": {"accelerators": ["0.0", "0.1"]}}}
+    assert parse_config(data).pools["gpu"].pool.workers_per_node == 2
+
+
+def test_accelerators_must_match_workers_per_node():
+    data = with_changes()
+    data["pool"] = {"accelerators": ["0", "1"], "workers_per_node": 3}
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, "<test>")
+    assert "pool: " in str(info.value)
+    assert "workers_per_node (3) must equal the number of accelerators (2)" in str(info.value)
+    data = with_changes()
+    data["pools"] = {"gpu": {"pool": {"accelerators": ["0"], "workers_per_node": 2}}}
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, "<test>")
+    assert "pools.gpu" in str(info.value)
+    assert "workers_per_node (2) must equal the number of accelerators (1)" in str(info.value)
+
+
+def test_matching_explicit_workers_per_node_is_fine():
+    data = with_changes()
+    data["pool"] = {"accelerators": ["0", "1"], "workers_per_node": 2}
+    assert parse_config(data).pool.workers_per_node == 2
+
+
+def test_walltime_with_days_is_accepted_and_counted():
+    from dlhub.endpoint.config import walltime_seconds
+
+    data = with_changes()
+    data["provider"] = {"type": "pbspro", "walltime": "1-02:03:04"}
+    cfg = parse_config(data)
+    assert cfg.provider.walltime == "1-02:03:04"
+    assert walltime_seconds(cfg.provider.walltime) == 93784
+    assert walltime_seconds("0-00:00:59") == 59
