@@ -131,6 +131,15 @@ def spawn_detached(args: list[str], log_file: Path, env: dict[str, str] | None =
     return proc.pid
 
 
+def is_zombie(pid: int) -> bool:
+    """An exited process its (adoptive) parent has not reaped yet; Linux only, else False."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def wait_for(predicate, timeout_s: float, interval_s: float = 0.02) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -155,9 +164,11 @@ def stop_process(pid: int | None, timeout_s: float = 20.0, sig: int = signal.SIG
         except ProcessLookupError:
             return True
         try:  # reap it if it is our child
-            return os.waitpid(pid, os.WNOHANG)[0] == pid
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return True
         except ChildProcessError:
-            return False
+            pass
+        return is_zombie(pid)
 
     if wait_for(gone, timeout_s, 0.05):
         return True

@@ -33,10 +33,21 @@ def _pid_alive(pid: int | None) -> bool:
         return False
     except PermissionError:
         return True
-    try:  # a zombie child counts as gone
-        return os.waitpid(pid, os.WNOHANG)[0] != pid
+    try:  # a zombie child counts as gone (reap it)
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
     except ChildProcessError:
-        return True
+        pass
+    return not _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    """An exited process its (adoptive) parent has not reaped yet; Linux only, else False."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _read_json(path: Path) -> dict:
