@@ -39,6 +39,7 @@ _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 log = logging.getLogger("dlhub.endpoint")
 
 DRAIN_LIMIT = 1000
+UNSEEN_JOB_GRACE_S = 30.0  # accounting may learn of a new job this late on a busy cluster
 MAX_EARLY_BLOCK_FAILURES = 3  # then stop scaling and fail tasks with the blocks' error
 
 
@@ -319,7 +320,7 @@ class Endpoint:
             if not watch:
                 continue
             try:
-                statuses = ex.provider.status([ex.blocks_to_job_id[b] for b in watch])
+                statuses = ex.fresh_status(watch)
             except Exception as exc:
                 log.warning("cannot ask the provider about blocks %s: %s", watch, exc)
                 continue
@@ -328,10 +329,14 @@ class Endpoint:
                 if st is None or not st.terminal:
                     self._terminal_since.pop(key, None)
                     continue
-                # Confirm before acting: just after sbatch, sacct does not know the job yet and
-                # Parsl's Slurm provider reports a job it cannot see as COMPLETED.
+                # Confirm before acting: the state must hold across queries a while apart. A
+                # block whose pool never registered and that reads COMPLETED may just be
+                # unknown to sacct yet (Parsl reads "missing" as COMPLETED): give it longer.
                 first = self._terminal_since.setdefault(key, now)
-                if now - first >= max(1.0, self.config.heartbeat_s):
+                grace = max(2.0, 2 * self.config.heartbeat_s)
+                if key not in by_block and st.state == JobState.COMPLETED:
+                    grace = max(grace, UNSEEN_JOB_GRACE_S)
+                if now - first >= grace:
                     self._block_ended(ex, name, block_id, st, by_block.get(key))
 
     def _block_ended(self, ex: Any, pool_name: str, block_id: str, st: Any, pool: Any) -> None:

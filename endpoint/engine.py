@@ -19,7 +19,7 @@ from typing import Any
 
 from parsl.executors.status_handling import BlockProviderExecutor
 from parsl.jobs.job_status_poller import JobStatusPoller
-from parsl.jobs.states import TERMINAL_STATES
+from parsl.jobs.states import TERMINAL_STATES, JobState, JobStatus
 from parsl.launchers import (
     AprunLauncher,
     MpiExecLauncher,
@@ -192,9 +192,35 @@ class PoolExecutor(BlockProviderExecutor):
         killed = self.provider.cancel(job_ids)
         return [self.job_ids_to_block[j] for j in self._filter_scale_in_ids(job_ids, killed)]
 
+    def fresh_status(self, block_ids: list[str]) -> list[Any]:
+        """Ask the provider now, bypassing its cache, and leave its cache as it was.
+
+        Parsl's providers never re-query a job once they have seen it terminal, and the Slurm
+        provider reports a job missing from ``sacct`` as COMPLETED; ``sacct`` learns of a job a
+        moment after ``sbatch``. Asking early would cache a false end for good, so each job's
+        cached status is reset before the query and restored after it; :meth:`mark_ended` makes
+        an end stick once the endpoint has confirmed it.
+        """
+        assert self.provider is not None
+        resources = getattr(self.provider, "resources", {})
+        job_ids = [self.blocks_to_job_id[b] for b in block_ids]
+        saved = {j: resources[j]["status"] for j in job_ids if j in resources}
+        for j in saved:
+            resources[j]["status"] = JobStatus(JobState.PENDING)
+        try:
+            return list(self.provider.status(job_ids))
+        finally:
+            for j, status in saved.items():
+                resources[j]["status"] = status
+
     def mark_ended(self, block_id: str, status: Any) -> None:
-        """Record a block's end that we learned before Parsl's own poll (5-60 s apart), so its
-        strategy counts it gone and starts a replacement at its next tick."""
+        """Record a block's confirmed end before Parsl's own poll (5-60 s apart), in the
+        provider's cache and the executor's view, so the strategy counts it gone and starts a
+        replacement at its next tick."""
+        job_id = self.blocks_to_job_id.get(block_id)
+        resources = getattr(self.provider, "resources", {})
+        if job_id in resources:
+            resources[job_id]["status"] = status
         self._status[block_id] = status
 
     def cancel_all(self) -> None:

@@ -10,4 +10,5 @@ fi
 .venv/bin/python -m pip install -q -e '.[dev]'
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+bash scripts/slurm-localhost.sh || echo "scripts/test.sh: Slurm did not come up (above); tests/cluster will fail" >&2
 .venv/bin/python -m pytest "$@"
