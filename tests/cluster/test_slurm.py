@@ -16,9 +16,8 @@ end itself prompt). A job reaches slurmdbd, and so ``sacct``, 0.2-1 s after ``sb
 busy clusters); ``lagging_sacct`` makes that lag a steady 3 s where a test needs it to be
 deterministic.
 
-Product checks raise ``ProductBug`` (an AssertionError) so a failure says whether the product
-or the cluster/harness broke; a broken cluster or harness still
-fails them outright.
+Product checks raise ``ProductBug`` (an AssertionError), so a failure report says whether the
+product or the cluster/harness broke.
 """
 
 from __future__ import annotations
