@@ -475,13 +475,29 @@ class Endpoint:
             "pid": os.getpid(),
             "manager": self.config.manager.address,
             "updated": time.time(),
-            "blocks": {name: ex.block_states() for name, ex in self.executors.items()},
+            "blocks": self._block_states(),
             "block_errors": self.block_errors,
             "version_warnings": self.version_warnings,
             "failing": {pool: error[1] for pool, error in self.scheduler.refused_pools.items()},
             "versions": runtime_versions(),
             **self.scheduler.snapshot(),
         }
+
+    def _block_states(self) -> dict[str, dict[str, Any]]:
+        """Parsl's view of each block (its polls are up to 60 s apart), corrected by what we
+        know first-hand: a block whose pool is registered is running."""
+        registered = {p.block_id: p for p in list(self.scheduler.pools.values())}
+        out = {}
+        for name, ex in self.executors.items():
+            states = ex.block_states()
+            for block_id, state in states.items():
+                pool = registered.get(f"{name}/{block_id}")
+                if pool is not None and state["state"] in ("PENDING", "UNKNOWN"):
+                    state["state"] = "RUNNING"
+                if pool is not None:
+                    state["pool"] = pool.pool_id
+            out[name] = states
+        return out
 
     def _write_status(self) -> None:
         tmp = self.run_dir / "status.json.tmp"

@@ -463,3 +463,32 @@ def test_tasks_fail_with_the_error_when_no_block_can_start(slurm_stack):
     text = str(info.value)
     assert "cannot start workers" in text and "module" in text and "not found" in text, text
     assert len(leaves(cs.status()["block_errors"])) >= 3, describe(cs)
+
+
+# ---- Torque through Debian's slurm-wlm-torque wrappers (qsub/qstat/qdel on top of Slurm) --------
+
+
+def test_torque_provider_runs_tasks_through_the_qsub_wrappers(custom_stack_factory, slurm_partition):
+    """Parsl's TorqueProvider, for real: qsub submits the block (the wrappers turn it into a Slurm
+    job), qstat reports it, and the task runs inside that job."""
+    assert shutil.which("qsub") and shutil.which("qstat"), "slurm-wlm-torque is not installed"
+    config = endpoint_config(slurm_partition)
+    config["provider"] = {
+        "type": "torque",
+        "walltime": "00:05:00",
+        "init_blocks": 1,
+        "max_blocks": 1,
+        "cmd_timeout_s": 20,
+        "launcher": {"type": "single-node"},
+    }
+    cs = custom_stack_factory(endpoint=config, name="torque-e", workers=1)
+    try:
+        job_id, pid, _host = cs.executor().submit(where).result(60)
+        assert job_id is not None and pid != os.getpid()
+        blocks = blocks_by_job(cs)
+        assert job_id in blocks, (job_id, blocks)
+        assert blocks[job_id]["state"] == "RUNNING"  # its pool is registered, whatever Parsl polled
+        assert sacct_state(job_id)[0] in LIVE_STATES, sacct_state(job_id)
+    finally:
+        stop_endpoint(cs)
+        cancel_jobs_under(cs.endpoint_dir)
