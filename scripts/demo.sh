@@ -3,12 +3,8 @@
 # default (manager with SQLite + a `local` endpoint), then stop it again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  "$PY" -m venv .venv
-fi
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e '.[all]'
+source scripts/_venv.sh
+ensure_venv all
 export DLHUB_HOME=${DLHUB_HOME:-$PWD/.dlhub-demo}
 trap '.venv/bin/dlhub down >/dev/null 2>&1 || true' EXIT
 .venv/bin/dlhub up --workers 2 --detach
