@@ -99,6 +99,9 @@ class FakeExecutor:
             b: {"job_id": self.blocks_to_job_id[b], "state": st.state.name} for b, st in self._status.items()
         }
 
+    def fresh_status(self, block_ids: list[str]) -> list[JobStatus]:
+        return self.provider.status([self.blocks_to_job_id[b] for b in block_ids])
+
     def mark_ended(self, block_id: str, status: JobStatus) -> None:
         self._status[block_id] = status
 
@@ -125,7 +128,7 @@ def rec(n: int, resources: dict | None = None) -> list:
     return m.task_record(n.to_bytes(m.TASK_ID_BYTES, "big"), "sha256:f", b"\x01\x90", None, "auto", resources)
 
 
-def watch_until(ep: Endpoint, t: list[float], done, beats: int = 3) -> int:
+def watch_until(ep: Endpoint, t: list[float], done, beats: int = 4) -> int:
     """Run the endpoint's block watch once a heartbeat (clock advanced by hand) until ``done()``;
     return how many watches it took (the endpoint may confirm a terminal state once more)."""
     for n in range(1, beats + 1):
@@ -268,3 +271,49 @@ def test_a_failing_named_pool_does_not_stop_the_others(tmp_path):
     s.dispatch()
     assert [ident for ident, _ in s.to_workers] == [b"w:a.0"]
     assert list(ep.status()["failing"]) == ["gpu"]
+
+
+class CachingProvider:
+    """Parsl providers' habit: a job seen terminal is never asked about again."""
+
+    status_polling_interval = 60
+
+    def __init__(self):
+        self.resources = {"job0": {"status": JobStatus(JobState.COMPLETED)}}  # a false "missing" end
+        self.truth = JobStatus(JobState.RUNNING)
+
+    def status(self, job_ids):
+        for j in job_ids:
+            if not self.resources[j]["status"].terminal:
+                self.resources[j]["status"] = self.truth
+        return [self.resources[j]["status"] for j in job_ids]
+
+
+def test_fresh_status_asks_past_the_cache_and_leaves_it_as_it_was(tmp_path):
+    from dlhub.endpoint.engine import PoolExecutor
+
+    provider = CachingProvider()
+    ex = PoolExecutor(provider, tmp_path / "pool.json", 1, outstanding=lambda: 0, idle_blocks=list)
+    ex.blocks_to_job_id["0"] = "job0"
+    assert provider.status(["job0"])[0].state == JobState.COMPLETED  # what Parsl would believe
+    assert [s.state for s in ex.fresh_status(["0"])] == [JobState.RUNNING]  # what is true
+    assert provider.resources["job0"]["status"].state == JobState.COMPLETED  # cache untouched
+    ex.mark_ended("0", JobStatus(JobState.FAILED))  # a confirmed end sticks in both views
+    assert provider.resources["job0"]["status"].state == JobState.FAILED
+    assert ex._status["0"].state == JobState.FAILED
+
+
+def test_completed_for_a_block_that_never_registered_needs_the_long_grace(tmp_path):
+    from dlhub.endpoint.daemon import UNSEEN_JOB_GRACE_S
+
+    t = [0.0]
+    ep = make_endpoint(tmp_path, t)
+    ex = ep.executors["default"] = FakeExecutor(["0"], "job")
+    ex.provider.states["job0"] = JobStatus(JobState.COMPLETED)  # maybe just unknown to sacct
+    for _ in range(5):  # well past the normal 2-heartbeat confirmation
+        ep._watch_blocks()
+        t[0] += ep.config.heartbeat_s
+    assert ep.block_errors == {} and ex._status["0"].state == JobState.RUNNING
+    t[0] = UNSEEN_JOB_GRACE_S + 1
+    ep._watch_blocks()
+    assert "default/0" in ep.block_errors  # still "ended" half a minute on: believe it
