@@ -1,0 +1,230 @@
+"""The servable record: what a published model or function is, in one versioned schema.
+
+A record describes one immutable version of ``owner/name``: who made it and how to cite it
+(DataCite-like metadata), what goes in and comes out (types with shapes and dtypes), examples that
+the endpoint runs to verify it before it becomes ``ready``, how to load it (``kind`` and
+``entry_point``), its files (content-addressed by sha256), its requirements and the environment
+it was built in. The manager stores records and routes calls by them; builders (executor) make
+them; loaders (endpoint) run them.
+
+The schema is versioned (``schema_version``). :func:`parse_record` upgrades older records through
+``UPGRADES`` and refuses newer ones with a message that says to upgrade; every validation error
+names the field path.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from .errors import DLHubError
+
+SCHEMA_VERSION = 1
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,79}$"
+OWNER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+SHA256 = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+KINDS = ("function", "method", "sklearn", "torch", "pipeline")
+STATUSES = ("pending", "ready", "failed", "deleted")
+VALUE_TYPES = (
+    "string",
+    "number",
+    "integer",
+    "boolean",
+    "list",
+    "tuple",
+    "dict",
+    "ndarray",
+    "object",
+    "file",
+    "none",
+)
+
+
+class RecordError(DLHubError):
+    """A servable record is invalid; the message names each bad field."""
+
+    code = "invalid-record"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Author(_Strict):
+    name: str = Field(min_length=1, description='"Family, Given" as DataCite writes creators')
+    affiliation: str | None = None
+    orcid: str | None = Field(None, pattern=r"^\d{4}-\d{4}-\d{4}-\d{3}[\dX]$")
+
+
+class RelatedIdentifier(_Strict):
+    identifier: str = Field(min_length=1)
+    type: Literal["DOI", "URL", "arXiv", "Handle", "other"] = "DOI"
+    relation: str = Field("IsDescribedBy", description="DataCite relationType, e.g. IsDerivedFrom")
+
+
+class TypeSpec(_Strict):
+    """One input or output: its type, and for arrays the shape (None = any size) and dtype."""
+
+    type: Literal[VALUE_TYPES]  # type: ignore[valid-type]
+    description: str = ""
+    shape: list[int | None] | None = None
+    dtype: str | None = None
+    item_type: TypeSpec | None = None  # for lists
+
+    @model_validator(mode="after")
+    def _array_fields_only_for_arrays(self):
+        if (self.shape is not None or self.dtype is not None) and self.type != "ndarray":
+            raise ValueError("shape and dtype apply to type ndarray only")
+        return self
+
+
+class Example(_Strict):
+    """A call and the output it must give; floats and arrays compare with the tolerances."""
+
+    args: list[Any] = Field(default_factory=list)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    output: Any = None
+    rtol: Annotated[float, Field(ge=0)] = 1e-7
+    atol: Annotated[float, Field(ge=0)] = 0.0
+
+
+class ServableRecord(_Strict):
+    schema_version: int = SCHEMA_VERSION
+    # identity: owner and version are set by the manager at publish time
+    owner: str | None = Field(None, pattern=OWNER_PATTERN)
+    name: str
+    version: Annotated[int, Field(ge=1)] | None = None
+    # metadata
+    title: str = Field(min_length=1, max_length=300)
+    description: str = ""
+    authors: list[Author] = Field(min_length=1)
+    domains: list[str] = Field(default_factory=list)
+    keywords: list[str] = Field(default_factory=list)
+    license: str | None = None
+    related_identifiers: list[RelatedIdentifier] = Field(default_factory=list)
+    # interface
+    inputs: list[TypeSpec] = Field(default_factory=list)
+    output: TypeSpec = TypeSpec(type="object")
+    examples: list[Example] = Field(default_factory=list)
+    # how to run it (kind and files come first: the fields after them are checked against them)
+    kind: Literal[KINDS]  # type: ignore[valid-type]
+    files: dict[str, str] = Field(default_factory=dict, description="relative path -> sha256:<hex>")
+    entry_point: str = Field(
+        min_length=1,
+        description="function: a code digest or module:function in the files; method: "
+        "file.pkl:method; sklearn: file.joblib:predict|predict_proba; torch: file.pt; "
+        "pipeline: unused (see steps)",
+    )
+    steps: list[str] = Field(
+        default_factory=list, validate_default=True, description="pipeline: owner/name[:version] in order"
+    )
+    requirements: list[str] = Field(default_factory=list, description="pip requirement specifiers")
+    environment: dict[str, str] = Field(default_factory=dict, description="python, package versions")
+    deterministic: bool = False  # same inputs, same output: results may be cached
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        if not re.fullmatch(NAME_PATTERN, name):
+            raise ValueError(
+                f"{name!r} must be lowercase letters, digits, '.', '_' or '-' (up to 80), "
+                "starting with a letter or digit"
+            )
+        return name
+
+    @field_validator("files")
+    @classmethod
+    def _files_are_relative_and_hashed(cls, files: dict[str, str]) -> dict[str, str]:
+        for path, digest in files.items():
+            if path.startswith("/") or ".." in path.split("/") or not path:
+                raise ValueError(f"file path {path!r} must be relative and stay inside the package")
+            if not SHA256.match(digest):
+                raise ValueError(f"file {path!r} needs a digest like sha256:<64 hex>, got {digest!r}")
+        return files
+
+    @field_validator("entry_point")
+    @classmethod
+    def _entry_point_is_shipped(cls, entry_point: str, info: ValidationInfo) -> str:
+        if info.data.get("kind") in ("sklearn", "torch", "method"):
+            target = entry_point.split(":", 1)[0]
+            if target not in info.data.get("files", {}):
+                raise ValueError(f"names {target!r}, which is not among the files")
+        return entry_point
+
+    @field_validator("steps")
+    @classmethod
+    def _steps_for_pipelines(cls, steps: list[str], info: ValidationInfo) -> list[str]:
+        kind = info.data.get("kind")
+        if kind == "pipeline" and len(steps) < 2:
+            raise ValueError("a pipeline needs at least two steps")
+        if kind != "pipeline" and steps:
+            raise ValueError(f"apply to kind pipeline only, not {kind}")
+        for step in steps:
+            try:
+                parse_ref(step)
+            except RecordError as exc:
+                raise ValueError(str(exc)) from None
+        return steps
+
+    @property
+    def ref(self) -> str:
+        """``owner/name:version`` once published, else ``name``."""
+        base = f"{self.owner}/{self.name}" if self.owner else self.name
+        return f"{base}:{self.version}" if self.version else base
+
+
+# schema version -> function that turns a record dict of the version before into this one
+UPGRADES: dict[int, Any] = {}
+
+
+def parse_record(data: Any) -> ServableRecord:
+    """Validate a record (upgrading an older schema), or raise :class:`RecordError`."""
+    if not isinstance(data, dict):
+        raise RecordError(f"a servable record must be a mapping, got {type(data).__name__}")
+    version = data.get("schema_version", 1)
+    if not isinstance(version, int) or version < 1:
+        raise RecordError(f"schema_version must be a positive integer, got {version!r}")
+    if version > SCHEMA_VERSION:
+        raise RecordError(
+            f"record schema version {version} is newer than this dlhub understands "
+            f"({SCHEMA_VERSION}); upgrade dlhub"
+        )
+    for target in range(version + 1, SCHEMA_VERSION + 1):
+        data = {**UPGRADES[target](data), "schema_version": target}
+    try:
+        return ServableRecord.model_validate(data)
+    except ValidationError as exc:
+        raise RecordError(_explain(exc)) from None
+
+
+def _explain(exc: ValidationError) -> str:
+    lines = ["invalid servable record:"]
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"]) or "(record)"
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "missing":
+            message = "required field is missing"
+        elif err["type"] == "extra_forbidden":
+            message = "unknown field"
+        lines.append(f"  {path}: {message}")
+    return "\n".join(lines)
+
+
+def parse_ref(ref: str) -> tuple[str, str, int | None]:
+    """``owner/name[:version]`` -> (owner, name, version or None for the latest ready one)."""
+    match = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9_.-]*)/([a-z0-9][a-z0-9_.-]*)(?::(\d+|latest))?", ref)
+    if match is None:
+        raise RecordError(f"{ref!r} is not a servable reference (owner/name or owner/name:version)")
+    owner, name, version = match.groups()
+    return owner, name, int(version) if version and version != "latest" else None
