@@ -100,6 +100,8 @@ MIGRATIONS: dict[int, list[str]] = {2: ["ALTER TABLE tasks ADD COLUMN resources 
 
 def migrate(engine: sa.Engine) -> None:
     """Create missing tables, then apply each migration the database has not seen, in order."""
+    from . import repository  # noqa: F401 - registers the repository's tables in ``metadata``
+
     fresh = not sa.inspect(engine).has_table("tasks")
     metadata.create_all(engine)
     with engine.begin() as conn:

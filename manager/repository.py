@@ -1,0 +1,293 @@
+"""The servable repository: versioned records in SQL, files as content-addressed blobs on disk.
+
+    publish: check the files against the record's digests -> write blobs (idempotent) ->
+             one transaction: next version number, row with status ``pending``, search entry
+    verify (on an endpoint, elsewhere) -> mark_ready | mark_failed(error)
+    route:   get(owner, name, None) = the latest *ready* version; failed/pending never route
+
+Versions count up per ``owner/name`` and are never reused (failed and deleted ones keep their
+number). A manager killed between the blob writes and the commit leaves only unreferenced blobs
+(content-addressed, harmless); one killed after the commit leaves a ``pending`` version that
+:meth:`Repository.fail_interrupted` marks ``failed`` at the next start, so nothing is ever
+half-published. Search is SQLite FTS5 (bm25 ranking) with filters by owner, domain, author and
+related identifier; only SQLite is wired up so far.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from dlhub.protocol.servable import ServableRecord, parse_record
+
+from .store import metadata
+
+versions_table = sa.Table(
+    "servable_versions",
+    metadata,
+    sa.Column("owner", sa.String(128), primary_key=True),
+    sa.Column("name", sa.String(80), primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("status", sa.String(16), nullable=False, index=True),
+    sa.Column("record", sa.Text, nullable=False),  # JSON of the ServableRecord
+    sa.Column("error", sa.Text, nullable=True),
+    # "|a|b|" forms so filters are one portable LIKE each
+    sa.Column("domains", sa.Text, nullable=False, default="|"),
+    sa.Column("authors", sa.Text, nullable=False, default="|"),
+    sa.Column("related", sa.Text, nullable=False, default="|"),
+    sa.Column("created", sa.Float, nullable=False),
+    sa.Column("updated", sa.Float, nullable=False),
+)
+
+FTS_DDL = (
+    "CREATE VIRTUAL TABLE IF NOT EXISTS servable_fts USING fts5("
+    "owner UNINDEXED, name UNINDEXED, version UNINDEXED, body, tokenize='unicode61')"
+)
+
+
+class RepositoryError(ValueError):
+    """A repository request cannot be met; the message says why."""
+
+
+class NotFound(RepositoryError):
+    pass
+
+
+class BlobStore:
+    """Files by sha256 under ``root/ab/cdef...``; writes are atomic and idempotent."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, digest: str) -> Path:
+        hexd = digest.removeprefix("sha256:")
+        return self.root / hexd[:2] / hexd[2:]
+
+    def put(self, data: bytes) -> str:
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        target = self.path(digest)
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, target)
+        return digest
+
+    def get(self, digest: str) -> bytes:
+        try:
+            return self.path(digest).read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"no blob {digest}") from None
+
+    def has(self, digest: str) -> bool:
+        return self.path(digest).exists()
+
+
+def _bars(values: list[str]) -> str:
+    return "|" + "".join(f"{v.lower()}|" for v in values)
+
+
+def _search_body(rec: ServableRecord) -> str:
+    parts = [rec.name.replace("-", " "), rec.title, rec.description, *rec.keywords, *rec.domains]
+    parts += [a.name for a in rec.authors]
+    return "\n".join(p for p in parts if p)
+
+
+class Repository:
+    def __init__(self, engine: sa.Engine, blob_root: Path, clock=time.time):
+        if engine.dialect.name != "sqlite":
+            raise RepositoryError(
+                f"the repository's full-text search is wired up for SQLite only so far, not "
+                f"{engine.dialect.name}"
+            )
+        self.engine = engine
+        self.blobs = BlobStore(blob_root)
+        self.clock = clock
+        with engine.begin() as conn:
+            conn.exec_driver_sql(FTS_DDL)
+
+    # ---- publishing ----------------------------------------------------------------------------
+
+    def publish(self, owner: str, record: ServableRecord | dict, files: dict[str, bytes]) -> ServableRecord:
+        """Store a new version as ``pending``; returns the record with owner and version set."""
+        rec = record if isinstance(record, ServableRecord) else parse_record(record)
+        missing = sorted(set(rec.files) - set(files))
+        extra = sorted(set(files) - set(rec.files))
+        if missing or extra:
+            raise RepositoryError(
+                f"files do not match the record: missing {missing or 'none'}, unlisted {extra or 'none'}"
+            )
+        for path, data in files.items():
+            actual = "sha256:" + hashlib.sha256(data).hexdigest()
+            if actual != rec.files[path]:
+                raise RepositoryError(f"file {path!r} has digest {actual}, the record says {rec.files[path]}")
+        for data in files.values():  # before the commit: a crash leaves only unreferenced blobs
+            self.blobs.put(data)
+        t = versions_table
+        now = self.clock()
+        with self.engine.begin() as conn:
+            latest = conn.execute(
+                sa.select(sa.func.max(t.c.version)).where(t.c.owner == owner, t.c.name == rec.name)
+            ).scalar()
+            rec = rec.model_copy(update={"owner": owner, "version": (latest or 0) + 1})
+            conn.execute(
+                t.insert().values(
+                    owner=owner,
+                    name=rec.name,
+                    version=rec.version,
+                    status="pending",
+                    record=rec.model_dump_json(),
+                    domains=_bars(rec.domains),
+                    authors=_bars([a.name for a in rec.authors]),
+                    related=_bars([r.identifier for r in rec.related_identifiers]),
+                    created=now,
+                    updated=now,
+                )
+            )
+            conn.exec_driver_sql(
+                "INSERT INTO servable_fts (owner, name, version, body) VALUES (?, ?, ?, ?)",
+                (owner, rec.name, rec.version, _search_body(rec)),
+            )
+        return rec
+
+    def mark_ready(self, owner: str, name: str, version: int) -> None:
+        self._set_status(owner, name, version, "ready", None, expect="pending")
+
+    def mark_failed(self, owner: str, name: str, version: int, error: str) -> None:
+        self._set_status(owner, name, version, "failed", error, expect="pending")
+
+    def fail_interrupted(self) -> int:
+        """At start: versions left ``pending`` by a manager that died mid-publish become failed."""
+        t = versions_table
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                t.update()
+                .where(t.c.status == "pending")
+                .values(
+                    status="failed",
+                    error="publishing was interrupted (the manager stopped)",
+                    updated=self.clock(),
+                )
+            )
+        return result.rowcount
+
+    def _set_status(self, owner, name, version, status, error, expect) -> None:
+        t = versions_table
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                t.update()
+                .where(t.c.owner == owner, t.c.name == name, t.c.version == version, t.c.status == expect)
+                .values(status=status, error=error, updated=self.clock())
+            )
+        if result.rowcount != 1:
+            raise NotFound(f"{owner}/{name}:{version} is not {expect}")
+
+    # ---- reading -------------------------------------------------------------------------------
+
+    def get(
+        self, owner: str, name: str, version: int | None = None
+    ) -> tuple[ServableRecord, str, str | None]:
+        """(record, status, error). ``version=None`` is the latest ready version: what calls use."""
+        t = versions_table
+        query = sa.select(t.c.record, t.c.status, t.c.error).where(t.c.owner == owner, t.c.name == name)
+        if version is None:
+            query = query.where(t.c.status == "ready").order_by(t.c.version.desc()).limit(1)
+        else:
+            query = query.where(t.c.version == version, t.c.status != "deleted")
+        with self.engine.connect() as conn:
+            row = conn.execute(query).first()
+        if row is None:
+            which = f"{owner}/{name}:{version}" if version else f"a ready version of {owner}/{name}"
+            raise NotFound(f"there is no {which}")
+        return parse_record(json.loads(row.record)), row.status, row.error
+
+    def versions(self, owner: str, name: str) -> list[dict[str, Any]]:
+        t = versions_table
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(t.c.version, t.c.status, t.c.error, t.c.created)
+                .where(t.c.owner == owner, t.c.name == name)
+                .order_by(t.c.version)
+            ).all()
+        if not rows:
+            raise NotFound(f"there is no servable {owner}/{name}")
+        return [dict(r._mapping) for r in rows]
+
+    def delete(self, owner: str, name: str, version: int | None = None) -> int:
+        """Mark one version (or all) deleted: no new calls route to it; returns how many."""
+        t = versions_table
+        where = [t.c.owner == owner, t.c.name == name, t.c.status != "deleted"]
+        if version is not None:
+            where.append(t.c.version == version)
+        with self.engine.begin() as conn:
+            result = conn.execute(t.update().where(*where).values(status="deleted", updated=self.clock()))
+            sql = "DELETE FROM servable_fts WHERE owner = ? AND name = ?"
+            params: tuple = (owner, name)
+            if version is not None:
+                sql, params = sql + " AND version = ?", (*params, version)
+            conn.exec_driver_sql(sql, params)
+        if result.rowcount == 0:
+            raise NotFound(f"nothing to delete at {owner}/{name}" + (f":{version}" if version else ""))
+        return result.rowcount
+
+    def search(
+        self,
+        query: str = "",
+        *,
+        owner: str | None = None,
+        domain: str | None = None,
+        author: str | None = None,
+        related: str | None = None,
+        only_latest: bool = True,
+        include_unready: bool = False,
+        limit: int = 20,
+    ) -> list[dict[str, Any]]:
+        """Ranked records (best first). Each word matches as a prefix anywhere in the metadata
+        (``featuriz`` finds featurizer; a plural finds the singular); all words must match."""
+        words = [w for w in "".join(c if c.isalnum() else " " for c in query.lower()).split() if w]
+        words = [w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w for w in words]
+        params: dict[str, Any] = {}
+        sql = (
+            "SELECT v.owner, v.name, v.version, v.status, v.record, {rank} AS rank "
+            "FROM servable_versions v {join} WHERE 1=1"
+        )
+        if words:
+            params["match"] = " ".join(f'"{w}"*' for w in words)
+            sql = (
+                sql.format(
+                    rank="bm25(servable_fts)",
+                    join="JOIN servable_fts f ON f.owner = v.owner AND f.name = v.name "
+                    "AND f.version = v.version",
+                )
+                + " AND servable_fts MATCH :match"
+            )
+        else:
+            sql = sql.format(rank="0.0", join="")
+        visible = "!= 'deleted'" if include_unready else "= 'ready'"
+        sql += f" AND v.status {visible}"
+        if only_latest:
+            sql += (
+                " AND v.version = (SELECT max(w.version) FROM servable_versions w"
+                f" WHERE w.owner = v.owner AND w.name = v.name AND w.status {visible})"
+            )
+        for column, value in (("owner", owner),):
+            if value:
+                params[column] = value
+                sql += f" AND v.{column} = :{column}"
+        for column, value in (("domains", domain), ("authors", author), ("related", related)):
+            if value:
+                params[column] = f"%|{value.lower()}|%"
+                sql += f" AND v.{column} LIKE :{column}"
+        sql += " ORDER BY rank, v.owner, v.name, v.version DESC"
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.text(sql), params).all()
+        return [{"status": row.status, **json.loads(row.record)} for row in rows[:limit]]
