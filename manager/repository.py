@@ -9,8 +9,8 @@ Versions count up per ``owner/name`` and are never reused (failed and deleted on
 number). A manager killed between the blob writes and the commit leaves only unreferenced blobs
 (content-addressed, harmless); one killed after the commit leaves a ``pending`` version that
 :meth:`Repository.fail_interrupted` marks ``failed`` at the next start, so nothing is ever
-half-published. Search is SQLite FTS5 (bm25 ranking) with filters by owner, domain, author and
-related identifier; only SQLite is wired up so far.
+half-published. Search is full text (SQLite FTS5 with bm25 ranking, or PostgreSQL's tsvector with
+ts_rank), with filters by owner, domain, author and related identifier.
 """
 
 from __future__ import annotations
@@ -46,10 +46,25 @@ versions_table = sa.Table(
     sa.Column("updated", sa.Float, nullable=False),
 )
 
-FTS_DDL = (
-    "CREATE VIRTUAL TABLE IF NOT EXISTS servable_fts USING fts5("
-    "owner UNINDEXED, name UNINDEXED, version UNINDEXED, body, tokenize='unicode61')"
-)
+# The search index: FTS5 on SQLite, a GIN-indexed generated tsvector on PostgreSQL. One row per
+# (owner, name, version); three texts weighted for ranking: name + title (most), keywords +
+# domains, then description + authors.
+FTS_DDL = {
+    "sqlite": [
+        "CREATE VIRTUAL TABLE IF NOT EXISTS servable_fts USING fts5(owner UNINDEXED, name UNINDEXED, "
+        "version UNINDEXED, title, tags, body, tokenize='unicode61')"
+    ],
+    "postgresql": [
+        "CREATE TABLE IF NOT EXISTS servable_fts (owner TEXT NOT NULL, name TEXT NOT NULL, "
+        "version INTEGER NOT NULL, title TEXT NOT NULL, tags TEXT NOT NULL, body TEXT NOT NULL, "
+        "tsv tsvector GENERATED ALWAYS AS ("
+        "setweight(to_tsvector('simple', title), 'A') || setweight(to_tsvector('simple', tags), 'B') "
+        "|| setweight(to_tsvector('simple', body), 'C')) STORED, "
+        "PRIMARY KEY (owner, name, version))",
+        "CREATE INDEX IF NOT EXISTS servable_fts_tsv ON servable_fts USING GIN (tsv)",
+    ],
+}
+SQLITE_RANK = "bm25(servable_fts, 0, 0, 0, 10.0, 4.0, 1.0)"  # weights by column, lower is better
 
 
 class RepositoryError(ValueError):
@@ -96,24 +111,25 @@ def _bars(values: list[str]) -> str:
     return "|" + "".join(f"{v.lower()}|" for v in values)
 
 
-def _search_body(rec: ServableRecord) -> str:
-    parts = [rec.name.replace("-", " "), rec.title, rec.description, *rec.keywords, *rec.domains]
-    parts += [a.name for a in rec.authors]
-    return "\n".join(p for p in parts if p)
+def _search_texts(rec: ServableRecord) -> dict[str, str]:
+    return {
+        "title": f"{rec.name.replace('-', ' ').replace('_', ' ')}\n{rec.title}",
+        "tags": "\n".join([*rec.keywords, *rec.domains]),
+        "body": "\n".join([rec.description, *(a.name for a in rec.authors)]),
+    }
 
 
 class Repository:
     def __init__(self, engine: sa.Engine, blob_root: Path, clock=time.time):
-        if engine.dialect.name != "sqlite":
-            raise RepositoryError(
-                f"the repository's full-text search is wired up for SQLite only so far, not "
-                f"{engine.dialect.name}"
-            )
+        if engine.dialect.name not in FTS_DDL:
+            raise RepositoryError(f"the repository supports SQLite and PostgreSQL, not {engine.dialect.name}")
         self.engine = engine
+        self.dialect = engine.dialect.name
         self.blobs = BlobStore(blob_root)
         self.clock = clock
         with engine.begin() as conn:
-            conn.exec_driver_sql(FTS_DDL)
+            for statement in FTS_DDL[self.dialect]:
+                conn.exec_driver_sql(statement)
 
     # ---- publishing ----------------------------------------------------------------------------
 
@@ -153,9 +169,12 @@ class Repository:
                     updated=now,
                 )
             )
-            conn.exec_driver_sql(
-                "INSERT INTO servable_fts (owner, name, version, body) VALUES (?, ?, ?, ?)",
-                (owner, rec.name, rec.version, _search_body(rec)),
+            conn.execute(
+                sa.text(
+                    "INSERT INTO servable_fts (owner, name, version, title, tags, body) "
+                    "VALUES (:o, :n, :v, :title, :tags, :body)"
+                ),
+                {"o": owner, "n": rec.name, "v": rec.version, **_search_texts(rec)},
             )
         return rec
 
@@ -230,11 +249,11 @@ class Repository:
             where.append(t.c.version == version)
         with self.engine.begin() as conn:
             result = conn.execute(t.update().where(*where).values(status="deleted", updated=self.clock()))
-            sql = "DELETE FROM servable_fts WHERE owner = ? AND name = ?"
-            params: tuple = (owner, name)
+            sql = "DELETE FROM servable_fts WHERE owner = :o AND name = :n"
+            params: dict[str, Any] = {"o": owner, "n": name}
             if version is not None:
-                sql, params = sql + " AND version = ?", (*params, version)
-            conn.exec_driver_sql(sql, params)
+                sql, params["v"] = sql + " AND version = :v", version
+            conn.execute(sa.text(sql), params)
         if result.rowcount == 0:
             raise NotFound(f"nothing to delete at {owner}/{name}" + (f":{version}" if version else ""))
         return result.rowcount
@@ -260,15 +279,15 @@ class Repository:
             "SELECT v.owner, v.name, v.version, v.status, v.record, {rank} AS rank "
             "FROM servable_versions v {join} WHERE 1=1"
         )
-        if words:
+        join = "JOIN servable_fts f ON f.owner = v.owner AND f.name = v.name AND f.version = v.version"
+        if words and self.dialect == "sqlite":
             params["match"] = " ".join(f'"{w}"*' for w in words)
+            sql = sql.format(rank=SQLITE_RANK, join=join) + " AND servable_fts MATCH :match"
+        elif words:  # postgresql; a lower rank sorts first, as bm25's does
+            params["match"] = " & ".join(f"{w}:*" for w in words)
             sql = (
-                sql.format(
-                    rank="bm25(servable_fts)",
-                    join="JOIN servable_fts f ON f.owner = v.owner AND f.name = v.name "
-                    "AND f.version = v.version",
-                )
-                + " AND servable_fts MATCH :match"
+                sql.format(rank="-ts_rank(f.tsv, to_tsquery('simple', :match))", join=join)
+                + " AND f.tsv @@ to_tsquery('simple', :match)"
             )
         else:
             sql = sql.format(rank="0.0", join="")

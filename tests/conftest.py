@@ -317,3 +317,35 @@ def custom_stack_factory(tmp_path_factory) -> Iterator[Callable[..., CustomStack
     finally:
         for cs in started:
             stop_custom_stack(cs)
+
+
+# ---- databases: every store/repository test runs on SQLite and on a real PostgreSQL -------------
+
+PG_URL = os.environ.get("DLHUB_TEST_PG_URL", "postgresql+psycopg://dlhub:dlhub@127.0.0.1:5432/dlhub_test")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path) -> Iterator[str]:
+    """A fresh, empty database: a SQLite file, or a new database on the PostgreSQL that
+    scripts/postgres-localhost.sh runs (fails, not skips, when it is not reachable)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'dlhub.db'}"
+        return
+    import uuid
+
+    import sqlalchemy as sa
+
+    name = "t_" + uuid.uuid4().hex[:16]
+    admin = sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    except Exception as exc:
+        admin.dispose()
+        pytest.fail(f"PostgreSQL is not reachable at {PG_URL} ({exc}); run scripts/postgres-localhost.sh")
+    try:
+        yield sa.make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()

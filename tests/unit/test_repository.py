@@ -27,8 +27,8 @@ def record(name: str, **extra) -> dict:
 
 
 @pytest.fixture
-def repo(tmp_path):
-    engine = make_engine(f"sqlite:///{tmp_path / 'dlhub.db'}")
+def repo(tmp_path, db_url):
+    engine = make_engine(db_url)
     migrate(engine)
     t = [1000.0]
     r = Repository(engine, tmp_path / "blobs", clock=lambda: t[0])
@@ -175,6 +175,6 @@ def test_other_databases_are_refused_clearly(tmp_path):
     import sqlalchemy as sa
 
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'x.db'}")
-    engine.dialect.name = "postgresql"  # what a PostgreSQL engine reports
-    with pytest.raises(RepositoryError, match="SQLite only so far, not postgresql"):
+    engine.dialect.name = "mysql"  # what a MySQL engine reports
+    with pytest.raises(RepositoryError, match="supports SQLite and PostgreSQL, not mysql"):
         Repository(engine, tmp_path / "blobs")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 
 import pytest
+import sqlalchemy as sa
 
 from dlhub.manager.routing import Router
 from dlhub.manager.store import TaskStore, make_engine, migrate, unpack_error
@@ -31,22 +31,20 @@ def hello(name: str = "ep", session: str = "s1") -> m.Hello:
 class Acks:
     """on_commit callback: records acks, and checks each acked row is already committed."""
 
-    def __init__(self, db_path):
-        self.db_path = db_path
+    def __init__(self, db_url: str):
+        self.reader = sa.create_engine(db_url)
         self.batches: list[list] = []
         self.visible: list[bool] = []
         self.lock = threading.Lock()
 
     def __call__(self, acks: list) -> None:
         # a separate connection sees only committed data
-        con = sqlite3.connect(self.db_path)
-        try:
+        with self.reader.connect() as con:
             ok = all(
-                con.execute("SELECT 1 FROM tasks WHERE task_id = ?", (task_id,)).fetchone() is not None
+                con.execute(sa.text("SELECT 1 FROM tasks WHERE task_id = :t"), {"t": task_id}).first()
+                is not None
                 for _, _, task_id in acks
             )
-        finally:
-            con.close()
         with self.lock:
             self.batches.append(list(acks))
             self.visible.append(ok)
@@ -57,11 +55,10 @@ class Acks:
 
 
 @pytest.fixture
-def env(tmp_path):
-    db = tmp_path / "tasks.db"
-    engine = make_engine(f"sqlite:///{db}")
+def env(db_url):
+    engine = make_engine(db_url)
     migrate(engine)
-    acks = Acks(db)
+    acks = Acks(db_url)
     store = TaskStore(engine, on_commit=acks)
     store.start()
     t = [1000.0]
@@ -70,6 +67,7 @@ def env(tmp_path):
         yield router, store, acks, t
     finally:
         store.close()
+        acks.reader.dispose()
 
 
 def flush(store: TaskStore) -> None:
@@ -334,11 +332,9 @@ def test_store_persists_rows_and_unfinished_returns_open_tasks(env):
     assert unfinished[0]["payload"] == b"\x01big" and unfinished[0]["function"] == "sha256:f"
     assert unfinished[0]["endpoint"] == "ep" and unfinished[0]["state"] == "dispatched"
     # a finished task's payload is dropped
-    con = sqlite3.connect(store.engine.url.database)
-    try:
-        assert con.execute("SELECT payload FROM tasks WHERE task_id = ?", (tid(1),)).fetchone() == (None,)
-    finally:
-        con.close()
+    with sa.create_engine(store.engine.url).connect() as con:
+        row = con.execute(sa.text("SELECT payload FROM tasks WHERE task_id = :t"), {"t": tid(1)}).first()
+    assert row is not None and row[0] is None
 
 
 def test_recover_requeues_unfinished_tasks_for_their_endpoint(env):
