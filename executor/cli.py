@@ -125,7 +125,7 @@ def up(home: str | None, workers: int, detach: bool) -> None:
         manager_info = _read_json(manager_home / "manager.json")
     token_file = manager_home / "admin.token"
     token = token_file.read_text().strip()
-    write_client_config(root, manager_info["client_url"], token)
+    write_client_config(root, manager_info["client_url"], token, rest_url=manager_info.get("rest_url") or "")
 
     endpoint_status = _read_json(ep_dir / "status.json")
     if endpoint_status.get("state") in ("running", "disconnected") and _pid_alive(endpoint_status.get("pid")):

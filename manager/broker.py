@@ -31,7 +31,9 @@ from dlhub.protocol import messages as m
 from dlhub.protocol.errors import infra_error
 from dlhub.protocol.serialize import runtime_versions
 
+from .api import ApiServer
 from .auth import Authenticator, ensure_admin
+from .repository import Repository
 from .routing import Router
 from .store import TaskStore, make_engine, migrate
 
@@ -52,6 +54,7 @@ class ManagerConfig:
     payload_limit_bytes: int = 256 * 1024 * 1024
     endpoint_timeout_s: float = 30.0
     admin_user: str = "admin"
+    rest_port: int | None = 0  # REST API port (0: any free port; None: no REST API)
 
     def __post_init__(self) -> None:
         for key in ("client_port", "endpoint_port"):
@@ -103,6 +106,20 @@ class Manager:
         if unfinished:
             log.info("re-queued %d unfinished tasks from the database", len(unfinished))
         self.store.start()
+        self.repository = Repository(engine, self.home / "blobs")
+        interrupted = self.repository.fail_interrupted()
+        if interrupted:
+            log.warning("%d publish(es) interrupted by the last stop were marked failed", interrupted)
+        self.api: ApiServer | None = None
+        if self.config.rest_port is not None:
+            from .api import create_app
+
+            self.api = ApiServer(
+                lambda: create_app(engine, self.repository, Authenticator(engine)),
+                self.config.host,
+                self.config.rest_port,
+            )
+            self.api.start()
 
         self.ctx = zmq.Context()
         self.client_sock = self._router_socket(self.config.client_port)
@@ -112,6 +129,7 @@ class Manager:
         info = {
             "client_url": self.client_url,
             "endpoint_url": self.endpoint_url,
+            "rest_url": self.api.url if self.api else None,
             "pid": os.getpid(),
             "session": self.session,
             "started": time.time(),
@@ -175,6 +193,8 @@ class Manager:
             self._shutdown()
 
     def _shutdown(self) -> None:
+        if self.api is not None:
+            self.api.stop()
         self.store.flush()
         self.store.close()
         self.client_sock.close(0)

@@ -32,7 +32,11 @@ def main() -> None:
 @click.option("--endpoint-port", default=0, show_default=True, help="port for endpoints (0: any free)")
 @click.option("--payload-limit-mb", default=256, show_default=True, help="largest payload or result")
 @click.option("--admin-user", default="admin", show_default=True, help="admin created on first start")
-def serve(home, db_url, host, client_port, endpoint_port, payload_limit_mb, admin_user) -> None:
+@click.option("--rest-port", default=0, show_default=True, help="REST API port (0: any free port)")
+@click.option("--no-rest", is_flag=True, help="do not serve the REST API")
+def serve(
+    home, db_url, host, client_port, endpoint_port, payload_limit_mb, admin_user, rest_port, no_rest
+) -> None:
     """Run the manager in the foreground (writes manager.json with its addresses)."""
     from logging.handlers import RotatingFileHandler
 
@@ -50,6 +54,7 @@ def serve(home, db_url, host, client_port, endpoint_port, payload_limit_mb, admi
             endpoint_port=endpoint_port,
             payload_limit_bytes=payload_limit_mb * 2**20,
             admin_user=admin_user,
+            rest_port=None if no_rest else rest_port,
         )
     except ValueError as exc:
         raise click.ClickException(str(exc))
@@ -57,7 +62,8 @@ def serve(home, db_url, host, client_port, endpoint_port, payload_limit_mb, admi
     manager.start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: manager.request_stop())
-    click.echo(f"manager ready: clients {manager.client_url}, endpoints {manager.endpoint_url}")
+    rest = f", REST {manager.api.url}" if manager.api else ""
+    click.echo(f"manager ready: clients {manager.client_url}, endpoints {manager.endpoint_url}{rest}")
     manager.run()
 
 

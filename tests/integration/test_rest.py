@@ -1,0 +1,126 @@
+"""The REST API through a real server: auth, JSON errors with status codes, repository reads,
+task status for tasks that really ran."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from conftest import wait_until
+
+from dlhub.manager.auth import create_user
+
+RECORD = {
+    "name": "noop",
+    "title": "A no-op servable",
+    "description": "Returns nothing, quickly",
+    "authors": [{"name": "Doe, Jane"}],
+    "domains": ["testing"],
+    "kind": "function",
+    "entry_point": "sha256:" + "0" * 64,
+}
+
+
+def square(x):
+    return x * x
+
+
+@pytest.fixture
+def api(custom_stack_factory):
+    cs = custom_stack_factory(name="rest-ep")
+    url = cs.manager.api.url
+    wait_until(lambda: _up(url), 10, what="the REST server")
+    admin = {"Authorization": f"Bearer {cs.token}"}
+    bob_token = create_user(cs.manager.repository.engine, "bob", "user")
+    bob = {"Authorization": f"Bearer {bob_token}"}
+    with httpx.Client(base_url=url, timeout=10) as client:
+        yield cs, client, admin, bob
+
+
+def _up(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/api/v1/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_every_call_but_health_needs_a_valid_bearer_token(api):
+    _, client, _, _ = api
+    assert client.get("/api/v1/health").json() == {"status": "ok"}
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic x"}):
+        r = client.get("/api/v1/servables", headers=headers)
+        assert r.status_code == 401 and r.json()["code"] == "access-denied"
+
+
+def test_errors_are_json_with_a_code_and_the_right_status(api):
+    _, client, admin, _ = api
+    r = client.get("/api/v1/servables/admin/absent", headers=admin)
+    assert (r.status_code, r.json()["code"]) == (404, "not-found") and "admin/absent" in r.json()["message"]
+    r = client.get("/api/v1/servables", params={"limit": 0}, headers=admin)
+    assert (r.status_code, r.json()["code"]) == (422, "invalid-request") and "limit" in r.json()["message"]
+    r = client.get("/api/v1/tasks/not-hex", headers=admin)
+    assert (r.status_code, r.json()["code"]) == (422, "invalid-request")
+    r = client.get("/api/v1/no/such/route", headers=admin)
+    assert r.status_code == 404 and r.json()["code"] == "http"
+
+
+def test_search_describe_versions_and_delete(api):
+    cs, client, admin, bob = api
+    repo = cs.manager.repository
+    for _ in range(2):
+        rec = repo.publish("admin", RECORD, {})
+        repo.mark_ready("admin", rec.name, rec.version)
+    repo.publish("admin", RECORD, {})  # v3 pending: hidden from search, shown in versions
+    hits = client.get("/api/v1/servables", params={"q": "no-op", "domain": "testing"}, headers=admin).json()
+    assert hits["count"] == 1 and hits["results"][0]["version"] == 2
+    desc = client.get("/api/v1/servables/admin/noop", headers=bob).json()
+    assert (
+        desc["status"] == "ready"
+        and desc["record"]["version"] == 2
+        and desc["record"]["title"] == RECORD["title"]
+    )
+    assert [v["status"] for v in desc["versions"]] == ["ready", "ready", "pending"]
+    pinned = client.get("/api/v1/servables/admin/noop", params={"version": 3}, headers=admin).json()
+    assert pinned["status"] == "pending"
+    versions = client.get("/api/v1/servables/admin/noop/versions", headers=admin).json()["versions"]
+    assert [v["version"] for v in versions] == [1, 2, 3]
+    r = client.delete("/api/v1/servables/admin/noop/2", headers=bob)  # not bob's
+    assert (r.status_code, r.json()["code"]) == (403, "forbidden")
+    assert client.delete("/api/v1/servables/admin/noop/2", headers=admin).json() == {"deleted": 1}
+    assert client.get("/api/v1/servables/admin/noop", headers=admin).json()["record"]["version"] == 1
+    assert client.delete("/api/v1/servables/admin/noop", headers=admin).json() == {"deleted": 2}
+    assert client.get("/api/v1/servables/admin/noop/versions", headers=admin).status_code == 200
+    assert client.get("/api/v1/servables", params={"q": "no-op"}, headers=admin).json()["count"] == 0
+
+
+def test_task_status_of_a_task_that_ran(api):
+    cs, client, admin, bob = api
+    fut = cs.executor().submit(square, 9)
+    assert fut.result(30) == 81
+
+    def finished():
+        r = client.get(f"/api/v1/tasks/{fut.task_id}", headers=admin)
+        return r.json() if r.status_code == 200 and r.json()["state"] == "succeeded" else None
+
+    body = wait_until(finished, 10, what="the task's committed state")
+    assert body["owner"] == "admin" and body["endpoint"] == "rest-ep"
+    assert body["t_received"] <= body["t_finished"]
+    assert "payload" not in body and "result" not in body  # results travel on the data plane
+    r = client.get(f"/api/v1/tasks/{fut.task_id}", headers=bob)  # another user's task
+    assert (r.status_code, r.json()["code"]) == (403, "forbidden")
+    r = client.get(f"/api/v1/tasks/{'00' * 16}", headers=admin)
+    assert (r.status_code, r.json()["code"]) == (404, "not-found")
+
+
+def test_openapi_document_lists_the_api(api):
+    _, client, _, _ = api
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/api/v1/servables", "/api/v1/servables/{owner}/{name}", "/api/v1/tasks/{task_id}"} <= set(paths)
+    assert json.dumps(paths)  # a real JSON document
+
+
+def test_dlhub_up_writes_the_rest_url(stack):
+    config = json.loads((stack.home / "config.json").read_text())
+    assert config["rest_url"].startswith("http://127.0.0.1:")
+    assert httpx.get(config["rest_url"] + "/api/v1/health", timeout=5).json() == {"status": "ok"}
