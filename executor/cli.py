@@ -8,9 +8,11 @@ endpoint: it runs their CLIs.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -69,7 +71,9 @@ def _wait(predicate, timeout_s: float, what: str, log: Path | None = None) -> No
     raise click.ClickException(f"{what} did not come up within {timeout_s:.0f} s{tail}")
 
 
-def _spawn(args: list[str], log: Path, detach: bool) -> subprocess.Popen:
+def _spawn(args: list[str], log: Path, detach: bool, cwd: Path) -> subprocess.Popen:
+    """Start a service; ``cwd`` is the dlhub home so files in the user's current directory are
+    never imported by it (``python -m`` puts the current directory on the path)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         return subprocess.Popen(
@@ -78,6 +82,7 @@ def _spawn(args: list[str], log: Path, detach: bool) -> subprocess.Popen:
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=detach,
+            cwd=cwd,
         )
 
 
@@ -92,99 +97,136 @@ def main() -> None:
     type=click.Path(file_okay=False),
     help="state directory (default $DLHUB_HOME or ~/.dlhub)",
 )
-@click.option("--workers", default=2, show_default=True, help="workers in the local pool")
+@click.option(
+    "--workers", default=2, show_default=True, type=click.IntRange(1, 256), help="workers in the local pool"
+)
 @click.option("--detach", is_flag=True, help="return once ready, leaving the services running")
 def up(home: str | None, workers: int, detach: bool) -> None:
     """Start a manager and a `local` endpoint on this machine."""
+    missing = [m for m in ("sqlalchemy", "parsl", "fastapi") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise click.ClickException(
+            f"`dlhub up` runs the manager and an endpoint, which need {', '.join(missing)}: "
+            "pip install 'dlhub[all]'"
+        )
     started = time.monotonic()
     root = dlhub_home(home).resolve()
-    manager_home = root / "manager"
-    ep_dir = root / "endpoints" / ENDPOINT_NAME
-    manager_info = _read_json(manager_home / "manager.json")
+    root.mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen] = []
-    if _pid_alive(manager_info.get("pid")):
-        click.echo(f"manager already running (pid {manager_info['pid']})")
-    else:
-        (manager_home / "manager.json").unlink(missing_ok=True)
-        procs.append(
-            _spawn(
-                [sys.executable, "-m", "dlhub.manager.cli", "serve", "--home", str(manager_home)],
-                manager_home / "manager.stdout",
-                detach,
-            )
+    try:
+        manager_info = _up_manager(root, procs, detach)
+        token = (root / "manager" / "admin.token").read_text().strip()
+        write_client_config(
+            root, manager_info["client_url"], token, rest_url=manager_info.get("rest_url") or ""
         )
-        _wait(
-            lambda: (manager_home / "manager.json").exists() or procs[0].poll() is not None,
-            30,
-            "the manager",
-        )
-        if procs[0].poll() is not None:
-            raise click.ClickException(
-                "the manager failed to start:\n" + (manager_home / "manager.stdout").read_text()[-3000:]
-            )
-        manager_info = _read_json(manager_home / "manager.json")
-    token_file = manager_home / "admin.token"
-    token = token_file.read_text().strip()
-    write_client_config(root, manager_info["client_url"], token, rest_url=manager_info.get("rest_url") or "")
-
-    endpoint_status = _read_json(ep_dir / "status.json")
-    if endpoint_status.get("state") in ("running", "disconnected") and _pid_alive(endpoint_status.get("pid")):
-        click.echo(f"endpoint {ENDPOINT_NAME!r} already running (pid {endpoint_status['pid']})")
-    else:
-        # the endpoint validates this file when it starts (the executor never imports it)
-        ep_dir.mkdir(parents=True, exist_ok=True)
-        config_path = ep_dir / "config.yaml"
-        config_path.write_text(
-            yaml.safe_dump(
-                {
-                    "name": ENDPOINT_NAME,
-                    "manager": {"address": manager_info["endpoint_url"], "token": token},
-                    "pool": {"workers_per_node": workers},
-                },
-                sort_keys=False,
-            )
-        )
-        config_path.chmod(0o600)
-        (ep_dir / "status.json").unlink(missing_ok=True)
-        ep_proc = _spawn(
-            [
-                sys.executable,
-                "-m",
-                "dlhub.endpoint.cli",
-                "start",
-                ENDPOINT_NAME,
-                "--home",
-                str(root),
-            ],
-            ep_dir / "endpoint.stdout",
-            detach,
-        )
-        procs.append(ep_proc)
-
-        def ready() -> bool:
-            s = _read_json(ep_dir / "status.json")
-            return (
-                s.get("state") == "running" and s.get("workers", 0) >= workers
-            ) or ep_proc.poll() is not None
-
-        _wait(ready, 60, f"endpoint {ENDPOINT_NAME!r}", ep_dir / "endpoint.log")
-        if ep_proc.poll() is not None:
-            raise click.ClickException(
-                "the endpoint failed to start:\n" + (ep_dir / "endpoint.stdout").read_text()[-3000:]
-            )
-    (root / "up.json").write_text(json.dumps({"pids": [p.pid for p in procs]}))
+        _up_endpoint(root, manager_info, token, workers, procs, detach)
+    except BaseException:
+        for proc in reversed(procs):  # a failed `up` leaves nothing of its own running
+            _stop_pid(proc.pid, sig=signal.SIGINT, timeout_s=10)
+        raise
     click.echo(
         f"dlhub ready in {time.monotonic() - started:.2f} s: manager {manager_info['client_url']}, "
         f"endpoint {ENDPOINT_NAME!r}, home {root}"
     )
     if detach:
         return
+    if not procs:
+        click.echo("everything was already running; this command started nothing and stops nothing")
+        return
     click.echo("press Ctrl-C to stop")
-    try:
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
-    except KeyboardInterrupt:
-        pass
-    _down(root)
+    stop_on = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_on)
+    signal.sigwait(stop_on)
+    for proc in reversed(procs):  # only what this invocation started
+        _stop_pid(proc.pid, sig=signal.SIGINT)
+    click.echo("stopped")
+
+
+def _up_manager(root: Path, procs: list[subprocess.Popen], detach: bool) -> dict:
+    """The running manager's info, starting one if needed (on the ports it had last time, so
+    clients and endpoints of a previous run reconnect by themselves)."""
+    manager_home = root / "manager"
+    info = _read_json(manager_home / "manager.json")
+    if _pid_alive(info.get("pid")):
+        click.echo(f"manager already running (pid {info['pid']})")
+        return info
+    (manager_home / "manager.json").unlink(missing_ok=True)
+    args = [sys.executable, "-m", "dlhub.manager.cli", "serve", "--home", str(manager_home)]
+    last = _read_json(manager_home / "ports.json")
+    for option, key in (
+        ("--client-port", "client"),
+        ("--endpoint-port", "endpoint"),
+        ("--rest-port", "rest"),
+    ):
+        if _port_free(last.get(key)):
+            args += [option, str(last[key])]
+    proc = _spawn(args, manager_home / "manager.stdout", detach, cwd=root)
+    procs.append(proc)
+    _wait(lambda: (manager_home / "manager.json").exists() or proc.poll() is not None, 30, "the manager")
+    if proc.poll() is not None:
+        raise click.ClickException(
+            "the manager failed to start:\n" + (manager_home / "manager.stdout").read_text()[-3000:]
+        )
+    info = _read_json(manager_home / "manager.json")
+    ports = {
+        "client": int(info["client_url"].rsplit(":", 1)[1]),
+        "endpoint": int(info["endpoint_url"].rsplit(":", 1)[1]),
+    }
+    if info.get("rest_url"):
+        ports["rest"] = int(info["rest_url"].rsplit(":", 1)[1])
+    (manager_home / "ports.json").write_text(json.dumps(ports))
+    return info
+
+
+def _port_free(port: object) -> bool:
+    if not isinstance(port, int) or not 0 < port < 65536:
+        return False
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _up_endpoint(
+    root: Path, manager_info: dict, token: str, workers: int, procs: list[subprocess.Popen], detach: bool
+) -> None:
+    ep_dir = root / "endpoints" / ENDPOINT_NAME
+    status = _read_json(ep_dir / "status.json")
+    if status.get("state") in ("running", "disconnected") and _pid_alive(status.get("pid")):
+        click.echo(f"endpoint {ENDPOINT_NAME!r} already running (pid {status['pid']})")
+        if status.get("workers") is not None and status["workers"] != workers:
+            click.echo(
+                f"  it has {status['workers']} workers; `dlhub down` then `dlhub up --workers {workers}`"
+            )
+        return
+    # The endpoint validates this file when it starts (the executor never imports it). An existing
+    # file keeps the admin's edits: only the manager link and the worker count are brought up to date.
+    ep_dir.mkdir(parents=True, exist_ok=True)
+    config_path = ep_dir / "config.yaml"
+    config = (yaml.safe_load(config_path.read_text()) if config_path.exists() else None) or {}
+    config["name"] = ENDPOINT_NAME
+    config["manager"] = {"address": manager_info["endpoint_url"], "token": token}
+    config.setdefault("pool", {})["workers_per_node"] = workers
+    # keep one block warm: the local pool should not go cold between calls
+    config.setdefault("provider", {"type": "local", "init_blocks": 1, "min_blocks": 1, "max_blocks": 1})
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    config_path.chmod(0o600)
+    (ep_dir / "status.json").unlink(missing_ok=True)
+    args = [sys.executable, "-m", "dlhub.endpoint.cli", "start", ENDPOINT_NAME, "--home", str(root)]
+    ep_proc = _spawn(args, ep_dir / "endpoint.stdout", detach, cwd=root)
+    procs.append(ep_proc)
+
+    def ready() -> bool:
+        s = _read_json(ep_dir / "status.json")
+        return (s.get("state") == "running" and s.get("workers", 0) >= workers) or ep_proc.poll() is not None
+
+    _wait(ready, 60, f"endpoint {ENDPOINT_NAME!r}", ep_dir / "endpoint.log")
+    if ep_proc.poll() is not None:
+        raise click.ClickException(
+            "the endpoint failed to start:\n" + (ep_dir / "endpoint.stdout").read_text()[-3000:]
+        )
 
 
 def _stop_pid(pid: int | None, timeout_s: float = 20.0, sig: int = signal.SIGTERM) -> bool:

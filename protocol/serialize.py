@@ -15,10 +15,15 @@ the buffers as opaque bytes. Methods:
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import inspect
 import json
+import os
 import platform
+import sys
+import sysconfig
 import textwrap
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -119,9 +124,51 @@ def serialize_function(fn: Callable[..., Any]) -> bytes:
         "name": getattr(fn, "__name__", "function"),
         "code": code,
         "source": source,
+        "modules": _user_module_sources(fn),
         **runtime_versions(),
     }
     return _H_CODE + msgpack.packb(record, use_bin_type=True)
+
+
+def _user_module_sources(fn: Callable[..., Any]) -> dict[str, str]:
+    """The source of the user's own module that defines ``fn`` (a file of theirs, not the
+    standard library or an installed package): dill pickles such functions by reference, and the
+    worker may not be able to import that module, so it travels along and is loaded there."""
+    name = getattr(fn, "__module__", None)
+    module = sys.modules.get(name or "")
+    path = getattr(module, "__file__", None)
+    if module is None or name == "__main__" or not path:
+        return {}
+    real = os.path.realpath(path)
+    installed = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    if any(real.startswith(os.path.realpath(p) + os.sep) for p in installed if p):
+        return {}
+    try:
+        return {name: inspect.getsource(module)}
+    except (OSError, TypeError):
+        return {}
+
+
+def _provide_modules(sources: dict[str, str]) -> None:
+    """Make the user's shipped modules importable here, unless this worker already can."""
+    for name, source in sources.items():
+        if name in sys.modules or importlib.util.find_spec(name.partition(".")[0]) is not None:
+            continue
+        parts = name.split(".")
+        for i in range(1, len(parts)):  # parent packages as empty namespaces
+            parent = ".".join(parts[:i])
+            if parent not in sys.modules:
+                package = types.ModuleType(parent)
+                package.__path__ = []
+                sys.modules[parent] = package
+        module = types.ModuleType(name)
+        module.__file__ = f"<dlhub copy of {name}>"
+        sys.modules[name] = module
+        try:
+            exec(compile(source, module.__file__, "exec"), module.__dict__)
+        except Exception:
+            del sys.modules[name]
+            raise
 
 
 def code_digest(blob: bytes) -> str:
@@ -138,6 +185,7 @@ def load_function(blob: bytes) -> Callable[..., Any]:
         raise SerializationError("not a code buffer")
     record = msgpack.unpackb(blob[1:], raw=False)
     try:
+        _provide_modules(record.get("modules") or {})
         return _dill().loads(record["code"])
     except Exception as exc:
         first_error = exc
