@@ -505,6 +505,10 @@ class Endpoint:
         tmp.replace(self.run_dir / "status.json")
 
     def _shutdown(self) -> None:
+        try:
+            self._to_manager(m.Shutdown("endpoint stopping"))
+        except zmq.ZMQError:
+            pass
         for pool in list(self.scheduler.pools.values()):
             self._send_worker(pool.identity, m.Shutdown("endpoint stopping"))
         if self.poller is not None:

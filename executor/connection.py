@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import os
 import secrets
+import socket
 import threading
 import time
 from collections import deque
@@ -57,6 +58,7 @@ class Connection:
         self.code_sent: dict[str, bytes] = {}  # resent after a manager restart
         self._requests: dict[int, Future] = {}
         self._request_ids = itertools.count(1)
+        _check_address(address, connect_timeout_s)
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -67,7 +69,7 @@ class Connection:
             self.close()
             raise ManagerUnreachable(
                 f"no dlhub manager answered at {address} within {connect_timeout_s:g} s "
-                "(is it running? `dlhub status`)"
+                "(is it running? start one with `dlhub up`)"
             )
         if self._error is not None:
             self.close()
@@ -234,3 +236,22 @@ class Connection:
             elif kind == "status":
                 sock.send(m.pack(m.StatusRequest(item[1])))
         flush_tasks()
+
+
+def _check_address(address: str, timeout_s: float) -> None:
+    """Fail at once on a malformed address, or when nothing listens there (ZeroMQ would retry
+    silently until the handshake times out)."""
+    scheme, _, rest = address.partition("://")
+    if scheme not in ("tcp", "ipc", "inproc") or not rest:
+        raise ValueError(f"manager address {address!r} must look like tcp://host:port")
+    if scheme != "tcp":
+        return
+    host, _, port = rest.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"manager address {address!r} must look like tcp://host:port")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=min(timeout_s, 5.0)).close()
+    except OSError as exc:
+        raise ManagerUnreachable(
+            f"no dlhub manager listens at {address} ({exc.strerror or exc}); start one with `dlhub up`"
+        ) from None

@@ -140,6 +140,12 @@ class Executor(cf.Executor):
                 f"endpoint {endpoint!r} is not registered with the manager at {config.manager} "
                 f"(known: {', '.join(sorted(endpoints)) or 'none'})"
             )
+        if not endpoints[endpoint].get("connected"):
+            warnings.warn(
+                f"endpoint {endpoint!r} is not connected to the manager now: tasks wait for it "
+                f"(see `dlhub-endpoint status {endpoint}` on its host)",
+                stacklevel=2,
+            )
         self._warn_on_version_mismatch(endpoints[endpoint].get("versions") or {})
 
     def _sent_pending_ids(self) -> list[bytes]:

@@ -273,6 +273,17 @@ class Manager:
             )
 
     def _client_hello(self, identity: bytes, hello: m.Hello) -> None:
+        if hello.role != "client":  # e.g. an endpoint configured with the client URL
+            self._send(
+                self.client_sock,
+                identity,
+                m.Refused(
+                    "wrong-port",
+                    f"this is the manager's client port; {hello.role}s connect to its endpoint port "
+                    f"({self.endpoint_url})",
+                ),
+            )
+            return
         who = self.auth.check(hello.token)
         if who is None:
             self._send(self.client_sock, identity, m.Refused("access-denied", "token refused"))
@@ -384,6 +395,8 @@ class Manager:
             self._send(self.endpoint_sock, identity, m.Code(blobs))
         elif isinstance(msg, m.CancelRefused):
             self.router.endpoint_cancel_refused(identity, msg)
+        elif isinstance(msg, m.Shutdown):  # a clean stop: disconnected now, not after the timeout
+            self.router.endpoint_gone(identity)
         else:
             self._send(
                 self.endpoint_sock,

@@ -234,6 +234,12 @@ class Router:
         ep.info = info
         return True
 
+    def endpoint_gone(self, identity: bytes) -> None:
+        """The endpoint said goodbye: its tasks wait (re-sent when it registers again)."""
+        ep = self._endpoint(identity)
+        if ep is not None:
+            ep.connected = False
+
     def endpoint_results(self, identity: bytes, results: list[list]) -> None:
         ep = self._endpoint(identity)
         for res in results:
