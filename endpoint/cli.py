@@ -88,7 +88,7 @@ def _fill(text: str, name: str, address: str | None, token: str | None, workers:
     help="manager endpoint URL (default: the manager `dlhub up` runs here, if any)",
 )
 @click.option("--token", default=None, help="token the endpoint presents to the manager")
-@click.option("--workers", default=None, type=int, help="workers per node")
+@click.option("--workers", default=None, type=click.IntRange(1, 4096), help="workers per node")
 @click.option("--force", is_flag=True, help="overwrite an existing config.yaml")
 @home_option
 def configure(name, template, manager_address, token, workers, force, home) -> None:
@@ -115,9 +115,15 @@ def configure(name, template, manager_address, token, workers, force, home) -> N
 def _load(name: str, home: str | None) -> tuple[EndpointConfig, Path]:
     run_dir = endpoint_dir(name, home)
     try:
-        return load_config(run_dir / "config.yaml"), run_dir
+        config = load_config(run_dir / "config.yaml")
     except ConfigError as exc:
         raise click.ClickException(str(exc))
+    if config.name != name:
+        raise click.ClickException(
+            f"{run_dir / 'config.yaml'} says name: {config.name!r}, but it is the config of endpoint "
+            f"{name!r}; make them the same (users pass the name to Executor(endpoint=...))"
+        )
+    return config, run_dir
 
 
 @main.command()
@@ -259,9 +265,9 @@ def check(name: str, timeout_s: float, home: str | None) -> None:
 
     run_dir = endpoint_dir(name, home)
     try:
-        config = load_config(run_dir / "config.yaml")
-    except ConfigError as exc:
-        click.echo(f"FAIL config: {exc}")
+        config, _ = _load(name, home)
+    except click.ClickException as exc:
+        click.echo(f"FAIL config: {exc.message}")
         sys.exit(1)
     click.echo(f"ok   config {run_dir / 'config.yaml'} ({config.provider.type} provider)")
     failures = 0

@@ -31,7 +31,10 @@ class _Frozen(BaseModel):
 
 
 class ManagerLink(_Frozen):
-    address: str = Field(description="the manager's endpoint URL, e.g. tcp://hub.example.org:5581")
+    address: str = Field(
+        pattern=r"^tcp://[^\s:/]+:\d{1,5}$",
+        description="the manager's endpoint URL, e.g. tcp://hub.example.org:5581",
+    )
     token: str = Field(min_length=1, description="the endpoint's token on that manager")
 
 
@@ -300,8 +303,15 @@ def _explain(exc: ValidationError, source: str) -> str:
             hint = difflib.get_close_matches(str(got), [t.strip() for t in tags.split(",")], n=1)
             more = f"; did you mean {hint[0]}?" if hint else ""
             lines.append(f"  {where}.type: {got!r} is not one of {tags}{more}")
-        elif err["type"] == "string_pattern_mismatch" and path[-1] == "walltime":
-            lines.append(f"  {where}: expected HH:MM:SS or D-HH:MM:SS, got {err.get('input')!r}")
+        elif path[-1] == "walltime" and err["type"] in ("string_pattern_mismatch", "string_type"):
+            hint = ' (quote it in YAML: walltime: "01:00:00")' if isinstance(err.get("input"), int) else ""
+            lines.append(f"  {where}: expected HH:MM:SS or D-HH:MM:SS, got {err.get('input')!r}{hint}")
+        elif path[-1] == "address" and err["type"] == "string_pattern_mismatch":
+            lines.append(f"  {where}: expected tcp://host:port, got {err.get('input')!r}")
+        elif path[-1] == "name" and err["type"] == "string_pattern_mismatch":
+            lines.append(
+                f"  {where}: use letters, digits, '_', '.' or '-' (up to 64), got {err.get('input')!r}"
+            )
         else:
             value = err.get("input")
             got = "" if isinstance(value, (dict, list)) else f" (got {value!r})"  # never echo tokens

@@ -60,7 +60,7 @@ class Endpoint:
             no_prefetch_above_ms=config.pool.no_prefetch_above_ms,
             heartbeat_threshold_s=config.heartbeat_threshold_s,
             max_retries=config.max_retries,
-            pool_offers={name: named.pool.offers() for name, named in config.all_pools().items()},
+            pool_offers={name: _offers(named) for name, named in config.all_pools().items()},
         )
         self.unacked: dict[bytes, list] = {}
         self.registered = False
@@ -288,6 +288,7 @@ class Endpoint:
             self.manager_state = "disconnected"
             self._say_hello()
         self._watch_blocks()
+        self._forget_scaled_in()
         for pool_id in self.scheduler.check_pools():
             log.warning("pool %s lost (missed heartbeats); its tasks were re-queued", pool_id)
         self.scheduler.check_timeouts()
@@ -338,6 +339,19 @@ class Endpoint:
                     grace = max(grace, UNSEEN_JOB_GRACE_S)
                 if now - first >= grace:
                     self._block_ended(ex, name, block_id, st, by_block.get(key))
+
+    def _forget_scaled_in(self) -> None:
+        """Pools of blocks we cancelled as idle are expected to go: drop them quietly."""
+        scaled_in = {
+            f"{name}/{b}"
+            for name, ex in self.executors.items()
+            for b, st in list(ex._status.items())
+            if st.state == JobState.SCALED_IN
+        }
+        for pool in list(self.scheduler.pools.values()):
+            if pool.block_id in scaled_in:
+                self.scheduler.pool_lost(pool.pool_id, f"block {pool.block_id} was scaled in")
+                log.info("block %s scaled in (idle); its pool is gone", pool.block_id)
 
     def _block_ended(self, ex: Any, pool_name: str, block_id: str, st: Any, pool: Any) -> None:
         key = f"{pool_name}/{block_id}"
@@ -526,6 +540,17 @@ class Endpoint:
         self.manager_sock.close(0)
         self.worker_sock.close(0)
         self.ctx.term()
+
+
+def _offers(named: Any) -> dict[str, Any]:
+    """A worker's offer; undeclared cores come from the provider's cores per node when known."""
+    offers = named.pool.offers()
+    per_node = getattr(named.provider, "cores_per_node", None) or getattr(
+        named.provider, "cpus_per_node", None
+    )
+    if offers["cores"] is None and per_node:
+        offers["cores"] = per_node / named.pool.workers_per_node
+    return offers
 
 
 def _tail(path: str | None, limit: int = 4000) -> str:

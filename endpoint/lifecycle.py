@@ -96,6 +96,9 @@ def read_status(run_dir: Path) -> dict[str, Any]:
     if not is_running(run_dir):
         status["state"] = "stopped"
         status["pid"] = None
+        for key in ("workers", "queued", "outstanding", "busy_workers"):  # nothing runs now
+            if key in status:
+                status[key] = 0
     return status
 
 

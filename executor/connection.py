@@ -45,11 +45,15 @@ class Connection:
         pending_ids: Callable[[], list[bytes]] = list,
         batch_size: int = 1024,
         connect_timeout_s: float = 10.0,
+        manager_timeout_s: float = 120.0,
+        on_manager_lost: Callable[[str], None] = lambda why: None,
     ):
         self.address, self.token = address, token
         self.on_results, self.on_cancel_refused = on_results, on_cancel_refused
         self.pending_ids = pending_ids
         self.batch_size = batch_size
+        self.manager_timeout_s = manager_timeout_s
+        self.on_manager_lost = on_manager_lost
         self.session = secrets.token_hex(8)
         self.outgoing: deque[tuple] = deque()
         self.unacked: dict[bytes, tuple[str, list]] = {}
@@ -131,6 +135,14 @@ class Connection:
                 if self._ready.is_set() and self.outgoing:
                     self._send_outgoing(sock)
                 now = time.monotonic()
+                if self._ready.is_set() and now - last_heard > self.manager_timeout_s:
+                    if self.unacked or self.pending_ids():
+                        self.on_manager_lost(
+                            f"no answer from the manager at {self.address} for "
+                            f"{self.manager_timeout_s:g} s; the tasks may still run: look them up "
+                            "later with Executor.fetch(task_ids)"
+                        )
+                    last_heard = now  # keep trying; new tasks get a fresh period
                 if now - last_beat >= HEARTBEAT_S and (self.unacked or self.pending_ids()):
                     # a restarted manager answers "not-registered": we then resync
                     sock.send(m.pack(m.Heartbeat({})) if now - last_heard < 30 else self._hello())

@@ -21,6 +21,7 @@ from typing import Any
 
 from dlhub.protocol import (
     DEFAULT_PAYLOAD_LIMIT_BYTES,
+    ManagerUnreachable,
     PayloadTooLarge,
     TaskCancelled,
     UnknownEndpoint,
@@ -89,6 +90,8 @@ class Executor(cf.Executor):
         result_serializer: ``"auto"`` (msgpack for plain data, else dill), ``"dill"`` or ``"msgpack"``.
         payload_limit_bytes: largest arguments accepted (``PayloadTooLarge`` above it).
         batch_size: most tasks sent in one message to the manager.
+        manager_timeout_s: fail pending futures with ``ManagerUnreachable`` when the manager has
+            not answered for this long (it answers heartbeats every 2 s, so long tasks are fine).
         resources: what each task needs: ``{"cores": 2, "memory_gb": 8, "gpus": 1, "pool": "gpu"}``
             (any subset); the endpoint runs it on a pool that offers it, or fails it at once.
     """
@@ -107,6 +110,7 @@ class Executor(cf.Executor):
         cancel_timeout_s: float = 10.0,
         home: str | None = None,
         resources: dict[str, Any] | None = None,
+        manager_timeout_s: float = 120.0,
     ):
         if task_timeout_s is not None and task_timeout_s <= 0:
             raise ValueError(f"task_timeout_s must be positive, got {task_timeout_s!r}")
@@ -132,6 +136,8 @@ class Executor(cf.Executor):
             pending_ids=self._sent_pending_ids,
             batch_size=batch_size,
             connect_timeout_s=connect_timeout_s,
+            manager_timeout_s=manager_timeout_s,
+            on_manager_lost=self._on_manager_lost,
         )
         endpoints = self._conn.welcome.get("endpoints", {})
         if endpoint not in endpoints:
@@ -240,6 +246,15 @@ class Executor(cf.Executor):
                 fut.set_exception(exception_from_record(error))
             if fut._cancel_answer is not None:
                 fut._cancel_answer.set()
+
+    def _on_manager_lost(self, why: str) -> None:
+        """Runs on the I/O thread: the manager has been silent too long; fail what waits."""
+        error = ManagerUnreachable(why)
+        for task_id, fut in list(self._futures.items()):
+            if not fut.done():
+                fut.set_exception(error)
+            self._futures.pop(task_id, None)
+        self._conn.unacked.clear()
 
     def _on_cancel_refused(self, task_ids: list[bytes]) -> None:
         for task_id in task_ids:

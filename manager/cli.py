@@ -9,12 +9,18 @@ from pathlib import Path
 
 import click
 
-from .broker import Manager, ManagerConfig
-
 
 def _home(home: str | None) -> Path:
     base = Path(home) if home else Path(os.environ.get("DLHUB_HOME", Path.home() / ".dlhub")) / "manager"
     return base.expanduser()
+
+
+def _need_extras() -> None:
+    import importlib.util
+
+    missing = [m for m in ("sqlalchemy", "fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise click.ClickException(f"the manager needs {', '.join(missing)}: pip install 'dlhub[manager]'")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -39,6 +45,9 @@ def serve(
 ) -> None:
     """Run the manager in the foreground (writes manager.json with its addresses)."""
     from logging.handlers import RotatingFileHandler
+
+    _need_extras()
+    from .broker import Manager, ManagerConfig
 
     state = _home(home)
     state.mkdir(parents=True, exist_ok=True)
@@ -69,11 +78,24 @@ def serve(
 
 @main.command("create-user")
 @click.argument("name")
-@click.option("--role", type=click.Choice(["admin", "user", "endpoint"]), default="user")
-@click.option("--home", type=click.Path(file_okay=False))
-@click.option("--db-url", default=None)
+@click.option(
+    "--role",
+    type=click.Choice(["admin", "user", "endpoint"]),
+    default="user",
+    show_default=True,
+    help="admin: everything; user: submit and publish; endpoint: register endpoints",
+)
+@click.option(
+    "--home",
+    type=click.Path(file_okay=False),
+    help="the manager's state directory, as given to `serve` (default $DLHUB_HOME/manager)",
+)
+@click.option(
+    "--db-url", default=None, help="SQLAlchemy URL, as given to `serve` (default: SQLite under --home)"
+)
 def create_user(name: str, role: str, home: str | None, db_url: str | None) -> None:
     """Create NAME (or replace its token) and print the new token once."""
+    _need_extras()
     from .auth import create_user as make
     from .store import make_engine, migrate
 
