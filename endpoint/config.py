@@ -310,7 +310,8 @@ def _explain(exc: ValidationError, source: str) -> str:
             lines.append(f"  {where}: expected tcp://host:port, got {err.get('input')!r}")
         elif path[-1] == "name" and err["type"] == "string_pattern_mismatch":
             lines.append(
-                f"  {where}: use letters, digits, '_', '.' or '-' (up to 64), got {err.get('input')!r}"
+                f"  {where}: a valid name uses letters, digits, '_', '.' or '-' (up to 64) "
+                f"(got {err.get('input')!r})"
             )
         else:
             value = err.get("input")
