@@ -182,6 +182,7 @@ def _port_free(port: object) -> bool:
     if not isinstance(port, int) or not 0 < port < 65536:
         return False
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as ZeroMQ binds: TIME_WAIT is fine
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:

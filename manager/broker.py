@@ -159,9 +159,12 @@ class Manager:
         self._thread.start()
 
     def request_stop(self) -> None:
-        """Ask the loop to finish (safe from a signal handler): it wakes at once."""
+        """Ask the loop to finish (safe from a signal handler, and more than once): it wakes at once."""
         self._stop.set()
-        os.eventfd_write(self._ack_fd, 1)
+        try:
+            os.eventfd_write(self._ack_fd, 1)
+        except OSError:  # already stopped: the descriptor is closed
+            pass
 
     def stop(self, timeout: float = 10.0) -> None:
         self.request_stop()
