@@ -35,6 +35,7 @@ home_option = click.option(
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dlhub")
 def main() -> None:
     """Run a dlhub endpoint: it dials out to a manager and runs tasks on worker pools."""
 

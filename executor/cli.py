@@ -87,6 +87,7 @@ def _spawn(args: list[str], log: Path, detach: bool, cwd: Path) -> subprocess.Po
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dlhub")
 def main() -> None:
     """dlhub: publish, find and run models and functions for science."""
 
@@ -293,6 +294,8 @@ def status(home: str | None, endpoint: str, as_json: bool) -> None:
     else:
         _print_status(config.manager, info)
     ep = info["endpoints"].get(endpoint)
+    if ep is None:
+        click.echo(f"endpoint {endpoint!r} is not known to this manager")
     sys.exit(0 if ep and ep["connected"] and ep["info"].get("workers", 0) >= 1 else 1)
 
 

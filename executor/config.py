@@ -39,8 +39,8 @@ class ClientConfig:
         token = token or os.environ.get("DLHUB_TOKEN") or stored.get("token")
         if not manager:
             raise ValueError(
-                f"no manager address: pass manager=..., set DLHUB_MANAGER, or run `dlhub up` "
-                f"(looked in {path})"
+                f"no dlhub manager is configured in {root}: run `dlhub up`, or give its address "
+                "(Executor(manager=...) or the DLHUB_MANAGER environment variable)"
             )
         return cls(manager=manager, token=token or "", home=root)
 

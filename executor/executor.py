@@ -293,7 +293,7 @@ class Executor(cf.Executor):
         """
         futs = []
         for task_id in task_ids:
-            raw = bytes.fromhex(task_id)
+            raw = _task_id(task_id)
             fut = self._futures.get(raw)
             if fut is None:
                 fut = DLHubFuture(raw, self)
@@ -308,7 +308,9 @@ class Executor(cf.Executor):
 
     def task_info(self, task: DLHubFuture | str, timeout: float = 10.0) -> dict[str, Any]:
         """State, timestamps and captured stdout/stderr of a task (by future or task id)."""
-        task_id = task._task_id if isinstance(task, DLHubFuture) else bytes.fromhex(task)
+        if isinstance(task, DLHubFuture) and task.cancelled() and not task.sent:
+            return {"task_id": task.task_id, "state": "cancelled"}  # never left this process
+        task_id = task._task_id if isinstance(task, DLHubFuture) else _task_id(task)
         records = self._conn.request("query", [task_id]).result(timeout)
         record = dict(records[0])
         record["task_id"] = task_id.hex()
@@ -337,6 +339,16 @@ class Executor(cf.Executor):
 
     def __exit__(self, *exc: Any) -> None:
         self.shutdown(wait=True)
+
+
+def _task_id(text: str) -> bytes:
+    try:
+        raw = bytes.fromhex(text)
+    except (TypeError, ValueError):
+        raw = b""
+    if len(raw) != m.TASK_ID_BYTES:
+        raise ValueError(f"{text!r} is not a task id (32 hex digits, as DLHubFuture.task_id gives)")
+    return raw
 
 
 __all__ = ["DLHubFuture", "Executor", "TaskCancelled"]

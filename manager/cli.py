@@ -24,6 +24,7 @@ def _need_extras() -> None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dlhub")
 def main() -> None:
     """The dlhub manager: brokers tasks between clients and endpoints and records them."""
 

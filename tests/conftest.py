@@ -267,6 +267,7 @@ def start_custom_stack(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,  # its pools and workers share this session: easy to clean up
+        cwd=home,  # schedulers' stray output files (qsub writes *.o/*.e to the cwd) land here
     )
     try:
         wait_until(
