@@ -14,15 +14,18 @@ from dlhub.protocol import (
     WorkerLost,
 )
 
+from .client import Client, NotFoundError
 from .executor import DLHubFuture, Executor
 
 __all__ = [
     "AccessDenied",
+    "Client",
     "DLHubError",
     "DLHubFuture",
     "EndpointLost",
     "Executor",
     "ManagerUnreachable",
+    "NotFoundError",
     "PayloadTooLarge",
     "RemoteError",
     "ResourceUnavailable",

@@ -51,7 +51,7 @@ VALUE_TYPES = (
 )
 
 
-class RecordError(DLHubError):
+class RecordError(DLHubError, ValueError):
     """A servable record is invalid; the message names each bad field."""
 
     code = "invalid-record"

@@ -124,3 +124,43 @@ def test_dlhub_up_writes_the_rest_url(stack):
     config = json.loads((stack.home / "config.json").read_text())
     assert config["rest_url"].startswith("http://127.0.0.1:")
     assert httpx.get(config["rest_url"] + "/api/v1/health", timeout=5).json() == {"status": "ok"}
+
+
+def test_the_python_client_reads_the_repository_and_maps_errors(api):
+    from dlhub.executor import Client, NotFoundError
+    from dlhub.protocol import AccessDenied
+
+    cs, _, _, bob = api
+    repo = cs.manager.repository
+    rec = repo.publish("admin", {**RECORD, "name": "composition-featurizer", "domains": ["materials"]}, {})
+    repo.mark_ready("admin", rec.name, rec.version)
+    with Client(cs.manager.api.url, cs.token) as client:
+        hits = client.search("featurizer", domain="materials")
+        assert [h["name"] for h in hits] == ["composition-featurizer"]
+        described = client.describe("admin/composition-featurizer")
+        assert described["status"] == "ready" and described["record"]["version"] == 1
+        assert client.describe("admin/composition-featurizer:1")["record"]["name"] == "composition-featurizer"
+        assert [v["version"] for v in client.versions("admin/composition-featurizer")] == [1]
+        with pytest.raises(NotFoundError, match="admin/absent"):
+            client.describe("admin/absent")
+        with pytest.raises(ValueError, match="is not a servable reference"):
+            client.describe("no-owner")
+        fut = cs.executor().submit(square, 4)
+        assert fut.result(30) == 16
+        assert wait_until(lambda: client.task(fut.task_id)["state"] == "succeeded", 10, what="task")
+        assert client.delete("admin/composition-featurizer") == 1
+        assert client.search("featurizer") == []
+    bob_token = bob["Authorization"].split()[1]
+    with Client(cs.manager.api.url, bob_token) as as_bob:
+        rec2 = repo.publish("admin", {**RECORD, "name": "kept"}, {})
+        with pytest.raises(AccessDenied, match="may not change servables of admin"):
+            as_bob.delete(f"admin/kept:{rec2.version}")
+    with Client(cs.manager.api.url, "wrong") as bad, pytest.raises(AccessDenied):
+        bad.search()
+
+
+def test_the_client_reads_url_and_token_from_dlhub_home(stack):
+    from dlhub.executor import Client
+
+    with Client(home=str(stack.home)) as client:
+        assert client.search("anything-at-all") == []
