@@ -120,7 +120,7 @@ def test_a_dead_or_malformed_manager_address_fails_at_once():
     t0 = time.monotonic()
     with pytest.raises(ManagerUnreachable, match="no dlhub manager listens"):
         Executor(endpoint="local", manager="tcp://127.0.0.1:1", token="x", connect_timeout_s=10)
-    assert time.monotonic() - t0 < 3
+    assert time.monotonic() - t0 < 5  # not the 10 s handshake timeout
     with pytest.raises(ValueError, match="must look like tcp://host:port"):
         Executor(endpoint="local", manager="localhost:1234", token="x")
 
