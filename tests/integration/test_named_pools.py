@@ -79,8 +79,12 @@ def test_tasks_go_to_the_pool_that_offers_their_resources(two_pools, tmp_path):
     # a task may name the pool instead
     by_name = cs.executor(resources={"pool": "gpu"}).submit(device_env).result(RESULT_TIMEOUT_S)
     assert by_name["CUDA_VISIBLE_DEVICES"] in {"0", "1"}
-    status = cs.status()
-    assert status["queued_by_pool"] == {"default": 0, "gpu": 0}
+    # status.json is rewritten every heartbeat: wait for a snapshot taken after the last task
+    status = wait_until(
+        lambda: (s := cs.status()).get("queued_by_pool") == {"default": 0, "gpu": 0} and s,
+        10,
+        what="a status snapshot with both pools' queues empty",
+    )
     assert set(status["blocks"]) == {"default", "gpu"}
 
     # requests no pool can meet fail at once, naming the pools
