@@ -251,9 +251,43 @@ class Endpoint:
             except Exception:
                 log.exception("error handling %s", type(msg).__name__)
 
+    # ---- servable packages: fetched once, kept on disk by record digest ------------------------
+
+    def _package_path(self, function: str) -> Path | None:
+        digest = m.package_key(function)
+        if digest is None or not all(c in "0123456789abcdef" for c in digest):
+            return None
+        return self.run_dir / "servables" / f"{digest}.pkg"
+
+    def _keep_packages(self, blobs: dict[str, bytes]) -> None:
+        for function, blob in blobs.items():
+            path = self._package_path(function)
+            if path is None or path.exists():
+                continue
+            try:
+                path.parent.mkdir(exist_ok=True)
+                tmp = path.with_suffix(f".tmp{os.getpid()}")
+                tmp.write_bytes(blob)
+                tmp.replace(path)
+            except OSError as exc:  # a full disk costs a refetch, nothing else
+                log.warning("cannot cache servable package %s: %s", path.name, exc)
+
+    def _code_from_disk(self) -> None:
+        """Packages fetched before (by this or an earlier run of the endpoint) need no request."""
+        s, found = self.scheduler, {}
+        for function in s.code_requests:
+            path = self._package_path(function)
+            if path is not None and path.exists():
+                found[function] = path.read_bytes()
+        if found:
+            s.code_requests = [d for d in s.code_requests if d not in found]
+            s.add_code(found)
+
     def _pump(self) -> None:
         """Dispatch and send everything the scheduler produced."""
         s = self.scheduler
+        if s.code_requests:
+            self._code_from_disk()
         s.dispatch()
         for identity, msg in s.to_workers:
             try:
@@ -393,6 +427,7 @@ class Endpoint:
                     self.scheduler.results.append(res)
             self.scheduler.add_tasks(fresh)
         elif isinstance(msg, m.Code):
+            self._keep_packages(msg.blobs)
             self.scheduler.add_code(msg.blobs)
             missing = [d for d in list(self.scheduler.waiting_code) if d not in msg.blobs]
             self.scheduler.code_missing(missing)

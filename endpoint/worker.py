@@ -186,8 +186,18 @@ class Worker:
             blob = self.code.get(digest)
             if blob is None:
                 raise errors.SerializationError(f"function code {digest} was never sent")
-            fn = self.functions[digest] = load_function(blob)
+            fn = self.functions[digest] = self._load(digest, blob)
         return fn
+
+    @staticmethod
+    def _load(digest: str, blob: bytes):
+        """A plain function, or a published servable (run it, or ``verify:`` run its examples)."""
+        if m.package_key(digest) is None:
+            return load_function(blob)
+        from .servables import load_package
+
+        servable = load_package(blob)
+        return servable.verify if digest.startswith(m.VERIFY_PREFIX) else servable
 
     def execute(self, rec: list) -> list:
         task_id, digest, payload, timeout_s, serializer = rec[: m.T_RESOURCES]

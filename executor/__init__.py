@@ -8,14 +8,17 @@ from dlhub.protocol import (
     PayloadTooLarge,
     RemoteError,
     ResourceUnavailable,
+    ServableLoadError,
+    ServableNotFound,
     TaskLost,
     TaskTimeout,
     UnknownEndpoint,
     WorkerLost,
 )
 
-from .client import Client, NotFoundError
+from .client import Client, NotFoundError, PublishError
 from .executor import DLHubFuture, Executor
+from .servable import Servable
 
 __all__ = [
     "AccessDenied",
@@ -27,8 +30,12 @@ __all__ = [
     "ManagerUnreachable",
     "NotFoundError",
     "PayloadTooLarge",
+    "PublishError",
     "RemoteError",
     "ResourceUnavailable",
+    "Servable",
+    "ServableLoadError",
+    "ServableNotFound",
     "TaskLost",
     "TaskTimeout",
     "UnknownEndpoint",

@@ -4,19 +4,24 @@
 
 The URL and token come from ``$DLHUB_HOME/config.json`` (written by ``dlhub up``) unless given.
 Errors come back as typed exceptions carrying the server's message: ``AccessDenied`` (401/403),
-``NotFoundError`` (404), ``ValueError`` (400/422), ``DLHubError`` otherwise. Publishing and
-running by name arrive with the rest of the repository work.
+``NotFoundError`` (404), ``ValueError`` (400/422), ``DLHubError`` otherwise; ``publish`` raises
+``PublishError`` when verification fails, and ``run`` raises the task's typed error.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+import time
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from dlhub.protocol import AccessDenied, DLHubError
+from dlhub.protocol.errors import ERROR_TYPES, RemoteError, exception_from_record
 from dlhub.protocol.servable import parse_ref
+
+if TYPE_CHECKING:
+    from .servable import Servable
 
 from .config import dlhub_home
 
@@ -25,6 +30,16 @@ class NotFoundError(DLHubError, LookupError):
     """The servable, version or task does not exist (or is not visible to you)."""
 
     code = "not-found"
+
+
+class PublishError(DLHubError):
+    """The published version failed verification (it never routes); ``ref`` and the reason."""
+
+    code = "publish-failed"
+
+    def __init__(self, ref: str, reason: str):
+        super().__init__(f"{ref} failed verification: {reason}")
+        self.ref, self.reason = ref, reason
 
 
 class Client:
@@ -54,17 +69,30 @@ class Client:
         )
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        try:
-            response = self._http.request(method, path, **kwargs)
-        except httpx.TransportError as exc:
-            raise DLHubError(f"cannot reach the dlhub REST API at {self.url}: {exc}") from None
+        response = self._request(method, path, **kwargs)
         if response.is_success:
             return response.json()
+        self._raise(response)
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise DLHubError(f"cannot reach the dlhub REST API at {self.url}: {exc}") from None
+
+    @staticmethod
+    def _raise(response: httpx.Response) -> None:
         try:
             body = response.json()
             message = body.get("message", response.text)
         except ValueError:
-            message = response.text
+            body, message = {}, response.text
+        code = body.get("code") if isinstance(body, dict) else None
+        if code == "task-failed":
+            remote_type, _, text = message.partition(": ")
+            raise RemoteError(text or message, body.get("traceback") or "", remote_type)
+        if code in ERROR_TYPES and code not in ("access-denied",):
+            raise exception_from_record([code, message, "", None])
         if response.status_code in (401, 403):
             raise AccessDenied(message)
         if response.status_code == 404:
@@ -107,6 +135,77 @@ class Client:
         owner, name, version = parse_ref(ref)
         path = f"/servables/{owner}/{name}" + (f"/{version}" if version else "")
         return self._call("DELETE", path)["deleted"]
+
+    def publish(
+        self,
+        servable: Servable,
+        *,
+        endpoint: str | None = None,
+        wait: bool = True,
+        timeout_s: float = 600.0,
+    ) -> str:
+        """Upload, then (``wait``) block until the manager has verified the new version on an
+        endpoint: returns ``owner/name:version`` once it is ready, raises :class:`PublishError`
+        if its examples fail or it does not load, ``TimeoutError`` if no verdict in time."""
+        servable.validate()
+        files = [("files", (path, data, "application/octet-stream")) for path, data in servable.files.items()]
+        form: dict[str, Any] = {"record": json.dumps(servable.record)}
+        if endpoint:
+            form["endpoint"] = endpoint
+        body = self._call("POST", "/servables", data=form, files=files or None)
+        ref = body["ref"]
+        if not wait:
+            return ref
+        deadline = time.monotonic() + timeout_s
+        delay = 0.05
+        while True:
+            info = self.describe(ref)
+            if info["status"] == "ready":
+                return ref
+            if info["status"] != "pending":
+                raise PublishError(ref, info.get("error") or info["status"])
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"{ref} is still being verified on {body.get('verifying_on')} after {timeout_s:.0f} s "
+                    f"(is that endpoint up?); check with Client().describe({ref!r})"
+                )
+            time.sleep(delay)
+            delay = min(delay * 1.5, 1.0)
+
+    def run(
+        self,
+        ref: str,
+        *args: Any,
+        endpoint: str | None = None,
+        timeout_s: float | None = None,
+        wait_s: float = 300.0,
+        **kwargs: Any,
+    ) -> Any:
+        """Run a servable over REST with JSON arguments and get its JSON result (the Executor is
+        the fast path; this is for scripts and other languages)."""
+        owner, name, version = parse_ref(ref)
+        body = {"args": list(args), "kwargs": kwargs, "version": version, "endpoint": endpoint}
+        body.update({"wait_s": min(wait_s, 3600.0), "timeout_s": timeout_s})
+        response = self._request("POST", f"/servables/{owner}/{name}/run", json=body)
+        deadline = time.monotonic() + wait_s
+        while response.status_code == 202:
+            task_id = response.json()["task_id"]
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"task {task_id} has no result after {wait_s} s; see Client().result()")
+            time.sleep(0.1)
+            response = self._request("GET", f"/tasks/{task_id}/result")
+        if response.status_code == 200:
+            return response.json()["result"]
+        self._raise(response)
+
+    def result(self, task_id: str) -> Any:
+        """The JSON result of a task started over REST; ``None``-free: raises while it runs."""
+        response = self._request("GET", f"/tasks/{task_id}/result")
+        if response.status_code == 200:
+            return response.json()["result"]
+        if response.status_code == 202:
+            raise TimeoutError(f"task {task_id} is {response.json().get('state')}: no result yet")
+        self._raise(response)
 
     def task(self, task_id: str) -> dict[str, Any]:
         """A task's record: state, endpoint, timestamps, captured output."""

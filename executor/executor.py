@@ -184,12 +184,27 @@ class Executor(cf.Executor):
         self._conn.send(("code", digest, blob))
         return digest
 
-    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> DLHubFuture:
+    @staticmethod
+    def _servable_ref(ref: str) -> str:
+        from dlhub.protocol.servable import parse_ref
+
+        owner, name, version = parse_ref(ref)  # a malformed name fails here, not remotely
+        return f"{m.REF_PREFIX}{owner}/{name}" + (f":{version}" if version else "")
+
+    def submit(self, fn: Callable | str, /, *args: Any, **kwargs: Any) -> DLHubFuture:
+        """Run ``fn(*args, **kwargs)`` on the endpoint. ``fn`` is a function (sent by value once)
+        or a published servable, ``"owner/name"`` (its latest ready version) or
+        ``"owner/name:version"``; the manager resolves the name when the task arrives."""
         if self._shutdown:
             raise RuntimeError("cannot submit after shutdown")
-        if not callable(fn):
-            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
-        digest = self._digest(fn)
+        if isinstance(fn, str):
+            digest = self._servable_ref(fn)
+        elif callable(fn):
+            digest = self._digest(fn)
+        else:
+            raise TypeError(
+                f"fn must be callable or a servable name 'owner/name[:version]', got {type(fn).__name__}"
+            )
         payload = serialize([list(args), kwargs])
         if len(payload) > self.payload_limit_bytes:
             raise PayloadTooLarge(len(payload), self.payload_limit_bytes, "arguments")
@@ -202,7 +217,7 @@ class Executor(cf.Executor):
 
     def map(
         self,
-        fn: Callable,
+        fn: Callable | str,
         *iterables: Iterable,
         timeout: float | None = None,
         chunksize: int = 1,

@@ -8,20 +8,29 @@ an error string). Requests use their own database connections, so this thread ne
 broker loop's state. OpenAPI: ``/openapi.json``; docs: ``/docs``.
 """
 
+import asyncio
+import json
+import logging
 import socket
 import threading
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import sqlalchemy as sa
 
-from dlhub.protocol.servable import RecordError
+from dlhub.protocol import errors
+from dlhub.protocol import messages as m
+from dlhub.protocol.servable import RecordError, parse_record
 
 from .auth import Authenticator
 from .repository import NotFound, Repository, RepositoryError
-from .store import tasks_table
+from .store import TERMINAL, tasks_table, unpack_error
+
+if TYPE_CHECKING:
+    from .services import ServableService
 
 API = "/api/v1"
+log = logging.getLogger("dlhub.manager.api")
 
 
 class ApiError(Exception):
@@ -36,10 +45,50 @@ def _error(status: int, code: str, message: str):
     return JSONResponse({"code": code, "message": message}, status_code=status)
 
 
-def create_app(engine: sa.Engine, repository: Repository, auth: Authenticator):
+# HTTP status of a failed task, by its error code (the JSON body carries code and message)
+TASK_ERROR_STATUS = {
+    "servable-not-found": 404,
+    "unknown-endpoint": 404,
+    "payload-too-large": 413,
+    "task-timeout": 504,
+    "worker-lost": 502,
+    "endpoint-lost": 502,
+    "lost": 502,
+    "cancelled": 409,
+}
+MAX_UPLOAD_PART = 1024 * 1024 * 1024
+
+
+def task_outcome(task_id: str, state: str, payload: bytes | None, error: list | None) -> tuple[int, dict]:
+    """(HTTP status, body) for a task: 200 with the JSON result, 202 while it runs, else an error."""
+    from .services import result_value
+
+    if state not in TERMINAL:
+        return 202, {"task_id": task_id, "state": state}
+    if state == "succeeded":
+        try:
+            value = result_value([b"", state, payload, None, None, None])
+        except (errors.SerializationError, ValueError):
+            return 406, {
+                "code": "not-json",
+                "message": "this result was serialized for a Python client; read it with Executor.fetch",
+                "task_id": task_id,
+            }
+        return 200, {"task_id": task_id, "state": state, "result": value}
+    code, message, tb_text = (error or ["lost", f"task ended {state}", ""])[:3]
+    status = TASK_ERROR_STATUS.get(code, 422)  # 422: the servable raised on this input
+    body = {"code": code if code in TASK_ERROR_STATUS else "task-failed", "message": message}
+    return status, {**body, "task_id": task_id, "state": state, "traceback": tb_text or None}
+
+
+def create_app(
+    engine: sa.Engine, repository: Repository, auth: Authenticator, servables: "ServableService | None" = None
+):
     """The FastAPI app (imported here: FastAPI costs ~0.4 s, kept off the manager's start-up)."""
-    from fastapi import Depends, FastAPI, Header, Query, Request
+    from fastapi import Body, Depends, FastAPI, Header, Query, Request
     from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.datastructures import UploadFile
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     app = FastAPI(title="dlhub", version="0.1.0", description="Publish, find and run servables.")
@@ -136,6 +185,113 @@ def create_app(engine: sa.Engine, repository: Repository, auth: Authenticator):
         may_change(who, owner)
         return {"deleted": repository.delete(owner, name, version)}
 
+    def need_services() -> Any:
+        if servables is None:
+            raise ApiError(503, "unavailable", "this server has no manager behind it")
+        return servables
+
+    @app.post(f"{API}/servables", status_code=202)
+    async def publish(who: User, request: Request) -> dict[str, Any]:
+        """multipart/form-data: ``record`` (JSON), one ``files`` part per file (its filename is
+        the path in the record), optional ``endpoint`` to verify on. 202: verification runs."""
+        service = need_services()
+        try:
+            form = await request.form(max_files=10_000, max_fields=100, max_part_size=MAX_UPLOAD_PART)
+        except Exception as exc:  # malformed multipart bodies
+            raise ApiError(400, "bad-request", f"cannot read the multipart form: {exc}") from None
+        raw = form.get("record")
+        if isinstance(raw, UploadFile):
+            raw = (await raw.read()).decode()
+        if not raw:
+            raise ApiError(
+                422, "invalid-request", "the form needs a 'record' field (the servable record as JSON)"
+            )
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise ApiError(422, "invalid-record", f"record is not JSON: {exc}") from None
+        if isinstance(data, dict) and (data.get("owner") or data.get("version")):
+            raise ApiError(422, "invalid-record", "owner and version are set by the manager; leave them out")
+        record = parse_record(data)
+        files: dict[str, bytes] = {}
+        for part in form.getlist("files"):
+            if not isinstance(part, UploadFile) or not part.filename:
+                raise ApiError(422, "invalid-request", "each 'files' part must be a file named by its path")
+            if part.filename in files:
+                raise ApiError(422, "invalid-request", f"file {part.filename!r} was sent twice")
+            files[part.filename] = await part.read()
+        endpoint_field = form.get("endpoint")
+        try:
+            endpoint = service.default_endpoint(endpoint_field if isinstance(endpoint_field, str) else None)
+        except errors.UnknownEndpoint as exc:
+            raise ApiError(404, "unknown-endpoint", str(exc)) from None
+        except ValueError as exc:
+            raise ApiError(422, "invalid-request", f"{exc} (form field 'endpoint')") from None
+        published = await asyncio.to_thread(repository.publish, who[0], record, files)
+        service.verify(published, endpoint)
+        return {"ref": published.ref, "status": "pending", "verifying_on": endpoint}
+
+    @app.post(f"{API}/servables/{{owner}}/{{name}}/run")
+    async def run(
+        who: User,
+        owner: str,
+        name: str,
+        args: Annotated[list[Any], Body()] = [],  # noqa: B006 - FastAPI copies defaults
+        kwargs: Annotated[dict[str, Any], Body()] = {},  # noqa: B006
+        version: Annotated[int | None, Body(ge=1)] = None,
+        endpoint: Annotated[str | None, Body()] = None,
+        wait_s: Annotated[float, Body(ge=0, le=3600)] = 30.0,
+        timeout_s: Annotated[float | None, Body(gt=0)] = None,
+    ):
+        """Run a servable with JSON arguments. ``wait_s`` 0: return the task id at once (202);
+        otherwise wait that long for the result (200), else 202 with the id to poll."""
+        service = need_services()
+        ref = f"{owner}/{name}" + (f":{version}" if version else "")
+        try:
+            await asyncio.to_thread(service.resolve, ref)
+            target = service.default_endpoint(endpoint)
+        except errors.ServableNotFound as exc:
+            raise ApiError(404, "servable-not-found", str(exc)) from None
+        except errors.UnknownEndpoint as exc:
+            raise ApiError(404, "unknown-endpoint", str(exc)) from None
+        except ValueError as exc:
+            raise ApiError(422, "invalid-request", f"{exc} (field 'endpoint')") from None
+        task_id, future = service.submit(who[0], target, m.REF_PREFIX + ref, args, kwargs, timeout_s)
+        tid = task_id.hex()
+        location = {"Location": f"{API}/tasks/{tid}/result"}
+        if wait_s:
+            try:
+                res = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), wait_s)
+            except asyncio.TimeoutError:
+                res = None
+            if res is not None:
+                status, body = task_outcome(tid, res[m.R_STATE], res[m.R_PAYLOAD], res[m.R_ERROR])
+                return JSONResponse(body, status_code=status, headers=location)
+        return JSONResponse({"task_id": tid, "state": "queued"}, status_code=202, headers=location)
+
+    def task_row(who: tuple[str, str], task_id: str, columns) -> dict[str, Any]:
+        try:
+            raw = bytes.fromhex(task_id)
+        except ValueError:
+            raise ApiError(422, "invalid-request", f"task id {task_id!r} is not hex") from None
+        t = tasks_table
+        with engine.connect() as conn:
+            row = conn.execute(sa.select(t.c.owner, *columns).where(t.c.task_id == raw)).first()
+        if row is None:
+            raise ApiError(404, "not-found", f"there is no task {task_id}")
+        record = dict(row._mapping)
+        if who[1] != "admin" and record["owner"] != who[0]:
+            raise ApiError(403, "forbidden", f"task {task_id} belongs to another user")
+        return record
+
+    @app.get(f"{API}/tasks/{{task_id}}/result")
+    def task_result(who: User, task_id: str):
+        """200 with the JSON result; 202 while the task runs; an error status when it failed."""
+        t = tasks_table
+        row = task_row(who, task_id, [t.c.state, t.c.result, t.c.error])
+        status, body = task_outcome(task_id, row["state"], row["result"], unpack_error(row["error"]))
+        return JSONResponse(body, status_code=status)
+
     @app.get(f"{API}/tasks/{{task_id}}")
     def task(who: User, task_id: str) -> dict[str, Any]:
         try:
@@ -174,7 +330,14 @@ class ApiServer:
     def _serve(self) -> None:
         import uvicorn
 
-        config = uvicorn.Config(self.make_app(), log_level="warning", access_log=False, lifespan="off")
+        try:
+            app = self.make_app()
+        except Exception:  # a listening socket nobody serves would hang every client
+            log.exception("the REST API failed to start; closing its port")
+            self.sock.close()
+            self.ready.set()
+            return
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
         self.server = uvicorn.Server(config)
         self.ready.set()
         self.server.run(sockets=[self.sock])

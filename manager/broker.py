@@ -35,6 +35,7 @@ from .api import ApiServer
 from .auth import Authenticator, ensure_admin
 from .repository import Repository
 from .routing import Router
+from .services import ServableService
 from .store import TaskStore, make_engine, migrate
 
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
@@ -87,6 +88,7 @@ class Manager:
         self.session = secrets.token_hex(8)
         self._stop = threading.Event()
         self._acks: queue.SimpleQueue = queue.SimpleQueue()
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()  # work for the loop from other threads
         self._ack_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.clients: dict[bytes, _Client] = {}
         self.client_url = self.endpoint_url = ""
@@ -100,22 +102,28 @@ class Manager:
         ensure_admin(engine, self.config.admin_user, self.home / "admin.token")
         self.auth = Authenticator(engine)
         self.store = TaskStore(engine, self._on_commit)
-        self.router = Router(self.store, endpoint_timeout_s=self.config.endpoint_timeout_s)
+        self.repository = Repository(engine, self.home / "blobs")
+        interrupted = self.repository.fail_interrupted()
+        if interrupted:
+            log.warning("%d publish(es) interrupted by the last stop were marked failed", interrupted)
+        self.servables = ServableService(self, self.repository)
+        self.router = Router(
+            self.store,
+            endpoint_timeout_s=self.config.endpoint_timeout_s,
+            resolve=self.servables.resolve,
+            packages=self.repository.package,
+        )
         unfinished = self.store.unfinished()
         self.router.recover(unfinished)
         if unfinished:
             log.info("re-queued %d unfinished tasks from the database", len(unfinished))
         self.store.start()
-        self.repository = Repository(engine, self.home / "blobs")
-        interrupted = self.repository.fail_interrupted()
-        if interrupted:
-            log.warning("%d publish(es) interrupted by the last stop were marked failed", interrupted)
         self.api: ApiServer | None = None
         if self.config.rest_port is not None:
             from .api import create_app
 
             self.api = ApiServer(
-                lambda: create_app(engine, self.repository, Authenticator(engine)),
+                lambda: create_app(engine, self.repository, Authenticator(engine), self.servables),
                 self.config.host,
                 self.config.rest_port,
             )
@@ -166,6 +174,14 @@ class Manager:
         except OSError:  # already stopped: the descriptor is closed
             pass
 
+    def call_soon(self, fn) -> None:
+        """Run ``fn()`` on the loop thread (the only one that touches the Router), soon."""
+        self._calls.put(fn)
+        try:
+            os.eventfd_write(self._ack_fd, 1)
+        except OSError:  # stopped
+            pass
+
     def stop(self, timeout: float = 10.0) -> None:
         self.request_stop()
         if self._thread is not None:
@@ -198,6 +214,7 @@ class Manager:
     def _shutdown(self) -> None:
         if self.api is not None:
             self.api.stop()
+        self.servables.close()
         self.store.flush()
         self.store.close()
         self.client_sock.close(0)
@@ -419,6 +436,15 @@ class Manager:
             os.eventfd_read(self._ack_fd)
         except BlockingIOError:
             pass
+        while True:
+            try:
+                call = self._calls.get_nowait()
+            except queue.Empty:
+                break
+            try:
+                call()
+            except Exception:  # a bug must not take the broker down
+                log.exception("error in a call from another thread")
         grouped: dict[tuple[str, bytes], list[bytes]] = {}
         while True:
             try:

@@ -25,7 +25,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from dlhub.protocol.servable import ServableRecord, parse_record
+from dlhub.protocol.servable import ServableRecord, pack_package, parse_record, parse_ref, record_digest
 
 from .store import metadata
 
@@ -38,6 +38,7 @@ versions_table = sa.Table(
     sa.Column("status", sa.String(16), nullable=False, index=True),
     sa.Column("record", sa.Text, nullable=False),  # JSON of the ServableRecord
     sa.Column("error", sa.Text, nullable=True),
+    sa.Column("digest", sa.String(64), nullable=True, index=True),  # record_digest: names the package
     # "|a|b|" forms so filters are one portable LIKE each
     sa.Column("domains", sa.Text, nullable=False, default="|"),
     sa.Column("authors", sa.Text, nullable=False, default="|"),
@@ -127,6 +128,7 @@ class Repository:
         self.dialect = engine.dialect.name
         self.blobs = BlobStore(blob_root)
         self.clock = clock
+        self.generation = 0  # bumped on every status change: routing caches compare it
         with engine.begin() as conn:
             for statement in FTS_DDL[self.dialect]:
                 conn.exec_driver_sql(statement)
@@ -146,6 +148,8 @@ class Repository:
             actual = "sha256:" + hashlib.sha256(data).hexdigest()
             if actual != rec.files[path]:
                 raise RepositoryError(f"file {path!r} has digest {actual}, the record says {rec.files[path]}")
+        if rec.kind == "pipeline":
+            rec = rec.model_copy(update={"steps": [self._pin(step) for step in rec.steps]})
         for data in files.values():  # before the commit: a crash leaves only unreferenced blobs
             self.blobs.put(data)
         t = versions_table
@@ -161,6 +165,7 @@ class Repository:
                     name=rec.name,
                     version=rec.version,
                     status="pending",
+                    digest=record_digest(rec),
                     record=rec.model_dump_json(),
                     domains=_bars(rec.domains),
                     authors=_bars([a.name for a in rec.authors]),
@@ -177,6 +182,17 @@ class Repository:
                 {"o": owner, "n": rec.name, "v": rec.version, **_search_texts(rec)},
             )
         return rec
+
+    def _pin(self, step: str) -> str:
+        """A pipeline step as ``owner/name:version`` of a ready version (pinned at publish)."""
+        owner, name, version = parse_ref(step)
+        try:
+            rec, status, _ = self.get(owner, name, version)
+        except NotFound:
+            raise RepositoryError(f"pipeline step {step!r}: there is no ready version of it") from None
+        if status != "ready":
+            raise RepositoryError(f"pipeline step {step!r} is {status}, not ready")
+        return rec.ref
 
     def mark_ready(self, owner: str, name: str, version: int) -> None:
         self._set_status(owner, name, version, "ready", None, expect="pending")
@@ -207,6 +223,7 @@ class Repository:
                 .where(t.c.owner == owner, t.c.name == name, t.c.version == version, t.c.status == expect)
                 .values(status=status, error=error, updated=self.clock())
             )
+        self.generation += 1
         if result.rowcount != 1:
             raise NotFound(f"{owner}/{name}:{version} is not {expect}")
 
@@ -228,6 +245,36 @@ class Repository:
             which = f"{owner}/{name}:{version}" if version else f"a ready version of {owner}/{name}"
             raise NotFound(f"there is no {which}")
         return parse_record(json.loads(row.record)), row.status, row.error
+
+    def resolve(self, owner: str, name: str, version: int | None = None) -> tuple[ServableRecord, str]:
+        """(record, package digest) of a version that calls may route to: ready, not deleted."""
+        rec, status, _ = self.get(owner, name, version)
+        if status != "ready":
+            raise NotFound(f"{rec.ref} is {status}: only ready versions run")
+        return rec, record_digest(rec)
+
+    def package(self, digest: str) -> bytes | None:
+        """The package blob of a version by its record digest (any status: calls already routed
+        to a version that is deleted meanwhile still finish), with its pipeline steps inside."""
+        t = versions_table
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(t.c.record).where(t.c.digest == digest)).first()
+        if row is None:
+            return None
+        record = json.loads(row.record)
+        files = {path: self.blobs.get(d) for path, d in record.get("files", {}).items()}
+        steps = []
+        for step in record.get("steps", []):
+            owner, name, version = parse_ref(step)
+            with self.engine.connect() as conn:
+                step_digest = conn.execute(
+                    sa.select(t.c.digest).where(t.c.owner == owner, t.c.name == name, t.c.version == version)
+                ).scalar()
+            blob = self.package(step_digest) if step_digest else None
+            if blob is None:
+                return None
+            steps.append(blob)
+        return pack_package(record, files, steps)
 
     def versions(self, owner: str, name: str) -> list[dict[str, Any]]:
         t = versions_table
@@ -254,6 +301,7 @@ class Repository:
             if version is not None:
                 sql, params["v"] = sql + " AND version = :v", version
             conn.execute(sa.text(sql), params)
+        self.generation += 1
         if result.rowcount == 0:
             raise NotFound(f"nothing to delete at {owner}/{name}" + (f":{version}" if version else ""))
         return result.rowcount

@@ -55,8 +55,15 @@ class Router:
         clock: Callable[[], float] = time.time,
         endpoint_timeout_s: float = 30.0,
         known_endpoints: list[str] | None = None,
+        resolve: Callable[[str], str] | None = None,
+        packages: Callable[[str], bytes | None] | None = None,
     ):
         self.store = store
+        # servables: "owner/name[:version]" -> "servable:<digest>" (raises DLHubError), and
+        # digest -> package blob for endpoints that ask for it
+        self.resolve = resolve
+        self.packages = packages
+        self.callbacks: dict[bytes, Callable[[list], None]] = {}  # internal tasks (REST, verify)
         self.clock = clock
         self.endpoint_timeout_s = endpoint_timeout_s
         self.tasks: dict[bytes, TaskEntry] = {}
@@ -74,7 +81,16 @@ class Router:
 
     # ---- clients -------------------------------------------------------------------------
 
-    def submit(self, client: bytes, owner: str, session: str, msg: m.Submit) -> None:
+    def submit(
+        self,
+        client: bytes,
+        owner: str,
+        session: str,
+        msg: m.Submit,
+        callback: Callable[[list], None] | None = None,
+    ) -> None:
+        """Accept tasks from a client, or (``callback`` set, ``client`` empty) from the manager
+        itself: REST calls and publish verification, whose results go to the callback."""
         now = self.clock()
         ep = self.endpoints.get(msg.endpoint)
         if ep is None:
@@ -84,11 +100,33 @@ class Router:
                 f"(known: {', '.join(sorted(self.endpoints)) or 'none'})",
             )
             for rec in msg.tasks:
-                self._result_to_client(client, m.result_record(rec[m.T_ID], "failed", error=err))
+                self._reply_now(client, callback, m.result_record(rec[m.T_ID], "failed", error=err))
             return
         rows, acks, fresh = [], [], []
+        resolved: dict[str, str | list] = {}
         for rec in msg.tasks:
             task_id = rec[m.T_ID]
+            function = rec[m.T_FUNCTION]
+            if (
+                function.startswith(m.REF_PREFIX)
+                and task_id not in self.tasks
+                and task_id not in self.finished
+            ):
+                target = resolved.get(function)
+                if target is None:
+                    target = resolved[function] = self._resolve(function[len(m.REF_PREFIX) :])
+                if isinstance(target, list):  # an error record: nothing routable by that name
+                    self._reply_now(client, callback, m.result_record(task_id, "failed", error=target))
+                    continue
+                rec[m.T_FUNCTION] = target
+            elif m.package_key(function) is not None and callback is None:
+                err = errors.infra_error(
+                    "servable-not-found", "clients name servables as owner/name[:version], not by package"
+                )
+                self._reply_now(client, callback, m.result_record(task_id, "failed", error=err))
+                continue
+            if callback is not None:
+                self.callbacks[task_id] = callback
             if task_id in self.tasks or task_id in self.finished:
                 self.counters["duplicates"] += 1
                 entry = self.tasks.get(task_id)
@@ -128,6 +166,21 @@ class Router:
         else:
             for rec in fresh:
                 ep.pending[rec[m.T_ID]] = None
+
+    def _resolve(self, ref: str) -> str | list:
+        """The package a servable name routes to now, or an error record saying why none."""
+        if self.resolve is None:
+            return errors.infra_error("servable-not-found", "this manager has no servable repository")
+        try:
+            return self.resolve(ref)
+        except errors.DLHubError as exc:
+            return errors.infra_error(exc.code, str(exc))
+
+    def _reply_now(self, client: bytes, callback: Callable[[list], None] | None, res: list) -> None:
+        if callback is not None:
+            callback(res)
+        else:
+            self._result_to_client(client, res)
 
     def cancel(self, client: bytes, task_ids: list[bytes]) -> None:
         """Cancel what has not reached a worker; ask the endpoint about the rest."""
@@ -181,7 +234,11 @@ class Router:
         out = {}
         for digest in digests:
             blob = self.code.get(digest)
-            if blob is None:
+            if blob is None and m.package_key(digest) is not None:
+                blob = self.packages(m.package_key(digest)) if self.packages else None
+                if blob is not None:
+                    self._remember_code(digest, blob)
+            elif blob is None:
                 blob = self.store.get_code(digest)
                 if blob is not None:
                     self._remember_code(digest, blob)
@@ -321,7 +378,10 @@ class Router:
         self.finished[task_id] = res[m.R_STATE]
         if len(self.finished) > FINISHED_MEMORY:
             self.finished.popitem(last=False)
-        if entry.client:
+        callback = self.callbacks.pop(task_id, None)
+        if callback is not None:
+            callback(res)
+        elif entry.client:
             self._result_to_client(entry.client, res)
 
     def _result_to_client(self, client: bytes, res: list) -> None:

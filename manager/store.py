@@ -25,7 +25,7 @@ import sqlalchemy as sa
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # 2: tasks.resources
+SCHEMA_VERSION = 3  # 2: tasks.resources; 3: servable_versions.digest
 metadata = sa.MetaData()
 
 tasks_table = sa.Table(
@@ -95,7 +95,23 @@ def make_engine(url: str) -> sa.Engine:
 
 
 # version -> statements that bring a database from the version before up to it
-MIGRATIONS: dict[int, list[str]] = {2: ["ALTER TABLE tasks ADD COLUMN resources TEXT"]}
+def _add_column(table: str, column: str, ddl: str) -> Callable[[sa.Connection], None]:
+    """A migration step that adds a column unless create_all just made the table with it."""
+
+    def step(conn: sa.Connection) -> None:
+        if column not in {c["name"] for c in sa.inspect(conn).get_columns(table)}:
+            conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}")
+
+    return step
+
+
+MIGRATIONS: dict[int, list[str | Callable[[sa.Connection], None]]] = {
+    2: ["ALTER TABLE tasks ADD COLUMN resources TEXT"],
+    3: [
+        _add_column("servable_versions", "digest", "VARCHAR(64)"),
+        "CREATE INDEX IF NOT EXISTS ix_servable_versions_digest ON servable_versions (digest)",
+    ],
+}
 
 
 def migrate(engine: sa.Engine) -> None:
@@ -117,7 +133,10 @@ def migrate(engine: sa.Engine) -> None:
             )
         for target in range(version + 1, SCHEMA_VERSION + 1):
             for statement in MIGRATIONS.get(target, []):
-                conn.exec_driver_sql(statement)
+                if callable(statement):
+                    statement(conn)
+                else:
+                    conn.exec_driver_sql(statement)
         if row is None:
             conn.execute(meta_table.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
         else:

@@ -100,6 +100,18 @@ class VersionMismatch(DLHubError):
     code = "version-mismatch"
 
 
+class ServableNotFound(DLHubError, LookupError):
+    """No routable version of the servable: unknown, deleted, failed or still being verified."""
+
+    code = "servable-not-found"
+
+
+class ServableLoadError(DLHubError):
+    """A servable cannot be loaded at the endpoint (unmet requirement, bad file, failing import)."""
+
+    code = "servable-load"
+
+
 class RemoteError(DLHubError):
     """A remote exception whose original type could not be rebuilt here."""
 
@@ -141,6 +153,8 @@ ERROR_TYPES: dict[str, type[DLHubError]] = {
         ResourceUnavailable,
         SerializationError,
         VersionMismatch,
+        ServableNotFound,
+        ServableLoadError,
     )
 }
 

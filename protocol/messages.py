@@ -56,6 +56,19 @@ TASK_STATES = (
 _REGISTRY: dict[int, type[Message]] = {}
 
 
+# Task function names that are not code digests: a published servable by reference (client ->
+# manager), and the package the manager resolved it to (manager -> endpoint -> worker).
+REF_PREFIX, RUN_PREFIX, VERIFY_PREFIX = "ref:", "servable:", "verify:"
+
+
+def package_key(function: str) -> str | None:
+    """The servable record digest a task's function names, or None for plain functions."""
+    for prefix in (RUN_PREFIX, VERIFY_PREFIX):
+        if function.startswith(prefix):
+            return function[len(prefix) :]
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class Message:
     TYPE: ClassVar[int] = 0

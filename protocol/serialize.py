@@ -66,12 +66,22 @@ def serialize(obj: Any, method: str = "auto") -> bytes:
             ) from None
     if method == "json":
         try:
-            return _H_JSON + json.dumps(obj).encode()
+            return _H_JSON + json.dumps(obj, default=_json_default).encode()
         except (TypeError, ValueError) as exc:
             raise SerializationError(
                 f"result of type {type(obj).__name__} cannot be encoded as JSON: {exc}"
             ) from None
     raise SerializationError(f"unknown serializer {method!r}; use auto, msgpack, dill or json")
+
+
+def _json_default(obj: Any) -> Any:
+    """Arrays and tensors (numpy, torch: anything with ``tolist``) become nested lists in JSON."""
+    tolist = getattr(obj, "tolist", None)
+    if callable(tolist):
+        return tolist()
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
 
 
 def deserialize(buf: bytes | memoryview) -> Any:

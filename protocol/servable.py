@@ -228,3 +228,39 @@ def parse_ref(ref: str) -> tuple[str, str, int | None]:
         raise RecordError(f"{ref!r} is not a servable reference (owner/name or owner/name:version)")
     owner, name, version = match.groups()
     return owner, name, int(version) if version and version != "latest" else None
+
+
+# ---- packages: how a published version travels to endpoints --------------------------------
+#
+# A package is one blob: a header byte, then msgpack {"record": dict, "files": {path: bytes},
+# "steps": [package, ...]} (steps: the pinned packages of a pipeline's steps, so the whole chain
+# reaches the endpoint in one fetch). Endpoints and workers cache it by the record's digest; tasks
+# name it as ``servable:<digest>`` (run it) or ``verify:<digest>`` (run its examples).
+
+PACKAGE_HEADER = 0x20
+from .messages import REF_PREFIX, RUN_PREFIX, VERIFY_PREFIX, package_key  # noqa: E402, F401
+
+
+def record_digest(record: ServableRecord) -> str:
+    """sha256 hex of the published record's canonical JSON (it names every file by digest)."""
+    import hashlib
+    import json
+
+    canonical = json.dumps(record.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def pack_package(record: dict, files: dict[str, bytes], steps: list[bytes]) -> bytes:
+    import msgpack
+
+    body = msgpack.packb({"record": record, "files": files, "steps": steps}, use_bin_type=True)
+    return bytes([PACKAGE_HEADER]) + body
+
+
+def unpack_package(blob: bytes) -> tuple[ServableRecord, dict[str, bytes], list[bytes]]:
+    import msgpack
+
+    if not blob or blob[0] != PACKAGE_HEADER:
+        raise RecordError("not a servable package")
+    data = msgpack.unpackb(blob[1:], raw=False)
+    return parse_record(data["record"]), data["files"], data["steps"]
