@@ -102,7 +102,13 @@ def main() -> None:
     "--workers", default=2, show_default=True, type=click.IntRange(1, 256), help="workers in the local pool"
 )
 @click.option("--detach", is_flag=True, help="return once ready, leaving the services running")
-def up(home: str | None, workers: int, detach: bool) -> None:
+@click.option(
+    "--examples/--no-examples",
+    default=True,
+    show_default=True,
+    help="publish the example servables in the background once ready",
+)
+def up(home: str | None, workers: int, detach: bool, examples: bool) -> None:
     """Start a manager and a `local` endpoint on this machine."""
     missing = [m for m in ("sqlalchemy", "parsl", "fastapi") if importlib.util.find_spec(m) is None]
     if missing:
@@ -129,6 +135,8 @@ def up(home: str | None, workers: int, detach: bool) -> None:
         f"dlhub ready in {time.monotonic() - started:.2f} s: manager {manager_info['client_url']}, "
         f"endpoint {ENDPOINT_NAME!r}, home {root}"
     )
+    if examples and manager_info.get("rest_url"):
+        _publish_examples_in_background(root)
     if detach:
         return
     if not procs:
@@ -141,6 +149,30 @@ def up(home: str | None, workers: int, detach: bool) -> None:
     for proc in reversed(procs):  # only what this invocation started
         _stop_pid(proc.pid, sig=signal.SIGINT)
     click.echo("stopped")
+
+
+def _publish_examples_in_background(root: Path) -> None:
+    """Build and publish the example servables in a low-priority process of their own, after
+    everything is ready, so they never delay the first task (log: examples.log)."""
+    pid_file = root / "examples.pid"
+    try:
+        if _pid_alive(int(pid_file.read_text())):
+            return
+    except (FileNotFoundError, ValueError):
+        pass
+    log = root / "examples.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dlhub.executor.examples", "--home", str(root)],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=root,
+            start_new_session=True,
+            preexec_fn=lambda: os.nice(10),
+        )
+    pid_file.write_text(str(proc.pid))
+    click.echo(f"publishing the example servables in the background (log: {log})")
 
 
 def _up_manager(root: Path, procs: list[subprocess.Popen], detach: bool) -> dict:
@@ -254,6 +286,12 @@ def _down(root: Path) -> list[str]:
             continue
         if _stop_pid(pid, sig=signal.SIGINT):  # at once: `down` does not wait for tasks to drain
             stopped.append(f"endpoint {ep_dir.name}")
+    try:
+        if _stop_pid(int((root / "examples.pid").read_text()), timeout_s=5):
+            stopped.append("example publisher")
+    except (FileNotFoundError, ValueError):
+        pass
+    (root / "examples.pid").unlink(missing_ok=True)
     if _stop_pid(_read_json(root / "manager" / "manager.json").get("pid")):
         stopped.append("manager")
     (root / "up.json").unlink(missing_ok=True)

@@ -101,6 +101,10 @@ class Client:
             raise ValueError(message)
         raise DLHubError(f"HTTP {response.status_code}: {message}")
 
+    def whoami(self) -> str:
+        """The user name of this client's token (the owner of what it publishes)."""
+        return self._call("GET", "/whoami")["user"]
+
     def search(
         self,
         query: str = "",

@@ -136,6 +136,10 @@ def create_app(
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
+    @app.get(f"{API}/whoami")
+    def whoami(who: User) -> dict[str, str]:
+        return {"user": who[0], "role": who[1]}
+
     @app.get(f"{API}/servables")
     def search(
         who: User,

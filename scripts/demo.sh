@@ -10,3 +10,4 @@ trap '.venv/bin/dlhub down >/dev/null 2>&1 || true' EXIT
 .venv/bin/dlhub up --workers 2 --detach
 .venv/bin/dlhub status
 .venv/bin/python examples/quickstart.py
+.venv/bin/python examples/servables.py

@@ -141,8 +141,9 @@ class Stack:
         self.executors.clear()
 
 
-def start_stack(home: Path, workers: int = 2) -> Stack:
-    proc = dlhub_cli("up", "--home", str(home), "--workers", str(workers), "--detach")
+def start_stack(home: Path, workers: int = 2, examples: bool = False) -> Stack:
+    flag = "--examples" if examples else "--no-examples"
+    proc = dlhub_cli("up", "--home", str(home), "--workers", str(workers), "--detach", flag)
     stack = Stack(home)
     if proc.returncode != 0:
         stop_stack(stack)
@@ -187,8 +188,8 @@ def stack_factory(tmp_path_factory) -> Iterator[Callable[..., Stack]]:
     """Start private stacks; each is stopped at the end of the session unless stopped before."""
     started: list[Stack] = []
 
-    def make(workers: int = 2) -> Stack:
-        s = start_stack(tmp_path_factory.mktemp("dlhub-home"), workers)
+    def make(workers: int = 2, examples: bool = False) -> Stack:
+        s = start_stack(tmp_path_factory.mktemp("dlhub-home"), workers, examples)
         started.append(s)
         return s
 

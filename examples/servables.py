@@ -1,0 +1,70 @@
+"""The README's servable example: find, describe and run the examples `dlhub up` publishes.
+
+`dlhub up` builds and publishes them in the background (log: $DLHUB_HOME/examples.log); this
+script waits until they are ready, then calls each by name through the Executor and once over
+REST, and prints a cold (first call: package fetch + load) vs warm latency.
+"""
+
+import time
+
+import numpy as np
+
+from dlhub.executor import Client, Executor
+
+NAMES = [
+    "noop",
+    "composition-featurizer",
+    "composition-rf",
+    "diabetes-rf",
+    "digits-cnn",
+    "composition-pipeline",
+]
+
+
+def wait_for_examples(client: Client, owner: str, timeout_s: float = 300) -> list[str]:
+    """The example names that are ready (waits for those still being built or verified)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = {r["name"]: r for r in client.search(owner=owner, limit=100)}
+        missing = [n for n in NAMES if n not in found]
+        if not missing or time.monotonic() > deadline:
+            if missing:
+                print(f"not published (see examples.log in $DLHUB_HOME): {', '.join(missing)}")
+            return [n for n in NAMES if n in found]
+        time.sleep(1)
+
+
+def main() -> None:
+    client = Client()  # REST URL + token from $DLHUB_HOME, written by `dlhub up`
+    owner = client.whoami()
+    ready = wait_for_examples(client, owner)
+    for hit in client.search("random forest"):
+        print(f"search 'random forest': {hit['owner']}/{hit['name']}:{hit['version']} - {hit['title']}")
+    info = client.describe(f"{owner}/composition-featurizer")
+    print(f"describe: {info['record']['title']} (status {info['status']}, inputs {info['record']['inputs']})")
+
+    x = [[0.038, 0.051, 0.062, 0.022, -0.044, -0.035, -0.043, -0.003, 0.020, -0.018]]
+    calls = {
+        "noop": ("hello",),
+        "composition-featurizer": ("Fe2O3",),
+        "composition-rf": ([[2.0, 5.0, 13.6, 8.0, 26.0, 18.0, 2.796, 1.61]],),
+        "diabetes-rf": (x,),
+        "digits-cnn": (np.zeros((1, 1, 8, 8), dtype=np.float32),),
+        "composition-pipeline": ("NaCl",),
+    }
+    with Executor(endpoint="local") as ex:
+        for name in ready:
+            started = time.perf_counter()
+            value = ex.submit(f"{owner}/{name}", *calls[name]).result(timeout=120)
+            first = time.perf_counter() - started
+            started = time.perf_counter()
+            ex.submit(f"{owner}/{name}", *calls[name]).result(timeout=120)
+            warm = time.perf_counter() - started
+            shown = np.round(value.astype(float), 3).tolist() if isinstance(value, np.ndarray) else value
+            print(f"{owner}/{name}: {shown}  (first call {first * 1000:.1f} ms, warm {warm * 1000:.1f} ms)")
+    if "composition-pipeline" in ready:
+        print("over REST:", client.run(f"{owner}/composition-pipeline", "Fe2O3", endpoint="local"))
+
+
+if __name__ == "__main__":
+    main()
