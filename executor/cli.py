@@ -22,6 +22,7 @@ import click
 import yaml
 
 from .config import dlhub_home, write_client_config
+from .repo_cli import register as register_repository_commands
 
 ENDPOINT_NAME = "local"
 
@@ -360,6 +361,8 @@ def _print_status(address: str, info: dict) -> None:
         )
     console.print(table)
 
+
+register_repository_commands(main)
 
 if __name__ == "__main__":
     main()

@@ -242,16 +242,34 @@ class Repository:
         with self.engine.connect() as conn:
             row = conn.execute(query).first()
         if row is None:
-            which = f"{owner}/{name}:{version}" if version else f"a ready version of {owner}/{name}"
+            which = f"{owner}/{name}:{version}" if version else f"ready version of {owner}/{name}"
             raise NotFound(f"there is no {which}")
         return parse_record(json.loads(row.record)), row.status, row.error
 
     def resolve(self, owner: str, name: str, version: int | None = None) -> tuple[ServableRecord, str]:
         """(record, package digest) of a version that calls may route to: ready, not deleted."""
-        rec, status, _ = self.get(owner, name, version)
+        try:
+            rec, status, _ = self.get(owner, name, version)
+        except NotFound:
+            raise NotFound(self._why_not_routable(owner, name, version)) from None
         if status != "ready":
             raise NotFound(f"{rec.ref} is {status}: only ready versions run")
         return rec, record_digest(rec)
+
+    def _why_not_routable(self, owner: str, name: str, version: int | None) -> str:
+        t = versions_table
+        query = sa.select(t.c.version, t.c.status).where(t.c.owner == owner, t.c.name == name)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query.order_by(t.c.version)).all()
+        if version is not None:
+            rows = [r for r in rows if r.version == version]
+        target = f"{owner}/{name}" + (f":{version}" if version else "")
+        if not rows:
+            return f"there is no servable {target}"
+        states = sorted({r.status for r in rows})
+        if states == ["deleted"]:
+            return f"{target} was deleted"
+        return f"{target} has no ready version (versions are {', '.join(states)})"
 
     def package(self, digest: str) -> bytes | None:
         """The package blob of a version by its record digest (any status: calls already routed

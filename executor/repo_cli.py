@@ -1,0 +1,253 @@
+"""The repository from the shell: ``dlhub publish|search|describe|versions|run|delete``.
+
+Each command is a thin layer over :class:`Client` (REST) or :class:`Executor` (``run``); errors
+are one line on stderr with a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from dlhub.protocol import DLHubError
+
+HOME = click.option("--home", type=click.Path(file_okay=False), help="dlhub home (default $DLHUB_HOME)")
+AS_JSON = click.option("--json", "as_json", is_flag=True, help="print JSON")
+
+
+def _friendly(fn):
+    """DLHub, value and lookup errors as a one-line message and exit status 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (DLHubError, ValueError, LookupError, TimeoutError, OSError) as exc:
+            raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+
+    return wrapper
+
+
+def _client(home: str | None):
+    from .client import Client
+
+    return Client(home=home)
+
+
+def _json_arg(text: str) -> Any:
+    """A JSON value if it parses as one (numbers, lists, quoted strings), else the text itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _echo_json(value: Any) -> None:
+    from dlhub.protocol.serialize import _json_default
+
+    click.echo(json.dumps(value, indent=2, default=_json_default))
+
+
+def _load_function(source: str):
+    path_text, sep, attr = source.rpartition(":")
+    if not sep or not path_text.endswith(".py"):
+        raise click.BadParameter("give FILE.py:FUNCTION", param_hint="SOURCE")
+    path = Path(path_text).resolve()
+    if not path.is_file():
+        raise click.BadParameter(f"{path_text} does not exist", param_hint="SOURCE")
+    sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    spec.loader.exec_module(module)
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise click.BadParameter(f"{path.name} has no function {attr!r}", param_hint="SOURCE")
+    return fn
+
+
+def register(main: click.Group) -> None:
+    @main.command()
+    @click.argument("source")
+    @click.option("--name", help="servable name (default: the function's, with - for _)")
+    @click.option("--title", help="one-line title (default: the docstring's first line)")
+    @click.option("--author", "authors", multiple=True, help='"Family, Given" (repeat for several)')
+    @click.option("--description", default="")
+    @click.option("--domain", "domains", multiple=True)
+    @click.option("--keyword", "keywords", multiple=True)
+    @click.option("--license", "license_", default=None)
+    @click.option("--requirement", "requirements", multiple=True, help="pip specifier the endpoint must meet")
+    @click.option(
+        "--example",
+        "examples",
+        multiple=True,
+        help="JSON [args, output], e.g. '[[\"NaCl\"], 4]' (repeat); run on the endpoint before it is ready",
+    )
+    @click.option("--deterministic", is_flag=True, help="same inputs give the same output (cacheable)")
+    @click.option("--endpoint", help="endpoint that verifies it (default: the only connected one)")
+    @click.option("--no-wait", is_flag=True, help="return once uploaded, before verification")
+    @HOME
+    @_friendly
+    def publish(source, name, title, authors, description, domains, keywords, license_, requirements,
+                examples, deterministic, endpoint, no_wait, home):  # fmt: skip
+        """Publish FILE.py:FUNCTION as a servable; prints owner/name:version once verified."""
+        from .servable import Servable
+
+        fn = _load_function(source)
+        parsed = []
+        for text in examples:
+            try:
+                value = json.loads(text)
+            except ValueError as exc:
+                raise click.BadParameter(f"{text!r} is not JSON: {exc}", param_hint="--example") from None
+            if not (isinstance(value, list) and len(value) == 2 and isinstance(value[0], list)):
+                raise click.BadParameter(f"{text!r} must be [args-list, output]", param_hint="--example")
+            parsed.append({"args": value[0], "output": value[1]})
+        client = _client(home)
+        doc = (fn.__doc__ or "").strip().splitlines()
+        servable = Servable.from_function(
+            fn,
+            name=name or fn.__name__.replace("_", "-").lower(),
+            title=title or (doc[0] if doc else fn.__name__),
+            authors=list(authors) or [client.whoami()],
+            description=description,
+            domains=domains,
+            keywords=keywords,
+            license=license_,
+            requirements=requirements,
+            examples=parsed,
+            deterministic=deterministic,
+        )
+        ref = client.publish(servable, endpoint=endpoint, wait=not no_wait)
+        click.echo(ref if not no_wait else f"{ref} (pending: see `dlhub describe {ref}`)")
+
+    @main.command()
+    @click.argument("query", required=False, default="")
+    @click.option("--owner")
+    @click.option("--domain")
+    @click.option("--author")
+    @click.option("--related", help="a related identifier, e.g. a DOI")
+    @click.option("--all-versions", is_flag=True, help="every ready version, not only the latest")
+    @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 500))
+    @AS_JSON
+    @HOME
+    @_friendly
+    def search(query, owner, domain, author, related, all_versions, limit, as_json, home):
+        """Find ready servables by words in their metadata, best match first."""
+        hits = _client(home).search(
+            query,
+            owner=owner,
+            domain=domain,
+            author=author,
+            related=related,
+            only_latest=not all_versions,
+            limit=limit,
+        )
+        if as_json:
+            _echo_json(hits)
+            return
+        if not hits:
+            click.echo("no servables found")
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("servable", "kind", "title", "domains")
+        for hit in hits:
+            ref = f"{hit['owner']}/{hit['name']}:{hit['version']}"
+            table.add_row(ref, hit["kind"], hit["title"], ", ".join(hit.get("domains", [])))
+        Console().print(table)
+
+    @main.command()
+    @click.argument("ref")
+    @AS_JSON
+    @HOME
+    @_friendly
+    def describe(ref, as_json, home):
+        """Metadata, status (and why it failed), inputs/outputs and versions of REF."""
+        info = _client(home).describe(ref)
+        if as_json:
+            _echo_json(info)
+            return
+        rec = info["record"]
+        click.echo(f"{rec['owner']}/{rec['name']}:{rec['version']}  [{info['status']}]  {rec['title']}")
+        if info.get("error"):
+            click.echo(f"  error: {info['error']}")
+        if rec.get("description"):
+            click.echo(f"  {rec['description']}")
+        click.echo(f"  kind: {rec['kind']}   authors: {'; '.join(a['name'] for a in rec['authors'])}")
+        for i, spec in enumerate(rec.get("inputs", [])):
+            click.echo(f"  input {i}: {_type_text(spec)}")
+        click.echo(f"  output: {_type_text(rec['output'])}")
+        if rec.get("steps"):
+            click.echo(f"  steps: {' -> '.join(rec['steps'])}")
+        if rec.get("requirements"):
+            click.echo(f"  requirements: {', '.join(rec['requirements'])}")
+        click.echo(f"  examples: {len(rec.get('examples', []))}   deterministic: {rec.get('deterministic')}")
+        click.echo("  versions: " + ", ".join(f"{v['version']} ({v['status']})" for v in info["versions"]))
+
+    @main.command()
+    @click.argument("ref")
+    @AS_JSON
+    @HOME
+    @_friendly
+    def versions(ref, as_json, home):
+        """Every version of owner/name with its status."""
+        rows = _client(home).versions(ref)
+        if as_json:
+            _echo_json(rows)
+            return
+        for row in rows:
+            line = f"{row['version']:>4}  {row['status']:<8}"
+            click.echo(line + (f"  {row['error']}" if row.get("error") else ""))
+
+    @main.command()
+    @click.argument("ref")
+    @click.argument("args", nargs=-1)
+    @click.option("--kwargs", "kwargs_json", default="{}", help="keyword arguments as a JSON object")
+    @click.option("--endpoint", default="local", show_default=True)
+    @click.option("--timeout", "timeout_s", type=float, default=300.0, show_default=True)
+    @HOME
+    @_friendly
+    def run(ref, args, kwargs_json, endpoint, timeout_s, home):
+        """Run REF with ARGS (each parsed as JSON when it is JSON, else a string); prints the
+        result as JSON."""
+        from .executor import Executor
+
+        try:
+            kwargs = json.loads(kwargs_json)
+        except ValueError as exc:
+            raise click.BadParameter(f"not JSON: {exc}", param_hint="--kwargs") from None
+        if not isinstance(kwargs, dict):
+            raise click.BadParameter("must be a JSON object", param_hint="--kwargs")
+        with Executor(endpoint=endpoint, home=home) as ex:
+            value = ex.submit(ref, *[_json_arg(a) for a in args], **kwargs).result(timeout=timeout_s)
+        _echo_json(value)
+
+    @main.command()
+    @click.argument("ref")
+    @click.option("--yes", is_flag=True, help="do not ask")
+    @HOME
+    @_friendly
+    def delete(ref, yes, home):
+        """Delete a version (owner/name:3) or every version (owner/name). Calls in flight finish;
+        new calls are refused."""
+        if not yes:
+            click.confirm(f"delete {ref}?", abort=True)
+        count = _client(home).delete(ref)
+        click.echo(f"deleted {count} version{'s' if count != 1 else ''} of {ref}")
+
+
+def _type_text(spec: dict) -> str:
+    text = spec.get("type", "object")
+    if spec.get("shape") is not None:
+        text += f" shape {spec['shape']}"
+    if spec.get("dtype"):
+        text += f" {spec['dtype']}"
+    return text + (f" - {spec['description']}" if spec.get("description") else "")
