@@ -79,8 +79,6 @@ def _json_default(obj: Any) -> Any:
     tolist = getattr(obj, "tolist", None)
     if callable(tolist):
         return tolist()
-    if isinstance(obj, (set, frozenset)):
-        return sorted(obj)
     raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
 
 
