@@ -194,7 +194,30 @@ def create_app(
             raise ApiError(503, "unavailable", "this server has no manager behind it")
         return servables
 
-    @app.post(f"{API}/servables", status_code=202)
+    publish_body = {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["record"],
+                        "properties": {
+                            "record": {"type": "string", "description": "the servable record as JSON"},
+                            "files": {
+                                "type": "array",
+                                "items": {"type": "string", "format": "binary"},
+                                "description": "one part per file; its filename is the path in the record",
+                            },
+                            "endpoint": {"type": "string", "description": "endpoint that verifies it"},
+                        },
+                    }
+                }
+            },
+        }
+    }
+
+    @app.post(f"{API}/servables", status_code=202, openapi_extra=publish_body)
     async def publish(who: User, request: Request) -> dict[str, Any]:
         """multipart/form-data: ``record`` (JSON), one ``files`` part per file (its filename is
         the path in the record), optional ``endpoint`` to verify on. 202: verification runs."""

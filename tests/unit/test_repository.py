@@ -53,7 +53,7 @@ def test_versions_count_up_and_are_never_reused(repo):
 
 def test_only_ready_versions_route(repo):
     repo.publish("jane", record("model"), {})
-    with pytest.raises(NotFound, match="there is no a ready version of jane/model"):
+    with pytest.raises(NotFound, match="there is no ready version of jane/model"):
         repo.get("jane", "model")  # pending is not routable
     repo.mark_ready("jane", "model", 1)
     repo.publish("jane", record("model", title="newer"), {})
