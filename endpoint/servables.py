@@ -104,8 +104,9 @@ def outputs_match(actual: Any, expected: Any, rtol: float, atol: float) -> str |
 
 
 def _diff(actual: Any, expected: Any, rtol: float, atol: float, where: str) -> str | None:
-    if isinstance(expected, bool) or isinstance(actual, bool):
-        return None if actual == expected else f"{where}: got {actual!r}, expected {expected!r}"
+    if isinstance(expected, bool) or isinstance(actual, bool):  # True is not 1 here
+        same = type(actual) is type(expected) and actual == expected
+        return None if same else f"{where}: got {actual!r}, expected {expected!r}"
     if isinstance(expected, (int, float)) and isinstance(actual, (int, float)):
         if math.isclose(actual, expected, rel_tol=rtol, abs_tol=atol) or actual == expected:
             return None
@@ -148,8 +149,17 @@ class Loader:
         raise NotImplementedError
 
     def _import_path(self) -> None:
-        if str(self.root) not in sys.path:
-            sys.path.insert(0, str(self.root))
+        """Put this package's files first on the path, and forget modules imported from *other*
+        servables' files: a warm worker must not run another version's module of the same name."""
+        cache = str(cache_root())
+        mine = str(self.root)
+        sys.path[:] = [p for p in sys.path if not (p.startswith(cache) and p != mine)]
+        if mine not in sys.path:
+            sys.path.insert(0, mine)
+        for name, module in list(sys.modules.items()):
+            origin = getattr(module, "__file__", None) or ""
+            if origin.startswith(cache) and not origin.startswith(mine + os.sep):
+                del sys.modules[name]
 
 
 class FunctionLoader(Loader):

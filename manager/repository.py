@@ -65,6 +65,7 @@ FTS_DDL = {
         "CREATE INDEX IF NOT EXISTS servable_fts_tsv ON servable_fts USING GIN (tsv)",
     ],
 }
+PUBLISH_ATTEMPTS = 20  # version numbers are max+1: concurrent publishes of one name retry
 SQLITE_RANK = "bm25(servable_fts, 0, 0, 0, 10.0, 4.0, 1.0)"  # weights by column, lower is better
 
 
@@ -132,6 +133,22 @@ class Repository:
         with engine.begin() as conn:
             for statement in FTS_DDL[self.dialect]:
                 conn.exec_driver_sql(statement)
+        self._backfill_digests()
+
+    def _backfill_digests(self) -> None:
+        """Rows from before the digest column (schema 3) get theirs, so their packages resolve."""
+        t = versions_table
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                sa.select(t.c.owner, t.c.name, t.c.version, t.c.record).where(t.c.digest.is_(None))
+            )
+            for row in rows.all():
+                digest = record_digest(parse_record(json.loads(row.record)))
+                conn.execute(
+                    t.update()
+                    .where(t.c.owner == row.owner, t.c.name == row.name, t.c.version == row.version)
+                    .values(digest=digest)
+                )
 
     # ---- publishing ----------------------------------------------------------------------------
 
@@ -152,6 +169,18 @@ class Repository:
             rec = rec.model_copy(update={"steps": [self._pin(step) for step in rec.steps]})
         for data in files.values():  # before the commit: a crash leaves only unreferenced blobs
             self.blobs.put(data)
+        for attempt in range(PUBLISH_ATTEMPTS):
+            try:
+                return self._insert_version(owner, rec)
+            except sa.exc.IntegrityError:  # a concurrent publish took that version number
+                if attempt == PUBLISH_ATTEMPTS - 1:
+                    raise RepositoryError(
+                        f"could not allocate a version of {owner}/{rec.name}: too many concurrent publishes"
+                    ) from None
+                time.sleep(0.01 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def _insert_version(self, owner: str, rec: ServableRecord) -> ServableRecord:
         t = versions_table
         now = self.clock()
         with self.engine.begin() as conn:
