@@ -29,7 +29,8 @@ def _friendly(fn):
         try:
             return fn(*args, **kwargs)
         except (DLHubError, ValueError, LookupError, TimeoutError, OSError) as exc:
-            raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+            message = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+            raise click.ClickException(f"{type(exc).__name__}: {message}") from None
 
     return wrapper
 

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from dlhub.protocol.serialize import runtime_versions, serialize_function
+from dlhub.protocol.serialize import _user_module_sources, runtime_versions, serialize_function
 
 
 def _sha(data: bytes) -> str:
@@ -76,7 +76,9 @@ def _environment(requirements: Iterable[str]) -> dict[str, str]:
     except importlib.metadata.PackageNotFoundError:
         pass
     for req in requirements:
-        name = re.split(r"[\s\[<>=!~;@]", req.strip(), maxsplit=1)[0]
+        name = re.split(r"[\s\[<>=!~;@]", str(req).strip(), maxsplit=1)[0]
+        if not name:
+            continue  # the record's validation names the bad requirement
         try:
             env[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -197,6 +199,13 @@ class Servable:
         if not callable(getattr(obj, method, None)):
             raise ValueError(f"{type(obj).__name__} has no method {method!r}")
         files = {"object.pkl": dill.dumps(obj, protocol=5, recurse=True)}
+        # an object of a class from the user's own module unpickles by importing that module:
+        # its source travels as a file, importable at the endpoint from the package root
+        for module_name, source in _user_module_sources(type(obj)).items():
+            parts = module_name.split(".")
+            for i in range(1, len(parts)):
+                files.setdefault("/".join(parts[:i]) + "/__init__.py", b"")
+            files["/".join(parts) + ".py"] = source.encode()
         return cls._build("method", f"object.pkl:{method}", files, **metadata)
 
     @classmethod

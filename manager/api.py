@@ -166,7 +166,10 @@ def create_app(
     def describe(who: User, owner: str, name: str, version: int | None = None) -> dict[str, Any]:
         versions = repository.versions(owner, name)
         ready = [v["version"] for v in versions if v["status"] == "ready"]
-        wanted = version or (ready[-1] if ready else versions[-1]["version"])
+        shown = [v["version"] for v in versions if v["status"] != "deleted"]
+        if version is None and not shown:
+            raise NotFound(f"every version of {owner}/{name} was deleted")
+        wanted = version or (ready[-1] if ready else shown[-1])
         record, status, error = repository.get(owner, name, wanted)
         return {
             "record": record.model_dump(mode="json"),

@@ -177,6 +177,18 @@ class ServableRecord(_Strict):
                 raise ValueError(str(exc)) from None
         return steps
 
+    @field_validator("requirements")
+    @classmethod
+    def _requirements_parse(cls, requirements: list[str]) -> list[str]:
+        from packaging.requirements import InvalidRequirement, Requirement
+
+        for text in requirements:
+            try:
+                Requirement(text)
+            except InvalidRequirement as exc:
+                raise ValueError(f"{text!r} is not a pip requirement specifier ({exc})") from None
+        return requirements
+
     @property
     def ref(self) -> str:
         """``owner/name:version`` once published, else ``name``."""
