@@ -75,6 +75,7 @@ class Worker:
         self.payload_limit = int(config.get("payload_limit_bytes", 256 * 1024 * 1024))
         self.output_limit = int(config.get("output_limit_bytes", 64 * 1024))
         self.functions: dict[str, Any] = {}
+        self.servables: dict[str, Any] = {}  # record digest -> LoadedServable (warm)
         self.code: dict[str, bytes] = {}
         self.local: deque[list] = deque()
         self.cancelled: set[bytes] = set()
@@ -135,7 +136,9 @@ class Worker:
                 print(f"dlhub worker {self.worker_id}: bad frame: {exc}", file=sys.stderr)
                 continue
             if isinstance(msg, m.Tasks):
-                self.code.update(msg.code)
+                for digest, blob in msg.code.items():
+                    if m.package_key(digest) not in self.servables:  # else: loaded already
+                        self.code[digest] = blob
                 self.local.extend(msg.tasks)
             elif isinstance(msg, m.Cancel):
                 self._cancel(msg.task_ids)
@@ -183,21 +186,24 @@ class Worker:
     def _function(self, digest: str):
         fn = self.functions.get(digest)
         if fn is None:
-            blob = self.code.get(digest)
-            if blob is None:
-                raise errors.SerializationError(f"function code {digest} was never sent")
-            fn = self.functions[digest] = self._load(digest, blob)
+            package = m.package_key(digest)
+            servable = self.servables.get(package) if package is not None else None
+            if servable is None:
+                blob = self.code.get(digest)
+                if blob is None:
+                    raise errors.SerializationError(f"function code {digest} was never sent")
+                if package is None:
+                    fn = self.functions[digest] = load_function(blob)
+                    return fn
+                from .servables import load_package
+
+                servable = self.servables[package] = load_package(blob)
+            # ``verify:`` and ``servable:`` share one loaded copy: the version checked at publish
+            # is warm for its first call; its package bytes are no longer needed here
+            for prefix in (m.RUN_PREFIX, m.VERIFY_PREFIX):
+                self.code.pop(prefix + package, None)
+            fn = self.functions[digest] = servable.verify if digest.startswith(m.VERIFY_PREFIX) else servable
         return fn
-
-    @staticmethod
-    def _load(digest: str, blob: bytes):
-        """A plain function, or a published servable (run it, or ``verify:`` run its examples)."""
-        if m.package_key(digest) is None:
-            return load_function(blob)
-        from .servables import load_package
-
-        servable = load_package(blob)
-        return servable.verify if digest.startswith(m.VERIFY_PREFIX) else servable
 
     def execute(self, rec: list) -> list:
         task_id, digest, payload, timeout_s, serializer = rec[: m.T_RESOURCES]

@@ -174,7 +174,7 @@ class Client:
                     f"(is that endpoint up?); check with Client().describe({ref!r})"
                 )
             time.sleep(delay)
-            delay = min(delay * 1.5, 1.0)
+            delay = min(delay * 1.5, 0.25)
 
     def run(
         self,
