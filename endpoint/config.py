@@ -199,6 +199,43 @@ class NamedPoolConfig(_Frozen):
 DEFAULT_POOL = "default"
 
 
+class BatchOverride(_Frozen):
+    """An admin's batching settings for one servable (``owner/name``), over its record's."""
+
+    enabled: bool = True
+    max_batch_size: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    max_batch_delay_ms: Annotated[float, Field(ge=0, le=60_000)] | None = None
+    weight: Literal["count", "len"] | None = None
+
+
+class BatchingConfig(_Frozen):
+    """Defaults for vectorized servables whose record sets no batching policy, and overrides."""
+
+    max_batch_size: Annotated[int, Field(ge=1, le=1_000_000)] = 64
+    max_batch_delay_ms: Annotated[float, Field(ge=0, le=60_000)] = 0.0  # 0: no added latency
+    servables: dict[str, BatchOverride] = Field(default_factory=dict)
+
+    def policy_for(self, ref: str, record_policy: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The effective policy of a vectorized servable ``owner/name[:version]``."""
+        base = {"max_batch_size": self.max_batch_size, "max_batch_delay_ms": self.max_batch_delay_ms}
+        base["weight"] = "count"
+        base.update(record_policy or {})
+        override = self.servables.get(ref) or self.servables.get(ref.rsplit(":", 1)[0])
+        if override is not None:
+            if not override.enabled:
+                return None
+            base.update(override.model_dump(exclude_none=True, exclude={"enabled"}))
+        return base
+
+
+class WorkerCacheConfig(_Frozen):
+    """What each worker keeps: warm servables (LRU by count and memory) and an output cache."""
+
+    max_warm_servables: Annotated[int, Field(ge=1, le=10_000)] = 16
+    memory_budget_mb: Annotated[float, Field(gt=0)] | None = None  # RSS above it evicts (LRU)
+    output_cache_mb: Annotated[float, Field(ge=0)] = 64.0  # deterministic servables; 0: off
+
+
 class EndpointConfig(_Frozen):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     manager: ManagerLink
@@ -216,6 +253,8 @@ class EndpointConfig(_Frozen):
     output_limit_bytes: Annotated[int, Field(ge=0)] = 64 * 1024
     log_max_bytes: Annotated[int, Field(gt=0)] = 10 * 1024 * 1024
     log_backups: Annotated[int, Field(ge=0)] = 3
+    batching: BatchingConfig = BatchingConfig()
+    worker_cache: WorkerCacheConfig = WorkerCacheConfig()
 
     def all_pools(self) -> dict[str, NamedPoolConfig]:
         """Every pool, the default one first."""

@@ -117,6 +117,7 @@ class Endpoint:
                 "heartbeat_threshold_s": self.config.heartbeat_threshold_s,
                 "payload_limit_bytes": self.config.payload_limit_bytes,
                 "output_limit_bytes": self.config.output_limit_bytes,
+                "worker_cache": self.config.worker_cache.model_dump(),
                 "accelerators": list(named.pool.accelerators),
                 "walltime_s": None
                 if named.provider.type == "local"
@@ -200,7 +201,11 @@ class Endpoint:
         next_beat = 0.0
         try:
             while not self._stop.is_set():
-                events = dict(poller.poll(max(1, min(250, int(self.config.heartbeat_s * 1000)))))
+                wait_ms = max(1, min(250, int(self.config.heartbeat_s * 1000)))
+                due = self.scheduler.next_batch_deadline()
+                if due is not None:  # a batch delay ends sooner: wake for it
+                    wait_ms = max(0, min(wait_ms, int((due - time.monotonic()) * 1000) + 1))
+                events = dict(poller.poll(wait_ms))
                 if not events:  # idle: tell the manager which tasks are running (off the hot path)
                     self.scheduler.running_updates()
                 if self.manager_sock in events:
@@ -259,8 +264,28 @@ class Endpoint:
             return None
         return self.run_dir / "servables" / f"{digest}.pkg"
 
+    def _learn_package(self, function: str, blob: bytes) -> None:
+        """Batching policy and label of a servable, from its package's record."""
+        package = m.package_key(function)
+        if package is None:
+            return
+        function = m.RUN_PREFIX + package  # verify: and servable: name one version; stats use the latter
+        try:
+            from dlhub.protocol.servable import unpack_package
+
+            record, _, _ = unpack_package(blob)
+        except Exception as exc:  # a bad package fails its tasks at the worker, with the reason
+            log.warning("cannot read servable package %s: %s", function, exc)
+            return
+        policy = None
+        if record.vectorized:
+            record_policy = record.batching.model_dump() if record.batching else None
+            policy = self.config.batching.policy_for(record.ref, record_policy)
+        self.scheduler.set_batching(function, policy, record.ref)
+
     def _keep_packages(self, blobs: dict[str, bytes]) -> None:
         for function, blob in blobs.items():
+            self._learn_package(function, blob)
             path = self._package_path(function)
             if path is None or path.exists():
                 continue
@@ -279,6 +304,7 @@ class Endpoint:
             path = self._package_path(function)
             if path is not None and path.exists():
                 found[function] = path.read_bytes()
+                self._learn_package(function, found[function])
         if found:
             s.code_requests = [d for d in s.code_requests if d not in found]
             s.add_code(found)
@@ -458,6 +484,8 @@ class Endpoint:
     def _on_worker(self, identity: bytes, msg: m.Message) -> None:
         s = self.scheduler
         if isinstance(msg, m.Results):
+            if msg.info:
+                s.worker_info(identity, msg.info)
             s.worker_results(identity, msg.results)
         elif isinstance(msg, m.Heartbeat):
             if s.pool_heartbeat(identity[2:].decode(), msg.info):

@@ -31,6 +31,8 @@ from dlhub.protocol import errors
 from dlhub.protocol import messages as m
 from dlhub.protocol.serialize import deserialize, load_function, runtime_versions, serialize
 
+from .warm import OutputCache, WarmServables
+
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 COALESCE_MAX = 64
@@ -74,8 +76,14 @@ class Worker:
         self.worker_id, self.pool_id = worker_id, pool_id
         self.payload_limit = int(config.get("payload_limit_bytes", 256 * 1024 * 1024))
         self.output_limit = int(config.get("output_limit_bytes", 64 * 1024))
-        self.functions: dict[str, Any] = {}
-        self.servables: dict[str, Any] = {}  # record digest -> LoadedServable (warm)
+        self.functions: dict[str, Any] = {}  # plain functions by code digest
+        cache = config.get("worker_cache") or {}
+        budget = cache.get("memory_budget_mb")
+        self.warm = WarmServables(
+            int(cache.get("max_warm_servables", 16)), int(budget * 2**20) if budget else None
+        )
+        self.outputs = OutputCache(int(float(cache.get("output_cache_mb", 64.0)) * 2**20))
+        self.groups: dict[bytes, list[bytes]] = {}  # first task id -> the ids of its batch
         self.code: dict[str, bytes] = {}
         self.local: deque[list] = deque()
         self.cancelled: set[bytes] = set()
@@ -137,8 +145,11 @@ class Worker:
                 continue
             if isinstance(msg, m.Tasks):
                 for digest, blob in msg.code.items():
-                    if m.package_key(digest) not in self.servables:  # else: loaded already
+                    if m.package_key(digest) not in self.warm:  # else: loaded already
                         self.code[digest] = blob
+                for group in msg.batches:
+                    if group:
+                        self.groups[group[0]] = list(group)
                 self.local.extend(msg.tasks)
             elif isinstance(msg, m.Cancel):
                 self._cancel(msg.task_ids)
@@ -162,54 +173,147 @@ class Worker:
     def _run_one(self) -> None:
         rec = self.local.popleft()
         task_id = rec[m.T_ID]
-        if task_id in self.cancelled:
-            self.cancelled.discard(task_id)
-            err = errors.infra_error("cancelled", "task was cancelled before it started")
-            self.unsent.append(m.result_record(task_id, "cancelled", error=err))
+        group = self.groups.pop(task_id, None)
+        records = [rec]
+        if group is not None:  # a batch: its members were sent together, right behind it
+            members = set(group[1:])
+            while self.local and self.local[0][m.T_ID] in members:
+                records.append(self.local.popleft())
+        runnable = []
+        for r in records:
+            if r[m.T_ID] in self.cancelled:
+                self.cancelled.discard(r[m.T_ID])
+                err = errors.infra_error("cancelled", "task was cancelled before it started")
+                self.unsent.append(m.result_record(r[m.T_ID], "cancelled", error=err))
+            else:
+                runnable.append(r)
+        if not runnable:
             self._flush()
             return
         started = time.time()
-        res = self.execute(rec)
+        results = self.execute_batch(runnable) if group is not None else [self.execute(rec)]
         finished = time.time()
-        res[m.R_TIMING] = [started, finished]
-        self.unsent.append(res)
+        for res in results:
+            res[m.R_TIMING] = [started, finished]
+        self.unsent.extend(results)
         if not self.local or finished - started >= SHORT_TASK_S or len(self.unsent) >= COALESCE_MAX:
             self._flush()
 
     def _flush(self) -> None:
         if self.unsent:
-            self.sock.send(m.pack(m.Results(self.unsent)), copy=False)
+            self.sock.send(m.pack(m.Results(self.unsent, self.warm.report())), copy=False)
             self.unsent = []
 
     # ---- running one task --------------------------------------------------------------------
 
     def _function(self, digest: str):
+        package = m.package_key(digest)
+        if package is not None:  # a servable: warm in the LRU, or loaded (again) now
+            servable = self.warm.get(package)
+            if servable is None:
+                blob = self.code.pop(m.RUN_PREFIX + package, None)
+                blob = self.code.pop(m.VERIFY_PREFIX + package, None) or blob
+                servable = self.warm.load(package, blob)
+            return servable.verify if digest.startswith(m.VERIFY_PREFIX) else servable
         fn = self.functions.get(digest)
         if fn is None:
-            package = m.package_key(digest)
-            servable = self.servables.get(package) if package is not None else None
-            if servable is None:
-                blob = self.code.get(digest)
-                if blob is None:
-                    raise errors.SerializationError(f"function code {digest} was never sent")
-                if package is None:
-                    fn = self.functions[digest] = load_function(blob)
-                    return fn
-                from .servables import load_package
-
-                servable = self.servables[package] = load_package(blob)
-            # ``verify:`` and ``servable:`` share one loaded copy: the version checked at publish
-            # is warm for its first call; its package bytes are no longer needed here
-            for prefix in (m.RUN_PREFIX, m.VERIFY_PREFIX):
-                self.code.pop(prefix + package, None)
-            fn = self.functions[digest] = servable.verify if digest.startswith(m.VERIFY_PREFIX) else servable
+            blob = self.code.get(digest)
+            if blob is None:
+                raise errors.SerializationError(f"function code {digest} was never sent")
+            fn = self.functions[digest] = load_function(blob)
         return fn
+
+    def _output_key(self, rec: list, fn: Any) -> tuple | None:
+        """Deterministic servables' outputs are kept per input digest (unless cache=False)."""
+        record = getattr(fn, "record", None)
+        if record is None or not record.deterministic or not self.outputs.max_bytes:
+            return None
+        options = m.task_options(rec)
+        if options.get("cache", True) is False or not options.get("key"):
+            return None
+        return (rec[m.T_FUNCTION], options["key"], rec[m.T_SERIALIZER])
+
+    def execute_batch(self, records: list[list]) -> list[list]:
+        """One call of a vectorized servable for a batch of calls; if it raises, each call runs
+        alone so only the guilty ones fail. Explicit client batches contribute all their inputs
+        and get a list back."""
+        try:
+            servable = self._function(records[0][m.T_FUNCTION])
+        except BaseException as exc:  # noqa: BLE001 - a loading failure fails the whole batch
+            error = errors.error_record(exc)
+            return [m.result_record(r[m.T_ID], "failed", error=error) for r in records]
+        inputs, results, ok = [], {}, []
+        for rec in records:
+            try:
+                args, kwargs = deserialize(rec[m.T_PAYLOAD])
+                if len(args) != 1 or kwargs:
+                    raise TypeError("a vectorized servable takes exactly one input per call")
+                explicit = bool(m.task_options(rec).get("batch"))
+                items = list(args[0]) if explicit else [args[0]]
+            except BaseException as exc:  # noqa: BLE001 - this call's own error
+                results[rec[m.T_ID]] = m.result_record(rec[m.T_ID], "failed", error=errors.error_record(exc))
+                continue
+            ok.append((rec, explicit, len(inputs), len(items)))
+            inputs.extend(items)
+        if ok:
+            try:
+                outputs = self._call_vectorized(servable, inputs, ok[0][0][m.T_TIMEOUT])
+                for rec, explicit, start, count in ok:
+                    value = outputs[start : start + count] if explicit else outputs[start]
+                    results[rec[m.T_ID]] = self._result(rec, value)
+            except BaseException:  # noqa: BLE001 - find the guilty calls one by one
+                for rec, explicit, start, count in ok:
+                    try:
+                        outputs = self._call_vectorized(
+                            servable, inputs[start : start + count], rec[m.T_TIMEOUT]
+                        )
+                        value = outputs if explicit else outputs[0]
+                        results[rec[m.T_ID]] = self._result(rec, value)
+                    except _Timeout:
+                        error = errors.infra_error(
+                            "task-timeout", f"task exceeded its time limit of {rec[m.T_TIMEOUT]} s"
+                        )
+                        results[rec[m.T_ID]] = m.result_record(rec[m.T_ID], "failed", error=error)
+                    except BaseException as exc:  # noqa: BLE001 - user code may raise anything
+                        results[rec[m.T_ID]] = m.result_record(
+                            rec[m.T_ID], "failed", error=errors.error_record(exc)
+                        )
+        return [results[r[m.T_ID]] for r in records]
+
+    def _call_vectorized(self, servable: Any, inputs: list, timeout_s: float | None) -> list:
+        if timeout_s:
+            signal.setitimer(signal.ITIMER_REAL, float(timeout_s))
+        try:
+            outputs = servable(inputs)
+        finally:
+            if timeout_s:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+        outputs = list(outputs)
+        if len(outputs) != len(inputs):
+            raise ValueError(
+                f"a vectorized servable returned {len(outputs)} outputs for {len(inputs)} inputs"
+            )
+        return outputs
+
+    def _result(self, rec: list, value: Any) -> list:
+        state, body, error = self._pack_result(value, rec[m.T_SERIALIZER])
+        return m.result_record(rec[m.T_ID], state, body, error)
 
     def execute(self, rec: list) -> list:
         task_id, digest, payload, timeout_s, serializer = rec[: m.T_RESOURCES]
         out, err = BoundedText(self.output_limit), BoundedText(self.output_limit)
         try:
             fn = self._function(digest)
+            if getattr(getattr(fn, "record", None), "vectorized", False):
+                return self.execute_batch([rec])[0]  # one call, as a batch of one
+            key = self._output_key(rec, fn)
+            if key is not None:
+                cached = self.outputs.get(key)
+                self.warm.count(
+                    m.package_key(digest), "output_cache_hits" if cached else "output_cache_misses"
+                )
+                if cached is not None:
+                    return m.result_record(task_id, "succeeded", cached)
             args, kwargs = deserialize(payload)
         except BaseException as exc:  # noqa: BLE001 - any loading failure is the task's error
             return m.result_record(task_id, "failed", error=errors.error_record(exc))
@@ -233,6 +337,8 @@ class Worker:
             state, body, error = "failed", None, errors.error_record(exc)
         else:
             state, body, error = self._pack_result(value, serializer)
+            if key is not None and state == "succeeded":
+                self.outputs.put(key, body)
         finally:
             sys.stdout, sys.stderr = old_out, old_err
         o, e = out.getvalue(), err.getvalue()

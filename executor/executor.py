@@ -31,6 +31,7 @@ from dlhub.protocol.errors import exception_from_record
 from dlhub.protocol.serialize import (
     code_digest,
     deserialize,
+    input_digest,
     runtime_versions,
     serialize,
     serialize_function,
@@ -111,6 +112,7 @@ class Executor(cf.Executor):
         home: str | None = None,
         resources: dict[str, Any] | None = None,
         manager_timeout_s: float = 120.0,
+        cache: bool = True,
     ):
         if task_timeout_s is not None and task_timeout_s <= 0:
             raise ValueError(f"task_timeout_s must be positive, got {task_timeout_s!r}")
@@ -119,6 +121,7 @@ class Executor(cf.Executor):
             if problem:
                 raise ValueError(f"resources: {problem}")
         self.resources = dict(resources) if resources else None
+        self.cache = cache  # deterministic servables: answer from result caches when possible
         config = ClientConfig.resolve(manager, token, home)
         self.endpoint = endpoint
         self.task_timeout_s = task_timeout_s
@@ -195,10 +198,15 @@ class Executor(cf.Executor):
         """Run ``fn(*args, **kwargs)`` on the endpoint. ``fn`` is a function (sent by value once)
         or a published servable, ``"owner/name"`` (its latest ready version) or
         ``"owner/name:version"``; the manager resolves the name when the task arrives."""
+        return self._submit(fn, args, kwargs, self.cache, batch=False)
+
+    def _submit(self, fn: Callable | str, args: tuple, kwargs: dict, cache: bool, batch: bool) -> DLHubFuture:
         if self._shutdown:
             raise RuntimeError("cannot submit after shutdown")
+        options = None
         if isinstance(fn, str):
             digest = self._servable_ref(fn)
+            options = _call_options(args, kwargs, cache, batch)
         elif callable(fn):
             digest = self._digest(fn)
         else:
@@ -211,9 +219,14 @@ class Executor(cf.Executor):
         task_id = os.urandom(m.TASK_ID_BYTES)
         fut = DLHubFuture(task_id, self)
         self._futures[task_id] = fut
-        rec = [task_id, digest, payload, self.task_timeout_s, self.result_serializer, self.resources]
+        rec = [task_id, digest, payload, self.task_timeout_s, self.result_serializer, self.resources, options]
         self._conn.send(("task", self.endpoint, fut, rec))
         return fut
+
+    def with_options(self, *, cache: bool = True) -> _CallOptions:
+        """The same executor with per-call options: ``ex.with_options(cache=False).submit(...)``
+        runs a deterministic servable even when a cached result exists."""
+        return _CallOptions(self, cache)
 
     def map(
         self,
@@ -221,19 +234,46 @@ class Executor(cf.Executor):
         *iterables: Iterable,
         timeout: float | None = None,
         chunksize: int = 1,
+        batch_size: int | None = None,
     ) -> Iterator:
-        """Like ``concurrent.futures.Executor.map``: results in order, ``timeout`` overall."""
+        """Like ``concurrent.futures.Executor.map``: results in order, ``timeout`` overall.
+
+        ``batch_size`` (servables declared vectorized): send the inputs of one iterable in
+        explicit batches of that many, one task each; results still come one per input."""
+        return self._map(fn, iterables, timeout, batch_size, self.cache)
+
+    def _map(self, fn, iterables, timeout, batch_size, cache) -> Iterator:
         deadline = None if timeout is None else time.monotonic() + timeout
-        fs = [self.submit(fn, *args) for args in zip(*iterables)]
+        if batch_size is None:
+            fs = [self._submit(fn, args, {}, cache, batch=False) for args in zip(*iterables)]
+            per_future = 1
+        else:
+            if not isinstance(fn, str):
+                raise TypeError("batch_size applies to published vectorized servables ('owner/name')")
+            if len(iterables) != 1:
+                raise ValueError(
+                    "batch_size takes exactly one iterable (the inputs of the vectorized servable)"
+                )
+            if batch_size < 1:
+                raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+            items = list(iterables[0])
+            chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+            fs = [self._submit(fn, (chunk,), {}, cache, batch=True) for chunk in chunks]
+            per_future = 0  # a list of results per future
+
+        def wait(f):
+            return f.result() if deadline is None else f.result(max(0.0, deadline - time.monotonic()))
 
         def results() -> Iterator:
             try:
                 fs.reverse()
                 while fs:
-                    if deadline is None:
-                        yield fs.pop().result()
+                    value = wait(fs[-1])
+                    fs.pop()
+                    if per_future:
+                        yield value
                     else:
-                        yield fs.pop().result(max(0.0, deadline - time.monotonic()))
+                        yield from value
             finally:
                 if fs:
                     self._cancel(fs, wait=False)
@@ -367,3 +407,36 @@ def _task_id(text: str) -> bytes:
 
 
 __all__ = ["DLHubFuture", "Executor", "TaskCancelled"]
+
+
+def _call_options(args: tuple, kwargs: dict, cache: bool, batch: bool) -> dict[str, Any]:
+    """Options of a servable call: the input digest (result caches), the first argument's
+    length (batching weights), cache=False, and whether it is an explicit batch."""
+    options: dict[str, Any] = {}
+    if cache:
+        key = input_digest(args, kwargs)
+        if key is not None:
+            options["key"] = key
+    else:
+        options["cache"] = False
+    if args:
+        try:
+            options["len"] = len(args[0])
+        except TypeError:
+            pass
+    if batch:
+        options["batch"] = True
+    return options
+
+
+class _CallOptions:
+    """An Executor seen with per-call options (from :meth:`Executor.with_options`)."""
+
+    def __init__(self, executor: Executor, cache: bool):
+        self._executor, self._cache = executor, cache
+
+    def submit(self, fn: Callable | str, /, *args: Any, **kwargs: Any) -> DLHubFuture:
+        return self._executor._submit(fn, args, kwargs, self._cache, batch=False)
+
+    def map(self, fn, *iterables, timeout=None, chunksize=1, batch_size=None) -> Iterator:
+        return self._executor._map(fn, iterables, timeout, batch_size, self._cache)

@@ -8,6 +8,11 @@ published servables into a record plus files, ready for ``Client.publish``.
     Servable.from_torch(scripted_module_or_pt_path, ...)
     Servable.pipeline(["jane/featurizer", "jane/regressor"], ...)
 
+Metadata keywords of every builder: name, title, authors, description, domains, keywords, license,
+related_identifiers, inputs, output, examples, requirements, deterministic (same inputs, same
+output: results may be cached), vectorized (takes a list of inputs, returns a list; the endpoint
+batches calls) and batching ({"max_batch_size", "max_batch_delay_ms", "weight": "count"|"len"}).
+
 Every builder records the environment (Python, dill, dlhub and the installed versions of the
 declared requirements) and validates the record here, so a bad field fails before any upload
 with the same message the manager would give.
@@ -133,6 +138,8 @@ class Servable:
         examples: Sequence[Any] = (),
         requirements: Sequence[str] = (),
         deterministic: bool = False,
+        vectorized: bool = False,
+        batching: dict[str, Any] | None = None,
         steps: Sequence[str] = (),
     ) -> Servable:
         record: dict[str, Any] = {
@@ -155,6 +162,8 @@ class Servable:
             "requirements": list(requirements),
             "environment": _environment(requirements),
             "deterministic": deterministic,
+            "vectorized": vectorized,
+            "batching": dict(batching) if batching is not None else None,
         }
         if output is not None:
             record["output"] = output

@@ -34,6 +34,7 @@ from dlhub.protocol.serialize import runtime_versions
 from .api import ApiServer
 from .auth import Authenticator, ensure_admin
 from .repository import Repository
+from .result_cache import ResultCache
 from .routing import Router
 from .services import ServableService
 from .store import TaskStore, make_engine, migrate
@@ -56,6 +57,9 @@ class ManagerConfig:
     endpoint_timeout_s: float = 30.0
     admin_user: str = "admin"
     rest_port: int | None = 0  # REST API port (0: any free port; None: no REST API)
+    result_cache_mb: float = 256.0  # results of deterministic servables (0: no cache)
+    result_cache_ttl_s: float | None = None  # None: entries live until evicted
+    persist_result_cache: bool = False  # keep the result cache across restarts (in the database)
 
     def __post_init__(self) -> None:
         for key in ("client_port", "endpoint_port"):
@@ -66,6 +70,10 @@ class ManagerConfig:
             raise ValueError(f"payload_limit_bytes must be positive, got {self.payload_limit_bytes!r}")
         if self.endpoint_timeout_s <= 0:
             raise ValueError(f"endpoint_timeout_s must be positive, got {self.endpoint_timeout_s}")
+        if self.result_cache_mb < 0:
+            raise ValueError(f"result_cache_mb must not be negative, got {self.result_cache_mb}")
+        if self.result_cache_ttl_s is not None and self.result_cache_ttl_s <= 0:
+            raise ValueError(f"result_cache_ttl_s must be positive, got {self.result_cache_ttl_s}")
 
     @property
     def database_url(self) -> str:
@@ -112,6 +120,8 @@ class Manager:
             endpoint_timeout_s=self.config.endpoint_timeout_s,
             resolve=self.servables.resolve,
             packages=self.repository.package,
+            result_cache=self._result_cache(),
+            deterministic=self.servables.deterministic,
         )
         unfinished = self.store.unfinished()
         self.router.recover(unfinished)
@@ -146,6 +156,23 @@ class Manager:
         tmp.write_text(json.dumps(info, indent=2))
         tmp.replace(self.home / "manager.json")
         log.info("manager listening: clients %s, endpoints %s", self.client_url, self.endpoint_url)
+
+    def _result_cache(self) -> ResultCache | None:
+        cfg = self.config
+        if not cfg.result_cache_mb:
+            return None
+        cache = ResultCache(
+            int(cfg.result_cache_mb * 1024 * 1024),
+            cfg.result_cache_ttl_s,
+            persist=self.store.put_cached if cfg.persist_result_cache else None,
+        )
+        if cfg.persist_result_cache:
+            not_before = time.time() - cfg.result_cache_ttl_s if cfg.result_cache_ttl_s else 0.0
+            rows = self.store.load_cached(cache.max_bytes, not_before)
+            for key, payload, created in reversed(rows):  # oldest first: newest end up most recent
+                cache.put(key, payload, created, persist=False)
+            log.info("result cache: %d entries restored (%d bytes)", len(cache.entries), cache.bytes)
+        return cache
 
     def _router_socket(self, port: int) -> zmq.Socket:
         sock = self.ctx.socket(zmq.ROUTER)

@@ -41,8 +41,30 @@ def main() -> None:
 @click.option("--admin-user", default="admin", show_default=True, help="admin created on first start")
 @click.option("--rest-port", default=0, show_default=True, help="REST API port (0: any free port)")
 @click.option("--no-rest", is_flag=True, help="do not serve the REST API")
+@click.option(
+    "--result-cache-mb",
+    default=256.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="result cache for deterministic servables (0: off)",
+)
+@click.option(
+    "--result-cache-ttl-s", default=None, type=click.FloatRange(0, min_open=True), help="entry lifetime"
+)
+@click.option("--persist-result-cache", is_flag=True, help="keep the result cache across restarts")
 def serve(
-    home, db_url, host, client_port, endpoint_port, payload_limit_mb, admin_user, rest_port, no_rest
+    home,
+    db_url,
+    host,
+    client_port,
+    endpoint_port,
+    payload_limit_mb,
+    admin_user,
+    rest_port,
+    no_rest,
+    result_cache_mb,
+    result_cache_ttl_s,
+    persist_result_cache,
 ) -> None:
     """Run the manager in the foreground (writes manager.json with its addresses)."""
     from logging.handlers import RotatingFileHandler
@@ -65,6 +87,9 @@ def serve(
             payload_limit_bytes=payload_limit_mb * 2**20,
             admin_user=admin_user,
             rest_port=None if no_rest else rest_port,
+            result_cache_mb=result_cache_mb,
+            result_cache_ttl_s=result_cache_ttl_s,
+            persist_result_cache=persist_result_cache,
         )
     except ValueError as exc:
         raise click.ClickException(str(exc))

@@ -283,7 +283,14 @@ class Repository:
             raise NotFound(self._why_not_routable(owner, name, version)) from None
         if status != "ready":
             raise NotFound(f"{rec.ref} is {status}: only ready versions run")
-        return rec, record_digest(rec)
+        t = versions_table
+        with self.engine.connect() as conn:  # the digest it was published under (schema upgrades
+            digest = conn.execute(  # change a re-serialized record, never a version's name)
+                sa.select(t.c.digest).where(
+                    t.c.owner == rec.owner, t.c.name == rec.name, t.c.version == rec.version
+                )
+            ).scalar()
+        return rec, digest or record_digest(rec)
 
     def _why_not_routable(self, owner: str, name: str, version: int | None) -> str:
         t = versions_table
@@ -299,6 +306,12 @@ class Repository:
         if states == ["deleted"]:
             return f"{target} was deleted"
         return f"{target} has no ready version (versions are {', '.join(states)})"
+
+    def record_by_digest(self, digest: str) -> dict[str, Any] | None:
+        t = versions_table
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(t.c.record).where(t.c.digest == digest)).first()
+        return json.loads(row.record) if row is not None else None
 
     def package(self, digest: str) -> bytes | None:
         """The package blob of a version by its record digest (any status: calls already routed

@@ -23,6 +23,8 @@ from typing import Any
 from dlhub.protocol import errors
 from dlhub.protocol import messages as m
 
+from .result_cache import ResultCache, cache_key
+
 FINISHED_MEMORY = 200_000  # recently finished task ids kept to recognise late resends
 MAX_TASKS_PER_MESSAGE = 2048
 
@@ -33,6 +35,7 @@ class TaskEntry:
     endpoint: str
     client: bytes  # routing identity of the submitting client
     state: str
+    cache_key: str | None = None  # deterministic servable call: its result-cache key
 
 
 @dataclass
@@ -57,6 +60,8 @@ class Router:
         known_endpoints: list[str] | None = None,
         resolve: Callable[[str], str] | None = None,
         packages: Callable[[str], bytes | None] | None = None,
+        result_cache: ResultCache | None = None,
+        deterministic: Callable[[str], bool] | None = None,
     ):
         self.store = store
         # servables: "owner/name[:version]" -> "servable:<digest>" (raises DLHubError), and
@@ -64,6 +69,11 @@ class Router:
         self.resolve = resolve
         self.packages = packages
         self.callbacks: dict[bytes, Callable[[list], None]] = {}  # internal tasks (REST, verify)
+        # deterministic servables: answered from the cache, identical calls in flight coalesced
+        self.result_cache = result_cache
+        self.deterministic = deterministic
+        self.leaders: dict[str, bytes] = {}  # cache key -> the task that runs
+        self.followers: dict[bytes, list[bytes]] = {}  # leader -> tasks waiting for its result
         self.clock = clock
         self.endpoint_timeout_s = endpoint_timeout_s
         self.tasks: dict[bytes, TaskEntry] = {}
@@ -135,25 +145,48 @@ class Router:
                 # already committed (or being committed): acknowledge again after this batch
                 acks.append(("client", client, task_id))
                 continue
-            state = "dispatched" if ep.connected else "queued"
-            self.tasks[task_id] = TaskEntry(rec, msg.endpoint, client, state)
-            rows.append(
-                {
-                    "task_id": task_id,
-                    "owner": owner,
-                    "client_session": session,
-                    "endpoint": msg.endpoint,
-                    "function": rec[m.T_FUNCTION],
-                    "state": state,
-                    "timeout_s": rec[m.T_TIMEOUT],
-                    "result_serializer": rec[m.T_SERIALIZER],
-                    "resources": json.dumps(rec[m.T_RESOURCES]) if rec[m.T_RESOURCES] else None,
-                    "t_received": now,
-                    "t_dispatched": now if ep.connected else None,
-                    "payload": rec[m.T_PAYLOAD],
-                }
-            )
+            key = self._cache_key(rec)
+            cached = self.result_cache.get(key) if key is not None else None
+            leader = self.leaders.get(key) if key is not None and cached is None else None
+            if cached is not None:
+                state = "succeeded"
+            elif leader is not None:
+                state = "queued"  # waits for the identical call already running
+            else:
+                state = "dispatched" if ep.connected else "queued"
+            options = m.task_options(rec)
+            row = {
+                "task_id": task_id,
+                "owner": owner,
+                "client_session": session,
+                "endpoint": msg.endpoint,
+                "function": rec[m.T_FUNCTION],
+                "state": state,
+                "timeout_s": rec[m.T_TIMEOUT],
+                "result_serializer": rec[m.T_SERIALIZER],
+                "resources": json.dumps(rec[m.T_RESOURCES]) if rec[m.T_RESOURCES] else None,
+                "options": json.dumps(options) if options else None,
+                "t_received": now,
+                "t_dispatched": now if state == "dispatched" else None,
+                "payload": rec[m.T_PAYLOAD],
+            }
+            rows.append(row)
             acks.append(("client", client, task_id))
+            if cached is not None:  # answered here: no endpoint involved
+                row.update(payload=None, result=cached, t_started=now, t_finished=now)
+                self.callbacks.pop(task_id, None)
+                self._remember_finished(task_id, "succeeded")
+                self._reply_now(
+                    client, callback, m.result_record(task_id, "succeeded", cached, None, [now, now])
+                )
+                continue
+            self.tasks[task_id] = TaskEntry(rec, msg.endpoint, client, state, key)
+            if leader is not None:
+                self.followers.setdefault(leader, []).append(task_id)
+                self.result_cache.counters["coalesced"] += 1
+                continue
+            if key is not None:
+                self.leaders[key] = task_id
             fresh.append(rec)
         self.counters["received"] += len(rows)
         self.store.received(rows, acks)
@@ -166,6 +199,23 @@ class Router:
         else:
             for rec in fresh:
                 ep.pending[rec[m.T_ID]] = None
+
+    def _cache_key(self, rec: list) -> str | None:
+        """The result-cache key of a call of a deterministic servable that allows caching."""
+        if self.result_cache is None or self.deterministic is None:
+            return None
+        function = rec[m.T_FUNCTION]
+        if not function.startswith(m.RUN_PREFIX):
+            return None
+        options = m.task_options(rec)
+        if options.get("cache", True) is False or not options.get("key") or not self.deterministic(function):
+            return None
+        return cache_key(function, options["key"], rec[m.T_SERIALIZER])
+
+    def _remember_finished(self, task_id: bytes, state: str) -> None:
+        self.finished[task_id] = state
+        if len(self.finished) > FINISHED_MEMORY:
+            self.finished.popitem(last=False)
 
     def _resolve(self, ref: str) -> str | list:
         """The package a servable name routes to now, or an error record saying why none."""
@@ -191,7 +241,11 @@ class Router:
                 refused.append(task_id)
                 continue
             ep = self.endpoints[entry.endpoint]
-            if task_id in ep.pending:
+            waiting_for = self._leader_of(task_id, entry)
+            if waiting_for is not None:  # coalesced: it waits here, for another task's result
+                self.followers[waiting_for].remove(task_id)
+                self._finish(m.result_record(task_id, "cancelled", error=_cancelled_error()), ep=None)
+            elif task_id in ep.pending:
                 del ep.pending[task_id]
                 self._finish(m.result_record(task_id, "cancelled", error=_cancelled_error()), ep=None)
             elif ep.connected and ep.identity is not None:
@@ -202,6 +256,12 @@ class Router:
             self.outbox.append(("endpoint", identity, m.Cancel(ids)))
         if refused:
             self.outbox.append(("client", client, m.CancelRefused(refused, "not cancellable")))
+
+    def _leader_of(self, task_id: bytes, entry: TaskEntry) -> bytes | None:
+        leader = self.leaders.get(entry.cache_key) if entry.cache_key else None
+        if leader is not None and leader != task_id and task_id in self.followers.get(leader, ()):
+            return leader
+        return None
 
     def task_records(self, task_ids: list[bytes]) -> list[dict[str, Any]]:
         """Task states for ``Query``: memory first (newest), then the database."""
@@ -343,6 +403,7 @@ class Router:
                 row["timeout_s"],
                 row["result_serializer"],
                 json.loads(row["resources"]) if row.get("resources") else None,
+                json.loads(row["options"]) if row.get("options") else None,
             )
             self.tasks[row["task_id"]] = TaskEntry(rec, row["endpoint"], b"", "queued")
             ep.pending[row["task_id"]] = None
@@ -375,14 +436,43 @@ class Router:
         self.store.update([(task_id, change)], acks)
         self.counters["finished"] += 1
         del self.tasks[task_id]
-        self.finished[task_id] = res[m.R_STATE]
-        if len(self.finished) > FINISHED_MEMORY:
-            self.finished.popitem(last=False)
+        self._remember_finished(task_id, res[m.R_STATE])
+        if entry.cache_key is not None and self.leaders.get(entry.cache_key) == task_id:
+            self._leader_finished(entry, res)
         callback = self.callbacks.pop(task_id, None)
         if callback is not None:
             callback(res)
         elif entry.client:
             self._result_to_client(entry.client, res)
+
+    def _leader_finished(self, entry: TaskEntry, res: list) -> None:
+        """Cache a success and give it to every coalesced call; after a failure (cancelled, lost,
+        an exception) each of them runs itself."""
+        del self.leaders[entry.cache_key]
+        followers = self.followers.pop(res[m.R_ID], [])
+        if res[m.R_STATE] == "succeeded" and res[m.R_PAYLOAD] is not None:
+            self.result_cache.put(entry.cache_key, res[m.R_PAYLOAD])
+            for task_id in followers:
+                self._finish(
+                    m.result_record(
+                        task_id, "succeeded", res[m.R_PAYLOAD], None, res[m.R_TIMING], res[m.R_OUTPUT]
+                    ),
+                    ep=None,
+                )
+            return
+        ep = self.endpoints.get(entry.endpoint)
+        runnable = [self.tasks[t] for t in followers if t in self.tasks]
+        if not runnable or ep is None:
+            return
+        for e in runnable:
+            e.state = "dispatched" if ep.connected else "queued"
+        if ep.connected and ep.identity is not None:
+            for e in runnable:
+                ep.inflight[e.record[m.T_ID]] = None
+            self._send_tasks(ep, [e.record for e in runnable])
+        else:
+            for e in runnable:
+                ep.pending[e.record[m.T_ID]] = None
 
     def _result_to_client(self, client: bytes, res: list) -> None:
         self._results_out.setdefault(client, []).append(res)
@@ -418,6 +508,7 @@ class Router:
                 for ep in self.endpoints.values()
             },
             "tasks_open": len(self.tasks),
+            "result_cache": self.result_cache.stats() if self.result_cache is not None else None,
             **self.counters,
         }
 

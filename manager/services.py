@@ -40,6 +40,7 @@ class ServableService:
         self.repository = repository
         self._resolved: dict[str, str] = {}
         self._generation = -1
+        self._deterministic: dict[str, bool] = {}  # "servable:<digest>" -> record.deterministic
         # repository writes triggered by results, off the broker loop
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dlhub-verify")
 
@@ -57,11 +58,20 @@ class ServableService:
         if key is None:
             try:
                 owner, name, version = parse_ref(ref)
-                _, digest = self.repository.resolve(owner, name, version)
+                record, digest = self.repository.resolve(owner, name, version)
             except (NotFound, ValueError) as exc:
                 raise errors.ServableNotFound(str(exc)) from None
             key = self._resolved[ref] = m.RUN_PREFIX + digest
+            self._deterministic[key] = record.deterministic
         return key
+
+    def deterministic(self, function: str) -> bool:
+        """Whether the servable a task runs declared same-inputs-same-output (cacheable)."""
+        known = self._deterministic.get(function)
+        if known is None:  # e.g. a task recovered after a restart, never resolved here
+            record = self.repository.record_by_digest(function[len(m.RUN_PREFIX) :])
+            known = self._deterministic[function] = bool(record and record.get("deterministic"))
+        return known
 
     # ---- endpoints ---------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ import sqlalchemy as sa
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3  # 2: tasks.resources; 3: servable_versions.digest
+SCHEMA_VERSION = 4  # 2: tasks.resources; 3: servable_versions.digest; 4: tasks.options
 metadata = sa.MetaData()
 
 tasks_table = sa.Table(
@@ -40,6 +40,7 @@ tasks_table = sa.Table(
     sa.Column("timeout_s", sa.Float, nullable=True),
     sa.Column("result_serializer", sa.String(16), nullable=False),
     sa.Column("resources", sa.Text, nullable=True),  # JSON of the task's resource request
+    sa.Column("options", sa.Text, nullable=True),  # JSON of the task's per-call options
     sa.Column("t_received", sa.Float, nullable=False),
     sa.Column("t_dispatched", sa.Float, nullable=True),
     sa.Column("t_started", sa.Float, nullable=True),
@@ -57,6 +58,15 @@ code_table = sa.Table(
     sa.Column("digest", sa.String(80), primary_key=True),
     sa.Column("blob", sa.LargeBinary, nullable=False),
     sa.Column("created", sa.Float, nullable=False),
+)
+
+# results of deterministic servables, kept across restarts when the manager is configured so
+result_cache_table = sa.Table(
+    "result_cache",
+    metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("payload", sa.LargeBinary, nullable=False),
+    sa.Column("created", sa.Float, nullable=False, index=True),
 )
 
 users_table = sa.Table(
@@ -111,6 +121,7 @@ MIGRATIONS: dict[int, list[str | Callable[[sa.Connection], None]]] = {
         _add_column("servable_versions", "digest", "VARCHAR(64)"),
         "CREATE INDEX IF NOT EXISTS ix_servable_versions_digest ON servable_versions (digest)",
     ],
+    4: [_add_column("tasks", "options", "TEXT")],
 }
 
 
@@ -152,6 +163,7 @@ class _Batch:
     inserts: dict[bytes, dict[str, Any]] = field(default_factory=dict)
     updates: dict[bytes, dict[str, Any]] = field(default_factory=dict)
     code: dict[str, bytes] = field(default_factory=dict)
+    cached: dict[str, tuple[bytes, float]] = field(default_factory=dict)  # result cache rows
     acks: list[tuple[str, bytes, bytes]] = field(default_factory=list)  # (kind, ident, task_id)
 
 
@@ -194,6 +206,28 @@ class TaskStore:
 
     def put_code(self, digest: str, blob: bytes) -> None:
         self._queue.put(("code", digest, blob))
+
+    def put_cached(self, key: str, payload: bytes, created: float) -> None:
+        """Persist a result-cache entry (when the manager keeps its cache across restarts)."""
+        self._queue.put(("cached", key, (payload, created)))
+
+    def load_cached(self, max_bytes: int, not_before: float) -> list[tuple[str, bytes, float]]:
+        """Result-cache entries, newest first, within ``max_bytes`` and newer than ``not_before``;
+        the rest are deleted (the table never outgrows the cache)."""
+        t = result_cache_table
+        out, total = [], 0
+        with self.engine.begin() as conn:
+            rows = conn.execute(sa.select(t.c.key, t.c.payload, t.c.created).order_by(t.c.created.desc()))
+            drop = []
+            for row in rows:
+                if row.created < not_before or total + len(row.payload) > max_bytes:
+                    drop.append(row.key)
+                    continue
+                total += len(row.payload)
+                out.append((row.key, row.payload, row.created))
+            for i in range(0, len(drop), 500):
+                conn.execute(t.delete().where(t.c.key.in_(drop[i : i + 500])))
+        return out
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything enqueued so far is committed (tests, shutdown)."""
@@ -283,13 +317,15 @@ class TaskStore:
             batch.acks.extend(item[2])
         elif kind == "code":
             batch.code[item[1]] = item[2]
+        elif kind == "cached":
+            batch.cached[item[1]] = item[2]
         elif kind == "flush":
             flushes.append(item[1])
 
     def _write(self, batch: _Batch) -> None:
         """One transaction on the raw DBAPI connection (SQLAlchemy's per-call cost, ~100 us,
         would sit on the broker's GIL for every group commit)."""
-        if not (batch.inserts or batch.updates or batch.code):
+        if not (batch.inserts or batch.updates or batch.code or batch.cached):
             return
         if self._raw is None:
             self._raw = self.engine.raw_connection()
@@ -298,6 +334,9 @@ class TaskStore:
             if batch.code:
                 rows = [{"digest": d, "blob": b, "created": time.time()} for d, b in batch.code.items()]
                 cur.executemany(*self._sql.insert_ignore("code", ["digest", "blob", "created"], rows))
+            if batch.cached:
+                rows = [{"key": k, "payload": p, "created": c} for k, (p, c) in batch.cached.items()]
+                cur.executemany(*self._sql.insert_ignore("result_cache", ["key", "payload", "created"], rows))
             if batch.inserts:
                 rows = [_full_row(r) for r in batch.inserts.values()]
                 cur.executemany(*self._sql.insert_ignore("tasks", _TASK_COLUMNS, rows))

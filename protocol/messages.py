@@ -8,7 +8,9 @@ Per-task records inside batches are plain lists, not objects, so that a batch of
 tasks costs one C-level msgpack call per hop:
 
     task   = [task_id: bytes(16), function: str (code digest), payload: bytes,
-              timeout_s: float | None, result_serializer: str, resources: dict | None]
+              timeout_s: float | None, result_serializer: str, resources: dict | None,
+              options: dict | None]   (options: cache, key, len, batch; a 6-field task is
+              accepted and read as options = None)
     result = [task_id, state: str, payload: bytes | None, error: list | None,
               timing: [t_start, t_end] | None, output: [stdout, stderr] | None]
 
@@ -34,8 +36,12 @@ DEFAULT_MAX_FRAME_BYTES = 256 * 1024 * 1024 + 1024 * 1024  # payload limit plus 
 TASK_ID_BYTES = 16
 
 # task record field positions
-T_ID, T_FUNCTION, T_PAYLOAD, T_TIMEOUT, T_SERIALIZER, T_RESOURCES = range(6)
-TASK_FIELDS = 6
+T_ID, T_FUNCTION, T_PAYLOAD, T_TIMEOUT, T_SERIALIZER, T_RESOURCES, T_OPTIONS = range(7)
+TASK_FIELDS = 7
+# per-call options: cache (False bypasses result/output caches), key (hex digest of the inputs,
+# computed by the client), len (the first argument's length, for batching weights), batch (the
+# first argument is a list of inputs for a vectorized servable: an explicit client batch)
+OPTION_KEYS = {"cache": (bool,), "key": (str,), "len": (int,), "batch": (bool,)}
 RESOURCE_KEYS = {"cores": (int, float), "memory_gb": (int, float), "gpus": (int,), "pool": (str,)}
 # result record field positions
 R_ID, R_STATE, R_PAYLOAD, R_ERROR, R_TIMING, R_OUTPUT = range(6)
@@ -74,6 +80,7 @@ class Message:
     TYPE: ClassVar[int] = 0
     _FIELDS: ClassVar[tuple[str, ...]] = ()
     _TYPES: ClassVar[tuple[tuple[type, ...], ...]] = ()
+    _REQUIRED: ClassVar[tuple[str, ...]] = ()  # fields without a default (older peers may omit the rest)
 
     def pack(self) -> bytes:
         return pack(self)
@@ -88,6 +95,11 @@ def _message(code: int):
         fields = dataclasses.fields(cls)
         cls._FIELDS = tuple(f.name for f in fields)
         cls._TYPES = tuple(_TYPE_MAP[f.type] for f in fields)
+        cls._REQUIRED = tuple(
+            f.name
+            for f in fields
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        )
         if code in _REGISTRY:
             raise RuntimeError(f"message code {code} registered twice")
         _REGISTRY[code] = cls
@@ -152,15 +164,20 @@ class Accepted(Message):
 
 @_message(6)
 class Tasks(Message):
-    """Manager -> endpoint, endpoint -> worker. ``code`` maps digest -> blob for workers."""
+    """Manager -> endpoint, endpoint -> worker. ``code`` maps digest -> blob for workers;
+    ``batches`` lists groups of task ids a worker runs as one call of a vectorized servable."""
 
     tasks: list
     code: dict = field(default_factory=dict)
+    batches: list = field(default_factory=list)
 
 
 @_message(7)
 class Results(Message):
+    """``info``: what a worker reports beside results (warm loads, evictions, cache counts)."""
+
     results: list
+    info: dict = field(default_factory=dict)
 
 
 @_message(8)
@@ -292,9 +309,9 @@ def unpack(frame: bytes | memoryview, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) 
     if cls is None:
         raise ProtocolError(f"unknown message type {body[0]}")
     values = body[1:]
-    if len(values) != len(cls._FIELDS):
+    if len(values) != len(cls._FIELDS) and not len(cls._REQUIRED) <= len(values) < len(cls._FIELDS):
         raise ProtocolError(f"{cls.__name__} expects {len(cls._FIELDS)} fields, got {len(values)}")
-    for name, value, types in zip(cls._FIELDS, values, cls._TYPES):
+    for name, value, types in zip(cls._FIELDS, values, cls._TYPES):  # missing trailing: defaults
         if not isinstance(value, types):
             raise ProtocolError(
                 f"{cls.__name__}.{name} must be {' or '.join(t.__name__ for t in types)}, "
@@ -310,6 +327,8 @@ def unpack(frame: bytes | memoryview, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) 
 
 def _check_records(records: list, arity: int, what: str) -> None:
     for i, rec in enumerate(records):
+        if isinstance(rec, list) and what == "task" and len(rec) == arity - 1:
+            rec.append(None)  # a task from before per-call options
         if not isinstance(rec, list) or len(rec) != arity:
             raise ProtocolError(f"{what} #{i} must be a list of {arity} fields")
         tid = rec[0]
@@ -324,6 +343,10 @@ def _check_records(records: list, arity: int, what: str) -> None:
                 problem = check_resources(rec[T_RESOURCES])
                 if problem:
                     raise ProtocolError(f"task #{i} resources: {problem}")
+            if rec[T_OPTIONS] is not None:
+                problem = check_options(rec[T_OPTIONS])
+                if problem:
+                    raise ProtocolError(f"task #{i} options: {problem}")
         elif not isinstance(rec[R_STATE], str):
             raise ProtocolError(f"result #{i} state must be a string")
 
@@ -343,6 +366,24 @@ def check_resources(resources: Any) -> str | None:
     return None
 
 
+def check_options(options: Any) -> str | None:
+    """What is wrong with a task's options (None when they are fine)."""
+    if not isinstance(options, dict):
+        return f"must be a mapping, got {type(options).__name__}"
+    for key, value in options.items():
+        types = OPTION_KEYS.get(key)
+        if types is None:
+            return f"unknown key {key!r} (known: {', '.join(OPTION_KEYS)})"
+        if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
+            return f"{key} must be {' or '.join(t.__name__ for t in types)}, got {value!r}"
+    return None
+
+
+def task_options(rec: list) -> dict:
+    """A task's options ({} when it has none)."""
+    return (rec[T_OPTIONS] if len(rec) > T_OPTIONS else None) or {}
+
+
 def task_record(
     task_id: bytes,
     function: str,
@@ -350,8 +391,9 @@ def task_record(
     timeout_s: float | None = None,
     result_serializer: str = "auto",
     resources: dict | None = None,
+    options: dict | None = None,
 ) -> list:
-    return [task_id, function, payload, timeout_s, result_serializer, resources]
+    return [task_id, function, payload, timeout_s, result_serializer, resources, options]
 
 
 def result_record(

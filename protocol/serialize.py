@@ -229,3 +229,31 @@ def load_function(blob: bytes) -> Callable[..., Any]:
     raise SerializationError(
         f"cannot load function {record['name']!r}: {type(first_error).__name__}: {first_error}"
     )
+
+
+def input_digest(args: Any, kwargs: dict[str, Any]) -> str | None:
+    """A digest of a call's inputs for result caches: canonical msgpack of plain data (dict keys
+    sorted, tuples tagged), numpy arrays by dtype, shape and bytes, anything else by its pickle
+    (which may miss a hit, never make a false one). None when the inputs cannot be encoded."""
+    try:
+        canonical = _canonical([list(args), kwargs])
+        return hashlib.sha256(msgpack.packb(canonical, use_bin_type=True)).hexdigest()
+    except Exception:
+        return None
+
+
+def _canonical(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+        return value
+    if isinstance(value, list):
+        return [_canonical(v) for v in value]
+    if isinstance(value, tuple):
+        return ["__tuple__", [_canonical(v) for v in value]]
+    if isinstance(value, dict):
+        items = sorted(
+            ((repr(k), _canonical(k), _canonical(v)) for k, v in value.items()), key=lambda kv: kv[0]
+        )
+        return ["__dict__", [[k, v] for _, k, v in items]]
+    if type(value).__module__ == "numpy" and hasattr(value, "dtype") and hasattr(value, "tobytes"):
+        return ["__ndarray__", value.dtype.str, list(getattr(value, "shape", ())), value.tobytes()]
+    return ["__pickle__", pickle.dumps(value, protocol=5)]

@@ -29,7 +29,7 @@ from pydantic import (
 
 from .errors import DLHubError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: vectorized + batching
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,79}$"
 OWNER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 SHA256 = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -99,6 +99,14 @@ class Example(_Strict):
     atol: Annotated[float, Field(ge=0)] = 0.0
 
 
+class BatchPolicy(_Strict):
+    """How the endpoint groups queued calls of a vectorized servable into one call."""
+
+    max_batch_size: Annotated[int, Field(ge=1, le=1_000_000)] = 64
+    max_batch_delay_ms: Annotated[float, Field(ge=0, le=60_000)] = 0.0  # 0: batch what waits
+    weight: Literal["count", "len"] = "count"  # len: the first argument's length counts
+
+
 class ServableRecord(_Strict):
     schema_version: int = SCHEMA_VERSION
     # identity: owner and version are set by the manager at publish time
@@ -132,6 +140,8 @@ class ServableRecord(_Strict):
     requirements: list[str] = Field(default_factory=list, description="pip requirement specifiers")
     environment: dict[str, str] = Field(default_factory=dict, description="python, package versions")
     deterministic: bool = False  # same inputs, same output: results may be cached
+    vectorized: bool = False  # takes a list of inputs, returns a list of outputs
+    batching: BatchPolicy | None = None  # for vectorized servables (endpoint config may override)
 
     @field_validator("name")
     @classmethod
@@ -189,6 +199,12 @@ class ServableRecord(_Strict):
                 raise ValueError(f"{text!r} is not a pip requirement specifier ({exc})") from None
         return requirements
 
+    @model_validator(mode="after")
+    def _batching_needs_vectorized(self):
+        if self.batching is not None and not self.vectorized:
+            raise ValueError("batching applies to vectorized servables (set vectorized=True)")
+        return self
+
     @property
     def ref(self) -> str:
         """``owner/name:version`` once published, else ``name``."""
@@ -197,7 +213,7 @@ class ServableRecord(_Strict):
 
 
 # schema version -> function that turns a record dict of the version before into this one
-UPGRADES: dict[int, Any] = {}
+UPGRADES: dict[int, Any] = {2: lambda record: record}  # 2 only added fields with defaults
 
 
 def parse_record(data: Any) -> ServableRecord:
