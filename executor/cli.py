@@ -360,6 +360,43 @@ def _print_status(address: str, info: dict) -> None:
             str(ep["versions"].get("dill", "?")),
         )
     console.print(table)
+    cache = info.get("result_cache")
+    if cache:
+        ratio = f"{cache['hit_ratio']:.1%}" if cache.get("hit_ratio") is not None else "n/a"
+        console.print(
+            f"result cache: {cache['entries']} entries, {cache['bytes']:,} bytes, hits {cache['hits']}, "
+            f"misses {cache['misses']} (hit ratio {ratio}), coalesced {cache['coalesced']}, "
+            f"evicted {cache['evicted']}"
+        )
+    for name, ep in sorted(info["endpoints"].items()):
+        batching = ep["info"].get("batching") or {}
+        if batching.get("batches"):
+            delay = batching.get("queue_delay_ms") or {}
+            console.print(
+                f"{name}: {batching['batches']} batches, sizes {batching['batch_size_histogram']}, "
+                f"queue delay mean {delay.get('mean')} ms, max {delay.get('max')} ms"
+            )
+        servables = ep["info"].get("servables") or {}
+        if servables:
+            t = Table(
+                "servable", "loads", "evictions", "output hits", "output misses", "batches", "batched calls"
+            )
+            for label, stats in sorted(servables.items()):
+                t.add_row(
+                    label,
+                    *(
+                        str(stats.get(k, 0))
+                        for k in (
+                            "loads",
+                            "evictions",
+                            "output_cache_hits",
+                            "output_cache_misses",
+                            "batches",
+                            "batched_calls",
+                        )
+                    ),
+                )
+            console.print(t)
 
 
 register_repository_commands(main)

@@ -5,6 +5,7 @@
     composition-rf           RandomForestRegressor on those features (toy target: mean atomic
                              mass per atom, computed from the same table; it never sees masses)
     diabetes-rf              RandomForestRegressor trained on scikit-learn's diabetes data set
+                             (vectorized: one call = one patient; the endpoint batches calls)
     digits-cnn               a small PyTorch CNN trained on scikit-learn's 8x8 digits (TorchScript)
     composition-pipeline     composition-featurizer -> composition-rf, in one trip
 
@@ -28,6 +29,7 @@ from typing import Any
 
 log = logging.getLogger("dlhub.examples")
 
+EXAMPLES_REVISION = 2  # bump when an example changes: `dlhub up` publishes a new version of it
 AUTHORS = [{"name": "dlhub developers", "affiliation": "dlhub"}]
 
 # symbol: (atomic number, Pauling electronegativity, standard atomic weight)
@@ -181,7 +183,9 @@ def build_composition_rf():
     )
 
 
-def build_diabetes_rf():
+def build_diabetes_rf(vectorized: bool = True, name: str = "diabetes-rf"):
+    """The diabetes random forest. Vectorized: one call is one patient (10 features) and the
+    endpoint batches concurrent calls into one ``predict`` (up to 256 rows)."""
     from sklearn.datasets import load_diabetes
     from sklearn.ensemble import RandomForestRegressor
 
@@ -189,9 +193,21 @@ def build_diabetes_rf():
 
     x, y = load_diabetes(return_X_y=True)
     model = RandomForestRegressor(n_estimators=100, random_state=0).fit(x, y)
+    if vectorized:
+        interface = {
+            "inputs": [{"type": "list", "description": "one patient's 10 features per call"}],
+            "output": {"type": "number", "description": "predicted progression"},
+            "vectorized": True,
+            "batching": {"max_batch_size": 256},
+        }
+    else:
+        interface = {
+            "inputs": [{"type": "ndarray", "shape": [None, 10], "dtype": "float64"}],
+            "output": {"type": "ndarray", "shape": [None], "dtype": "float64"},
+        }
     return Servable.from_sklearn(
         model,
-        name="diabetes-rf",
+        name=name,
         title="Random forest regressor: diabetes disease progression",
         description="scikit-learn RandomForestRegressor (100 trees) trained on the diabetes data "
         "set shipped with scikit-learn (442 patients, 10 standardized features); predicts a "
@@ -202,11 +218,10 @@ def build_diabetes_rf():
         related_identifiers=[
             {"identifier": "10.1214/009053604000000067", "type": "DOI", "relation": "IsDerivedFrom"}
         ],
-        inputs=[{"type": "ndarray", "shape": [None, 10], "dtype": "float64"}],
-        output={"type": "ndarray", "shape": [None], "dtype": "float64"},
         examples=[{"args": [x[:3]], "output": model.predict(x[:3]), "rtol": 1e-6}],
         requirements=["scikit-learn", "numpy"],
         deterministic=True,
+        **interface,
     )
 
 
@@ -303,7 +318,12 @@ def _already_published(client, owner: str, name: str, release: str) -> bool:
         info = client.describe(f"{owner}/{name}")
     except NotFoundError:
         return False
-    return info["status"] == "ready" and info["record"]["environment"].get("dlhub") == release
+    environment = info["record"]["environment"]
+    return (
+        info["status"] == "ready"
+        and environment.get("dlhub") == release
+        and environment.get("dlhub-examples") == str(EXAMPLES_REVISION)
+    )
 
 
 def publish_examples(client, owner: str, endpoint: str | None = None) -> dict[str, str]:
@@ -326,6 +346,7 @@ def publish_examples(client, owner: str, endpoint: str | None = None) -> dict[st
             if name == "composition-pipeline":
                 value = client.run(f"{owner}/composition-rf", [featurize("Fe2O3")], endpoint=endpoint)
                 servable.record["examples"] = [{"args": ["Fe2O3"], "output": value[0], "rtol": 1e-6}]
+            servable.record["environment"]["dlhub-examples"] = str(EXAMPLES_REVISION)
             outcome[name] = client.publish(servable, endpoint=endpoint)
             log.info("published %s in %.1f s", outcome[name], time.monotonic() - started)
         except Exception as exc:  # one broken example must not stop the others

@@ -87,7 +87,7 @@ def create_app(
     """The FastAPI app (imported here: FastAPI costs ~0.4 s, kept off the manager's start-up)."""
     from fastapi import Body, Depends, FastAPI, Header, Query, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, PlainTextResponse
     from starlette.datastructures import UploadFile
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -135,6 +135,19 @@ def create_app(
     @app.get(f"{API}/health")
     def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get(f"{API}/metrics")
+    async def metrics_json(who: User) -> dict[str, Any]:
+        """Tasks, the result cache, and per endpoint: batching and per-servable counts."""
+        return await asyncio.to_thread(need_services().status)
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics_prometheus(who: User):
+        """The same in Prometheus' text format (scrape with a bearer token)."""
+        from .metrics import prometheus_text
+
+        status = await asyncio.to_thread(need_services().status)
+        return PlainTextResponse(prometheus_text(status), media_type="text/plain; version=0.0.4")
 
     @app.get(f"{API}/whoami")
     def whoami(who: User) -> dict[str, str]:
@@ -272,6 +285,7 @@ def create_app(
         endpoint: Annotated[str | None, Body()] = None,
         wait_s: Annotated[float, Body(ge=0, le=3600)] = 30.0,
         timeout_s: Annotated[float | None, Body(gt=0)] = None,
+        cache: Annotated[bool, Body()] = True,
     ):
         """Run a servable with JSON arguments. ``wait_s`` 0: return the task id at once (202);
         otherwise wait that long for the result (200), else 202 with the id to poll."""
@@ -286,7 +300,9 @@ def create_app(
             raise ApiError(404, "unknown-endpoint", str(exc)) from None
         except ValueError as exc:
             raise ApiError(422, "invalid-request", f"{exc} (field 'endpoint')") from None
-        task_id, future = service.submit(who[0], target, m.REF_PREFIX + ref, args, kwargs, timeout_s)
+        task_id, future = service.submit(
+            who[0], target, m.REF_PREFIX + ref, args, kwargs, timeout_s, cache=cache
+        )
         tid = task_id.hex()
         location = {"Location": f"{API}/tasks/{tid}/result"}
         if wait_s:

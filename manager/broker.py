@@ -13,6 +13,7 @@ latency path). User payloads stay opaque bytes: nothing here unpickles them.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import os
@@ -201,6 +202,17 @@ class Manager:
         except OSError:  # already stopped: the descriptor is closed
             pass
 
+    def _status(self) -> dict[str, Any]:
+        info = self.router.status()
+        info["manager"] = {"session": self.session, "versions": runtime_versions()}
+        return info
+
+    def status(self, timeout: float = 5.0) -> dict[str, Any]:
+        """The status snapshot, from any thread (computed on the loop, which owns the Router)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self.call_soon(lambda: future.set_result(self._status()))
+        return future.result(timeout)
+
     def call_soon(self, fn) -> None:
         """Run ``fn()`` on the loop thread (the only one that touches the Router), soon."""
         self._calls.put(fn)
@@ -307,9 +319,7 @@ class Manager:
             records = self.router.task_records(msg.task_ids)
             self._send(self.client_sock, identity, m.TaskInfo(msg.request_id, records))
         elif isinstance(msg, m.StatusRequest):
-            info = self.router.status()
-            info["manager"] = {"session": self.session, "versions": runtime_versions()}
-            self._send(self.client_sock, identity, m.Status(msg.request_id, info))
+            self._send(self.client_sock, identity, m.Status(msg.request_id, self._status()))
         elif isinstance(msg, m.Heartbeat):
             self._send(self.client_sock, identity, m.Heartbeat({}))
         else:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from dlhub.protocol import errors
 from dlhub.protocol import messages as m
-from dlhub.protocol.serialize import JSON, serialize
+from dlhub.protocol.serialize import JSON, input_digest, serialize
 from dlhub.protocol.servable import ServableRecord, parse_ref, record_digest
 
 from .repository import NotFound, Repository
@@ -73,6 +73,9 @@ class ServableService:
             known = self._deterministic[function] = bool(record and record.get("deterministic"))
         return known
 
+    def status(self) -> dict[str, Any]:
+        return self.manager.status()
+
     # ---- endpoints ---------------------------------------------------------------------------
 
     def default_endpoint(self, wanted: str | None) -> str:
@@ -102,11 +105,18 @@ class ServableService:
         args: list,
         kwargs: dict,
         timeout_s: float | None = None,
+        cache: bool = True,
     ) -> tuple[bytes, concurrent.futures.Future]:
         """Queue a task as ``owner``; the future gets its result record (JSON-serialized result)."""
         task_id = os.urandom(m.TASK_ID_BYTES)
         payload = serialize([list(args), dict(kwargs)], "msgpack")
-        rec = m.task_record(task_id, function, payload, timeout_s, "json", None)
+        options = None
+        if function.startswith(m.REF_PREFIX):
+            key = input_digest(args, kwargs) if cache else None
+            options = {"key": key} if key else {"cache": False}
+            if args and hasattr(args[0], "__len__"):
+                options["len"] = len(args[0])
+        rec = m.task_record(task_id, function, payload, timeout_s, "json", None, options)
         future: concurrent.futures.Future = concurrent.futures.Future()
 
         def done(res: list) -> None:
