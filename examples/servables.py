@@ -74,7 +74,10 @@ def main() -> None:
             futures = [ex.submit(f"{owner}/diabetes-rf", p) for p in patients]
             predictions = [f.result(timeout=120) for f in futures]
             elapsed = time.perf_counter() - started
-            print(f"500 diabetes-rf calls, batched at the endpoint: {500 / elapsed:,.0f} predictions/s")
+            print(
+                f"500 diabetes-rf calls, batched at the endpoint: {500 / elapsed:,.0f} predictions/s "
+                f"(predictions {min(predictions):.1f} .. {max(predictions):.1f})"
+            )
     if "composition-pipeline" in ready:
         print("over REST:", client.run(f"{owner}/composition-pipeline", "Fe2O3", endpoint="local"))
 
