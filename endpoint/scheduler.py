@@ -51,6 +51,7 @@ class WorkerState:
     known_code: set = field(default_factory=set)
     reported_running: bytes | None = None
     warm: set = field(default_factory=set)  # servable functions loaded there (routing prefers them)
+    running_batch: set = field(default_factory=set)  # ids of the batch it runs as one call
     head_since: float | None = None  # when the head task (approximately) started
     killing: str | None = None  # why we asked the pool to kill this worker
 
@@ -273,6 +274,7 @@ class Scheduler:
         w.warm.add(function)
         w.head_since = now
         w.assigned.extend(ids)
+        w.running_batch = set(ids)
         bucket = 1 << max(0, (weight - 1).bit_length())
         self.batch_histogram[bucket] = self.batch_histogram.get(bucket, 0) + 1
         stats = self._stats_for(function)
@@ -388,7 +390,17 @@ class Scheduler:
         pool = self.pools.get(w.pool_id)
         if pool is not None:
             pool.workers.discard(worker_id)
-        if w.assigned:
+        if w.running_batch:  # one call ran them all: they all died with it
+            error = (
+                errors.infra_error("task-timeout", w.killing)
+                if w.killing
+                else errors.infra_error("worker-lost", f"worker {worker_id} died running the batch: {reason}")
+            )
+            for task_id in [t for t in w.assigned if t in w.running_batch]:
+                w.assigned.remove(task_id)
+                self.counters["worker_lost"] += 1
+                self._fail(task_id, error)
+        elif w.assigned:
             running = w.assigned.popleft()
             if w.killing:
                 error = errors.infra_error("task-timeout", w.killing)
@@ -535,6 +547,7 @@ class Scheduler:
                     w.assigned.remove(task_id)
                 except ValueError:
                     pass
+                w.running_batch.discard(task_id)
                 if w.assigned and w.assigned[0] != head:
                     w.head_since = self.clock()
             t = self.tasks.get(task_id)
