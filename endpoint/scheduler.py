@@ -213,7 +213,7 @@ class Scheduler:
         return deadline
 
     def _dispatch_batches(self, now: float) -> None:
-        for (pool_name, function), queue in self.batch_queues.items():
+        for (pool_name, function), queue in list(self.batch_queues.items()):
             policy = self.batching.get(function, {})
             limit = int(policy.get("max_batch_size", 64))
             delay_s = float(policy.get("max_batch_delay_ms", 0.0)) / 1000.0
