@@ -223,10 +223,11 @@ class Scheduler:
                 if not queue:
                     break
                 weight = 0
-                for _, _, w in queue:
-                    weight += w
-                    if weight >= limit:
-                        break
+                for task_id, _, w in queue:
+                    if task_id in self.tasks:  # cancelled calls wait to be dropped, weightless
+                        weight += w
+                        if weight >= limit:
+                            break
                 if weight < limit and now - queue[0][1] < delay_s:
                     break  # not full and not due: let it fill
                 worker = self._idle_worker(pool_name, function, now)
@@ -489,6 +490,7 @@ class Scheduler:
             if w.pool_name == pool_name and self._accepting(w, now)
         ]
         heapq.heapify(load)
+        bump = 0
         batches: dict[bytes, tuple[list, dict]] = {}
         while queue and load:
             task_id = queue[0]
@@ -502,9 +504,9 @@ class Scheduler:
                 break  # even the least-loaded worker is full for this task
             if digest not in w.warm and m.package_key(digest) is not None:
                 warm = next((e for e in load if e[0] == depth and digest in e[2].warm), None)
-                if warm is not None:  # as idle, and the servable is loaded there already
-                    warm_index = load.index(warm)
-                    load[0], load[warm_index] = load[warm_index], load[0]
+                if warm is not None:  # as idle, and the servable is loaded there already:
+                    bump -= 1  # a unique tie-break below every index puts it on top
+                    load[load.index(warm)] = (depth, bump, warm[2])
                     heapq.heapify(load)
                     depth, i, w = load[0]
             queue.popleft()
@@ -621,6 +623,9 @@ class Scheduler:
         busy = {w.pool_id for w in list(self.workers.values()) if w.assigned}
         return [p for p in list(self.pools) if p not in busy]
 
+    def _batch_waiting(self) -> int:
+        return sum(1 for q in self.batch_queues.values() for entry in q if entry[0] in self.tasks)
+
     def batching_snapshot(self) -> dict[str, Any]:
         delay = self.queue_delay
         return {
@@ -631,7 +636,7 @@ class Scheduler:
                 "max": round(1000 * delay["max_s"], 3),
                 "count": delay["count"],
             },
-            "waiting": sum(len(q) for q in self.batch_queues.values()),
+            "waiting": self._batch_waiting(),
         }
 
     def snapshot(self) -> dict[str, Any]:

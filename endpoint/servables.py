@@ -279,8 +279,18 @@ class PipelineLoader(Loader):
 class LoadedServable:
     """A servable ready to call: inputs converted by their declared types, examples verifiable."""
 
-    def __init__(self, record: ServableRecord, fn: Callable[..., Any]):
-        self.record, self._fn = record, fn
+    def __init__(self, record: ServableRecord, fn: Callable[..., Any], root: Path | None = None):
+        self.record, self._fn, self.root = record, fn, root
+
+    def unload(self) -> None:
+        """Forget modules imported from this servable's files (so evicting it frees them)."""
+        if self.root is None:
+            return
+        mine = str(self.root)
+        sys.path[:] = [p for p in sys.path if p != mine]
+        for name, module in list(sys.modules.items()):
+            if (getattr(module, "__file__", None) or "").startswith(mine + os.sep):
+                del sys.modules[name]
 
     def __call__(self, *args, **kwargs):
         specs = self.record.inputs
@@ -316,4 +326,4 @@ def load_package(blob: bytes) -> LoadedServable:
         raise
     except Exception as exc:
         raise ServableLoadError(f"{record.ref} does not load: {type(exc).__name__}: {exc}") from exc
-    return LoadedServable(record, fn)
+    return LoadedServable(record, fn, root)

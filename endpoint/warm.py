@@ -81,6 +81,9 @@ class WarmServables:
             servable = self.loaded.pop(victim)
             why = f"over {self.max_count} servables" if over_count else "over the memory budget"
             self.log(f"dlhub worker: evicted {getattr(servable.record, 'ref', victim)} ({why})")
+            unload = getattr(servable, "unload", None)
+            if unload is not None:
+                unload()
             del servable
             gc.collect()
             self._count(victim, "evictions")

@@ -244,6 +244,15 @@ class Worker:
             return [m.result_record(r[m.T_ID], "failed", error=error) for r in records]
         inputs, results, ok = [], {}, []
         for rec in records:
+            key = None if m.task_options(rec).get("batch") else self._output_key(rec, servable)
+            if key is not None:  # a single call of a deterministic servable: maybe seen before
+                cached = self.outputs.get(key)
+                self.warm.count(
+                    m.package_key(rec[m.T_FUNCTION]), "output_cache_hits" if cached else "output_cache_misses"
+                )
+                if cached is not None:
+                    results[rec[m.T_ID]] = m.result_record(rec[m.T_ID], "succeeded", cached)
+                    continue
             try:
                 args, kwargs = deserialize(rec[m.T_PAYLOAD])
                 if len(args) != 1 or kwargs:
@@ -297,6 +306,10 @@ class Worker:
 
     def _result(self, rec: list, value: Any) -> list:
         state, body, error = self._pack_result(value, rec[m.T_SERIALIZER])
+        if state == "succeeded" and not m.task_options(rec).get("batch"):
+            key = self._output_key(rec, self.warm.get(m.package_key(rec[m.T_FUNCTION]) or ""))
+            if key is not None:
+                self.outputs.put(key, body)
         return m.result_record(rec[m.T_ID], state, body, error)
 
     def execute(self, rec: list) -> list:

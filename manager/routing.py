@@ -464,8 +464,13 @@ class Router:
         runnable = [self.tasks[t] for t in followers if t in self.tasks]
         if not runnable or ep is None:
             return
+        now = self.clock()
         for e in runnable:
             e.state = "dispatched" if ep.connected else "queued"
+        if ep.connected:
+            self.store.update(
+                [(e.record[m.T_ID], {"state": "dispatched", "t_dispatched": now}) for e in runnable]
+            )
         if ep.connected and ep.identity is not None:
             for e in runnable:
                 ep.inflight[e.record[m.T_ID]] = None

@@ -243,17 +243,24 @@ def input_digest(args: Any, kwargs: dict[str, Any]) -> str | None:
 
 
 def _canonical(value: Any) -> Any:
+    """Plain data as itself; everything else wrapped in a msgpack extension type (which plain
+    data cannot contain, so a list shaped like a tag never collides with what it tags)."""
     if value is None or isinstance(value, (bool, int, float, str, bytes)):
         return value
     if isinstance(value, list):
         return [_canonical(v) for v in value]
     if isinstance(value, tuple):
-        return ["__tuple__", [_canonical(v) for v in value]]
+        return _ext(1, [_canonical(v) for v in value])
     if isinstance(value, dict):
         items = sorted(
             ((repr(k), _canonical(k), _canonical(v)) for k, v in value.items()), key=lambda kv: kv[0]
         )
-        return ["__dict__", [[k, v] for _, k, v in items]]
-    if type(value).__module__ == "numpy" and hasattr(value, "dtype") and hasattr(value, "tobytes"):
-        return ["__ndarray__", value.dtype.str, list(getattr(value, "shape", ())), value.tobytes()]
-    return ["__pickle__", pickle.dumps(value, protocol=5)]
+        return _ext(2, [[k, v] for _, k, v in items])
+    dtype = getattr(value, "dtype", None)
+    if type(value).__module__ == "numpy" and dtype is not None and not dtype.hasobject:
+        return _ext(3, [dtype.str, list(getattr(value, "shape", ())), value.tobytes()])
+    return _ext(4, pickle.dumps(value, protocol=5))  # object arrays too: by their elements
+
+
+def _ext(code: int, body: Any) -> msgpack.ExtType:
+    return msgpack.ExtType(code, msgpack.packb(body, use_bin_type=True))
