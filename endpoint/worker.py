@@ -270,6 +270,11 @@ class Worker:
                 for rec, explicit, start, count in ok:
                     value = outputs[start : start + count] if explicit else outputs[start]
                     results[rec[m.T_ID]] = self._result(rec, value)
+            except _Timeout:  # the batch used up the time limit: re-running each would take N times it
+                limit = ok[0][0][m.T_TIMEOUT]
+                error = errors.infra_error("task-timeout", f"the batch exceeded its time limit of {limit} s")
+                for rec, *_ in ok:
+                    results[rec[m.T_ID]] = m.result_record(rec[m.T_ID], "failed", error=error)
             except BaseException:  # noqa: BLE001 - find the guilty calls one by one
                 for rec, explicit, start, count in ok:
                     try:
