@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from dlhub.protocol.errors import DLHubError, ServableLoadError
-from dlhub.protocol.serialize import load_function
+from dlhub.protocol.serialize import load_function, plain
 from dlhub.protocol.servable import ServableRecord, TypeSpec, record_digest, unpack_package
 
 
@@ -82,20 +82,6 @@ def _convert(value: Any, spec: TypeSpec | None) -> Any:
     import numpy as np
 
     return np.asarray(value, dtype=spec.dtype) if spec.dtype else np.asarray(value)
-
-
-def plain(value: Any) -> Any:
-    """Arrays, tensors and numpy scalars as lists/numbers, for comparison with recorded outputs."""
-    if hasattr(value, "detach"):  # torch tensor
-        value = value.detach().cpu().numpy()
-    tolist = getattr(value, "tolist", None)
-    if callable(tolist) and not isinstance(value, (list, tuple, dict, str, bytes)):
-        return tolist()
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items()}
-    return value
 
 
 def outputs_match(actual: Any, expected: Any, rtol: float, atol: float) -> str | None:

@@ -30,25 +30,11 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from dlhub.protocol.serialize import _user_module_sources, runtime_versions, serialize_function
+from dlhub.protocol.serialize import _user_module_sources, plain, runtime_versions, serialize_function
 
 
 def _sha(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def _plain(value: Any) -> Any:
-    """Example values as JSON data: arrays and tensors become lists, tuples lists."""
-    if hasattr(value, "detach"):
-        value = value.detach().cpu().numpy()
-    tolist = getattr(value, "tolist", None)
-    if callable(tolist) and not isinstance(value, (list, tuple, dict, str, bytes)):
-        return tolist()
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    return value
 
 
 def _example(item: Any) -> dict[str, Any]:
@@ -66,7 +52,7 @@ def _example(item: Any) -> dict[str, Any]:
         )
     for key in ("args", "kwargs", "output"):
         if key in out:
-            out[key] = _plain(out[key])
+            out[key] = plain(out[key], str_keys=True)
     return out
 
 

@@ -84,6 +84,21 @@ def serialize(obj: Any, method: str = "auto") -> bytes:
     raise SerializationError(f"unknown serializer {method!r}; use auto, msgpack, dill or json")
 
 
+def plain(value: Any, str_keys: bool = False) -> Any:
+    """Arrays, tensors and numpy scalars as lists and numbers, tuples as lists (dict keys as
+    strings with ``str_keys``): values as JSON holds them, for records and comparisons."""
+    if hasattr(value, "detach"):  # a torch tensor
+        value = value.detach().cpu().numpy()
+    tolist = getattr(value, "tolist", None)
+    if callable(tolist) and not isinstance(value, (list, tuple, dict, str, bytes)):
+        return tolist()
+    if isinstance(value, (list, tuple)):
+        return [plain(v, str_keys) for v in value]
+    if isinstance(value, dict):
+        return {(str(k) if str_keys else k): plain(v, str_keys) for k, v in value.items()}
+    return value
+
+
 def _json_default(obj: Any) -> Any:
     """Arrays and tensors (numpy, torch: anything with ``tolist``) become nested lists in JSON."""
     tolist = getattr(obj, "tolist", None)
