@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -351,3 +353,55 @@ def db_url(request, tmp_path) -> Iterator[str]:
         with admin.connect() as conn:
             conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.dispose()
+
+
+# ---- servables on the session stack: clients, unique names, metadata ----------------------------
+
+RESULT_TIMEOUT_S = 60
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    """A repository Client on the session stack."""
+    from dlhub.executor import Client
+
+    with Client(home=str(stack.home)) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def ex(stack):
+    """An Executor on the session stack's ``local`` endpoint."""
+    executor = stack.executor()
+    try:
+        yield executor
+    finally:
+        executor.shutdown(wait=False)
+
+
+@pytest.fixture(scope="module")
+def rest(stack):
+    """(an httpx client on the REST API, auth headers), from the config `dlhub up` wrote."""
+    import httpx
+
+    config = json.loads((stack.home / "config.json").read_text())
+    with httpx.Client(base_url=config["rest_url"], timeout=RESULT_TIMEOUT_S) as http:
+        yield http, {"Authorization": f"Bearer {config['token']}"}
+
+
+@pytest.fixture
+def name(request) -> str:
+    """A servable name of this test's own (the stack is shared by the session)."""
+    base = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")
+    return f"{base[:60]}-{uuid.uuid4().hex[:6]}"
+
+
+def meta(name: str, **overrides: Any) -> dict[str, Any]:
+    """Builder metadata for a test servable."""
+    fields = {
+        "name": name,
+        "title": f"Test servable {name}",
+        "authors": ["Doe, Jane"],
+        "domains": ["testing"],
+    }
+    return {**fields, **overrides}

@@ -15,7 +15,6 @@ value import what they need inside their bodies.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import time
@@ -25,11 +24,10 @@ from urllib.parse import urlparse
 
 import httpx
 import pytest
-from conftest import read_json, wait_until
+from conftest import RESULT_TIMEOUT_S, meta, read_json, wait_until
 
 from dlhub.executor import Client, Servable
 
-RESULT_TIMEOUT_S = 60
 OWNER = "admin"  # the user of the token `dlhub up` writes
 SLOW_S = 0.5  # how long the "expensive" deterministic servables take
 
@@ -85,40 +83,6 @@ def logged_add(log: str, delta: int, tag: str):
 
 
 # ---- fixtures and helpers ------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def client(stack):
-    with Client(home=str(stack.home)) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def ex(stack):
-    executor = stack.executor()
-    try:
-        yield executor
-    finally:
-        executor.shutdown(wait=False)
-
-
-@pytest.fixture(scope="module")
-def rest(stack):
-    """(an httpx client on the session stack's REST API, auth headers)."""
-    config = json.loads((stack.home / "config.json").read_text())
-    with httpx.Client(base_url=config["rest_url"], timeout=RESULT_TIMEOUT_S) as http:
-        yield http, {"Authorization": f"Bearer {config['token']}"}
-
-
-@pytest.fixture
-def name(request) -> str:
-    """A servable name of this test's own (the stack is shared by the session)."""
-    base = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")
-    return f"{base[:50]}-{uuid.uuid4().hex[:6]}"
-
-
-def meta(name: str, **overrides):
-    return {"name": name, "title": f"Test servable {name}", "authors": ["Doe, Jane"], **overrides}
 
 
 def log_lines(path: Path) -> list[str]:

@@ -17,15 +17,13 @@ import textwrap
 import uuid
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
-from conftest import wait_until
+from conftest import RESULT_TIMEOUT_S, meta, wait_until
 
-from dlhub.executor import Client, PublishError, RemoteError, Servable, ServableNotFound
+from dlhub.executor import PublishError, RemoteError, Servable, ServableNotFound
 from dlhub.protocol.servable import RecordError, parse_record, record_digest
 
-RESULT_TIMEOUT_S = 60
 OWNER = "admin"  # the user of the token `dlhub up` writes
 
 # ---- functions published by value --------------------------------------------------------------
@@ -93,46 +91,6 @@ def make_scaler(factor, offset):
 
 
 # ---- fixtures and helpers ----------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def client(stack):
-    with Client(home=str(stack.home)) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def ex(stack):
-    executor = stack.executor()
-    try:
-        yield executor
-    finally:
-        executor.shutdown(wait=False)
-
-
-@pytest.fixture(scope="module")
-def rest(stack):
-    """(an httpx client on the REST API, auth headers), from the config `dlhub up` wrote."""
-    config = json.loads((stack.home / "config.json").read_text())
-    with httpx.Client(base_url=config["rest_url"], timeout=RESULT_TIMEOUT_S) as http:
-        yield http, {"Authorization": f"Bearer {config['token']}"}
-
-
-@pytest.fixture
-def name(request) -> str:
-    """A servable name of this test's own (the stack is shared by the session)."""
-    base = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")
-    return f"{base[:60]}-{uuid.uuid4().hex[:6]}"
-
-
-def meta(name: str, **overrides):
-    fields = {
-        "name": name,
-        "title": f"Test servable {name}",
-        "authors": ["Doe, Jane"],
-        "domains": ["testing"],
-    }
-    return {**fields, **overrides}
 
 
 def assert_not_routable(ex, ref: str, match: str = "") -> None:
