@@ -204,7 +204,7 @@ class Endpoint:
                 wait_ms = max(1, min(250, int(self.config.heartbeat_s * 1000)))
                 due = self.scheduler.next_batch_deadline()
                 if due is not None:  # a batch delay ends sooner: wake for it
-                    wait_ms = max(0, min(wait_ms, int((due - time.monotonic()) * 1000) + 1))
+                    wait_ms = max(1, min(wait_ms, int((due - time.monotonic()) * 1000) + 1))
                 events = dict(poller.poll(wait_ms))
                 if not events:  # idle: tell the manager which tasks are running (off the hot path)
                     self.scheduler.running_updates()

@@ -183,8 +183,8 @@ class Scheduler:
         argument's length). ``None``: no batching."""
         if label:
             self.labels[function] = label
-        if policy is None:
-            self.batching.pop(function, None)
+        if policy is None or int(policy.get("max_batch_size", 64)) <= 1:
+            self.batching.pop(function, None)  # batches of one: the regular queue, with prefetch
         else:
             self.batching[function] = dict(policy)
 
@@ -204,12 +204,14 @@ class Scheduler:
         (queue.appendleft if front else queue.append)(entry)
 
     def next_batch_deadline(self) -> float | None:
-        """When the oldest waiting call of a not-yet-full batch reaches its delay (clock time)."""
-        deadline = None
+        """The next time a waiting batch becomes due (clock time), or None: the loop need not wake
+        for batches that are due already (they wait for a worker, whose result wakes it)."""
+        deadline, now = None, self.clock()
         for (_, function), queue in self.batch_queues.items():
             if queue:
                 due = queue[0][1] + self.batching.get(function, {}).get("max_batch_delay_ms", 0.0) / 1000.0
-                deadline = due if deadline is None else min(deadline, due)
+                if due > now:  # one already due waits for an idle worker: a result wakes the loop
+                    deadline = due if deadline is None else min(deadline, due)
         return deadline
 
     def _dispatch_batches(self, now: float) -> None:

@@ -168,6 +168,8 @@ class Connection:
 
     def _handle(self, sock: zmq.Socket, msg: m.Message) -> None:
         if isinstance(msg, m.Results):
+            for res in msg.results:  # a result says the manager had the task: no resend needed
+                self.unacked.pop(res[m.R_ID], None)
             self.on_results(msg.results)
         elif isinstance(msg, m.Accepted):
             for task_id in msg.task_ids:

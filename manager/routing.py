@@ -171,8 +171,7 @@ class Router:
                 "payload": rec[m.T_PAYLOAD],
             }
             rows.append(row)
-            acks.append(("client", client, task_id))
-            if cached is not None:  # answered here: no endpoint involved
+            if cached is not None:  # answered here, no endpoint involved; the result is the ack
                 row.update(payload=None, result=cached, t_started=now, t_finished=now)
                 self.callbacks.pop(task_id, None)
                 self._remember_finished(task_id, "succeeded")
@@ -180,6 +179,7 @@ class Router:
                     client, callback, m.result_record(task_id, "succeeded", cached, None, [now, now])
                 )
                 continue
+            acks.append(("client", client, task_id))
             self.tasks[task_id] = TaskEntry(rec, msg.endpoint, client, state, key)
             if leader is not None:
                 self.followers.setdefault(leader, []).append(task_id)

@@ -112,7 +112,7 @@ def test_delay_zero_adds_no_latency_a_lone_call_goes_at_once_as_a_batch_of_one()
     t = [7.0]
     s = make(t, W1, policy={"max_batch_size": 16, "max_batch_delay_ms": 0})
     s.add_tasks([rec(1)])
-    assert s.next_batch_deadline() == pytest.approx(7.0)  # due now
+    assert s.next_batch_deadline() is None  # due already: nothing to wake for, it goes now
     s.dispatch()
     [(ident, msg)] = messages(s)
     assert ident == W1 and msg.batches == [[tid(1)]]
@@ -397,3 +397,28 @@ def test_plain_servable_dispatch_prefers_an_equally_loaded_warm_worker():
     s.add_tasks([rec(1, PLAIN)])
     s.dispatch()
     assert [i for i, _ in messages(s)] == [W2]
+
+
+def test_a_due_batch_waiting_for_a_busy_worker_sets_no_deadline():
+    """The loop must not spin (poll with no wait) while a due batch waits for a worker."""
+    t = [10.0]
+    s = make(t, W1, policy={"max_batch_size": 4, "max_batch_delay_ms": 0})
+    s.add_tasks([rec(1)])
+    s.dispatch()
+    assert len(messages(s)) == 1  # W1 is busy now
+    s.add_tasks([rec(2), rec(3)])
+    s.dispatch()
+    assert messages(s) == [] and s.next_batch_deadline() is None
+    finish(s, W1, [tid(1)])
+    s.dispatch()
+    [(ident, msg)] = messages(s)
+    assert msg.batches == [[tid(2), tid(3)]]
+
+
+def test_batches_of_one_use_the_regular_queue():
+    """max_batch_size 1 is no batching: calls go through the regular queue (with prefetch)."""
+    t = [0.0]
+    s = make(t, W1, policy={"max_batch_size": 1})
+    assert VEC not in s.batching
+    s.add_tasks([rec(1)])
+    assert list(s.queue) == [tid(1)]
