@@ -390,7 +390,8 @@ def measure_batching(stack: Stack, sizes: dict, emit) -> None:
             ref = refs[key]
             # the endpoint reports batches with its heartbeat (2 s): a histogram per configuration
             # costs a wait; --quick takes them for single calls only (map batches are B by design)
-            histogram = key[1] != "plain" and path in sizes["histograms"]
+            # batch size 1 is no batching: those calls use the endpoint's regular queue
+            histogram = key[1] not in ("plain", "1") and path in sizes["histograms"]
             if histogram and not settled:
                 snap, _ = stack.settle(expected)
             unbatched = key[0] == "rf" and key[1] in ("1", "plain")
@@ -407,9 +408,9 @@ def measure_batching(stack: Stack, sizes: dict, emit) -> None:
             elapsed[key, path] = elapsed.get((key, path), 0.0) + took
             done[key, path] = done.get((key, path), 0) + n
             rounds.setdefault((key, path), []).append(round(n / took, 1))
-            if key[1] != "plain":
+            if key[1] not in ("plain", "1"):
                 expected[ref] += n
-            settled = key[1] == "plain"
+            settled = key[1] in ("plain", "1")
             if histogram:  # the batches this configuration formed, from the endpoint
                 before = stack.endpoint_info(snap).get("batching", {}).get("batch_size_histogram", {})
                 snap, fresh = stack.settle(expected)
