@@ -311,19 +311,25 @@ BUILDS: list[tuple[str, Callable[..., Any], str | None]] = [
 ]
 
 
-def _already_published(client, owner: str, name: str, release: str) -> bool:
+def _skip_reason(client, owner: str, name: str, release: str) -> str | None:
+    """Why not to publish this example now: already published by this release, or the name is
+    in use by a servable of the user's own (never shadow it with an example's new version)."""
     from .client import NotFoundError
 
     try:
         info = client.describe(f"{owner}/{name}")
     except NotFoundError:
-        return False
+        return None
     environment = info["record"]["environment"]
-    return (
+    if "dlhub-examples" not in environment:
+        return f"skipped: {owner}/{name} is a servable of your own"
+    if (
         info["status"] == "ready"
         and environment.get("dlhub") == release
         and environment.get("dlhub-examples") == str(EXAMPLES_REVISION)
-    )
+    ):
+        return f"{owner}/{name} (already published)"
+    return None
 
 
 def publish_examples(client, owner: str, endpoint: str | None = None) -> dict[str, str]:
@@ -337,8 +343,14 @@ def publish_examples(client, owner: str, endpoint: str | None = None) -> dict[st
             outcome[name] = f"skipped: needs {needs} (pip install 'dlhub[examples]')"
             log.info("%s %s", name, outcome[name])
             continue
-        if _already_published(client, owner, name, release):
-            outcome[name] = f"{owner}/{name} (already published)"
+        reason = _skip_reason(client, owner, name, release)
+        if name == "composition-pipeline" and any(
+            outcome.get(step, "").startswith(("skipped", "failed"))
+            for step in ("composition-featurizer", "composition-rf")
+        ):
+            reason = "skipped: its steps were not published as examples"
+        if reason is not None:
+            outcome[name] = reason
             continue
         started = time.monotonic()
         try:
