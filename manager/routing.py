@@ -460,24 +460,28 @@ class Router:
                     ep=None,
                 )
             return
-        ep = self.endpoints.get(entry.endpoint)
-        runnable = [self.tasks[t] for t in followers if t in self.tasks]
-        if not runnable or ep is None:
-            return
+        by_endpoint: dict[str, list[TaskEntry]] = {}
+        for task_id in followers:  # each to the endpoint it was submitted for
+            follower = self.tasks.get(task_id)
+            if follower is not None:
+                by_endpoint.setdefault(follower.endpoint, []).append(follower)
         now = self.clock()
-        for e in runnable:
-            e.state = "dispatched" if ep.connected else "queued"
-        if ep.connected:
-            self.store.update(
-                [(e.record[m.T_ID], {"state": "dispatched", "t_dispatched": now}) for e in runnable]
-            )
-        if ep.connected and ep.identity is not None:
+        for name, runnable in by_endpoint.items():
+            ep = self.endpoints.get(name)
+            if ep is None:
+                continue
             for e in runnable:
-                ep.inflight[e.record[m.T_ID]] = None
-            self._send_tasks(ep, [e.record for e in runnable])
-        else:
-            for e in runnable:
-                ep.pending[e.record[m.T_ID]] = None
+                e.state = "dispatched" if ep.connected else "queued"
+            if ep.connected and ep.identity is not None:
+                self.store.update(
+                    [(e.record[m.T_ID], {"state": "dispatched", "t_dispatched": now}) for e in runnable]
+                )
+                for e in runnable:
+                    ep.inflight[e.record[m.T_ID]] = None
+                self._send_tasks(ep, [e.record for e in runnable])
+            else:
+                for e in runnable:
+                    ep.pending[e.record[m.T_ID]] = None
 
     def _result_to_client(self, client: bytes, res: list) -> None:
         self._results_out.setdefault(client, []).append(res)

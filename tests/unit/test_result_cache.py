@@ -397,3 +397,22 @@ def test_clients_cannot_name_packages_directly(env):
     submit(router, rec)
     res = client_results(router.drain())[tid(1)]
     assert res[m.R_STATE] == "failed" and res[m.R_ERROR][0] == "servable-not-found"
+
+
+def test_followers_for_another_endpoint_run_there_after_a_failed_leader(env):
+    """Identical calls to two endpoints coalesce; if the leader fails, each follower runs on the
+    endpoint it was submitted for."""
+    router, _, _ = env
+    other = b"e:ep2:s1"
+    router.endpoint_hello(other, m.Hello("endpoint", "ep2", "tok", "s1", {}, {}))
+    router.drain()
+    submit(router, call(1))
+    router.submit(CLIENT, "alice", "sess", m.Submit("ep2", [call(2)]))
+    out = router.drain()
+    assert sent_to_endpoint(out) == [tid(1)]  # the ep2 call waits for the identical one
+    reply(router, 1, state="failed", payload=None)
+    out = router.drain()
+    [(identity, msg)] = [
+        (ident, msg) for lk, ident, msg in out if lk == "endpoint" and isinstance(msg, m.Tasks)
+    ]
+    assert identity == other and [r[m.T_ID] for r in msg.tasks] == [tid(2)]
