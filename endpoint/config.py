@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -312,6 +312,8 @@ def _resolve(loc: tuple[Any, ...]) -> tuple[list[str], type[BaseModel] | None]:
             break
         field = model.model_fields.get(part)
         members = _members(field.annotation) if field is not None else []
+        if field is not None and get_origin(field.annotation) is dict and parts:
+            path.append(str(parts.pop(0)))  # a mapping's key (e.g. a servable's name), then its value
         if len(members) > 1 and parts and str(parts[0]) in {_tag_of(mm) for mm in members}:
             tag = str(parts.pop(0))
             model = next(mm for mm in members if _tag_of(mm) == tag)

@@ -263,3 +263,44 @@ def test_walltime_with_days_is_accepted_and_counted():
     assert cfg.provider.walltime == "1-02:03:04"
     assert walltime_seconds(cfg.provider.walltime) == 93784
     assert walltime_seconds("0-00:00:59") == 59
+
+
+def _with_batching(batching: dict) -> EndpointConfig:
+    return parse_config(
+        {"name": "ep", "manager": {"address": "tcp://127.0.0.1:5000", "token": "t"}, "batching": batching}
+    )
+
+
+def test_batching_defaults_fill_what_the_record_leaves_out_and_admins_override_per_servable():
+    cfg = _with_batching(
+        {
+            "max_batch_size": 32,
+            "max_batch_delay_ms": 5,
+            "servables": {"jane/model": {"max_batch_size": 512}, "jane/off": {"enabled": False}},
+        }
+    )
+    assert cfg.batching.policy_for("bob/x:1", None) == {
+        "max_batch_size": 32,
+        "max_batch_delay_ms": 5.0,
+        "weight": "count",
+    }
+    record = {"max_batch_size": 128, "max_batch_delay_ms": 0.0, "weight": "len"}
+    assert cfg.batching.policy_for("bob/x:1", record) == record  # the record's own policy
+    assert cfg.batching.policy_for("jane/model:3", record)["max_batch_size"] == 512  # the admin's
+    assert cfg.batching.policy_for("jane/model:3", record)["weight"] == "len"
+    assert cfg.batching.policy_for("jane/off:1", record) is None  # switched off here
+
+
+def test_batching_and_worker_cache_settings_are_checked():
+    with pytest.raises(ConfigError, match="max_batch_size"):
+        _with_batching({"max_batch_size": 0})
+    with pytest.raises(ConfigError, match="weight"):
+        _with_batching({"servables": {"jane/model": {"weight": "atoms"}}})
+    with pytest.raises(ConfigError, match="memory_budget_mb"):
+        parse_config(
+            {
+                "name": "ep",
+                "manager": {"address": "tcp://127.0.0.1:5000", "token": "t"},
+                "worker_cache": {"memory_budget_mb": -1},
+            }
+        )
