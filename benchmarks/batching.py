@@ -36,31 +36,26 @@ One JSON line per measurement goes to stdout, then a plain-text summary.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
-import json
 import os
 import random
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
-import traceback
-import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _systems import dlhub_command, dlhub_down  # noqa: E402
+from _stack import WORKERS, run_bench  # noqa: E402
+from _stack import Stack as BenchStack  # noqa: E402
+from _stack import ms as _ms  # noqa: E402
+from _stack import percentile as _percentile  # noqa: E402
+from _stack import stats as _stats  # noqa: E402
 
-WORKERS = 2
 BATCH_SIZES = (1, 8, 64, 256, 1024)
 SHARES = (0, 25, 50, 75, 100)
-MARK = "DLHUB_BATCHING_BENCH_MARK"  # inherited by everything the stack starts, for cleanup
 FULL = {
     "calls": 4096,  # single calls (and map rows) per configuration
     "rf_unbatched_calls": 512,  # RF at B=1 and not vectorized: ~10 ms of CPU per prediction
@@ -116,84 +111,8 @@ def work2ms(x):
     return x
 
 
-def _percentile(sorted_values: list[float], q: float) -> float:
-    return sorted_values[min(len(sorted_values) - 1, round(q * (len(sorted_values) - 1)))]
-
-
-def _ms(seconds: float) -> float:
-    return round(seconds * 1e3, 3)
-
-
-def _stats(samples: list[float]) -> dict:
-    s = sorted(samples)
-    return {"p50_ms": _ms(_percentile(s, 0.5)), "p99_ms": _ms(_percentile(s, 0.99)), "n": len(s)}
-
-
-# ---------------------------------------------------------------- the stack
-
-
-class Stack:
-    """``dlhub up`` / ``dlhub down`` on one home, its Executor/Client, and its metrics."""
-
-    def __init__(self, home: Path):
-        self.home = home
-        self.ex = None
-        self.client = None
-        self.rest_url = self.token = None
-
-    def up(self) -> float:
-        env = {
-            **os.environ,
-            "DLHUB_HOME": str(self.home),
-            "DLHUB_SERVABLE_CACHE": str(self.home / "unpacked"),
-            MARK: str(self.home),
-        }
-        cmd = dlhub_command() + [
-            "up",
-            "--home",
-            str(self.home),
-            "--workers",
-            str(WORKERS),
-            "--detach",
-            "--no-examples",
-        ]
-        log = self.home / "bench-dlhub-up.log"
-        start = time.perf_counter()
-        with open(log, "a") as out:  # a file, not a pipe: a detached daemon may keep it open
-            proc = subprocess.run(
-                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, timeout=120
-            )
-        if proc.returncode:
-            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        took = time.perf_counter() - start
-        config = json.loads((self.home / "config.json").read_text())
-        self.rest_url, self.token = config["rest_url"], config["token"]
-        from dlhub.executor import Client, Executor
-
-        self.ex = Executor(endpoint="local", home=str(self.home))
-        self.client = Client(home=str(self.home))
-        return took
-
-    def down(self) -> None:
-        if self.ex is not None:
-            self.ex.shutdown(wait=False)
-            self.ex = None
-        if self.client is not None:
-            self.client.close()
-            self.client = None
-        error = dlhub_down(self.home)
-        if error:
-            raise RuntimeError(error)
-
-    def metrics(self) -> dict:
-        req = urllib.request.Request(
-            f"{self.rest_url}/api/v1/metrics", headers={"Authorization": f"Bearer {self.token}"}
-        )
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return json.load(resp)
-
-    def endpoint_info(self, snapshot: dict) -> dict:
-        return (snapshot.get("endpoints", {}).get("local") or {}).get("info") or {}
+class Stack(BenchStack):
+    """The shared stack, plus waiting for the endpoint's heartbeat to report batches."""
 
     def settle(self, expected: dict[str, int], timeout_s: float = 8.0) -> tuple[dict, bool]:
         """The metrics once the endpoint has reported ``expected`` batched calls per version
@@ -213,43 +132,6 @@ class Stack:
 
     def wait_all(self, futures) -> list:
         return [f.result(timeout=RESULT_TIMEOUT_S) for f in futures]
-
-
-def _running_pid(home: Path) -> int | None:
-    try:
-        pid = json.loads((home / "manager" / "manager.json").read_text())["pid"]
-        os.kill(pid, 0)
-        return pid
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def _marked(home: str) -> list[int]:
-    """Processes that carry this run's home in their environment."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            blob = (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        if f"{MARK}={home}".encode() in blob:
-            found.append(int(entry.name))
-    return found
-
-
-def _kill_marked(home: str) -> list[int]:
-    found = _marked(home)
-    for pid in found:
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGTERM)
-    if found:
-        time.sleep(1.0)
-        for pid in _marked(home):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-    return found
 
 
 # ---------------------------------------------------------------- 1. batch size
@@ -699,55 +581,17 @@ def summary(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def measure(stack: BenchStack, sizes: dict, emit, args) -> None:
+    stack.__class__ = Stack  # the shared stack with this benchmark's helpers
+    emit("setup", "stack", up_ready_s=round(stack.up(), 3))
+    for part in (measure_batching, measure_cache_latency, measure_cache_throughput):
+        t0 = time.perf_counter()
+        part(stack, sizes, emit)
+        emit("part", part.__name__, wall_s=round(time.perf_counter() - t0, 1))
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smaller counts (a smoke run, < 60 s)")
-    parser.add_argument("--home", help="dlhub home for the stack (default: a temp dir, removed after)")
-    args = parser.parse_args(argv)
-    sizes = dict(QUICK if args.quick else FULL)
-    if args.home:
-        home = Path(args.home).resolve()
-        home.mkdir(parents=True, exist_ok=True)
-        if _running_pid(home):
-            parser.error(f"a dlhub stack is already running in {home}: `dlhub down --home {home}` first")
-        owned = False
-    else:
-        home = Path(tempfile.mkdtemp(prefix="bench-batching-"))
-        owned = True
-    records: list[dict] = []
-
-    def emit(metric, system, **fields):
-        record = {"bench": "batching", "system": system, "metric": metric, **fields}
-        print(json.dumps(record, separators=(",", ":")), flush=True)
-        records.append(record)
-
-    stack = Stack(home)
-    started = time.perf_counter()
-    failed = False
-    try:
-        emit("setup", "stack", up_ready_s=round(stack.up(), 3))
-        for part in (measure_batching, measure_cache_latency, measure_cache_throughput):
-            t0 = time.perf_counter()
-            part(stack, sizes, emit)
-            emit("part", part.__name__, wall_s=round(time.perf_counter() - t0, 1))
-    except BaseException as exc:
-        failed = True
-        traceback.print_exc()
-        emit("error", "stack", error=f"{type(exc).__name__}: {exc}".strip()[:2000])
-    finally:
-        try:
-            stack.down()
-        except Exception as exc:  # noqa: BLE001 - still clean up below
-            print(f"dlhub down failed: {exc}", file=sys.stderr)
-        leftovers = _kill_marked(str(home))
-        if leftovers:
-            print(f"killed leftover processes: {leftovers}", file=sys.stderr)
-        if owned:
-            shutil.rmtree(home, ignore_errors=True)
-    emit("run", "stack", wall_s=round(time.perf_counter() - started, 1), quick=args.quick)
-    print()
-    print(summary(records))
-    return 1 if failed else 0
+    return run_bench("batching", __doc__, FULL, QUICK, measure, summary, argv=argv)
 
 
 if __name__ == "__main__":

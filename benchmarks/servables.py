@@ -11,7 +11,7 @@ temp home, or in ``--home``; always stopped at the end) it measures:
    machine noise hits both alike.
 2. ``noop_throughput``: 20,000 no-op calls submitted at once, then waited for; by value and by
    name alternate, two rounds each.
-3. The scikit-learn RandomForestRegressor example (``build_diabetes_rf``, 100 trees, a 4 MB
+3. The scikit-learn RandomForestRegressor example (``build_diabetes_rf(vectorized=False)``, 100 trees, a 4 MB
    package), called by name with one row:
 
    - ``rf_cold_first_call``: the first call on a stack that never ran it (see COLD_NOTE: the stack
@@ -34,30 +34,27 @@ One JSON line per measurement goes to stdout, then a plain-text summary.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import io
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
-import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _systems import dlhub_command, dlhub_down  # noqa: E402
+from _stack import Stack as BenchStack  # noqa: E402
+from _stack import median as _median  # noqa: E402
+from _stack import ms as _ms  # noqa: E402
+from _stack import percentile as _percentile  # noqa: E402
+from _stack import run_bench  # noqa: E402
+from _stack import stats as _stats  # noqa: E402
 
-WORKERS = 2
 OWNER = "admin"
 NOOP_NAME = "noop-bench"
 RF_NAME = "diabetes-rf-bench"
-MARK = "DLHUB_SERVABLES_BENCH_MARK"  # inherited by everything the stack starts, for cleanup
 FULL = {
     "warmup": 200,
     "latency": 2000,
@@ -104,81 +101,14 @@ def noop(x=None):
     return x
 
 
-def _percentile(sorted_values: list[float], q: float) -> float:
-    return sorted_values[min(len(sorted_values) - 1, round(q * (len(sorted_values) - 1)))]
-
-
-def _ms(seconds: float) -> float:
-    return round(seconds * 1e3, 3)
-
-
-def _median(values: list[float]) -> float:
-    values = sorted(values)
-    mid = len(values) // 2
-    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
-
-
-def _stats(samples: list[float]) -> dict:
-    s = sorted(samples)
-    return {"p50_ms": _ms(_percentile(s, 0.5)), "p99_ms": _ms(_percentile(s, 0.99)), "n": len(s)}
-
-
-# ---------------------------------------------------------------- the stack
-
-
-class Stack:
-    """``dlhub up`` / ``dlhub down`` on one home, and the Executor/Client that talk to it."""
-
-    def __init__(self, home: Path):
-        self.home = home
-        self.unpack_cache = home / "unpacked"  # the workers' DLHUB_SERVABLE_CACHE, kept in the home
-        self.ex = None
-        self.client = None
+class Stack(BenchStack):
+    """The shared stack, plus dropping cached packages (cold calls) and small call helpers. Its
+    Executor bypasses the result caches: this benchmark measures serving, not memoization."""
 
     def up(self) -> float:
-        env = {
-            **os.environ,
-            "DLHUB_HOME": str(self.home),
-            "DLHUB_SERVABLE_CACHE": str(self.unpack_cache),
-            MARK: str(self.home),
-        }
-        cmd = dlhub_command() + [
-            "up",
-            "--home",
-            str(self.home),
-            "--workers",
-            str(WORKERS),
-            "--detach",
-            "--no-examples",
-        ]
-        log = self.home / "bench-dlhub-up.log"
-        start = time.perf_counter()
-        with open(log, "a") as out:  # a file, not a pipe: a detached daemon may keep it open
-            proc = subprocess.run(
-                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, timeout=120
-            )
-        if proc.returncode:
-            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        took = time.perf_counter() - start
-        from dlhub.executor import Client, Executor
-
-        self.ex = Executor(endpoint="local", home=str(self.home))
-        self.client = Client(home=str(self.home))
+        took = super().up()
+        self.ex.cache = False
         return took
-
-    def close_clients(self) -> None:
-        if self.ex is not None:
-            self.ex.shutdown(wait=False)
-            self.ex = None
-        if self.client is not None:
-            self.client.close()
-            self.client = None
-
-    def down(self) -> None:
-        self.close_clients()
-        error = dlhub_down(self.home)
-        if error:
-            raise RuntimeError(error)
 
     def forget_packages(self) -> None:
         """Delete every cached copy of servable packages outside the manager's DB."""
@@ -193,43 +123,6 @@ class Stack:
         futures = [submit(fn, 1) for _ in range(n)]
         for fut in futures:
             fut.result(timeout=300)
-
-
-def _running_pid(home: Path) -> int | None:
-    try:
-        pid = json.loads((home / "manager" / "manager.json").read_text())["pid"]
-        os.kill(pid, 0)
-        return pid
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def _marked(home: str) -> list[int]:
-    """Processes that carry this run's home in their command line or environment."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            blob = (entry / "cmdline").read_bytes() + (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        if f"{MARK}={home}".encode() in blob:
-            found.append(int(entry.name))
-    return found
-
-
-def _kill_marked(home: str) -> list[int]:
-    found = _marked(home)
-    for pid in found:
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGTERM)
-    if found:
-        time.sleep(1.0)
-        for pid in _marked(home):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-    return found
 
 
 # ---------------------------------------------------------------- measurements
@@ -309,9 +202,7 @@ def measure(stack: Stack, sizes: dict, emit) -> None:
 
     # 3. the random forest: in-process baseline, cold, first call after publish, warm
     t0 = time.perf_counter()
-    rf = build_diabetes_rf()
-    rf.record["name"] = RF_NAME
-    rf.validate()
+    rf = build_diabetes_rf(vectorized=False, name=RF_NAME)  # rows in, like the by-value closure
     build_s = time.perf_counter() - t0
     import joblib
 
@@ -549,57 +440,29 @@ def summary(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run, < 60 s)")
-    parser.add_argument("--n", type=int, help="serial no-op calls per system (default 2000, quick 300)")
-    parser.add_argument("--home", help="dlhub home for the stack (default: a temp dir, removed after)")
-    args = parser.parse_args(argv)
-    sizes = dict(QUICK if args.quick else FULL)
+def _positive(text: str) -> int:
+    import argparse
+
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
+def _add_arguments(parser) -> None:
+    parser.add_argument("--n", type=_positive, help="serial no-op calls per system (default 2000, quick 300)")
+
+
+def _measure(stack: BenchStack, sizes: dict, emit, args) -> None:
     if args.n is not None:
-        if args.n < 1:
-            parser.error("--n must be positive")
         sizes["latency"] = args.n
         sizes["blocks"] = min(sizes["blocks"], args.n)
-    if args.home:
-        home = Path(args.home).resolve()
-        home.mkdir(parents=True, exist_ok=True)
-        if _running_pid(home):
-            parser.error(f"a dlhub stack is already running in {home}: `dlhub down --home {home}` first")
-        owned = False
-    else:
-        home = Path(tempfile.mkdtemp(prefix="bench-servables-"))
-        owned = True
-    records: list[dict] = []
+    stack.__class__ = Stack  # the shared stack with this benchmark's helpers
+    measure(stack, sizes, emit)
 
-    def emit(metric, system, **fields):
-        record = {"bench": "servables", "system": system, "metric": metric, **fields}
-        print(json.dumps(record, separators=(",", ":")), flush=True)
-        records.append(record)
 
-    stack = Stack(home)
-    started = time.perf_counter()
-    failed = False
-    try:
-        measure(stack, sizes, emit)
-    except BaseException as exc:
-        failed = True
-        traceback.print_exc()
-        emit("error", "stack", error=f"{type(exc).__name__}: {exc}".strip()[:2000])
-    finally:
-        try:
-            stack.down()
-        except Exception as exc:  # noqa: BLE001 - still clean up below
-            print(f"dlhub down failed: {exc}", file=sys.stderr)
-        leftovers = _kill_marked(str(home))
-        if leftovers:
-            print(f"killed leftover processes: {leftovers}", file=sys.stderr)
-        if owned:
-            shutil.rmtree(home, ignore_errors=True)
-    emit("run", "stack", wall_s=round(time.perf_counter() - started, 1), quick=args.quick)
-    print()
-    print(summary(records))
-    return 1 if failed else 0
+def main(argv=None) -> int:
+    return run_bench("servables", __doc__, FULL, QUICK, _measure, summary, _add_arguments, argv)
 
 
 if __name__ == "__main__":
