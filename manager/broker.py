@@ -123,6 +123,7 @@ class Manager:
             packages=self.repository.package,
             result_cache=self._result_cache(),
             deterministic=self.servables.deterministic,
+            known_endpoints=self.store.endpoint_names(),
         )
         unfinished = self.store.unfinished()
         self.router.recover(unfinished)

@@ -250,6 +250,14 @@ class TaskStore:
         self._reader.rollback()
         return out
 
+    def endpoint_names(self) -> list[str]:
+        """Endpoints that ever had a task here: known again at once after a restart, so calls
+        and publishes for them queue (instead of "unknown endpoint") until they re-register."""
+        t = tasks_table
+        names = [r[0] for r in self._reader.execute(sa.select(t.c.endpoint).distinct())]
+        self._reader.rollback()
+        return sorted(names)
+
     def unfinished(self) -> list[dict[str, Any]]:
         """Tasks that were committed but never finished: re-queued when the manager restarts."""
         t = tasks_table
