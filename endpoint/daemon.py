@@ -32,6 +32,7 @@ from dlhub.protocol import messages as m
 from dlhub.protocol.serialize import runtime_versions
 
 from .config import EndpointConfig, walltime_seconds
+from .packages import PackageCache
 from .scheduler import Scheduler
 
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
@@ -62,6 +63,7 @@ class Endpoint:
             max_retries=config.max_retries,
             pool_offers={name: _offers(named) for name, named in config.all_pools().items()},
         )
+        self.packages = PackageCache(self.run_dir / "servables", self.scheduler, config.batching)
         self.unacked: dict[bytes, list] = {}
         self.registered = False
         self.manager_state = "connecting"
@@ -256,64 +258,11 @@ class Endpoint:
             except Exception:
                 log.exception("error handling %s", type(msg).__name__)
 
-    # ---- servable packages: fetched once, kept on disk by record digest ------------------------
-
-    def _package_path(self, function: str) -> Path | None:
-        digest = m.package_key(function)
-        if digest is None or not all(c in "0123456789abcdef" for c in digest):
-            return None
-        return self.run_dir / "servables" / f"{digest}.pkg"
-
-    def _learn_package(self, function: str, blob: bytes) -> None:
-        """Batching policy and label of a servable, from its package's record."""
-        package = m.package_key(function)
-        if package is None:
-            return
-        function = m.RUN_PREFIX + package  # verify: and servable: name one version; stats use the latter
-        try:
-            from dlhub.protocol.servable import unpack_package
-
-            record, _, _ = unpack_package(blob)
-        except Exception as exc:  # a bad package fails its tasks at the worker, with the reason
-            log.warning("cannot read servable package %s: %s", function, exc)
-            return
-        policy = None
-        if record.vectorized:
-            record_policy = record.batching.model_dump() if record.batching else None
-            policy = self.config.batching.policy_for(record.ref, record_policy)
-        self.scheduler.set_batching(function, policy, record.ref)
-
-    def _keep_packages(self, blobs: dict[str, bytes]) -> None:
-        for function, blob in blobs.items():
-            self._learn_package(function, blob)
-            path = self._package_path(function)
-            if path is None or path.exists():
-                continue
-            try:
-                path.parent.mkdir(exist_ok=True)
-                tmp = path.with_suffix(f".tmp{os.getpid()}")
-                tmp.write_bytes(blob)
-                tmp.replace(path)
-            except OSError as exc:  # a full disk costs a refetch, nothing else
-                log.warning("cannot cache servable package %s: %s", path.name, exc)
-
-    def _code_from_disk(self) -> None:
-        """Packages fetched before (by this or an earlier run of the endpoint) need no request."""
-        s, found = self.scheduler, {}
-        for function in s.code_requests:
-            path = self._package_path(function)
-            if path is not None and path.exists():
-                found[function] = path.read_bytes()
-                self._learn_package(function, found[function])
-        if found:
-            s.code_requests = [d for d in s.code_requests if d not in found]
-            s.add_code(found)
-
     def _pump(self) -> None:
         """Dispatch and send everything the scheduler produced."""
         s = self.scheduler
         if s.code_requests:
-            self._code_from_disk()
+            self.packages.serve_from_disk()
         s.dispatch()
         for identity, msg in s.to_workers:
             try:
@@ -453,7 +402,7 @@ class Endpoint:
                     self.scheduler.results.append(res)
             self.scheduler.add_tasks(fresh)
         elif isinstance(msg, m.Code):
-            self._keep_packages(msg.blobs)
+            self.packages.keep(msg.blobs)
             self.scheduler.add_code(msg.blobs)
             missing = [d for d in list(self.scheduler.waiting_code) if d not in msg.blobs]
             self.scheduler.code_missing(missing)

@@ -13,14 +13,14 @@ counts to the endpoint with its results, which shows them in its status and metr
 from __future__ import annotations
 
 import gc
-import os
 import sys
 from collections import OrderedDict
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from dlhub.protocol import messages as m
+
+from .packages import write_atomically
 
 
 def rss_bytes() -> int:
@@ -64,7 +64,10 @@ class WarmServables:
                     f"servable package {package} was evicted and its copy {path} is gone"
                 ) from None
         else:
-            _keep(path, blob)
+            try:
+                write_atomically(path, blob)
+            except OSError:  # a full disk only costs a refetch after an eviction
+                pass
         servable = load_package(blob)
         self.loaded[package] = servable
         self._count(package, "loads")
@@ -103,18 +106,6 @@ class WarmServables:
         info = {"servables": self.events, "warm": [m.RUN_PREFIX + p for p in self.loaded]}
         self.events, self.changed = {}, False
         return info
-
-
-def _keep(path: Path, blob: bytes) -> None:
-    if path.exists():
-        return
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_bytes(blob)
-        tmp.replace(path)
-    except OSError:  # a full disk only costs a refetch after an eviction
-        pass
 
 
 class OutputCache:
