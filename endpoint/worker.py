@@ -244,7 +244,8 @@ class Worker:
             return [m.result_record(r[m.T_ID], "failed", error=error) for r in records]
         inputs, results, ok = [], {}, []
         for rec in records:
-            key = None if m.task_options(rec).get("batch") else self._output_key(rec, servable)
+            explicit = bool(m.task_options(rec).get("batch"))
+            key = None if explicit else self._output_key(rec, servable)
             if key is not None:  # a single call of a deterministic servable: maybe seen before
                 cached = self.outputs.get(key)
                 self.warm.count(
@@ -257,32 +258,31 @@ class Worker:
                 args, kwargs = deserialize(rec[m.T_PAYLOAD])
                 if len(args) != 1 or kwargs:
                     raise TypeError("a vectorized servable takes exactly one input per call")
-                explicit = bool(m.task_options(rec).get("batch"))
                 items = list(args[0]) if explicit else [args[0]]
             except BaseException as exc:  # noqa: BLE001 - this call's own error
                 results[rec[m.T_ID]] = m.result_record(rec[m.T_ID], "failed", error=errors.error_record(exc))
                 continue
-            ok.append((rec, explicit, len(inputs), len(items)))
+            ok.append((rec, explicit, key, len(inputs), len(items)))
             inputs.extend(items)
         if ok:
             try:
                 outputs = self._call_vectorized(servable, inputs, ok[0][0][m.T_TIMEOUT])
-                for rec, explicit, start, count in ok:
+                for rec, explicit, key, start, count in ok:
                     value = outputs[start : start + count] if explicit else outputs[start]
-                    results[rec[m.T_ID]] = self._result(rec, value)
+                    results[rec[m.T_ID]] = self._result(rec, value, key)
             except _Timeout:  # the batch used up the time limit: re-running each would take N times it
                 limit = ok[0][0][m.T_TIMEOUT]
                 error = errors.infra_error("task-timeout", f"the batch exceeded its time limit of {limit} s")
                 for rec, *_ in ok:
                     results[rec[m.T_ID]] = m.result_record(rec[m.T_ID], "failed", error=error)
             except BaseException:  # noqa: BLE001 - find the guilty calls one by one
-                for rec, explicit, start, count in ok:
+                for rec, explicit, key, start, count in ok:
                     try:
                         outputs = self._call_vectorized(
                             servable, inputs[start : start + count], rec[m.T_TIMEOUT]
                         )
                         value = outputs if explicit else outputs[0]
-                        results[rec[m.T_ID]] = self._result(rec, value)
+                        results[rec[m.T_ID]] = self._result(rec, value, key)
                     except _Timeout:
                         error = errors.infra_error(
                             "task-timeout", f"task exceeded its time limit of {rec[m.T_TIMEOUT]} s"
@@ -309,12 +309,11 @@ class Worker:
             )
         return outputs
 
-    def _result(self, rec: list, value: Any) -> list:
+    def _result(self, rec: list, value: Any, output_key: tuple | None) -> list:
+        """Pack one call's value; a deterministic single call's output is kept under its key."""
         state, body, error = self._pack_result(value, rec[m.T_SERIALIZER])
-        if state == "succeeded" and not m.task_options(rec).get("batch"):
-            key = self._output_key(rec, self.warm.get(m.package_key(rec[m.T_FUNCTION]) or ""))
-            if key is not None:
-                self.outputs.put(key, body)
+        if state == "succeeded" and output_key is not None:
+            self.outputs.put(output_key, body)
         return m.result_record(rec[m.T_ID], state, body, error)
 
     def execute(self, rec: list) -> list:
