@@ -147,6 +147,8 @@ class ServableService:
                     log.warning("%s failed verification on %s: %s", record.ref, endpoint, error)
             except NotFound:  # deleted while it was being verified
                 log.info("%s changed during verification; left as it is", record.ref)
+            except Exception:  # the executor would drop it silently: the version stays pending
+                log.exception("cannot record the verification of %s", record.ref)
 
         future.add_done_callback(lambda fut: self._writer.submit(finished, fut))
 
