@@ -380,7 +380,8 @@ class Worker:
                 None,
                 errors.infra_error(
                     "payload-too-large",
-                    f"result of {len(body):,} bytes exceeds the limit of {self.payload_limit:,} bytes",
+                    f"result of {len(body):,} bytes exceeds the limit of {self.payload_limit:,} bytes; "
+                    f"{errors.RAISE_RESULT_LIMIT}",
                 ),
             )
         return "succeeded", body, None

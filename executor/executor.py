@@ -27,7 +27,7 @@ from dlhub.protocol import (
     UnknownEndpoint,
 )
 from dlhub.protocol import messages as m
-from dlhub.protocol.errors import exception_from_record
+from dlhub.protocol.errors import RAISE_CLIENT_LIMIT, exception_from_record
 from dlhub.protocol.serialize import (
     code_digest,
     deserialize,
@@ -215,7 +215,7 @@ class Executor(cf.Executor):
             )
         payload = serialize([list(args), kwargs])
         if len(payload) > self.payload_limit_bytes:
-            raise PayloadTooLarge(len(payload), self.payload_limit_bytes, "arguments")
+            raise PayloadTooLarge(len(payload), self.payload_limit_bytes, "arguments", RAISE_CLIENT_LIMIT)
         task_id = os.urandom(m.TASK_ID_BYTES)
         fut = DLHubFuture(task_id, self)
         self._futures[task_id] = fut

@@ -29,7 +29,7 @@ import zmq
 
 from dlhub.protocol import PROTOCOL_VERSION, ProtocolError
 from dlhub.protocol import messages as m
-from dlhub.protocol.errors import infra_error
+from dlhub.protocol.errors import RAISE_MANAGER_LIMIT, infra_error
 from dlhub.protocol.serialize import runtime_versions
 
 from .api import ApiServer
@@ -375,7 +375,8 @@ class Manager:
                 "failed",
                 error=infra_error(
                     "payload-too-large",
-                    f"payload of {len(t[m.T_PAYLOAD]):,} bytes exceeds the limit of {limit:,}",
+                    f"payload of {len(t[m.T_PAYLOAD]):,} bytes exceeds the limit of {limit:,} bytes; "
+                    f"{RAISE_MANAGER_LIMIT}",
                 ),
             )
             for t in too_big

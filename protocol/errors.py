@@ -29,9 +29,19 @@ class PayloadTooLarge(DLHubError):
 
     code = "payload-too-large"
 
-    def __init__(self, size: int, limit: int, what: str = "payload"):
-        super().__init__(f"{what} of {size:,} bytes exceeds the limit of {limit:,} bytes")
+    def __init__(self, size: int, limit: int, what: str = "payload", hint: str = ""):
+        message = f"{what} of {size:,} bytes exceeds the limit of {limit:,} bytes"
+        super().__init__(f"{message}; {hint}" if hint else message)
         self.size, self.limit = size, limit
+
+
+# How to raise each limit, where it is enforced (a user who hits one needs to know which knob).
+RAISE_CLIENT_LIMIT = "raise it with Executor(payload_limit_bytes=...)"
+RAISE_MANAGER_LIMIT = "the manager's limit is raised with `dlhub-manager serve --payload-limit-mb N`"
+RAISE_RESULT_LIMIT = (
+    "raise `payload_limit_bytes` in the endpoint's config.yaml (and the manager's "
+    "`dlhub-manager serve --payload-limit-mb N`), or return a smaller result"
+)
 
 
 class AccessDenied(DLHubError):

@@ -240,6 +240,7 @@ def test_payload_over_the_client_limit(stack):
         small.submit(identity, b"x" * 2000)
     assert info.value.limit == 1000 and info.value.size > 2000
     assert "exceeds the limit of 1,000 bytes" in str(info.value)
+    assert "Executor(payload_limit_bytes=...)" in str(info.value)  # says how to raise it
     # under the limit it runs
     assert small.submit(identity, b"x" * 100).result(RESULT_TIMEOUT_S) == b"x" * 100
 
@@ -254,10 +255,12 @@ def test_payload_over_the_manager_and_endpoint_limits(custom_stack_factory):
     )
     ex = cs.executor()  # the client's own limit is the 256 MB default
     # arguments over the manager's limit: refused there, never forwarded
-    with pytest.raises(PayloadTooLarge, match="exceeds the limit of 4,096"):
+    with pytest.raises(PayloadTooLarge, match="exceeds the limit of 4,096 bytes; .*--payload-limit-mb"):
         ex.submit(identity, b"y" * 10_000).result(RESULT_TIMEOUT_S)
-    # a result over the endpoint's limit: the worker refuses to send it
-    with pytest.raises(PayloadTooLarge, match=r"result of [\d,]+ bytes exceeds the limit of 4,096"):
+    # a result over the endpoint's limit: the worker refuses to send it, and says which knob
+    with pytest.raises(
+        PayloadTooLarge, match=r"result of [\d,]+ bytes exceeds the limit of 4,096 bytes; .*_limit_bytes"
+    ):
         ex.submit(big_result, 10_000).result(RESULT_TIMEOUT_S)
     assert ex.submit(identity, b"y" * 100).result(RESULT_TIMEOUT_S) == b"y" * 100
     assert ex.submit(big_result, 100).result(RESULT_TIMEOUT_S) == b"z" * 100
