@@ -88,7 +88,8 @@ def register(main: click.Group) -> None:
         "--example",
         "examples",
         multiple=True,
-        help="JSON [args, output], e.g. '[[\"NaCl\"], 4]' (repeat); run on the endpoint before it is ready",
+        help="JSON [args, expected output], e.g. '[[\"NaCl\"], 2]' for count_atoms (repeat); "
+        "run on the endpoint before it is ready",
     )
     @click.option("--deterministic", is_flag=True, help="same inputs give the same output (cacheable)")
     @click.option("--endpoint", help="endpoint that verifies it (default: the only connected one)")
@@ -97,7 +98,16 @@ def register(main: click.Group) -> None:
     @_friendly
     def publish(source, name, title, authors, description, domains, keywords, license_, requirements,
                 examples, deterministic, endpoint, no_wait, home):  # fmt: skip
-        """Publish FILE.py:FUNCTION as a servable; prints owner/name:version once verified."""
+        """Publish FILE.py:FUNCTION as a servable; prints owner/name:version once verified.
+
+        \b
+        Example, with chem.py holding
+            import re
+            def count_atoms(formula):  # "Fe2O3" -> 5
+                return sum(int(n or 1) for _, n in re.findall(r"([A-Z][a-z]?)(\\d*)", formula))
+        run:
+            dlhub publish chem.py:count_atoms --example '[["NaCl"], 2]' --domain chemistry
+        """
         from .servable import Servable
 
         fn = _load_function(source)
