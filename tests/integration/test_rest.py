@@ -115,9 +115,23 @@ def test_task_status_of_a_task_that_ran(api):
 
 def test_openapi_document_lists_the_api(api):
     _, client, _, _ = api
-    paths = client.get("/openapi.json").json()["paths"]
-    assert {"/api/v1/servables", "/api/v1/servables/{owner}/{name}", "/api/v1/tasks/{task_id}"} <= set(paths)
-    assert json.dumps(paths)  # a real JSON document
+    r = client.get("/openapi.json")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
+    doc = r.json()
+    assert doc["openapi"].startswith("3.") and doc["info"]["title"]
+    paths = doc["paths"]
+    expected = {
+        "/api/v1/servables": {"get", "post"},
+        "/api/v1/servables/{owner}/{name}": {"get", "delete"},
+        "/api/v1/servables/{owner}/{name}/run": {"post"},
+        "/api/v1/tasks/{task_id}": {"get"},
+        "/api/v1/tasks/{task_id}/result": {"get"},
+    }
+    for path, methods in expected.items():
+        assert path in paths, f"{path} missing from {sorted(paths)}"
+        assert methods <= set(paths[path]), (path, sorted(paths[path]))
+        for method in methods:  # each operation documents its answers
+            assert paths[path][method]["responses"], (path, method)
 
 
 def test_dlhub_up_writes_the_rest_url(stack):

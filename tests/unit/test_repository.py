@@ -87,8 +87,12 @@ def test_files_are_checked_against_the_record_and_stored_by_digest(repo, tmp_pat
         repo.publish("jane", rec, {"model.joblib": data, "extra.txt": b"x"})
     with pytest.raises(RepositoryError, match="file 'model.joblib' has digest sha256:"):
         repo.publish("jane", rec, {"model.joblib": b"tampered"})
-    assert repo.versions is not None and not any((tmp_path / "blobs").rglob("*"))  # nothing stored
+    # nothing stored: no version row, no blob
+    with pytest.raises(NotFound, match="there is no servable jane/clf"):
+        repo.versions("jane", "clf")
+    assert not any((tmp_path / "blobs").rglob("*"))
     published = repo.publish("jane", rec, {"model.joblib": data})
+    assert published.version == 1  # the refused publishes took no version number
     assert repo.blobs.get(published.files["model.joblib"]) == data
 
 
