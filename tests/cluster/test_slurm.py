@@ -25,6 +25,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from conftest import wait_until
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(150)]
@@ -135,6 +137,24 @@ def slurm_partition() -> str:
     return (default or usable)[0].rstrip("*")
 
 
+@pytest.fixture(scope="module")
+def block_cores(slurm_partition) -> tuple[int, int]:
+    """(cores per block, blocks that fit on the node at once), from the node's CPU count as Slurm
+    reports it (``slurmd -C`` found the real CPUs): a block takes half the node, so that two
+    blocks run side by side and a third waits, whether the node has 2 cores or 64."""
+    out = run(["sinfo", "-h", "-p", slurm_partition, "-N", "-o", "%N|%c"]).split()
+    if len(out) != 1:
+        pytest.fail(f"the cluster tests need a one-node partition (sinfo: {out})", pytrace=False)
+    node, cpus = out[0].split("|")
+    cpus = int(cpus.rstrip("+"))
+    if cpus < 2:
+        pytest.fail(
+            f"node {node} has {cpus} CPU; the cluster tests need 2 blocks side by side", pytrace=False
+        )
+    cores = cpus // 2
+    return cores, cpus // cores  # 2, or 3 on a 3-CPU node
+
+
 SACCT_SHIM = '''#!{python}
 """sacct as seen through a slurmdbd that lags {lag} s behind slurmctld: jobs submitted less
 than {lag} s ago are missing from its output (real sacct does this for 0.2-1 s)."""
@@ -175,15 +195,16 @@ def endpoint_config(
     workers: int = 1,
     launcher: str = "single-node",
     max_idletime_s: float = 2.0,
+    cores: int | None = None,
     **provider,
 ) -> dict:
-    """A small Slurm endpoint for this 2-core node: 1 core per worker, short heartbeats."""
+    """A small Slurm endpoint: ``cores`` per block (default: 1 per worker), short heartbeats."""
     return {
         "provider": {
             "type": "slurm",
             "partition": partition,
-            "exclusive": False,  # a block takes only its cores, so two fit on the node
-            "cores_per_node": workers,
+            "exclusive": False,  # a block takes only its cores, so several fit on the node
+            "cores_per_node": cores or workers,
             "walltime": "00:05:00",
             "init_blocks": 1,
             "min_blocks": 0,
@@ -214,12 +235,14 @@ def stop_endpoint(cs, sig: int = signal.SIGINT, timeout: float = 30.0) -> None:
 
 
 @pytest.fixture
-def slurm_stack(custom_stack_factory, slurm_partition) -> Iterator[Callable[..., Any]]:
-    """Start manager + Slurm endpoint. Teardown stops the endpoint (it cancels its blocks),
-    cancels any job of the test still queued, then ``custom_stack_factory`` stops the rest."""
+def slurm_stack(custom_stack_factory, slurm_partition, block_cores) -> Iterator[Callable[..., Any]]:
+    """Start manager + Slurm endpoint (each block takes half the node: ``block_cores``).
+    Teardown stops the endpoint (it cancels its blocks), cancels any job of the test still
+    queued, then ``custom_stack_factory`` stops the rest."""
     started = []
 
     def make(name: str, workers_to_wait: int = 1, **cfg) -> Any:
+        cfg.setdefault("cores", block_cores[0])
         config = endpoint_config(slurm_partition, **cfg)
         cs = custom_stack_factory(endpoint=config, name=name, workers=workers_to_wait)
         started.append(cs)
@@ -406,14 +429,22 @@ def test_block_reaching_its_time_limit_requeues_its_tasks(slurm_stack):
 # SlurmProvider as COMPLETED and cached for good; the endpoint must not believe it.
 
 
-def test_queued_blocks_unknown_to_sacct_yet_are_not_reported_as_ended(slurm_stack, lagging_sacct):
-    # three healthy blocks on a 2-core node: the third waits in the queue for a free core
+def test_queued_blocks_unknown_to_sacct_yet_are_not_reported_as_ended(
+    slurm_stack, lagging_sacct, block_cores
+):
+    # one healthy block more than the node has room for: the last waits in the queue for cores
+    fit = block_cores[1]
     cs = slurm_stack(
-        "slurm-queued", workers_to_wait=2, max_blocks=3, init_blocks=3, min_blocks=0, max_idletime_s=60
+        "slurm-queued",
+        workers_to_wait=fit,
+        max_blocks=fit + 1,
+        init_blocks=fit + 1,
+        min_blocks=0,
+        max_idletime_s=60,
     )
     jobs = blocks_by_job(cs)
     waiting = [j for j, s in live_jobs(cs.endpoint_dir).items() if s == "PENDING"]
-    assert len(jobs) == 3 and len(waiting) == 1, (jobs, run(["squeue"]))
+    assert len(jobs) == fit + 1 and len(waiting) == 1, (jobs, run(["squeue"]))
     # wait until accounting knows the waiting job (the lag is over), then for 2 s of watching
     wait_until(
         lambda: sacct_state(waiting[0])[0] == "PENDING", 20, 0.2, what="sacct record of the queued job"
@@ -428,7 +459,7 @@ def test_queued_blocks_unknown_to_sacct_yet_are_not_reported_as_ended(slurm_stac
     product_check(
         blocks_by_job(cs)[waiting[0]]["state"] not in {"COMPLETED", "FAILED", "CANCELLED"}, describe(cs)
     )
-    product_check(len(live_jobs(cs.endpoint_dir)) == 3, f"blocks were replaced\n{run(['squeue'])}")
+    product_check(len(live_jobs(cs.endpoint_dir)) == fit + 1, f"blocks were replaced\n{run(['squeue'])}")
     assert cs.executor().submit(square_in_job, 5).result(30)[0] == 25
 
 
@@ -463,6 +494,80 @@ def test_tasks_fail_with_the_error_when_no_block_can_start(slurm_stack):
     text = str(info.value)
     assert "cannot start workers" in text and "module" in text and "not found" in text, text
     assert len(leaves(cs.status()["block_errors"])) >= 3, describe(cs)
+
+
+# ---- `dlhub-endpoint check`: sbatch --test-only against the real scheduler -----------------------
+
+
+@pytest.fixture(scope="module")
+def check_manager(tmp_path_factory) -> Iterator[tuple[str, str]]:
+    """An in-process manager for ``check``'s token probe: (endpoint URL, token)."""
+    from dlhub.manager import Manager, ManagerConfig
+
+    home = tmp_path_factory.mktemp("check-manager")
+    mgr = Manager(ManagerConfig(home=home / "manager"))
+    mgr.start_thread()
+    try:
+        yield mgr.endpoint_url, (home / "manager" / "admin.token").read_text().strip()
+    finally:
+        mgr.stop()
+
+
+def endpoint_check(tmp_path: Path, manager: tuple[str, str], provider: dict) -> subprocess.CompletedProcess:
+    """``dlhub-endpoint check ep`` as a user runs it, on a config with this Slurm ``provider``."""
+    run_dir = tmp_path / "endpoints" / "ep"
+    run_dir.mkdir(parents=True)
+    config = {
+        "name": "ep",
+        "manager": {"address": manager[0], "token": manager[1]},
+        "provider": {"type": "slurm", "exclusive": False, "walltime": "00:05:00", **provider},
+        "pool": {"workers_per_node": 1},
+    }
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    cli = Path(sys.executable).with_name("dlhub-endpoint")
+    cmd = [str(cli)] if cli.exists() else [sys.executable, "-m", "dlhub.endpoint.cli"]
+    return subprocess.run(
+        [*cmd, "check", "ep", "--home", str(tmp_path), "--timeout", "30"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+        cwd=tmp_path,
+    )
+
+
+def check_detail(out: str, title: str) -> str:
+    """The lines ``check`` prints under the check whose title starts with ``title``."""
+    after = out.split(title, 1)[1]
+    return re.split(r"^(?:ok  |FAIL) ", after, maxsplit=1, flags=re.M)[0]
+
+
+def test_check_passes_on_the_real_slurm_with_a_good_config(tmp_path, check_manager, slurm_partition):
+    proc = endpoint_check(tmp_path, check_manager, {"partition": slurm_partition, "cores_per_node": 1})
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    assert "ok   pool default: sbatch --test-only" in out, out
+    # the scheduler's own answer: where and when the job would start; nothing was queued
+    detail = check_detail(out, "ok   pool default: sbatch --test-only")
+    assert re.search(rf"Job \d+ to start at .* in partition {slurm_partition}", detail), detail
+    assert "ok   manager" in out and not re.search(r"^FAIL", out, re.M), out
+
+
+@pytest.mark.parametrize(
+    "provider, message",
+    [
+        ({"partition": "no-such-partition"}, "invalid partition specified: no-such-partition"),
+        ({"cores_per_node": 100_000}, "Requested node configuration is not available"),
+    ],
+    ids=["unknown-partition", "more-cores-than-any-node"],
+)
+def test_check_fails_with_the_schedulers_message(tmp_path, check_manager, slurm_partition, provider, message):
+    proc = endpoint_check(tmp_path, check_manager, {"partition": slurm_partition, **provider})
+    out = proc.stdout
+    assert proc.returncode == 1, out + proc.stderr
+    assert "FAIL pool default: sbatch --test-only" in out, out
+    assert message in check_detail(out, "FAIL pool default: sbatch --test-only"), out
+    assert "ok   manager" in out  # the other checks still ran
 
 
 # ---- Torque through Debian's slurm-wlm-torque wrappers (qsub/qstat/qdel on top of Slurm) --------
