@@ -125,7 +125,12 @@ def up(home: str | None, workers: int, detach: bool, examples: bool) -> None:
         manager_info = _up_manager(root, procs, detach)
         token = (root / "manager" / "admin.token").read_text().strip()
         write_client_config(
-            root, manager_info["client_url"], token, rest_url=manager_info.get("rest_url") or ""
+            root,
+            manager_info["client_url"],
+            token,
+            rest_url=manager_info.get("rest_url") or "",
+            # the endpoint for calls that name none; a user's own choice in the file is kept
+            default_endpoint=_read_json(root / "config.json").get("default_endpoint") or ENDPOINT_NAME,
         )
         _up_endpoint(root, manager_info, token, workers, procs, detach)
     except BaseException:
@@ -186,6 +191,7 @@ def _up_manager(root: Path, procs: list[subprocess.Popen], detach: bool) -> dict
         return info
     (manager_home / "manager.json").unlink(missing_ok=True)
     args = [sys.executable, "-m", "dlhub.manager.cli", "serve", "--home", str(manager_home)]
+    args += ["--default-endpoint", ENDPOINT_NAME]  # publishes and REST runs that name no endpoint
     last = _read_json(manager_home / "ports.json")
     for option, key in (
         ("--client-port", "client"),

@@ -4,8 +4,9 @@
 
 The URL and token come from ``$DLHUB_HOME/config.json`` (written by ``dlhub up``) unless given.
 Errors come back as typed exceptions carrying the server's message: ``AccessDenied`` (401/403),
-``NotFoundError`` (404), ``ValueError`` (400/422), ``DLHubError`` otherwise; ``publish`` raises
-``PublishError`` when verification fails, and ``run`` raises the task's typed error.
+``NotFoundError`` (404), ``ValueError`` (400/422), ``EndpointRequired`` when several endpoints
+could take a call that names none, ``DLHubError`` otherwise; ``publish`` raises ``PublishError``
+when verification fails, and ``run`` raises the task's typed error.
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from dlhub.protocol import AccessDenied, DLHubError
+from dlhub.protocol import AccessDenied, DLHubError, EndpointRequired
 from dlhub.protocol.errors import ERROR_TYPES, RemoteError, exception_from_record
 from dlhub.protocol.servable import parse_ref
 
 if TYPE_CHECKING:
     from .servable import Servable
 
-from .config import dlhub_home
+from .config import dlhub_home, endpoint_from
 
 
 class NotFoundError(DLHubError, LookupError):
@@ -62,6 +63,9 @@ class Client:
         if not url:
             raise ValueError(f"no REST URL: pass url=..., or run `dlhub up` (looked in {path})")
         self.url = url.rstrip("/")
+        # for calls that name no endpoint: $DLHUB_ENDPOINT or the config's default_endpoint, else
+        # None (the manager's default endpoint, else its only connected one)
+        self.endpoint: str | None = endpoint_from(stored, "rest_url", self.url)
         self._http = httpx.Client(
             base_url=f"{self.url}/api/v1",
             headers={"Authorization": f"Bearer {token or ''}"},
@@ -88,6 +92,9 @@ class Client:
         except ValueError:
             body, message = {}, response.text
         code = body.get("code") if isinstance(body, dict) else None
+        if code == "endpoint-required":
+            reason = body.get("reason") or message
+            raise EndpointRequired(reason, body.get("endpoints") or [], "pass endpoint=<name>")
         if code == "task-failed":
             remote_type, _, text = message.partition(": ")
             raise RemoteError(text or message, body.get("traceback") or "", remote_type)
@@ -154,6 +161,7 @@ class Client:
         servable.validate()
         files = [("files", (path, data, "application/octet-stream")) for path, data in servable.files.items()]
         form: dict[str, Any] = {"record": json.dumps(servable.record)}
+        endpoint = endpoint or self.endpoint
         if endpoint:
             form["endpoint"] = endpoint
         body = self._call("POST", "/servables", data=form, files=files or None)
@@ -186,8 +194,11 @@ class Client:
         **kwargs: Any,
     ) -> Any:
         """Run a servable over REST with JSON arguments and get its JSON result (the Executor is
-        the fast path; this is for scripts and other languages)."""
+        the fast path; this is for scripts and other languages). ``endpoint`` (also for
+        ``publish``): default ``$DLHUB_ENDPOINT`` or ``default_endpoint`` in config.json, else the
+        manager's default endpoint; :class:`EndpointRequired` when that is ambiguous."""
         owner, name, version = parse_ref(ref)
+        endpoint = endpoint or self.endpoint
         body = {"args": list(args), "kwargs": kwargs, "version": version, "endpoint": endpoint}
         body.update({"wait_s": min(wait_s, 3600.0), "timeout_s": timeout_s})
         response = self._request("POST", f"/servables/{owner}/{name}/run", json=body)

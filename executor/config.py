@@ -1,8 +1,11 @@
-"""The client config in ``$DLHUB_HOME/config.json``: where the manager is and our token.
+"""The client config in ``$DLHUB_HOME/config.json``: where the manager is, our token, and the
+endpoint to use when none is named.
 
 ``dlhub up`` writes it; ``Executor()`` and ``Client()`` read it when no address or token is
-given. Explicit arguments win over environment variables (``DLHUB_MANAGER``, ``DLHUB_TOKEN``),
-which win over the file.
+given. Explicit arguments win over environment variables (``DLHUB_MANAGER``, ``DLHUB_TOKEN``,
+``DLHUB_ENDPOINT``), which win over the file. The endpoint: ``endpoint=`` or ``$DLHUB_ENDPOINT``,
+else the file's ``default_endpoint`` (``local`` after ``dlhub up``; only for the manager the file
+describes), else the manager's default endpoint, else the only connected one.
 """
 
 from __future__ import annotations
@@ -17,11 +20,23 @@ def dlhub_home(home: str | Path | None = None) -> Path:
     return Path(home or os.environ.get("DLHUB_HOME") or Path.home() / ".dlhub").expanduser()
 
 
+def endpoint_from(stored: dict, url_key: str, url: str | None) -> str | None:
+    """``$DLHUB_ENDPOINT``, else the config file's ``default_endpoint`` when ``url`` is the
+    address the file describes (a default for one manager means nothing to another)."""
+    named = os.environ.get("DLHUB_ENDPOINT")
+    if named:
+        return named
+    if url and str(stored.get(url_key) or "").rstrip("/") == url.rstrip("/"):
+        return stored.get("default_endpoint") or None
+    return None
+
+
 @dataclass(frozen=True)
 class ClientConfig:
     manager: str
     token: str
     home: Path
+    endpoint: str | None = None  # for an Executor that names none: $DLHUB_ENDPOINT or the file's default
 
     @classmethod
     def resolve(
@@ -42,7 +57,8 @@ class ClientConfig:
                 f"no dlhub manager is configured in {root}: run `dlhub up`, or give its address "
                 "(Executor(manager=...) or the DLHUB_MANAGER environment variable)"
             )
-        return cls(manager=manager, token=token or "", home=root)
+        endpoint = endpoint_from(stored, "manager", manager)
+        return cls(manager=manager, token=token or "", home=root, endpoint=endpoint)
 
 
 def write_client_config(home: Path, manager: str, token: str, **extra: str) -> Path:

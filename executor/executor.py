@@ -21,13 +21,14 @@ from typing import Any
 
 from dlhub.protocol import (
     DEFAULT_PAYLOAD_LIMIT_BYTES,
+    EndpointRequired,
     ManagerUnreachable,
     PayloadTooLarge,
     TaskCancelled,
     UnknownEndpoint,
 )
 from dlhub.protocol import messages as m
-from dlhub.protocol.errors import RAISE_CLIENT_LIMIT, exception_from_record
+from dlhub.protocol.errors import RAISE_CLIENT_LIMIT, choose_endpoint, exception_from_record
 from dlhub.protocol.serialize import (
     code_digest,
     deserialize,
@@ -84,7 +85,10 @@ class Executor(cf.Executor):
     """A ``concurrent.futures.Executor`` whose tasks run on a dlhub endpoint.
 
     Args:
-        endpoint: name of the endpoint to run on (``"local"`` after ``dlhub up``).
+        endpoint: name of the endpoint to run on; default ``$DLHUB_ENDPOINT``, else
+            ``default_endpoint`` in ``$DLHUB_HOME/config.json`` (``"local"`` after ``dlhub up``),
+            else the manager's default endpoint, else the only connected one
+            (``EndpointRequired`` when several are and none is the default).
         manager: manager URL; default from ``$DLHUB_MANAGER`` or ``$DLHUB_HOME/config.json``.
         token: access token; default from ``$DLHUB_TOKEN`` or the config file.
         task_timeout_s: per-task time limit; an overrunning task fails with ``TaskTimeout``.
@@ -99,7 +103,7 @@ class Executor(cf.Executor):
 
     def __init__(
         self,
-        endpoint: str,
+        endpoint: str | None = None,
         manager: str | None = None,
         token: str | None = None,
         *,
@@ -123,7 +127,7 @@ class Executor(cf.Executor):
         self.resources = dict(resources) if resources else None
         self.cache = cache  # deterministic servables: answer from result caches when possible
         config = ClientConfig.resolve(manager, token, home)
-        self.endpoint = endpoint
+        self.endpoint = endpoint or config.endpoint  # None: the manager's default (after connecting)
         self.task_timeout_s = task_timeout_s
         self.result_serializer = result_serializer
         self.payload_limit_bytes = payload_limit_bytes
@@ -143,12 +147,7 @@ class Executor(cf.Executor):
             on_manager_lost=self._on_manager_lost,
         )
         endpoints = self._conn.welcome.get("endpoints", {})
-        if endpoint not in endpoints:
-            self._conn.close()
-            raise UnknownEndpoint(
-                f"endpoint {endpoint!r} is not registered with the manager at {config.manager} "
-                f"(known: {', '.join(sorted(endpoints)) or 'none'})"
-            )
+        endpoint = self.endpoint = self._choose_endpoint(endpoints, endpoint, config)
         if not endpoints[endpoint].get("connected"):
             warnings.warn(
                 f"endpoint {endpoint!r} is not connected to the manager now: tasks wait for it "
@@ -156,6 +155,28 @@ class Executor(cf.Executor):
                 stacklevel=2,
             )
         self._warn_on_version_mismatch(endpoints[endpoint].get("versions") or {})
+
+    def _choose_endpoint(self, endpoints: dict, named: str | None, config: ClientConfig) -> str:
+        """The endpoint asked for (argument, ``$DLHUB_ENDPOINT``, config file), else the
+        manager's default, else the only connected one; closes the connection if there is none."""
+        try:
+            if self.endpoint is None:
+                connected = {name: bool(ep.get("connected")) for name, ep in endpoints.items()}
+                return choose_endpoint(connected, self._conn.welcome.get("default_endpoint"))
+            if self.endpoint not in endpoints:
+                where = f"$DLHUB_ENDPOINT or default_endpoint in {config.home / 'config.json'}"
+                source = "" if named else f" ({where})"
+                raise UnknownEndpoint(
+                    f"endpoint {self.endpoint!r}{source} is not registered with the manager at "
+                    f"{config.manager} (known: {', '.join(sorted(endpoints)) or 'none'})"
+                )
+            return self.endpoint
+        except EndpointRequired as exc:
+            self._conn.close()
+            raise exc.with_hint("pass endpoint=<name> to Executor (or set $DLHUB_ENDPOINT)") from None
+        except UnknownEndpoint:
+            self._conn.close()
+            raise
 
     def _sent_pending_ids(self) -> list[bytes]:
         """Unresolved tasks the manager has been sent (unsent ones are not its business yet)."""

@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from dlhub.protocol import DLHubError
+from dlhub.protocol import DLHubError, EndpointRequired
 
 HOME = click.option("--home", type=click.Path(file_okay=False), help="dlhub home (default $DLHUB_HOME)")
 AS_JSON = click.option("--json", "as_json", is_flag=True, help="print JSON")
@@ -28,6 +28,8 @@ def _friendly(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except EndpointRequired as exc:  # worded for the shell, not for Python's endpoint=
+            raise click.ClickException(f"EndpointRequired: {exc.reason}; name one with --endpoint") from None
         except (DLHubError, ValueError, LookupError, TimeoutError, OSError) as exc:
             message = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
             raise click.ClickException(f"{type(exc).__name__}: {message}") from None
@@ -92,7 +94,7 @@ def register(main: click.Group) -> None:
         "run on the endpoint before it is ready",
     )
     @click.option("--deterministic", is_flag=True, help="same inputs give the same output (cacheable)")
-    @click.option("--endpoint", help="endpoint that verifies it (default: the only connected one)")
+    @click.option("--endpoint", help="endpoint that verifies it (default: the default endpoint, e.g. local)")
     @click.option("--no-wait", is_flag=True, help="return once uploaded, before verification")
     @HOME
     @_friendly
@@ -222,7 +224,7 @@ def register(main: click.Group) -> None:
     @click.argument("ref")
     @click.argument("args", nargs=-1)
     @click.option("--kwargs", "kwargs_json", default="{}", help="keyword arguments as a JSON object")
-    @click.option("--endpoint", default="local", show_default=True)
+    @click.option("--endpoint", help="endpoint to run on (default: $DLHUB_ENDPOINT, else the default one)")
     @click.option("--timeout", "timeout_s", type=float, default=300.0, show_default=True)
     @HOME
     @_friendly

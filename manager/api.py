@@ -34,15 +34,27 @@ log = logging.getLogger("dlhub.manager.api")
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str):
+    def __init__(self, status: int, code: str, message: str, **extra: Any):
         super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+        self.status, self.code, self.message, self.extra = status, code, message, extra
 
 
-def _error(status: int, code: str, message: str):
+def _error(status: int, code: str, message: str, **extra: Any):
     from fastapi.responses import JSONResponse
 
-    return JSONResponse({"code": code, "message": message}, status_code=status)
+    return JSONResponse({"code": code, "message": message, **extra}, status_code=status)
+
+
+def endpoint_required(exc: errors.EndpointRequired, field: str) -> ApiError:
+    """409 ``endpoint-required``, worded for REST (``field``: where the caller names one), with
+    the neutral ``reason`` and the candidate ``endpoints`` for clients that word it themselves."""
+    return ApiError(
+        409,
+        exc.code,
+        f'{exc.reason}; name one with the {field} "endpoint"',
+        reason=exc.reason,
+        endpoints=exc.candidates,
+    )
 
 
 # HTTP status of a failed task, by its error code (the JSON body carries code and message)
@@ -95,7 +107,7 @@ def create_app(
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
-        return _error(exc.status, exc.code, exc.message)
+        return _error(exc.status, exc.code, exc.message, **exc.extra)
 
     @app.exception_handler(NotFound)
     async def _not_found(request: Request, exc: NotFound):
@@ -150,8 +162,10 @@ def create_app(
         return PlainTextResponse(prometheus_text(status), media_type="text/plain; version=0.0.4")
 
     @app.get(f"{API}/whoami")
-    def whoami(who: User) -> dict[str, str]:
-        return {"user": who[0], "role": who[1]}
+    def whoami(who: User) -> dict[str, Any]:
+        """The token's user and role, and the endpoint used when a request names none."""
+        default = servables.manager.config.default_endpoint if servables is not None else None
+        return {"user": who[0], "role": who[1], "default_endpoint": default}
 
     @app.get(f"{API}/servables")
     def search(
@@ -225,7 +239,10 @@ def create_app(
                                 "items": {"type": "string", "format": "binary"},
                                 "description": "one part per file; its filename is the path in the record",
                             },
-                            "endpoint": {"type": "string", "description": "endpoint that verifies it"},
+                            "endpoint": {
+                                "type": "string",
+                                "description": "endpoint that verifies it (default: the manager's default)",
+                            },
                         },
                     }
                 }
@@ -268,8 +285,8 @@ def create_app(
             endpoint = service.default_endpoint(endpoint_field if isinstance(endpoint_field, str) else None)
         except errors.UnknownEndpoint as exc:
             raise ApiError(404, "unknown-endpoint", str(exc)) from None
-        except ValueError as exc:
-            raise ApiError(422, "invalid-request", f"{exc} (form field 'endpoint')") from None
+        except errors.EndpointRequired as exc:
+            raise endpoint_required(exc, "form field") from None
         published = await asyncio.to_thread(repository.publish, who[0], record, files)
         service.verify(published, endpoint)
         return {"ref": published.ref, "status": "pending", "verifying_on": endpoint}
@@ -298,8 +315,8 @@ def create_app(
             raise ApiError(404, "servable-not-found", str(exc)) from None
         except errors.UnknownEndpoint as exc:
             raise ApiError(404, "unknown-endpoint", str(exc)) from None
-        except ValueError as exc:
-            raise ApiError(422, "invalid-request", f"{exc} (field 'endpoint')") from None
+        except errors.EndpointRequired as exc:
+            raise endpoint_required(exc, "JSON field") from None
         task_id, future = service.submit(
             who[0], target, m.REF_PREFIX + ref, args, kwargs, timeout_s, cache=cache
         )

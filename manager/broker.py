@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import queue
+import re
 import secrets
 import threading
 import time
@@ -45,6 +46,7 @@ _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 log = logging.getLogger("dlhub.manager")
 
 DRAIN_LIMIT = 1000  # frames read from one socket before the loop looks at the others
+ENDPOINT_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"  # as an endpoint's config.yaml requires
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class ManagerConfig:
     result_cache_mb: float = 256.0  # results of deterministic servables (0: no cache)
     result_cache_ttl_s: float | None = None  # None: entries live until evicted
     persist_result_cache: bool = False  # keep the result cache across restarts (in the database)
+    default_endpoint: str | None = None  # for publishes and REST runs that name no endpoint
 
     def __post_init__(self) -> None:
         for key in ("client_port", "endpoint_port"):
@@ -75,6 +78,10 @@ class ManagerConfig:
             raise ValueError(f"result_cache_mb must not be negative, got {self.result_cache_mb}")
         if self.result_cache_ttl_s is not None and self.result_cache_ttl_s <= 0:
             raise ValueError(f"result_cache_ttl_s must be positive, got {self.result_cache_ttl_s}")
+        if self.default_endpoint is not None and not re.fullmatch(ENDPOINT_NAME, self.default_endpoint):
+            raise ValueError(
+                f"default_endpoint must be an endpoint name like 'local', got {self.default_endpoint!r}"
+            )
 
     @property
     def database_url(self) -> str:
@@ -205,7 +212,11 @@ class Manager:
 
     def _status(self) -> dict[str, Any]:
         info = self.router.status()
-        info["manager"] = {"session": self.session, "versions": runtime_versions()}
+        info["manager"] = {
+            "session": self.session,
+            "versions": runtime_versions(),
+            "default_endpoint": self.config.default_endpoint,
+        }
         return info
 
     def status(self, timeout: float = 5.0) -> dict[str, Any]:
@@ -361,7 +372,10 @@ class Manager:
         self._send(
             self.client_sock,
             identity,
-            m.Welcome(self.session, {"user": who[0], "endpoints": endpoints}),
+            m.Welcome(
+                self.session,
+                {"user": who[0], "endpoints": endpoints, "default_endpoint": self.config.default_endpoint},
+            ),
         )
 
     def _check_sizes(self, identity: bytes, msg: m.Submit) -> None:

@@ -52,6 +52,13 @@ def main() -> None:
     "--result-cache-ttl-s", default=None, type=click.FloatRange(0, min_open=True), help="entry lifetime"
 )
 @click.option("--persist-result-cache", is_flag=True, help="keep the result cache across restarts")
+@click.option(
+    "--default-endpoint",
+    default=None,
+    metavar="NAME",
+    help="endpoint for publishes and REST runs that name none (`dlhub up`: local); "
+    "without it, the only connected endpoint",
+)
 def serve(
     home,
     db_url,
@@ -65,6 +72,7 @@ def serve(
     result_cache_mb,
     result_cache_ttl_s,
     persist_result_cache,
+    default_endpoint,
 ) -> None:
     """Run the manager in the foreground (writes manager.json with its addresses)."""
     from logging.handlers import RotatingFileHandler
@@ -90,6 +98,7 @@ def serve(
             result_cache_mb=result_cache_mb,
             result_cache_ttl_s=result_cache_ttl_s,
             persist_result_cache=persist_result_cache,
+            default_endpoint=default_endpoint,
         )
     except ValueError as exc:
         raise click.ClickException(str(exc))

@@ -79,7 +79,9 @@ class ServableService:
     # ---- endpoints ---------------------------------------------------------------------------
 
     def default_endpoint(self, wanted: str | None) -> str:
-        """The endpoint named, else the only (connected) one; ValueError when that is ambiguous."""
+        """The endpoint named, else the manager's default endpoint (``--default-endpoint``) if it
+        is known, else the only connected one. Raises ``UnknownEndpoint``, or ``EndpointRequired``
+        (neutral wording: each front end says how its user names one)."""
         endpoints = dict(self.manager.router.endpoints)
         if wanted:
             if wanted not in endpoints:
@@ -87,13 +89,8 @@ class ServableService:
                     f"endpoint {wanted!r} is not registered (known: {', '.join(sorted(endpoints)) or 'none'})"
                 )
             return wanted
-        connected = sorted(name for name, ep in endpoints.items() if ep.connected)
-        candidates = connected or sorted(endpoints)
-        if len(candidates) == 1:
-            return candidates[0]
-        if not candidates:
-            raise errors.UnknownEndpoint("no endpoint is registered with this manager")
-        raise ValueError(f"several endpoints are connected ({', '.join(candidates)}): name one")
+        connected = {name: ep.connected for name, ep in endpoints.items()}
+        return errors.choose_endpoint(connected, self.manager.config.default_endpoint)
 
     # ---- calls made by the manager ---------------------------------------------------------
 

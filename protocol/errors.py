@@ -62,6 +62,39 @@ class UnknownEndpoint(DLHubError):
     code = "unknown-endpoint"
 
 
+class EndpointRequired(DLHubError, ValueError):
+    """Several endpoints could take the request and none is the default: the caller must name
+    one. ``reason`` is neutral; each front end adds how its user names one (``hint``)."""
+
+    code = "endpoint-required"
+
+    def __init__(self, reason: str, candidates: list[str] | tuple[str, ...] = (), hint: str = ""):
+        super().__init__(f"{reason}; {hint}" if hint else reason)
+        self.reason, self.candidates, self.hint = reason, list(candidates), hint
+
+    def with_hint(self, hint: str) -> EndpointRequired:
+        """The same error, worded for one front end (``--endpoint``, ``endpoint=...``)."""
+        return EndpointRequired(self.reason, self.candidates, hint)
+
+
+def choose_endpoint(endpoints: dict[str, bool], default: str | None = None) -> str:
+    """The endpoint for a request that names none: ``default`` if the manager knows it, else
+    the only connected one (else the only known one). ``endpoints``: name -> connected.
+    Raises :class:`UnknownEndpoint` when there is none, :class:`EndpointRequired` when it is
+    ambiguous."""
+    if default and default in endpoints:
+        return default
+    connected = sorted(name for name, up in endpoints.items() if up)
+    candidates = connected or sorted(endpoints)
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise UnknownEndpoint("no endpoint is registered with this manager")
+    why = f"the default endpoint {default!r} is not registered" if default else "no default endpoint is set"
+    state = "connected" if connected else "registered (none is connected)"
+    raise EndpointRequired(f"several endpoints are {state} ({', '.join(candidates)}) and {why}", candidates)
+
+
 class EndpointLost(DLHubError):
     """The endpoint went away while it held the task."""
 
