@@ -28,6 +28,7 @@ CREDITS = 32  # tasks outstanding per worker (prefetch)
 CLIENT_CHUNK = 256  # tasks per client -> broker message
 FLUSH_AFTER_S = 0.001  # a worker flushes results once a batch has taken this long
 KINDS = {"noop": 0, "sleep10": 1}
+NAMES = {kind: name for name, kind in KINDS.items()}
 NOTE = (
     f"pyzmq+msgpack, 1 broker + N worker subprocesses; credit flow control ({CREDITS}/worker); "
     f"batched hops (client chunks of {CLIENT_CHUNK}, broker and workers coalesce waiting messages)"
@@ -140,7 +141,7 @@ def run_worker(addr: str) -> None:
             tid, kind = todo.popleft()
             if kind == KINDS["sleep10"]:
                 time.sleep(0.01)
-            done.append([tid, None])
+            done.append([tid, NAMES[kind]])  # what the benchmark's function of that name returns
             if not todo:
                 for body in _drain(sock, 100):
                     todo.extend(unpack(body[0]))
@@ -175,7 +176,8 @@ class RawChain:
         tid = next(self.ids)
         self.sock.send(pack([[tid, KINDS[fn_name]]]))
         ((rid, result),) = unpack(self.sock.recv())
-        assert rid == tid, (rid, tid)
+        if rid != tid:
+            raise AssertionError(f"raw chain: result of task {rid} came back for task {tid}")
         return result
 
     def run_many(self, fn_name: str, n: int) -> None:
@@ -186,10 +188,12 @@ class RawChain:
             chunk = [[first + i, kind] for i in range(start, min(n, start + CLIENT_CHUNK))]
             self.sock.send(pack(chunk))
         self.ids = itertools.count(first + n)
-        seen = 0
-        while seen < n:
-            seen += len(unpack(self.sock.recv()))
-        assert seen == n, (seen, n)
+        seen: set[int] = set()
+        while len(seen) < n:
+            for rid, result in unpack(self.sock.recv()):
+                if rid in seen or not first <= rid < first + n or result != fn_name:
+                    raise AssertionError(f"raw chain: unexpected result {[rid, result]} (tasks {first}..)")
+                seen.add(rid)
 
     def close(self) -> None:
         """Stop the broker, kill the workers, reap everything."""

@@ -1,7 +1,8 @@
 """The three systems the roundtrip benchmark drives, behind one small interface.
 
-Each system offers ``call(fn)`` (one task, blocking), ``run_many(fn, n)`` (submit ``n``, then
-wait for all), ``close()``, and the attributes ``note`` and ``startup`` (extra startup figures).
+Each system offers ``call(fn)`` (one task, blocking, returns its result), ``run_many(fn, n)``
+(submit ``n``, then wait for all; raises unless every task returned ``fn()``), ``close()``, and
+the attributes ``note`` and ``startup`` (extra startup figures).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class RawSystem:
         return self.chain.call(fn.__name__)
 
     def run_many(self, fn, n: int) -> None:
-        self.chain.run_many(fn.__name__, n)
+        self.chain.run_many(fn.__name__, n)  # checks that each task came back once, with fn()
 
     def close(self) -> None:
         self.chain.close()
@@ -77,8 +78,7 @@ class HtexSystem:
 
     def run_many(self, fn, n: int) -> None:
         futures = [self.ex.submit(fn, {}) for _ in range(n)]
-        for fut in futures:
-            fut.result(timeout=RESULT_TIMEOUT_S)
+        check_results(fn, [fut.result(timeout=RESULT_TIMEOUT_S) for fut in futures])
 
     def close(self) -> None:
         try:
@@ -87,6 +87,17 @@ class HtexSystem:
                 self.ex.provider.cancel(job_ids)
         finally:
             self.ex.shutdown()
+
+
+def check_results(fn, results: list) -> None:
+    """Every task of a ``run_many`` returned what ``fn()`` returns here."""
+    expected = fn()
+    wrong = [i for i, r in enumerate(results) if r != expected]
+    if wrong:
+        raise AssertionError(
+            f"{fn.__name__}: {len(wrong)} of {len(results)} results wrong "
+            f"(task {wrong[0]} returned {results[wrong[0]]!r}, expected {expected!r})"
+        )
 
 
 def _parsl_version() -> str:
@@ -174,12 +185,11 @@ class DlhubSystem:
         self.ex = self.stack.enter_context(Executor(endpoint="local"))
 
     def call(self, fn):
-        return self.ex.submit(fn).result()
+        return self.ex.submit(fn).result(timeout=RESULT_TIMEOUT_S)
 
     def run_many(self, fn, n: int) -> None:
         futures = [self.ex.submit(fn) for _ in range(n)]
-        for fut in futures:
-            fut.result()
+        check_results(fn, [fut.result(timeout=RESULT_TIMEOUT_S) for fut in futures])
 
     def close(self) -> None:
         try:

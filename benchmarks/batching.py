@@ -28,7 +28,9 @@ temp home, or in ``--home``; always stopped at the end) it measures:
    repeated inputs goes 0, 25, 50, 75, 100 % (repeats drawn from a pool of inputs called once
    before, the rest fresh), with the cache on and with ``cache=False``, alternating.
 
-``--quick`` (a smoke run, < 60 s) uses smaller counts and one round; ``--home DIR`` runs the stack
+``--quick`` (a smoke run, ~30 s, what CI runs) uses batch sizes 1, 8 and 256, smaller counts, one
+round and no batch histograms; every result is still checked against the model's own ``predict``
+(or the input, for the no-ops) and a wrong one exits 1. ``--home DIR`` runs the stack
 in DIR (which must not have one running; it is stopped but not deleted at the end).
 
 One JSON line per measurement goes to stdout, then a plain-text summary.
@@ -57,6 +59,7 @@ from _stack import stats as _stats  # noqa: E402
 BATCH_SIZES = (1, 8, 64, 256, 1024)
 SHARES = (0, 25, 50, 75, 100)
 FULL = {
+    "batch_sizes": BATCH_SIZES,
     "calls": 4096,  # single calls (and map rows) per configuration
     "rf_unbatched_calls": 512,  # RF at B=1 and not vectorized: ~10 ms of CPU per prediction
     "rounds": 2,
@@ -68,14 +71,15 @@ FULL = {
     "pool": 32,
 }
 QUICK = {
-    "calls": 1024,
-    "rf_unbatched_calls": 64,
+    "batch_sizes": (1, 8, 256),
+    "calls": 256,
+    "rf_unbatched_calls": 32,
     "rounds": 1,
-    "histograms": ("single",),
-    "latency": 300,
-    "latency_warmup": 50,
-    "blocks": 5,
-    "cache_calls": 400,
+    "histograms": (),  # no waits for the heartbeat's batch counts
+    "latency": 100,
+    "latency_warmup": 20,
+    "blocks": 4,
+    "cache_calls": 100,
     "pool": 16,
 }
 RESULT_TIMEOUT_S = 300
@@ -161,7 +165,7 @@ def measure_batching(stack: Stack, sizes: dict, emit) -> None:
     build_s = time.perf_counter() - t0
 
     # in-process reference: model.predict on B rows in this process (workers idle)
-    for b in BATCH_SIZES:
+    for b in sizes["batch_sizes"]:
         rows = np.resize(x, (b, x.shape[1]))
         model.predict(rows)
         took = []
@@ -182,7 +186,7 @@ def measure_batching(stack: Stack, sizes: dict, emit) -> None:
     # publish: one vectorized version per batch size, for the RF and the no-op, plus plain ones
     refs: dict[tuple[str, str], str] = {}
     t0 = time.perf_counter()
-    for b in BATCH_SIZES:
+    for b in sizes["batch_sizes"]:
         record = copy.deepcopy(rf.record)
         record["name"] = f"diabetes-rf-b{b}"
         record["batching"] = {"max_batch_size": b, "max_batch_delay_ms": 0}
@@ -258,10 +262,10 @@ def measure_batching(stack: Stack, sizes: dict, emit) -> None:
 
     configs = [(("rf", "plain"), "single"), (("noop", "plain"), "single")]
     paths = ("map", "single") if "map" in sizes["histograms"] else ("single",)
-    for b in BATCH_SIZES:  # next to each other: the same batch size, single calls and map
+    for b in sizes["batch_sizes"]:  # next to each other: the same batch size, single calls and map
         configs += [((kind, str(b)), path) for path in paths for kind in ("rf", "noop")]
     if "map" not in sizes["histograms"]:  # maps last: fewer waits for the heartbeat
-        configs += [((kind, str(b)), "map") for b in BATCH_SIZES for kind in ("rf", "noop")]
+        configs += [((kind, str(b)), "map") for b in sizes["batch_sizes"] for kind in ("rf", "noop")]
     elapsed: dict = {}
     done: dict = {}
     rounds: dict = {}
@@ -367,12 +371,18 @@ def measure_cache_latency(stack: Stack, sizes: dict, emit) -> None:
 
         def raw():
             sock.send(message)
-            sock.recv()
+            if sock.recv() != message:
+                raise AssertionError("the echo server answered something else")
+
+        def checked(ex, value):
+            got = ex.submit(ref, value).result(timeout=60)
+            if got != value:  # the no-op returns its input
+                raise AssertionError(f"{ref}({value!r}) returned {got!r}")
 
         systems = {
-            "hit": lambda: stack.ex.submit(ref, 7).result(timeout=60),
-            "miss_cache_false": lambda: uncached.submit(ref, 7).result(timeout=60),
-            "miss_fresh_input": lambda: stack.ex.submit(ref, next(fresh)).result(timeout=60),
+            "hit": lambda: checked(stack.ex, 7),
+            "miss_cache_false": lambda: checked(uncached, 7),
+            "miss_fresh_input": lambda: checked(stack.ex, next(fresh)),
             "raw_zmq_one_hop": raw,
         }
         for _ in range(sizes["latency_warmup"]):

@@ -26,18 +26,27 @@ HERE = Path(__file__).resolve().parent
 SYSTEM_NAMES = ("raw", "htex", "dlhub")
 WORKERS = 2
 FULL = {"warmup": 200, "latency": 2000, "throughput": 20_000, "sleep": 2000}
-QUICK = {"warmup": 200, "latency": 300, "throughput": 3000, "sleep": 300}
+QUICK = {"warmup": 50, "latency": 200, "throughput": 1000, "sleep": 100}
 MARK = "DLHUB_ROUNDTRIP_MARK"  # env var inherited by everything a child starts, for cleanup
 
 
 def noop():
-    return None
+    return "noop"  # a value the run checks (the raw chain's workers return the same)
 
 
 def sleep10():
     import time
 
     time.sleep(0.01)
+    return "sleep10"
+
+
+def checked_call(sut, fn):
+    """One task; raises unless it returned what ``fn()`` returns here."""
+    result = sut.call(fn)
+    if result != fn():
+        raise AssertionError(f"{fn.__name__} returned {result!r}, expected {fn()!r}")
+    return result
 
 
 # ---------------------------------------------------------------- child: measure one system
@@ -57,15 +66,17 @@ def measure(system: str, tmp: Path, sizes: dict, emit) -> None:
     try:
         if sut.startup:  # dlhub: how long `dlhub up --detach` took to return ready
             emit("up_ready", **sut.startup)
-        sut.call(noop)
+        checked_call(sut, noop)
         emit("startup", ready_s=round(time.perf_counter() - start, 3), note=sut.note)
         for _ in range(sizes["warmup"] - 1):
-            sut.call(noop)
-        lat = []
+            checked_call(sut, noop)
+        lat, results = [], []
         for _ in range(sizes["latency"]):
             t0 = time.perf_counter()
-            sut.call(noop)
+            results.append(sut.call(noop))
             lat.append(time.perf_counter() - t0)
+        if results != [noop()] * len(results):  # checked after timing, outside the loop
+            raise AssertionError(f"noop: wrong results among {len(results)} serial calls")
         lat.sort()
         emit(
             "noop_latency",
@@ -78,7 +89,7 @@ def measure(system: str, tmp: Path, sizes: dict, emit) -> None:
             ("sleep10_throughput", sleep10, sizes["sleep"]),
         ):
             t0 = time.perf_counter()
-            sut.run_many(fn, n)
+            sut.run_many(fn, n)  # raises unless every task returned fn()
             rate = n / (time.perf_counter() - t0)
             extra = {}
             if fn is sleep10:  # ideal: every worker always busy, 100 tasks/s each

@@ -67,15 +67,15 @@ FULL = {
     "warm_blocks": 10,
 }
 QUICK = {
-    "warmup": 50,
-    "latency": 300,
-    "blocks": 6,
-    "throughput": 3000,
+    "warmup": 20,
+    "latency": 100,
+    "blocks": 4,
+    "throughput": 1000,
     "rounds": 2,
     "cold": 1,
     "after_publish": 1,
-    "warm": 50,
-    "warm_blocks": 5,
+    "warm": 20,
+    "warm_blocks": 2,
 }
 COLD_NOTE = (
     "first call of a published version on a stack that never ran it: `dlhub down`, delete the "
@@ -119,10 +119,20 @@ class Stack(BenchStack):
         return self.ex.submit(fn, *args).result(timeout=120)
 
     def run_many(self, fn, n: int) -> None:
+        """``n`` no-op calls ``fn(1)`` at once; raises unless every one returned 1."""
         submit = self.ex.submit
         futures = [submit(fn, 1) for _ in range(n)]
-        for fut in futures:
-            fut.result(timeout=300)
+        results = [fut.result(timeout=300) for fut in futures]
+        if results != [1] * n:
+            raise AssertionError(f"{fn}: {sum(r != 1 for r in results)} of {n} results wrong")
+
+
+def expect(value, expected, what: str) -> None:
+    """A wrong result fails the run (exit status 1), whatever the timings."""
+    import numpy as np
+
+    if not np.allclose(value, expected):
+        raise AssertionError(f"{what} returned {value!r}, expected {expected!r}")
 
 
 # ---------------------------------------------------------------- measurements
@@ -151,19 +161,21 @@ def measure(stack: Stack, sizes: dict, emit) -> None:
 
     # 1. serial latency, by value and by name in alternating blocks
     for _ in range(sizes["warmup"]):
-        stack.call(noop, 1)
-        stack.call(by_name, 1)
+        expect(stack.call(noop, 1), 1, "noop by value")
+        expect(stack.call(by_name, 1), 1, by_name)
     n, blocks = sizes["latency"], sizes["blocks"]
     lat: dict[str, list[float]] = {"by_value": [], "by_name": []}
     block_p50: dict[str, list[float]] = {"by_value": [], "by_name": []}
     for b in range(blocks):
         order = (("by_value", noop), ("by_name", by_name))
         for system, fn in order if b % 2 == 0 else order[::-1]:
-            samples = []
+            samples, results = [], []
             for _ in range(n // blocks + (b < n % blocks)):  # the blocks add up to n
                 start = time.perf_counter()
-                stack.call(fn, 1)
+                results.append(stack.call(fn, 1))
                 samples.append(time.perf_counter() - start)
+            if results != [1] * len(results):
+                raise AssertionError(f"{system}: wrong results among {len(results)} serial no-op calls")
             lat[system] += samples
             block_p50[system].append(_ms(_percentile(sorted(samples), 0.5)))
     stats = {s: _stats(v) for s, v in lat.items()}
@@ -265,8 +277,9 @@ def measure(stack: Stack, sizes: dict, emit) -> None:
         rf.validate()
         ref = stack.client.publish(rf)
         start = time.perf_counter()
-        stack.call(ref, row)
+        value = stack.call(ref, row)
         after.append(time.perf_counter() - start)
+        expect(value, expected, ref)
     emit(
         "rf_first_call_after_publish",
         "by_name",
@@ -280,7 +293,7 @@ def measure(stack: Stack, sizes: dict, emit) -> None:
     # blocks; first make sure every worker has loaded both (20 calls each at once)
     by_value_predict = _predict_by_value(model)
     for fut in [stack.ex.submit(f, row) for f in (rf_pinned, by_value_predict) for _ in range(20)]:
-        fut.result(timeout=120)
+        expect(fut.result(timeout=120), expected, "the warm-up predictions")
     for _ in range(20):
         model.predict(row)
     calls = {
@@ -302,6 +315,9 @@ def measure(stack: Stack, sizes: dict, emit) -> None:
                     fut.result(timeout=120)
                     futs[system].append(fut)
                 warm[system].append(time.perf_counter() - start)
+    for system, done in futs.items():
+        for fut in done:
+            expect(fut.result(0), expected, f"a warm call {system}")
     emit(
         "rf_predict",
         "in_process",

@@ -1,6 +1,6 @@
 """Endpoint on a real (local) Slurm: start-up, block replacement, and one block vs two.
 
-Usage: python benchmarks/slurm.py [--tasks 10000]     (needs Slurm up: scripts/slurm-localhost.sh)
+Usage: python benchmarks/slurm.py [--quick] [--tasks 10000]   (needs Slurm up: scripts/slurm-localhost.sh)
 
 1. ``start_to_first_result_s``: from ``dlhub-endpoint start`` to the first task result, with
    ``init_blocks: 1`` (sbatch, the job starting, the pool and its worker registering, one task).
@@ -9,7 +9,11 @@ Usage: python benchmarks/slurm.py [--tasks 10000]     (needs Slurm up: scripts/s
    strategy submits a new job, its pool registers).
 3. ``throughput``: N short tasks (1 ms of work) across one Slurm block vs two (1 worker each).
 
-Prints JSON lines and a table. Each endpoint runs against an in-process manager on 127.0.0.1.
+Every result is checked (task i returns i*i and the id of the Slurm job it ran in, which must be
+one of the endpoint's blocks; two blocks must both run tasks); a wrong result prints an ``error``
+line and exits 1. ``--quick`` (a smoke run, ~20 s) runs 200 tasks per throughput measurement.
+Prints JSON lines and a table. Each endpoint runs against an in-process manager on 127.0.0.1,
+from a temp directory (the jobs' working directory: nothing is written where it was started).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import yaml
@@ -29,12 +34,23 @@ import yaml
 from dlhub.executor import Executor
 from dlhub.manager import Manager, ManagerConfig
 
+QUICK_TASKS = 200
 
-def work() -> int:
+
+def work(x: int) -> tuple[int, str | None]:
+    """1 ms of CPU; ``(x*x, the Slurm job it ran in)``."""
     t = time.perf_counter()
     while time.perf_counter() - t < 0.001:
         pass
-    return int(os.environ.get("SLURM_JOB_ID", "0"))
+    return x * x, os.environ.get("SLURM_JOB_ID")
+
+
+def ran_in_job(ex: Executor, x: int, timeout: float) -> str:
+    """Run ``work(x)``; check its value and return the Slurm job it ran in."""
+    value, job = ex.submit(work, x).result(timeout)
+    if value != x * x or not job:
+        raise AssertionError(f"work({x}) returned {(value, job)!r}: expected ({x * x}, a Slurm job id)")
+    return job
 
 
 def wait(pred, timeout: float, what: str):
@@ -86,6 +102,7 @@ class SlurmEndpoint:
             [sys.executable, "-m", "dlhub.endpoint.cli", "start", name, "--home", str(home)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            cwd=home,  # sbatch runs the jobs here: stray scheduler output never lands in the caller's cwd
         )
 
     def status(self) -> dict:
@@ -124,7 +141,7 @@ def run(tasks: int) -> list[dict]:
         try:
             wait(lambda: manager.router.endpoints.get("bench1"), 60, "registration")
             with Executor(endpoint="bench1", **client) as ex:
-                job = ex.submit(work).result(120)
+                job = ran_in_job(ex, 7, 120)
                 results.append(
                     {
                         "metric": "start_to_first_result_s",
@@ -137,7 +154,7 @@ def run(tasks: int) -> list[dict]:
                 subprocess.run(["scancel", str(victim)], check=True)
                 replacement = victim
                 while replacement == victim:  # tasks may still finish on the dying job at first
-                    replacement = ex.submit(work).result(180)
+                    replacement = ran_in_job(ex, 3, 180)
                 results.append(
                     {
                         "metric": "block_replaced_s",
@@ -146,7 +163,7 @@ def run(tasks: int) -> list[dict]:
                         "new_job": replacement,
                     }
                 )
-                one = throughput(ex, tasks)
+                one = throughput(ex, tasks, blocks=1)
         finally:
             ep.close()
         # 3: two blocks
@@ -154,7 +171,7 @@ def run(tasks: int) -> list[dict]:
         try:
             wait(lambda: ep2.status().get("workers", 0) >= 2, 120, "two blocks' workers")
             with Executor(endpoint="bench2", **client) as ex:
-                two = throughput(ex, tasks)
+                two = throughput(ex, tasks, blocks=2)
         finally:
             ep2.close()
         results.append({"metric": "throughput_tasks_per_s", "blocks": 1, "value": one, "n": tasks})
@@ -166,22 +183,42 @@ def run(tasks: int) -> list[dict]:
     return results
 
 
-def throughput(ex: Executor, n: int) -> float:
-    ex.submit(work).result(60)
+def throughput(ex: Executor, n: int, blocks: int) -> float:
+    """Tasks/s of ``n`` tasks submitted at once; checks every result and that ``blocks`` jobs ran them."""
+    ran_in_job(ex, 1, 60)
     t0 = time.perf_counter()
-    futures = [ex.submit(work) for _ in range(n)]
-    for f in futures:
-        f.result(600)
-    return round(n / (time.perf_counter() - t0), 1)
+    futures = [ex.submit(work, i) for i in range(n)]
+    results = [f.result(600) for f in futures]
+    rate = round(n / (time.perf_counter() - t0), 1)
+    wrong = [i for i, (value, job) in enumerate(results) if value != i * i or not job]
+    if wrong:
+        raise AssertionError(
+            f"{len(wrong)} of {n} results wrong, e.g. task {wrong[0]}: {results[wrong[0]]!r}"
+        )
+    jobs = {job for _, job in results}
+    if len(jobs) != blocks:
+        raise AssertionError(
+            f"{n} tasks ran in {len(jobs)} Slurm jobs {sorted(jobs)}, expected {blocks} blocks"
+        )
+    return rate
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", type=int, default=10_000)
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true", help=f"a smoke run: {QUICK_TASKS} tasks (~20 s)")
+    parser.add_argument("--tasks", type=int, help="tasks per throughput measurement (default 10000)")
+    args = parser.parse_args(argv)
     if shutil.which("sinfo") is None:
         sys.exit("Slurm is not installed: run scripts/slurm-localhost.sh first")
-    results = run(args.tasks)
+    tasks = args.tasks or (QUICK_TASKS if args.quick else 10_000)
+    try:
+        results = run(tasks)
+    except Exception as exc:  # a wrong result or a failed step: say which, exit 1
+        traceback.print_exc()
+        print(
+            json.dumps({"bench": "slurm", "metric": "error", "error": f"{type(exc).__name__}: {exc}"[:2000]})
+        )
+        return 1
     for r in results:
         print(json.dumps({"bench": "slurm", **r}))
     print("\nmetric                               value")
@@ -190,7 +227,8 @@ def main() -> None:
             f" ({r['blocks']} block{'s' if r['blocks'] > 1 else ''})" if "blocks" in r else ""
         )
         print(f"{label:36} {r['value']}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
