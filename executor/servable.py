@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from dlhub.protocol.serialize import _user_module_sources, plain, runtime_versions, serialize_function
+from dlhub.protocol.serialize import plain, runtime_versions, serialize_function, user_modules
 
 
 def _sha(data: bytes) -> str:
@@ -159,7 +159,8 @@ class Servable:
 
     @classmethod
     def from_function(cls, fn: Callable[..., Any], **metadata: Any) -> Servable:
-        """A plain function, by value (dill + its source, and its own module's source)."""
+        """A plain function, by value (dill + its source, and the source of every user module it
+        reaches, as :meth:`Executor.submit <dlhub.executor.Executor.submit>` ships them)."""
         if not callable(fn):
             raise TypeError(f"from_function needs a callable, got {type(fn).__name__}")
         files = {"function.code": serialize_function(fn)}
@@ -194,13 +195,15 @@ class Servable:
         if not callable(getattr(obj, method, None)):
             raise ValueError(f"{type(obj).__name__} has no method {method!r}")
         files = {"object.pkl": dill.dumps(obj, protocol=5, recurse=True)}
-        # an object of a class from the user's own module unpickles by importing that module:
-        # its source travels as a file, importable at the endpoint from the package root
-        for module_name, source in _user_module_sources(type(obj)).items():
+        # an object of a class from the user's own module unpickles by importing that module (and
+        # what it imports): the user modules it reaches travel as files, importable at the endpoint
+        # from the package root
+        for module_name, source, is_package in user_modules(files["object.pkl"], type(obj).__module__):
             parts = module_name.split(".")
             for i in range(1, len(parts)):
                 files.setdefault("/".join(parts[:i]) + "/__init__.py", b"")
-            files["/".join(parts) + ".py"] = source.encode()
+            path = "/".join(parts) + ("/__init__.py" if is_package else ".py")
+            files[path] = source.encode()
         return cls._build("method", f"object.pkl:{method}", files, **metadata)
 
     @classmethod
