@@ -104,6 +104,17 @@ def test_dlhub_up_makes_local_the_default_endpoint(up_with_second):
     status = http.get("/api/v1/metrics", headers=headers).json()
     assert status["manager"]["default_endpoint"] == "local"
     assert {n for n, ep in status["endpoints"].items() if ep["connected"]} == {"local", "second"}
+    # a user's own default in config.json survives another `dlhub up` (which rewrites the file)
+    path = s.home / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "default_endpoint": "second"}))
+    try:
+        proc = s.cli("up", "--detach", "--no-examples")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert json.loads(path.read_text())["default_endpoint"] == "second"
+        with Executor(home=str(s.home)) as ex:
+            assert ex.endpoint == "second"
+    finally:
+        path.write_text(json.dumps({**json.loads(path.read_text()), "default_endpoint": "local"}))
 
 
 def test_calls_that_name_no_endpoint_go_to_the_default_one(up_with_second, tmp_path, monkeypatch):
