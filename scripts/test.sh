@@ -5,6 +5,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/_venv.sh
 ensure_venv dev
+# Slurm (with MariaDB) and PostgreSQL stay up for the next run: say so at the end, pass or fail
+left_running() {
+  local running
+  running=$(bash scripts/stop-services.sh --status 2>/dev/null | sed -n 's/^/  /; /: running/p')
+  if [ -n "$running" ]; then
+    printf '\nscripts/test.sh: still running (kept for the next run):\n%s\nstop them with: bash scripts/stop-services.sh\n' \
+      "$running" >&2
+  fi
+}
+trap left_running EXIT
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 bash scripts/slurm-localhost.sh || echo "scripts/test.sh: Slurm did not come up (above); tests/cluster will fail" >&2
