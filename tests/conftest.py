@@ -15,6 +15,7 @@ with ``start_new_session``; pools and workers inherit it) or is the manager: tea
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import re
@@ -33,6 +34,68 @@ import pytest
 import yaml
 
 CLI_TIMEOUT_S = 90
+
+
+# ---- the checkout stays clean: tests and the jobs they start write under tmp dirs only ----------
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+_NEVER_CHECKED = (".venv/", ".pytest_cache/")  # the venv and pytest's cache (also in .gitignore)
+# ignored, yet still caught: the scheduler output a job run from the checkout leaves there
+_JOB_OUTPUT = ("parsl.*.submit*", "*.submit.[eo][0-9]*")
+
+
+def _untracked_files() -> set[str] | None:
+    """Untracked files in the checkout (not ignored ones, except Slurm/Parsl job output); None
+    when it is not a git checkout."""
+    try:
+        proc = subprocess.run(
+            [
+                "git",
+                "-C",
+                str(REPO_ROOT),
+                "status",
+                "--porcelain",
+                "--untracked-files=all",
+                "--ignored",
+                "-z",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if proc.returncode != 0:
+        return None
+    found = set()
+    for entry in proc.stdout.split("\0"):
+        path = entry[3:]
+        if path.startswith(_NEVER_CHECKED):
+            continue
+        if entry.startswith("?? ") or (
+            entry.startswith("!! ") and any(fnmatch.fnmatch(Path(path).name, p) for p in _JOB_OUTPUT)
+        ):
+            found.add(path)
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_gains_no_files() -> Iterator[None]:
+    """Fail the run when the tests leave new untracked files in the checkout (a Slurm job or a
+    subprocess that ran with the checkout as its working directory, like the Slurm job output
+    files once committed by accident): processes started by tests must run in a tmp dir."""
+    before = _untracked_files()
+    yield
+    if before is None:
+        return
+    new = sorted((_untracked_files() or set()) - before)
+    if new:
+        pytest.fail(
+            f"the tests left {len(new)} new untracked file(s) in the checkout {REPO_ROOT}: "
+            f"{', '.join(new[:20])}{' ...' if len(new) > 20 else ''}; start processes and jobs with a "
+            "tmp dir as their cwd (e.g. cwd=tmp_path)",
+            pytrace=False,
+        )
 
 
 def wait_until(pred: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> Any:
