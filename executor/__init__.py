@@ -17,6 +17,7 @@ from dlhub.protocol import (
     WorkerLost,
 )
 
+from ._progress import as_completed, progress
 from .client import Client, NotFoundError, PublishError
 from .executor import DLHubFuture, Executor
 from .servable import Servable
@@ -42,4 +43,6 @@ __all__ = [
     "TaskTimeout",
     "UnknownEndpoint",
     "WorkerLost",
+    "as_completed",
+    "progress",
 ]

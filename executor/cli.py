@@ -60,12 +60,34 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
-def _wait(predicate, timeout_s: float, what: str, log: Path | None = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.01)
+def _wait(predicate, timeout_s: float, what: str, log: Path | None = None, note=None) -> None:
+    """Poll ``predicate`` until it holds, saying what is awaited: on a terminal a spinner with
+    ``what``, the elapsed time and ``note()`` (e.g. "1/2 workers registered"); elsewhere (pipes,
+    logs) a line each time ``note()`` changes."""
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    spinner = console.status(f"waiting for {what}") if console.is_terminal else None
+    if spinner is not None:
+        spinner.start()
+    started = time.monotonic()
+    deadline = started + timeout_s
+    shown = None
+    try:
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            text = note() if note is not None else None
+            if spinner is not None:
+                detail = f": {text}" if text else ""
+                spinner.update(f"waiting for {what}{detail} ({time.monotonic() - started:.1f} s)")
+            elif text and text != shown:
+                click.echo(f"  {text}")
+            shown = text
+            time.sleep(0.01)
+    finally:
+        if spinner is not None:
+            spinner.stop()
     tail = ""
     if log is not None and log.exists():
         tail = "\n" + log.read_text()[-3000:]
@@ -163,10 +185,12 @@ def _publish_examples_in_background(root: Path) -> None:
     pid_file = root / "examples.pid"
     try:
         if _pid_alive(int(pid_file.read_text())):
+            click.echo(f"the example servables are still being published (log: {root / 'examples.log'})")
             return
     except (FileNotFoundError, ValueError):
         pass
     log = root / "examples.log"
+    (root / "examples.json").unlink(missing_ok=True)  # the new publisher's progress replaces the last
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "dlhub.executor.examples", "--home", str(root)],
@@ -178,7 +202,10 @@ def _publish_examples_in_background(root: Path) -> None:
             preexec_fn=lambda: os.nice(10),
         )
     pid_file.write_text(str(proc.pid))
-    click.echo(f"publishing the example servables in the background (log: {log})")
+    click.echo(
+        "publishing the example servables in the background (training the models takes a minute; "
+        f"`dlhub up` does not wait for them):\n  log: {log}\n  watch: tail -f {log}, or `dlhub status`"
+    )
 
 
 def _up_manager(root: Path, procs: list[subprocess.Popen], detach: bool) -> dict:
@@ -200,9 +227,18 @@ def _up_manager(root: Path, procs: list[subprocess.Popen], detach: bool) -> dict
     ):
         if _port_free(last.get(key)):
             args += [option, str(last[key])]
+    reused = [f"{key} {last[key]}" for key in ("client", "endpoint", "rest") if _port_free(last.get(key))]
+    ports = f"the ports of its last run ({', '.join(reused)})" if reused else "free ports"
+    click.echo(f"starting the manager on {ports} (state: {manager_home}) ...")
+    started = time.monotonic()
     proc = _spawn(args, manager_home / "manager.stdout", detach, cwd=root)
     procs.append(proc)
-    _wait(lambda: (manager_home / "manager.json").exists() or proc.poll() is not None, 30, "the manager")
+    _wait(
+        lambda: (manager_home / "manager.json").exists() or proc.poll() is not None,
+        30,
+        "the manager to listen",
+        manager_home / "manager.stdout",
+    )
     if proc.poll() is not None:
         raise click.ClickException(
             "the manager failed to start:\n" + (manager_home / "manager.stdout").read_text()[-3000:]
@@ -215,6 +251,11 @@ def _up_manager(root: Path, procs: list[subprocess.Popen], detach: bool) -> dict
     if info.get("rest_url"):
         ports["rest"] = int(info["rest_url"].rsplit(":", 1)[1])
     (manager_home / "ports.json").write_text(json.dumps(ports))
+    rest = f", REST {info['rest_url']}" if info.get("rest_url") else ""
+    click.echo(
+        f"manager up in {time.monotonic() - started:.1f} s: clients {info['client_url']}, "
+        f"endpoints {info['endpoint_url']}{rest}"
+    )
     return info
 
 
@@ -256,6 +297,11 @@ def _up_endpoint(
     config_path.chmod(0o600)
     (ep_dir / "status.json").unlink(missing_ok=True)
     args = [sys.executable, "-m", "dlhub.endpoint.cli", "start", ENDPOINT_NAME, "--home", str(root)]
+    click.echo(
+        f"starting endpoint {ENDPOINT_NAME!r} with {workers} worker{'s' if workers != 1 else ''} "
+        f"(log: {ep_dir / 'endpoint.log'}) ..."
+    )
+    started = time.monotonic()
     ep_proc = _spawn(args, ep_dir / "endpoint.stdout", detach, cwd=root)
     procs.append(ep_proc)
 
@@ -263,11 +309,22 @@ def _up_endpoint(
         s = _read_json(ep_dir / "status.json")
         return (s.get("state") == "running" and s.get("workers", 0) >= workers) or ep_proc.poll() is not None
 
-    _wait(ready, 60, f"endpoint {ENDPOINT_NAME!r}", ep_dir / "endpoint.log")
+    def note() -> str:
+        s = _read_json(ep_dir / "status.json")
+        if s.get("state") != "running":
+            return "connecting to the manager, starting its pool"
+        return f"workers registered: {s.get('workers', 0)}/{workers}"
+
+    _wait(ready, 60, f"endpoint {ENDPOINT_NAME!r} and its workers", ep_dir / "endpoint.log", note)
     if ep_proc.poll() is not None:
         raise click.ClickException(
             "the endpoint failed to start:\n" + (ep_dir / "endpoint.stdout").read_text()[-3000:]
         )
+    registered = _read_json(ep_dir / "status.json").get("workers", workers)
+    click.echo(
+        f"endpoint {ENDPOINT_NAME!r} up in {time.monotonic() - started:.1f} s: "
+        f"{registered}/{workers} workers registered"
+    )
 
 
 def _stop_pid(pid: int | None, timeout_s: float = 20.0, sig: int = signal.SIGTERM) -> bool:
@@ -338,10 +395,50 @@ def status(home: str | None, endpoint: str, as_json: bool) -> None:
         click.echo(json.dumps(info, indent=2, default=str))
     else:
         _print_status(config.manager, info)
+        examples = _examples_line(dlhub_home(home).resolve())
+        if examples:
+            click.echo(examples)
     ep = info["endpoints"].get(endpoint)
     if ep is None:
         click.echo(f"endpoint {endpoint!r} is not known to this manager")
     sys.exit(0 if ep and ep["connected"] and ep["info"].get("workers", 0) >= 1 else 1)
+
+
+def _examples_line(root: Path) -> str | None:
+    """How the background publishing of the example servables is going, from the state file
+    the publisher keeps (``examples.json``), or None when `dlhub up` never started it."""
+    state = _read_json(root / "examples.json")
+    log = root / "examples.log"
+    try:
+        running = _pid_alive(int((root / "examples.pid").read_text()))
+    except (FileNotFoundError, ValueError):
+        running = False
+    if not state:
+        return f"examples: starting (log: {log})" if running else None
+    outcome = state.get("outcome") or {}
+    failed = sum(1 for v in outcome.values() if v.startswith("failed"))
+    skipped = sum(1 for v in outcome.values() if v.startswith("skipped"))
+    line = f"examples: {len(outcome) - failed - skipped}/{state.get('total', '?')} published"
+    line += f", {failed} failed" if failed else ""
+    line += f", {skipped} skipped" if skipped else ""
+    if state.get("finished"):
+        return line + (f" (see {log})" if failed or skipped else "")
+    if running and state.get("current"):
+        since = time.time() - state.get("stage_since", time.time())
+        return f"{line}, {state.get('stage', 'publishing')} {state['current']} ({since:.0f} s); log: {log}"
+    if running:
+        return f"{line}; log: {log}"
+    return f"{line}; stopped before the end (the publisher is not running; log: {log})"
+
+
+SERVABLE_COUNTERS = (
+    ("loads", "loads"),
+    ("evictions", "evictions"),
+    ("output_cache_hits", "output cache hits"),
+    ("output_cache_misses", "output cache misses"),
+    ("batches", "batches"),
+    ("batched_calls", "batched calls"),
+)
 
 
 def _print_status(address: str, info: dict) -> None:

@@ -24,6 +24,7 @@ from dlhub.protocol.servable import parse_ref
 if TYPE_CHECKING:
     from .servable import Servable
 
+from ._progress import PublishProgress
 from .config import dlhub_home, endpoint_from
 
 
@@ -154,35 +155,45 @@ class Client:
         endpoint: str | None = None,
         wait: bool = True,
         timeout_s: float = 600.0,
+        progress: bool = False,
     ) -> str:
         """Upload, then (``wait``) block until the manager has verified the new version on an
         endpoint: returns ``owner/name:version`` once it is ready, raises :class:`PublishError`
-        if its examples fail or it does not load, ``TimeoutError`` if no verdict in time."""
+        if its examples fail or it does not load, ``TimeoutError`` if no verdict in time.
+        ``progress=True``: say on stderr what it waits for (the upload, then the verification on
+        its endpoint, with the version's status and the elapsed time)."""
         servable.validate()
         files = [("files", (path, data, "application/octet-stream")) for path, data in servable.files.items()]
         form: dict[str, Any] = {"record": json.dumps(servable.record)}
         endpoint = endpoint or self.endpoint
         if endpoint:
             form["endpoint"] = endpoint
-        body = self._call("POST", "/servables", data=form, files=files or None)
-        ref = body["ref"]
-        if not wait:
-            return ref
-        deadline = time.monotonic() + timeout_s
-        delay = 0.05
-        while True:
-            info = self.describe(ref)
-            if info["status"] == "ready":
+        shown = PublishProgress(servable, enabled=progress)
+        try:
+            body = self._call("POST", "/servables", data=form, files=files or None)
+            ref = body["ref"]
+            shown.uploaded(ref, body.get("verifying_on"), wait)
+            if not wait:
                 return ref
-            if info["status"] != "pending":
-                raise PublishError(ref, info.get("error") or info["status"])
-            if time.monotonic() >= deadline:
-                raise TimeoutError(
-                    f"{ref} is still being verified on {body.get('verifying_on')} after {timeout_s:.0f} s "
-                    f"(is that endpoint up?); check with Client().describe({ref!r})"
-                )
-            time.sleep(delay)
-            delay = min(delay * 1.5, 0.25)
+            deadline = time.monotonic() + timeout_s
+            delay = 0.05
+            while True:
+                info = self.describe(ref)
+                if info["status"] == "ready":
+                    shown.ready(ref)
+                    return ref
+                if info["status"] != "pending":
+                    raise PublishError(ref, info.get("error") or info["status"])
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(
+                        f"{ref} is still being verified on {body.get('verifying_on')} after "
+                        f"{timeout_s:.0f} s (is that endpoint up?); check with Client().describe({ref!r})"
+                    )
+                shown.status(info["status"])
+                time.sleep(delay)
+                delay = min(delay * 1.5, 0.25)
+        finally:
+            shown.close()
 
     def run(
         self,

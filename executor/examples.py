@@ -332,6 +332,28 @@ def _skip_reason(client, owner: str, name: str, release: str) -> str | None:
     return None
 
 
+PROGRESS_FILE = None  # set by main(): $DLHUB_HOME/examples.json, where `dlhub status` reads progress
+TRAINED = {"composition-rf", "diabetes-rf", "digits-cnn"}  # built by training a model (slow)
+
+
+def _report(
+    outcome: dict, total: int, current: str | None = None, stage: str = "", done: bool = False
+) -> None:
+    """Write how publishing goes for `dlhub status` ("examples: 4/6 published, training digits-cnn")."""
+    if PROGRESS_FILE is None:
+        return
+    import json
+    import os
+
+    state = {"pid": os.getpid(), "total": total, "outcome": outcome, "current": current, "stage": stage}
+    state.update(stage_since=time.time(), finished=done)
+    try:
+        PROGRESS_FILE.with_suffix(".tmp").write_text(json.dumps(state))
+        PROGRESS_FILE.with_suffix(".tmp").replace(PROGRESS_FILE)
+    except OSError as exc:
+        log.warning("cannot write %s: %s", PROGRESS_FILE, exc)
+
+
 def publish_examples(client, owner: str, endpoint: str | None = None) -> dict[str, str]:
     """Build and publish each example not yet published by this release: name -> ref or error."""
     import importlib.metadata
@@ -353,12 +375,14 @@ def publish_examples(client, owner: str, endpoint: str | None = None) -> dict[st
             outcome[name] = reason
             continue
         started = time.monotonic()
+        _report(outcome, len(BUILDS), name, "training" if name in TRAINED else "building")
         try:
             servable = build(owner) if name == "composition-pipeline" else build()
             if name == "composition-pipeline":
                 value = client.run(f"{owner}/composition-rf", [featurize("Fe2O3")], endpoint=endpoint)
                 servable.record["examples"] = [{"args": ["Fe2O3"], "output": value[0], "rtol": 1e-6}]
             servable.record["environment"]["dlhub-examples"] = str(EXAMPLES_REVISION)
+            _report(outcome, len(BUILDS), name, "verifying")
             outcome[name] = client.publish(servable, endpoint=endpoint)
             log.info("published %s in %.1f s", outcome[name], time.monotonic() - started)
         except Exception as exc:  # one broken example must not stop the others
@@ -373,6 +397,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--endpoint", help="endpoint that verifies them (default: the only one)")
     parser.add_argument("--wait-s", type=float, default=60.0, help="how long to wait for the REST API")
     args = parser.parse_args(argv)
+    global PROGRESS_FILE
+    from .config import dlhub_home
+
+    PROGRESS_FILE = dlhub_home(args.home) / "examples.json"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     from .client import Client
@@ -389,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             time.sleep(0.5)
     outcome = publish_examples(client, owner, args.endpoint)
+    _report(outcome, len(outcome), done=True)
     for name, what in outcome.items():
         print(f"{name:24} {what}")
     return 1 if any(v.startswith("failed") for v in outcome.values()) else 0

@@ -38,6 +38,7 @@ from dlhub.protocol.serialize import (
     serialize_function,
 )
 
+from ._progress import TaskProgress
 from .config import ClientConfig
 from .connection import Connection
 
@@ -256,15 +257,19 @@ class Executor(cf.Executor):
         timeout: float | None = None,
         chunksize: int = 1,
         batch_size: int | None = None,
+        progress: bool = False,
     ) -> Iterator:
         """Like ``concurrent.futures.Executor.map``: results in order, ``timeout`` overall.
 
         ``batch_size`` (servables declared vectorized): send the inputs of one iterable in
-        explicit batches of that many, one task each; results still come one per input."""
-        return self._map(fn, iterables, timeout, batch_size, self.cache)
+        explicit batches of that many, one task each; results still come one per input.
+        ``progress=True``: a bar on stderr (count, rate, ETA) that moves as results arrive, in
+        any order; a one-line summary instead when stderr is not a terminal."""
+        return self._map(fn, iterables, timeout, batch_size, self.cache, progress)
 
-    def _map(self, fn, iterables, timeout, batch_size, cache) -> Iterator:
-        deadline = None if timeout is None else time.monotonic() + timeout
+    def _map(self, fn, iterables, timeout, batch_size, cache, progress=False) -> Iterator:
+        started = time.monotonic()
+        deadline = None if timeout is None else started + timeout
         if batch_size is None:
             fs = [self._submit(fn, args, {}, cache, batch=False) for args in zip(*iterables)]
             per_future = 1
@@ -281,6 +286,7 @@ class Executor(cf.Executor):
             chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
             fs = [self._submit(fn, (chunk,), {}, cache, batch=True) for chunk in chunks]
             per_future = 0  # a list of results per future
+        tracker = _track(fs, fn, started) if progress else None
 
         def wait(f):
             return f.result() if deadline is None else f.result(max(0.0, deadline - time.monotonic()))
@@ -296,8 +302,12 @@ class Executor(cf.Executor):
                     else:
                         yield from value
             finally:
-                if fs:
-                    self._cancel(fs, wait=False)
+                try:
+                    if fs:
+                        self._cancel(fs, wait=False)
+                finally:
+                    if tracker is not None:
+                        tracker.close()
 
         return results()
 
@@ -417,6 +427,18 @@ class Executor(cf.Executor):
         self.shutdown(wait=True)
 
 
+def _track(fs: list[DLHubFuture], fn: Callable | str, started: float) -> TaskProgress:
+    """A progress bar for ``map`` (its clock started before submitting), counting each future
+    as its result arrives."""
+    name = fn if isinstance(fn, str) else getattr(fn, "__qualname__", None) or type(fn).__name__
+    tracker = TaskProgress(len(fs), f"map {name}", started=started)
+    for fut in fs:
+        fut.add_done_callback(tracker.future_done)
+    if not fs:
+        tracker.close()
+    return tracker
+
+
 def _task_id(text: str) -> bytes:
     try:
         raw = bytes.fromhex(text)
@@ -459,5 +481,5 @@ class _CallOptions:
     def submit(self, fn: Callable | str, /, *args: Any, **kwargs: Any) -> DLHubFuture:
         return self._executor._submit(fn, args, kwargs, self._cache, batch=False)
 
-    def map(self, fn, *iterables, timeout=None, chunksize=1, batch_size=None) -> Iterator:
-        return self._executor._map(fn, iterables, timeout, batch_size, self._cache)
+    def map(self, fn, *iterables, timeout=None, chunksize=1, batch_size=None, progress=False) -> Iterator:
+        return self._executor._map(fn, iterables, timeout, batch_size, self._cache, progress)

@@ -137,7 +137,7 @@ def register(main: click.Group) -> None:
             examples=parsed,
             deterministic=deterministic,
         )
-        ref = client.publish(servable, endpoint=endpoint, wait=not no_wait)
+        ref = client.publish(servable, endpoint=endpoint, wait=not no_wait, progress=True)  # on stderr
         click.echo(ref if not no_wait else f"{ref} (pending: see `dlhub describe {ref}`)")
 
     @main.command()

@@ -118,7 +118,9 @@ def test_the_use_it_snippet_prints_what_its_comments_say(up):
         [sys.executable, "-c", readme_block("Use it", "python")], env=env, cwd=cwd, capture_output=True,
         text=True, timeout=120,
     )  # fmt: skip
-    assert proc.stdout.splitlines() == ["49", str([x * x for x in range(10)])], proc.stderr
+    squares = [x * x for x in range(10)]
+    assert proc.stdout.splitlines() == ["49", str(squares), str(sum(x * x for x in range(2000)))], proc.stderr
+    assert "map square: 2,000/2,000 done in" in proc.stderr  # progress=True: a summary, stderr is a pipe
 
 
 def test_the_publish_snippet_gets_version_1_and_runs_the_users_function(up):
