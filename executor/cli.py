@@ -22,6 +22,7 @@ import click
 import yaml
 
 from .config import dlhub_home, write_client_config
+from .config_cli import register as register_config_command
 from .repo_cli import register as register_repository_commands
 
 ENDPOINT_NAME = "local"
@@ -503,6 +504,7 @@ def _print_status(address: str, info: dict) -> None:
 
 
 register_repository_commands(main)
+register_config_command(main)
 
 if __name__ == "__main__":
     main()

@@ -155,19 +155,24 @@ class Client:
         endpoint: str | None = None,
         wait: bool = True,
         timeout_s: float = 600.0,
+        owner: str | None = None,
         progress: bool = False,
     ) -> str:
         """Upload, then (``wait``) block until the manager has verified the new version on an
         endpoint: returns ``owner/name:version`` once it is ready, raises :class:`PublishError`
         if its examples fail or it does not load, ``TimeoutError`` if no verdict in time.
         ``progress=True``: say on stderr what it waits for (the upload, then the verification on
-        its endpoint, with the version's status and the elapsed time)."""
+        its endpoint, with the version's status and the elapsed time).
+        ``owner``: publish for another owner than this token's user (admins only, else
+        ``AccessDenied``), e.g. ``"examples"``."""
         servable.validate()
         files = [("files", (path, data, "application/octet-stream")) for path, data in servable.files.items()]
         form: dict[str, Any] = {"record": json.dumps(servable.record)}
         endpoint = endpoint or self.endpoint
         if endpoint:
             form["endpoint"] = endpoint
+        if owner:
+            form["owner"] = owner
         shown = PublishProgress(servable, enabled=progress)
         try:
             body = self._call("POST", "/servables", data=form, files=files or None)

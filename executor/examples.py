@@ -1,4 +1,5 @@
-"""The example servables that ``dlhub up`` publishes in the background once it is ready.
+"""The example servables that ``dlhub up`` publishes in the background once it is ready, under
+their own owner ``examples`` (``examples/noop``, ...), so they never share a name with a user's.
 
     noop                     a function that returns its argument unchanged (the latency floor)
     composition-featurizer   "Fe2O3" -> 8 numeric features from an element table
@@ -12,9 +13,11 @@
 Models are trained here at build time, with fixed seeds, on data that scikit-learn ships (no
 download). Each example's outputs are recorded from the trained model, so verification on the
 endpoint checks that the model loads and computes the same thing there. A version already
-published by the same dlhub release is not published again. Run by hand:
-``python -m dlhub.executor.examples [--home H]``; it logs what it does and exits non-zero if any
-example failed.
+published by the same dlhub release is not published again. The admin token of ``dlhub up``
+publishes them for the owner ``examples`` (an admin may publish for another owner), so the
+admin's own ``admin/composition-featurizer`` starts at version 1 and the example pipeline keeps
+pinning the example featurizer. Run by hand: ``python -m dlhub.executor.examples [--home H]``; it
+logs what it does and exits non-zero if any example failed.
 """
 
 from __future__ import annotations
@@ -24,12 +27,13 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 log = logging.getLogger("dlhub.examples")
 
 EXAMPLES_REVISION = 2  # bump when an example changes: `dlhub up` publishes a new version of it
+OWNER = "examples"  # the owner the examples are published for (never a user's own namespace)
 AUTHORS = [{"name": "dlhub developers", "affiliation": "dlhub"}]
 
 # symbol: (atomic number, Pauling electronegativity, standard atomic weight)
@@ -309,26 +313,25 @@ BUILDS: list[tuple[str, Callable[..., Any], str | None]] = [
     ("digits-cnn", build_digits_cnn, "torch"),
     ("composition-pipeline", build_pipeline, "sklearn"),
 ]
+EXAMPLE_NAMES = [name for name, _, _ in BUILDS]
 
 
-def _skip_reason(client, owner: str, name: str, release: str) -> str | None:
-    """Why not to publish this example now: already published by this release, or the name is
-    in use by a servable of the user's own (never shadow it with an example's new version)."""
+def _already_published(client, owner: str, name: str, release: str) -> str | None:
+    """``owner/name:v (already published)`` when this release and examples revision published
+    its latest ready version, else None (publish it)."""
     from .client import NotFoundError
 
     try:
         info = client.describe(f"{owner}/{name}")
     except NotFoundError:
         return None
-    environment = info["record"]["environment"]
-    if "dlhub-examples" not in environment:
-        return f"skipped: {owner}/{name} is a servable of your own"
+    record, environment = info["record"], info["record"]["environment"]
     if (
         info["status"] == "ready"
         and environment.get("dlhub") == release
         and environment.get("dlhub-examples") == str(EXAMPLES_REVISION)
     ):
-        return f"{owner}/{name} (already published)"
+        return f"{owner}/{name}:{record['version']} (already published)"
     return None
 
 
@@ -354,36 +357,45 @@ def _report(
         log.warning("cannot write %s: %s", PROGRESS_FILE, exc)
 
 
-def publish_examples(client, owner: str, endpoint: str | None = None) -> dict[str, str]:
-    """Build and publish each example not yet published by this release: name -> ref or error."""
+def publish_examples(
+    client, owner: str = OWNER, endpoint: str | None = None, names: Iterable[str] | None = None
+) -> dict[str, str]:
+    """Build and publish (for ``owner``) each example not yet published by this release: name ->
+    ref or why not. ``names``: only these (a pipeline needs its steps among them or published)."""
     import importlib.metadata
 
     release = importlib.metadata.version("dlhub")
+    wanted = set(names) if names is not None else {name for name, _, _ in BUILDS}
+    unknown = wanted - {name for name, _, _ in BUILDS}
+    if unknown:
+        raise ValueError(f"no example named {', '.join(sorted(unknown))} (known: {', '.join(EXAMPLE_NAMES)})")
     outcome: dict[str, str] = {}
     for name, build, needs in BUILDS:
+        if name not in wanted:
+            continue
         if needs and importlib.util.find_spec(needs) is None:
             outcome[name] = f"skipped: needs {needs} (pip install 'dlhub[examples]')"
             log.info("%s %s", name, outcome[name])
             continue
-        reason = _skip_reason(client, owner, name, release)
+        reason = _already_published(client, owner, name, release)
         if name == "composition-pipeline" and any(
             outcome.get(step, "").startswith(("skipped", "failed"))
             for step in ("composition-featurizer", "composition-rf")
         ):
-            reason = "skipped: its steps were not published as examples"
+            reason = "skipped: its steps were not published"
         if reason is not None:
             outcome[name] = reason
             continue
         started = time.monotonic()
-        _report(outcome, len(BUILDS), name, "training" if name in TRAINED else "building")
+        _report(outcome, len(wanted), name, "training" if name in TRAINED else "building")
         try:
             servable = build(owner) if name == "composition-pipeline" else build()
             if name == "composition-pipeline":
                 value = client.run(f"{owner}/composition-rf", [featurize("Fe2O3")], endpoint=endpoint)
                 servable.record["examples"] = [{"args": ["Fe2O3"], "output": value[0], "rtol": 1e-6}]
             servable.record["environment"]["dlhub-examples"] = str(EXAMPLES_REVISION)
-            _report(outcome, len(BUILDS), name, "verifying")
-            outcome[name] = client.publish(servable, endpoint=endpoint)
+            _report(outcome, len(wanted), name, "verifying")
+            outcome[name] = client.publish(servable, endpoint=endpoint, owner=owner)
             log.info("published %s in %.1f s", outcome[name], time.monotonic() - started)
         except Exception as exc:  # one broken example must not stop the others
             outcome[name] = f"failed: {type(exc).__name__}: {exc}"
@@ -409,14 +421,14 @@ def main(argv: list[str] | None = None) -> int:
     while True:
         try:
             client = Client(home=args.home)
-            owner = client.whoami()
+            client.whoami()  # reachable, and the token is valid
             break
         except Exception as exc:
             if time.monotonic() > deadline:
                 log.error("the manager's REST API is not reachable: %s", exc)
                 return 2
             time.sleep(0.5)
-    outcome = publish_examples(client, owner, args.endpoint)
+    outcome = publish_examples(client, OWNER, args.endpoint)
     _report(outcome, len(outcome), done=True)
     for name, what in outcome.items():
         print(f"{name:24} {what}")

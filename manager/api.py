@@ -11,6 +11,7 @@ broker loop's state. OpenAPI: ``/openapi.json``; docs: ``/docs``.
 import asyncio
 import json
 import logging
+import re
 import socket
 import threading
 from collections.abc import Callable
@@ -20,7 +21,7 @@ import sqlalchemy as sa
 
 from dlhub.protocol import errors
 from dlhub.protocol import messages as m
-from dlhub.protocol.servable import RecordError, parse_record
+from dlhub.protocol.servable import OWNER_PATTERN, RecordError, parse_record
 
 from .auth import Authenticator
 from .repository import NotFound, Repository, RepositoryError
@@ -144,6 +145,19 @@ def create_app(
         if who[1] != "admin" and who[0] != owner:
             raise ApiError(403, "forbidden", f"{who[0]} may not change servables of {owner}")
 
+    def publish_owner(who: tuple[str, str], field: object) -> str:
+        """The owner a publish goes under: the token's user, or (admins only) the form's ``owner``,
+        e.g. ``examples`` for the servables ``dlhub up`` publishes, apart from the admin's own."""
+        if field is None or field == "" or field == who[0]:
+            return who[0]
+        if not isinstance(field, str) or not re.fullmatch(OWNER_PATTERN, field):
+            raise ApiError(
+                422, "invalid-request", f"form field 'owner' must be a user name like 'examples': {field!r}"
+            )
+        if who[1] != "admin":
+            raise ApiError(403, "forbidden", f"{who[0]} may not publish for {field} (only an admin may)")
+        return field
+
     @app.get(f"{API}/health")
     def health() -> dict[str, str]:
         return {"status": "ok"}
@@ -243,6 +257,10 @@ def create_app(
                                 "type": "string",
                                 "description": "endpoint that verifies it (default: the manager's default)",
                             },
+                            "owner": {
+                                "type": "string",
+                                "description": "admins: publish for this owner, not the token's user",
+                            },
                         },
                     }
                 }
@@ -253,12 +271,14 @@ def create_app(
     @app.post(f"{API}/servables", status_code=202, openapi_extra=publish_body)
     async def publish(who: User, request: Request) -> dict[str, Any]:
         """multipart/form-data: ``record`` (JSON), one ``files`` part per file (its filename is
-        the path in the record), optional ``endpoint`` to verify on. 202: verification runs."""
+        the path in the record), optional ``endpoint`` to verify on, optional ``owner`` (admins:
+        publish for that owner, e.g. ``examples``). 202: verification runs."""
         service = need_services()
         try:
             form = await request.form(max_files=10_000, max_fields=100, max_part_size=MAX_UPLOAD_PART)
         except Exception as exc:  # malformed multipart bodies
             raise ApiError(400, "bad-request", f"cannot read the multipart form: {exc}") from None
+        owner = publish_owner(who, form.get("owner"))
         raw = form.get("record")
         if isinstance(raw, UploadFile):
             raw = (await raw.read()).decode()
@@ -271,7 +291,12 @@ def create_app(
         except ValueError as exc:
             raise ApiError(422, "invalid-record", f"record is not JSON: {exc}") from None
         if isinstance(data, dict) and (data.get("owner") or data.get("version")):
-            raise ApiError(422, "invalid-record", "owner and version are set by the manager; leave them out")
+            raise ApiError(
+                422,
+                "invalid-record",
+                "owner and version are set by the manager; leave them out of the record "
+                "(an admin publishing for another owner sends the form field 'owner')",
+            )
         record = parse_record(data)
         files: dict[str, bytes] = {}
         for part in form.getlist("files"):
@@ -287,7 +312,7 @@ def create_app(
             raise ApiError(404, "unknown-endpoint", str(exc)) from None
         except errors.EndpointRequired as exc:
             raise endpoint_required(exc, "form field") from None
-        published = await asyncio.to_thread(repository.publish, who[0], record, files)
+        published = await asyncio.to_thread(repository.publish, owner, record, files)
         service.verify(published, endpoint)
         return {"ref": published.ref, "status": "pending", "verifying_on": endpoint}
 
