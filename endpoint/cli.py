@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import click
@@ -280,32 +281,224 @@ def check(name: str, timeout_s: float, home: str | None) -> None:
     sys.exit(1 if failures else 0)
 
 
+ACTIVE_BLOCK_STATES = ("PENDING", "RUNNING", "HELD", "UNKNOWN")
+
+
+def _active_blocks(status: dict) -> int | None:
+    """Blocks that hold (or wait for) nodes now; None for a stopped endpoint (its last
+    status.json is history, not what runs)."""
+    if status.get("state") == "stopped":
+        return None
+    return sum(
+        1
+        for blocks in (status.get("blocks") or {}).values()
+        for block in blocks.values()
+        if block.get("state") in ACTIVE_BLOCK_STATES
+    )
+
+
 @main.command("list")
+@click.option("--json", "as_json", is_flag=True, help="print name -> status as JSON, for scripts")
 @home_option
-def list_endpoints(home: str | None) -> None:
-    """List endpoints configured under the home directory."""
+def list_endpoints(as_json: bool, home: str | None) -> None:
+    """List endpoints configured under the home directory (a stopped one shows no blocks)."""
     root = dlhub_home(home) / "endpoints"
     names = sorted(p.name for p in root.iterdir() if (p / "config.yaml").exists()) if root.exists() else []
+    if as_json:
+        click.echo(json.dumps({name: read_status(root / name) for name in names}, indent=2, default=str))
+        return
     if not names:
         click.echo("no endpoints configured")
         return
     click.echo(f"{'NAME':20} {'STATE':13} {'PID':>8} {'BLOCKS':>6} {'WORKERS':>7} {'QUEUED':>6}")
     for name in names:
         s = read_status(root / name)
+        blocks = _active_blocks(s)
+        stopped = blocks is None
         click.echo(
             f"{name:20} {s.get('state', '?'):13} {s.get('pid') or '-':>8} "
-            f"{len(s.get('blocks', {})):>6} {s.get('workers', 0):>7} {s.get('queued', 0):>6}"
+            f"{'-' if stopped else blocks:>6} {'-' if stopped else s.get('workers', 0):>7} "
+            f"{'-' if stopped else s.get('queued', 0):>6}"
         )
 
 
 @main.command()
 @click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="print the raw status.json (as before), for scripts")
 @home_option
-def status(name: str, home: str | None) -> None:
-    """Show ENDPOINT's state, blocks, workers and versions as JSON; exit 1 unless running."""
-    s = read_status(endpoint_dir(name, home))
-    click.echo(json.dumps(s, indent=2, default=str))
+def status(name: str, as_json: bool, home: str | None) -> None:
+    """Show ENDPOINT's state, manager link, blocks, workers, queues and servables; exit 1 unless
+    running. --json prints the status the endpoint writes each heartbeat."""
+    run_dir = endpoint_dir(name, home)
+    s = read_status(run_dir)
+    if as_json:
+        click.echo(json.dumps(s, indent=2, default=str))
+    else:
+        if not (run_dir / "config.yaml").exists() and "updated" not in s:
+            raise click.ClickException(
+                f"no endpoint {name!r} under {run_dir.parent} (see `dlhub-endpoint list`)"
+            )
+        click.echo(_status_text(name, s, run_dir, home))
     sys.exit(0 if s.get("state") == "running" else 1)
+
+
+def _local(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+def _when(epoch: float | None, now: float) -> str:
+    """``12 s ago (2026-12-04 15:54:15 UTC)``, in local time; ``never`` without a time."""
+    if not isinstance(epoch, (int, float)):
+        return "never"
+    return f"{_span(now - epoch)} ago ({_local(epoch)})"
+
+
+def _span(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def _manager_note(address: str | None, run_dir: Path, home: str | None) -> str:
+    """Why the address this endpoint dials is not the one in config.json, or what is wrong with it."""
+    notes = []
+    try:
+        configured = load_config(run_dir / "config.yaml").manager.address
+    except ConfigError:
+        configured = None
+    if configured and address and configured != address:
+        notes.append(f"config.yaml now says {configured}; `dlhub-endpoint restart {run_dir.name}` to use it")
+    local = dlhub_home(home) / "manager" / "manager.json"
+    try:
+        info = json.loads(local.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        info = {}
+    client_url, endpoint_url = info.get("client_url"), info.get("endpoint_url")
+    if address and endpoint_url == address:
+        notes.append(
+            f"the manager's port for endpoints; clients use its client port {client_url}, in config.json"
+        )
+    elif address and client_url == address:
+        notes.append(f"that is the manager's client port: endpoints must dial {endpoint_url}")
+    elif address and endpoint_url:
+        notes.append(
+            f"the manager `dlhub up` runs under this home takes endpoints at {endpoint_url} now "
+            "(it was restarted on other ports, or this endpoint serves another manager)"
+        )
+    else:
+        notes.append("the manager's endpoint port; its clients use another, its client port")
+    return "; ".join(notes)
+
+
+def _status_text(name: str, s: dict, run_dir: Path, home: str | None) -> str:
+    """The human form of ``status.json``: local times, labelled counts, blocks with job ids."""
+    now = time.time()
+    state = s.get("state", "?")
+    lines = []
+    if state == "stopped":
+        lines.append(f"endpoint {name}: stopped; its last status was written {_when(s.get('updated'), now)}")
+    else:
+        started = s.get("started")
+        up = f", up {_span(now - started)} (since {_local(started)})" if started else ""
+        lines.append(f"endpoint {name}: {state} (pid {s.get('pid')}){up}")
+    out = lines.append
+
+    def row(key: str, value: str) -> None:
+        out(f"  {key + ':':13} {value}")
+
+    row("manager", str(s.get("manager", "?")))
+    out(f"  {'':13} ({_manager_note(s.get('manager'), run_dir, home)})")
+    versions = s.get("versions") or {}
+    if versions:
+        row("versions", f"Python {versions.get('python', '?')}, dill {versions.get('dill', '?')}")
+    if state != "stopped":
+        beat = s.get("heartbeat_s")
+        every = f", rewritten every {beat:g} s" if isinstance(beat, (int, float)) else ""
+        row("status", f"written {_when(s.get('updated'), now)}{every}")
+        row("workers", f"{s.get('workers', 0)} ({s.get('busy_workers', 0)} busy)")
+        on_workers = s.get("on_workers", max(0, s.get("outstanding", 0) - s.get("queued", 0)))
+        by_pool = s.get("queued_by_pool") or {}
+        pools = f" ({', '.join(f'{p} {n}' for p, n in by_pool.items())})" if len(by_pool) > 1 else ""
+        row(
+            "tasks now",
+            f"{s.get('queued', 0)} queued for a worker{pools}, "
+            f"{on_workers} on workers (running or prefetched)",
+        )
+    if s.get("received"):
+        failed = f" ({s['failed']} failed)" if "failed" in s else ""
+        row(
+            "tasks so far",
+            f"received {s['received']}, finished {s.get('completed', 0)}{failed}; "
+            f"{s.get('worker_lost', 0)} lost with their worker, {s.get('requeued', 0)} requeued",
+        )
+    out(_blocks_text(s, run_dir))
+    for key, error in sorted((s.get("block_errors") or {}).items()):
+        out(f"  block error {key} (job {error.get('job_id')}): {error.get('reason')}")
+        for line in str(error.get("output") or "").strip().splitlines()[-5:]:
+            out(f"    | {line}")
+    for pool, message in sorted((s.get("failing") or {}).items()):
+        out(f"  pool {pool} is failing its tasks: {message}")
+    servables = s.get("servables") or {}
+    if servables:
+        out("  servables:")
+        for label, st in sorted(servables.items()):
+            out(f"    {label}")
+            out(
+                f"      loads {st.get('loads', 0)}, evictions {st.get('evictions', 0)}, output cache hits "
+                f"{st.get('output_cache_hits', 0)} / misses {st.get('output_cache_misses', 0)}, "
+                f"{st.get('batched_calls', 0)} calls in {st.get('batches', 0)} batches"
+            )
+    for warning in s.get("version_warnings") or []:
+        out(f"  warning: {warning}")
+    out(f"  files:        {run_dir} (config.yaml, endpoint.log; `dlhub-endpoint logs {name}`)")
+    return "\n".join(lines)
+
+
+def _blocks_text(s: dict, run_dir: Path) -> str:
+    """One line per block: state, scheduler job id, the pool running in it and its workers."""
+    try:
+        pools = load_config(run_dir / "config.yaml").all_pools()
+        kinds = {pool: named.provider.type for pool, named in pools.items()}
+    except ConfigError:
+        kinds = {}
+    pools_by_id = s.get("pools") or {}
+    blocks = [
+        (pool, b, info) for pool, bs in sorted((s.get("blocks") or {}).items()) for b, info in bs.items()
+    ]
+
+    def job(pool: str, info: dict) -> str:
+        return " ".join(filter(None, (kinds.get(pool), "job", str(info.get("job_id")))))
+
+    if s.get("state") == "stopped":
+        left = [(p, b, i) for p, b, i in blocks if i.get("state") in ACTIVE_BLOCK_STATES]
+        if not left:
+            return "  blocks:       none (stopped)"
+        jobs = ", ".join(f"{p}/{b} ({job(p, i)}, {i.get('state')})" for p, b, i in left)
+        return (
+            "  blocks:       none (stopped), but it did not stop cleanly: these blocks were active at its "
+            f"last status and may still be in the scheduler's queue: {jobs}"
+        )
+    if not blocks:
+        return "  blocks:       none yet"
+    active = sum(1 for _, _, i in blocks if i.get("state") in ACTIVE_BLOCK_STATES)
+    lines = [f"  blocks:       {active} active"]
+    for pool, block, info in blocks:
+        line = f"    {pool}/{block}  {info.get('state')}  {job(pool, info)}"
+        p = pools_by_id.get(info.get("pool"))
+        if p:
+            n = p.get("workers", 0)
+            line += f"  pool {info['pool']} on {p.get('hostname')}, {n} worker{'' if n == 1 else 's'}"
+            if p.get("draining"):
+                line += " (draining: walltime ends soon)"
+        if info.get("message"):
+            line += f"  ({info['message']})"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from dlhub.protocol.serialize import runtime_versions
 from .config import EndpointConfig, walltime_seconds
 from .packages import PackageCache
 from .scheduler import Scheduler
+from .tasklog import TaskLog, describe_function
 
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
@@ -53,6 +54,7 @@ class Endpoint:
         self.config = config
         self.run_dir = Path(run_dir)
         self.session = secrets.token_hex(8)
+        self.started = time.time()
         self.pool_token = secrets.token_urlsafe(24)
         self.scheduler = Scheduler(
             prefetch_target_ms=config.pool.prefetch_target_ms,
@@ -64,6 +66,10 @@ class Endpoint:
             pool_offers={name: _offers(named) for name, named in config.all_pools().items()},
         )
         self.packages = PackageCache(self.run_dir / "servables", self.scheduler, config.batching)
+        self.scheduler.failures = []  # drained into the log by _pump
+        self.tasklog = TaskLog(
+            log, lambda function: describe_function(function, self.scheduler.labels, self.scheduler.code)
+        )
         self.unacked: dict[bytes, list] = {}
         self.registered = False
         self.manager_state = "connecting"
@@ -279,6 +285,9 @@ class Endpoint:
             if updates:
                 self._to_manager(m.States(updates))
             s.states.clear()
+        if s.failures:
+            self.tasklog.failures(s.failures)
+            s.failures.clear()
         if s.results:
             for res in s.results:
                 self.unacked[res[m.R_ID]] = res
@@ -290,7 +299,15 @@ class Endpoint:
 
     def _periodic(self, now: float) -> None:
         self.scheduler.running_updates()
-        self._to_manager(m.Heartbeat(self.scheduler.snapshot()))
+        snapshot = self._snapshot()
+        self._to_manager(m.Heartbeat(snapshot))
+        self.tasklog.tick(
+            snapshot["completed"],
+            snapshot["failed"],
+            idle=not snapshot["outstanding"],
+            state=f"now {snapshot['queued']} queued, {snapshot['on_workers']} on workers, "
+            f"{snapshot['workers']} worker{'' if snapshot['workers'] == 1 else 's'}",
+        )
         if now - self.last_heard_manager > self.config.heartbeat_threshold_s:
             if self.manager_state != "disconnected":
                 log.warning("manager silent for %.0f s: disconnected", now - self.last_heard_manager)
@@ -483,7 +500,7 @@ class Endpoint:
                 str(hello.info.get("pool_name", "default")),
             )
             # tell the manager and `dlhub up` at once rather than at the next heartbeat
-            self._to_manager(m.Heartbeat(self.scheduler.snapshot()))
+            self._to_manager(m.Heartbeat(self._snapshot()))
             self._write_status()
 
     def _send_worker(self, identity: bytes, msg: m.Message) -> None:
@@ -501,13 +518,22 @@ class Endpoint:
             "pid": os.getpid(),
             "manager": self.config.manager.address,
             "updated": time.time(),
+            "started": self.started,
             "blocks": self._block_states(),
             "block_errors": self.block_errors,
             "version_warnings": self.version_warnings,
             "failing": {pool: error[1] for pool, error in self.scheduler.refused_pools.items()},
             "versions": runtime_versions(),
-            **self.scheduler.snapshot(),
+            **self._snapshot(),
         }
+
+    def _snapshot(self) -> dict[str, Any]:
+        """The scheduler's counts, plus what `dlhub status` needs to explain them: tasks at
+        workers (running or prefetched) and how often these numbers are refreshed."""
+        snapshot = self.scheduler.snapshot()
+        snapshot["on_workers"] = sum(len(w.assigned) for w in list(self.scheduler.workers.values()))
+        snapshot["heartbeat_s"] = self.config.heartbeat_s
+        return snapshot
 
     def _block_states(self) -> dict[str, dict[str, Any]]:
         """Parsl's view of each block (its polls are up to 60 s apart), corrected by what we
@@ -531,6 +557,8 @@ class Endpoint:
         tmp.replace(self.run_dir / "status.json")
 
     def _shutdown(self) -> None:
+        counters = self.scheduler.counters
+        self.tasklog.tick(counters["completed"], counters["failed"], idle=True, state="stopping", final=True)
         try:
             self._to_manager(m.Shutdown("endpoint stopping"))
         except zmq.ZMQError:

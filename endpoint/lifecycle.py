@@ -102,11 +102,23 @@ def read_status(run_dir: Path) -> dict[str, Any]:
     return status
 
 
+class _BoundedFileHandler(logging.handlers.RotatingFileHandler):
+    """Rotates at ``maxBytes``; with no backups the file starts over (the standard handler
+    never rotates then, and the log would grow without bound)."""
+
+    def doRollover(self) -> None:
+        if self.backupCount > 0:
+            super().doRollover()
+            return
+        if self.stream:
+            self.stream.close()
+        self.stream = open(self.baseFilename, "w", encoding=self.encoding)  # noqa: SIM115
+
+
 def setup_logging(log_file: Path, max_bytes: int, backups: int, console: bool = False) -> None:
+    """Log to ``log_file``, kept under ``max_bytes`` per file and ``backups`` rotated files."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    handler: logging.Handler = logging.handlers.RotatingFileHandler(
-        log_file, maxBytes=max_bytes, backupCount=backups
-    )
+    handler: logging.Handler = _BoundedFileHandler(log_file, maxBytes=max_bytes, backupCount=backups)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     handler.setFormatter(fmt)
     root = logging.getLogger()

@@ -110,7 +110,10 @@ class Scheduler(Batching):
         self.kill_requests: list[tuple[str, str, str]] = []  # (pool_id, worker_id, reason)
         self.paused = False  # draining for shutdown: nothing new is dispatched
         self.refused_pools: dict[str, list] = {}  # pools whose blocks cannot start -> the error
-        self.counters = {"received": 0, "completed": 0, "worker_lost": 0, "requeued": 0}
+        self.counters = {"received": 0, "completed": 0, "failed": 0, "worker_lost": 0, "requeued": 0}
+        # failed tasks, (task id, function, worker identity or None, error), when a list: the
+        # daemon sets one and drains it to log them (counting them costs one comparison a result)
+        self.failures: list[tuple[bytes, str, bytes | None, list]] | None = None
         self._init_batching()
 
     # ---- tasks and code from the manager ----------------------------------------------------
@@ -464,6 +467,10 @@ class Scheduler(Batching):
         if t is None:
             return  # duplicate (e.g. a late result after a requeue already finished it)
         self.counters["completed"] += 1
+        if res[m.R_STATE] != "succeeded" and res[m.R_STATE] != "cancelled":
+            self.counters["failed"] += 1
+            if self.failures is not None:
+                self.failures.append((res[m.R_ID], t.record[m.T_FUNCTION], t.worker, res[m.R_ERROR]))
         self.results.append(res)
 
     def outstanding(self, pool_name: str | None = None) -> int:

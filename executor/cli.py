@@ -442,65 +442,147 @@ SERVABLE_COUNTERS = (
 )
 
 
+SERVABLE_COUNTERS = (
+    ("loads", "loads"),
+    ("evictions", "evictions"),
+    ("output_cache_hits", "output cache hits"),
+    ("output_cache_misses", "output cache misses"),
+    ("batches", "batches"),
+    ("batched_calls", "batched calls"),
+)
+
+
 def _print_status(address: str, info: dict) -> None:
+    """The human form of ``dlhub status``: one block per endpoint, readable at 80 columns, names
+    never cut (users copy them into commands)."""
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    console.print(
-        f"manager: [green]up[/] at {address} (received {info['received']}, "
-        f"finished {info['finished']}, open {info['tasks_open']})"
+    grid = Table.grid(padding=(0, 2))
+    grid.title, grid.title_justify, grid.title_style = f"manager: up at {address}", "left", "bold"
+    grid.add_column(no_wrap=True, style="dim")
+    grid.add_column()
+    grid.add_row(
+        "tasks", f"received {info['received']}, finished {info['finished']}, open {info['tasks_open']}"
     )
-    table = Table("endpoint", "state", "workers", "queued", "in flight", "python", "dill")
-    for name, ep in sorted(info["endpoints"].items()):
-        state = "[green]connected[/]" if ep["connected"] else "[red]disconnected[/]"
-        table.add_row(
-            name,
-            state,
-            str(ep["info"].get("workers", 0)),
-            str(ep["info"].get("queued", ep["pending"])),
-            str(ep["inflight"]),
-            str(ep["versions"].get("python", "?")),
-            str(ep["versions"].get("dill", "?")),
-        )
-    console.print(table)
     cache = info.get("result_cache")
     if cache:
         ratio = f"{cache['hit_ratio']:.1%}" if cache.get("hit_ratio") is not None else "n/a"
-        console.print(
-            f"result cache: {cache['entries']} entries, {cache['bytes']:,} bytes, hits {cache['hits']}, "
+        grid.add_row(
+            "result cache",
+            f"{cache['entries']} entries, {cache['bytes']:,} bytes, hits {cache['hits']}, "
             f"misses {cache['misses']} (hit ratio {ratio}), coalesced {cache['coalesced']}, "
-            f"evicted {cache['evicted']}"
+            f"evicted {cache['evicted']}",
         )
+    console.print(grid)
     for name, ep in sorted(info["endpoints"].items()):
-        batching = ep["info"].get("batching") or {}
-        if batching.get("batches"):
-            delay = batching.get("queue_delay_ms") or {}
-            console.print(
-                f"{name}: {batching['batches']} batches, sizes {batching['batch_size_histogram']}, "
-                f"queue delay mean {delay.get('mean')} ms, max {delay.get('max')} ms"
-            )
-        servables = ep["info"].get("servables") or {}
+        ep_info = ep.get("info") or {}
+        grid = Table.grid(padding=(0, 2))
+        grid.title, grid.title_justify, grid.title_style = f"endpoint {name}", "left", "bold"
+        grid.add_column(no_wrap=True, style="dim")
+        grid.add_column()
+        for key, value in _endpoint_rows(ep, ep_info):
+            grid.add_row(key, value)
+        console.print()
+        console.print(grid)
+        servables = ep_info.get("servables") or {}
         if servables:
-            t = Table(
-                "servable", "loads", "evictions", "output hits", "output misses", "batches", "batched calls"
+            _print_servables(console, name, servables)
+    beats = {ep["info"].get("heartbeat_s") for ep in info["endpoints"].values() if ep.get("info")}
+    every = f" (every {beats.pop():g} s)" if len(beats) == 1 and None not in beats else ""
+    console.print()
+    console.print(
+        f"[dim]'sent' is counted live by the manager; 'at endpoint' is the endpoint's own count at its "
+        f"last heartbeat{every}, so for a moment it can show more queued than sent.[/]"
+    )
+
+
+def _endpoint_rows(ep: dict, ep_info: dict) -> list[tuple[str, str]]:
+    """What a person asks of an endpoint: is it up, with how many workers, where are my tasks."""
+    versions = f"Python {ep['versions'].get('python', '?')}, dill {ep['versions'].get('dill', '?')}"
+    ago = ep.get("last_seen_s_ago")
+    if ep["connected"]:
+        rows = [("state", f"[green]connected[/] ({versions})")]
+        rows.append(("workers", f"{ep_info.get('workers', 0)} ({ep_info.get('busy_workers', 0)} busy)"))
+    else:
+        heard = f", last heard {_ago(ago)}" if ago is not None else ""
+        rows = [("state", f"[red]disconnected[/]{heard} ({versions})")]
+    rows.append(
+        (
+            "tasks",
+            f"{ep['pending']} waiting at the manager, {ep['inflight']} sent to the endpoint (no result yet)",
+        )
+    )
+    queued, on_workers = ep_info.get("queued"), ep_info.get("on_workers")
+    if on_workers is None and queued is not None:  # an endpoint of an older version
+        on_workers = max(0, ep_info.get("outstanding", 0) - queued)
+    if ep["connected"] and queued is not None:
+        rows.append(
+            ("at endpoint", f"{queued} queued for a worker, {on_workers} on workers (running or prefetched)")
+        )
+    if ep_info.get("received"):
+        failed = ep_info.get("failed")
+        rows.append(
+            (
+                "so far",
+                f"received {ep_info['received']}, finished {ep_info.get('completed', 0)}"
+                + (f" ({failed} failed)" if failed is not None else ""),
             )
-            for label, stats in sorted(servables.items()):
-                t.add_row(
-                    label,
-                    *(
-                        str(stats.get(k, 0))
-                        for k in (
-                            "loads",
-                            "evictions",
-                            "output_cache_hits",
-                            "output_cache_misses",
-                            "batches",
-                            "batched_calls",
-                        )
-                    ),
-                )
-            console.print(t)
+        )
+    batching = ep_info.get("batching") or {}
+    if batching.get("batches"):
+        delay = batching.get("queue_delay_ms") or {}
+        rows.append(
+            (
+                "batching",
+                f"{batching['batches']} batches, sizes {batching['batch_size_histogram']}, "
+                f"queue delay mean {delay.get('mean')} ms, max {delay.get('max')} ms",
+            )
+        )
+    return rows
+
+
+def _print_servables(console, endpoint: str, servables: dict) -> None:
+    """One endpoint's per-servable counters: a table when the full names fit beside the numbers,
+    else one entry per servable."""
+    from rich import box
+    from rich.padding import Padding
+    from rich.table import Table
+
+    title = f"servables on endpoint {endpoint}"
+    longest = max(len(label) for label in servables)
+    digits = max((len(str(v)) for s in servables.values() for v in s.values()), default=1)
+    # a counter column is as wide as its header's longest word (headers wrap), 2 apart
+    needed = longest + 2 + sum(max(digits, *map(len, h.split())) + 3 for _, h in SERVABLE_COUNTERS)
+    if needed <= console.width:
+        table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        table.add_column("servable", no_wrap=True, min_width=longest)
+        for _, header in SERVABLE_COUNTERS:
+            table.add_column(header, justify="right")
+        for label, stats in sorted(servables.items()):
+            table.add_row(label, *(str(stats.get(key, 0)) for key, _ in SERVABLE_COUNTERS))
+        console.print(table)
+        return
+    console.print(f"[italic]{title}[/]")
+    for label, stats in sorted(servables.items()):
+        console.print(f"  {label}", soft_wrap=True)
+        s = {key: stats.get(key, 0) for key, _ in SERVABLE_COUNTERS}
+        counts = (
+            f"loads {s['loads']}, evictions {s['evictions']}, output cache hits "
+            f"{s['output_cache_hits']} / misses {s['output_cache_misses']}, "
+            f"{s['batched_calls']} calls in {s['batches']} batches"
+        )
+        console.print(Padding(counts, (0, 0, 0, 4)))
+
+
+def _ago(seconds: float) -> str:
+    """``12 s ago``, ``3 min ago``, ``2.5 h ago``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s ago"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{seconds / 3600:.1f} h ago"
 
 
 register_repository_commands(main)

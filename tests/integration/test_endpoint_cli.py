@@ -370,12 +370,21 @@ def test_lifecycle_start_stop_drains_restart_stop_now(endpoints, tmp_path):
     assert alive(pid)
     again = ep_cli(home, "start", "ep", "--detach")
     assert again.returncode == 1 and "already running" in again.stderr
-    status = ep_cli(home, "status", "ep")
+    status = ep_cli(home, "status", "ep", "--json")
     assert status.returncode == 0, status.stdout
     info = json.loads(status.stdout)
     assert info["state"] == "running" and info["pid"] == pid and info["name"] == "ep"
+    # what a person reads: local times and labelled counts, no epoch seconds, blocks with job ids
+    human = ep_cli(home, "status", "ep")
+    assert human.returncode == 0, human.stdout
+    assert human.stdout.startswith(f"endpoint ep: running (pid {pid}), up "), human.stdout
+    assert not re.search(r"\d{10}\.\d", human.stdout), human.stdout
+    assert re.search(r"status: +written \d+ s ago \(20\d\d-\d\d-\d\d \d\d:\d\d:\d\d", human.stdout)
+    assert re.search(r"^ +default/0 +(PENDING|RUNNING) +local job \d+", human.stdout, re.M), human.stdout
+    assert f"manager:      {endpoints.manager.endpoint_url}\n" in human.stdout
+    assert "tasks now:    0 queued for a worker, 0 on workers" in human.stdout
     listed = ep_cli(home, "list")
-    assert re.search(rf"^ep\s+running\s+{pid}\s", listed.stdout, re.M), listed.stdout
+    assert re.search(rf"^ep\s+running\s+{pid}\s+1\s+\d\s+0$", listed.stdout, re.M), listed.stdout
 
     # `stop` drains: it waits for the running task, which finishes normally
     ex = endpoints.executor()
@@ -411,7 +420,7 @@ def test_lifecycle_start_stop_drains_restart_stop_now(endpoints, tmp_path):
     pid3 = int(m.group(1))
     endpoints.seen_pids.add(pid3)
     assert len({pid, pid2, pid3}) == 3 and not alive(pid2) and alive(pid3)
-    assert json.loads(ep_cli(home, "status", "ep").stdout)["pid"] == pid3
+    assert json.loads(ep_cli(home, "status", "ep", "--json").stdout)["pid"] == pid3
 
     # `logs -n 5`: the last five lines of the log, which holds every run
     logs = ep_cli(home, "logs", "ep", "-n", "5")
@@ -433,10 +442,16 @@ def test_lifecycle_start_stop_drains_restart_stop_now(endpoints, tmp_path):
     assert not alive(pid3)
     wait_until(lambda: not alive(worker_pid), 20, what="the worker to exit")
 
-    stopped = ep_cli(home, "status", "ep")
+    stopped = ep_cli(home, "status", "ep", "--json")
     assert stopped.returncode == 1 and json.loads(stopped.stdout)["state"] == "stopped"
+    human = ep_cli(home, "status", "ep")
+    assert human.returncode == 1
+    assert human.stdout.startswith("endpoint ep: stopped; its last status was written "), human.stdout
+    assert "blocks:       none (stopped)" in human.stdout and not re.search(r"\d{10}\.\d", human.stdout)
+    # a stopped endpoint has no blocks, workers or queue (not the numbers of its last status.json)
     listed = ep_cli(home, "list")
-    assert re.search(r"^ep\s+stopped\s+-\s", listed.stdout, re.M), listed.stdout
+    assert re.search(r"^ep\s+stopped\s+-\s+-\s+-\s+-$", listed.stdout, re.M), listed.stdout
+    assert json.loads(ep_cli(home, "list", "--json").stdout)["ep"]["state"] == "stopped"
     again = ep_cli(home, "stop", "ep")
     assert again.returncode == 0 and "endpoint 'ep' is not running" in again.stdout
 
@@ -498,6 +513,51 @@ def test_logs_without_a_log_and_list_without_endpoints(tmp_path):
     assert ep_cli(tmp_path, "list").stdout.strip() == "no endpoints configured"
 
 
+def fail_as(x):
+    """Raise one of 40 exception types (so the log sees many kinds of failure)."""
+    raise type(f"Kind{x % 40}Error", (Exception,), {})(f"input {x} is bad\nsecond line")
+
+
+def test_the_log_records_failed_tasks_rate_limited_with_summaries_and_stays_bounded(endpoints):
+    max_bytes, backups, tasks = 3000, 2, 2000
+    # its own name: the manager re-sends what an earlier test's `ep` left running to any `ep`
+    home, run_dir = endpoints.write("failing", log_max_bytes=max_bytes, log_backups=backups)
+    endpoints.start(home, "failing")
+    ex = endpoints.executor("failing")
+    futures = [ex.submit(fail_as, x) for x in range(tasks)]
+    for fut in futures:
+        assert fut.exception(TASK_TIMEOUT_S) is not None
+
+    def log_text() -> str:
+        files = [run_dir / "endpoint.log"] + [run_dir / f"endpoint.log.{i}" for i in range(backups, 0, -1)]
+        return "".join(f.read_text() for f in files if f.exists())
+
+    # once the endpoint is idle again: the suppressed failures are summed up, then the summary
+    summary = (
+        rf"tasks in the last \d+ s: {tasks} finished, {tasks} failed \(50 Kind\d+Error, 50 Kind\d+Error, "
+        r"50 Kind\d+Error, 1850 of 37 other kinds\); now 0 queued, 0 on workers, 1 worker$"
+    )
+    wait_until(lambda: re.search(summary, log_text(), re.M), 30, what="the summary line")
+    shown = ep_cli(home, "logs", "failing", "-n", "100").stdout  # what a user sees
+    assert re.search(summary, shown, re.M), shown
+    failed = re.findall(
+        r"WARNING dlhub.endpoint: task [0-9a-f]{32} failed: (Kind\d+Error): input \d+ is bad "
+        r"\(function fail_as [0-9a-f]{12}, worker \S+\)$",
+        log_text(),
+        re.M,
+    )
+    suppressed = re.findall(r"suppressed (\d+) (?:similar failures \(Kind\d+Error\)|failures of)", log_text())
+    assert failed and suppressed, log_text()
+    assert "second line" not in log_text()
+    # at most 5 lines per kind and 50 in all in a 10 s window (the run may straddle two)
+    assert max(failed.count(kind) for kind in set(failed)) <= 10 and len(failed) <= 100
+    assert len(failed) + sum(map(int, suppressed)) <= tasks
+    # bounded: the rotation keeps each file under log_max_bytes, and `backups` old files
+    files = sorted(p.name for p in run_dir.glob("endpoint.log*"))
+    assert files == ["endpoint.log", "endpoint.log.1", "endpoint.log.2"], files  # it did rotate
+    assert all((run_dir / f).stat().st_size <= max_bytes for f in files)
+
+
 # ---- an endpoint whose blocks cannot start ---------------------------------------------------------
 
 
@@ -535,6 +595,9 @@ def test_blocks_that_cannot_start_surface_and_then_fail_tasks(endpoints):
     )
     assert "cannot start workers" in str(status["failing"])
     assert len(status["block_errors"]) >= 3
+    human = ep_cli(home, "status", "ep").stdout
+    assert re.search(r"^  block error default/\d+ \(job \d+\): block default/\d+ \(local job", human, re.M)
+    assert "    | conda: command not found" in human and "pool default is failing its tasks" in human
     # later tasks fail at once with the same error
     with pytest.raises(TaskLost, match="cannot start workers"):
         ex.submit(square, 4).result(TASK_TIMEOUT_S)

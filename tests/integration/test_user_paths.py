@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import re
 import subprocess
 import sys
 import time
@@ -12,7 +14,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from conftest import dlhub_cli, read_json, stop_stack, wait_until
+from conftest import dlhub_cli, meta, read_json, stop_stack, wait_until
 
 from dlhub.executor import Executor, ManagerUnreachable
 
@@ -66,6 +68,59 @@ def test_dlhub_up_never_imports_files_from_the_current_directory(tmp_path_factor
         assert dlhub_cli("status", "--home", str(home)).returncode == 0
     finally:
         dlhub_cli("down", "--home", str(home))
+
+
+def twice(x):
+    return 2 * x
+
+
+def test_dlhub_status_at_80_columns_names_every_endpoint_and_servable_in_full(stack_factory, name):
+    from dlhub.executor import Client, Servable
+
+    s = stack_factory()
+
+    def ep_cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "dlhub.endpoint.cli", *args, "--home", str(s.home)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    # a second endpoint of the same manager, as `dlhub-endpoint configure` writes it
+    assert ep_cli("configure", "second-endpoint", "--workers", "1").returncode == 0
+    started = ep_cli("start", "second-endpoint", "--detach")
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        with Client(home=str(s.home)) as client:
+            ref = client.publish(Servable.from_function(twice, **meta(name, examples=[((2,), 4)])))
+        assert len(ref) > 40  # longer than the old table let it be at 80 columns
+        for endpoint in ("local", "second-endpoint"):
+            assert s.executor(endpoint=endpoint).submit(ref, 21).result(60) == 42
+
+        def both_report() -> bool:
+            info = json.loads(s.cli("status", "--json").stdout)["endpoints"]
+            return all(ref in (info[e]["info"].get("servables") or {}) for e in ("local", "second-endpoint"))
+
+        wait_until(both_report, 30, what="both endpoints to report the servable")
+        out = dlhub_cli("status", "--home", str(s.home), env={**os.environ, "COLUMNS": "80"}).stdout
+        assert "…" not in out, out  # nothing cut
+        for endpoint in ("local", "second-endpoint"):
+            assert re.search(rf"^endpoint {endpoint}\s*$", out, re.M), out  # each block titled
+            section = out.split(f"servables on endpoint {endpoint}", 1)[1]
+            assert re.search(rf"^ *{re.escape(ref)}\b", section, re.M), out  # the full name
+        assert re.search(r"^tasks +0 waiting at the manager, 0 sent to the endpoint", out, re.M), out
+        assert re.search(r"^at endpoint +0 queued for a worker, 0 on workers \(running", out, re.M), out
+        assert all(len(line.rstrip()) <= 80 for line in out.splitlines() if ref not in line), out
+        # the endpoint's own status says why its manager address is not the one in config.json
+        manager = read_json(s.home / "manager" / "manager.json")
+        human = ep_cli("status", "second-endpoint").stdout
+        assert f"manager:      {manager['endpoint_url']}\n" in human, human
+        assert (
+            f"the manager's port for endpoints; clients use its client port {manager['client_url']}" in human
+        )
+    finally:
+        ep_cli("stop", "second-endpoint", "--now")
 
 
 def test_a_restarted_manager_comes_back_on_its_ports_and_clients_carry_on(stack_factory):
