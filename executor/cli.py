@@ -442,16 +442,6 @@ SERVABLE_COUNTERS = (
 )
 
 
-SERVABLE_COUNTERS = (
-    ("loads", "loads"),
-    ("evictions", "evictions"),
-    ("output_cache_hits", "output cache hits"),
-    ("output_cache_misses", "output cache misses"),
-    ("batches", "batches"),
-    ("batched_calls", "batched calls"),
-)
-
-
 def _print_status(address: str, info: dict) -> None:
     """The human form of ``dlhub status``: one block per endpoint, readable at 80 columns, names
     never cut (users copy them into commands)."""
