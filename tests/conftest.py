@@ -15,6 +15,7 @@ with ``start_new_session``; pools and workers inherit it) or is the manager: tea
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import os
@@ -398,18 +399,30 @@ def db_url(request, tmp_path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'dlhub.db'}"
         return
+    with fresh_pg_database("t_") as url:
+        yield url
+
+
+@contextlib.contextmanager
+def fresh_pg_database(prefix: str) -> Iterator[str]:
+    """The URL of a new, empty database on the test PostgreSQL, dropped afterwards (fails, not
+    skips, when the server is not reachable)."""
     import uuid
 
     import sqlalchemy as sa
 
-    name = "t_" + uuid.uuid4().hex[:16]
+    name = prefix + uuid.uuid4().hex[:16]
     admin = sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as conn:
             conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
     except Exception as exc:
         admin.dispose()
-        pytest.fail(f"PostgreSQL is not reachable at {PG_URL} ({exc}); run scripts/postgres-localhost.sh")
+        pytest.fail(
+            f"PostgreSQL is not reachable at {PG_URL} ({exc}); run scripts/postgres-localhost.sh "
+            "(scripts/test.sh does, and sets DLHUB_TEST_PG_URL)",
+            pytrace=False,
+        )
     try:
         yield sa.make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
     finally:

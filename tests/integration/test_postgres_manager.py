@@ -23,7 +23,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 import yaml
-from conftest import PG_URL, _session_members, kill_pids, meta, read_json, wait_until
+from conftest import _session_members, fresh_pg_database, kill_pids, meta, read_json, wait_until
 
 from dlhub.executor import Client, Executor, Servable
 
@@ -42,24 +42,8 @@ def add_one(x):
 @pytest.fixture
 def pg_database() -> Iterator[str]:
     """The URL of a new, empty PostgreSQL database of this test's own; dropped afterwards."""
-    name = "t_mgr_" + uuid.uuid4().hex[:16]
-    admin = sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    except Exception as exc:
-        admin.dispose()
-        pytest.fail(
-            f"PostgreSQL is not reachable at {PG_URL} ({exc}); run scripts/postgres-localhost.sh "
-            "(scripts/test.sh does, and sets DLHUB_TEST_PG_URL)",
-            pytrace=False,
-        )
-    try:
-        yield sa.make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
+    with fresh_pg_database("t_mgr_") as url:
+        yield url
 
 
 def free_port() -> int:
