@@ -22,6 +22,7 @@ Batching of vectorized servables (their own queues, idle workers only) is in :mo
 from __future__ import annotations
 
 import heapq
+import logging
 import math
 import time
 from collections import OrderedDict, deque
@@ -33,6 +34,8 @@ from dlhub.protocol import errors
 from dlhub.protocol import messages as m
 
 from .batching import Batching
+
+log = logging.getLogger("dlhub.endpoint.scheduler")
 
 CODE_CACHE_BYTES = 512 * 1024 * 1024
 
@@ -227,7 +230,10 @@ class Scheduler(Batching):
         if pool is None:
             return False
         pool.last_seen = self.clock()
-        if info:
+        problem = m.check_pool_info(info) if info else None
+        if problem:  # never let it into the snapshot the manager and `dlhub status` read
+            log.warning("pool %s sent malformed heartbeat info, ignored: %s", pool_id, problem)
+        elif info:
             pool.info.update(info)
         return True
 

@@ -8,8 +8,11 @@ and batches. Served at ``GET /metrics`` with a bearer token.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
+
+log = logging.getLogger("dlhub.manager.metrics")
 
 
 def prometheus_text(status: dict[str, Any]) -> bytes:
@@ -87,29 +90,40 @@ class _StatusCollector:
             )
         }
         for name, ep in sorted((status.get("endpoints") or {}).items()):
+            try:  # one endpoint's odd report must not take the whole page down
+                samples = list(_endpoint_samples(name, ep, batch, delay, per_servable))
+            except (TypeError, ValueError, AttributeError, KeyError) as exc:
+                log.warning("metrics: skipped endpoint %r, its report is malformed: %s", name, exc)
+                continue
             info = ep.get("info") or {}
             connected.add_metric([name], 1 if ep.get("connected") else 0)
-            workers.add_metric([name], info.get("workers", 0))
-            queued.add_metric([name], info.get("queued", 0))
-            batching = info.get("batching") or {}
-            histogram = {int(k): v for k, v in (batching.get("batch_size_histogram") or {}).items()}
-            if histogram:
-                running, buckets = 0, []
-                for bound in sorted(histogram):
-                    running += histogram[bound]
-                    buckets.append((str(bound), running))
-                buckets.append(("+Inf", running))
-                calls = sum(s.get("batched_calls", 0) for s in (info.get("servables") or {}).values())
-                batch.add_metric([name], buckets, calls)
-            waited = batching.get("queue_delay_ms") or {}
-            if waited.get("count"):
-                delay.add_metric(
-                    [name], waited["count"], (waited.get("mean") or 0) * waited["count"] / 1000.0
-                )
-            for servable, stats in sorted((info.get("servables") or {}).items()):
-                for key, family in per_servable.items():
-                    family.add_metric([name, servable], stats.get(key, 0))
+            workers.add_metric([name], float(info.get("workers", 0)))
+            queued.add_metric([name], float(info.get("queued", 0)))
+            for family, args in samples:
+                family.add_metric(*args)
         yield from (connected, workers, queued, batch, delay, *per_servable.values())
+
+
+def _endpoint_samples(name: str, ep: dict, batch, delay, per_servable: dict):
+    """(family, add_metric args) for one endpoint, all computed before any is added."""
+    info = ep.get("info") or {}
+    float(info.get("workers", 0)), float(info.get("queued", 0))  # raise here, not half-way
+    batching = info.get("batching") or {}
+    histogram = {int(k): v for k, v in (batching.get("batch_size_histogram") or {}).items()}
+    if histogram:
+        running, buckets = 0, []
+        for bound in sorted(histogram):
+            running += histogram[bound]
+            buckets.append((str(bound), running))
+        buckets.append(("+Inf", running))
+        calls = sum(s.get("batched_calls", 0) for s in (info.get("servables") or {}).values())
+        yield batch, ([name], buckets, calls)
+    waited = batching.get("queue_delay_ms") or {}
+    if waited.get("count"):
+        yield delay, ([name], waited["count"], (waited.get("mean") or 0) * waited["count"] / 1000.0)
+    for servable, stats in sorted((info.get("servables") or {}).items()):
+        for key, family in per_servable.items():
+            yield family, ([name, servable], float(stats.get(key, 0)))
 
 
 def _counter(cls, name: str, doc: str, value: float):

@@ -14,6 +14,7 @@ endpoint registers again (the endpoint drops ids it already holds).
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -26,6 +27,8 @@ from dlhub.protocol import messages as m
 from .result_cache import ResultCache, cache_key
 
 FINISHED_MEMORY = 200_000  # recently finished task ids kept to recognise late resends
+log = logging.getLogger("dlhub.manager.routing")
+
 MAX_TASKS_PER_MESSAGE = 2048
 
 
@@ -155,6 +158,18 @@ class Router:
             else:
                 state = "dispatched" if ep.connected else "queued"
             options = m.task_options(rec)
+            origin = self._origin(owner, rec[m.T_FUNCTION], function, origins)
+            if len(rec) <= m.T_ORIGIN:
+                rec.extend([None] * (m.TASK_FIELDS - len(rec)))
+            rec[m.T_ORIGIN] = origin  # whatever the client wrote there is replaced
+            if ep.policy is not None:  # the endpoint's policy, mirrored: refused here, never sent
+                refused = ep.policy.refusal(origin, rec[m.T_FUNCTION])
+                if refused is not None:
+                    self.counters["refused"] += 1
+                    self.callbacks.pop(task_id, None)
+                    denied = m.result_record(task_id, "failed", error=ep.policy.error(refused))
+                    self._reply_now(client, callback, denied)
+                    continue
             row = {
                 "task_id": task_id,
                 "owner": owner,
@@ -210,6 +225,27 @@ class Router:
         options = m.task_options(rec)
         if options.get("cache", True) is False or not options.get("key") or not self.deterministic(function):
             return None
+    def _origin(self, user: str, function: str, sent: str, cache: dict[str | None, dict]) -> dict:
+        """A task's origin for endpoint policies: the submitter, whether an admin, its groups,
+        and the owner of the servable it runs (from the name it was called by, else the record)."""
+        key = m.package_key(function)
+        servable_owner = None
+        if key is not None:
+            if sent.startswith(m.REF_PREFIX):
+                servable_owner = sent[len(m.REF_PREFIX) :].split("/", 1)[0]
+            elif self.servable_owner is not None:
+                servable_owner = self.servable_owner(key)
+        origin = cache.get(servable_owner)
+        if origin is None:
+            admin, groups = self.principal(user) if self.principal is not None else (False, frozenset())
+            origin = {"user": user, "admin": bool(admin)}
+            if groups:
+                origin["groups"] = sorted(groups)
+            if servable_owner is not None:
+                origin["owner"] = servable_owner
+            cache[servable_owner] = origin
+        return origin
+
         return cache_key(function, options["key"], rec[m.T_SERIALIZER])
 
     def _remember_finished(self, task_id: bytes, state: str) -> None:
@@ -217,12 +253,14 @@ class Router:
         if len(self.finished) > FINISHED_MEMORY:
             self.finished.popitem(last=False)
 
-    def _resolve(self, ref: str) -> str | list:
-        """The package a servable name routes to now, or an error record saying why none."""
+    def _resolve(self, ref: str, user: str) -> str | list:
+        """The package a servable name routes to now for ``user`` (the submitter: a servable it
+        may not see is not found, in the same words as one that does not exist), or an error
+        record saying why none."""
         if self.resolve is None:
             return errors.infra_error("servable-not-found", "this manager has no servable repository")
         try:
-            return self.resolve(ref)
+            return self.resolve(ref, user)
         except errors.DLHubError as exc:
             return errors.infra_error(exc.code, str(exc))
 
@@ -326,7 +364,11 @@ class Router:
         if ep.identity is not None and ep.identity != identity:
             self.endpoint_by_identity.pop(ep.identity, None)
         ep.identity, ep.session, ep.connected, ep.last_seen = identity, hello.session, True, now
-        ep.versions, ep.info = dict(hello.versions), dict(hello.info)
+        bad_versions = m.check_plain_data(hello.versions, "versions")
+        if bad_versions:
+            log.warning("endpoint %r sent malformed Hello versions, ignored: %s", hello.name, bad_versions)
+        ep.versions = {} if bad_versions else dict(hello.versions)
+        ep.info = self._valid_info(hello.name, hello.info) or {}
         self.endpoint_by_identity[identity] = ep.name
         self.outbox.append(("endpoint", identity, m.Welcome(ep.session, {"name": ep.name})))
         resend = [self.tasks[t].record for t in ep.inflight if t in self.tasks]
