@@ -47,6 +47,7 @@ class Connection:
         connect_timeout_s: float = 10.0,
         manager_timeout_s: float = 120.0,
         on_manager_lost: Callable[[str], None] = lambda why: None,
+        on_access_denied: Callable[[AccessDenied], None] = lambda error: None,
     ):
         self.address, self.token = address, token
         self.on_results, self.on_cancel_refused = on_results, on_cancel_refused
@@ -54,6 +55,7 @@ class Connection:
         self.batch_size = batch_size
         self.manager_timeout_s = manager_timeout_s
         self.on_manager_lost = on_manager_lost
+        self.on_access_denied = on_access_denied
         self.session = secrets.token_hex(8)
         self.outgoing: deque[tuple] = deque()
         self.unacked: dict[bytes, tuple[str, list]] = {}
@@ -188,6 +190,14 @@ class Connection:
                 self._error = cls(f"manager refused the connection: {msg.message}")
                 self._ready.set()
                 self._stop.set()
+            elif msg.code == "access-denied":  # the token was revoked or replaced while connected
+                self.unacked.clear()
+                self.on_access_denied(
+                    AccessDenied(
+                        f"the manager no longer accepts this token ({msg.message}): it was revoked or "
+                        "replaced; ask the hub's admin for a new one"
+                    )
+                )
         elif isinstance(msg, m.CancelRefused):
             self.on_cancel_refused(msg.task_ids)
         elif isinstance(msg, (m.TaskInfo, m.Status)):

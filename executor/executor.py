@@ -146,6 +146,7 @@ class Executor(cf.Executor):
             connect_timeout_s=connect_timeout_s,
             manager_timeout_s=manager_timeout_s,
             on_manager_lost=self._on_manager_lost,
+            on_access_denied=self._fail_pending,
         )
         endpoints = self._conn.welcome.get("endpoints", {})
         endpoint = self.endpoint = self._choose_endpoint(endpoints, endpoint, config)
@@ -335,7 +336,10 @@ class Executor(cf.Executor):
 
     def _on_manager_lost(self, why: str) -> None:
         """Runs on the I/O thread: the manager has been silent too long; fail what waits."""
-        error = ManagerUnreachable(why)
+        self._fail_pending(ManagerUnreachable(why))
+
+    def _fail_pending(self, error: BaseException) -> None:
+        """Runs on the I/O thread: fail every future still waiting (e.g. the token was revoked)."""
         for task_id, fut in list(self._futures.items()):
             if not fut.done():
                 fut.set_exception(error)

@@ -34,7 +34,7 @@ from dlhub.protocol.errors import RAISE_MANAGER_LIMIT, infra_error
 from dlhub.protocol.serialize import runtime_versions
 
 from .api import ApiServer
-from .auth import Authenticator, ensure_admin
+from .auth import Authenticator, ensure_admin, users_generation
 from .repository import Repository
 from .result_cache import ResultCache
 from .routing import Router
@@ -45,6 +45,7 @@ _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 log = logging.getLogger("dlhub.manager")
 
+USERS_POLL_S = 0.2  # how often the manager looks for user changes (revocations, new tokens)
 DRAIN_LIMIT = 1000  # frames read from one socket before the loop looks at the others
 ENDPOINT_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"  # as an endpoint's config.yaml requires
 
@@ -107,6 +108,7 @@ class Manager:
         self._calls: queue.SimpleQueue = queue.SimpleQueue()  # work for the loop from other threads
         self._ack_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.clients: dict[bytes, _Client] = {}
+        self.endpoint_users: dict[bytes, str] = {}  # endpoint identity -> the user of its token
         self.client_url = self.endpoint_url = ""
         self._thread: threading.Thread | None = None
 
@@ -116,7 +118,7 @@ class Manager:
         engine = make_engine(self.config.database_url)
         migrate(engine)
         ensure_admin(engine, self.config.admin_user, self.home / "admin.token")
-        self.auth = Authenticator(engine)
+        self.auth = Authenticator(engine, refresh_s=None)  # refreshed by _watch_users
         self.store = TaskStore(engine, self._on_commit)
         self.repository = Repository(engine, self.home / "blobs")
         interrupted = self.repository.fail_interrupted()
@@ -165,6 +167,8 @@ class Manager:
         tmp.write_text(json.dumps(info, indent=2))
         tmp.replace(self.home / "manager.json")
         log.info("manager listening: clients %s, endpoints %s", self.client_url, self.endpoint_url)
+        self._users_watcher = threading.Thread(target=self._watch_users, name="dlhub-users", daemon=True)
+        self._users_watcher.start()
 
     def _result_cache(self) -> ResultCache | None:
         cfg = self.config
@@ -263,6 +267,7 @@ class Manager:
             self._shutdown()
 
     def _shutdown(self) -> None:
+        self._users_watcher.join(5)
         if self.api is not None:
             self.api.stop()
         self.servables.close()
@@ -452,6 +457,7 @@ class Manager:
                 return
             log.info("endpoint %r registered (session %s)", msg.name, msg.session)
             self.router.endpoint_hello(identity, msg)
+            self.endpoint_users[identity] = who[0]
             return
         if identity not in self.router.endpoint_by_identity:
             self._send(self.endpoint_sock, identity, m.Refused("not-registered", "say Hello first"))
@@ -476,6 +482,53 @@ class Manager:
                 identity,
                 m.Refused("unexpected", f"{type(msg).__name__} is not an endpoint message"),
             )
+
+    # ---- users: revocation and new tokens take effect at once ------------------------------
+
+    def _watch_users(self) -> None:
+        """Off the loop: read the users generation (one tiny query) every USERS_POLL_S and wake the
+        loop only when it changed, so a revocation costs the hot path nothing."""
+        seen = self.auth.generation
+        while not self._stop.wait(USERS_POLL_S):
+            try:
+                generation = users_generation(self.auth.engine)
+            except Exception as exc:  # database briefly unavailable: try again next time
+                log.warning("cannot read the users generation: %s", exc)
+                continue
+            if generation != seen:
+                seen = generation
+                self.call_soon(self._users_changed)
+
+    def _users_changed(self) -> None:
+        """On the loop: drop the token caches, then the sessions of users whose token changed."""
+        changed = self.auth.refresh()
+        if changed:
+            dropped = self.drop_sessions(changed)
+            log.info("users changed: %s; %d session(s) closed", ", ".join(sorted(changed)), dropped)
+
+    def drop_sessions(self, users: frozenset[str] | set[str]) -> int:
+        """Forget every ZeroMQ session (client or endpoint) of ``users``: their next frame gets
+        ``not-registered``, and the Hello that follows is checked against the current tokens
+        (refused for a revoked or replaced token). Their endpoints' tasks wait, as when an
+        endpoint disconnects. Returns how many sessions were closed."""
+        dropped = 0
+        for identity, client in list(self.clients.items()):
+            if client.user in users:
+                del self.clients[identity]
+                dropped += 1
+        for identity, user in list(self.endpoint_users.items()):
+            if identity not in self.router.endpoint_by_identity:  # re-registered under another identity
+                del self.endpoint_users[identity]
+                continue
+            if user not in users:
+                continue
+            self.endpoint_users.pop(identity, None)
+            name = self.router.endpoint_by_identity.pop(identity, None)
+            ep = self.router.endpoints.get(name) if name is not None else None
+            if ep is not None and ep.identity == identity:
+                ep.connected, ep.identity = False, None
+            dropped += 1
+        return dropped
 
     # ---- acknowledgements after commit -----------------------------------------------------
 

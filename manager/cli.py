@@ -141,5 +141,180 @@ def create_user(name: str, role: str, home: str | None, db_url: str | None) -> N
     click.echo(make(engine, name, role))
 
 
+# ---- users and groups: written to the database; a running manager notices within a second -----
+
+_home_option = click.option(
+    "--home",
+    type=click.Path(file_okay=False),
+    help="the manager's state directory, as given to `serve` (default $DLHUB_HOME/manager)",
+)
+_db_option = click.option(
+    "--db-url", default=None, help="SQLAlchemy URL, as given to `serve` (default: SQLite under --home)"
+)
+
+
+def _engine(home: str | None, db_url: str | None):
+    """The manager's database, migrated (the same one `serve` uses with these options)."""
+    _need_extras()
+    from .store import make_engine, migrate
+
+    state = _home(home)
+    if db_url is None:
+        state.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(db_url or f"sqlite:///{state / 'dlhub.db'}")
+    migrate(engine)
+    return engine
+
+
+def _admin(fn, *args):
+    """Run a user/group change; its errors (unknown user, bad name...) become clean CLI errors."""
+    from .auth import UserAdminError
+
+    try:
+        return fn(*args)
+    except UserAdminError as exc:
+        raise click.ClickException(str(exc))
+
+
+def _when(t: float | None) -> str:
+    import time
+
+    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+@main.group()
+def user() -> None:
+    """Manage users: add, list, new token, revoke (a running manager applies it within 1 s)."""
+
+
+@user.command("add")
+@click.argument("name")
+@click.option(
+    "--role",
+    type=click.Choice(["admin", "user", "endpoint"]),
+    default="user",
+    show_default=True,
+    help="admin: everything; user: submit and publish; endpoint: register endpoints",
+)
+@_home_option
+@_db_option
+def user_add(name: str, role: str, home: str | None, db_url: str | None) -> None:
+    """Create user NAME and print its token (shown only this once)."""
+    from .auth import add_user
+
+    token = _admin(add_user, _engine(home, db_url), name, role)
+    click.echo(f"created {role} {name!r}; its token (shown only once):", err=True)
+    click.echo(token)
+
+
+@user.command("list")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@_home_option
+@_db_option
+def user_list(as_json: bool, home: str | None, db_url: str | None) -> None:
+    """Users with role, creation, revocation and groups (never tokens)."""
+    import json
+
+    from .auth import list_users
+
+    users = list_users(_engine(home, db_url))
+    if as_json:
+        click.echo(json.dumps(users, indent=2))
+        return
+    rows = [("NAME", "ROLE", "CREATED", "REVOKED", "GROUPS")]
+    rows += [
+        (u["name"], u["role"], _when(u["created"]), _when(u["revoked"]), ",".join(u["groups"]) or "-")
+        for u in users
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4])
+
+
+@user.command("token")
+@click.argument("name")
+@_home_option
+@_db_option
+def user_token(name: str, home: str | None, db_url: str | None) -> None:
+    """Give NAME a new token and print it; the old one stops working at once (and a revoked user
+    is active again)."""
+    from .auth import reissue_token
+
+    token = _admin(reissue_token, _engine(home, db_url), name)
+    click.echo(f"new token for {name!r} (shown only once; the old one no longer works):", err=True)
+    click.echo(token)
+
+
+@user.command("revoke")
+@click.argument("name")
+@_home_option
+@_db_option
+def user_revoke(name: str, home: str | None, db_url: str | None) -> None:
+    """Revoke NAME's token: its connections are closed within a second (`user token` re-enables)."""
+    from .auth import revoke_user
+
+    if _admin(revoke_user, _engine(home, db_url), name):
+        click.echo(f"revoked {name!r}: a running manager closes its connections within a second")
+    else:
+        click.echo(f"{name!r} was revoked already")
+
+
+@main.group()
+def group() -> None:
+    """Manage groups of users (servables are shared with groups, endpoint policies name them)."""
+
+
+@group.command("add")
+@click.argument("name")
+@click.option("--member", "members", multiple=True, metavar="USER", help="a user to add (repeatable)")
+@_home_option
+@_db_option
+def group_add(name: str, members: tuple[str, ...], home: str | None, db_url: str | None) -> None:
+    """Create group NAME, or add members to it if it exists."""
+    from .auth import add_group
+
+    created = _admin(add_group, _engine(home, db_url), name, list(members))
+    added = f" with {', '.join(members)}" if created and members else ""
+    if created:
+        click.echo(f"created group {name!r}{added}")
+    else:
+        click.echo(f"group {name!r}: added {', '.join(members) or 'nobody'}")
+
+
+@group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@_home_option
+@_db_option
+def group_list(as_json: bool, home: str | None, db_url: str | None) -> None:
+    """Groups and their members."""
+    import json
+
+    from .auth import list_groups
+
+    groups = list_groups(_engine(home, db_url))
+    if as_json:
+        click.echo(json.dumps(groups, indent=2))
+        return
+    if not groups:
+        click.echo("no groups (create one: dlhub-manager group add NAME --member USER)")
+    for g in groups:
+        click.echo(f"{g['name']}: {', '.join(g['members']) or '(no members)'}")
+
+
+@group.command("remove")
+@click.argument("name")
+@click.option(
+    "--member", "members", multiple=True, metavar="USER", help="remove only this member (repeatable)"
+)
+@_home_option
+@_db_option
+def group_remove(name: str, members: tuple[str, ...], home: str | None, db_url: str | None) -> None:
+    """Delete group NAME, or with --member take those users out of it."""
+    from .auth import remove_group
+
+    _admin(remove_group, _engine(home, db_url), name, list(members))
+    click.echo(f"group {name!r}: removed {', '.join(members)}" if members else f"deleted group {name!r}")
+
+
 if __name__ == "__main__":
     main()

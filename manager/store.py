@@ -25,7 +25,8 @@ import sqlalchemy as sa
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4  # 2: tasks.resources; 3: servable_versions.digest; 4: tasks.options
+SCHEMA_VERSION = 6  # 2: tasks.resources; 3: servable_versions.digest; 4: tasks.options;
+# 6: users.revoked, groups, group_members
 metadata = sa.MetaData()
 
 tasks_table = sa.Table(
@@ -76,6 +77,22 @@ users_table = sa.Table(
     sa.Column("token_sha256", sa.String(64), nullable=False, unique=True),
     sa.Column("role", sa.String(16), nullable=False),
     sa.Column("created", sa.Float, nullable=False),
+    sa.Column("revoked", sa.Float, nullable=True),  # when `dlhub-manager user revoke` ran (6)
+)
+
+# groups of users (6): servables are shared with them, endpoint policies name them
+groups_table = sa.Table(
+    "groups",
+    metadata,
+    sa.Column("name", sa.String(128), primary_key=True),
+    sa.Column("created", sa.Float, nullable=False),
+)
+
+group_members_table = sa.Table(
+    "group_members",
+    metadata,
+    sa.Column("group_name", sa.String(128), primary_key=True),
+    sa.Column("user_name", sa.String(128), primary_key=True, index=True),
 )
 
 meta_table = sa.Table(
@@ -122,6 +139,7 @@ MIGRATIONS: dict[int, list[str | Callable[[sa.Connection], None]]] = {
         "CREATE INDEX IF NOT EXISTS ix_servable_versions_digest ON servable_versions (digest)",
     ],
     4: [_add_column("tasks", "options", "TEXT")],
+    6: [_add_column("users", "revoked", "FLOAT")],  # groups, group_members: made by create_all
 }
 
 

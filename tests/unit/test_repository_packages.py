@@ -324,10 +324,10 @@ def test_migrating_a_schema_2_database_adds_the_digest_column(engine, tmp_path):
     assert "ix_servable_versions_digest" in {
         i["name"] for i in sa.inspect(engine).get_indexes("servable_versions")
     }
-    assert schema_version(engine) == str(SCHEMA_VERSION) == "4"
+    assert schema_version(engine) == str(SCHEMA_VERSION)
     assert "options" in columns(engine, "tasks")
     migrate(engine)  # idempotent: a second start changes nothing
-    assert schema_version(engine) == "4"
+    assert schema_version(engine) == str(SCHEMA_VERSION)
 
     # the old row survived and the repository works on the migrated database
     repo = Repository(engine, tmp_path / "blobs")

@@ -1,0 +1,131 @@
+"""Revocation and token re-issue on a RUNNING manager: `dlhub-manager user revoke|token` write to
+the database, and within about a second the manager closes the user's ZeroMQ sessions (new
+submits fail with AccessDenied, nothing hangs) and REST answers 401 — no restart. The admin is
+unaffected."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+from conftest import wait_until
+
+from dlhub.executor import AccessDenied
+
+TIMEOUT_S = 30
+EFFECT_S = 1.0  # the promise: revocation takes effect within a second
+SLACK_S = 0.5  # a loaded test machine
+
+
+def square(x):
+    return x * x
+
+
+def manager_cli(home, *args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", "dlhub.manager.cli", *args, "--home", str(home)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=home,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def rest_status(url: str, token: str) -> int:
+    return httpx.get(
+        f"{url}/api/v1/servables", headers={"Authorization": f"Bearer {token}"}, timeout=10
+    ).status_code
+
+
+@pytest.fixture
+def hub(custom_stack_factory):
+    # the endpoint (the admin's) lets alice submit: its policy, not the default of owner only
+    cs = custom_stack_factory(name="rev-ep", endpoint={"policy": {"allowed_users": ["alice"]}})
+    url = cs.manager.api.url
+    wait_until(lambda: _up(url), 10, what="the REST server")
+    return cs, cs.home / "manager", url
+
+
+def _up(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/api/v1/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_revoking_alice_mid_run_stops_her_within_a_second(hub):
+    cs, home, url = hub
+    token = manager_cli(home, "user", "add", "alice")
+    alice, admin = cs.executor(token=token), cs.executor()
+    assert alice.submit(square, 3).result(TIMEOUT_S) == 9
+    assert rest_status(url, token) == 200
+
+    outcomes: list[tuple[float, str]] = []  # (when the submit began, how it ended)
+    stop = threading.Event()
+
+    def submit_in_a_loop() -> None:
+        while not stop.is_set():
+            began = time.monotonic()
+            try:
+                alice.submit(square, 2).result(TIMEOUT_S)
+                outcomes.append((began, "ok"))
+            except AccessDenied:
+                outcomes.append((began, "denied"))
+                time.sleep(0.01)
+            except Exception as exc:  # a hang (TimeoutError) or anything else fails the test below
+                outcomes.append((began, repr(exc)))
+
+    looper = threading.Thread(target=submit_in_a_loop, daemon=True)
+    looper.start()
+    try:
+        wait_until(lambda: len(outcomes) >= 5, TIMEOUT_S, what="alice's loop to run")
+        assert "revoked 'alice'" in manager_cli(home, "user", "revoke", "alice")
+        revoked_at = time.monotonic()
+        time.sleep(EFFECT_S + SLACK_S)
+        assert rest_status(url, token) == 401  # REST: refused at once
+        wait_until(
+            lambda: any(began > revoked_at + EFFECT_S + SLACK_S for began, _ in outcomes),
+            TIMEOUT_S,
+            what="a submit of alice after the revocation to end",
+        )
+    finally:
+        stop.set()
+        looper.join(TIMEOUT_S)
+    late = [how for began, how in outcomes if began > revoked_at + EFFECT_S + SLACK_S]
+    assert late and set(late) == {"denied"}, late
+    assert {how for _, how in outcomes} <= {"ok", "denied"}, outcomes  # nothing hung or failed otherwise
+    first_denied = min(began for began, how in outcomes if how == "denied")
+    assert first_denied - revoked_at < EFFECT_S + SLACK_S
+
+    with pytest.raises(AccessDenied):  # a new session with the revoked token is refused outright
+        cs.executor(token=token)
+    assert admin.submit(square, 5).result(TIMEOUT_S) == 25  # the admin is unaffected
+    assert rest_status(url, cs.token) == 200
+    assert "alice" in manager_cli(home, "user", "list")
+
+
+def test_a_new_token_replaces_the_old_one_at_once(hub):
+    cs, home, url = hub
+    old = manager_cli(home, "user", "add", "alice")
+    alice = cs.executor(token=old)
+    assert alice.submit(square, 4).result(TIMEOUT_S) == 16
+
+    new = manager_cli(home, "user", "token", "alice")
+    replaced_at = time.monotonic()
+    assert new != old
+    time.sleep(EFFECT_S + SLACK_S)
+    assert rest_status(url, old) == 401 and rest_status(url, new) == 200
+    t0 = time.monotonic()
+    with pytest.raises(AccessDenied, match="revoked or replaced"):  # the old session is closed
+        alice.submit(square, 5).result(TIMEOUT_S)
+    assert time.monotonic() - t0 < 5  # refused, not timed out
+    assert time.monotonic() - replaced_at < TIMEOUT_S
+    fresh = cs.executor(token=new)
+    assert fresh.submit(square, 6).result(TIMEOUT_S) == 36
+    assert cs.executor().submit(square, 7).result(TIMEOUT_S) == 49  # the admin is unaffected
