@@ -129,3 +129,45 @@ def test_a_new_token_replaces_the_old_one_at_once(hub):
     fresh = cs.executor(token=new)
     assert fresh.submit(square, 6).result(TIMEOUT_S) == 36
     assert cs.executor().submit(square, 7).result(TIMEOUT_S) == 49  # the admin is unaffected
+
+
+def test_revoking_an_endpoint_token_drops_its_endpoint_within_a_second(hub):
+    """An endpoint registered with ep-bot's token: after the revoke its next frame is
+    `not-registered`, its new Hello is refused, and the manager shows it disconnected."""
+    import zmq
+
+    from dlhub.protocol import messages as m
+    from dlhub.protocol.curve import secure_dealer
+
+    cs, home, _ = hub
+    token = manager_cli(home, "user", "add", "ep-bot", "--role", "endpoint")
+    mgr = cs.manager
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    try:
+        secure_dealer(sock, mgr.endpoint_url, token, mgr.curve_public_key)
+        sock.connect(mgr.endpoint_url)
+
+        def ask(msg: m.Message) -> m.Message:
+            sock.send(m.pack(msg))
+            assert sock.poll(10_000), f"no answer to {type(msg).__name__}"
+            return m.unpack(sock.recv())
+
+        hello = m.Hello("endpoint", "bot-ep", token, "s1", {"protocol": m.PROTOCOL_VERSION}, {})
+        assert isinstance(ask(hello), m.Welcome)
+        assert mgr.status()["endpoints"]["bot-ep"]["connected"]
+        assert isinstance(ask(m.Heartbeat({})), m.Heartbeat)
+
+        manager_cli(home, "user", "revoke", "ep-bot")
+        time.sleep(EFFECT_S + SLACK_S)
+        reply = ask(m.Heartbeat({}))
+        assert isinstance(reply, m.Refused) and reply.code == "not-registered", reply
+        reply = ask(hello)
+        assert isinstance(reply, m.Refused) and reply.code == "access-denied", reply
+        assert not mgr.status()["endpoints"]["bot-ep"]["connected"]
+        assert "rev-ep" in mgr.status()["endpoints"]  # the admin's endpoint is untouched
+        assert mgr.status()["endpoints"]["rev-ep"]["connected"]
+    finally:
+        sock.close(0)
+        ctx.term()
