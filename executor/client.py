@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -148,6 +149,36 @@ class Client:
         path = f"/servables/{owner}/{name}" + (f"/{version}" if version else "")
         return self._call("DELETE", path)["deleted"]
 
+    # ---- visibility and sharing (the servable's owner, or an admin) -----------------------------
+
+    def share(self, ref: str, users: Sequence[str] = (), groups: Sequence[str] = ()) -> dict[str, Any]:
+        """Let ``users`` and the members of ``groups`` see and run ``owner/name`` (all its
+        versions) while it is private. Returns its access: visibility, users, groups."""
+        return self._access_change(ref, "share", users, groups)
+
+    def unshare(self, ref: str, users: Sequence[str] = (), groups: Sequence[str] = ()) -> dict[str, Any]:
+        """Take shares back: for those users (unless in a group it is still shared with) a
+        private servable is "not found" again."""
+        return self._access_change(ref, "unshare", users, groups)
+
+    def set_visibility(self, ref: str, visibility: str) -> dict[str, Any]:
+        """``"public"`` (anyone may find and run it) or ``"private"`` (its owner, admins, and the
+        users and groups it is shared with)."""
+        owner, name, _ = parse_ref(ref)
+        return self._call("PUT", f"/servables/{owner}/{name}/visibility", json={"visibility": visibility})
+
+    def access(self, ref: str) -> dict[str, Any]:
+        """Visibility and shares of ``owner/name`` (owner and admins)."""
+        owner, name, _ = parse_ref(ref)
+        return self._call("GET", f"/servables/{owner}/{name}/access")
+
+    def _access_change(self, ref: str, verb: str, users: Sequence[str], groups: Sequence[str]) -> dict:
+        owner, name, _ = parse_ref(ref)
+        if isinstance(users, str) or isinstance(groups, str):
+            raise TypeError("users and groups are lists of names, e.g. users=['bob']")
+        body = {"users": list(users), "groups": list(groups)}
+        return self._call("POST", f"/servables/{owner}/{name}/{verb}", json=body)
+
     def publish(
         self,
         servable: Servable,
@@ -173,6 +204,8 @@ class Client:
             form["endpoint"] = endpoint
         if owner:
             form["owner"] = owner
+        if servable.visibility is not None:
+            form["visibility"] = servable.visibility
         shown = PublishProgress(servable, enabled=progress)
         try:
             body = self._call("POST", "/servables", data=form, files=files or None)

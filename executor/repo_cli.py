@@ -1,4 +1,5 @@
-"""The repository from the shell: ``dlhub publish|search|describe|versions|run|delete``.
+"""The repository from the shell: ``dlhub publish|search|describe|versions|run|delete`` and
+``dlhub share|unshare|visibility``.
 
 Each command is a thin layer over :class:`Client` (REST) or :class:`Executor` (``run``); errors
 are one line on stderr with a non-zero exit, never a traceback.
@@ -96,10 +97,15 @@ def register(main: click.Group) -> None:
     @click.option("--deterministic", is_flag=True, help="same inputs give the same output (cacheable)")
     @click.option("--endpoint", help="endpoint that verifies it (default: the default endpoint, e.g. local)")
     @click.option("--no-wait", is_flag=True, help="return once uploaded, before verification")
+    @click.option(
+        "--private",
+        is_flag=True,
+        help="only you, admins and those you share it with (`dlhub share`) may find and run it",
+    )
     @HOME
     @_friendly
     def publish(source, name, title, authors, description, domains, keywords, license_, requirements,
-                examples, deterministic, endpoint, no_wait, home):  # fmt: skip
+                examples, deterministic, endpoint, no_wait, private, home):  # fmt: skip
         """Publish FILE.py:FUNCTION as a servable; prints owner/name:version once verified.
 
         \b
@@ -136,6 +142,7 @@ def register(main: click.Group) -> None:
             requirements=requirements,
             examples=parsed,
             deterministic=deterministic,
+            visibility="private" if private else None,
         )
         ref = client.publish(servable, endpoint=endpoint, wait=not no_wait, progress=True)  # on stderr
         click.echo(ref if not no_wait else f"{ref} (pending: see `dlhub describe {ref}`)")
@@ -204,6 +211,15 @@ def register(main: click.Group) -> None:
             click.echo(f"  requirements: {', '.join(rec['requirements'])}")
         click.echo(f"  examples: {len(rec.get('examples', []))}   deterministic: {rec.get('deterministic')}")
         click.echo("  versions: " + ", ".join(f"{v['version']} ({v['status']})" for v in info["versions"]))
+        if info.get("visibility"):
+            line = f"  visibility: {info['visibility']}"
+            shares = info.get("shares")
+            if shares is not None:  # shown to the owner and admins
+                users, groups = shares.get("users") or [], shares.get("groups") or []
+                line += "   shared with: " + (
+                    ", ".join([*users, *(f"group {g}" for g in groups)]) or "nobody"
+                )
+            click.echo(line)
 
     @main.command()
     @click.argument("ref")
@@ -255,6 +271,53 @@ def register(main: click.Group) -> None:
             click.confirm(f"delete {ref}?", abort=True)
         count = _client(home).delete(ref)
         click.echo(f"deleted {count} version{'s' if count != 1 else ''} of {ref}")
+
+    def _access_command(verb: str, doc: str):
+        @main.command(name=verb, help=doc)
+        @click.argument("ref")
+        @click.option("--user", "users", multiple=True, help="a user name (repeat for several)")
+        @click.option("--group", "groups", multiple=True, help="a group name (repeat for several)")
+        @AS_JSON
+        @HOME
+        @_friendly
+        def command(ref, users, groups, as_json, home):
+            if not users and not groups:
+                raise click.UsageError("name at least one --user or --group")
+            client = _client(home)
+            access = getattr(client, verb)(ref, users=list(users), groups=list(groups))
+            _echo_access(access, as_json)
+
+        return command
+
+    _access_command(
+        "share",
+        "Let users and groups see and run OWNER/NAME while it is private, e.g.\n\n"
+        "    dlhub share alice/secret-model --user bob --group chem",
+    )
+    _access_command(
+        "unshare",
+        "Take shares of OWNER/NAME back, e.g. `dlhub unshare alice/secret-model --user bob`.",
+    )
+
+    @main.command()
+    @click.argument("ref")
+    @click.argument("visibility", type=click.Choice(["public", "private"]))
+    @AS_JSON
+    @HOME
+    @_friendly
+    def visibility(ref, visibility, as_json, home):
+        """Make OWNER/NAME public (anyone) or private (you, admins, and whom you share it with)."""
+        _echo_access(_client(home).set_visibility(ref, visibility), as_json)
+
+
+def _echo_access(access: dict, as_json: bool) -> None:
+    if as_json:
+        _echo_json(access)
+        return
+    for warning in access.get("warnings") or []:
+        click.echo(f"warning: {warning}", err=True)
+    shared = [*access.get("users", []), *(f"group {g}" for g in access.get("groups", []))]
+    click.echo(f"{access['servable']}: {access['visibility']}, shared with {', '.join(shared) or 'nobody'}")
 
 
 def _type_text(spec: dict) -> str:

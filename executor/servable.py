@@ -12,6 +12,9 @@ Metadata keywords of every builder: name, title, authors, description, domains, 
 related_identifiers, inputs, output, examples, requirements, deterministic (same inputs, same
 output: results may be cached), vectorized (takes a list of inputs, returns a list; the endpoint
 batches calls) and batching ({"max_batch_size", "max_batch_delay_ms", "weight": "count"|"len"}).
+``visibility="private"`` (or "public") is not metadata: it is sent with the publish and belongs to
+``owner/name``, changeable later (``Client.set_visibility``, ``share``, ``unshare``); left out,
+a new servable is public and an existing one keeps its visibility.
 
 Every builder records the environment (Python, dill, dlhub and the installed versions of the
 declared requirements) and validates the record here, so a bad field fails before any upload
@@ -78,11 +81,15 @@ def _environment(requirements: Iterable[str]) -> dict[str, str]:
 
 
 class Servable:
-    """A servable ready to publish: ``record`` (a dict in the record schema) and ``files``."""
+    """A servable ready to publish: ``record`` (a dict in the record schema), ``files``, and the
+    ``visibility`` to set when it is published (None: leave it as it is, public when new)."""
 
-    def __init__(self, record: dict[str, Any], files: dict[str, bytes] | None = None):
+    def __init__(
+        self, record: dict[str, Any], files: dict[str, bytes] | None = None, visibility: str | None = None
+    ):
         self.record = record
         self.files = dict(files or {})
+        self.visibility = visibility
 
     def __repr__(self) -> str:
         kind, files = self.record.get("kind"), sorted(self.files)
@@ -94,8 +101,10 @@ class Servable:
 
     def validate(self):
         """The checked :class:`ServableRecord`, or :class:`RecordError` naming each bad field."""
-        from dlhub.protocol.servable import RecordError, parse_record
+        from dlhub.protocol.servable import RecordError, check_visibility, parse_record
 
+        if self.visibility is not None:
+            check_visibility(self.visibility)
         rec = parse_record(self.record)
         missing = sorted(set(rec.files) - set(self.files))
         if missing:
@@ -127,6 +136,7 @@ class Servable:
         vectorized: bool = False,
         batching: dict[str, Any] | None = None,
         steps: Sequence[str] = (),
+        visibility: str | None = None,
     ) -> Servable:
         record: dict[str, Any] = {
             "name": name,
@@ -153,7 +163,7 @@ class Servable:
         }
         if output is not None:
             record["output"] = output
-        servable = cls(record, files)
+        servable = cls(record, files, visibility)
         servable.validate()
         return servable
 

@@ -21,10 +21,10 @@ import sqlalchemy as sa
 
 from dlhub.protocol import errors
 from dlhub.protocol import messages as m
-from dlhub.protocol.servable import OWNER_PATTERN, RecordError, parse_record
+from dlhub.protocol.servable import OWNER_PATTERN, VISIBILITIES, RecordError, parse_record
 
 from .auth import Authenticator
-from .repository import NotFound, Repository, RepositoryError
+from .repository import Access, NotFound, Repository, RepositoryError, Viewer, no_servable
 from .store import TERMINAL, tasks_table, unpack_error
 
 if TYPE_CHECKING:
@@ -145,6 +145,34 @@ def create_app(
         if who[1] != "admin" and who[0] != owner:
             raise ApiError(403, "forbidden", f"{who[0]} may not change servables of {owner}")
 
+    # ---- visibility: a private servable the caller may not see is "not found", in the same
+    # words as one that does not exist (no existence leak)
+
+    def viewer_of(who: tuple[str, str]) -> Viewer:
+        if servables is not None:
+            return servables.viewer(who[0], who[1])
+        from .auth import groups_of
+
+        return Viewer(who[0], who[1] == "admin", frozenset(groups_of(engine, who[0])))
+
+    def access_of(owner: str, name: str) -> Access:
+        return servables.access(owner, name) if servables is not None else repository.access(owner, name)
+
+    def must_see(who: tuple[str, str], owner: str, name: str, version: int | None = None) -> Access:
+        access = access_of(owner, name)
+        if who[0] != owner and not access.allows(owner, viewer_of(who)):
+            raise NotFound(no_servable(owner, name, version))
+        return access
+
+    def must_own(who: tuple[str, str], owner: str, name: str) -> Access:
+        """Owner or admin may change it; others: not found unless they can see it (then 403)."""
+        access = must_see(who, owner, name)
+        if who[1] != "admin" and who[0] != owner:
+            if not repository.exists(owner, name):
+                raise NotFound(no_servable(owner, name))
+            may_change(who, owner)
+        return access
+
     def publish_owner(who: tuple[str, str], field: object) -> str:
         """The owner a publish goes under: the token's user, or (admins only) the form's ``owner``,
         e.g. ``examples`` for the servables ``dlhub up`` publishes, apart from the admin's own."""
@@ -164,15 +192,18 @@ def create_app(
 
     @app.get(f"{API}/metrics")
     async def metrics_json(who: User) -> dict[str, Any]:
-        """Tasks, the result cache, and per endpoint: batching and per-servable counts."""
-        return await asyncio.to_thread(need_services().status)
+        """Tasks, the result cache, and per endpoint: batching and per-servable counts (only of
+        servables the caller may see)."""
+        service = need_services()
+        return await asyncio.to_thread(lambda: service.visible_status(service.status(), viewer_of(who)))
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics_prometheus(who: User):
         """The same in Prometheus' text format (scrape with a bearer token)."""
         from .metrics import prometheus_text
 
-        status = await asyncio.to_thread(need_services().status)
+        service = need_services()
+        status = await asyncio.to_thread(lambda: service.visible_status(service.status(), viewer_of(who)))
         return PlainTextResponse(prometheus_text(status), media_type="text/plain; version=0.0.4")
 
     @app.get(f"{API}/whoami")
@@ -200,11 +231,13 @@ def create_app(
             related=related,
             only_latest=only_latest,
             limit=limit,
+            viewer=viewer_of(who),
         )
         return {"results": hits, "count": len(hits)}
 
     @app.get(f"{API}/servables/{{owner}}/{{name}}")
     def describe(who: User, owner: str, name: str, version: int | None = None) -> dict[str, Any]:
+        access = must_see(who, owner, name)
         versions = repository.versions(owner, name)
         ready = [v["version"] for v in versions if v["status"] == "ready"]
         shown = [v["version"] for v in versions if v["status"] != "deleted"]
@@ -217,21 +250,99 @@ def create_app(
             "status": status,
             "error": error,
             "versions": versions,
+            "visibility": access.visibility,
+            **({"shares": shares_of(access)} if who[1] == "admin" or who[0] == owner else {}),
         }
 
     @app.get(f"{API}/servables/{{owner}}/{{name}}/versions")
     def versions(who: User, owner: str, name: str) -> dict[str, Any]:
+        must_see(who, owner, name)
         return {"versions": repository.versions(owner, name)}
 
     @app.delete(f"{API}/servables/{{owner}}/{{name}}")
     def delete_all(who: User, owner: str, name: str) -> dict[str, Any]:
-        may_change(who, owner)
+        must_own(who, owner, name)
         return {"deleted": repository.delete(owner, name)}
 
     @app.delete(f"{API}/servables/{{owner}}/{{name}}/{{version}}")
     def delete_version(who: User, owner: str, name: str, version: int) -> dict[str, Any]:
-        may_change(who, owner)
+        must_own(who, owner, name)
         return {"deleted": repository.delete(owner, name, version)}
+
+    def shares_of(access: Access) -> dict[str, list[str]]:
+        return {"users": sorted(access.users), "groups": sorted(access.groups)}
+
+    def access_body(owner: str, name: str, access: Access) -> dict[str, Any]:
+        return {"servable": f"{owner}/{name}", "visibility": access.visibility, **shares_of(access)}
+
+    def principals(users: list[str], groups: list[str]) -> tuple[list[str], list[str]]:
+        """Checked user and group names (422 naming a bad one; at least one of either)."""
+        if not users and not groups:
+            raise ApiError(422, "invalid-request", "name at least one of 'users' or 'groups'")
+        for kind, names in (("user", users), ("group", groups)):
+            for principal in names:
+                if not isinstance(principal, str) or not re.fullmatch(OWNER_PATTERN, principal):
+                    raise ApiError(422, "invalid-request", f"{kind} name {principal!r} is not valid")
+        return sorted(set(users)), sorted(set(groups))
+
+    @app.get(f"{API}/servables/{{owner}}/{{name}}/access")
+    def get_access(who: User, owner: str, name: str) -> dict[str, Any]:
+        """Visibility and shares (owner and admins)."""
+        must_own(who, owner, name)
+        if not repository.exists(owner, name):
+            raise NotFound(no_servable(owner, name))
+        return access_body(owner, name, repository.access(owner, name))
+
+    @app.post(f"{API}/servables/{{owner}}/{{name}}/share")
+    def share(
+        who: User,
+        owner: str,
+        name: str,
+        users: Annotated[list[str], Body()] = [],  # noqa: B006 - FastAPI copies defaults
+        groups: Annotated[list[str], Body()] = [],  # noqa: B006
+    ) -> dict[str, Any]:
+        """Let ``users`` and members of ``groups`` see and run a private servable (owner, admins)."""
+        must_own(who, owner, name)
+        users, groups = principals(users, groups)
+        body = access_body(owner, name, repository.share(owner, name, users, groups))
+        warnings = unknown_principals(users, groups)
+        return {**body, "warnings": warnings} if warnings else body
+
+    def unknown_principals(users: list[str], groups: list[str]) -> list[str]:
+        """Shares with names nobody has (yet) are kept, as the owner asked, but said out loud."""
+        from .store import groups_table, users_table
+
+        with engine.connect() as conn:
+            known_users = set(
+                conn.execute(sa.select(users_table.c.name).where(users_table.c.name.in_(users))).scalars()
+            )
+            known_groups = set(
+                conn.execute(sa.select(groups_table.c.name).where(groups_table.c.name.in_(groups))).scalars()
+            )
+        return [f"there is no user {u!r} (yet)" for u in users if u not in known_users] + [
+            f"there is no group {g!r} (yet)" for g in groups if g not in known_groups
+        ]
+
+    @app.post(f"{API}/servables/{{owner}}/{{name}}/unshare")
+    def unshare(
+        who: User,
+        owner: str,
+        name: str,
+        users: Annotated[list[str], Body()] = [],  # noqa: B006 - FastAPI copies defaults
+        groups: Annotated[list[str], Body()] = [],  # noqa: B006
+    ) -> dict[str, Any]:
+        """Take shares back (owner, admins); the servable's owner and admins always see it."""
+        must_own(who, owner, name)
+        users, groups = principals(users, groups)
+        return access_body(owner, name, repository.unshare(owner, name, users, groups))
+
+    @app.put(f"{API}/servables/{{owner}}/{{name}}/visibility")
+    def set_visibility(
+        who: User, owner: str, name: str, visibility: Annotated[str, Body(embed=True)]
+    ) -> dict[str, Any]:
+        """``{"visibility": "public" | "private"}`` (owner, admins)."""
+        must_own(who, owner, name)
+        return access_body(owner, name, repository.set_visibility(owner, name, visibility))
 
     def need_services() -> Any:
         if servables is None:
@@ -260,6 +371,12 @@ def create_app(
                             "owner": {
                                 "type": "string",
                                 "description": "admins: publish for this owner, not the token's user",
+                            },
+                            "visibility": {
+                                "type": "string",
+                                "enum": list(VISIBILITIES),
+                                "description": "public or private (default: public for a new "
+                                "servable, else unchanged)",
                             },
                         },
                     }
@@ -312,7 +429,14 @@ def create_app(
             raise ApiError(404, "unknown-endpoint", str(exc)) from None
         except errors.EndpointRequired as exc:
             raise endpoint_required(exc, "form field") from None
-        published = await asyncio.to_thread(repository.publish, owner, record, files)
+        visibility = form.get("visibility") or None
+        if visibility is not None and visibility not in VISIBILITIES:
+            raise ApiError(
+                422, "invalid-request", f"form field 'visibility' must be public or private: {visibility!r}"
+            )
+        published = await asyncio.to_thread(
+            lambda: repository.publish(owner, record, files, visibility=visibility, publisher=viewer_of(who))
+        )
         service.verify(published, endpoint)
         return {"ref": published.ref, "status": "pending", "verifying_on": endpoint}
 
@@ -334,7 +458,7 @@ def create_app(
         service = need_services()
         ref = f"{owner}/{name}" + (f":{version}" if version else "")
         try:
-            await asyncio.to_thread(service.resolve, ref)
+            await asyncio.to_thread(service.resolve, ref, viewer_of(who))
             target = service.default_endpoint(endpoint)
         except errors.ServableNotFound as exc:
             raise ApiError(404, "servable-not-found", str(exc)) from None

@@ -335,8 +335,9 @@ class Manager:
         elif isinstance(msg, m.Query):
             records = self.router.task_records(msg.task_ids)
             self._send(self.client_sock, identity, m.TaskInfo(msg.request_id, records))
-        elif isinstance(msg, m.StatusRequest):
-            self._send(self.client_sock, identity, m.Status(msg.request_id, self._status()))
+        elif isinstance(msg, m.StatusRequest):  # per-servable figures only of what the caller may see
+            status = self.servables.visible_status(self._status(), client.user)
+            self._send(self.client_sock, identity, m.Status(msg.request_id, status))
         elif isinstance(msg, m.Heartbeat):
             self._send(self.client_sock, identity, m.Heartbeat({}))
         else:

@@ -20,12 +20,20 @@ import json
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 
-from dlhub.protocol.servable import ServableRecord, pack_package, parse_record, parse_ref, record_digest
+from dlhub.protocol.servable import (
+    ServableRecord,
+    check_visibility,
+    pack_package,
+    parse_record,
+    parse_ref,
+    record_digest,
+)
 
 from .store import metadata
 
@@ -45,6 +53,27 @@ versions_table = sa.Table(
     sa.Column("related", sa.Text, nullable=False, default="|"),
     sa.Column("created", sa.Float, nullable=False),
     sa.Column("updated", sa.Float, nullable=False),
+)
+
+# Who may see a servable: the row's owner/name, not one immutable version (visibility can change
+# after publish, so it is kept out of the record and of its digest). No row means public.
+access_table = sa.Table(
+    "servable_access",
+    metadata,
+    sa.Column("owner", sa.String(128), primary_key=True),
+    sa.Column("name", sa.String(80), primary_key=True),
+    sa.Column("visibility", sa.String(16), nullable=False),  # public | private
+    sa.Column("updated", sa.Float, nullable=False),
+)
+
+shares_table = sa.Table(
+    "servable_shares",
+    metadata,
+    sa.Column("owner", sa.String(128), primary_key=True),
+    sa.Column("name", sa.String(80), primary_key=True),
+    sa.Column("kind", sa.String(8), primary_key=True),  # user | group
+    sa.Column("principal", sa.String(128), primary_key=True),
+    sa.Column("created", sa.Float, nullable=False),
 )
 
 # The search index: FTS5 on SQLite, a GIN-indexed generated tsvector on PostgreSQL. One row per
@@ -75,6 +104,43 @@ class RepositoryError(ValueError):
 
 class NotFound(RepositoryError):
     pass
+
+
+def no_servable(owner: str, name: str, version: int | None = None) -> str:
+    """The one message for a servable that does not exist *or that the caller may not see*: the
+    same words either way, so a private servable's existence never leaks."""
+    return f"there is no servable {owner}/{name}" + (f":{version}" if version else "")
+
+
+@dataclass(frozen=True)
+class Viewer:
+    """Who is asking: a user, whether an admin, and the groups the user is in."""
+
+    user: str
+    admin: bool = False
+    groups: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Access:
+    """A servable's visibility and shares (one per owner/name; no row: public, no shares)."""
+
+    visibility: str = "public"
+    users: frozenset[str] = frozenset()
+    groups: frozenset[str] = frozenset()
+
+    def allows(self, owner: str, viewer: Viewer) -> bool:
+        """The owner, admins, and (when private) the users and groups it is shared with."""
+        return (
+            self.visibility == "public"
+            or viewer.admin
+            or viewer.user == owner
+            or viewer.user in self.users
+            or not self.groups.isdisjoint(viewer.groups)
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"visibility": self.visibility, "users": sorted(self.users), "groups": sorted(self.groups)}
 
 
 class BlobStore:
@@ -152,9 +218,23 @@ class Repository:
 
     # ---- publishing ----------------------------------------------------------------------------
 
-    def publish(self, owner: str, record: ServableRecord | dict, files: dict[str, bytes]) -> ServableRecord:
-        """Store a new version as ``pending``; returns the record with owner and version set."""
+    def publish(
+        self,
+        owner: str,
+        record: ServableRecord | dict,
+        files: dict[str, bytes],
+        *,
+        visibility: str | None = None,
+        publisher: Viewer | None = None,
+    ) -> ServableRecord:
+        """Store a new version as ``pending``; returns the record with owner and version set.
+        ``visibility`` (public|private), when given, becomes the servable's (in the same
+        transaction, so a private version is never visible, even briefly); otherwise a new
+        servable is public and an existing one keeps its own. ``publisher``: a pipeline may pin
+        only steps this viewer may see (None: no check, e.g. tests and internal use)."""
         rec = record if isinstance(record, ServableRecord) else parse_record(record)
+        if visibility is not None:
+            check_visibility(visibility)
         missing = sorted(set(rec.files) - set(files))
         extra = sorted(set(files) - set(rec.files))
         if missing or extra:
@@ -166,12 +246,12 @@ class Repository:
             if actual != rec.files[path]:
                 raise RepositoryError(f"file {path!r} has digest {actual}, the record says {rec.files[path]}")
         if rec.kind == "pipeline":
-            rec = rec.model_copy(update={"steps": [self._pin(step) for step in rec.steps]})
+            rec = rec.model_copy(update={"steps": [self._pin(step, publisher) for step in rec.steps]})
         for data in files.values():  # before the commit: a crash leaves only unreferenced blobs
             self.blobs.put(data)
         for attempt in range(PUBLISH_ATTEMPTS):
             try:
-                return self._insert_version(owner, rec)
+                return self._insert_version(owner, rec, visibility)
             except sa.exc.IntegrityError:  # a concurrent publish took that version number
                 if attempt == PUBLISH_ATTEMPTS - 1:
                     raise RepositoryError(
@@ -180,7 +260,7 @@ class Repository:
                 time.sleep(0.01 * (attempt + 1))
         raise AssertionError("unreachable")
 
-    def _insert_version(self, owner: str, rec: ServableRecord) -> ServableRecord:
+    def _insert_version(self, owner: str, rec: ServableRecord, visibility: str | None) -> ServableRecord:
         t = versions_table
         now = self.clock()
         with self.engine.begin() as conn:
@@ -210,15 +290,23 @@ class Repository:
                 ),
                 {"o": owner, "n": rec.name, "v": rec.version, **_search_texts(rec)},
             )
+            if visibility is not None:
+                self._write_visibility(conn, owner, rec.name, visibility)
+        if visibility is not None:
+            self.generation += 1
         return rec
 
-    def _pin(self, step: str) -> str:
-        """A pipeline step as ``owner/name:version`` of a ready version (pinned at publish)."""
+    def _pin(self, step: str, publisher: Viewer | None = None) -> str:
+        """A pipeline step as ``owner/name:version`` of a ready version (pinned at publish), which
+        the publisher may see (else the same not-found as a step that does not exist)."""
         owner, name, version = parse_ref(step)
+        missing = f"pipeline step {step!r}: there is no ready version of it"
+        if publisher is not None and not self.access(owner, name).allows(owner, publisher):
+            raise RepositoryError(missing)
         try:
             rec, status, _ = self.get(owner, name, version)
         except NotFound:
-            raise RepositoryError(f"pipeline step {step!r}: there is no ready version of it") from None
+            raise RepositoryError(missing) from None
         if status != "ready":
             raise RepositoryError(f"pipeline step {step!r} is {status}, not ready")
         return rec.ref
@@ -301,7 +389,7 @@ class Repository:
             rows = [r for r in rows if r.version == version]
         target = f"{owner}/{name}" + (f":{version}" if version else "")
         if not rows:
-            return f"there is no servable {target}"
+            return no_servable(owner, name, version)
         states = sorted({r.status for r in rows})
         if states == ["deleted"]:
             return f"{target} was deleted"
@@ -345,8 +433,89 @@ class Repository:
                 .order_by(t.c.version)
             ).all()
         if not rows:
-            raise NotFound(f"there is no servable {owner}/{name}")
+            raise NotFound(no_servable(owner, name))
         return [dict(r._mapping) for r in rows]
+
+    def exists(self, owner: str, name: str) -> bool:
+        """Whether ``owner/name`` has any version (deleted ones included)."""
+        t = versions_table
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(t.c.version).where(t.c.owner == owner, t.c.name == name).limit(1))
+            return row.first() is not None
+
+    # ---- visibility and shares (per owner/name) -----------------------------------------------
+
+    def access(self, owner: str, name: str) -> Access:
+        """The servable's visibility and shares (public, none, when nothing was set)."""
+        a, sh = access_table, shares_table
+        with self.engine.connect() as conn:
+            visibility = conn.execute(
+                sa.select(a.c.visibility).where(a.c.owner == owner, a.c.name == name)
+            ).scalar()
+            rows = conn.execute(
+                sa.select(sh.c.kind, sh.c.principal).where(sh.c.owner == owner, sh.c.name == name)
+            ).all()
+        return Access(
+            visibility or "public",
+            frozenset(r.principal for r in rows if r.kind == "user"),
+            frozenset(r.principal for r in rows if r.kind == "group"),
+        )
+
+    def set_visibility(self, owner: str, name: str, visibility: str) -> Access:
+        check_visibility(visibility)
+        self._must_exist(owner, name)
+        with self.engine.begin() as conn:
+            self._write_visibility(conn, owner, name, visibility)
+        self.generation += 1
+        return self.access(owner, name)
+
+    def _write_visibility(self, conn: sa.Connection, owner: str, name: str, visibility: str) -> None:
+        a = access_table
+        where = (a.c.owner == owner, a.c.name == name)
+        values = {"visibility": visibility, "updated": self.clock()}
+        if conn.execute(a.update().where(*where).values(**values)).rowcount == 0:
+            conn.execute(a.insert().values(owner=owner, name=name, **values))
+
+    def share(self, owner: str, name: str, users=(), groups=()) -> Access:
+        """Let these users and groups see ``owner/name`` (a no-op for those already shared)."""
+        self._must_exist(owner, name)
+        sh = shares_table
+        wanted = {("user", u) for u in users} | {("group", g) for g in groups}
+        with self.engine.begin() as conn:
+            have = {
+                (r.kind, r.principal)
+                for r in conn.execute(
+                    sa.select(sh.c.kind, sh.c.principal).where(sh.c.owner == owner, sh.c.name == name)
+                )
+            }
+            now = self.clock()
+            for kind, principal in sorted(wanted - have):
+                conn.execute(
+                    sh.insert().values(owner=owner, name=name, kind=kind, principal=principal, created=now)
+                )
+        self.generation += 1
+        return self.access(owner, name)
+
+    def unshare(self, owner: str, name: str, users=(), groups=()) -> Access:
+        self._must_exist(owner, name)
+        sh = shares_table
+        with self.engine.begin() as conn:
+            for kind, principals in (("user", users), ("group", groups)):
+                if principals:
+                    conn.execute(
+                        sh.delete().where(
+                            sh.c.owner == owner,
+                            sh.c.name == name,
+                            sh.c.kind == kind,
+                            sh.c.principal.in_(list(principals)),
+                        )
+                    )
+        self.generation += 1
+        return self.access(owner, name)
+
+    def _must_exist(self, owner: str, name: str) -> None:
+        if not self.exists(owner, name):
+            raise NotFound(no_servable(owner, name))
 
     def delete(self, owner: str, name: str, version: int | None = None) -> int:
         """Mark one version (or all) deleted: no new calls route to it; returns how many."""
@@ -366,6 +535,25 @@ class Repository:
             raise NotFound(f"nothing to delete at {owner}/{name}" + (f":{version}" if version else ""))
         return result.rowcount
 
+    @staticmethod
+    def _visible_clause(viewer: Viewer, params: dict[str, Any]) -> str:
+        """SQL: the row ``v`` is public, the viewer's own, or shared with the viewer or a group of
+        theirs (in SQL, so ``limit`` counts only what the viewer sees)."""
+        params["viewer"] = viewer.user
+        groups = sorted(viewer.groups)
+        params.update({f"vg{i}": g for i, g in enumerate(groups)})
+        in_groups = (
+            f" OR (s.kind = 'group' AND s.principal IN ({', '.join(f':vg{i}' for i in range(len(groups)))}))"
+            if groups
+            else ""
+        )
+        return (
+            " AND (v.owner = :viewer OR NOT EXISTS (SELECT 1 FROM servable_access a WHERE a.owner = v.owner"
+            " AND a.name = v.name AND a.visibility = 'private') OR EXISTS (SELECT 1 FROM servable_shares s"
+            " WHERE s.owner = v.owner AND s.name = v.name AND ((s.kind = 'user' AND s.principal = :viewer)"
+            f"{in_groups})))"
+        )
+
     def search(
         self,
         query: str = "",
@@ -377,9 +565,11 @@ class Repository:
         only_latest: bool = True,
         include_unready: bool = False,
         limit: int = 20,
+        viewer: Viewer | None = None,
     ) -> list[dict[str, Any]]:
         """Ranked records (best first). Each word matches as a prefix anywhere in the metadata
-        (``featuriz`` finds featurizer; a plural finds the singular); all words must match."""
+        (``featuriz`` finds featurizer; a plural finds the singular); all words must match.
+        ``viewer``: only servables that viewer may see (None: all, for internal use)."""
         words = [w for w in "".join(c if c.isalnum() else " " for c in query.lower()).split() if w]
         words = [w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w for w in words]
         params: dict[str, Any] = {}

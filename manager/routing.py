@@ -61,7 +61,7 @@ class Router:
         clock: Callable[[], float] = time.time,
         endpoint_timeout_s: float = 30.0,
         known_endpoints: list[str] | None = None,
-        resolve: Callable[[str], str] | None = None,
+        resolve: Callable[[str, str], str] | None = None,
         packages: Callable[[str], bytes | None] | None = None,
         result_cache: ResultCache | None = None,
         deterministic: Callable[[str], bool] | None = None,
@@ -127,7 +127,7 @@ class Router:
             ):
                 target = resolved.get(function)
                 if target is None:
-                    target = resolved[function] = self._resolve(function[len(m.REF_PREFIX) :])
+                    target = resolved[function] = self._resolve(function[len(m.REF_PREFIX) :], owner)
                 if isinstance(target, list):  # an error record: nothing routable by that name
                     self._reply_now(client, callback, m.result_record(task_id, "failed", error=target))
                     continue

@@ -17,14 +17,17 @@ import concurrent.futures
 import json
 import logging
 import os
+import time
 from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
 
 from dlhub.protocol import errors
 from dlhub.protocol import messages as m
 from dlhub.protocol.serialize import JSON, input_digest, serialize
 from dlhub.protocol.servable import ServableRecord, parse_ref, record_digest
 
-from .repository import NotFound, Repository
+from .repository import Access, NotFound, Repository, Viewer, no_servable
 
 if TYPE_CHECKING:
     from .broker import Manager
@@ -32,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("dlhub.manager.servables")
 
 VERIFY_TIMEOUT_S = 600.0
+WHO_TTL_S = 1.0  # how long a user's role and groups are remembered for visibility checks
 
 
 class ServableService:
@@ -39,6 +43,8 @@ class ServableService:
         self.manager = manager
         self.repository = repository
         self._resolved: dict[str, str] = {}
+        self._access: dict[tuple[str, str], Access] = {}  # (owner, name) -> visibility + shares
+        self._viewers: dict[str, tuple[float, Viewer]] = {}  # user -> (when looked up, viewer)
         self._generation = -1
         self._deterministic: dict[str, bool] = {}  # "servable:<digest>" -> record.deterministic
         # repository writes triggered by results, off the broker loop
@@ -49,11 +55,18 @@ class ServableService:
 
     # ---- routing (loop thread) -------------------------------------------------------------
 
-    def resolve(self, ref: str) -> str:
-        """``owner/name[:version]`` -> ``servable:<digest>``; cached until the repository changes."""
-        if self._generation != self.repository.generation:
-            self._resolved.clear()
-            self._generation = self.repository.generation
+    def resolve(self, ref: str, user: str | Viewer | None = None) -> str:
+        """``owner/name[:version]`` -> ``servable:<digest>``; cached until the repository changes.
+        ``user`` (the submitter): a servable that user may not see is not found, in the same
+        words as one that does not exist (None: no check, for the manager's own calls)."""
+        self._check_generation()
+        if user is not None:
+            try:
+                owner, name, version = parse_ref(ref)
+            except ValueError as exc:
+                raise errors.ServableNotFound(str(exc)) from None
+            if not self.may_see(user, owner, name):
+                raise errors.ServableNotFound(no_servable(owner, name, version))
         key = self._resolved.get(ref)
         if key is None:
             try:
@@ -64,6 +77,95 @@ class ServableService:
             key = self._resolved[ref] = m.RUN_PREFIX + digest
             self._deterministic[key] = record.deterministic
         return key
+
+    def _check_generation(self) -> None:
+        """Forget resolved names and access records when the repository changed (publish,
+        delete, status, visibility, shares all bump its generation)."""
+        if self._generation != self.repository.generation:
+            self._resolved.clear()
+            self._access.clear()
+            self._generation = self.repository.generation
+
+    # ---- visibility (any thread: the loop, REST) -------------------------------------------
+
+    def viewer(self, user: str, role: str | None = None) -> Viewer:
+        """The user, whether an admin (``role`` when the caller knows it, else the users
+        table), and their groups; remembered for ``WHO_TTL_S`` so revocations and group changes
+        take effect within a second."""
+        now = time.monotonic()
+        cached = self._viewers.get(user)
+        stale = cached is None or now - cached[0] > WHO_TTL_S
+        if stale or (role is not None and role_admin(role) != cached[1].admin):
+            if role is None:
+                role = self._role(user)
+            cached = (now, Viewer(user, role_admin(role), self._groups(user)))
+            if len(self._viewers) > 10_000:
+                self._viewers.clear()
+            self._viewers[user] = cached
+        return cached[1]
+
+    def _role(self, user: str) -> str | None:
+        from .store import users_table
+
+        with self.repository.engine.connect() as conn:
+            return conn.execute(sa.select(users_table.c.role).where(users_table.c.name == user)).scalar()
+
+    def _groups(self, user: str) -> frozenset[str]:
+        from . import auth
+
+        lookup = getattr(getattr(self.manager, "auth", None), "groups_of", None)
+        if lookup is not None:
+            return frozenset(lookup(user))
+        return frozenset(auth.groups_of(self.repository.engine, user))
+
+    def access(self, owner: str, name: str) -> Access:
+        """Visibility and shares of ``owner/name``, cached until the repository changes."""
+        self._check_generation()
+        found = self._access.get((owner, name))
+        if found is None:
+            found = self._access[(owner, name)] = self.repository.access(owner, name)
+        return found
+
+    def may_see(self, who: str | Viewer, owner: str, name: str) -> bool:
+        """Whether ``who`` may find and run ``owner/name``: cheap for the common cases (public,
+        own), a cached viewer lookup for the rest."""
+        user = who.user if isinstance(who, Viewer) else who
+        if user == owner:
+            return True
+        access = self.access(owner, name)
+        if access.visibility == "public" or user in access.users:
+            return True
+        return access.allows(owner, who if isinstance(who, Viewer) else self.viewer(user))
+
+    def visible_status(self, status: dict[str, Any], who: str | Viewer) -> dict[str, Any]:
+        """The status snapshot without per-servable figures of servables ``who`` may not see."""
+        viewer = who if isinstance(who, Viewer) else self.viewer(who)
+        if viewer.admin:
+            return status
+        endpoints = {}
+        for ep_name, ep in (status.get("endpoints") or {}).items():
+            info = ep.get("info") or {}
+            stats = info.get("servables")
+            if isinstance(stats, dict):
+                kept = {label: v for label, v in stats.items() if self._label_visible(label, viewer)}
+                ep = {**ep, "info": {**info, "servables": kept}}
+            endpoints[ep_name] = ep
+        return {**status, "endpoints": endpoints}
+
+    def _label_visible(self, label: str, viewer: Viewer) -> bool:
+        """An endpoint labels servables ``owner/name:version`` (or ``servable:<digest>``);
+        other labels (functions sent by value) name no servable."""
+        if isinstance(label, str) and label.startswith(m.RUN_PREFIX):
+            record = self.repository.record_by_digest(label[len(m.RUN_PREFIX) :])
+            if record is None:
+                return False
+            owner, name = record.get("owner") or "", record.get("name") or ""
+        else:
+            try:
+                owner, name, _ = parse_ref(label)
+            except (ValueError, TypeError):
+                return True
+        return self.may_see(viewer, owner, name)
 
     def deterministic(self, function: str) -> bool:
         """Whether the servable a task runs declared same-inputs-same-output (cacheable)."""
@@ -148,6 +250,10 @@ class ServableService:
                 log.exception("cannot record the verification of %s", record.ref)
 
         future.add_done_callback(lambda fut: self._writer.submit(finished, fut))
+
+
+def role_admin(role: str | None) -> bool:
+    return role == "admin"
 
 
 def result_value(res: list) -> Any:

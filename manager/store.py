@@ -25,8 +25,8 @@ import sqlalchemy as sa
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 6  # 2: tasks.resources; 3: servable_versions.digest; 4: tasks.options;
-# 6: users.revoked, groups, group_members
+SCHEMA_VERSION = 7  # 2: tasks.resources; 3: servable_versions.digest; 4: tasks.options;
+# 6: users.revoked, groups, group_members; 7: servable_access, servable_shares
 metadata = sa.MetaData()
 
 tasks_table = sa.Table(
@@ -140,6 +140,7 @@ MIGRATIONS: dict[int, list[str | Callable[[sa.Connection], None]]] = {
     ],
     4: [_add_column("tasks", "options", "TEXT")],
     6: [_add_column("users", "revoked", "FLOAT")],  # groups, group_members: made by create_all
+    7: [],  # servable_access, servable_shares (visibility and shares): made by create_all
 }
 
 

@@ -249,6 +249,18 @@ def _explain(exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
+VISIBILITIES = ("public", "private")
+
+
+def check_visibility(visibility: Any) -> str:
+    """``public`` (anyone may find and run it) or ``private`` (its owner, admins, and the users and
+    groups it is shared with). Not a record field: it belongs to ``owner/name`` and can change
+    after publish, while a record (and its digest, which names the package) never changes."""
+    if visibility not in VISIBILITIES:
+        raise RecordError(f"visibility must be 'public' or 'private', got {visibility!r}")
+    return visibility
+
+
 def parse_ref(ref: str) -> tuple[str, str, int | None]:
     """``owner/name[:version]`` -> (owner, name, version or None for the latest ready one)."""
     match = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9_.-]*)/([a-z0-9][a-z0-9_.-]*)(?::(\d+|latest))?", ref)
