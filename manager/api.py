@@ -137,6 +137,9 @@ def create_app(
         who = auth.check(token.strip()) if scheme.lower() == "bearer" else None
         if who is None:
             raise ApiError(401, "access-denied", "a valid 'Authorization: Bearer <token>' header is required")
+        if who[1] == "endpoint":
+            message = f"{who[0]} has an endpoint token: endpoint tokens only register endpoints"
+            raise ApiError(403, "forbidden", message)
         return who
 
     User = Annotated[tuple[str, str], Depends(user)]
@@ -489,7 +492,9 @@ def create_app(
         t = tasks_table
         with engine.connect() as conn:
             row = conn.execute(sa.select(t.c.owner, *columns).where(t.c.task_id == raw)).first()
-        if row is None:
+        record = dict(row._mapping) if row is not None else None
+        if record is None or (who[1] != "admin" and record["owner"] != who[0]):
+            # another user's task reads exactly like one that does not exist (no existence leak)
             raise ApiError(404, "not-found", f"there is no task {task_id}")
         record = dict(row._mapping)
         if who[1] != "admin" and record["owner"] != who[0]:
@@ -514,11 +519,9 @@ def create_app(
         cols = [c for c in t.c if c.name not in ("payload", "result", "error", "task_id")]
         with engine.connect() as conn:
             row = conn.execute(sa.select(*cols).where(t.c.task_id == raw)).first()
-        if row is None:
-            raise ApiError(404, "not-found", f"there is no task {task_id}")
-        record = dict(row._mapping)
-        if who[1] != "admin" and record["owner"] != who[0]:
-            raise ApiError(403, "forbidden", f"task {task_id} belongs to another user")
+        record = dict(row._mapping) if row is not None else None
+        if record is None or (who[1] != "admin" and record["owner"] != who[0]):
+            raise ApiError(404, "not-found", f"there is no task {task_id}")  # as in task_row
         return {"task_id": task_id, **record}
 
     return app

@@ -37,9 +37,9 @@ from .api import ApiServer
 from .auth import Authenticator, ensure_admin, users_generation
 from .repository import Repository
 from .result_cache import ResultCache
-from .routing import Router
+from .routing import Router, code_matches, may_see
 from .services import ServableService
-from .store import TaskStore, make_engine, migrate
+from .store import TaskStore, claim_endpoint, endpoint_owner, make_engine, migrate
 
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
@@ -93,6 +93,12 @@ class ManagerConfig:
 class _Client:
     user: str
     session: str
+    role: str = "user"
+
+    @property
+    def viewer(self) -> str | None:
+        """Whose tasks this client may see, fetch and cancel: its own (None: an admin's, all)."""
+        return None if self.role == "admin" else self.user
 
 
 class Manager:
@@ -109,6 +115,7 @@ class Manager:
         self._ack_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.clients: dict[bytes, _Client] = {}
         self.endpoint_users: dict[bytes, str] = {}  # endpoint identity -> the user of its token
+        self._endpoint_owners: dict[str, str] = {}  # endpoint name -> the user who owns it (cache)
         self.client_url = self.endpoint_url = ""
         self._thread: threading.Thread | None = None
 
@@ -327,13 +334,13 @@ class Manager:
             self._check_sizes(identity, msg)
             self.router.submit(identity, client.user, client.session, msg)
         elif isinstance(msg, m.PutCode):
-            self.router.put_code(msg.digest, msg.blob)
+            self._put_code(client, msg)
         elif isinstance(msg, m.Cancel):
-            self.router.cancel(identity, msg.task_ids)
+            self.router.cancel(identity, msg.task_ids, client.viewer)
         elif isinstance(msg, m.Fetch):
-            self._fetch(identity, msg.task_ids)
+            self._fetch(identity, msg.task_ids, client.viewer)
         elif isinstance(msg, m.Query):
-            records = self.router.task_records(msg.task_ids)
+            records = self.router.task_records(msg.task_ids, client.viewer)
             self._send(self.client_sock, identity, m.TaskInfo(msg.request_id, records))
         elif isinstance(msg, m.StatusRequest):  # per-servable figures only of what the caller may see
             status = self.servables.visible_status(self._status(), client.user)
@@ -370,7 +377,18 @@ class Manager:
                 m.Refused("protocol", f"manager speaks protocol {PROTOCOL_VERSION}"),
             )
             return
-        self.clients[identity] = _Client(who[0], hello.session)
+        if who[1] == "endpoint":
+            self._send(
+                self.client_sock,
+                identity,
+                m.Refused(
+                    "access-denied",
+                    f"{who[0]} has an endpoint token: endpoint tokens only register endpoints; "
+                    "submit with a user token",
+                ),
+            )
+            return
+        self.clients[identity] = _Client(who[0], hello.session, who[1])
         endpoints = {
             name: {"connected": ep.connected, "versions": ep.versions}
             for name, ep in self.router.endpoints.items()
@@ -404,29 +422,55 @@ class Manager:
         msg.tasks[:] = [t for t in msg.tasks if len(t[m.T_PAYLOAD]) <= limit]
         self._send(self.client_sock, identity, m.Results(results))
 
-    def _fetch(self, identity: bytes, task_ids: list[bytes]) -> None:
-        """Resend stored results; tasks still running will be routed to this client."""
+    def _put_code(self, client: _Client, msg: m.PutCode) -> None:
+        """Store a function's code only under its own digest (sha256 of the blob)."""
+        if not code_matches(msg.digest, msg.blob):
+            log.warning(
+                "refused PutCode from %s: digest %s is not the sha256 of its %d-byte blob",
+                client.user,
+                str(msg.digest)[:80],
+                len(msg.blob),
+            )
+            return
+        self.router.put_code(msg.digest, msg.blob)
+
+    @staticmethod
+    def _checked_code(blobs: dict[str, bytes]) -> dict[str, bytes]:
+        """Function code goes to endpoints only under its own digest (a blob stored under another
+        one, e.g. by a manager from before digests were checked, is withheld and logged)."""
+        out = {}
+        for digest, blob in blobs.items():
+            if m.package_key(digest) is None and not code_matches(digest, blob):
+                log.warning("withheld code %s from an endpoint: the stored blob does not match it", digest)
+                continue
+            out[digest] = blob
+        return out
+
+    def _fetch(self, identity: bytes, task_ids: list[bytes], user: str | None = None) -> None:
+        """Resend stored results; tasks still running will be routed to this client. ``user``:
+        the caller (None: an admin); another user's task is answered as an unknown id, and a
+        running one keeps going to its submitter (an admin's fetch gets a copy)."""
         results, missing = [], []
         for task_id in task_ids:
             entry = self.router.tasks.get(task_id)
-            if entry is not None:
-                entry.client = identity
-            else:
+            if entry is not None and may_see(user, entry.owner):
+                me = self.clients.get(identity)
+                if me is not None and me.user != entry.owner and entry.client in self.clients:
+                    entry.watchers.append(identity)  # an admin looks; the submitter still gets it
+                else:
+                    entry.client = identity
+            elif entry is None:
                 missing.append(task_id)
+            else:
+                results.append(_unknown_task(task_id))
         from .store import unpack_error
 
         if any(t in self.router.finished for t in missing):
             self.store.flush()  # finished moments ago: read the committed row
-        stored = self.store.lookup(missing)
+        stored = {t: row for t, row in self.store.lookup(missing).items() if may_see(user, row["owner"])}
         for task_id in missing:
             if task_id not in stored:
-                results.append(
-                    m.result_record(
-                        task_id,
-                        "lost",
-                        error=infra_error("lost", f"task {task_id.hex()} is unknown to this manager"),
-                    )
-                )
+                results.append(_unknown_task(task_id))
         for task_id, row in stored.items():
             if row["state"] in m.TERMINAL_STATES:
                 output = [row["stdout"], row["stderr"]] if row["stdout"] or row["stderr"] else None
@@ -447,14 +491,20 @@ class Manager:
 
     def _on_endpoint(self, identity: bytes, msg: m.Message) -> None:
         if isinstance(msg, m.Hello) and msg.role == "check":  # `dlhub-endpoint check`: no session
-            ok = self.auth.check(msg.token) is not None
-            reply = m.Welcome(self.session, {}) if ok else m.Refused("access-denied", "token refused")
+            who = self.auth.check(msg.token)
+            refusal = "token refused" if who is None else self._endpoint_refusal(who, msg.name, claim=False)
+            reply = m.Welcome(self.session, {}) if refusal is None else m.Refused("access-denied", refusal)
             self._send(self.endpoint_sock, identity, reply)
             return
         if isinstance(msg, m.Hello):
             who = self.auth.check(msg.token)
             if who is None or msg.role != "endpoint":
                 self._send(self.endpoint_sock, identity, m.Refused("access-denied", "token refused"))
+                return
+            refusal = self._endpoint_refusal(who, msg.name, claim=True)
+            if refusal is not None:
+                log.warning("refused endpoint %r of %s: %s", str(msg.name)[:64], who[0], refusal)
+                self._send(self.endpoint_sock, identity, m.Refused("access-denied", refusal))
                 return
             log.info("endpoint %r registered (session %s)", msg.name, msg.session)
             self.router.endpoint_hello(identity, msg)
@@ -471,7 +521,7 @@ class Manager:
             self.router.endpoint_heartbeat(identity, msg.info)
             self._send(self.endpoint_sock, identity, m.Heartbeat({}))
         elif isinstance(msg, m.CodeRequest):
-            blobs = self.router.code_for(msg.digests)
+            blobs = self._checked_code(self.router.code_for(msg.digests))
             self._send(self.endpoint_sock, identity, m.Code(blobs))
         elif isinstance(msg, m.CancelRefused):
             self.router.endpoint_cancel_refused(identity, msg)
@@ -483,6 +533,26 @@ class Manager:
                 identity,
                 m.Refused("unexpected", f"{type(msg).__name__} is not an endpoint message"),
             )
+
+    def _endpoint_refusal(self, who: tuple[str, str], name: str, claim: bool) -> str | None:
+        """Why ``who`` may not register endpoint ``name`` (None: it may). Only endpoint and admin
+        tokens register endpoints, and a name belongs to the user who registered it first
+        (``claim``: this registration makes it theirs when nobody owns it yet); admins may
+        register any name."""
+        user, role = who
+        if role not in ("endpoint", "admin"):
+            return f"{user} has a {role} token: only endpoint or admin tokens register endpoints"
+        if not isinstance(name, str) or not re.fullmatch(ENDPOINT_NAME, name):
+            return f"endpoint name {str(name)[:80]!r} is not valid (letters, digits, _ . -; at most 64)"
+        owner = self._endpoint_owners.get(name)
+        if owner is None:
+            engine = self.auth.engine
+            owner = claim_endpoint(engine, name, user) if claim else endpoint_owner(engine, name)
+            if owner is not None:
+                self._endpoint_owners[name] = owner
+        if owner is not None and owner != user and role != "admin":
+            return f"endpoint name {name!r} belongs to {owner}; register under another name"
+        return None
 
     # ---- users: revocation and new tokens take effect at once ------------------------------
 
@@ -563,6 +633,13 @@ class Manager:
         for (link, identity), ids in grouped.items():
             sock = self.client_sock if link == "client" else self.endpoint_sock
             self._send(sock, identity, m.Accepted(ids))
+
+
+def _unknown_task(task_id: bytes) -> list:
+    """Fetch's answer for an id that does not exist, or that belongs to another user."""
+    return m.result_record(
+        task_id, "lost", error=infra_error("lost", f"task {task_id.hex()} is unknown to this manager")
+    )
 
 
 def read_manager_info(home: Path) -> dict[str, Any] | None:

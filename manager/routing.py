@@ -13,6 +13,7 @@ endpoint registers again (the endpoint drops ids it already holds).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -39,6 +40,8 @@ class TaskEntry:
     client: bytes  # routing identity of the submitting client
     state: str
     cache_key: str | None = None  # deterministic servable call: its result-cache key
+    owner: str = ""  # the submitting user: only they (and admins) may see, fetch or cancel it
+    watchers: list[bytes] = field(default_factory=list)  # admins' clients that fetched it too
 
 
 @dataclass
@@ -143,6 +146,10 @@ class Router:
             if task_id in self.tasks or task_id in self.finished:
                 self.counters["duplicates"] += 1
                 entry = self.tasks.get(task_id)
+                if entry is not None and entry.owner != owner:  # another user's id: not theirs to take
+                    err = errors.infra_error("invalid-request", f"task id {task_id.hex()} is already in use")
+                    self._reply_now(client, callback, m.result_record(task_id, "failed", error=err))
+                    continue
                 if entry is not None:
                     entry.client = client  # a reconnected client gets the result
                 # already committed (or being committed): acknowledge again after this batch
@@ -195,7 +202,7 @@ class Router:
                 )
                 continue
             acks.append(("client", client, task_id))
-            self.tasks[task_id] = TaskEntry(rec, msg.endpoint, client, state, key)
+            self.tasks[task_id] = TaskEntry(rec, msg.endpoint, client, state, key, owner)
             if leader is not None:
                 self.followers.setdefault(leader, []).append(task_id)
                 self.result_cache.counters["coalesced"] += 1
@@ -270,12 +277,14 @@ class Router:
         else:
             self._result_to_client(client, res)
 
-    def cancel(self, client: bytes, task_ids: list[bytes]) -> None:
-        """Cancel what has not reached a worker; ask the endpoint about the rest."""
+    def cancel(self, client: bytes, task_ids: list[bytes], user: str | None = None) -> None:
+        """Cancel what has not reached a worker; ask the endpoint about the rest. ``user``: the
+        caller, who may cancel only its own tasks (None: an admin); another user's task is
+        refused exactly like an unknown id."""
         refused, forward = [], {}
         for task_id in task_ids:
             entry = self.tasks.get(task_id)
-            if entry is None or entry.state in m.TERMINAL_STATES:
+            if entry is None or entry.state in m.TERMINAL_STATES or not may_see(user, entry.owner):
                 refused.append(task_id)
                 continue
             ep = self.endpoints[entry.endpoint]
@@ -301,8 +310,9 @@ class Router:
             return leader
         return None
 
-    def task_records(self, task_ids: list[bytes]) -> list[dict[str, Any]]:
-        """Task states for ``Query``: memory first (newest), then the database."""
+    def task_records(self, task_ids: list[bytes], user: str | None = None) -> list[dict[str, Any]]:
+        """Task states for ``Query``: memory first (newest), then the database. ``user``: the
+        caller (None: an admin, who sees all); another user's task reads as unknown."""
         wanted = [t for t in task_ids if t not in self.tasks]
         if any(t in self.finished for t in wanted):
             self.store.flush()  # finished moments ago: make the stored row current first
@@ -310,9 +320,9 @@ class Router:
         out = []
         for task_id in task_ids:
             entry = self.tasks.get(task_id)
-            if entry is not None:
+            if entry is not None and may_see(user, entry.owner):
                 out.append({"task_id": task_id, "state": entry.state, "endpoint": entry.endpoint})
-            elif task_id in stored:
+            elif entry is None and task_id in stored and may_see(user, stored[task_id]["owner"]):
                 row = stored[task_id]
                 row.pop("result", None)
                 row.pop("error", None)
@@ -402,15 +412,20 @@ class Router:
     def endpoint_results(self, identity: bytes, results: list[list]) -> None:
         ep = self._endpoint(identity)
         for res in results:
+            if not self._from_dispatched(ep, res[m.R_ID], "a result"):
+                continue
             self._finish(res, ep)
             if ep is not None:
                 ep.last_seen = self.clock()
 
     def endpoint_states(self, identity: bytes, updates: list[list]) -> None:
         changes = []
+        ep = self._endpoint(identity)
         for task_id, state, ts in updates:
             entry = self.tasks.get(task_id)
             if entry is None or entry.state in m.TERMINAL_STATES or state not in m.TASK_STATES:
+                continue
+            if not self._from_dispatched(ep, task_id, "a state"):
                 continue
             entry.state = state
             col = "t_started" if state == "running" else "t_dispatched"
@@ -420,12 +435,29 @@ class Router:
 
     def endpoint_cancel_refused(self, identity: bytes, msg: m.CancelRefused) -> None:
         by_client: dict[bytes, list] = {}
+        ep = self._endpoint(identity)
         for task_id in msg.task_ids:
             entry = self.tasks.get(task_id)
-            if entry is not None:
+            if entry is not None and self._from_dispatched(ep, task_id, "a cancel answer"):
                 by_client.setdefault(entry.client, []).append(task_id)
         for client, ids in by_client.items():
             self.outbox.append(("client", client, m.CancelRefused(ids, msg.reason)))
+
+    def _from_dispatched(self, ep: EndpointState | None, task_id: bytes, what: str) -> bool:
+        """Whether news of ``task_id`` comes from the endpoint it was dispatched to (or is about a
+        task this manager no longer holds: acknowledged again, changes nothing). Any other
+        endpoint's is dropped with a warning naming both."""
+        entry = self.tasks.get(task_id)
+        if entry is None or (ep is not None and ep.name == entry.endpoint):
+            return True
+        log.warning(
+            "dropped %s for task %s from endpoint %r: that task was dispatched to %r",
+            what,
+            task_id.hex(),
+            ep.name if ep is not None else "(unregistered)",
+            entry.endpoint,
+        )
+        return False
 
     def tick(self) -> None:
         """Mark endpoints whose heartbeats stopped as disconnected (their tasks wait)."""
@@ -447,7 +479,9 @@ class Router:
                 json.loads(row["resources"]) if row.get("resources") else None,
                 json.loads(row["options"]) if row.get("options") else None,
             )
-            self.tasks[row["task_id"]] = TaskEntry(rec, row["endpoint"], b"", "queued")
+            self.tasks[row["task_id"]] = TaskEntry(
+                rec, row["endpoint"], b"", "queued", owner=row.get("owner") or ""
+            )
             ep.pending[row["task_id"]] = None
 
     # ---- results -----------------------------------------------------------------------------
@@ -486,6 +520,9 @@ class Router:
             callback(res)
         elif entry.client:
             self._result_to_client(entry.client, res)
+        for watcher in entry.watchers:
+            if watcher != entry.client:
+                self._result_to_client(watcher, res)
 
     def _leader_finished(self, entry: TaskEntry, res: list) -> None:
         """Cache a success and give it to every coalesced call; after a failure (cancelled, lost,
@@ -562,6 +599,17 @@ class Router:
             "result_cache": self.result_cache.stats() if self.result_cache is not None else None,
             **self.counters,
         }
+
+
+def may_see(user: str | None, owner: str) -> bool:
+    """Whether ``user`` may see a task of ``owner`` (None: an admin, who may see all)."""
+    return user is None or user == owner
+
+
+def code_matches(digest: str, blob: bytes) -> bool:
+    """Whether ``digest`` is ``sha256:<hex>`` of ``blob``: code is stored and served only under
+    its own digest, so nobody can plant a blob under the digest of another user's function."""
+    return digest == "sha256:" + hashlib.sha256(blob).hexdigest()
 
 
 def _cancelled_error() -> list:

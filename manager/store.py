@@ -25,8 +25,8 @@ import sqlalchemy as sa
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 7  # 2: tasks.resources; 3: servable_versions.digest; 4: tasks.options;
-# 6: users.revoked, groups, group_members; 7: servable_access, servable_shares
+SCHEMA_VERSION = 8  # 2: tasks.resources; 3: servable_versions.digest; 4: tasks.options;
+# 6: users.revoked, groups, group_members; 7: servable_access, servable_shares; 8: endpoint_owners
 metadata = sa.MetaData()
 
 tasks_table = sa.Table(
@@ -95,6 +95,15 @@ group_members_table = sa.Table(
     sa.Column("user_name", sa.String(128), primary_key=True, index=True),
 )
 
+# endpoint names (8): a name belongs to the user whose token registered it first
+endpoint_owners_table = sa.Table(
+    "endpoint_owners",
+    metadata,
+    sa.Column("name", sa.String(128), primary_key=True),
+    sa.Column("owner", sa.String(128), nullable=False),
+    sa.Column("created", sa.Float, nullable=False),
+)
+
 meta_table = sa.Table(
     "dlhub_meta",
     metadata,
@@ -141,7 +150,28 @@ MIGRATIONS: dict[int, list[str | Callable[[sa.Connection], None]]] = {
     4: [_add_column("tasks", "options", "TEXT")],
     6: [_add_column("users", "revoked", "FLOAT")],  # groups, group_members: made by create_all
     7: [],  # servable_access, servable_shares (visibility and shares): made by create_all
+    8: [],  # endpoint_owners: made by create_all
 }
+
+
+def endpoint_owner(engine: sa.Engine, name: str) -> str | None:
+    """The user who owns endpoint name ``name``, or None when nobody registered it yet."""
+    t = endpoint_owners_table
+    with engine.connect() as conn:
+        return conn.execute(sa.select(t.c.owner).where(t.c.name == name)).scalar()
+
+
+def claim_endpoint(engine: sa.Engine, name: str, user: str) -> str:
+    """Make ``user`` the owner of endpoint name ``name`` unless someone owns it; returns the owner."""
+    owner = endpoint_owner(engine, name)
+    if owner is not None:
+        return owner
+    try:
+        with engine.begin() as conn:
+            conn.execute(endpoint_owners_table.insert().values(name=name, owner=user, created=time.time()))
+    except sa.exc.IntegrityError:  # claimed at the same moment through another manager
+        return endpoint_owner(engine, name) or user
+    return user
 
 
 def migrate(engine: sa.Engine) -> None:
