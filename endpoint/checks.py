@@ -20,6 +20,7 @@ from pathlib import Path
 import zmq
 
 from dlhub.protocol import messages as m
+from dlhub.protocol.curve import find_server_key, secure_dealer
 from dlhub.protocol.serialize import runtime_versions
 
 from .config import EndpointConfig
@@ -92,6 +93,8 @@ def _manager(config: EndpointConfig, timeout_s: float) -> Check:
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     try:
+        link = config.manager
+        secure_dealer(sock, link.address, link.token, find_server_key(link.address, link.key))
         sock.connect(config.manager.address)
         hello = m.Hello("check", config.name, config.manager.token, "check", runtime_versions(), {})
         sock.send(m.pack(hello))

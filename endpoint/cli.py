@@ -50,14 +50,29 @@ def _template_text(template: str) -> str:
     return (files("dlhub.configs") / f"{template}.yaml").read_text()
 
 
-def _local_manager(home: str | None) -> tuple[str | None, str | None]:
-    """The manager `dlhub up` runs under this home, if any: its endpoint URL and admin token."""
+def _local_manager(home: str | None) -> tuple[str | None, str | None, str | None]:
+    """The manager `dlhub up` runs under this home, if any: its endpoint URL, admin token and
+    CURVE public key."""
     root = dlhub_home(home) / "manager"
     try:
         info = json.loads((root / "manager.json").read_text())
-        return info.get("endpoint_url"), (root / "admin.token").read_text().strip()
+        return (
+            info.get("endpoint_url"),
+            (root / "admin.token").read_text().strip(),
+            info.get("curve_public_key"),
+        )
     except (FileNotFoundError, json.JSONDecodeError):
-        return None, None
+        return None, None, None
+
+
+def _fill_key(text: str, key: str) -> str:
+    """Pin the manager's CURVE key: a ``key:`` line under ``manager:``, after its token."""
+    import re
+
+    line = f"  key: {json.dumps(key)}   # the manager's CURVE public key (manager.json: curve_public_key)"
+    if re.search(r"(?m)^  key: ", text):
+        return re.sub(r"(?m)^  key: .*$", lambda _: line, text, count=1)
+    return re.sub(r"(?m)^(  token: .*)$", lambda mt: f"{mt.group(1)}\n{line}", text, count=1)
 
 
 def _fill(text: str, name: str, address: str | None, token: str | None, workers: int | None) -> str:
@@ -90,18 +105,34 @@ def _fill(text: str, name: str, address: str | None, token: str | None, workers:
     help="manager endpoint URL (default: the manager `dlhub up` runs here, if any)",
 )
 @click.option("--token", default=None, help="token the endpoint presents to the manager")
+@click.option(
+    "--manager-key",
+    default=None,
+    metavar="KEY",
+    help="the manager's CURVE public key (curve_public_key in its manager.json; default: the "
+    "key of the manager `dlhub up` runs here, or one this user runs on this host)",
+)
 @click.option("--workers", default=None, type=click.IntRange(1, 4096), help="workers per node")
 @click.option("--force", is_flag=True, help="overwrite an existing config.yaml")
 @home_option
-def configure(name, template, manager_address, token, workers, force, home) -> None:
+def configure(name, template, manager_address, token, manager_key, workers, force, home) -> None:
     """Write ENDPOINT's config.yaml from a commented template."""
+    from dlhub.protocol.curve import check_key
+
     path = endpoint_dir(name, home) / "config.yaml"
     if path.exists() and not force:
         raise click.ClickException(f"{path} exists; edit it, or pass --force to replace it")
-    local_address, local_token = _local_manager(home)
+    local_address, local_token, local_key = _local_manager(home)
     text = _fill(
         _template_text(template), name, manager_address or local_address, token or local_token, workers
     )
+    if manager_key:
+        try:
+            text = _fill_key(text, check_key(manager_key, "--manager-key"))
+        except ValueError as exc:
+            raise click.ClickException(str(exc))
+    elif local_key and (manager_address is None or manager_address == local_address):
+        text = _fill_key(text, local_key)
     try:
         parse_config(yaml.safe_load(text), f"(template {template})")
     except ConfigError as exc:

@@ -36,6 +36,12 @@ class ManagerLink(_Frozen):
         description="the manager's endpoint URL, e.g. tcp://hub.example.org:5581",
     )
     token: str = Field(min_length=1, description="the endpoint's token on that manager")
+    key: str | None = Field(
+        default=None,
+        pattern=r"^[0-9A-Za-z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$",
+        description="the manager's CURVE public key (curve_public_key in its manager.json); "
+        "default: the key a manager of this user on this host publishes",
+    )
 
 
 WALLTIME_PATTERN = r"^(\d+-)?\d{1,3}:\d{2}:\d{2}$"

@@ -29,6 +29,7 @@ from parsl.jobs.states import JobState
 
 from dlhub.protocol import ProtocolError, errors
 from dlhub.protocol import messages as m
+from dlhub.protocol.curve import HandshakeWatch, find_server_key, secure_dealer
 from dlhub.protocol.serialize import runtime_versions
 
 from .config import EndpointConfig, walltime_seconds
@@ -95,7 +96,15 @@ class Endpoint:
         self.manager_sock.setsockopt(zmq.LINGER, 0)
         self.manager_sock.setsockopt(zmq.SNDHWM, 0)
         self.manager_sock.setsockopt(zmq.RCVHWM, 0)
-        self.manager_sock.connect(self.config.manager.address)
+        link = self.config.manager
+        try:  # CURVE with the manager's pinned key (PLAIN only for a --insecure-loopback manager here)
+            mechanism = secure_dealer(
+                self.manager_sock, link.address, link.token, find_server_key(link.address, link.key)
+            )
+        except ValueError as exc:
+            raise EndpointRefused(str(exc)) from None
+        self._handshake = HandshakeWatch(self.manager_sock, link.address, mechanism)
+        self.manager_sock.connect(link.address)
         self.worker_sock = self.ctx.socket(zmq.ROUTER)
         self.worker_sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.worker_sock.setsockopt(zmq.SNDHWM, 0)
@@ -154,20 +163,36 @@ class Endpoint:
 
     def _register(self, timeout_s: float) -> None:
         """Say Hello and wait for the answer, so a bad token fails the start at once."""
-        self.manager_sock.send(m.pack(self._hello()))
+        try:  # no wait: once a handshake has failed there is no pipe, and a send would block
+            self.manager_sock.send(m.pack(self._hello()), zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # the handshake watch reports why
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.manager_sock.poll(100):
-                msg = m.unpack(self.manager_sock.recv())
-                if isinstance(msg, m.Welcome):
-                    self.registered, self.manager_state = True, "running"
-                    self.last_heard_manager = time.monotonic()
+        watch, self._handshake = self._handshake, None
+        try:
+            while time.monotonic() < deadline:
+                refused = watch.poll()  # a refused handshake fails the start at once
+                if refused is None and watch.failures >= 3 and watch.mechanism == "curve":
+                    refused = (
+                        f"the manager at {watch.address} closed the connection during the CURVE "
+                        f"handshake {watch.failures} times: the manager key pinned in config.yaml "
+                        "(manager.key) is probably not this manager's (or the token was refused)"
+                    )
+                if refused is not None:
+                    raise EndpointRefused(refused)
+                if self.manager_sock.poll(100):
+                    msg = m.unpack(self.manager_sock.recv())
+                    if isinstance(msg, m.Welcome):
+                        self.registered, self.manager_state = True, "running"
+                        self.last_heard_manager = time.monotonic()
+                        self._on_manager(msg)
+                        log.info("registered with manager %s", self.config.manager.address)
+                        return
+                    if isinstance(msg, m.Refused):
+                        raise EndpointRefused(f"manager refused endpoint: {msg.code}: {msg.message}")
                     self._on_manager(msg)
-                    log.info("registered with manager %s", self.config.manager.address)
-                    return
-                if isinstance(msg, m.Refused):
-                    raise EndpointRefused(f"manager refused endpoint: {msg.code}: {msg.message}")
-                self._on_manager(msg)
+        finally:
+            watch.close()
         self.manager_state = "disconnected"
         log.warning("manager at %s did not answer; will keep trying", self.config.manager.address)
 

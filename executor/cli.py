@@ -132,7 +132,12 @@ def main() -> None:
     show_default=True,
     help="publish the example servables in the background once ready",
 )
-def up(home: str | None, workers: int, detach: bool, examples: bool) -> None:
+@click.option(
+    "--insecure-loopback",
+    is_flag=True,
+    help="no CURVE encryption on the manager's ZeroMQ links (this host only; tokens still checked)",
+)
+def up(home: str | None, workers: int, detach: bool, examples: bool, insecure_loopback: bool) -> None:
     """Start a manager and a `local` endpoint on this machine."""
     missing = [m for m in ("sqlalchemy", "parsl", "fastapi") if importlib.util.find_spec(m) is None]
     if missing:
@@ -145,13 +150,14 @@ def up(home: str | None, workers: int, detach: bool, examples: bool) -> None:
     root.mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen] = []
     try:
-        manager_info = _up_manager(root, procs, detach)
+        manager_info = _up_manager(root, procs, detach, insecure_loopback)
         token = (root / "manager" / "admin.token").read_text().strip()
         write_client_config(
             root,
             manager_info["client_url"],
             token,
             rest_url=manager_info.get("rest_url") or "",
+            manager_key=manager_info.get("curve_public_key") or "",  # pinned by every connection
             # the endpoint for calls that name none; a user's own choice in the file is kept
             default_endpoint=_read_json(root / "config.json").get("default_endpoint") or ENDPOINT_NAME,
         )
@@ -209,7 +215,7 @@ def _publish_examples_in_background(root: Path) -> None:
     )
 
 
-def _up_manager(root: Path, procs: list[subprocess.Popen], detach: bool) -> dict:
+def _up_manager(root: Path, procs: list[subprocess.Popen], detach: bool, insecure: bool = False) -> dict:
     """The running manager's info, starting one if needed (on the ports it had last time, so
     clients and endpoints of a previous run reconnect by themselves)."""
     manager_home = root / "manager"
@@ -220,6 +226,8 @@ def _up_manager(root: Path, procs: list[subprocess.Popen], detach: bool) -> dict
     (manager_home / "manager.json").unlink(missing_ok=True)
     args = [sys.executable, "-m", "dlhub.manager.cli", "serve", "--home", str(manager_home)]
     args += ["--default-endpoint", ENDPOINT_NAME]  # publishes and REST runs that name no endpoint
+    if insecure:
+        args.append("--insecure-loopback")
     last = _read_json(manager_home / "ports.json")
     for option, key in (
         ("--client-port", "client"),
@@ -291,6 +299,8 @@ def _up_endpoint(
     config = (yaml.safe_load(config_path.read_text()) if config_path.exists() else None) or {}
     config["name"] = ENDPOINT_NAME
     config["manager"] = {"address": manager_info["endpoint_url"], "token": token}
+    if manager_info.get("curve_public_key"):  # the endpoint pins the manager's key
+        config["manager"]["key"] = manager_info["curve_public_key"]
     config.setdefault("pool", {})["workers_per_node"] = workers
     # keep one block warm: the local pool should not go cold between calls
     config.setdefault("provider", {"type": "local", "init_blocks": 1, "min_blocks": 1, "max_blocks": 1})
@@ -384,7 +394,13 @@ def status(home: str | None, endpoint: str, as_json: bool) -> None:
 
     try:
         config = ClientConfig.resolve(home=home)
-        conn = Connection(config.manager, config.token, on_results=lambda r: None, connect_timeout_s=3)
+        conn = Connection(
+            config.manager,
+            config.token,
+            on_results=lambda r: None,
+            connect_timeout_s=3,
+            server_key=config.manager_key,
+        )
     except (DLHubError, ValueError) as exc:
         click.echo(f"manager: down ({exc})")
         sys.exit(1)

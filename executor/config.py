@@ -2,8 +2,10 @@
 endpoint to use when none is named.
 
 ``dlhub up`` writes it; ``Executor()`` and ``Client()`` read it when no address or token is
-given. Explicit arguments win over environment variables (``DLHUB_MANAGER``, ``DLHUB_TOKEN``,
-``DLHUB_ENDPOINT``), which win over the file. The endpoint: ``endpoint=`` or ``$DLHUB_ENDPOINT``,
+given, and the manager's CURVE public key (``manager_key``, pinned by every connection; also
+``$DLHUB_MANAGER_KEY``, or found for a manager this user runs on this host). Explicit arguments
+win over environment variables (``DLHUB_MANAGER``, ``DLHUB_TOKEN``, ``DLHUB_ENDPOINT``), which
+win over the file. The endpoint: ``endpoint=`` or ``$DLHUB_ENDPOINT``,
 else the file's ``default_endpoint`` (``local`` after ``dlhub up``; only for the manager the file
 describes), else the manager's default endpoint, else the only connected one.
 """
@@ -14,6 +16,8 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from dlhub.protocol.curve import find_server_key
 
 
 def dlhub_home(home: str | Path | None = None) -> Path:
@@ -37,10 +41,15 @@ class ClientConfig:
     token: str
     home: Path
     endpoint: str | None = None  # for an Executor that names none: $DLHUB_ENDPOINT or the file's default
+    manager_key: str | None = None  # the manager's CURVE public key, pinned (None: none known)
 
     @classmethod
     def resolve(
-        cls, manager: str | None = None, token: str | None = None, home: str | Path | None = None
+        cls,
+        manager: str | None = None,
+        token: str | None = None,
+        home: str | Path | None = None,
+        manager_key: str | None = None,
     ) -> ClientConfig:
         root = dlhub_home(home)
         stored: dict = {}
@@ -58,7 +67,8 @@ class ClientConfig:
                 "(Executor(manager=...) or the DLHUB_MANAGER environment variable)"
             )
         endpoint = endpoint_from(stored, "manager", manager)
-        return cls(manager=manager, token=token or "", home=root, endpoint=endpoint)
+        key = find_server_key(manager, manager_key, stored)
+        return cls(manager=manager, token=token or "", home=root, endpoint=endpoint, manager_key=key)
 
 
 def write_client_config(home: Path, manager: str, token: str, **extra: str) -> Path:

@@ -27,6 +27,7 @@ import zmq
 
 from dlhub.protocol import AccessDenied, ManagerUnreachable, ProtocolError
 from dlhub.protocol import messages as m
+from dlhub.protocol.curve import HandshakeWatch, check_plain_allowed, secure_dealer
 from dlhub.protocol.serialize import runtime_versions
 
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
@@ -48,8 +49,14 @@ class Connection:
         manager_timeout_s: float = 120.0,
         on_manager_lost: Callable[[str], None] = lambda why: None,
         on_access_denied: Callable[[AccessDenied], None] = lambda error: None,
+        server_key: str | None = None,
     ):
+        """``server_key``: the manager's CURVE public key, pinned (None: a manager on this host in
+        ``--insecure-loopback`` mode, PLAIN with the token as password)."""
         self.address, self.token = address, token
+        self.server_key = server_key
+        if not server_key:
+            check_plain_allowed(address)
         self.on_results, self.on_cancel_refused = on_results, on_cancel_refused
         self.pending_ids = pending_ids
         self.batch_size = batch_size
@@ -67,15 +74,17 @@ class Connection:
         _check_address(address, connect_timeout_s)
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._ready = threading.Event()
+        self._watch: HandshakeWatch | None = None
         self._error: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dlhub-executor-io", daemon=True)
         self._thread.start()
         if not self._ready.wait(connect_timeout_s):
             self.close()
+            hint = self._watch.timeout_hint() if self._watch is not None else ""
             raise ManagerUnreachable(
-                f"no dlhub manager answered at {address} within {connect_timeout_s:g} s "
-                "(is it running? start one with `dlhub up`)"
+                f"no dlhub manager answered at {address} within {connect_timeout_s:g} s"
+                + (hint or " (is it running? start one with `dlhub up`)")
             )
         if self._error is not None:
             self.close()
@@ -116,16 +125,38 @@ class Connection:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
+        mechanism = secure_dealer(sock, self.address, self.token, self.server_key)
+        watch = self._watch = HandshakeWatch(sock, self.address, mechanism)
         sock.connect(self.address)
-        sock.send(self._hello())
+        hello_sent = self._send_hello_nowait(sock)
         self.sock = sock
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_fd, zmq.POLLIN)
+        poller.register(watch.monitor, zmq.POLLIN)
         last_heard = last_beat = time.monotonic()
         try:
             while not self._stop.is_set():
-                events = dict(poller.poll(int(HEARTBEAT_S * 1000)))
+                events = dict(poller.poll(100 if watch is not None else int(HEARTBEAT_S * 1000)))
+                if watch is not None:  # until the manager answers: a refused handshake fails at once
+                    refused = watch.poll()
+                    if refused is None and watch.failures >= 3 and mechanism == "curve":
+                        refused = (
+                            f"the manager at {self.address} closed the connection during the CURVE "
+                            f"handshake {watch.failures} times: the pinned manager key "
+                            f"{self.server_key} is probably not this manager's (or the token was refused)"
+                        )
+                    if refused is not None and not self._ready.is_set():
+                        self._error = AccessDenied(refused)
+                        self._ready.set()
+                        self._stop.set()
+                        break
+                    if not hello_sent:  # a failed handshake left no pipe; a new one may have one
+                        hello_sent = self._send_hello_nowait(sock)
+                    if self._ready.is_set():
+                        poller.unregister(watch.monitor)
+                        watch.close()
+                        watch = None
                 if sock in events:
                     last_heard = time.monotonic()
                     self._drain_socket(sock)
@@ -153,9 +184,20 @@ class Connection:
             for fut in self._requests.values():
                 if not fut.done():
                     fut.set_exception(ManagerUnreachable("connection closed"))
+            if watch is not None:
+                watch.close()
             sock.close(0)
             ctx.term()
             os.close(self._wake_fd)
+
+    def _send_hello_nowait(self, sock: zmq.Socket) -> bool:
+        """Hello without waiting: after a failed handshake there is no pipe and a send would block
+        (the handshake watch then says why)."""
+        try:
+            sock.send(self._hello(), zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            return False
 
     def _drain_socket(self, sock: zmq.Socket) -> None:
         while True:

@@ -92,6 +92,8 @@ class Executor(cf.Executor):
             (``EndpointRequired`` when several are and none is the default).
         manager: manager URL; default from ``$DLHUB_MANAGER`` or ``$DLHUB_HOME/config.json``.
         token: access token; default from ``$DLHUB_TOKEN`` or the config file.
+        manager_key: the manager's CURVE public key to pin; default ``$DLHUB_MANAGER_KEY``, the config
+            file's (``dlhub up`` writes it), or the key a manager of this user on this host publishes.
         task_timeout_s: per-task time limit; an overrunning task fails with ``TaskTimeout``.
         result_serializer: ``"auto"`` (msgpack for plain data, else dill), ``"dill"`` or ``"msgpack"``.
         payload_limit_bytes: largest arguments accepted (``PayloadTooLarge`` above it).
@@ -118,6 +120,7 @@ class Executor(cf.Executor):
         resources: dict[str, Any] | None = None,
         manager_timeout_s: float = 120.0,
         cache: bool = True,
+        manager_key: str | None = None,
     ):
         if task_timeout_s is not None and task_timeout_s <= 0:
             raise ValueError(f"task_timeout_s must be positive, got {task_timeout_s!r}")
@@ -127,7 +130,7 @@ class Executor(cf.Executor):
                 raise ValueError(f"resources: {problem}")
         self.resources = dict(resources) if resources else None
         self.cache = cache  # deterministic servables: answer from result caches when possible
-        config = ClientConfig.resolve(manager, token, home)
+        config = ClientConfig.resolve(manager, token, home, manager_key)
         self.endpoint = endpoint or config.endpoint  # None: the manager's default (after connecting)
         self.task_timeout_s = task_timeout_s
         self.result_serializer = result_serializer
@@ -147,6 +150,7 @@ class Executor(cf.Executor):
             manager_timeout_s=manager_timeout_s,
             on_manager_lost=self._on_manager_lost,
             on_access_denied=self._fail_pending,
+            server_key=config.manager_key,
         )
         endpoints = self._conn.welcome.get("endpoints", {})
         endpoint = self.endpoint = self._choose_endpoint(endpoints, endpoint, config)

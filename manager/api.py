@@ -531,13 +531,20 @@ class ApiServer:
     """uvicorn on a socket bound (and listening) at once, so its URL is known and connections
     queue; the app is built and served on a background thread."""
 
-    def __init__(self, make_app: Callable[[], Any], host: str = "127.0.0.1", port: int = 0):
+    def __init__(
+        self,
+        make_app: Callable[[], Any],
+        host: str = "127.0.0.1",
+        port: int = 0,
+        tls: tuple[str, str] | None = None,  # (certificate, key) PEM files: serve HTTPS
+    ):
         self.make_app = make_app
+        self.tls = tls
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.sock.listen(128)
-        self.url = f"http://{host}:{self.sock.getsockname()[1]}"
+        self.url = f"{'https' if tls else 'http'}://{host}:{self.sock.getsockname()[1]}"
         self.server: Any = None
         self.ready = threading.Event()
         self.thread = threading.Thread(target=self._serve, name="dlhub-rest", daemon=True)
@@ -552,7 +559,14 @@ class ApiServer:
             self.sock.close()
             self.ready.set()
             return
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+        config = uvicorn.Config(
+            app,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            ssl_certfile=self.tls[0] if self.tls else None,
+            ssl_keyfile=self.tls[1] if self.tls else None,
+        )
         self.server = uvicorn.Server(config)
         self.ready.set()
         self.server.run(sockets=[self.sock])

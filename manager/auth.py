@@ -25,6 +25,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from dlhub.protocol.curve import public_key_for_token
 from dlhub.protocol.servable import OWNER_PATTERN
 
 from .store import group_members_table, groups_table, meta_table, users_table
@@ -97,6 +98,7 @@ def create_user(engine: sa.Engine, name: str, role: str = "user") -> str:
             users_table.insert().values(
                 name=name,
                 token_sha256=hash_token(token),
+                curve_key=public_key_for_token(token),
                 role=role,
                 created=time.time(),
             )
@@ -123,6 +125,7 @@ def add_user(engine: sa.Engine, name: str, role: str = "user") -> str:
             users_table.insert().values(
                 name=name,
                 token_sha256=hash_token(token),
+                curve_key=public_key_for_token(token),
                 role=role,
                 created=time.time(),
             )
@@ -152,7 +155,7 @@ def reissue_token(engine: sa.Engine, name: str) -> str:
         conn.execute(
             users_table.update()
             .where(users_table.c.name == name)
-            .values(token_sha256=hash_token(token), revoked=None)
+            .values(token_sha256=hash_token(token), curve_key=public_key_for_token(token), revoked=None)
         )
         _users_changed(conn)
     return token
@@ -169,7 +172,7 @@ def revoke_user(engine: sa.Engine, name: str) -> bool:
         conn.execute(
             users_table.update()
             .where(users_table.c.name == name)
-            .values(revoked=time.time(), token_sha256=hash_token(void))
+            .values(revoked=time.time(), token_sha256=hash_token(void), curve_key=public_key_for_token(void))
         )
         _users_changed(conn)
     return True
@@ -395,3 +398,29 @@ class Authenticator:
         """How many entries each cache holds (bounded by ``max_tokens`` / ``max_refused``)."""
         with self._lock:
             return {"valid": len(self._valid), "refused": len(self._refused), "groups": len(self._groups)}
+
+
+# ---- CURVE keys derived from tokens (the ZAP handler looks connections up by them) -----------
+
+
+def backfill_curve_key(engine: sa.Engine, token: str) -> bool:
+    """Store the CURVE key of a token made before keys were stored (the admin's, at start)."""
+    with engine.begin() as conn:
+        return bool(
+            conn.execute(
+                users_table.update()
+                .where(users_table.c.token_sha256 == hash_token(token), users_table.c.curve_key.is_(None))
+                .values(curve_key=public_key_for_token(token))
+            ).rowcount
+        )
+
+
+def users_without_curve_key(engine: sa.Engine) -> list[str]:
+    """Users whose token predates stored keys: they cannot connect until it is re-issued."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(users_table.c.name)
+            .where(users_table.c.curve_key.is_(None))
+            .order_by(users_table.c.name)
+        )
+        return [r[0] for r in rows]

@@ -30,16 +30,24 @@ import zmq
 
 from dlhub.protocol import PROTOCOL_VERSION, ProtocolError
 from dlhub.protocol import messages as m
+from dlhub.protocol.curve import is_loopback, publish_local_key, split_tcp, unpublish_local_key
 from dlhub.protocol.errors import RAISE_MANAGER_LIMIT, infra_error
 from dlhub.protocol.serialize import runtime_versions
 
 from .api import ApiServer
-from .auth import Authenticator, ensure_admin, users_generation
+from .auth import (
+    Authenticator,
+    backfill_curve_key,
+    ensure_admin,
+    users_generation,
+    users_without_curve_key,
+)
 from .repository import Repository
 from .result_cache import ResultCache
 from .routing import Router, code_matches, may_see
 from .services import ServableService
 from .store import TaskStore, claim_endpoint, endpoint_owner, make_engine, migrate
+from .zap import ZAP_DOMAIN, UserAuthenticator, load_or_create_keypair
 
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
@@ -65,8 +73,19 @@ class ManagerConfig:
     result_cache_ttl_s: float | None = None  # None: entries live until evicted
     persist_result_cache: bool = False  # keep the result cache across restarts (in the database)
     default_endpoint: str | None = None  # for publishes and REST runs that name no endpoint
+    # ZeroMQ PLAIN (token as password, no encryption) instead of CURVE: only on a loopback host
+    insecure_loopback: bool = False
+    tls_cert: str | None = None  # REST over HTTPS: certificate and key files (PEM) for uvicorn
+    tls_key: str | None = None
 
     def __post_init__(self) -> None:
+        if self.insecure_loopback and not is_loopback(self.host):
+            raise ValueError(
+                f"binding {self.host} without CURVE is refused: links off this host must be encrypted; "
+                "drop --insecure-loopback (CURVE is the default) or bind 127.0.0.1"
+            )
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both (PEM files) or neither")
         for key in ("client_port", "endpoint_port"):
             value = getattr(self, key)
             if not isinstance(value, int) or not 0 <= value < 65536:
@@ -125,6 +144,7 @@ class Manager:
         engine = make_engine(self.config.database_url)
         migrate(engine)
         ensure_admin(engine, self.config.admin_user, self.home / "admin.token")
+        self._backfill_keys(engine)
         self.auth = Authenticator(engine, refresh_s=None)  # refreshed by _watch_users
         self.store = TaskStore(engine, self._on_commit)
         self.repository = Repository(engine, self.home / "blobs")
@@ -154,10 +174,17 @@ class Manager:
                 lambda: create_app(engine, self.repository, Authenticator(engine), self.servables),
                 self.config.host,
                 self.config.rest_port,
+                (self.config.tls_cert, self.config.tls_key) if self.config.tls_cert else None,
             )
             self.api.start()
 
         self.ctx = zmq.Context()
+        self.curve_public_key: str | None = None
+        if not self.config.insecure_loopback:
+            public, self._curve_secret = load_or_create_keypair(self.home / "curve.key")
+            self.curve_public_key = public.decode("ascii")
+        self.zap = UserAuthenticator(self.ctx, engine)  # before bind: no handshake goes unchecked
+        self.zap.start()
         self.client_sock = self._router_socket(self.config.client_port)
         self.endpoint_sock = self._router_socket(self.config.endpoint_port)
         self.client_url = self.client_sock.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -166,6 +193,7 @@ class Manager:
             "client_url": self.client_url,
             "endpoint_url": self.endpoint_url,
             "rest_url": self.api.url if self.api else None,
+            "curve_public_key": self.curve_public_key,  # clients and endpoints pin it
             "pid": os.getpid(),
             "session": self.session,
             "started": time.time(),
@@ -173,6 +201,12 @@ class Manager:
         tmp = self.home / "manager.json.tmp"
         tmp.write_text(json.dumps(info, indent=2))
         tmp.replace(self.home / "manager.json")
+        if is_loopback(self.config.host):
+            for url in (self.client_url, self.endpoint_url):  # found by clients of this user here
+                if self.curve_public_key:
+                    publish_local_key(split_tcp(url)[1], self.curve_public_key)
+                else:  # a key left by a killed CURVE manager on this port would mislead clients
+                    unpublish_local_key(split_tcp(url)[1], any_pid=True)
         log.info("manager listening: clients %s, endpoints %s", self.client_url, self.endpoint_url)
         self._users_watcher = threading.Thread(target=self._watch_users, name="dlhub-users", daemon=True)
         self._users_watcher.start()
@@ -194,10 +228,36 @@ class Manager:
             log.info("result cache: %d entries restored (%d bytes)", len(cache.entries), cache.bytes)
         return cache
 
+    def _backfill_keys(self, engine) -> None:
+        """Tokens made before CURVE keys were stored: the admin's is known (admin.token); others
+        must be re-issued, which the log says."""
+        try:
+            token = (self.home / "admin.token").read_text().strip()
+        except OSError:
+            token = ""
+        if token and backfill_curve_key(engine, token):
+            log.info("stored the CURVE key of the admin token in %s", self.home / "admin.token")
+        self.users_without_keys = users_without_curve_key(engine)
+        if self.users_without_keys and not self.config.insecure_loopback:
+            log.warning(
+                "user(s) %s have tokens from before CURVE and cannot connect until re-issued: "
+                "dlhub-manager create-user NAME",
+                ", ".join(self.users_without_keys),
+            )
+
     def _router_socket(self, port: int) -> zmq.Socket:
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable sends raise, never vanish
-        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting peer takes over its identity
+        # no ROUTER_HANDOVER: a second connection cannot take over a live connection's identity;
+        # ZMTP heartbeats close dead connections, so a reconnecting peer gets its identity back
+        sock.setsockopt(zmq.HEARTBEAT_IVL, 5000)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 30000)
+        sock.setsockopt_string(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
+        if self.curve_public_key:
+            sock.curve_server = True
+            sock.curve_secretkey = self._curve_secret
+        else:  # --insecure-loopback: PLAIN, the token is the password (still checked by ZAP)
+            sock.plain_server = True
         sock.setsockopt(zmq.SNDHWM, 0)  # batches keep message counts small; no silent drops
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.setsockopt(zmq.LINGER, 0)
@@ -261,9 +321,9 @@ class Manager:
             while not self._stop.is_set():
                 events = dict(poller.poll(1000))
                 if self.client_sock in events:
-                    self._drain(self.client_sock, self._on_client)
+                    self._drain(self.client_sock, self._on_client, self._admit_client)
                 if self.endpoint_sock in events:
-                    self._drain(self.endpoint_sock, self._on_endpoint)
+                    self._drain(self.endpoint_sock, self._on_endpoint, self._admit_endpoint)
                 if self._ack_fd in events:
                     self._send_acks()
                 if time.monotonic() >= next_tick:
@@ -282,30 +342,38 @@ class Manager:
         self.store.close()
         self.client_sock.close(0)
         self.endpoint_sock.close(0)
+        self.zap.stop()
         self.ctx.term()
+        if self.curve_public_key and is_loopback(self.config.host):
+            for url in (self.client_url, self.endpoint_url):
+                unpublish_local_key(split_tcp(url)[1])
         os.close(self._ack_fd)
         try:
             (self.home / "manager.json").unlink()
         except FileNotFoundError:
             pass
 
-    def _drain(self, sock: zmq.Socket, handler) -> None:
+    def _drain(self, sock: zmq.Socket, handler, admit) -> None:
+        """Read waiting frames; each one's user is the one ZAP authenticated for its connection
+        (the ``User-Id`` frame property), which ``admit`` checks against the identity's session."""
         for _ in range(DRAIN_LIMIT):
             if not sock.get(_EVENTS) & _POLLIN:  # cheaper than a raised zmq.Again
                 return
-            frames = sock.recv_multipart(zmq.NOBLOCK)
+            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             if len(frames) != 2:
                 log.warning("dropping a message of %d frames (expected 2)", len(frames))
                 continue
-            identity, frame = frames
+            identity, frame = frames[0].bytes, frames[1]
+            user = frame.get("User-Id")
             try:
-                msg = m.unpack(frame)
+                msg = m.unpack(frame.buffer)
             except ProtocolError as exc:
-                log.warning("bad frame from %r: %s", identity[:16], exc)
+                log.warning("bad frame from %r (user %s): %s", identity[:16], user, exc)
                 self._send(sock, identity, m.Refused("protocol", str(exc)))
                 continue
             try:
-                handler(identity, msg)
+                if admit(sock, identity, user, msg):
+                    handler(identity, msg)
             except Exception:  # a bug must not take the broker down
                 log.exception("error handling %s", type(msg).__name__)
 
@@ -319,6 +387,46 @@ class Manager:
             sock.send_multipart([identity, m.pack(msg)], zmq.NOBLOCK, copy=False)
         except zmq.ZMQError as exc:  # peer gone: results stay in the store for Fetch
             log.debug("cannot send %s to %r: %s", type(msg).__name__, identity[:16], exc)
+
+    # ---- the connection's user against the session's ---------------------------------------
+
+    def _hello_user_ok(self, sock: zmq.Socket, identity: bytes, user: str, token: str) -> bool:
+        """Hello's token is a second check: it must name the user the connection authenticated as."""
+        who = self.auth.check(token)
+        if who is not None and who[0] != user:
+            log.warning("refused a Hello with %s's token on a connection of %s", who[0], user)
+            self._send(
+                sock,
+                identity,
+                m.Refused("access-denied", "the token names another user than the connection's key"),
+            )
+            return False
+        return True
+
+    def _refuse_identity(self, sock: zmq.Socket, identity: bytes, user: str, owner: str) -> bool:
+        log.warning(
+            "refused a frame from user %s on routing identity %r of user %s", user, identity[:24], owner
+        )
+        self._send(
+            sock, identity, m.Refused("access-denied", "this routing identity belongs to another session")
+        )
+        return False
+
+    def _admit_client(self, sock: zmq.Socket, identity: bytes, user: str, msg: m.Message) -> bool:
+        client = self.clients.get(identity)
+        if client is not None and client.user != user:  # an identity stays with its first user
+            return self._refuse_identity(sock, identity, user, client.user)
+        if isinstance(msg, m.Hello):
+            return self._hello_user_ok(sock, identity, user, msg.token)
+        return True
+
+    def _admit_endpoint(self, sock: zmq.Socket, identity: bytes, user: str, msg: m.Message) -> bool:
+        owner = self.endpoint_users.get(identity)
+        if owner is not None and owner != user:
+            return self._refuse_identity(sock, identity, user, owner)
+        if isinstance(msg, m.Hello):
+            return self._hello_user_ok(sock, identity, user, msg.token)
+        return True
 
     # ---- clients ---------------------------------------------------------------------------
 

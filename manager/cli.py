@@ -59,6 +59,18 @@ def main() -> None:
     help="endpoint for publishes and REST runs that name none (`dlhub up`: local); "
     "without it, the only connected endpoint",
 )
+@click.option(
+    "--insecure-loopback",
+    is_flag=True,
+    help="ZeroMQ links without CURVE encryption (tokens still checked at the handshake); "
+    "only with --host 127.0.0.1",
+)
+@click.option(
+    "--tls-cert", type=click.Path(exists=True, dir_okay=False), help="REST over HTTPS: certificate (PEM)"
+)
+@click.option(
+    "--tls-key", type=click.Path(exists=True, dir_okay=False), help="REST over HTTPS: private key (PEM)"
+)
 def serve(
     home,
     db_url,
@@ -73,6 +85,9 @@ def serve(
     result_cache_ttl_s,
     persist_result_cache,
     default_endpoint,
+    insecure_loopback,
+    tls_cert,
+    tls_key,
 ) -> None:
     """Run the manager in the foreground (writes manager.json with its addresses)."""
     from logging.handlers import RotatingFileHandler
@@ -99,6 +114,9 @@ def serve(
             result_cache_ttl_s=result_cache_ttl_s,
             persist_result_cache=persist_result_cache,
             default_endpoint=default_endpoint,
+            insecure_loopback=insecure_loopback,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
         )
     except ValueError as exc:
         raise click.ClickException(str(exc))
@@ -108,6 +126,13 @@ def serve(
         signal.signal(sig, lambda *_: manager.request_stop())
     rest = f", REST {manager.api.url}" if manager.api else ""
     click.echo(f"manager ready: clients {manager.client_url}, endpoints {manager.endpoint_url}{rest}")
+    if manager.curve_public_key:
+        click.echo(f"CURVE public key (clients and endpoints pin it): {manager.curve_public_key}")
+    if manager.users_without_keys and manager.curve_public_key:
+        click.echo(
+            f"user(s) {', '.join(manager.users_without_keys)} have tokens from before CURVE and cannot "
+            "connect: re-issue each with `dlhub-manager create-user NAME`"
+        )
     manager.run()
 
 

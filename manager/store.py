@@ -26,6 +26,7 @@ import sqlalchemy as sa
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 8  # 2: tasks.resources; 3: servable_versions.digest; 4: tasks.options;
+# 5: users.curve_key;
 # 6: users.revoked, groups, group_members; 7: servable_access, servable_shares; 8: endpoint_owners
 metadata = sa.MetaData()
 
@@ -78,6 +79,8 @@ users_table = sa.Table(
     sa.Column("role", sa.String(16), nullable=False),
     sa.Column("created", sa.Float, nullable=False),
     sa.Column("revoked", sa.Float, nullable=True),  # when `dlhub-manager user revoke` ran (6)
+    # z85 CURVE public key derived from the token (5): the ZAP handler maps a connection to its user
+    sa.Column("curve_key", sa.String(40), nullable=True, index=True),
 )
 
 # groups of users (6): servables are shared with them, endpoint policies name them
@@ -148,6 +151,10 @@ MIGRATIONS: dict[int, list[str | Callable[[sa.Connection], None]]] = {
         "CREATE INDEX IF NOT EXISTS ix_servable_versions_digest ON servable_versions (digest)",
     ],
     4: [_add_column("tasks", "options", "TEXT")],
+    5: [
+        _add_column("users", "curve_key", "VARCHAR(40)"),
+        "CREATE INDEX IF NOT EXISTS ix_users_curve_key ON users (curve_key)",
+    ],
     6: [_add_column("users", "revoked", "FLOAT")],  # groups, group_members: made by create_all
     7: [],  # servable_access, servable_shares (visibility and shares): made by create_all
     8: [],  # endpoint_owners: made by create_all
