@@ -242,6 +242,33 @@ class WorkerCacheConfig(_Frozen):
     output_cache_mb: Annotated[float, Field(ge=0)] = 64.0  # deterministic servables; 0: off
 
 
+_NAME = r"^[^\s,]{1,128}$"  # user, group and owner names: no spaces or commas; "*": anyone
+
+
+class PolicyConfig(_Frozen):
+    """Who may submit here and what may run (``protocol/policy.py`` says how it is applied).
+    ``allowed_users`` unset: only the endpoint's owner (the user whose token registered it);
+    admins always pass that rule; ``"*"``: anyone with a token."""
+
+    allowed_users: list[Annotated[str, Field(pattern=_NAME)]] | None = None
+    allowed_groups: list[Annotated[str, Field(pattern=_NAME)]] = Field(default_factory=list)
+    functions_by_value: bool = True  # false: only published servables run here
+    allowed_servable_owners: list[Annotated[str, Field(pattern=_NAME)]] | None = None  # None: any
+
+    @field_validator("functions_by_value", mode="before")
+    @classmethod
+    def _strict_bool(cls, value: Any) -> Any:
+        if not isinstance(value, bool):  # "no", 0 or "false" must not pass for a security switch
+            raise ValueError("must be true or false")
+        return value
+
+    def to_policy(self, endpoint: str, owner: str | None = None):
+        """The rules as :class:`dlhub.protocol.policy.Policy` (owner known after registering)."""
+        from dlhub.protocol.policy import Policy
+
+        return Policy(endpoint, owner, **self.model_dump())
+
+
 class EndpointConfig(_Frozen):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     manager: ManagerLink
@@ -261,6 +288,7 @@ class EndpointConfig(_Frozen):
     log_backups: Annotated[int, Field(ge=0)] = 3
     batching: BatchingConfig = BatchingConfig()
     worker_cache: WorkerCacheConfig = WorkerCacheConfig()
+    policy: PolicyConfig = PolicyConfig()
 
     def all_pools(self) -> dict[str, NamedPoolConfig]:
         """Every pool, the default one first."""
@@ -355,6 +383,11 @@ def _explain(exc: ValidationError, source: str) -> str:
             lines.append(f"  {where}: expected HH:MM:SS or D-HH:MM:SS, got {err.get('input')!r}{hint}")
         elif path[-1] == "address" and err["type"] == "string_pattern_mismatch":
             lines.append(f"  {where}: expected tcp://host:port, got {err.get('input')!r}")
+        elif path[0] == "policy" and err["type"] in ("list_type", "string_type", "string_pattern_mismatch"):
+            lines.append(
+                f"  {where}: expected a list of user, group or owner names like [alice, bob] "
+                f"(no spaces or commas; '*' for anyone), got {err.get('input')!r}"
+            )
         elif path[-1] == "name" and err["type"] == "string_pattern_mismatch":
             lines.append(
                 f"  {where}: a valid name uses letters, digits, '_', '.' or '-' (up to 64) "

@@ -66,6 +66,8 @@ class Endpoint:
             max_retries=config.max_retries,
             pool_offers={name: _offers(named) for name, named in config.all_pools().items()},
         )
+        # until the manager's Welcome names the owner, only admins and listed users pass
+        self.scheduler.policy = config.policy.to_policy(config.name)
         self.packages = PackageCache(self.run_dir / "servables", self.scheduler, config.batching)
         self.scheduler.failures = []  # drained into the log by _pump
         self.tasklog = TaskLog(
@@ -151,7 +153,11 @@ class Endpoint:
             self.config.manager.token,
             self.session,
             {**runtime_versions(), "protocol": m.PROTOCOL_VERSION},
-            {"pid": os.getpid(), "workers_per_node": self.config.pool.workers_per_node},
+            {
+                "pid": os.getpid(),
+                "workers_per_node": self.config.pool.workers_per_node,
+                "policy": self.config.policy.model_dump(mode="json"),  # the manager mirrors it
+            },
         )
 
     def _say_hello(self) -> None:
@@ -456,6 +462,10 @@ class Endpoint:
             if refused:
                 self._to_manager(m.CancelRefused(refused, "already running or finished"))
         elif isinstance(msg, m.Welcome):
+            owner = msg.info.get("owner")
+            if isinstance(owner, str) and owner != self.scheduler.policy.owner:
+                self.scheduler.policy = self.config.policy.to_policy(self.config.name, owner)
+                log.info("owner %s; %s", owner, self.scheduler.policy.describe())
             if self.manager_state != "running":
                 log.info("connected to the manager")
             self.registered, self.manager_state = True, "running"

@@ -113,7 +113,16 @@ class Scheduler(Batching):
         self.kill_requests: list[tuple[str, str, str]] = []  # (pool_id, worker_id, reason)
         self.paused = False  # draining for shutdown: nothing new is dispatched
         self.refused_pools: dict[str, list] = {}  # pools whose blocks cannot start -> the error
-        self.counters = {"received": 0, "completed": 0, "failed": 0, "worker_lost": 0, "requeued": 0}
+        self.counters = {
+            "received": 0,
+            "completed": 0,
+            "failed": 0,
+            "worker_lost": 0,
+            "requeued": 0,
+            "refused": 0,  # by the endpoint's policy
+        }
+        # the endpoint's policy (protocol.policy.Policy); None: every task is admitted (unit tests)
+        self.policy: Any = None
         # failed tasks, (task id, function, worker identity or None, error), when a list: the
         # daemon sets one and drains it to log them (counting them costs one comparison a result)
         self.failures: list[tuple[bytes, str, bytes | None, list]] | None = None
@@ -143,6 +152,13 @@ class Scheduler(Batching):
             if task_id in self.tasks:
                 continue
             t = self.tasks[task_id] = TaskState(rec)
+            if self.policy is not None:
+                refused = self.policy.refusal(m.task_origin(rec), rec[m.T_FUNCTION])
+                if refused is not None:
+                    self.counters["refused"] += 1
+                    self._fail(task_id, self.policy.error(refused))
+                    continue
+                rec[m.T_ORIGIN] = None  # workers need no origin: not sent (nor decoded) on that hop
             pool, why = self.choose_pool(rec[m.T_RESOURCES])
             if pool is None:
                 self._fail(task_id, errors.infra_error("resources", why))

@@ -440,7 +440,7 @@ def create_app(
         published = await asyncio.to_thread(
             lambda: repository.publish(owner, record, files, visibility=visibility, publisher=viewer_of(who))
         )
-        service.verify(published, endpoint)
+        service.verify(published, endpoint, who[0])  # the endpoint policy checks the publisher
         return {"ref": published.ref, "status": "pending", "verifying_on": endpoint}
 
     @app.post(f"{API}/servables/{{owner}}/{{name}}/run")

@@ -160,6 +160,8 @@ class Manager:
             result_cache=self._result_cache(),
             deterministic=self.servables.deterministic,
             known_endpoints=self.store.endpoint_names(),
+            principal=self._principal,
+            servable_owner=self.servables.owner_of,
         )
         unfinished = self.store.unfinished()
         self.router.recover(unfinished)
@@ -210,6 +212,12 @@ class Manager:
         log.info("manager listening: clients %s, endpoints %s", self.client_url, self.endpoint_url)
         self._users_watcher = threading.Thread(target=self._watch_users, name="dlhub-users", daemon=True)
         self._users_watcher.start()
+
+    def _principal(self, user: str) -> tuple[bool, frozenset[str]]:
+        """Whether ``user`` is an admin, and its groups: what endpoint policies check (cached
+        for a second by the servable service, which asks the same for visibility)."""
+        viewer = self.servables.viewer(user)
+        return viewer.admin, viewer.groups
 
     def _result_cache(self) -> ResultCache | None:
         cfg = self.config
@@ -615,7 +623,7 @@ class Manager:
                 self._send(self.endpoint_sock, identity, m.Refused("access-denied", refusal))
                 return
             log.info("endpoint %r registered (session %s)", msg.name, msg.session)
-            self.router.endpoint_hello(identity, msg)
+            self.router.endpoint_hello(identity, msg, owner=who[0])  # owner: its policy's default
             self.endpoint_users[identity] = who[0]
             return
         if identity not in self.router.endpoint_by_identity:

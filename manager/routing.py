@@ -24,6 +24,7 @@ from typing import Any
 
 from dlhub.protocol import errors
 from dlhub.protocol import messages as m
+from dlhub.protocol.policy import Policy
 
 from .result_cache import ResultCache, cache_key
 
@@ -53,6 +54,8 @@ class EndpointState:
     last_seen: float = 0.0
     versions: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
+    owner: str | None = None  # the user whose token registered it
+    policy: Policy | None = None  # from its Hello (None: an endpoint from before policies)
     pending: OrderedDict = field(default_factory=OrderedDict)  # task_id -> None (not yet sent)
     inflight: dict = field(default_factory=dict)  # task_id -> None (sent, no result yet)
 
@@ -68,9 +71,15 @@ class Router:
         packages: Callable[[str], bytes | None] | None = None,
         result_cache: ResultCache | None = None,
         deterministic: Callable[[str], bool] | None = None,
+        principal: Callable[[str], tuple[bool, frozenset[str]]] | None = None,
+        servable_owner: Callable[[str], str | None] | None = None,
     ):
         self.store = store
-        # servables: "owner/name[:version]" -> "servable:<digest>" (raises DLHubError), and
+        # endpoint policies: user -> (is an admin, its groups), and a package digest -> the
+        # servable's owner; both go into each task's origin for the endpoint to check
+        self.principal = principal
+        self.servable_owner = servable_owner
+        # servables: ("owner/name[:version]", user) -> "servable:<digest>" (raises DLHubError), and
         # digest -> package blob for endpoints that ask for it
         self.resolve = resolve
         self.packages = packages
@@ -93,7 +102,7 @@ class Router:
         self.code_cache_bytes = 256 * 1024 * 1024
         self.outbox: list[tuple[str, bytes, m.Message]] = []
         self._results_out: dict[bytes, list] = {}  # client identity -> results to send
-        self.counters = {"received": 0, "finished": 0, "duplicates": 0}
+        self.counters = {"received": 0, "finished": 0, "duplicates": 0, "refused": 0}
 
     # ---- clients -------------------------------------------------------------------------
 
@@ -120,6 +129,7 @@ class Router:
             return
         rows, acks, fresh = [], [], []
         resolved: dict[str, str | list] = {}
+        origins: dict[str | None, dict] = {}  # servable owner -> this submitter's origin
         for rec in msg.tasks:
             task_id = rec[m.T_ID]
             function = rec[m.T_FUNCTION]
@@ -155,28 +165,24 @@ class Router:
                 # already committed (or being committed): acknowledge again after this batch
                 acks.append(("client", client, task_id))
                 continue
-            key = self._cache_key(rec)
+            origin = self._origin(owner, rec[m.T_FUNCTION], function, origins)
+            if len(rec) <= m.T_ORIGIN:
+                rec.extend([None] * (m.TASK_FIELDS - len(rec)))
+            rec[m.T_ORIGIN] = origin  # whatever the client wrote there is replaced
+            # the endpoint's policy, mirrored: a refused task is never sent (nor cached, coalesced)
+            refused = ep.policy.refusal(origin, rec[m.T_FUNCTION]) if ep.policy is not None else None
+            key = self._cache_key(rec) if refused is None else None
             cached = self.result_cache.get(key) if key is not None else None
             leader = self.leaders.get(key) if key is not None and cached is None else None
-            if cached is not None:
+            if refused is not None:
+                state = "failed"
+            elif cached is not None:
                 state = "succeeded"
             elif leader is not None:
                 state = "queued"  # waits for the identical call already running
             else:
                 state = "dispatched" if ep.connected else "queued"
             options = m.task_options(rec)
-            origin = self._origin(owner, rec[m.T_FUNCTION], function, origins)
-            if len(rec) <= m.T_ORIGIN:
-                rec.extend([None] * (m.TASK_FIELDS - len(rec)))
-            rec[m.T_ORIGIN] = origin  # whatever the client wrote there is replaced
-            if ep.policy is not None:  # the endpoint's policy, mirrored: refused here, never sent
-                refused = ep.policy.refusal(origin, rec[m.T_FUNCTION])
-                if refused is not None:
-                    self.counters["refused"] += 1
-                    self.callbacks.pop(task_id, None)
-                    denied = m.result_record(task_id, "failed", error=ep.policy.error(refused))
-                    self._reply_now(client, callback, denied)
-                    continue
             row = {
                 "task_id": task_id,
                 "owner": owner,
@@ -193,6 +199,14 @@ class Router:
                 "payload": rec[m.T_PAYLOAD],
             }
             rows.append(row)
+            if refused is not None:  # stored as failed (Fetch and Query find why); the result is the ack
+                self.counters["refused"] += 1
+                denied = ep.policy.error(refused)
+                row.update(payload=None, error=_pack_error(denied), t_finished=now)
+                self.callbacks.pop(task_id, None)
+                self._remember_finished(task_id, "failed")
+                self._reply_now(client, callback, m.result_record(task_id, "failed", error=denied))
+                continue
             if cached is not None:  # answered here, no endpoint involved; the result is the ack
                 row.update(payload=None, result=cached, t_started=now, t_finished=now)
                 self.callbacks.pop(task_id, None)
@@ -222,16 +236,6 @@ class Router:
             for rec in fresh:
                 ep.pending[rec[m.T_ID]] = None
 
-    def _cache_key(self, rec: list) -> str | None:
-        """The result-cache key of a call of a deterministic servable that allows caching."""
-        if self.result_cache is None or self.deterministic is None:
-            return None
-        function = rec[m.T_FUNCTION]
-        if not function.startswith(m.RUN_PREFIX):
-            return None
-        options = m.task_options(rec)
-        if options.get("cache", True) is False or not options.get("key") or not self.deterministic(function):
-            return None
     def _origin(self, user: str, function: str, sent: str, cache: dict[str | None, dict]) -> dict:
         """A task's origin for endpoint policies: the submitter, whether an admin, its groups,
         and the owner of the servable it runs (from the name it was called by, else the record)."""
@@ -253,6 +257,16 @@ class Router:
             cache[servable_owner] = origin
         return origin
 
+    def _cache_key(self, rec: list) -> str | None:
+        """The result-cache key of a call of a deterministic servable that allows caching."""
+        if self.result_cache is None or self.deterministic is None:
+            return None
+        function = rec[m.T_FUNCTION]
+        if not function.startswith(m.RUN_PREFIX):
+            return None
+        options = m.task_options(rec)
+        if options.get("cache", True) is False or not options.get("key") or not self.deterministic(function):
+            return None
         return cache_key(function, options["key"], rec[m.T_SERIALIZER])
 
     def _remember_finished(self, task_id: bytes, state: str) -> None:
@@ -366,7 +380,9 @@ class Router:
 
     # ---- endpoints ---------------------------------------------------------------------------
 
-    def endpoint_hello(self, identity: bytes, hello: m.Hello) -> None:
+    def endpoint_hello(self, identity: bytes, hello: m.Hello, owner: str | None = None) -> None:
+        """Register an endpoint; ``owner`` is the user whose token it presented (its policy's
+        default ``allowed_users``)."""
         now = self.clock()
         ep = self.endpoints.get(hello.name)
         if ep is None:
@@ -379,10 +395,14 @@ class Router:
             log.warning("endpoint %r sent malformed Hello versions, ignored: %s", hello.name, bad_versions)
         ep.versions = {} if bad_versions else dict(hello.versions)
         ep.info = self._valid_info(hello.name, hello.info) or {}
+        ep.owner, ep.policy = owner, self._policy(hello.name, hello.info, owner)
         self.endpoint_by_identity[identity] = ep.name
-        self.outbox.append(("endpoint", identity, m.Welcome(ep.session, {"name": ep.name})))
+        welcome = {"name": ep.name, "owner": owner} if owner else {"name": ep.name}
+        self.outbox.append(("endpoint", identity, m.Welcome(ep.session, welcome)))
         resend = [self.tasks[t].record for t in ep.inflight if t in self.tasks]
         waiting = [self.tasks[t].record for t in ep.pending if t in self.tasks]
+        if waiting and ep.policy is not None:  # queued while its policy was unknown (or changed)
+            waiting = self._admitted(ep, waiting)
         if waiting:
             updates = []
             for rec in waiting:
@@ -394,6 +414,32 @@ class Router:
         if resend or waiting:
             self._send_tasks(ep, resend + waiting)
 
+    @staticmethod
+    def _policy(name: str, info: Any, owner: str | None) -> Policy | None:
+        """The policy an endpoint sent in its Hello (None: it sent none, or a malformed one,
+        logged: the endpoint still enforces its own)."""
+        data = info.get("policy") if isinstance(info, dict) else None
+        if data is None:
+            return None
+        try:
+            return Policy.from_wire(name, data, owner)
+        except ValueError as exc:
+            log.warning("endpoint %r sent a malformed policy, not mirrored: %s", name, exc)
+            return None
+
+    def _admitted(self, ep: EndpointState, records: list[list]) -> list[list]:
+        """The records ``ep``'s policy admits; the others fail now with the refusal."""
+        out = []
+        for rec in records:
+            refused = ep.policy.refusal(m.task_origin(rec), rec[m.T_FUNCTION])
+            if refused is None:
+                out.append(rec)
+                continue
+            self.counters["refused"] += 1
+            ep.pending.pop(rec[m.T_ID], None)
+            self._finish(m.result_record(rec[m.T_ID], "failed", error=ep.policy.error(refused)), ep=None)
+        return out
+
     def endpoint_heartbeat(self, identity: bytes, info: dict) -> bool:
         """Record a heartbeat; False when the identity is not a registered endpoint."""
         ep = self._endpoint(identity)
@@ -402,6 +448,16 @@ class Router:
         ep.last_seen, ep.connected = self.clock(), True
         ep.info = info
         return True
+
+    @staticmethod
+    def _valid_info(name: str, info: Any) -> dict | None:
+        """The endpoint's info if every field checks out, else None (logged, naming the field),
+        so no malformed report reaches /metrics or `dlhub status`."""
+        problem = m.check_heartbeat_info(info)
+        if problem:
+            log.warning("endpoint %r sent malformed heartbeat info, ignored: %s", name, problem)
+            return None
+        return dict(info)
 
     def endpoint_gone(self, identity: bytes) -> None:
         """The endpoint said goodbye: its tasks wait (re-sent when it registers again)."""
@@ -468,8 +524,11 @@ class Router:
 
     def recover(self, rows: list[dict[str, Any]]) -> None:
         """Re-queue tasks that were committed but unfinished when the manager stopped."""
+        origins: dict[str, dict] = {}  # user -> its origins by servable owner
         for row in rows:
             ep = self.endpoints.setdefault(row["endpoint"], EndpointState(row["endpoint"]))
+            user = row.get("owner") or ""
+            origin = self._origin(user, row["function"], row["function"], origins.setdefault(user, {}))
             rec = m.task_record(
                 row["task_id"],
                 row["function"],
@@ -478,6 +537,7 @@ class Router:
                 row["result_serializer"],
                 json.loads(row["resources"]) if row.get("resources") else None,
                 json.loads(row["options"]) if row.get("options") else None,
+                origin,
             )
             self.tasks[row["task_id"]] = TaskEntry(
                 rec, row["endpoint"], b"", "queued", owner=row.get("owner") or ""

@@ -47,6 +47,7 @@ class ServableService:
         self._viewers: dict[str, tuple[float, Viewer]] = {}  # user -> (when looked up, viewer)
         self._generation = -1
         self._deterministic: dict[str, bool] = {}  # "servable:<digest>" -> record.deterministic
+        self._owners: dict[str, str] = {}  # record digest -> owner
         # repository writes triggered by results, off the broker loop
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dlhub-verify")
 
@@ -175,6 +176,16 @@ class ServableService:
             known = self._deterministic[function] = bool(record and record.get("deterministic"))
         return known
 
+    def owner_of(self, digest: str) -> str | None:
+        """The owner of the servable version with this record digest (for endpoint policies)."""
+        known = self._owners.get(digest)
+        if known is None:
+            record = self.repository.record_by_digest(digest)
+            known = record.get("owner") if record else None
+            if known is not None:
+                self._owners[digest] = known  # a version's owner never changes
+        return known
+
     def status(self) -> dict[str, Any]:
         return self.manager.status()
 
@@ -228,11 +239,12 @@ class ServableService:
         self.manager.call_soon(enqueue)
         return task_id, future
 
-    def verify(self, record: ServableRecord, endpoint: str) -> None:
-        """Run the version's examples on ``endpoint``; mark it ready or failed by the report."""
+    def verify(self, record: ServableRecord, endpoint: str, user: str | None = None) -> None:
+        """Run the version's examples on ``endpoint`` as ``user`` (the publisher, whom the
+        endpoint's policy checks; default the owner); mark it ready or failed by the report."""
         owner, name, version = record.owner, record.name, record.version
         function = m.VERIFY_PREFIX + record_digest(record)
-        _, future = self.submit(owner, endpoint, function, [], {}, VERIFY_TIMEOUT_S)
+        _, future = self.submit(user or owner, endpoint, function, [], {}, VERIFY_TIMEOUT_S)
 
         def finished(fut: concurrent.futures.Future) -> None:
             res = fut.result()

@@ -9,8 +9,10 @@ tasks costs one C-level msgpack call per hop:
 
     task   = [task_id: bytes(16), function: str (code digest), payload: bytes,
               timeout_s: float | None, result_serializer: str, resources: dict | None,
-              options: dict | None]   (options: cache, key, len, batch; a 6-field task is
-              accepted and read as options = None)
+              options: dict | None, origin: dict | None]
+              (options: cache, key, len, batch; origin: who submitted it and what it runs,
+              set by the manager for the endpoint's policy: user, admin, groups, owner of the
+              servable; 6- and 7-field tasks from older peers read as options/origin = None)
     result = [task_id, state: str, payload: bytes | None, error: list | None,
               timing: [t_start, t_end] | None, output: [stdout, stderr] | None]
 
@@ -36,12 +38,17 @@ DEFAULT_MAX_FRAME_BYTES = 256 * 1024 * 1024 + 1024 * 1024  # payload limit plus 
 TASK_ID_BYTES = 16
 
 # task record field positions
-T_ID, T_FUNCTION, T_PAYLOAD, T_TIMEOUT, T_SERIALIZER, T_RESOURCES, T_OPTIONS = range(7)
-TASK_FIELDS = 7
+T_ID, T_FUNCTION, T_PAYLOAD, T_TIMEOUT, T_SERIALIZER, T_RESOURCES, T_OPTIONS, T_ORIGIN = range(8)
+TASK_FIELDS = 8
+OLDEST_TASK_FIELDS = 6  # before per-call options (7) and the submitter's origin (8)
 # per-call options: cache (False bypasses result/output caches), key (hex digest of the inputs,
 # computed by the client), len (the first argument's length, for batching weights), batch (the
 # first argument is a list of inputs for a vectorized servable: an explicit client batch)
 OPTION_KEYS = {"cache": (bool,), "key": (str,), "len": (int,), "batch": (bool,)}
+# a task's origin, written by the manager (what a client sends there is replaced): the submitter,
+# whether an admin, its groups, and the owner of the servable it runs (absent: a function by value)
+ORIGIN_KEYS = {"user": (str,), "admin": (bool,), "groups": (list,), "owner": (str,)}
+_ORIGIN_KEY_SET = frozenset(ORIGIN_KEYS)
 RESOURCE_KEYS = {"cores": (int, float), "memory_gb": (int, float), "gpus": (int,), "pool": (str,)}
 # result record field positions
 R_ID, R_STATE, R_PAYLOAD, R_ERROR, R_TIMING, R_OUTPUT = range(6)
@@ -327,8 +334,8 @@ def unpack(frame: bytes | memoryview, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) 
 
 def _check_records(records: list, arity: int, what: str) -> None:
     for i, rec in enumerate(records):
-        if isinstance(rec, list) and what == "task" and len(rec) == arity - 1:
-            rec.append(None)  # a task from before per-call options
+        if isinstance(rec, list) and what == "task" and OLDEST_TASK_FIELDS <= len(rec) < arity:
+            rec.extend([None] * (arity - len(rec)))  # from before per-call options / origins
         if not isinstance(rec, list) or len(rec) != arity:
             raise ProtocolError(f"{what} #{i} must be a list of {arity} fields")
         tid = rec[0]
@@ -347,6 +354,10 @@ def _check_records(records: list, arity: int, what: str) -> None:
                 problem = check_options(rec[T_OPTIONS])
                 if problem:
                     raise ProtocolError(f"task #{i} options: {problem}")
+            if rec[T_ORIGIN] is not None:
+                problem = check_origin(rec[T_ORIGIN])
+                if problem:
+                    raise ProtocolError(f"task #{i} origin: {problem}")
         elif not isinstance(rec[R_STATE], str):
             raise ProtocolError(f"result #{i} state must be a string")
 
@@ -379,6 +390,36 @@ def check_options(options: Any) -> str | None:
     return None
 
 
+def check_origin(origin: Any) -> str | None:
+    """What is wrong with a task's origin (None when it is fine)."""
+    if type(origin) is dict and type(origin.get("user")) is str and type(origin.get("admin", False)) is bool:
+        groups = origin.get("groups", ())
+        if (  # the common shape, checked without a loop over its keys (it is on every task)
+            origin.keys() <= _ORIGIN_KEY_SET
+            and type(origin.get("owner", "")) is str
+            and (groups == () or (type(groups) is list and all(type(g) is str for g in groups)))
+        ):
+            return None
+    if not isinstance(origin, dict):
+        return f"must be a mapping, got {type(origin).__name__}"
+    for key, value in origin.items():
+        types = ORIGIN_KEYS.get(key)
+        if types is None:
+            return f"unknown key {key!r} (known: {', '.join(ORIGIN_KEYS)})"
+        if not isinstance(value, types):
+            return f"{key} must be {' or '.join(t.__name__ for t in types)}, got {value!r}"
+    if not isinstance(origin.get("user"), str):
+        return "user is required"
+    if not all(isinstance(g, str) for g in origin.get("groups", ())):
+        return "groups must be a list of str"
+    return None
+
+
+def task_origin(rec: list) -> dict | None:
+    """Who submitted a task and what it runs (None: a record from before origins)."""
+    return rec[T_ORIGIN] if len(rec) > T_ORIGIN else None
+
+
 def task_options(rec: list) -> dict:
     """A task's options ({} when it has none)."""
     return (rec[T_OPTIONS] if len(rec) > T_OPTIONS else None) or {}
@@ -392,8 +433,9 @@ def task_record(
     result_serializer: str = "auto",
     resources: dict | None = None,
     options: dict | None = None,
+    origin: dict | None = None,
 ) -> list:
-    return [task_id, function, payload, timeout_s, result_serializer, resources, options]
+    return [task_id, function, payload, timeout_s, result_serializer, resources, options, origin]
 
 
 def result_record(

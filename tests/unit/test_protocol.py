@@ -212,8 +212,8 @@ def test_wrong_field_type(frame, text):
 @pytest.mark.parametrize(
     "record, text",
     [
-        ([tid(1), "f", b"", None, "auto"], "task #0 must be a list of 7 fields"),
-        ("not a list", "task #0 must be a list of 7 fields"),
+        ([tid(1), "f", b"", None, "auto"], "task #0 must be a list of 8 fields"),
+        ("not a list", "task #0 must be a list of 8 fields"),
         ([b"short", "f", b"", None, "auto", None], "task #0 has a malformed task id"),
         (["0" * 16, "f", b"", None, "auto", None], "task #0 has a malformed task id"),
         (
