@@ -14,13 +14,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import zmq
 
 from dlhub.protocol import messages as m
-from dlhub.protocol.curve import find_server_key, secure_dealer
+from dlhub.protocol.curve import HandshakeWatch, find_server_key, secure_dealer
 from dlhub.protocol.serialize import runtime_versions
 
 from .config import EndpointConfig
@@ -92,14 +93,29 @@ def _manager(config: EndpointConfig, timeout_s: float) -> Check:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    watch = None
     try:
         link = config.manager
-        secure_dealer(sock, link.address, link.token, find_server_key(link.address, link.key))
+        mechanism = secure_dealer(sock, link.address, link.token, find_server_key(link.address, link.key))
+        watch = HandshakeWatch(sock, link.address, mechanism)
         sock.connect(config.manager.address)
         hello = m.Hello("check", config.name, config.manager.token, "check", runtime_versions(), {})
-        sock.send(m.pack(hello))
-        if not sock.poll(int(min(timeout_s, 10) * 1000)):
-            return False, "manager", f"no answer from {config.manager.address} within 10 s"
+        sock.send(m.pack(hello), zmq.NOBLOCK)
+        deadline = time.monotonic() + min(timeout_s, 10)
+        while not sock.poll(100):  # the handshake watch says at once why the manager refused us
+            refused = watch.poll()
+            if refused is None and watch.failures >= 3 and mechanism == "curve":
+                refused = f"the CURVE handshake failed {watch.failures} times{watch.timeout_hint()}"
+            if refused is not None:
+                return (
+                    False,
+                    "manager",
+                    f"{link.address} refused: token refused (at the handshake)"
+                    if ("token refused" in refused)
+                    else refused,
+                )
+            if time.monotonic() >= deadline:
+                return False, "manager", f"no answer from {config.manager.address} within 10 s"
         msg = m.unpack(sock.recv())
         if isinstance(msg, m.Welcome):
             return True, "manager", f"{config.manager.address} accepts the token"
@@ -107,5 +123,7 @@ def _manager(config: EndpointConfig, timeout_s: float) -> Check:
     except Exception as exc:
         return False, "manager", f"{type(exc).__name__}: {exc}"
     finally:
+        if watch is not None:
+            watch.close()
         sock.close(0)
         ctx.term()

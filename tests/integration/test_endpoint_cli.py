@@ -218,9 +218,10 @@ def test_configure_slurm_fills_the_manager_of_a_running_dlhub_up(stack):
         assert cfg.manager.address == stack.manager_info["endpoint_url"]
         assert cfg.manager.token == (stack.home / "manager" / "admin.token").read_text().strip()
         assert path.stat().st_mode & 0o777 == 0o600
-        # the template, comments and all, with only name, address and token changed
+        assert cfg.manager.key == stack.manager_info["curve_public_key"]  # pinned, on a line of its own
+        # the template, comments and all, with only name, address and token changed (+ the key)
         template = (TEMPLATES_DIR / "slurm.yaml").read_text().splitlines()
-        written = path.read_text().splitlines()
+        written = [line for line in path.read_text().splitlines() if not line.startswith("  key: ")]
         assert len(written) == len(template)
         changed = [(t, w) for t, w in zip(template, written) if t != w]
         assert [t.split(":")[0].strip() for t, _ in changed] == ["name", "address", "token"]
