@@ -70,6 +70,18 @@ TASK_ERROR_STATUS = {
     "cancelled": 409,
 }
 MAX_UPLOAD_PART = 1024 * 1024 * 1024
+# request bodies: JSON (run, share...) up to MAX_BODY_BYTES; a publish (multipart, the files of a
+# servable) up to MAX_PUBLISH_BYTES in all. Larger: 413 before the body is read.
+MAX_BODY_BYTES = 32 * 1024 * 1024
+MAX_PUBLISH_BYTES = MAX_UPLOAD_PART
+PUBLISH_PATH = f"{API}/servables"
+# bounds for REST integers (SQLite and PostgreSQL integers are 64-bit; versions are small)
+MAX_VERSION = 2**31 - 1
+MAX_TIMEOUT_S = 30 * 24 * 3600.0
+# uvicorn: requests handled at once (more: 503), header bytes, idle keep-alive seconds
+REST_CONCURRENCY = 256
+REST_MAX_HEADER_BYTES = 64 * 1024
+REST_KEEP_ALIVE_S = 5
 
 
 def task_outcome(task_id: str, state: str, payload: bytes | None, error: list | None) -> tuple[int, dict]:
@@ -94,17 +106,94 @@ def task_outcome(task_id: str, state: str, payload: bytes | None, error: list | 
     return status, {**body, "task_id": task_id, "state": state, "traceback": tb_text or None}
 
 
+class BodyTooLarge(Exception):
+    """A body streamed without Content-Length went past its limit."""
+
+
+class BoundedBodies:
+    """ASGI middleware: a request with a body (POST/PUT/PATCH/DELETE: every such route needs a
+    token) is refused before a byte of it is read when its token is not valid (401) or its
+    Content-Length is above the limit (413); a body streamed without Content-Length is counted
+    as it arrives and refused at the limit. Errors are the API's JSON ``{code, message}``."""
+
+    def __init__(self, app: Any, check_token: Callable[[str], Any]):
+        self.app, self.check_token = app, check_token
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH", "DELETE"):
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+        ok = scheme.lower() == "bearer" and token.strip()
+        if not ok or await asyncio.to_thread(self.check_token, token.strip()) is None:
+            return await self._refuse(
+                send, 401, "access-denied", "a valid 'Authorization: Bearer <token>' header is required"
+            )
+        publish = scope["method"] == "POST" and scope["path"].rstrip("/") == PUBLISH_PATH
+        limit = MAX_PUBLISH_BYTES if publish else MAX_BODY_BYTES
+        what = "a publish" if publish else "a request body"
+        too_large = f"{what} may be at most {limit:,} bytes"
+        length = headers.get(b"content-length")
+        if length is not None:
+            if not length.isdigit():
+                return await self._refuse(send, 400, "bad-request", "Content-Length is not a number")
+            if int(length) > limit:
+                return await self._refuse(send, 413, "payload-too-large", f"{too_large}; got {int(length):,}")
+        if publish:  # large: streamed to the form parser, counted on the way
+            seen = 0
+
+            async def counted() -> dict:
+                nonlocal seen
+                message = await receive()
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise BodyTooLarge(too_large)
+                return message
+
+            return await self.app(scope, counted, send)
+        chunks, seen = [], 0  # small: read here (at most the limit), then replayed
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > limit:
+                return await self._refuse(send, 413, "payload-too-large", too_large)
+            if not message.get("more_body"):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _refuse(send: Callable, status: int, code: str, message: str) -> None:
+        body = json.dumps({"code": code, "message": message}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        headers.append((b"connection", b"close"))  # the unread body must not be parsed as a request
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
 def create_app(
     engine: sa.Engine, repository: Repository, auth: Authenticator, servables: "ServableService | None" = None
 ):
     """The FastAPI app (imported here: FastAPI costs ~0.4 s, kept off the manager's start-up)."""
-    from fastapi import Body, Depends, FastAPI, Header, Query, Request
+    from fastapi import Body, Depends, FastAPI, Header, Path, Query, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse
     from starlette.datastructures import UploadFile
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     app = FastAPI(title="dlhub", version="0.1.0", description="Publish, find and run servables.")
+    app.add_middleware(BoundedBodies, check_token=auth.check)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -239,7 +328,9 @@ def create_app(
         return {"results": hits, "count": len(hits)}
 
     @app.get(f"{API}/servables/{{owner}}/{{name}}")
-    def describe(who: User, owner: str, name: str, version: int | None = None) -> dict[str, Any]:
+    def describe(
+        who: User, owner: str, name: str, version: Annotated[int | None, Query(ge=1, le=MAX_VERSION)] = None
+    ) -> dict[str, Any]:
         access = must_see(who, owner, name)
         versions = repository.versions(owner, name)
         ready = [v["version"] for v in versions if v["status"] == "ready"]
@@ -268,7 +359,9 @@ def create_app(
         return {"deleted": repository.delete(owner, name)}
 
     @app.delete(f"{API}/servables/{{owner}}/{{name}}/{{version}}")
-    def delete_version(who: User, owner: str, name: str, version: int) -> dict[str, Any]:
+    def delete_version(
+        who: User, owner: str, name: str, version: Annotated[int, Path(ge=1, le=MAX_VERSION)]
+    ) -> dict[str, Any]:
         must_own(who, owner, name)
         return {"deleted": repository.delete(owner, name, version)}
 
@@ -396,6 +489,8 @@ def create_app(
         service = need_services()
         try:
             form = await request.form(max_files=10_000, max_fields=100, max_part_size=MAX_UPLOAD_PART)
+        except BodyTooLarge as exc:
+            raise ApiError(413, "payload-too-large", str(exc)) from None
         except Exception as exc:  # malformed multipart bodies
             raise ApiError(400, "bad-request", f"cannot read the multipart form: {exc}") from None
         owner = publish_owner(who, form.get("owner"))
@@ -450,10 +545,10 @@ def create_app(
         name: str,
         args: Annotated[list[Any], Body()] = [],  # noqa: B006 - FastAPI copies defaults
         kwargs: Annotated[dict[str, Any], Body()] = {},  # noqa: B006
-        version: Annotated[int | None, Body(ge=1)] = None,
+        version: Annotated[int | None, Body(ge=1, le=MAX_VERSION)] = None,
         endpoint: Annotated[str | None, Body()] = None,
-        wait_s: Annotated[float, Body(ge=0, le=3600)] = 30.0,
-        timeout_s: Annotated[float | None, Body(gt=0)] = None,
+        wait_s: Annotated[float, Body(ge=0, le=3600, allow_inf_nan=False)] = 30.0,
+        timeout_s: Annotated[float | None, Body(gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)] = None,
         cache: Annotated[bool, Body()] = True,
     ):
         """Run a servable with JSON arguments. ``wait_s`` 0: return the task id at once (202);
@@ -561,6 +656,10 @@ class ApiServer:
             return
         config = uvicorn.Config(
             app,
+            http="h11",
+            h11_max_incomplete_event_size=REST_MAX_HEADER_BYTES,  # headers larger: 400, closed
+            timeout_keep_alive=REST_KEEP_ALIVE_S,
+            limit_concurrency=REST_CONCURRENCY,  # above it: 503 at once, not an unbounded queue
             log_level="warning",
             access_log=False,
             lifespan="off",

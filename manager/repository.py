@@ -37,6 +37,12 @@ from dlhub.protocol.servable import (
 
 from .store import metadata
 
+
+def _like_literal(value: str) -> str:
+    """``value`` matched literally by LIKE ... ESCAPE '\\' (``%`` and ``_`` are not wildcards)."""
+    return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
 versions_table = sa.Table(
     "servable_versions",
     metadata,
@@ -602,8 +608,8 @@ class Repository:
                 sql += f" AND v.{column} = :{column}"
         for column, value in (("domains", domain), ("authors", author), ("related", related)):
             if value:
-                params[column] = f"%|{value.lower()}|%"
-                sql += f" AND v.{column} LIKE :{column}"
+                params[column] = f"%|{_like_literal(value.lower())}|%"
+                sql += f" AND v.{column} LIKE :{column} ESCAPE '\\'"
         sql += " ORDER BY rank, v.owner, v.name, v.version DESC"
         with self.engine.connect() as conn:
             rows = conn.execute(sa.text(sql), params).all()
