@@ -28,9 +28,9 @@ from dlhub.protocol.policy import Policy
 
 from .result_cache import ResultCache, cache_key
 
-FINISHED_MEMORY = 200_000  # recently finished task ids kept to recognise late resends
 log = logging.getLogger("dlhub.manager.routing")
 
+FINISHED_MEMORY = 200_000  # recently finished task ids kept to recognise late resends
 MAX_TASKS_PER_MESSAGE = 2048
 
 
@@ -446,7 +446,9 @@ class Router:
         if ep is None:
             return False
         ep.last_seen, ep.connected = self.clock(), True
-        ep.info = info
+        valid = self._valid_info(ep.name, info)
+        if valid is not None:  # a bad one keeps the last good info
+            ep.info = valid
         return True
 
     @staticmethod
@@ -467,12 +469,34 @@ class Router:
 
     def endpoint_results(self, identity: bytes, results: list[list]) -> None:
         ep = self._endpoint(identity)
+        results = self._valid_results(ep, results)
         for res in results:
             if not self._from_dispatched(ep, res[m.R_ID], "a result"):
                 continue
             self._finish(res, ep)
             if ep is not None:
                 ep.last_seen = self.clock()
+
+    def _valid_results(self, ep: EndpointState | None, results: list[list]) -> list[list]:
+        """Results whose fields check out; a malformed one is logged and its task fails with a
+        ``protocol`` error saying what was wrong (rather than staying unfinished forever)."""
+        problems = [m.check_result(res) for res in results]
+        if not any(problems):
+            return results
+        valid = []
+        for res, problem in zip(results, problems):
+            if not problem:
+                valid.append(res)
+                continue
+            name = ep.name if ep is not None else "?"
+            log.warning(
+                "endpoint %r sent a malformed result for task %s: %s", name, res[m.R_ID].hex(), problem
+            )
+            message = f"endpoint {name!r} sent a malformed result: {problem}"
+            valid.append(
+                m.result_record(res[m.R_ID], "failed", None, errors.infra_error("protocol", message))
+            )
+        return valid
 
     def endpoint_states(self, identity: bytes, updates: list[list]) -> None:
         changes = []
