@@ -30,6 +30,7 @@ from parsl.jobs.states import JobState
 from dlhub.protocol import ProtocolError, errors
 from dlhub.protocol import messages as m
 from dlhub.protocol.curve import HandshakeWatch, find_server_key, secure_dealer
+from dlhub.protocol.private import write_private
 from dlhub.protocol.serialize import runtime_versions
 
 from .config import EndpointConfig, walltime_seconds
@@ -137,6 +138,7 @@ class Endpoint:
                 "payload_limit_bytes": self.config.payload_limit_bytes,
                 "output_limit_bytes": self.config.output_limit_bytes,
                 "worker_cache": self.config.worker_cache.model_dump(),
+                "servable_cache": str(self.run_dir / "servables" / "unpacked"),  # not a shared /tmp
                 "accelerators": list(named.pool.accelerators),
                 "walltime_s": None
                 if named.provider.type == "local"
@@ -587,9 +589,7 @@ class Endpoint:
         return out
 
     def _write_status(self) -> None:
-        tmp = self.run_dir / "status.json.tmp"
-        tmp.write_text(json.dumps(self.status(), default=str))
-        tmp.replace(self.run_dir / "status.json")
+        write_private(self.run_dir / "status.json", json.dumps(self.status(), default=str))  # 0600
 
     def _shutdown(self) -> None:
         counters = self.scheduler.counters

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dlhub.protocol.private import private_dir, private_file, tighten
+
 
 def dlhub_home(home: str | Path | None = None) -> Path:
     return Path(home or os.environ.get("DLHUB_HOME") or Path.home() / ".dlhub").expanduser()
@@ -106,6 +108,11 @@ class _BoundedFileHandler(logging.handlers.RotatingFileHandler):
     """Rotates at ``maxBytes``; with no backups the file starts over (the standard handler
     never rotates then, and the log would grow without bound)."""
 
+    def _open(self):
+        stream = super()._open()
+        os.chmod(self.baseFilename, 0o600)  # a new file after a rollover is private too
+        return stream
+
     def doRollover(self) -> None:
         if self.backupCount > 0:
             super().doRollover()
@@ -113,11 +120,15 @@ class _BoundedFileHandler(logging.handlers.RotatingFileHandler):
         if self.stream:
             self.stream.close()
         self.stream = open(self.baseFilename, "w", encoding=self.encoding)  # noqa: SIM115
+        os.chmod(self.baseFilename, 0o600)
 
 
 def setup_logging(log_file: Path, max_bytes: int, backups: int, console: bool = False) -> None:
-    """Log to ``log_file``, kept under ``max_bytes`` per file and ``backups`` rotated files."""
-    log_file.parent.mkdir(parents=True, exist_ok=True)
+    """Log to ``log_file``, kept under ``max_bytes`` per file and ``backups`` rotated files.
+    The endpoint's folder is made private (0700, files 0600) first, an older one tightened."""
+    private_dir(log_file.parent)
+    tightened = tighten(log_file.parent)
+    private_file(log_file)
     handler: logging.Handler = _BoundedFileHandler(log_file, maxBytes=max_bytes, backupCount=backups)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     handler.setFormatter(fmt)
@@ -129,11 +140,18 @@ def setup_logging(log_file: Path, max_bytes: int, backups: int, console: bool = 
         root.addHandler(stream)
     root.setLevel(logging.INFO)
     logging.getLogger("parsl").setLevel(logging.WARNING)
+    if tightened:
+        logging.getLogger("dlhub.endpoint").info(
+            "made %d paths under %s private to this user (folders 0700, files 0600)",
+            tightened,
+            log_file.parent,
+        )
 
 
 def spawn_detached(args: list[str], log_file: Path, env: dict[str, str] | None = None) -> int:
     """Start ``args`` in its own session, output to ``log_file``; return its pid."""
-    log_file.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(log_file.parent)
+    private_file(log_file)
     with open(log_file, "ab") as out:
         proc = subprocess.Popen(
             args,

@@ -27,11 +27,55 @@ from dlhub.protocol.errors import DLHubError, ServableLoadError
 from dlhub.protocol.serialize import load_function, plain
 from dlhub.protocol.servable import ServableRecord, TypeSpec, record_digest, unpack_package
 
+_configured_root: Path | None = None
+_checked_roots: set[Path] = set()
+
+
+def set_cache_root(path: str | os.PathLike | None) -> None:
+    """The endpoint's own folder for unpacked packages (from the worker's config:
+    ``endpoints/<name>/servables/unpacked``); ``$DLHUB_SERVABLE_CACHE`` still overrides it."""
+    global _configured_root
+    _configured_root = Path(path) if path else None
+
 
 def cache_root() -> Path:
-    """Where package files are unpacked on this node (``DLHUB_SERVABLE_CACHE`` overrides)."""
+    """Where package files are unpacked on this node: ``$DLHUB_SERVABLE_CACHE``, else the
+    endpoint's folder, else ``<tmp>/dlhub-servables-<uid>``; in every case a folder of this user
+    that nobody else may write (checked once per process, created 0700 if missing), since
+    whatever is there gets imported."""
     root = os.environ.get("DLHUB_SERVABLE_CACHE")
-    return Path(root) if root else Path(tempfile.gettempdir()) / f"dlhub-servables-{os.getuid()}"
+    path = (
+        Path(root)
+        if root
+        else _configured_root or Path(tempfile.gettempdir()) / f"dlhub-servables-{os.getuid()}"
+    )
+    if path not in _checked_roots:
+        check_cache_dir(path, "$DLHUB_SERVABLE_CACHE" if root else "the servable cache")
+        _checked_roots.add(path)
+    return path
+
+
+def check_cache_dir(path: Path, what: str) -> None:
+    """Create ``path`` 0700, or refuse one that another user owns or others may write."""
+    import stat
+
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = path.lstat()
+    except OSError as exc:
+        raise ServableLoadError(f"{what} {path} cannot be created: {exc}") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise ServableLoadError(f"{what} {path} is not a folder (a link or a file): refused")
+    if info.st_uid != os.getuid():
+        raise ServableLoadError(
+            f"{what} {path} belongs to uid {info.st_uid}, not to this user ({os.getuid()}): refused, "
+            "as another user could plant code there; point $DLHUB_SERVABLE_CACHE at a folder of yours"
+        )
+    if info.st_mode & 0o022:
+        raise ServableLoadError(
+            f"{what} {path} may be written by others (mode {stat.S_IMODE(info.st_mode):o}): refused; "
+            f"run `chmod go-w {path}` or choose another folder"
+        )
 
 
 def unmet_requirements(requirements: list[str]) -> list[str]:
@@ -57,12 +101,71 @@ def unmet_requirements(requirements: list[str]) -> list[str]:
     return problems
 
 
-def _materialize(digest: str, files: dict[str, bytes]) -> Path:
-    """Write the package's files under the cache once (atomic rename; concurrent workers agree)."""
+def _file_digest(data: bytes) -> str:
+    import hashlib
+
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _check_package_files(record: ServableRecord, files: dict[str, bytes]) -> None:
+    """The package's files are exactly the record's, each with its digest."""
+    if set(files) != set(record.files):
+        extra, missing = sorted(set(files) - set(record.files)), sorted(set(record.files) - set(files))
+        raise ServableLoadError(
+            f"the package of {record.ref} does not match its record (extra files {extra}, missing {missing})"
+        )
+    for rel, data in files.items():
+        if _file_digest(data) != record.files[rel]:
+            raise ServableLoadError(f"the package of {record.ref} does not match its record: {rel} differs")
+
+
+def _unpacked_problem(record: ServableRecord, root: Path) -> str | None:
+    """Why the unpacked tree at ``root`` is not exactly the record's files (None: it is).
+    Bytecode caches are removed first: a planted ``.pyc`` must not stand in for a source."""
+    found: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        if "__pycache__" in dirnames:
+            dirnames.remove("__pycache__")
+            shutil.rmtree(Path(dirpath) / "__pycache__", ignore_errors=True)
+        for filename in filenames:
+            path = Path(dirpath) / filename
+            rel = path.relative_to(root).as_posix()
+            if rel not in record.files:
+                return f"unexpected file {rel}"
+            if path.is_symlink():
+                return f"{rel} is a link"
+            found.add(rel)
+            if _file_digest(path.read_bytes()) != record.files[rel]:
+                return f"{rel} does not match its digest"
+    missing = set(record.files) - found
+    return f"missing {sorted(missing)}" if missing else None
+
+
+def _materialize(record: ServableRecord, digest: str, files: dict[str, bytes]) -> Path:
+    """Write the package's files under the cache once (atomic rename; concurrent workers agree).
+    A tree already there is used only if it holds exactly the record's files, each matching
+    its digest; otherwise it is replaced from the package's bytes."""
     final = cache_root() / digest
-    if final.is_dir() or not files:
+    if not files:
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
+    _check_package_files(record, files)
+    if final.is_dir() or final.is_symlink():
+        problem = _unpacked_problem(record, final) if not final.is_symlink() else "it is a link"
+        if problem is None:
+            return final
+        print(
+            f"dlhub: unpacked servable {record.ref} at {final} was altered ({problem}): unpacking it again",
+            file=sys.stderr,
+            flush=True,
+        )
+        doomed = final.with_name(f".bad-{digest[:12]}-{os.getpid()}")
+        try:
+            final.rename(doomed)
+        except OSError as exc:
+            raise ServableLoadError(
+                f"{final} holds an altered copy of {record.ref} and cannot be moved: {exc}"
+            ) from None
+        shutil.rmtree(doomed, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{digest[:12]}-", dir=final.parent))
     for rel, data in files.items():
         target = tmp / rel
@@ -72,6 +175,9 @@ def _materialize(digest: str, files: dict[str, bytes]) -> Path:
         tmp.rename(final)
     except OSError:  # another worker got there first
         shutil.rmtree(tmp, ignore_errors=True)
+        problem = _unpacked_problem(record, final)
+        if problem is not None:
+            raise ServableLoadError(f"the unpacked copy of {record.ref} at {final} is altered: {problem}")
     return final
 
 
@@ -296,16 +402,19 @@ class LoadedServable:
         return {"ok": True, "error": None, "examples": len(self.record.examples)}
 
 
-def load_package(blob: bytes) -> LoadedServable:
-    """Unpack, check requirements, and load a servable package (and its pipeline steps)."""
+def load_package(blob: bytes, digest: str | None = None) -> LoadedServable:
+    """Unpack, check requirements, and load a servable package (and its pipeline steps).
+    ``digest``: the record digest the package must have (a copy read back from disk)."""
     record, files, step_blobs = unpack_package(blob)
+    if digest is not None and record_digest(record) != digest:
+        raise ServableLoadError(f"the package for {digest[:12]} holds another record ({record.ref}): refused")
     unmet = unmet_requirements(record.requirements)
     if unmet:
         raise ServableLoadError(
             f"{record.ref} needs requirements this endpoint does not meet: {'; '.join(unmet)}"
         )
     steps = [load_package(b) for b in step_blobs]
-    root = _materialize(record_digest(record), files)
+    root = _materialize(record, record_digest(record), files)
     try:
         fn = Loader.registry[record.kind](record, root, steps).load()
     except DLHubError:

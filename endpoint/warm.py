@@ -68,7 +68,7 @@ class WarmServables:
                 write_atomically(path, blob)
             except OSError:  # a full disk only costs a refetch after an eviction
                 pass
-        servable = load_package(blob)
+        servable = load_package(blob, package)  # a copy read back must be the package named
         self.loaded[package] = servable
         self._count(package, "loads")
         self._evict(keep=package)

@@ -397,6 +397,9 @@ def main(argv: list[str] | None = None) -> None:
         config = json.load(f)
     with contextlib.suppress(KeyboardInterrupt):
         Worker(config, args.worker_id, args.pool_id).run()
+    from .servables import set_cache_root
+
+    set_cache_root(config.get("servable_cache"))
 
 
 if __name__ == "__main__":

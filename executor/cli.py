@@ -21,6 +21,8 @@ from pathlib import Path
 import click
 import yaml
 
+from dlhub.protocol.private import private_dir, private_file, tighten
+
 from .config import dlhub_home, write_client_config
 from .config_cli import register as register_config_command
 from .repo_cli import register as register_repository_commands
@@ -98,8 +100,8 @@ def _wait(predicate, timeout_s: float, what: str, log: Path | None = None, note=
 def _spawn(args: list[str], log: Path, detach: bool, cwd: Path) -> subprocess.Popen:
     """Start a service; ``cwd`` is the dlhub home so files in the user's current directory are
     never imported by it (``python -m`` puts the current directory on the path)."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as out:
+    private_dir(log.parent)
+    with open(private_file(log), "ab") as out:
         return subprocess.Popen(
             args,
             stdin=subprocess.DEVNULL,
@@ -147,7 +149,10 @@ def up(home: str | None, workers: int, detach: bool, examples: bool, insecure_lo
         )
     started = time.monotonic()
     root = dlhub_home(home).resolve()
-    root.mkdir(parents=True, exist_ok=True)
+    private_dir(root)  # the database, tokens and logs live here: this user's only
+    tightened = tighten(root)
+    if tightened:
+        click.echo(f"made {tightened} paths under {root} private to you (folders 0700, files 0600)")
     procs: list[subprocess.Popen] = []
     try:
         manager_info = _up_manager(root, procs, detach, insecure_loopback)
@@ -198,7 +203,7 @@ def _publish_examples_in_background(root: Path) -> None:
         pass
     log = root / "examples.log"
     (root / "examples.json").unlink(missing_ok=True)  # the new publisher's progress replaces the last
-    with open(log, "ab") as out:
+    with open(private_file(log), "ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "dlhub.executor.examples", "--home", str(root)],
             stdin=subprocess.DEVNULL,
@@ -294,7 +299,7 @@ def _up_endpoint(
         return
     # The endpoint validates this file when it starts (the executor never imports it). An existing
     # file keeps the admin's edits: only the manager link and the worker count are brought up to date.
-    ep_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(ep_dir)
     config_path = ep_dir / "config.yaml"
     config = (yaml.safe_load(config_path.read_text()) if config_path.exists() else None) or {}
     config["name"] = ENDPOINT_NAME

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import click
 
+from dlhub.protocol.private import private_dir, private_file, tighten
+
 
 def _home(home: str | None) -> Path:
     base = Path(home) if home else Path(os.environ.get("DLHUB_HOME", Path.home() / ".dlhub")) / "manager"
@@ -96,10 +98,18 @@ def serve(
     from .broker import Manager, ManagerConfig
 
     state = _home(home)
-    state.mkdir(parents=True, exist_ok=True)
-    handler = RotatingFileHandler(state / "manager.log", maxBytes=10 * 2**20, backupCount=3)
+    os.umask(0o077)  # the database (and -wal/-shm), blobs, keys and logs: this user's only
+    if home is None:  # $DLHUB_HOME (or ~/.dlhub) itself; an explicit --home is the state folder
+        private_dir(state.parent)
+    private_dir(state)
+    tightened = tighten(state)
+    handler = RotatingFileHandler(private_file(state / "manager.log"), maxBytes=10 * 2**20, backupCount=3)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
+    if tightened:
+        logging.getLogger("dlhub.manager").info(
+            "made %d paths under %s private to this user (folders 0700, files 0600)", tightened, state
+        )
     try:
         config = ManagerConfig(
             home=state,
@@ -160,7 +170,7 @@ def create_user(name: str, role: str, home: str | None, db_url: str | None) -> N
     from .store import make_engine, migrate
 
     state = _home(home)
-    state.mkdir(parents=True, exist_ok=True)
+    private_dir(state)
     engine = make_engine(db_url or f"sqlite:///{state / 'dlhub.db'}")
     migrate(engine)
     click.echo(make(engine, name, role))
@@ -185,7 +195,7 @@ def _engine(home: str | None, db_url: str | None):
 
     state = _home(home)
     if db_url is None:
-        state.mkdir(parents=True, exist_ok=True)
+        private_dir(state)
     engine = make_engine(db_url or f"sqlite:///{state / 'dlhub.db'}")
     migrate(engine)
     return engine

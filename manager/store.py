@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -118,9 +119,11 @@ TERMINAL = ("succeeded", "failed", "cancelled", "lost")
 
 
 def make_engine(url: str) -> sa.Engine:
-    """Create the engine; for SQLite turn on WAL so readers never block the writer."""
+    """Create the engine; for SQLite turn on WAL so readers never block the writer, and make
+    the file private (0600) before SQLite opens it: SQLite gives -wal/-shm the file's mode."""
     engine = sa.create_engine(url, future=True)
     if engine.dialect.name == "sqlite":
+        _private_sqlite_files(engine.url.database)
 
         @sa.event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):  # pragma: no cover - trivial
@@ -131,6 +134,22 @@ def make_engine(url: str) -> sa.Engine:
             cur.close()
 
     return engine
+
+
+def _private_sqlite_files(database: str | None) -> None:
+    """Create the database file 0600 (whatever the umask); narrow an existing one and its
+    -wal/-shm files. In-memory databases have no file."""
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    from dlhub.protocol.private import private_file
+
+    path = Path(database)
+    if path.parent.is_dir():
+        private_file(path)
+        for suffix in ("-wal", "-shm"):
+            extra = path.with_name(path.name + suffix)
+            if extra.exists():
+                private_file(extra)
 
 
 # version -> statements that bring a database from the version before up to it

@@ -7,7 +7,9 @@ a task unfinished."""
 from __future__ import annotations
 
 import json
+import os
 import socket
+import stat
 import time
 import uuid
 from urllib.parse import urlsplit
@@ -20,14 +22,20 @@ from conftest import meta, wait_until
 
 from dlhub.protocol import messages as m
 from dlhub.protocol.curve import secure_dealer
+from dlhub.protocol.serialize import runtime_versions
 
 MB = 1024 * 1024
 
 
 @pytest.fixture(scope="module")
 def hub(stack_factory):
-    """A private stack (its manager's RSS is measured, and a fake endpoint joins it)."""
-    s = stack_factory(workers=1)
+    """A private stack (its manager's RSS is measured, and a fake endpoint joins it), started
+    under umask 000 so that only explicit modes keep its files private."""
+    old_umask = os.umask(0)
+    try:
+        s = stack_factory(workers=1)
+    finally:
+        os.umask(old_umask)
     config = json.loads((s.home / "config.json").read_text())
     with httpx.Client(base_url=config["rest_url"], timeout=60) as http:
         yield s, http, {"Authorization": f"Bearer {config['token']}"}, config
@@ -205,7 +213,7 @@ def fake_endpoint(hub):
     address = stack.manager_info["endpoint_url"]
     secure_dealer(sock, address, config["token"], config.get("manager_key"))
     sock.connect(address)
-    sock.send(m.pack(m.Hello("endpoint", name, config["token"], session, {"python": "3"}, {})))
+    sock.send(m.pack(m.Hello("endpoint", name, config["token"], session, runtime_versions(), {})))
     assert sock.poll(10_000) and isinstance(m.unpack(sock.recv()), m.Welcome)
     try:
         yield name, sock
@@ -262,3 +270,52 @@ def test_a_malformed_result_ends_its_task_with_the_reason(hub, fake_endpoint):
         fut.result(timeout=30)
     assert "state" in str(info.value)
     wait_until(lambda: "malformed result" in (stack.home / "manager" / "manager.log").read_text(), 10)
+
+
+# ---- private files ----------------------------------------------------------------------------
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_a_fresh_home_is_private(hub):
+    """Started under umask 000: the home and its folders are 0700, the database (with its WAL
+    files), tokens, logs, status and pool files 0600."""
+    stack, http, admin, _ = hub
+    http.get("/api/v1/servables", headers=admin)  # the database is in use (WAL files exist)
+    home = stack.home
+    ep = home / "endpoints" / "local"
+    for folder in (home, home / "manager", home / "endpoints", ep):
+        assert _mode(folder) == 0o700, folder
+    files = [
+        home / "config.json",
+        home / "manager" / "dlhub.db",
+        home / "manager" / "admin.token",
+        home / "manager" / "manager.log",
+        home / "manager" / "manager.json",
+        ep / "endpoint.log",
+        ep / "status.json",
+        ep / "config.yaml",
+        ep / "pool-default.json",
+        *(home / "manager").glob("dlhub.db-*"),
+    ]
+    for path in files:
+        assert _mode(path) == 0o600, f"{path}: {_mode(path):o}"
+    assert any(p.name == "dlhub.db-wal" for p in files)
+    # the workers unpack servables under the endpoint's home, not in a shared /tmp folder
+    unpacked = ep / "servables" / "unpacked"
+    if unpacked.exists():
+        assert _mode(unpacked) == 0o700
+
+
+def test_an_older_home_is_tightened_at_start(hub, tmp_path):
+    """A home created before (0755/0644) is made private when `dlhub up` runs, and says so."""
+    stack, _, _, _ = hub
+    log = stack.home / "manager" / "manager.log"
+    stack.home.chmod(0o755)
+    log.chmod(0o644)
+    proc = stack.cli("up", "--workers", "1", "--detach", "--no-examples")
+    assert proc.returncode == 0, proc.stderr
+    assert "private to you" in proc.stdout
+    assert _mode(stack.home) == 0o700 and _mode(log) == 0o600

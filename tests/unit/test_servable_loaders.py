@@ -4,6 +4,7 @@ builders' own validation and example forms."""
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import textwrap
 from pathlib import Path
@@ -366,6 +367,7 @@ def test_pipeline_runs_its_step_packages_in_order():
 def test_a_package_whose_code_does_not_load_is_a_load_error():
     servable = Servable.from_method(Scaler(1.0), "scale", name="broken", **META)
     servable.files["object.pkl"] = b"not a pickle"
+    servable.record["files"]["object.pkl"] = "sha256:" + hashlib.sha256(b"not a pickle").hexdigest()
     with pytest.raises(ServableLoadError, match=r"^jane/broken:1 does not load: "):
         load_package(package(servable))
 
