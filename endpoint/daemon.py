@@ -29,7 +29,14 @@ from parsl.jobs.states import JobState
 
 from dlhub.protocol import ProtocolError, errors
 from dlhub.protocol import messages as m
-from dlhub.protocol.curve import HandshakeWatch, find_server_key, secure_dealer
+from dlhub.protocol.curve import (
+    HandshakeWatch,
+    find_server_key,
+    new_link_keys,
+    secure_dealer,
+    secure_link_server,
+    start_link_authenticator,
+)
 from dlhub.protocol.private import write_private
 from dlhub.protocol.serialize import runtime_versions
 
@@ -113,6 +120,10 @@ class Endpoint:
         self.worker_sock.setsockopt(zmq.SNDHWM, 0)
         self.worker_sock.setsockopt(zmq.RCVHWM, 0)
         self.worker_sock.setsockopt(zmq.LINGER, 0)
+        # CurveZMQ to pools and workers too: a key pair per session, the client half in pool.json
+        self.link_keys = new_link_keys()
+        self._link_auth = start_link_authenticator(self.ctx, self.link_keys["client_public"])
+        secure_link_server(self.worker_sock, self.link_keys)
         addr = self.config.pool.worker_address
         if self.config.pool.worker_port:
             self.worker_sock.bind(f"tcp://{addr}:{self.config.pool.worker_port}")
@@ -132,6 +143,7 @@ class Endpoint:
                 "pool_name": name,
                 "endpoint_url": self.worker_url,
                 "token": self.pool_token,
+                "curve": {k: v for k, v in self.link_keys.items() if k != "server_secret"},
                 "workers_per_node": named.pool.workers_per_node,
                 "heartbeat_s": self.config.heartbeat_s,
                 "heartbeat_threshold_s": self.config.heartbeat_threshold_s,
@@ -614,6 +626,7 @@ class Endpoint:
             pass
         self.manager_sock.close(0)
         self.worker_sock.close(0)
+        self._link_auth.stop()
         self.ctx.term()
 
 

@@ -27,6 +27,7 @@ import time
 import zmq
 
 from dlhub.protocol import messages as m
+from dlhub.protocol.curve import secure_link_client
 from dlhub.protocol.serialize import runtime_versions
 
 log = logging.getLogger("dlhub.pool")
@@ -79,6 +80,7 @@ class Pool:
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, f"p:{self.pool_id}".encode())
         sock.setsockopt(zmq.LINGER, 1000)
+        secure_link_client(sock, self.config)  # CurveZMQ with the endpoint session's keys
         sock.connect(self.config["endpoint_url"])
         info = {
             "block_id": self.block_id,

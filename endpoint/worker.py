@@ -29,6 +29,7 @@ import zmq
 
 from dlhub.protocol import errors
 from dlhub.protocol import messages as m
+from dlhub.protocol.curve import secure_link_client
 from dlhub.protocol.serialize import deserialize, load_function, runtime_versions, serialize
 
 from .warm import OutputCache, WarmServables
@@ -98,6 +99,7 @@ class Worker:
         self.sock.setsockopt(zmq.LINGER, 2000)
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
+        secure_link_client(self.sock, self.config)  # CurveZMQ with the endpoint session's keys
         self.sock.connect(self.config["endpoint_url"])
         hello = m.Hello(
             "worker",
@@ -395,11 +397,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with open(args.config) as f:
         config = json.load(f)
-    with contextlib.suppress(KeyboardInterrupt):
-        Worker(config, args.worker_id, args.pool_id).run()
     from .servables import set_cache_root
 
     set_cache_root(config.get("servable_cache"))
+    with contextlib.suppress(KeyboardInterrupt):
+        Worker(config, args.worker_id, args.pool_id).run()
 
 
 if __name__ == "__main__":

@@ -229,3 +229,52 @@ class HandshakeWatch:
         except zmq.ZMQError:
             pass
         self.monitor.close(0)
+
+
+# ---- the endpoint's links to its pools and workers ---------------------------------------------
+
+
+LINK_ZAP_DOMAIN = "dlhub-workers"
+
+
+def new_link_keys() -> dict[str, str]:
+    """Keys for one endpoint session's worker links: the endpoint's (server) pair and one client
+    pair its pools and workers share (they read it from pool.json, 0600)."""
+    server_public, server_secret = zmq.curve_keypair()
+    client_public, client_secret = zmq.curve_keypair()
+    return {
+        "server_public": server_public.decode("ascii"),
+        "server_secret": server_secret.decode("ascii"),
+        "client_public": client_public.decode("ascii"),
+        "client_secret": client_secret.decode("ascii"),
+    }
+
+
+def start_link_authenticator(ctx: zmq.Context, client_public: str) -> Any:
+    """ZAP for the endpoint's worker socket: only the session's client key gets in."""
+    from zmq.auth.thread import ThreadAuthenticator
+
+    class _OneKey:
+        def callback(self, domain: str, key: bytes) -> bool:
+            return key == client_public.encode("ascii")
+
+    auth = ThreadAuthenticator(ctx)
+    auth.start()
+    auth.configure_curve_callback(LINK_ZAP_DOMAIN, _OneKey())
+    return auth
+
+
+def secure_link_server(sock: zmq.Socket, keys: dict[str, str]) -> None:
+    sock.setsockopt_string(zmq.ZAP_DOMAIN, LINK_ZAP_DOMAIN)
+    sock.curve_server = True
+    sock.curve_secretkey = keys["server_secret"].encode("ascii")
+
+
+def secure_link_client(sock: zmq.Socket, pool_config: dict[str, Any]) -> None:
+    """A pool's or worker's socket to its endpoint: CURVE with the keys in pool.json (a pool.json
+    from an endpoint without them: plain, as before)."""
+    keys = pool_config.get("curve")
+    if keys:
+        sock.curve_serverkey = keys["server_public"].encode("ascii")
+        sock.curve_publickey = keys["client_public"].encode("ascii")
+        sock.curve_secretkey = keys["client_secret"].encode("ascii")

@@ -8,6 +8,7 @@ ZeroMQ sockets in this process.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import subprocess
@@ -21,7 +22,7 @@ from conftest import wait_until
 
 from dlhub.protocol import AccessDenied, ManagerUnreachable
 from dlhub.protocol import messages as m
-from dlhub.protocol.curve import secure_dealer
+from dlhub.protocol.curve import secure_dealer, secure_link_client
 from dlhub.protocol.serialize import code_digest, serialize, serialize_function
 
 
@@ -301,3 +302,29 @@ def test_unreachable_message_unchanged_when_nothing_listens():
         Connection(
             "tcp://127.0.0.1:1", "t", on_results=lambda r: None, server_key=zmq.curve_keypair()[0].decode()
         )
+
+
+def test_worker_links_are_curve_too(hub, ctx):
+    """The endpoint's worker socket is a CURVE server with per-session keys from pool.json (0600):
+    a peer without them gets no frame in, even with the right pool token; with them, frames are
+    read (a wrong pool token is answered)."""
+    stack, _, _ = hub
+    pool_json = stack.endpoint_dir / "pool-default.json"
+    assert pool_json.stat().st_mode & 0o777 == 0o600
+    cfg = json.loads(pool_json.read_text())
+    assert set(cfg["curve"]) == {"server_public", "client_public", "client_secret"}  # no server secret
+    url = cfg["endpoint_url"]
+
+    def worker_hello(token: str) -> bytes:
+        return m.pack(m.Hello("worker", "w-test", token, "w-test", {"protocol": m.PROTOCOL_VERSION}, {}))
+
+    plain = _dealer(ctx, url, b"w:intruder")
+    _send(plain, worker_hello(cfg["token"]))
+    assert _recv(plain, 1.0) is None
+    keyed = ctx.socket(zmq.DEALER)
+    keyed.linger = 0
+    secure_link_client(keyed, cfg)
+    keyed.connect(url)
+    keyed.send(worker_hello("not-the-pool-token"))
+    reply = _recv(keyed)
+    assert isinstance(reply, m.Refused) and reply.code == "access-denied", reply
