@@ -143,3 +143,34 @@ def test_good_results_beside_a_bad_one_finish_normally(router):
     (msg,) = [msg for link, _, msg in r.drain() if link == "client"]
     states = {res[m.R_ID]: res[m.R_STATE] for res in msg.results}
     assert states == {ids[0]: "succeeded", ids[1]: "failed"}
+
+
+# ---- LIKE wildcards in search filters, on SQLite and PostgreSQL ---------------------------------
+
+
+def test_like_wildcards_in_search_filters_are_literal(tmp_path, db_url):
+    from dlhub.manager.repository import Repository
+    from dlhub.manager.store import make_engine, migrate
+
+    engine = make_engine(db_url)
+    migrate(engine)
+    repo = Repository(engine, tmp_path / "blobs")
+    base = {"title": "t", "kind": "function", "entry_point": "sha256:" + "0" * 64}
+    for name, domain, author in (
+        ("a", "materials_science", "Doe, Jane"),
+        ("b", "materialsxscience", "100% Smith"),
+    ):
+        repo.publish("jane", {**base, "name": name, "domains": [domain], "authors": [{"name": author}]}, {})
+        repo.mark_ready("jane", name, 1)
+    try:
+
+        def names(**filters) -> list[str]:
+            return sorted(h["name"] for h in repo.search(**filters))
+
+        assert names(domain="materials_science") == ["a"]  # `_` is not "any character"
+        assert names(domain="%") == [] and names(domain="_") == [] and names(domain="m%") == []
+        assert names(author="100% smith") == ["b"] and names(author="%smith") == []
+        assert names(related="%") == []
+        assert names(domain="materials\\science") == []
+    finally:
+        engine.dispose()
