@@ -328,3 +328,35 @@ def test_worker_links_are_curve_too(hub, ctx):
     keyed.send(worker_hello("not-the-pool-token"))
     reply = _recv(keyed)
     assert isinstance(reply, m.Refused) and reply.code == "access-denied", reply
+
+
+def test_rest_over_tls(tmp_path):
+    """`serve --tls-cert/--tls-key`: the REST API answers HTTPS (a self-signed certificate here)."""
+    import ssl
+    import urllib.request
+
+    from dlhub.manager import Manager, ManagerConfig
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"]
+        + ["-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    with pytest.raises(ValueError, match="tls_cert and tls_key go together"):
+        ManagerConfig(home=tmp_path / "manager", tls_cert=str(cert))
+    mgr = Manager(ManagerConfig(home=tmp_path / "manager", tls_cert=str(cert), tls_key=str(key)))
+    mgr.start_thread()
+    try:
+        assert mgr.api.url.startswith("https://")
+        context = ssl.create_default_context(cafile=str(cert))
+        context.check_hostname = False
+        body = wait_until(
+            lambda: urllib.request.urlopen(f"{mgr.api.url}/api/v1/health", context=context, timeout=5).read(),
+            20,
+        )
+        assert b"ok" in body
+    finally:
+        mgr.stop()
