@@ -591,9 +591,6 @@ def create_app(
         if record is None or (who[1] != "admin" and record["owner"] != who[0]):
             # another user's task reads exactly like one that does not exist (no existence leak)
             raise ApiError(404, "not-found", f"there is no task {task_id}")
-        record = dict(row._mapping)
-        if who[1] != "admin" and record["owner"] != who[0]:
-            raise ApiError(403, "forbidden", f"task {task_id} belongs to another user")
         return record
 
     @app.get(f"{API}/tasks/{{task_id}}/result")
@@ -656,13 +653,13 @@ class ApiServer:
             return
         config = uvicorn.Config(
             app,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
             http="h11",
             h11_max_incomplete_event_size=REST_MAX_HEADER_BYTES,  # headers larger: 400, closed
             timeout_keep_alive=REST_KEEP_ALIVE_S,
             limit_concurrency=REST_CONCURRENCY,  # above it: 503 at once, not an unbounded queue
-            log_level="warning",
-            access_log=False,
-            lifespan="off",
             ssl_certfile=self.tls[0] if self.tls else None,
             ssl_keyfile=self.tls[1] if self.tls else None,
         )

@@ -610,6 +610,8 @@ class Repository:
             if value:
                 params[column] = f"%|{_like_literal(value.lower())}|%"
                 sql += f" AND v.{column} LIKE :{column} ESCAPE '\\'"
+        if viewer is not None and not viewer.admin:
+            sql += self._visible_clause(viewer, params)
         sql += " ORDER BY rank, v.owner, v.name, v.version DESC"
         with self.engine.connect() as conn:
             rows = conn.execute(sa.text(sql), params).all()
