@@ -350,7 +350,9 @@ def test_recover_requeues_unfinished_tasks_for_their_endpoint(env):
     assert list(fresh.endpoints["ep"].pending) == [tid(2)]
     out = connect(fresh)
     sent = by_kind(out, "endpoint", m.Tasks)
-    assert [r for _, msg in sent for r in msg.tasks] == [[*task(2)[: m.T_ORIGIN], {"user": "alice", "admin": False}]]
+    assert [r for _, msg in sent for r in msg.tasks] == [
+        [*task(2)[: m.T_ORIGIN], {"user": "alice", "admin": False}]
+    ]
     # a client that fetches the task later gets the result routed to it
     fresh.tasks[tid(2)].client = CLIENT2
     fresh.endpoint_results(EP_ID, [m.result_record(tid(2), "succeeded", b"\x01\x06")])
