@@ -226,7 +226,9 @@ def infra_error(code: str, message: str) -> list[Any]:
 
 def exception_from_record(record: list[Any] | tuple[Any, ...]) -> BaseException:
     """Rebuild the exception for the caller, with the remote traceback as ``__cause__``."""
-    code, message, tb_text, blob = record
+    # check_result admits [code, message] up to [code, message, traceback, blob]
+    code, message, tb_text, blob = (*record, None, None)[:4]
+    tb_text = tb_text or ""
     if code in ERROR_TYPES and not blob:
         cls = ERROR_TYPES[code]
         infra = cls.__new__(cls)

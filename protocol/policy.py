@@ -55,7 +55,9 @@ class Policy:
         known = ("allowed_users", "allowed_groups", "functions_by_value", "allowed_servable_owners")
         unknown = set(data) - set(known)
         if unknown:
-            raise ValueError(f"policy has unknown keys {sorted(unknown)} (known: {', '.join(known)})")
+            raise ValueError(
+                f"policy has unknown keys {sorted(unknown, key=repr)} (known: {', '.join(known)})"
+            )
         for key in ("allowed_users", "allowed_groups", "allowed_servable_owners"):
             value = data.get(key)
             if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):

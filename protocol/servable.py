@@ -302,5 +302,17 @@ def unpack_package(blob: bytes) -> tuple[ServableRecord, dict[str, bytes], list[
 
     if not blob or blob[0] != PACKAGE_HEADER:
         raise RecordError("not a servable package")
-    data = msgpack.unpackb(blob[1:], raw=False)
-    return parse_record(data["record"]), data["files"], data["steps"]
+    try:
+        data = msgpack.unpackb(blob[1:], raw=False)
+    except Exception as exc:  # msgpack raises several types for truncated or malformed input
+        raise RecordError(f"malformed servable package: {type(exc).__name__}: {exc}") from None
+    if not isinstance(data, dict) or not {"record", "files", "steps"} <= data.keys():
+        raise RecordError("malformed servable package: expected a mapping of record, files and steps")
+    files, steps = data["files"], data["steps"]
+    if not isinstance(files, dict) or not all(
+        isinstance(k, str) and isinstance(v, bytes) for k, v in files.items()
+    ):
+        raise RecordError("malformed servable package: files must map paths to bytes")
+    if not isinstance(steps, list) or not all(isinstance(s, bytes) for s in steps):
+        raise RecordError("malformed servable package: steps must be a list of packages")
+    return parse_record(data["record"]), files, steps
