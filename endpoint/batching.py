@@ -51,7 +51,12 @@ class Batching:
         function = t.record[m.T_FUNCTION]
         policy = self.batching.get(function)
         if policy is None:
-            (self.queues[pool].appendleft if front else self.queues[pool].append)(task_id)
+            queue = self.queues[pool]
+            fifo = queue.by_user.get(t.user)
+            if fifo is None or front:
+                queue.push(task_id, t.user, front)
+            else:  # FairQueue.push, inlined for the common case (the hot path)
+                fifo.append(task_id)
             return
         options = m.task_options(t.record)
         weight = 1

@@ -12,6 +12,11 @@ for no-ops (so batches fill), one for short tasks, none for tasks longer than
 worker can take them and a cancel acts at once). Functions not yet measured get ``min_prefetch``
 (0 by default: the first results arrive within one task's time and set the real depth).
 
+Fair share: each pool's queue (:class:`FairQueue`) holds a FIFO per submitting user (the
+``user`` of the task's origin) and dispatch serves them round-robin, one task a turn, so a user
+with 100,000 tasks waiting delays another's single call by at most one task a worker, plus what
+is already prefetched at the workers (bounded by ``prefetch_target_ms`` of work each).
+
 Failures: a dead worker fails its running task with ``WorkerLost`` and re-queues the prefetched
 ones; a dead pool (missed heartbeats) re-queues all its tasks, counting a retry against each,
 and after ``max_retries`` reports them ``lost`` with the reason.
@@ -26,7 +31,7 @@ import logging
 import math
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +51,89 @@ class TaskState:
     worker: bytes | None = None
     retries: int = 0
     pool: str = "default"  # the named pool whose workers may run it
+    user: str | None = None  # who submitted it (its origin's user): its turn in the fair queue
+
+
+class FairQueue:
+    """One pool's waiting tasks: a FIFO per user, served round-robin (one task a turn).
+
+    ``ring`` holds the users with tasks waiting, the next to be served first; a user is in it
+    exactly when its FIFO is non-empty. With one user this is a plain FIFO at the cost of a
+    dict lookup and a rotate of a one-element deque per task. Iteration yields the tasks in the
+    order dispatch would take them."""
+
+    __slots__ = ("by_user", "ring")
+
+    def __init__(self) -> None:
+        self.by_user: dict[str | None, deque[bytes]] = {}
+        self.ring: deque[str | None] = deque()
+
+    def push(self, task_id: bytes, user: str | None, front: bool = False) -> None:
+        """Queue a task at the back of its user's FIFO, or at the front (``front``: a requeued
+        task, which was dispatched before anything waiting). A user with nothing waiting joins
+        the ring at the back, or at the front for a requeued task; one already in the ring
+        keeps its turn either way (a requeue never lets a user overtake another)."""
+        q = self.by_user.get(user)
+        if q is None:
+            q = self.by_user[user] = deque()
+            (self.ring.appendleft if front else self.ring.append)(user)
+        (q.appendleft if front else q.append)(task_id)
+
+    def push_front(self, items: list[tuple[bytes, str | None]]) -> None:
+        """Put requeued tasks back, in order, at the front of their users' FIFOs. Users with
+        nothing waiting join the ring at the front in the order of their first task (their
+        tasks were dispatched before anything now waiting); the others keep their turn."""
+        joined = set()
+        for task_id, user in reversed(items):
+            q = self.by_user.get(user)
+            if q is None:
+                q = self.by_user[user] = deque()
+                joined.add(user)
+            q.appendleft(task_id)
+        if joined:
+            self.ring.extendleft(reversed(list(dict.fromkeys(u for _, u in items if u in joined))))
+
+    def peek(self) -> bytes:
+        """The task dispatch takes next (the queue must not be empty)."""
+        return self.by_user[self.ring[0]][0]
+
+    def pop(self, served: bool = True) -> bytes:
+        """Take the next task; ``served``: it was dispatched, so its user's turn ends (False:
+        a cancelled task dropped, which costs its user no turn)."""
+        user = self.ring[0]
+        q = self.by_user[user]
+        task_id = q.popleft()
+        if not q:
+            self.ring.popleft()
+            del self.by_user[user]
+        elif served:
+            self.ring.rotate(-1)
+        return task_id
+
+    def clear(self) -> None:
+        self.by_user.clear()
+        self.ring.clear()
+
+    def users(self) -> dict[str | None, int]:
+        """Tasks waiting per user (for status)."""
+        return {user: len(q) for user, q in self.by_user.items()}
+
+    def __bool__(self) -> bool:
+        return bool(self.ring)
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self.by_user.values())
+
+    def __iter__(self) -> Iterator[bytes]:
+        iters = [iter(self.by_user[user]) for user in self.ring]
+        while iters:
+            alive = []
+            for it in iters:
+                for task_id in it:
+                    yield task_id
+                    alive.append(it)
+                    break
+            iters = alive
 
 
 @dataclass
@@ -96,7 +184,7 @@ class Scheduler(Batching):
         self.max_retries = max_retries
         # what one worker of each named pool offers, the default pool first
         self.pool_offers = pool_offers or {"default": {"cores": None, "memory_gb": None, "gpus": 0}}
-        self.queues: dict[str, deque[bytes]] = {name: deque() for name in self.pool_offers}
+        self.queues: dict[str, FairQueue] = {name: FairQueue() for name in self.pool_offers}
         self.queue = self.queues[next(iter(self.queues))]  # the default pool's queue
         self.tasks: dict[bytes, TaskState] = {}
         self.workers: dict[bytes, WorkerState] = {}
@@ -152,6 +240,9 @@ class Scheduler(Batching):
             if task_id in self.tasks:
                 continue
             t = self.tasks[task_id] = TaskState(rec)
+            origin = rec[m.T_ORIGIN] if len(rec) > m.T_ORIGIN else None
+            if origin is not None:  # kept for the fair queue: the policy check clears the field
+                t.user = origin.get("user")
             if self.policy is not None:
                 refused = self.policy.refusal(m.task_origin(rec), rec[m.T_FUNCTION])
                 if refused is not None:
@@ -329,7 +420,11 @@ class Scheduler(Batching):
         return dead
 
     def _requeue(self, task_ids: list[bytes], count_retry: bool, reason: str) -> None:
-        for task_id in reversed(task_ids):
+        """Put tasks taken back from workers at the front of the queues, in order (batched
+        calls at the front of their batch queue)."""
+        batched: list[tuple[str, bytes]] = []
+        regular: dict[str, list[tuple[bytes, str | None]]] = {}
+        for task_id in task_ids:
             t = self.tasks.get(task_id)
             if t is None:
                 continue
@@ -346,13 +441,21 @@ class Scheduler(Batching):
                     )
                     continue
             self.counters["requeued"] += 1
-            self._enqueue(t.pool, task_id, front=True)
+            if t.record[m.T_FUNCTION] in self.batching:
+                batched.append((t.pool, task_id))
+            else:
+                regular.setdefault(t.pool, []).append((task_id, t.user))
+        for pool, task_id in reversed(batched):
+            self._enqueue(pool, task_id, front=True)
+        for pool, items in regular.items():
+            self.queues[pool].push_front(items)
 
     # ---- dispatch ----------------------------------------------------------------------------
 
     def dispatch(self) -> None:
-        """Hand each pool's queued tasks (FIFO) to the least-loaded of its workers whose depth the
-        task allows. Idle workers get work before any worker prefetches; one message per worker."""
+        """Hand each pool's queued tasks (round-robin between users, FIFO for each) to the
+        least-loaded of its workers whose depth the task allows. Idle workers get work before any
+        worker prefetches; one message per worker."""
         if not self.workers:
             return
         now = self.clock()
@@ -362,7 +465,7 @@ class Scheduler(Batching):
             if queue:
                 self._dispatch_pool(pool_name, queue, now)
 
-    def _dispatch_pool(self, pool_name: str, queue: deque[bytes], now: float) -> None:
+    def _dispatch_pool(self, pool_name: str, queue: FairQueue, now: float) -> None:
         load = [
             (len(w.assigned), i, w)
             for i, w in enumerate(self.workers.values())
@@ -371,11 +474,17 @@ class Scheduler(Batching):
         heapq.heapify(load)
         bump = 0
         batches: dict[bytes, tuple[list, dict]] = {}
-        while queue and load:
-            task_id = queue[0]
+        ring, by_user = queue.ring, queue.by_user  # FairQueue.peek/pop, inlined (the hot path)
+        while ring and load:
+            user = ring[0]
+            fifo = by_user[user]
+            task_id = fifo[0]
             t = self.tasks.get(task_id)
-            if t is None:  # cancelled while queued
-                queue.popleft()
+            if t is None:  # cancelled while queued: dropped, costing its user no turn
+                fifo.popleft()
+                if not fifo:
+                    ring.popleft()
+                    del by_user[user]
                 continue
             digest = t.record[m.T_FUNCTION]
             depth, i, w = load[0]
@@ -388,7 +497,12 @@ class Scheduler(Batching):
                     load[load.index(warm)] = (depth, bump, warm[2])
                     heapq.heapify(load)
                     depth, i, w = load[0]
-            queue.popleft()
+            fifo.popleft()  # dispatched: its user's turn ends
+            if not fifo:
+                ring.popleft()
+                del by_user[user]
+            elif len(ring) > 1:
+                ring.rotate(-1)
             batch, code = batches.setdefault(w.identity, ([], {}))
             if digest not in w.known_code:
                 blob = self.code.get(digest)
