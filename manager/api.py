@@ -68,6 +68,7 @@ TASK_ERROR_STATUS = {
     "endpoint-lost": 502,
     "lost": 502,
     "cancelled": 409,
+    "quota-exceeded": 429,
 }
 MAX_UPLOAD_PART = 1024 * 1024 * 1024
 # request bodies: JSON (run, share...) up to MAX_BODY_BYTES; a publish (multipart, the files of a

@@ -44,7 +44,7 @@ from .auth import (
 )
 from .repository import Repository
 from .result_cache import ResultCache
-from .routing import Router, code_matches, may_see
+from .routing import MAX_OPEN_TASKS_PER_USER, Router, code_matches, may_see
 from .services import ServableService
 from .store import TaskStore, claim_endpoint, endpoint_owner, make_engine, migrate
 from .zap import ZAP_DOMAIN, UserAuthenticator, load_or_create_keypair
@@ -77,6 +77,7 @@ class ManagerConfig:
     insecure_loopback: bool = False
     tls_cert: str | None = None  # REST over HTTPS: certificate and key files (PEM) for uvicorn
     tls_key: str | None = None
+    max_open_tasks_per_user: int = MAX_OPEN_TASKS_PER_USER  # quota: queued + running, admins exempt
 
     def __post_init__(self) -> None:
         if self.insecure_loopback and not is_loopback(self.host):
@@ -92,6 +93,10 @@ class ManagerConfig:
                 raise ValueError(f"{key} must be a port number 0-65535, got {value!r}")
         if self.payload_limit_bytes <= 0:
             raise ValueError(f"payload_limit_bytes must be positive, got {self.payload_limit_bytes!r}")
+        if not isinstance(self.max_open_tasks_per_user, int) or self.max_open_tasks_per_user < 1:
+            raise ValueError(
+                f"max_open_tasks_per_user must be a positive integer, got {self.max_open_tasks_per_user!r}"
+            )
         if self.endpoint_timeout_s <= 0:
             raise ValueError(f"endpoint_timeout_s must be positive, got {self.endpoint_timeout_s}")
         if self.result_cache_mb < 0:
@@ -162,6 +167,7 @@ class Manager:
             known_endpoints=self.store.endpoint_names(),
             principal=self._principal,
             servable_owner=self.servables.owner_of,
+            max_open_tasks_per_user=self.config.max_open_tasks_per_user,
         )
         unfinished = self.store.unfinished()
         self.router.recover(unfinished)

@@ -73,6 +73,15 @@ def main() -> None:
 @click.option(
     "--tls-key", type=click.Path(exists=True, dir_okay=False), help="REST over HTTPS: private key (PEM)"
 )
+@click.option(
+    "--max-open-tasks-per-user",
+    default=1_000_000,
+    show_default=True,
+    type=click.IntRange(1),
+    metavar="N",
+    help="quota: tasks one user may have queued or running at once; more fail at once with "
+    "QuotaExceeded (admins are exempt)",
+)
 def serve(
     home,
     db_url,
@@ -90,6 +99,7 @@ def serve(
     insecure_loopback,
     tls_cert,
     tls_key,
+    max_open_tasks_per_user,
 ) -> None:
     """Run the manager in the foreground (writes manager.json with its addresses)."""
     from logging.handlers import RotatingFileHandler
@@ -127,6 +137,7 @@ def serve(
             insecure_loopback=insecure_loopback,
             tls_cert=tls_cert,
             tls_key=tls_key,
+            max_open_tasks_per_user=max_open_tasks_per_user,
         )
     except ValueError as exc:
         raise click.ClickException(str(exc))

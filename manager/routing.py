@@ -31,6 +31,7 @@ from .result_cache import ResultCache, cache_key
 log = logging.getLogger("dlhub.manager.routing")
 
 FINISHED_MEMORY = 200_000  # recently finished task ids kept to recognise late resends
+MAX_OPEN_TASKS_PER_USER = 1_000_000  # default quota: tasks one user may have queued or running
 MAX_TASKS_PER_MESSAGE = 2048
 
 
@@ -43,6 +44,7 @@ class TaskEntry:
     cache_key: str | None = None  # deterministic servable call: its result-cache key
     owner: str = ""  # the submitting user: only they (and admins) may see, fetch or cancel it
     watchers: list[bytes] = field(default_factory=list)  # admins' clients that fetched it too
+    counted: bool = False  # in its owner's open-task count (tasks recovered at start are not)
 
 
 @dataclass
@@ -73,6 +75,7 @@ class Router:
         deterministic: Callable[[str], bool] | None = None,
         principal: Callable[[str], tuple[bool, frozenset[str]]] | None = None,
         servable_owner: Callable[[str], str | None] | None = None,
+        max_open_tasks_per_user: int = MAX_OPEN_TASKS_PER_USER,
     ):
         self.store = store
         # endpoint policies: user -> (is an admin, its groups), and a package digest -> the
@@ -102,7 +105,10 @@ class Router:
         self.code_cache_bytes = 256 * 1024 * 1024
         self.outbox: list[tuple[str, bytes, m.Message]] = []
         self._results_out: dict[bytes, list] = {}  # client identity -> results to send
-        self.counters = {"received": 0, "finished": 0, "duplicates": 0, "refused": 0}
+        self.counters = {"received": 0, "finished": 0, "duplicates": 0, "refused": 0, "over_quota": 0}
+        # quota: a user (admins exempt) may have this many tasks open (queued or running) at once
+        self.max_open_tasks_per_user = max_open_tasks_per_user
+        self.open_by_user: dict[str, int] = {}
 
     # ---- clients -------------------------------------------------------------------------
 
@@ -171,10 +177,16 @@ class Router:
             rec[m.T_ORIGIN] = origin  # whatever the client wrote there is replaced
             # the endpoint's policy, mirrored: a refused task is never sent (nor cached, coalesced)
             refused = ep.policy.refusal(origin, rec[m.T_FUNCTION]) if ep.policy is not None else None
-            key = self._cache_key(rec) if refused is None else None
+            if refused is not None:
+                denied = ep.policy.error(refused)
+            elif self.open_by_user.get(owner, 0) >= self.max_open_tasks_per_user:
+                denied = self._over_quota(owner)  # None for an admin
+            else:
+                denied = None
+            key = self._cache_key(rec) if denied is None else None
             cached = self.result_cache.get(key) if key is not None else None
             leader = self.leaders.get(key) if key is not None and cached is None else None
-            if refused is not None:
+            if denied is not None:
                 state = "failed"
             elif cached is not None:
                 state = "succeeded"
@@ -199,9 +211,8 @@ class Router:
                 "payload": rec[m.T_PAYLOAD],
             }
             rows.append(row)
-            if refused is not None:  # stored as failed (Fetch and Query find why); the result is the ack
-                self.counters["refused"] += 1
-                denied = ep.policy.error(refused)
+            if denied is not None:  # stored as failed (Fetch and Query find why); the result is the ack
+                self.counters["refused" if refused is not None else "over_quota"] += 1
                 row.update(payload=None, error=_pack_error(denied), t_finished=now)
                 self.callbacks.pop(task_id, None)
                 self._remember_finished(task_id, "failed")
@@ -216,7 +227,8 @@ class Router:
                 )
                 continue
             acks.append(("client", client, task_id))
-            self.tasks[task_id] = TaskEntry(rec, msg.endpoint, client, state, key, owner)
+            self.tasks[task_id] = TaskEntry(rec, msg.endpoint, client, state, key, owner, counted=True)
+            self.open_by_user[owner] = self.open_by_user.get(owner, 0) + 1
             if leader is not None:
                 self.followers.setdefault(leader, []).append(task_id)
                 self.result_cache.counters["coalesced"] += 1
@@ -256,6 +268,18 @@ class Router:
                 origin["owner"] = servable_owner
             cache[servable_owner] = origin
         return origin
+
+    def _over_quota(self, user: str) -> list | None:
+        """The error for a task over ``user``'s open-task quota (None: an admin, exempt: admins
+        run the hub, and `dlhub up`'s single user is one)."""
+        if self.principal is not None and self.principal(user)[0]:
+            return None
+        return errors.infra_error(
+            "quota-exceeded",
+            f"{user} already has {self.open_by_user.get(user, 0):,} tasks open (queued or running), "
+            f"the most one user may have at once (max_open_tasks_per_user = "
+            f"{self.max_open_tasks_per_user:,}); wait for some to finish; {errors.RAISE_QUOTA}",
+        )
 
     def _cache_key(self, rec: list) -> str | None:
         """The result-cache key of a call of a deterministic servable that allows caching."""
@@ -596,6 +620,12 @@ class Router:
         self.store.update([(task_id, change)], acks)
         self.counters["finished"] += 1
         del self.tasks[task_id]
+        if entry.counted:
+            left = self.open_by_user[entry.owner] - 1
+            if left:
+                self.open_by_user[entry.owner] = left
+            else:
+                del self.open_by_user[entry.owner]
         self._remember_finished(task_id, res[m.R_STATE])
         if entry.cache_key is not None and self.leaders.get(entry.cache_key) == task_id:
             self._leader_finished(entry, res)

@@ -50,6 +50,16 @@ class AccessDenied(DLHubError):
     code = "access-denied"
 
 
+class QuotaExceeded(DLHubError):
+    """The submitter already has as many tasks open (queued or running) as the manager allows
+    one user; the message names the limit and the flag that sets it."""
+
+    code = "quota-exceeded"
+
+
+RAISE_QUOTA = "the limit is set by `dlhub-manager serve --max-open-tasks-per-user N`"
+
+
 class ManagerUnreachable(DLHubError):
     """No manager answered at the configured address in time."""
 
@@ -186,6 +196,7 @@ ERROR_TYPES: dict[str, type[DLHubError]] = {
         ProtocolError,
         PayloadTooLarge,
         AccessDenied,
+        QuotaExceeded,
         ManagerUnreachable,
         UnknownEndpoint,
         EndpointLost,
