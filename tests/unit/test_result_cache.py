@@ -117,7 +117,8 @@ def call(n: int, ref: str = "jane/model:1", options: dict | None = None) -> list
     return m.task_record(tid(n), m.REF_PREFIX + ref, PAYLOAD, None, "auto", None, options)
 
 
-def resolve(ref: str) -> str:
+def resolve(ref: str, user: str | None = None) -> str:
+    """The Router's name lookup (everything is visible to every user here)."""
     try:
         return m.RUN_PREFIX + VERSIONS[ref]
     except KeyError:
