@@ -571,7 +571,21 @@ class Router:
                 ep.connected = False
 
     def recover(self, rows: list[dict[str, Any]]) -> None:
-        """Re-queue tasks that were committed but unfinished when the manager stopped."""
+        """Re-queue tasks that were committed but unfinished when the manager stopped, and
+        remember the most recently finished ones: after a kill, clients resend every task they
+        hold no acknowledgement for, including tasks that finished and were committed while
+        their result and ack were still unsent. Those are recognised (acknowledged again; the
+        client's Fetch is answered from the store), never run a second time.
+
+        Re-queued tasks go to their endpoint when it says Hello again. The Welcome goes out
+        first, on the same ordered link: the endpoint answers it by resending every result it
+        still holds unacknowledged, and answers a re-sent task it has a result for with that
+        result (a task it still runs or queues is dropped as held), so nothing it ran runs again.
+        """
+        finished = getattr(self.store, "recently_finished", None)
+        if finished is not None:
+            for task_id, state in finished(FINISHED_MEMORY):
+                self._remember_finished(task_id, state)
         origins: dict[str, dict] = {}  # user -> its origins by servable owner
         for row in rows:
             ep = self.endpoints.setdefault(row["endpoint"], EndpointState(row["endpoint"]))
@@ -598,6 +612,13 @@ class Router:
         task_id = res[m.R_ID]
         entry = self.tasks.get(task_id)
         acks = [("endpoint", ep.identity, task_id)] if ep is not None and ep.identity else []
+        if entry is None and task_id not in self.finished:
+            # A task this manager does not know (yet): after a kill, the endpoint resends results
+            # of tasks that were never committed, often before their client resent them. Left
+            # unacknowledged, the endpoint keeps the result and answers the resent task with it;
+            # acknowledged here, it would drop it and run the resent task a second time.
+            self.counters["held_results"] = self.counters.get("held_results", 0) + 1
+            return
         if entry is None or entry.state in m.TERMINAL_STATES:
             self.store.update([], acks)  # a duplicate result: acknowledge it again
             return

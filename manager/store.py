@@ -258,6 +258,7 @@ class TaskStore:
         self._sql = _Dialect(engine)
         self.commits = 0
         self.rows_written = 0
+        self.commit_failures = 0  # failed attempts, each retried until the commit landed
 
     def start(self) -> None:
         self._thread.start()
@@ -341,6 +342,20 @@ class TaskStore:
         self._reader.rollback()
         return out
 
+    def recently_finished(self, limit: int) -> list[tuple[bytes, str]]:
+        """The ``limit`` most recently finished tasks, (id, state), oldest first: a restarted
+        manager remembers them so a client's resend of one is answered from the store (its
+        Fetch reads the stored result) instead of running the task again."""
+        t = tasks_table
+        rows = self._reader.execute(
+            sa.select(t.c.task_id, t.c.state)
+            .where(t.c.state.in_(TERMINAL))
+            .order_by(t.c.t_finished.desc())
+            .limit(limit)
+        ).all()
+        self._reader.rollback()
+        return [(r.task_id, r.state) for r in reversed(rows)]
+
     def get_code(self, digest: str) -> bytes | None:
         row = self._reader.execute(sa.select(code_table.c.blob).where(code_table.c.digest == digest)).first()
         self._reader.rollback()
@@ -373,15 +388,55 @@ class TaskStore:
                     stop = True
                 else:
                     self._fold(batch, item, flushes)
-            try:
-                self._write(batch)
-            except Exception:
-                log.exception("task store commit failed; %d acks withheld", len(batch.acks))
-                batch.acks.clear()
+            self._write_until_it_lands(batch)
             if batch.acks:
                 self._on_commit(batch.acks)
             for ev in flushes:
                 ev.set()
+
+    def _write_until_it_lands(self, batch: _Batch) -> None:
+        """Commit ``batch``, retrying with backoff (0.05 s doubling to 2 s) on any failure: the
+        database locked by another process, a dropped connection. A group commit is never
+        dropped: its tasks and results would be missing from the store while their senders,
+        once acknowledged, no longer keep a copy. Acks wait until it lands; later items queue."""
+        delay, failures, first_failure = 0.05, 0, 0.0
+        while True:
+            try:
+                self._write(batch)
+            except Exception as exc:
+                failures += 1
+                self.commit_failures += 1
+                if failures == 1:
+                    first_failure = time.monotonic()
+                if failures == 1 or failures % 20 == 0:
+                    log.warning(
+                        "task store commit failed (%s: %s); retrying (attempt %d, %d acks waiting)",
+                        type(exc).__name__,
+                        exc,
+                        failures,
+                        len(batch.acks),
+                    )
+                self._reconnect()
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            if failures:
+                log.warning(
+                    "task store commit landed after %d failed attempt(s), %.1f s",
+                    failures,
+                    time.monotonic() - first_failure,
+                )
+            return
+
+    def _reconnect(self) -> None:
+        """Drop the writer's connection after a failure (it may be dead); the next try opens one."""
+        raw, self._raw = self._raw, None
+        if raw is None:
+            return
+        try:
+            raw.invalidate()
+        except Exception:  # pragma: no cover - a dead connection may fail to close
+            log.debug("closing the failed writer connection", exc_info=True)
 
     @staticmethod
     def _fold(batch: _Batch, item: tuple, flushes: list) -> None:
@@ -433,7 +488,10 @@ class TaskStore:
                     cur.executemany(*self._sql.update_task(cols, params, final))
             self._raw.commit()
         except Exception:
-            self._raw.rollback()
+            try:
+                self._raw.rollback()
+            except Exception:  # a dropped connection cannot roll back: _reconnect replaces it
+                log.debug("rollback after a failed commit", exc_info=True)
             raise
         finally:
             cur.close()
