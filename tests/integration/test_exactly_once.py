@@ -4,6 +4,9 @@ it starts, so duplicates are counted from real runs, not from futures.
 
 Trials: ``DLHUB_EXACTLY_ONCE_TRIALS`` (default 3; the issue's target is 10) kill/restart cycles of
 ``DLHUB_EXACTLY_ONCE_TASKS`` (default 5,000) tasks each.
+
+Before the fix (e77d943's parent) the paused-client trials ran 3,096 (results committed) and
+4,400 (database locked: nothing committed) of 5,000 tasks twice, and one of six plain trials 2,166.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import sys
 import time
 from collections import Counter
 
+import psutil
 import pytest
 from conftest import kill_pids, read_json, wait_until
 from test_durability import _alive, port_of, serve_manager
@@ -239,13 +243,10 @@ def test_endpoint_kill_under_load_reruns_only_open_tasks(stack_factory, tmp_path
     log = tmp_path / "ran.log"
     ep_pid = stack.endpoint_pid()
     assert ep_pid is not None
-    sid = os.getsid(ep_pid)
 
-    def kill():
-        members = [ep_pid] + [
-            p for p in _pids_in_session(sid) if p != ep_pid
-        ]  # the endpoint, its pools and workers
-        kill_pids(members)
+    def kill():  # the endpoint with its pools and workers (the pools run in sessions of their own)
+        proc = psutil.Process(ep_pid)
+        kill_pids([ep_pid] + [c.pid for c in proc.children(recursive=True)])
 
     futures, open_at_kill = _submit_and_kill(ex, log, kill, TASKS)
     proc = subprocess.run(
@@ -266,16 +267,3 @@ def test_endpoint_kill_under_load_reruns_only_open_tasks(stack_factory, tmp_path
         f"tasks finished before the kill ran again: {sorted(twice - open_at_kill)[:20]}"
     )
     assert max(ran.values()) <= 2
-
-
-def _pids_in_session(sid: int) -> list[int]:
-    import psutil
-
-    out = []
-    for pid in psutil.pids():
-        try:
-            if os.getsid(pid) == sid:
-                out.append(pid)
-        except (ProcessLookupError, PermissionError):
-            pass
-    return out
