@@ -8,6 +8,7 @@ import threading
 import time
 
 import sqlalchemy as sa
+from conftest import fresh_pg_database
 
 from dlhub.manager.routing import Router
 from dlhub.manager.store import TaskStore, make_engine, migrate
@@ -152,3 +153,46 @@ def test_a_group_commit_blocked_by_a_database_lock_is_retried_until_it_lands(tmp
     finally:
         locker.close()
         store.close()
+
+
+def test_a_group_commit_on_a_dropped_connection_is_retried_on_a_new_one(tmp_path):
+    """PostgreSQL: every backend of the database is terminated under the writer (a restarted
+    server, a dropped link); its next commit fails, and it lands on a fresh connection."""
+    with fresh_pg_database("t_") as url:
+        engine = make_engine(url)
+        migrate(engine)
+        acks = Acks()
+        store = TaskStore(engine, on_commit=acks)
+        store.start()
+        try:
+            row = {
+                "owner": "alice",
+                "client_session": "s",
+                "endpoint": "ep",
+                "function": "sha256:f",
+                "state": "dispatched",
+                "result_serializer": "auto",
+                "t_received": 1.0,
+                "payload": b"x",
+            }
+            store.received([{**row, "task_id": tid(1)}], [("client", CLIENT, tid(1))])
+            assert store.flush(10) and acks.ids("client") == {tid(1)}  # the writer has a connection
+            killer = sa.create_engine(url)
+            with killer.connect() as con:
+                n = con.execute(
+                    sa.text(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                    )
+                ).scalar()
+            assert n >= 1
+            store.received([{**row, "task_id": tid(2)}], [("client", CLIENT, tid(2))])
+            assert store.flush(10)
+            assert acks.ids("client") == {tid(1), tid(2)}
+            assert store.commit_failures >= 1, "the dropped connection did not make the commit fail"
+            with killer.connect() as con:
+                count = con.execute(sa.text("SELECT count(*) FROM tasks")).scalar()
+            assert count == 2
+            killer.dispose()
+        finally:
+            store.close()
