@@ -1,7 +1,7 @@
 """Fair share and quotas end to end: an in-process manager, a real endpoint process whose policy
 lets alice and bob submit, real workers.
 
-While alice keeps thousands of no-ops queued on the endpoint, bob's single calls must complete
+While alice keeps thousands of 1 ms tasks queued on the endpoint, bob's single calls must complete
 about as fast as on the idle endpoint (the endpoint serves users round-robin; with the FIFO it
 had, each of bob's calls waited behind all of alice's). A user over the manager's open-task quota
 gets QuotaExceeded at once."""
