@@ -124,8 +124,12 @@ def make_endpoint(tmp_path, t: list[float], pools: dict | None = None) -> Endpoi
     return ep
 
 
+ADMIN = {"user": "admin", "admin": True}  # what the manager writes for the hub's admin (policy: allowed)
+
+
 def rec(n: int, resources: dict | None = None) -> list:
-    return m.task_record(n.to_bytes(m.TASK_ID_BYTES, "big"), "sha256:f", b"\x01\x90", None, "auto", resources)
+    task_id = n.to_bytes(m.TASK_ID_BYTES, "big")
+    return m.task_record(task_id, "sha256:f", b"\x01\x90", None, "auto", resources, None, dict(ADMIN))
 
 
 def watch_until(ep: Endpoint, t: list[float], done, beats: int = 4) -> int:
