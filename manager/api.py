@@ -193,7 +193,35 @@ def create_app(
     from starlette.datastructures import UploadFile
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    app = FastAPI(title="dlhub", version="0.1.0", description="Publish, find and run servables.")
+    # any route may answer these, always as {"code", "message", ...} (see _error); documented in
+    # /openapi.json so that clients (and the schemathesis run in tests/fuzz) know them
+    error_body = {
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["code", "message"],
+                    "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+                }
+            }
+        }
+    }
+    statuses = {
+        400: "bad request",
+        401: "no valid bearer token",
+        403: "forbidden",
+        404: "not found (or not visible to the caller)",
+        409: "conflict",
+        413: "request body too large",
+        422: "invalid request",
+        429: "quota exceeded",
+    }
+    app = FastAPI(
+        title="dlhub",
+        version="0.1.0",
+        description="Publish, find and run servables.",
+        responses={code: {"description": why, **error_body} for code, why in statuses.items()},
+    )
     app.add_middleware(BoundedBodies, check_token=auth.check)
 
     @app.exception_handler(ApiError)
@@ -233,6 +261,7 @@ def create_app(
         return who
 
     User = Annotated[tuple[str, str], Depends(user)]
+    TaskId = Annotated[str, Path(pattern=r"^(?:[0-9a-fA-F]{2})+$", description="the task id in hex")]
 
     def may_change(who: tuple[str, str], owner: str) -> None:
         if who[1] != "admin" and who[0] != owner:
@@ -595,7 +624,7 @@ def create_app(
         return record
 
     @app.get(f"{API}/tasks/{{task_id}}/result")
-    def task_result(who: User, task_id: str):
+    def task_result(who: User, task_id: TaskId):
         """200 with the JSON result; 202 while the task runs; an error status when it failed."""
         t = tasks_table
         row = task_row(who, task_id, [t.c.state, t.c.result, t.c.error])
@@ -603,7 +632,7 @@ def create_app(
         return JSONResponse(body, status_code=status)
 
     @app.get(f"{API}/tasks/{{task_id}}")
-    def task(who: User, task_id: str) -> dict[str, Any]:
+    def task(who: User, task_id: TaskId) -> dict[str, Any]:
         try:
             raw = bytes.fromhex(task_id)
         except ValueError:

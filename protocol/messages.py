@@ -17,8 +17,8 @@ tasks costs one C-level msgpack call per hop:
               timing: [t_start, t_end] | None, output: [stdout, stderr] | None]
 
 ``unpack`` checks the version byte, the size, the type code, the arity and the type of every
-top-level field, and the shape of each task/result record, raising :class:`ProtocolError` with
-what was wrong. It never lets a malformed frame crash a loop.
+top-level field, the shape of each task/result record and of every list of task ids, raising
+:class:`ProtocolError` with what was wrong. It never lets a malformed frame crash a loop.
 """
 
 from __future__ import annotations
@@ -327,9 +327,50 @@ def unpack(frame: bytes | memoryview, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) 
     msg = cls(*values)
     if cls is Submit or cls is Tasks:
         _check_records(msg.tasks, TASK_FIELDS, "task")
+        if cls is Tasks:
+            _check_tasks_extras(msg)
     elif cls is Results:
         _check_records(msg.results, RESULT_FIELDS, "result")
+    elif cls in _ID_LISTS:  # ids are dict keys and are echoed back: a malformed one must not pass
+        _check_ids(msg.task_ids, f"{cls.__name__}.task_ids")
+    elif cls is States:
+        for i, update in enumerate(msg.updates):
+            if not (
+                type(update) is list
+                and len(update) == 3
+                and type(update[0]) is bytes
+                and len(update[0]) == TASK_ID_BYTES
+                and type(update[1]) is str
+                and isinstance(update[2], (int, float))
+            ):
+                raise ProtocolError(f"States update #{i} must be [task_id, state, timestamp]")
+    elif cls is CodeRequest:
+        if not all(type(d) is str for d in msg.digests):
+            raise ProtocolError("CodeRequest.digests must be a list of str")
+    elif cls is Code:
+        _check_code(msg.blobs, "Code.blobs")
     return msg
+
+
+def _check_ids(ids: list, where: str) -> None:
+    if not all(type(t) is bytes and len(t) == TASK_ID_BYTES for t in ids):
+        raise ProtocolError(f"{where} must be a list of {TASK_ID_BYTES}-byte task ids")
+
+
+def _check_code(code: dict, where: str) -> None:
+    if not all(type(k) is str and type(v) is bytes for k, v in code.items()):
+        raise ProtocolError(f"{where} must map digests (str) to blobs (bytes)")
+
+
+def _check_tasks_extras(msg: Tasks) -> None:
+    _check_code(msg.code, "Tasks.code")
+    for batch in msg.batches:
+        if type(batch) is not list:
+            raise ProtocolError("Tasks.batches must be a list of lists of task ids")
+        _check_ids(batch, "Tasks.batches")
+
+
+_ID_LISTS = frozenset({Accepted, Cancel, CancelRefused, Query, Fetch})
 
 
 def _check_records(records: list, arity: int, what: str) -> None:

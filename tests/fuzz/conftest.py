@@ -8,10 +8,12 @@ examples per decoder test, default 150) to fuzz longer.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
+import pytest
 from hypothesis import HealthCheck, settings
 
-FRAMES = int(os.environ.get("DLHUB_FUZZ_FRAMES", "20000"))
 EXAMPLES = int(os.environ.get("DLHUB_FUZZ_EXAMPLES", "150"))
 
 # no example database: the suite must not leave a .hypothesis folder in the checkout, and a
@@ -25,3 +27,28 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
 )
 settings.load_profile("dlhub-fuzz")
+
+
+def user_add(home, name: str, role: str) -> str:
+    """``dlhub-manager user add``: the new user's token."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "dlhub.manager.cli", "user", "add", name, "--role", role]
+        + ["--home", str(home / "manager")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().splitlines()[-1].split()[-1]
+
+
+@pytest.fixture(scope="session")
+def fuzz_hub(stack_factory):
+    """A private ``dlhub up`` stack for the fuzzers (they must not disturb the shared one), with
+    an ordinary user and an endpoint-role user: (stack, {"client": token, "endpoint": token})."""
+    stack = stack_factory(workers=1)
+    tokens = {
+        "client": user_add(stack.home, "fuzzer", "user"),
+        "endpoint": user_add(stack.home, "ep-fuzz", "endpoint"),
+    }
+    return stack, tokens
