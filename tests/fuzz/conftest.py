@@ -10,9 +10,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 from hypothesis import HealthCheck, settings
+from hypothesis.configuration import set_hypothesis_home_dir
+
+# hypothesis keeps caches in .hypothesis/ under the working directory: not in the checkout
+set_hypothesis_home_dir(os.path.join(tempfile.gettempdir(), f"dlhub-hypothesis-{os.getuid()}"))
 
 EXAMPLES = int(os.environ.get("DLHUB_FUZZ_EXAMPLES", "150"))
 
