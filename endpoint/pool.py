@@ -94,7 +94,8 @@ class Pool:
             # the block's walltime counts from (about) now: the pool is its first process
             "walltime_left_s": self.config.get("walltime_s"),
         }
-        sock.send(
+        _send(
+            sock,
             m.pack(
                 m.Hello(
                     "pool",
@@ -104,7 +105,7 @@ class Pool:
                     {**runtime_versions(), "protocol": m.PROTOCOL_VERSION},
                     info,
                 )
-            )
+            ),
         )
         for slot in range(self.n_workers):
             self._spawn(slot)
@@ -115,7 +116,7 @@ class Pool:
             while not self.stopping:
                 now = time.monotonic()
                 if now >= next_beat:
-                    sock.send(m.pack(m.Heartbeat({"workers": len(self.workers)})))
+                    _send(sock, m.pack(m.Heartbeat({"workers": len(self.workers)})))
                     next_beat = now + self.heartbeat_s
                 if sock.poll(min(250, int(self.heartbeat_s * 1000))):
                     while True:
@@ -162,7 +163,7 @@ class Pool:
                 return
             del self.workers[worker_id]
             reason = f"exit code {code}" if code >= 0 else f"killed by signal {-code}"
-            sock.send(m.pack(m.WorkerDied(worker_id, code, reason)))
+            _send(sock, m.pack(m.WorkerDied(worker_id, code, reason)))
             self._spawn(proc.slot)  # type: ignore[attr-defined]
 
     def _stop_workers(self) -> None:
@@ -175,6 +176,17 @@ class Pool:
                 proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def _send(sock: zmq.Socket, frame: bytes) -> None:
+    """Send without ever blocking. A DEALER whose endpoint refused it at the handshake (e.g. a
+    restarted endpoint with new session keys) has no pipe left, and a plain send would then block
+    forever: the pool would never notice the silence and would hold its node until walltime.
+    Dropped frames are fine: the endpoint being silent ends the pool after its threshold."""
+    try:
+        sock.send(frame, zmq.NOBLOCK)
+    except zmq.Again:
+        pass
 
 
 def main(argv: list[str] | None = None) -> None:
