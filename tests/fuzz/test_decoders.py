@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import os
 
+import fuzzkit  # noqa: F401  (hypothesis' profile for the fuzz suite)
 import msgpack
 import pytest
 import yaml

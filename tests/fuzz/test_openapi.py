@@ -12,6 +12,7 @@ import os
 
 import pytest
 import schemathesis
+from fuzzkit import fuzz_hub  # noqa: F401  (fixture; also loads the fuzz suite's profile)
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import positive_data_acceptance
 
@@ -23,7 +24,7 @@ EXCLUDED_CHECKS = {"POST /api/v1/servables": [positive_data_acceptance]}
 
 
 @pytest.fixture(scope="module")
-def api(fuzz_hub):
+def api(fuzz_hub):  # noqa: F811  (the fixture imported from fuzzkit)
     """The loaded schema, the REST URL and the fuzzing user's auth header."""
     stack, tokens = fuzz_hub
     rest_url = json.loads((stack.home / "config.json").read_text())["rest_url"]

@@ -28,6 +28,7 @@ import psutil
 import pytest
 import zmq
 from frames import FRAMES, HUGE_KINDS, huge, messages, raw_connection
+from fuzzkit import fuzz_hub  # noqa: F401  (fixture; also loads the fuzz suite's profile)
 
 from dlhub.protocol import messages as m
 from dlhub.protocol.curve import secure_dealer
@@ -169,7 +170,7 @@ def _fuzz_authenticated(sock, link: str, token: str, seed: int, count: int) -> i
 
 
 @pytest.mark.parametrize("link", ["client", "endpoint"])
-def test_fuzz_manager_port(fuzz_hub, ctx, link):
+def test_fuzz_manager_port(fuzz_hub, ctx, link):  # noqa: F811  (the fixture from fuzzkit)
     stack, tokens = fuzz_hub
     info = stack.manager_info
     pid, url, key = info["pid"], info[f"{link}_url"], info["curve_public_key"]

@@ -1,4 +1,6 @@
-"""Settings for the fuzzing suite (tests/fuzz): how hard it fuzzes, and hypothesis' profile.
+"""Settings for the fuzzing suite (tests/fuzz): how hard it fuzzes, hypothesis' profile, and the
+fuzzers' private hub. Imported by each fuzz module (not a conftest.py: a second module named
+``conftest`` would shadow tests/conftest.py for every test module collected after it).
 
 The default run is sized to take about a minute for the whole folder; set ``DLHUB_FUZZ_FRAMES``
 (frames per manager port and mode, default 20,000) and ``DLHUB_FUZZ_EXAMPLES`` (hypothesis
