@@ -107,6 +107,11 @@ def task_outcome(task_id: str, state: str, payload: bytes | None, error: list | 
     return status, {**body, "task_id": task_id, "state": state, "traceback": tb_text or None}
 
 
+# An unauthenticated body up to this size is read (and dropped) before the 401, so the client
+# reads the answer instead of a connection reset; anything larger is refused unread.
+DRAIN_BEFORE_REFUSAL_BYTES = 1 << 20
+
+
 class BodyTooLarge(Exception):
     """A body streamed without Content-Length went past its limit."""
 
@@ -127,6 +132,7 @@ class BoundedBodies:
         scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
         ok = scheme.lower() == "bearer" and token.strip()
         if not ok or await asyncio.to_thread(self.check_token, token.strip()) is None:
+            await self._drain_small(receive, headers.get(b"content-length"))
             return await self._refuse(
                 send, 401, "access-denied", "a valid 'Authorization: Bearer <token>' header is required"
             )
@@ -173,6 +179,22 @@ class BoundedBodies:
             return {"type": "http.request", "body": body, "more_body": False}
 
         return await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _drain_small(receive: Callable, length: bytes | None) -> None:
+        """Read and drop a small body before refusing it: closing a connection with unread bytes
+        makes the kernel reset it, and a client still sending then sees "connection reset"
+        instead of the 401. Large bodies (the attack) are not read: they get the reset."""
+        if length is not None and (not length.isdigit() or int(length) > DRAIN_BEFORE_REFUSAL_BYTES):
+            return
+        seen = 0
+        while seen <= DRAIN_BEFORE_REFUSAL_BYTES:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            seen += len(message.get("body", b""))
+            if not message.get("more_body"):
+                return
 
     @staticmethod
     async def _refuse(send: Callable, status: int, code: str, message: str) -> None:

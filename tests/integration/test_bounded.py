@@ -112,6 +112,17 @@ def test_a_huge_body_without_a_token_is_refused_before_it_is_read(hub):
     assert (status, answer["code"]) == (401, "access-denied") and elapsed < 5
 
 
+def test_a_small_body_without_a_token_gets_its_401_not_a_connection_reset(hub):
+    """The 401 comes before the body is read; closing with a small body unread made the kernel
+    reset the connection, so a client still sending saw "connection reset" instead (seen in CI)."""
+    stack, _, _, config = hub
+    files = [("files", ("mod.py", b"x = 1\n" * 150_000, "text/x-python"))]  # ~900 KB, under the drain
+    with httpx.Client(base_url=config["rest_url"], timeout=30) as http:
+        for _ in range(20):
+            r = http.post("/api/v1/servables", data={"record": "{}"}, files=files)
+            assert r.status_code == 401 and r.json()["code"] == "access-denied", r.text
+
+
 def test_a_body_over_the_limit_is_413_from_its_length(hub):
     stack, _, _, config = hub
     status, answer, elapsed = _raw(config["rest_url"], _post_head(RUN, 96 * MB, config["token"]), timeout=5)
