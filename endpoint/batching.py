@@ -132,8 +132,7 @@ class Batching:
             blob = self.code.get(function)
             if blob is None:  # evicted from the code cache: fetch it again
                 for task_id in ids:
-                    t = self.tasks.pop(task_id)
-                    self.add_tasks([t.record])
+                    self._wait_for_code(task_id)
                 return
             code[function] = blob
             w.known_code.add(function)

@@ -322,8 +322,7 @@ class Endpoint:
                 log.warning("cannot reach worker %r: %s", identity, exc)
         s.to_workers.clear()
         if s.code_requests:
-            self._to_manager(m.CodeRequest(s.code_requests))
-            s.code_requests = []
+            self._to_manager(m.CodeRequest(s.take_code_requests()))
         if s.states:
             done = {r[m.R_ID] for r in s.results}
             updates = [u for u in s.states if u[0] not in done]
@@ -465,9 +464,7 @@ class Endpoint:
             self.scheduler.add_tasks(fresh)
         elif isinstance(msg, m.Code):
             self.packages.keep(msg.blobs)
-            self.scheduler.add_code(msg.blobs)
-            missing = [d for d in list(self.scheduler.waiting_code) if d not in msg.blobs]
-            self.scheduler.code_missing(missing)
+            self.scheduler.code_reply(msg.blobs)
         elif isinstance(msg, m.Accepted):
             for task_id in msg.task_ids:
                 self.unacked.pop(task_id, None)
@@ -482,6 +479,7 @@ class Endpoint:
                 log.info("owner %s; %s", owner, self.scheduler.policy.describe())
             if self.manager_state != "running":
                 log.info("connected to the manager")
+            self.scheduler.code_link_reset()  # code asked of an earlier session is asked again
             self.registered, self.manager_state = True, "running"
             if self.unacked:
                 self._to_manager(m.Results(list(self.unacked.values())))

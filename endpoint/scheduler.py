@@ -187,12 +187,16 @@ class Scheduler(Batching):
         self.queues: dict[str, FairQueue] = {name: FairQueue() for name in self.pool_offers}
         self.queue = self.queues[next(iter(self.queues))]  # the default pool's queue
         self.tasks: dict[bytes, TaskState] = {}
+        self.held_by_pool: dict[str, int] = {}  # tasks held per pool (kept as they come and go)
         self.workers: dict[bytes, WorkerState] = {}
         self.worker_by_id: dict[str, bytes] = {}
         self.pools: dict[str, PoolState] = {}
         self.code: OrderedDict[str, bytes] = OrderedDict()
         self.code_bytes = 0
         self.waiting_code: dict[str, list[bytes]] = {}
+        # code requests sent to the manager and not yet answered, oldest first: a reply settles
+        # only the digests its own request asked for (the manager answers in order)
+        self.code_asked: deque[frozenset[str]] = deque()
         # outputs
         self.to_workers: list[tuple[bytes, m.Message]] = []
         self.results: list[list] = []
@@ -240,6 +244,7 @@ class Scheduler(Batching):
             if task_id in self.tasks:
                 continue
             t = self.tasks[task_id] = TaskState(rec)
+            self.held_by_pool[t.pool] = self.held_by_pool.get(t.pool, 0) + 1
             origin = rec[m.T_ORIGIN] if len(rec) > m.T_ORIGIN else None
             if origin is not None:  # kept for the fair queue: the policy check clears the field
                 t.user = origin.get("user")
@@ -257,17 +262,15 @@ class Scheduler(Batching):
             if pool in self.refused_pools:
                 self._fail(task_id, self.refused_pools[pool])
                 continue
-            t.pool = pool
+            if pool != t.pool:
+                self.held_by_pool[t.pool] -= 1
+                self.held_by_pool[pool] = self.held_by_pool.get(pool, 0) + 1
+                t.pool = pool
             digest = rec[m.T_FUNCTION]
             if digest in self.code:
                 self._enqueue(pool, task_id)
             else:
-                waiting = self.waiting_code.get(digest)
-                if waiting is None:
-                    self.waiting_code[digest] = [task_id]
-                    self.code_requests.append(digest)
-                else:
-                    waiting.append(task_id)
+                self._wait_for_code(task_id)
             added += 1
         self.counters["received"] += added
         return added
@@ -284,6 +287,45 @@ class Scheduler(Batching):
         while self.code_bytes > CODE_CACHE_BYTES and len(self.code) > 1:
             digest, blob = self.code.popitem(last=False)
             self.code_bytes -= len(blob)
+
+    def _wait_for_code(self, task_id: bytes) -> None:
+        """Park a task until its function's code is here: a new task of unseen code, or one whose
+        code was evicted from the cache before it reached a worker (it keeps its pool). The code
+        is asked of the manager once per digest."""
+        t = self.tasks[task_id]
+        t.worker = None
+        digest = t.record[m.T_FUNCTION]
+        waiting = self.waiting_code.get(digest)
+        if waiting is None:
+            self.waiting_code[digest] = [task_id]
+            self.code_requests.append(digest)
+        else:
+            waiting.append(task_id)
+
+    def take_code_requests(self) -> list[str]:
+        """The digests to ask the manager for now, remembered as one pending request: its reply
+        says nothing about digests asked later (issue 11: they were failed as unknown)."""
+        asked, self.code_requests = self.code_requests, []
+        if asked:
+            self.code_asked.append(frozenset(asked))
+        return asked
+
+    def code_reply(self, blobs: dict[str, bytes]) -> None:
+        """The manager's answer to one code request: the blobs it sent are kept; the digests that
+        request asked for and the answer lacks are unknown there, and their tasks fail. The
+        answer belongs to the oldest pending request that asked for everything in it."""
+        self.add_code(blobs)
+        request = next((r for r in self.code_asked if r.issuperset(blobs)), None)
+        if request is None:  # asked before the link was reset (see code_link_reset)
+            return
+        self.code_asked.remove(request)
+        self.code_missing([d for d in request if d not in blobs])
+
+    def code_link_reset(self) -> None:
+        """The manager link started a new session: requests not answered by now are lost with
+        the old one (the manager answers in order), so everything still waiting is asked again."""
+        self.code_asked.clear()
+        self.code_requests = list(dict.fromkeys([*self.code_requests, *self.waiting_code]))
 
     def choose_pool(self, resources: dict[str, Any] | None) -> tuple[str | None, str]:
         """``(pool, "")`` for a resource request: the named pool, else the first (default first)
@@ -507,8 +549,7 @@ class Scheduler(Batching):
             if digest not in w.known_code:
                 blob = self.code.get(digest)
                 if blob is None:  # evicted from the code cache: fetch it again
-                    self.tasks.pop(task_id)
-                    self.add_tasks([t.record])
+                    self._wait_for_code(task_id)
                     continue
                 code[digest] = blob
                 w.known_code.add(digest)
@@ -521,7 +562,8 @@ class Scheduler(Batching):
             batch.append(t.record)
             heapq.heapreplace(load, (depth + 1, i, w))
         for identity, (batch, code) in batches.items():
-            self.to_workers.append((identity, m.Tasks(batch, code)))
+            if batch:  # empty when its only task went back to wait for evicted code
+                self.to_workers.append((identity, m.Tasks(batch, code)))
 
     def prefetch(self, digest: str) -> int:
         """How many tasks of this function may wait behind a worker's running task."""
@@ -602,6 +644,7 @@ class Scheduler(Batching):
         t = self.tasks.pop(res[m.R_ID], None)
         if t is None:
             return  # duplicate (e.g. a late result after a requeue already finished it)
+        self.held_by_pool[t.pool] -= 1
         self.counters["completed"] += 1
         if res[m.R_STATE] != "succeeded" and res[m.R_STATE] != "cancelled":
             self.counters["failed"] += 1
@@ -613,7 +656,7 @@ class Scheduler(Batching):
         """Tasks held here (waiting or running), for one pool or all: what scaling looks at."""
         if pool_name is None:
             return len(self.tasks)
-        return sum(1 for t in list(self.tasks.values()) if t.pool == pool_name)
+        return self.held_by_pool.get(pool_name, 0)
 
     def idle_pools(self) -> list[str]:
         """Pools none of whose workers hold a task (safe to scale in)."""
