@@ -139,6 +139,7 @@ class Executor(cf.Executor):
         self._futures: dict[bytes, DLHubFuture] = {}
         self._functions: dict[int, tuple[Callable, str]] = {}
         self._shutdown = False
+        self._denied: BaseException | None = None  # the token was revoked or replaced
         self._conn = Connection(
             config.manager,
             config.token,
@@ -149,7 +150,7 @@ class Executor(cf.Executor):
             connect_timeout_s=connect_timeout_s,
             manager_timeout_s=manager_timeout_s,
             on_manager_lost=self._on_manager_lost,
-            on_access_denied=self._fail_pending,
+            on_access_denied=self._access_denied,
             server_key=config.manager_key,
         )
         endpoints = self._conn.welcome.get("endpoints", {})
@@ -230,6 +231,8 @@ class Executor(cf.Executor):
     def _submit(self, fn: Callable | str, args: tuple, kwargs: dict, cache: bool, batch: bool) -> DLHubFuture:
         if self._shutdown:
             raise RuntimeError("cannot submit after shutdown")
+        if self._denied is not None:
+            raise type(self._denied)(str(self._denied))
         options = None
         if isinstance(fn, str):
             digest = self._servable_ref(fn)
@@ -341,6 +344,12 @@ class Executor(cf.Executor):
     def _on_manager_lost(self, why: str) -> None:
         """Runs on the I/O thread: the manager has been silent too long; fail what waits."""
         self._fail_pending(ManagerUnreachable(why))
+
+    def _access_denied(self, error: BaseException) -> None:
+        """The manager no longer accepts our token: fail what waits, and every later submit at once
+        (the manager also closes the connection, so a task sent now would never be answered)."""
+        self._denied = error
+        self._fail_pending(error)
 
     def _fail_pending(self, error: BaseException) -> None:
         """Runs on the I/O thread: fail every future still waiting (e.g. the token was revoked)."""

@@ -312,6 +312,7 @@ class Authenticator:
         self._refused: OrderedDict[str, None] = OrderedDict()
         self._groups: OrderedDict[str, frozenset[str]] = OrderedDict()
         self._epoch = 0  # bumped whenever the caches are dropped: a lookup begun before is not kept
+        self.lost_token: frozenset[str] = frozenset()  # at the last refresh: revoked or re-issued
         with engine.connect() as conn:
             self._generation = users_generation(conn)
             self._snapshot = self._load(conn)
@@ -347,6 +348,7 @@ class Authenticator:
             self._refused.clear()
             self._groups.clear()
             self._epoch += 1
+        self.lost_token = frozenset(u for u in old if _token_gone(old[u], snapshot.get(u)))
         return frozenset(u for u in old.keys() | snapshot.keys() if old.get(u) != snapshot.get(u))
 
     def check(self, token: str) -> tuple[str, str] | None:
@@ -401,6 +403,13 @@ class Authenticator:
 
 
 # ---- CURVE keys derived from tokens (the ZAP handler looks connections up by them) -----------
+
+
+def _token_gone(before: tuple, after: tuple | None) -> bool:
+    """Whether a user's token that worked stopped working: user removed, revoked or re-issued."""
+    if before[2] is not None:  # already revoked before: nothing of theirs is connected
+        return False
+    return after is None or after[2] is not None or after[0] != before[0]
 
 
 def backfill_curve_key(engine: sa.Engine, token: str) -> bool:

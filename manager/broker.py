@@ -42,6 +42,7 @@ from .auth import (
     users_generation,
     users_without_curve_key,
 )
+from .connections import ConnectionTracker
 from .repository import Repository
 from .result_cache import ResultCache
 from .routing import MAX_OPEN_TASKS_PER_USER, Router, code_matches, may_see
@@ -54,6 +55,7 @@ _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 log = logging.getLogger("dlhub.manager")
 
 USERS_POLL_S = 0.2  # how often the manager looks for user changes (revocations, new tokens)
+CLOSE_AFTER_S = 0.3  # a revoked user's sessions get their refusal, then their connections close
 DRAIN_LIMIT = 1000  # frames read from one socket before the loop looks at the others
 ENDPOINT_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"  # as an endpoint's config.yaml requires
 
@@ -140,6 +142,8 @@ class Manager:
         self.clients: dict[bytes, _Client] = {}
         self.endpoint_users: dict[bytes, str] = {}  # endpoint identity -> the user of its token
         self._endpoint_owners: dict[str, str] = {}  # endpoint name -> the user who owns it (cache)
+        # connections to close: (when, users, their client IPs, their endpoint IPs)
+        self._closing: list[tuple[float, frozenset[str], set[str], set[str]]] = []
         self.client_url = self.endpoint_url = ""
         self._thread: threading.Thread | None = None
 
@@ -193,8 +197,8 @@ class Manager:
             self.curve_public_key = public.decode("ascii")
         self.zap = UserAuthenticator(self.ctx, engine)  # before bind: no handshake goes unchecked
         self.zap.start()
-        self.client_sock = self._router_socket(self.config.client_port)
-        self.endpoint_sock = self._router_socket(self.config.endpoint_port)
+        self.client_sock, self.client_conns = self._router_socket(self.config.client_port)
+        self.endpoint_sock, self.endpoint_conns = self._router_socket(self.config.endpoint_port)
         self.client_url = self.client_sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.endpoint_url = self.endpoint_sock.getsockopt_string(zmq.LAST_ENDPOINT)
         info = {
@@ -259,8 +263,9 @@ class Manager:
                 ", ".join(self.users_without_keys),
             )
 
-    def _router_socket(self, port: int) -> zmq.Socket:
+    def _router_socket(self, port: int) -> tuple[zmq.Socket, ConnectionTracker]:
         sock = self.ctx.socket(zmq.ROUTER)
+        conns = ConnectionTracker(sock)  # before bind: every accepted connection is seen
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable sends raise, never vanish
         # no ROUTER_HANDOVER: a second connection cannot take over a live connection's identity;
         # ZMTP heartbeats close dead connections, so a reconnecting peer gets its identity back
@@ -280,7 +285,8 @@ class Manager:
             sock.bind(f"tcp://{self.config.host}:{port}")
         else:
             sock.bind_to_random_port(f"tcp://{self.config.host}")
-        return sock
+        conns.port = split_tcp(sock.getsockopt_string(zmq.LAST_ENDPOINT))[1]
+        return sock, conns
 
     def start_thread(self) -> None:
         self.start()
@@ -330,6 +336,8 @@ class Manager:
         poller.register(self.client_sock, zmq.POLLIN)
         poller.register(self.endpoint_sock, zmq.POLLIN)
         poller.register(self._ack_fd, zmq.POLLIN)
+        for conns in (self.client_conns, self.endpoint_conns):
+            poller.register(conns.monitor, zmq.POLLIN)
         next_tick = time.monotonic() + 1.0
         try:
             while not self._stop.is_set():
@@ -340,6 +348,12 @@ class Manager:
                     self._drain(self.endpoint_sock, self._on_endpoint, self._admit_endpoint)
                 if self._ack_fd in events:
                     self._send_acks()
+                if self.client_conns.monitor in events:
+                    self.client_conns.poll()
+                if self.endpoint_conns.monitor in events:
+                    self.endpoint_conns.poll()
+                if self._closing and time.monotonic() >= self._closing[0][0]:
+                    self._close_connections()
                 if time.monotonic() >= next_tick:
                     self.router.tick()
                     next_tick = time.monotonic() + 1.0
@@ -354,6 +368,8 @@ class Manager:
         self.servables.close()
         self.store.flush()
         self.store.close()
+        self.client_conns.close()
+        self.endpoint_conns.close()
         self.client_sock.close(0)
         self.endpoint_sock.close(0)
         self.zap.stop()
@@ -385,6 +401,9 @@ class Manager:
                 log.warning("bad frame from %r (user %s): %s", identity[:16], user, exc)
                 self._send(sock, identity, m.Refused("protocol", str(exc)))
                 continue
+            if isinstance(msg, m.Hello):  # where this session connects from, to close it if revoked
+                conns = self.client_conns if sock is self.client_sock else self.endpoint_conns
+                conns.saw(identity, user, frame.get("Peer-Address"))
             try:
                 if admit(sock, identity, user, msg):
                     handler(identity, msg)
@@ -693,11 +712,51 @@ class Manager:
                 self.call_soon(self._users_changed)
 
     def _users_changed(self) -> None:
-        """On the loop: drop the token caches, then the sessions of users whose token changed."""
+        """On the loop: drop the token caches, then the sessions of users whose token changed.
+        Users whose token no longer works (revoked or replaced) are told so at once, and their
+        connections are closed CLOSE_AFTER_S later (time for the refusal to leave)."""
         changed = self.auth.refresh()
-        if changed:
-            dropped = self.drop_sessions(changed)
-            log.info("users changed: %s; %d session(s) closed", ", ".join(sorted(changed)), dropped)
+        if not changed:
+            return
+        denied = self.auth.lost_token & changed
+        if denied:
+            refusal = m.Refused("access-denied", "the token was revoked or replaced")
+            for identity, client in self.clients.items():
+                if client.user in denied:
+                    self._send(self.client_sock, identity, refusal)
+            for identity, user in self.endpoint_users.items():
+                if user in denied:
+                    self._send(self.endpoint_sock, identity, refusal)
+            ips = (self.client_conns.ips_of(denied), self.endpoint_conns.ips_of(denied))
+            self._closing.append((time.monotonic() + CLOSE_AFTER_S, denied, *ips))
+        dropped = self.drop_sessions(changed)
+        log.info("users changed: %s; %d session(s) closed", ", ".join(sorted(changed)), dropped)
+
+    def _close_connections(self) -> None:
+        """Close the TCP connections of users whose token no longer works (see
+        :mod:`.connections`); the sessions of others behind the same addresses are dropped too,
+        so they say Hello again and resend or fetch what was in flight."""
+        now, users, client_ips, endpoint_ips = time.monotonic(), set(), set(), set()
+        while self._closing and self._closing[0][0] <= now:
+            _, who, to_clients, to_endpoints = self._closing.pop(0)
+            users |= who
+            client_ips |= to_clients
+            endpoint_ips |= to_endpoints
+        for conns, drop, ips in (
+            (self.client_conns, self._drop_client, client_ips),
+            (self.endpoint_conns, self._drop_endpoint, endpoint_ips),
+        ):
+            if not ips:
+                continue
+            closed = conns.close_from(ips)
+            moved = sum(drop(identity) for identity in conns.sessions_from(ips))
+            log.info(
+                "closed %d connection(s) from %s of %s (%d other session(s) there say Hello again)",
+                closed,
+                ", ".join(sorted(ips)),
+                ", ".join(sorted(users)),
+                moved,
+            )
 
     def drop_sessions(self, users: frozenset[str] | set[str]) -> int:
         """Forget every ZeroMQ session (client or endpoint) of ``users``: their next frame gets
@@ -707,21 +766,29 @@ class Manager:
         dropped = 0
         for identity, client in list(self.clients.items()):
             if client.user in users:
-                del self.clients[identity]
-                dropped += 1
+                dropped += self._drop_client(identity)
         for identity, user in list(self.endpoint_users.items()):
             if identity not in self.router.endpoint_by_identity:  # re-registered under another identity
                 del self.endpoint_users[identity]
                 continue
-            if user not in users:
-                continue
-            self.endpoint_users.pop(identity, None)
-            name = self.router.endpoint_by_identity.pop(identity, None)
-            ep = self.router.endpoints.get(name) if name is not None else None
-            if ep is not None and ep.identity == identity:
-                ep.connected, ep.identity = False, None
-            dropped += 1
+            if user in users:
+                dropped += self._drop_endpoint(identity)
         return dropped
+
+    def _drop_client(self, identity: bytes) -> bool:
+        self.client_conns.forget(identity)
+        return self.clients.pop(identity, None) is not None
+
+    def _drop_endpoint(self, identity: bytes) -> bool:
+        """Forget an endpoint's session: it shows disconnected, its tasks wait for its next Hello."""
+        self.endpoint_conns.forget(identity)
+        if self.endpoint_users.pop(identity, None) is None:
+            return False
+        name = self.router.endpoint_by_identity.pop(identity, None)
+        ep = self.router.endpoints.get(name) if name is not None else None
+        if ep is not None and ep.identity == identity:
+            ep.connected, ep.identity = False, None
+        return True
 
     # ---- acknowledgements after commit -----------------------------------------------------
 

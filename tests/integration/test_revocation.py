@@ -46,7 +46,7 @@ def rest_status(url: str, token: str) -> int:
 @pytest.fixture
 def hub(custom_stack_factory):
     # the endpoint (the admin's) lets alice submit: its policy, not the default of owner only
-    cs = custom_stack_factory(name="rev-ep", endpoint={"policy": {"allowed_users": ["alice"]}})
+    cs = custom_stack_factory(name="rev-ep", endpoint={"policy": {"allowed_users": ["alice", "bob"]}})
     url = cs.manager.api.url
     wait_until(lambda: _up(url), 10, what="the REST server")
     return cs, cs.home / "manager", url
@@ -131,10 +131,12 @@ def test_a_new_token_replaces_the_old_one_at_once(hub):
     assert cs.executor().submit(square, 7).result(TIMEOUT_S) == 49  # the admin is unaffected
 
 
-def test_revoking_an_endpoint_token_drops_its_endpoint_within_a_second(hub):
-    """An endpoint registered with ep-bot's token: after the revoke its next frame is
-    `not-registered`, its new Hello is refused, and the manager shows it disconnected."""
+def test_revoking_an_endpoint_token_closes_its_connection_within_a_second(hub):
+    """An endpoint registered with ep-bot's token: at the revoke it is told `access-denied`, its TCP
+    connection is closed (the socket monitor sees it end), its reconnect is refused at the
+    handshake (nothing answers a new Hello), and the manager shows it disconnected."""
     import zmq
+    from zmq.utils.monitor import recv_monitor_message
 
     from dlhub.protocol import messages as m
     from dlhub.protocol.curve import secure_dealer
@@ -145,6 +147,7 @@ def test_revoking_an_endpoint_token_drops_its_endpoint_within_a_second(hub):
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 0
+    monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
     try:
         secure_dealer(sock, mgr.endpoint_url, token, mgr.curve_public_key)
         sock.connect(mgr.endpoint_url)
@@ -160,14 +163,82 @@ def test_revoking_an_endpoint_token_drops_its_endpoint_within_a_second(hub):
         assert isinstance(ask(m.Heartbeat({})), m.Heartbeat)
 
         manager_cli(home, "user", "revoke", "ep-bot")
-        time.sleep(EFFECT_S + SLACK_S)
-        reply = ask(m.Heartbeat({}))
-        assert isinstance(reply, m.Refused) and reply.code == "not-registered", reply
-        reply = ask(hello)
+        revoked_at = time.monotonic()
+        assert sock.poll(10_000), "no refusal after the revoke"
+        reply = m.unpack(sock.recv())
         assert isinstance(reply, m.Refused) and reply.code == "access-denied", reply
+        assert monitor.poll(10_000), "the manager did not close the connection"
+        assert recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED
+        assert time.monotonic() - revoked_at < EFFECT_S + SLACK_S + 1.0
+        sock.send(m.pack(hello), zmq.NOBLOCK)  # queued for a reconnect that ZAP refuses
+        assert not sock.poll(2_000), "a revoked endpoint token got an answer"
         assert not mgr.status()["endpoints"]["bot-ep"]["connected"]
         assert "rev-ep" in mgr.status()["endpoints"]  # the admin's endpoint is untouched
-        assert mgr.status()["endpoints"]["rev-ep"]["connected"]
+        wait_until(lambda: mgr.status()["endpoints"]["rev-ep"]["connected"], TIMEOUT_S, what="rev-ep")
     finally:
+        monitor.close(0)
         sock.close(0)
         ctx.term()
+
+
+def _links_to(port: int) -> set[tuple[str, int]]:
+    """Local addresses of this process's established TCP connections to ``port``."""
+    import psutil
+
+    return {
+        tuple(c.laddr)
+        for c in psutil.Process().net_connections("tcp")
+        if c.raddr and c.raddr[1] == port and c.status == psutil.CONN_ESTABLISHED
+    }
+
+
+def test_revoke_closes_alice_s_connection_and_bob_behind_the_same_address_loses_nothing(hub):
+    """`user revoke alice` closes alice's TCP connection to the manager (not only her session).
+    bob submits in a loop from the same address meanwhile: his connection is closed too (the
+    manager cannot tell connections from one address apart), he says Hello again and every one of
+    his calls completes: none lost, none failed."""
+    cs, home, _ = hub
+    port = int(cs.manager.client_url.rsplit(":", 1)[1])
+    alice_token = manager_cli(home, "user", "add", "alice")
+    bob_token = manager_cli(home, "user", "add", "bob")
+    manager_cli(home, "user", "list")
+    bob = cs.executor(token=bob_token)
+    before = _links_to(port)
+    alice = cs.executor(token=alice_token)
+    assert alice.submit(square, 3).result(TIMEOUT_S) == 9
+    alice_links = _links_to(port) - before
+    assert len(alice_links) == 1, alice_links
+
+    done: list[int] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def bob_in_a_loop() -> None:
+        i = 0
+        while not stop.is_set():
+            try:
+                futs = [bob.submit(square, i + k) for k in range(5)]
+                for k, fut in enumerate(futs):
+                    assert fut.result(TIMEOUT_S) == (i + k) ** 2
+                    done.append(i + k)
+            except Exception as exc:
+                failures.append(repr(exc))
+            i += 5
+
+    looper = threading.Thread(target=bob_in_a_loop, daemon=True)
+    looper.start()
+    try:
+        wait_until(lambda: len(done) >= 20, TIMEOUT_S, what="bob's loop to run")
+        manager_cli(home, "user", "revoke", "alice")
+        revoked_at = time.monotonic()
+        wait_until(lambda: not (alice_links & _links_to(port)), 10, what="alice's connection to close")
+        assert time.monotonic() - revoked_at < EFFECT_S + SLACK_S + 1.0
+        with pytest.raises(AccessDenied):  # her executor knows: no submit goes into the void
+            alice.submit(square, 4).result(5)
+        count = len(done)
+        wait_until(lambda: len(done) >= count + 20, TIMEOUT_S, what="bob's calls after the revoke")
+    finally:
+        stop.set()
+        looper.join(TIMEOUT_S)
+    assert not failures, failures[:3]
+    assert done == list(range(len(done)))  # every call of bob's, in order, none lost
