@@ -43,6 +43,7 @@ from .auth import (
     users_without_curve_key,
 )
 from .connections import ConnectionTracker
+from .memory import release_free_memory
 from .repository import Repository
 from .result_cache import ResultCache
 from .routing import MAX_OPEN_TASKS_PER_USER, Router, code_matches, may_see
@@ -54,6 +55,7 @@ _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 log = logging.getLogger("dlhub.manager")
 
+TRIM_EVERY_S = 2.0  # how often freed heap memory goes back to the system
 USERS_POLL_S = 0.2  # how often the manager looks for user changes (revocations, new tokens)
 CLOSE_AFTER_S = 0.3  # a revoked user's sessions get their refusal, then their connections close
 DRAIN_LIMIT = 1000  # frames read from one socket before the loop looks at the others
@@ -699,9 +701,14 @@ class Manager:
 
     def _watch_users(self) -> None:
         """Off the loop: read the users generation (one tiny query) every USERS_POLL_S and wake the
-        loop only when it changed, so a revocation costs the hot path nothing."""
+        loop only when it changed, so a revocation costs the hot path nothing. Also hands freed
+        heap memory back to the system every TRIM_EVERY_S (see :func:`release_free_memory`)."""
         seen = self.auth.generation
+        next_trim = time.monotonic() + TRIM_EVERY_S
         while not self._stop.wait(USERS_POLL_S):
+            if time.monotonic() >= next_trim:
+                release_free_memory()
+                next_trim = time.monotonic() + TRIM_EVERY_S
             try:
                 generation = users_generation(self.auth.engine)
             except Exception as exc:  # database briefly unavailable: try again next time
