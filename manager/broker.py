@@ -664,7 +664,7 @@ class Manager:
             self.router.endpoint_heartbeat(identity, msg.info)
             self._send(self.endpoint_sock, identity, m.Heartbeat({}))
         elif isinstance(msg, m.CodeRequest):
-            blobs = self._checked_code(self.router.code_for(msg.digests))
+            blobs = self._checked_code(self.router.code_for(msg.digests, identity))
             self._send(self.endpoint_sock, identity, m.Code(blobs))
         elif isinstance(msg, m.CancelRefused):
             self.router.endpoint_cancel_refused(identity, msg)

@@ -33,6 +33,7 @@ log = logging.getLogger("dlhub.manager.routing")
 FINISHED_MEMORY = 200_000  # recently finished task ids kept to recognise late resends
 MAX_OPEN_TASKS_PER_USER = 1_000_000  # default quota: tasks one user may have queued or running
 MAX_TASKS_PER_MESSAGE = 2048
+MAX_CODE_PER_ENDPOINT = 100_000  # distinct code digests remembered per endpoint (what it may fetch)
 
 
 @dataclass
@@ -60,6 +61,8 @@ class EndpointState:
     policy: Policy | None = None  # from its Hello (None: an endpoint from before policies)
     pending: OrderedDict = field(default_factory=OrderedDict)  # task_id -> None (not yet sent)
     inflight: dict = field(default_factory=dict)  # task_id -> None (sent, no result yet)
+    # digests of the code its tasks named (most recent last): all the code it may fetch
+    code_sent: OrderedDict = field(default_factory=OrderedDict)
 
 
 class Router:
@@ -376,7 +379,22 @@ class Router:
             self.store.put_code(digest, blob)
         self._remember_code(digest, blob)
 
-    def code_for(self, digests: list[str]) -> dict[str, bytes]:
+    def code_for(self, digests: list[str], identity: bytes | None = None) -> dict[str, bytes]:
+        """The blobs of ``digests`` we have. Asked by an endpoint (``identity``): only the code of
+        tasks sent to it, so an endpoint cannot read other users' functions or private servables
+        by guessing or learning a digest; the rest it is told are missing."""
+        if identity is not None:
+            ep = self._endpoint(identity)
+            allowed = ep.code_sent if ep is not None else {}
+            refused = [d for d in digests if d not in allowed]
+            if refused:
+                log.warning(
+                    "endpoint %r asked for %d code blob(s) none of its tasks named, refused: %s",
+                    ep.name if ep is not None else identity[:16],
+                    len(refused),
+                    ", ".join(str(d)[:24] for d in refused[:3]),
+                )
+                digests = [d for d in digests if d in allowed]
         out = {}
         for digest in digests:
             blob = self.code.get(digest)
@@ -709,6 +727,14 @@ class Router:
         return out
 
     def _send_tasks(self, ep: EndpointState, records: list[list]) -> None:
+        for rec in records:
+            digest = rec[m.T_FUNCTION]
+            if digest in ep.code_sent:
+                ep.code_sent.move_to_end(digest)
+            else:
+                ep.code_sent[digest] = None
+                if len(ep.code_sent) > MAX_CODE_PER_ENDPOINT:
+                    ep.code_sent.popitem(last=False)
         for i in range(0, len(records), MAX_TASKS_PER_MESSAGE):
             self.outbox.append(("endpoint", ep.identity, m.Tasks(records[i : i + MAX_TASKS_PER_MESSAGE], {})))
 

@@ -250,6 +250,26 @@ def test_results_and_states_are_accepted_only_from_the_dispatched_endpoint(hub, 
         rogue.close()
 
 
+def test_an_endpoint_gets_only_the_code_of_tasks_sent_to_it(hub, caplog):
+    """ep-carol's endpoint asks for the digest of alice's function, which ran on ``custom``: the
+    manager has the blob but answers that it is missing (and logs the refusal)."""
+    alice = executor(hub, "alice")
+    assert alice.submit(alices_function, 7).result(RESULT_TIMEOUT_S) == "alice ran 7"
+    digest = code_digest(serialize_function(alices_function))
+    assert hub.manager.store.get_code(digest) is not None
+    caplog.set_level(logging.WARNING, logger="dlhub.manager")
+    rogue = RawEndpoint(hub, "carols-site", hub.tokens["ep-carol"])
+    try:
+        assert isinstance(rogue.hello(), m.Welcome)
+        rogue.send(m.CodeRequest([digest]))
+        reply = rogue.recv()
+        assert isinstance(reply, m.Code) and reply.blobs == {}, reply
+        assert any("carols-site" in r.getMessage() and "refused" in r.getMessage() for r in caplog.records)
+    finally:
+        rogue.close()
+    assert alice.submit(alices_function, 8).result(RESULT_TIMEOUT_S) == "alice ran 8"
+
+
 # ---- item 4: roles and endpoint names --------------------------------------------------------------
 
 
