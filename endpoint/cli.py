@@ -474,6 +474,9 @@ def _status_text(name: str, s: dict, run_dir: Path, home: str | None) -> str:
             out(f"    | {line}")
     for pool, message in sorted((s.get("failing") or {}).items()):
         out(f"  pool {pool} is failing its tasks: {message}")
+    for pool, query in sorted((s.get("provider_queries") or {}).items()):
+        seconds = query.get("running_s")
+        out(f"  pool {pool}: its scheduler's status command has run {seconds} s (not waited on)")
     servables = s.get("servables") or {}
     if servables:
         out("  servables:")

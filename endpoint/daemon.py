@@ -41,6 +41,7 @@ from dlhub.protocol.private import write_private
 from dlhub.protocol.serialize import runtime_versions
 
 from .config import EndpointConfig, walltime_seconds
+from .offloop import Inline, OffLoop, Outcome
 from .packages import PackageCache
 from .scheduler import Scheduler
 from .tasklog import TaskLog, describe_function
@@ -95,6 +96,10 @@ class Endpoint:
         self._stop = threading.Event()
         self.poller = None
         self.executors: dict[str, Any] = {}  # pool name -> PoolExecutor
+        self.provider_io: dict[str, OffLoop] = {}  # pool name -> the thread its provider queries run on
+        # what Parsl's poller thread reads (scaling): replaced whole by the loop, never changed in place
+        self._published: tuple[dict[str, int], frozenset[str]] = ({}, frozenset())
+        self._published_at: tuple[int, int] = (-1, -1)
 
     # ---- start-up ----------------------------------------------------------------------------
 
@@ -224,26 +229,37 @@ class Endpoint:
                 build_provider(named.provider),
                 self.pool_config_paths[name],
                 named.pool.workers_per_node,
-                outstanding=lambda name=name: self.scheduler.outstanding(name),
+                outstanding=lambda name=name: self._published[0].get(name, 0),
                 idle_blocks=lambda name=name: self._idle_blocks(name),
                 python=named.pool.python,
                 label=f"dlhub-{name}",
                 pool_name=name,
             )
+            self.provider_io[name] = OffLoop(f"dlhub-provider-{name}")
+        self._publish(force=True)
         self.poller = start_scaling(list(self.executors.values()), self.run_dir, self.config)
 
+    def _publish(self, force: bool = False) -> None:
+        """Publish what Parsl's poller thread reads to scale (tasks held per pool, blocks whose
+        workers hold tasks) as one immutable value: that thread never reads the Scheduler,
+        which only this loop changes. Cheap to skip when nothing came or went."""
+        s = self.scheduler
+        mark = (len(s.tasks), s.counters["completed"])
+        if not force and mark == self._published_at:
+            return
+        self._published_at = mark
+        busy = {w.pool_id for w in s.workers.values() if w.assigned}
+        blocks = frozenset(p.block_id for p in s.pools.values() if p.pool_id in busy)
+        self._published = ({name: n for name, n in s.held_by_pool.items() if n}, blocks)
+
     def _idle_blocks(self, pool_name: str) -> list[str]:
-        """This pool's blocks with no task at any of their workers (safe to cancel)."""
+        """This pool's blocks with no task at any of their workers (safe to cancel); runs on
+        Parsl's poller thread, so it reads only what the loop published."""
         ex = self.executors.get(pool_name)
         if ex is None:
             return []
-        idle_pools = set(self.scheduler.idle_pools())
-        busy = {
-            p.block_id.partition("/")[2]
-            for p in list(self.scheduler.pools.values())
-            if p.pool_id not in idle_pools and p.block_id.startswith(f"{pool_name}/")
-        }
-        return [b for b in list(ex._status) if b not in busy]
+        busy = self._published[1]
+        return [b for b in list(ex._status) if f"{pool_name}/{b}" not in busy]
 
     # ---- the loop ----------------------------------------------------------------------------
 
@@ -265,6 +281,7 @@ class Endpoint:
                     self._drain(self.manager_sock, None)
                 if self.worker_sock in events:
                     self._drain(self.worker_sock, True)
+                self._provider_answers()
                 now = time.monotonic()
                 if self._draining_since is not None and (
                     not any(w.assigned for w in self.scheduler.workers.values())
@@ -337,6 +354,7 @@ class Endpoint:
                 self.unacked[res[m.R_ID]] = res
             self._to_manager(m.Results(s.results))
             s.results = []
+        self._publish()
 
     def _to_manager(self, msg: m.Message) -> None:
         self.manager_sock.send(m.pack(msg), copy=False)
@@ -368,6 +386,7 @@ class Endpoint:
                 log.warning("killing worker %s: %s", worker_id, reason)
                 self._send_worker(pool.identity, m.KillWorker(worker_id, reason))
         self.scheduler.kill_requests.clear()
+        self._publish(force=True)
         self._write_status()
 
     # ---- blocks -------------------------------------------------------------------------------
@@ -388,27 +407,49 @@ class Endpoint:
                 and b not in scaled_in
                 and (f"{name}/{b}" not in by_block or f"{name}/{b}" in quiet)
             ]
-            if not watch:
+            io = self.provider_io.get(name) or self.provider_io.setdefault(name, Inline())
+            if not watch or io.busy(name):
+                continue  # one query per pool at a time: a slow one is shown in status, not felt
+            io.submit(name, _status_query, ex, watch)
+        self._provider_answers()
+
+    def _provider_answers(self) -> None:
+        """Act on the provider answers that came back since the last look (events to the loop)."""
+        for name, io in list(self.provider_io.items()):
+            for outcome in io.outcomes():
+                self._block_statuses(name, outcome)
+
+    def _block_statuses(self, name: str, outcome: Outcome) -> None:
+        """A provider's answer (from its OffLoop thread) about blocks the loop asked after."""
+        if outcome.seconds > self.config.heartbeat_s:
+            log.warning("the %s provider took %.1f s to answer a status query", name, outcome.seconds)
+        if outcome.error is not None:
+            log.warning("cannot ask the provider about pool %s's blocks: %s", name, outcome.error)
+            return
+        ex = self.executors[name]
+        by_block = {p.block_id: p for p in list(self.scheduler.pools.values())}
+        now = self.scheduler.clock()
+        watch, statuses = outcome.value
+        for block_id, st in zip(watch, statuses):
+            key = f"{name}/{block_id}"
+            pool = by_block.get(key)
+            if key in self._ended_blocks or (
+                pool is not None and now - pool.last_seen <= 2 * self.config.heartbeat_s
+            ):
+                continue  # settled, or its pool spoke up while the query ran
+            if st is None or not st.terminal:
+                self._terminal_since.pop(key, None)
                 continue
-            try:
-                statuses = ex.fresh_status(watch)
-            except Exception as exc:
-                log.warning("cannot ask the provider about blocks %s: %s", watch, exc)
-                continue
-            for block_id, st in zip(watch, statuses):
-                key = f"{name}/{block_id}"
-                if st is None or not st.terminal:
-                    self._terminal_since.pop(key, None)
-                    continue
-                # Confirm before acting: the state must hold across queries a while apart. A
-                # block whose pool never registered and that reads COMPLETED may just be
-                # unknown to sacct yet (Parsl reads "missing" as COMPLETED): give it longer.
-                first = self._terminal_since.setdefault(key, now)
-                grace = max(2.0, 2 * self.config.heartbeat_s)
-                if key not in by_block and st.state == JobState.COMPLETED:
-                    grace = max(grace, UNSEEN_JOB_GRACE_S)
-                if now - first >= grace:
-                    self._block_ended(ex, name, block_id, st, by_block.get(key))
+            # Confirm before acting: the state must hold across queries a while apart. A
+            # block whose pool never registered and that reads COMPLETED may just be
+            # unknown to sacct yet (Parsl reads "missing" as COMPLETED): give it longer.
+            first = self._terminal_since.setdefault(key, now)
+            grace = max(2.0, 2 * self.config.heartbeat_s)
+            if key not in by_block and st.state == JobState.COMPLETED:
+                grace = max(grace, UNSEEN_JOB_GRACE_S)
+            if now - first >= grace:
+                self._block_ended(ex, name, block_id, st, by_block.get(key))
+                self._write_status()  # the log and `dlhub status` name it together
 
     def _forget_scaled_in(self) -> None:
         """Pools of blocks we cancelled as idle are expected to go: drop them quietly."""
@@ -570,9 +611,20 @@ class Endpoint:
             "block_errors": self.block_errors,
             "version_warnings": self.version_warnings,
             "failing": {pool: error[1] for pool, error in self.scheduler.refused_pools.items()},
+            "provider_queries": self._slow_queries(),
             "versions": runtime_versions(),
             **self._snapshot(),
         }
+
+    def _slow_queries(self) -> dict[str, dict[str, Any]]:
+        """Provider status queries running longer than a heartbeat (the loop does not wait on
+        them; this says a scheduler command is slow instead of the endpoint being slow)."""
+        out = {}
+        for name, io in self.provider_io.items():
+            for _, seconds in io.in_flight().items():
+                if seconds > self.config.heartbeat_s:
+                    out[name] = {"running_s": round(seconds, 1)}
+        return out
 
     def _snapshot(self) -> dict[str, Any]:
         """The scheduler's counts, plus what `dlhub status` needs to explain them: tasks at
@@ -615,6 +667,8 @@ class Endpoint:
                 self.poller.close(timeout=10)
             except Exception:
                 log.exception("error while scaling in blocks")
+        for io in self.provider_io.values():
+            io.close()
         for ex in self.executors.values():
             ex.cancel_all()
         self.manager_state = "stopped"
@@ -656,3 +710,8 @@ def install_signal_handlers(endpoint: Endpoint) -> None:
     """SIGTERM drains (a second one stops at once); SIGINT stops at once."""
     signal.signal(signal.SIGTERM, lambda *_: endpoint.stop(drain=True))
     signal.signal(signal.SIGINT, lambda *_: endpoint.stop(drain=False))
+
+
+def _status_query(ex: Any, watch: list[str]) -> tuple[list[str], list[Any]]:
+    """Runs on the pool's OffLoop thread: the provider's status command for these blocks."""
+    return watch, ex.fresh_status(watch)
