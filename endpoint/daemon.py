@@ -87,6 +87,7 @@ class Endpoint:
         self.manager_state = "connecting"
         self.last_heard_manager = time.monotonic()
         self._last_hello = 0.0
+        self._send_blocked = False  # the last send to the manager found no connection
         self._draining_since: float | None = None
         self._ended_blocks: set[str] = set()
         self.version_warnings: list[str] = []  # shown in status
@@ -184,7 +185,7 @@ class Endpoint:
         now = time.monotonic()
         if now - self._last_hello >= 1.0:
             self._last_hello = now
-            self.manager_sock.send(m.pack(self._hello()))
+            self._to_manager(self._hello())
 
     def _register(self, timeout_s: float) -> None:
         """Say Hello and wait for the answer, so a bad token fails the start at once."""
@@ -357,7 +358,26 @@ class Endpoint:
         self._publish()
 
     def _to_manager(self, msg: m.Message) -> None:
-        self.manager_sock.send(m.pack(msg), copy=False)
+        """Send without ever blocking. With no connection to the manager (its handshake refused
+        us, e.g. a ZAP denial after it restarted with new keys) a plain send would block the loop
+        forever; the message is dropped instead, and said once per outage. Nothing is lost for
+        good: results stay unacknowledged and code still waiting is asked again after the next
+        Welcome, and the manager re-sends its tasks."""
+        try:
+            self.manager_sock.send(m.pack(msg), zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            if not self._send_blocked:
+                log.warning(
+                    "no connection to the manager at %s (refused at the handshake, or down): %s "
+                    "and what follows are dropped until it is back",
+                    self.config.manager.address,
+                    type(msg).__name__,
+                )
+            self._send_blocked = True
+            return
+        if self._send_blocked:
+            log.info("the connection to the manager is back: sending again")
+        self._send_blocked = False
 
     def _periodic(self, now: float) -> None:
         self.scheduler.running_updates()

@@ -89,6 +89,7 @@ class Worker:
         self.local: deque[list] = deque()
         self.cancelled: set[bytes] = set()
         self.unsent: list[list] = []
+        self._send_blocked = False  # the last send found no connection to the endpoint
         self.parent = os.getppid()
         signal.signal(signal.SIGALRM, _on_alarm)
 
@@ -113,7 +114,26 @@ class Worker:
                 "pid": os.getpid(),
             },
         )
-        self.sock.send(m.pack(hello))
+        self._send(m.pack(hello))
+
+    def _send(self, frame: bytes) -> bool:
+        """Send without ever blocking (as the pool's ``_send``): with no connection to the endpoint
+        (refused at the handshake, e.g. after it restarted with new session keys) a plain send
+        would block forever. False: not sent (said once per outage on stderr, which the pool
+        logs); results stay in ``unsent`` for the next flush, the rest is dropped."""
+        try:
+            self.sock.send(frame, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            if not self._send_blocked:
+                print(
+                    f"dlhub worker {self.worker_id}: no connection to the endpoint "
+                    f"({self.config.get('endpoint_url')}): holding results until it is back",
+                    file=sys.stderr,
+                )
+            self._send_blocked = True
+            return False
+        self._send_blocked = False
+        return True
 
     def run(self) -> None:
         self.connect()
@@ -170,7 +190,7 @@ class Worker:
             else:
                 refused.append(task_id)
         if refused:
-            self.sock.send(m.pack(m.CancelRefused(refused, "already running or finished")))
+            self._send(m.pack(m.CancelRefused(refused, "already running or finished")))
 
     def _run_one(self) -> None:
         rec = self.local.popleft()
@@ -202,8 +222,7 @@ class Worker:
             self._flush()
 
     def _flush(self) -> None:
-        if self.unsent:
-            self.sock.send(m.pack(m.Results(self.unsent, self.warm.report())), copy=False)
+        if self.unsent and self._send(m.pack(m.Results(self.unsent, self.warm.report()))):
             self.unsent = []
 
     # ---- running one task --------------------------------------------------------------------
