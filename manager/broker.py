@@ -140,6 +140,8 @@ class Manager:
         self._stop = threading.Event()
         self._acks: queue.SimpleQueue = queue.SimpleQueue()
         self._calls: queue.SimpleQueue = queue.SimpleQueue()  # work for the loop from other threads
+        # reads that may wait on the database or the disk (Fetch, Query, code): never on the loop
+        self._io = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="dlhub-io")
         self._ack_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.clients: dict[bytes, _Client] = {}
         self.endpoint_users: dict[bytes, str] = {}  # endpoint identity -> the user of its token
@@ -326,6 +328,23 @@ class Manager:
         except OSError:  # stopped
             pass
 
+    def off_loop(self, work, then) -> None:
+        """Run ``work()`` on the I/O pool, then ``then(result)`` back on the loop. For reads that
+        may wait (a busy database, a large package on disk) so the loop never does."""
+
+        def done(fut: concurrent.futures.Future) -> None:
+            try:
+                value = fut.result()
+            except Exception:
+                log.exception("error in I/O work off the loop")
+                return
+            self.call_soon(lambda: then(value))
+
+        try:
+            self._io.submit(work).add_done_callback(done)
+        except RuntimeError:  # shutting down
+            pass
+
     def stop(self, timeout: float = 10.0) -> None:
         self.request_stop()
         if self._thread is not None:
@@ -368,6 +387,7 @@ class Manager:
         if self.api is not None:
             self.api.stop()
         self.servables.close()
+        self._io.shutdown(wait=True, cancel_futures=True)
         self.store.flush()
         self.store.close()
         self.client_conns.close()
@@ -483,8 +503,7 @@ class Manager:
         elif isinstance(msg, m.Fetch):
             self._fetch(identity, msg.task_ids, client.viewer)
         elif isinstance(msg, m.Query):
-            records = self.router.task_records(msg.task_ids, client.viewer)
-            self._send(self.client_sock, identity, m.TaskInfo(msg.request_id, records))
+            self._query(identity, msg, client.viewer)
         elif isinstance(msg, m.StatusRequest):  # per-servable figures only of what the caller may see
             status = self.servables.visible_status(self._status(), client.user)
             self._send(self.client_sock, identity, m.Status(msg.request_id, status))
@@ -589,10 +608,24 @@ class Manager:
             out[digest] = blob
         return out
 
+    def _query(self, identity: bytes, msg: m.Query, user: str | None) -> None:
+        """Task states: from memory, and (read off the loop) from the store."""
+
+        def reply(stored: dict[bytes, dict]) -> None:
+            records = self.router.task_records(msg.task_ids, user, stored)
+            self._send(self.client_sock, identity, m.TaskInfo(msg.request_id, records))
+
+        wanted, finished = self.router.stored_ids(msg.task_ids)
+        if wanted:
+            self.off_loop(lambda: self.store.read(wanted, finished), reply)
+        else:
+            reply({})
+
     def _fetch(self, identity: bytes, task_ids: list[bytes], user: str | None = None) -> None:
         """Resend stored results; tasks still running will be routed to this client. ``user``:
         the caller (None: an admin); another user's task is answered as an unknown id, and a
-        running one keeps going to its submitter (an admin's fetch gets a copy)."""
+        running one keeps going to its submitter (an admin's fetch gets a copy). Stored rows
+        are read off the loop."""
         results, missing = [], []
         for task_id in task_ids:
             entry = self.router.tasks.get(task_id)
@@ -606,11 +639,20 @@ class Manager:
                 missing.append(task_id)
             else:
                 results.append(_unknown_task(task_id))
+        if results:
+            self._send(self.client_sock, identity, m.Results(results))
+        if missing:
+            finished = [t for t in missing if t in self.router.finished]
+            self.off_loop(
+                lambda: self.store.read(missing, finished),
+                lambda rows: self._fetched(identity, missing, user, rows),
+            )
+
+    def _fetched(self, identity: bytes, missing: list[bytes], user: str | None, rows: dict) -> None:
         from .store import unpack_error
 
-        if any(t in self.router.finished for t in missing):
-            self.store.flush()  # finished moments ago: read the committed row
-        stored = {t: row for t, row in self.store.lookup(missing).items() if may_see(user, row["owner"])}
+        results = []
+        stored = {t: row for t, row in rows.items() if may_see(user, row["owner"])}
         for task_id in missing:
             if task_id not in stored:
                 results.append(_unknown_task(task_id))
@@ -664,8 +706,16 @@ class Manager:
             self.router.endpoint_heartbeat(identity, msg.info)
             self._send(self.endpoint_sock, identity, m.Heartbeat({}))
         elif isinstance(msg, m.CodeRequest):
-            blobs = self._checked_code(self.router.code_for(msg.digests, identity))
-            self._send(self.endpoint_sock, identity, m.Code(blobs))
+            blobs, missing = self.router.code_in_memory(msg.digests, identity)
+            if not missing:
+                self._send(self.endpoint_sock, identity, m.Code(self._checked_code(blobs)))
+                return
+
+            def send(loaded: dict[str, bytes]) -> None:  # back on the loop
+                self.router.remember_code(loaded)
+                self._send(self.endpoint_sock, identity, m.Code({**self._checked_code(blobs), **loaded}))
+
+            self.off_loop(lambda: self._checked_code(self.router.load_code(missing)), send)
         elif isinstance(msg, m.CancelRefused):
             self.router.endpoint_cancel_refused(identity, msg)
         elif isinstance(msg, m.Shutdown):  # a clean stop: disconnected now, not after the timeout

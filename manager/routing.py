@@ -351,13 +351,22 @@ class Router:
             return leader
         return None
 
-    def task_records(self, task_ids: list[bytes], user: str | None = None) -> list[dict[str, Any]]:
-        """Task states for ``Query``: memory first (newest), then the database. ``user``: the
-        caller (None: an admin, who sees all); another user's task reads as unknown."""
+    def stored_ids(self, task_ids: list[bytes]) -> tuple[list[bytes], list[bytes]]:
+        """What ``Query``/``Fetch`` must read from the store (ids not in memory), and which of
+        those we know finished (their row may still be on its way: see ``TaskStore.read``).
+        The broker reads off the loop."""
         wanted = [t for t in task_ids if t not in self.tasks]
-        if any(t in self.finished for t in wanted):
-            self.store.flush()  # finished moments ago: make the stored row current first
-        stored = self.store.lookup(wanted)
+        return wanted, [t for t in wanted if t in self.finished]
+
+    def task_records(
+        self, task_ids: list[bytes], user: str | None = None, stored: dict[bytes, dict] | None = None
+    ) -> list[dict[str, Any]]:
+        """Task states for ``Query``: memory first (newest), then ``stored`` (the rows of
+        :meth:`stored_ids`, read by the caller; None: read here, for callers without an I/O
+        pool). ``user``: the caller (None: an admin, who sees all); another user's task reads
+        as unknown."""
+        if stored is None:
+            stored = self.store.read(*self.stored_ids(task_ids))
         out = []
         for task_id in task_ids:
             entry = self.tasks.get(task_id)
@@ -380,9 +389,20 @@ class Router:
         self._remember_code(digest, blob)
 
     def code_for(self, digests: list[str], identity: bytes | None = None) -> dict[str, bytes]:
-        """The blobs of ``digests`` we have. Asked by an endpoint (``identity``): only the code of
-        tasks sent to it, so an endpoint cannot read other users' functions or private servables
-        by guessing or learning a digest; the rest it is told are missing."""
+        """The blobs of ``digests`` we have (reading the store and packages here: callers
+        without an I/O pool; the broker uses :meth:`code_in_memory` and :meth:`load_code`)."""
+        out, missing = self.code_in_memory(digests, identity)
+        loaded = self.load_code(missing)
+        self.remember_code(loaded)
+        return {**out, **loaded}
+
+    def code_in_memory(
+        self, digests: list[str], identity: bytes | None = None
+    ) -> tuple[dict[str, bytes], list[str]]:
+        """The blobs of ``digests`` held in memory, and the digests still to load. Asked by an
+        endpoint (``identity``): only the code of tasks sent to it, so an endpoint cannot read
+        other users' functions or private servables by guessing or learning a digest; the rest
+        it is told are missing."""
         if identity is not None:
             ep = self._endpoint(identity)
             allowed = ep.code_sent if ep is not None else {}
@@ -395,20 +415,32 @@ class Router:
                     ", ".join(str(d)[:24] for d in refused[:3]),
                 )
                 digests = [d for d in digests if d in allowed]
-        out = {}
+        out, missing = {}, []
         for digest in digests:
             blob = self.code.get(digest)
-            if blob is None and m.package_key(digest) is not None:
+            if blob is None:
+                missing.append(digest)
+            else:
+                self.code.move_to_end(digest)
+                out[digest] = blob
+        return out, missing
+
+    def load_code(self, digests: list[str]) -> dict[str, bytes]:
+        """Read code blobs and servable packages from the store and the blob files. Touches no
+        Router state (runs on the broker's I/O pool); :meth:`remember_code` keeps them after."""
+        out = {}
+        for digest in digests:
+            if m.package_key(digest) is not None:
                 blob = self.packages(m.package_key(digest)) if self.packages else None
-                if blob is not None:
-                    self._remember_code(digest, blob)
-            elif blob is None:
+            else:
                 blob = self.store.get_code(digest)
-                if blob is not None:
-                    self._remember_code(digest, blob)
             if blob is not None:
                 out[digest] = blob
         return out
+
+    def remember_code(self, blobs: dict[str, bytes]) -> None:
+        for digest, blob in blobs.items():
+            self._remember_code(digest, blob)
 
     def _remember_code(self, digest: str, blob: bytes) -> None:
         if digest in self.code:

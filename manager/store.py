@@ -252,7 +252,9 @@ class TaskStore:
         self.commit_interval_s = commit_interval_s
         self._on_commit = on_commit
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._reader = engine.connect()
+        self._local = threading.local()  # each reading thread (the loop, the I/O pool) its own
+        self._readers: list[sa.Connection] = []
+        self._readers_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="dlhub-store-writer", daemon=True)
         self._raw = None  # the writer thread's own DBAPI connection
         self._sql = _Dialect(engine)
@@ -268,8 +270,21 @@ class TaskStore:
         self._thread.join(timeout)
         if self._raw is not None:
             self._raw.close()
-        self._reader.close()
+        with self._readers_lock:
+            readers, self._readers = self._readers, []
+        for conn in readers:
+            conn.close()
         self.engine.dispose()
+
+    @property
+    def _reader(self) -> sa.Connection:
+        """This thread's read connection (a connection is not to be shared between threads)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self.engine.connect()
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
 
     # ---- writes (called from the broker loop; never block) -------------------------------
 
@@ -312,6 +327,17 @@ class TaskStore:
         return done.wait(timeout)
 
     # ---- reads -----------------------------------------------------------------------------
+
+    def read(self, task_ids: list[bytes], finished: Iterable[bytes] = ()) -> dict[bytes, dict[str, Any]]:
+        """:meth:`lookup`; for ids the Router knows ``finished`` whose row does not say so yet
+        (a result moments ago), wait for the queued writes to land and read those again. It may
+        wait for the database: never on the loop."""
+        rows = self.lookup(task_ids)
+        behind = [t for t in finished if t not in rows or rows[t]["state"] not in TERMINAL]
+        if behind:
+            self.flush()
+            rows.update(self.lookup(behind))
+        return rows
 
     def lookup(self, task_ids: list[bytes]) -> dict[bytes, dict[str, Any]]:
         if not task_ids:

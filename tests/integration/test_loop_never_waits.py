@@ -1,0 +1,58 @@
+"""The manager's loop never waits on its database (issue 11, item 3): while another process holds
+the SQLite database locked, a user's ``task_info`` of a task whose row cannot be written yet waits
+(off the loop) for the lock, and meanwhile everyone's calls keep completing in milliseconds. Before,
+the loop itself waited for the write to land, and every call stalled for the whole lock."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+LOCK_S = 4.0
+FAST_S = 1.0  # a call that took this long waited for the lock
+
+LOCKER = """
+import sqlite3, sys, time
+conn = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)
+conn.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+conn.execute("COMMIT")
+"""
+
+
+def noop():
+    return "noop"
+
+
+def test_calls_flow_while_a_lookup_waits_for_a_locked_database(custom_stack_factory):
+    cs = custom_stack_factory(name="stall-ep", workers=1)
+    ex, other = cs.executor(), cs.executor()
+    assert ex.submit(noop).result(30) == "noop"
+    db = cs.manager.config.database_url.removeprefix("sqlite:///")
+    locker = subprocess.Popen(
+        [sys.executable, "-c", LOCKER, db, str(LOCK_S)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert locker.stdout.readline().strip() == "locked"
+        locked_at = time.monotonic()
+        fut = ex.submit(noop)  # its result flows; its row waits for the lock
+        assert fut.result(30) == "noop"
+        info: dict = {}
+        looker = threading.Thread(target=lambda: info.update(ex.task_info(fut)), daemon=True)
+        looker.start()
+        time.sleep(0.2)  # the lookup is waiting for the row now
+        took = []
+        while time.monotonic() - locked_at < LOCK_S - 1.0:
+            t0 = time.monotonic()
+            assert other.submit(noop).result(30) == "noop"
+            took.append(time.monotonic() - t0)
+        assert locker.poll() is None, "the lock ended before the calls: the test proves nothing"
+        assert looker.is_alive(), "task_info did not wait for the row (was the database locked?)"
+        assert len(took) >= 10 and max(took) < FAST_S, (len(took), max(took))
+        looker.join(30)
+        assert info["state"] == "succeeded", info  # answered once the row landed
+    finally:
+        locker.wait(30)
