@@ -320,6 +320,14 @@ class Manager:
         self.call_soon(lambda: future.set_result(self._status()))
         return future.result(timeout)
 
+    def endpoints_connected(self, timeout: float = 5.0) -> dict[str, bool]:
+        """Endpoint name -> connected, from any thread but the loop's (asked of the loop)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self.call_soon(
+            lambda: future.set_result({name: ep.connected for name, ep in self.router.endpoints.items()})
+        )
+        return future.result(timeout)
+
     def call_soon(self, fn) -> None:
         """Run ``fn()`` on the loop thread (the only one that touches the Router), soon."""
         self._calls.put(fn)

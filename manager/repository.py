@@ -35,7 +35,7 @@ from dlhub.protocol.servable import (
     record_digest,
 )
 
-from .store import metadata
+from .schema import FTS_DDL, access_table, shares_table, versions_table  # noqa: F401 - re-exported
 
 
 def _like_literal(value: str) -> str:
@@ -43,63 +43,6 @@ def _like_literal(value: str) -> str:
     return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-versions_table = sa.Table(
-    "servable_versions",
-    metadata,
-    sa.Column("owner", sa.String(128), primary_key=True),
-    sa.Column("name", sa.String(80), primary_key=True),
-    sa.Column("version", sa.Integer, primary_key=True),
-    sa.Column("status", sa.String(16), nullable=False, index=True),
-    sa.Column("record", sa.Text, nullable=False),  # JSON of the ServableRecord
-    sa.Column("error", sa.Text, nullable=True),
-    sa.Column("digest", sa.String(64), nullable=True, index=True),  # record_digest: names the package
-    # "|a|b|" forms so filters are one portable LIKE each
-    sa.Column("domains", sa.Text, nullable=False, default="|"),
-    sa.Column("authors", sa.Text, nullable=False, default="|"),
-    sa.Column("related", sa.Text, nullable=False, default="|"),
-    sa.Column("created", sa.Float, nullable=False),
-    sa.Column("updated", sa.Float, nullable=False),
-)
-
-# Who may see a servable: the row's owner/name, not one immutable version (visibility can change
-# after publish, so it is kept out of the record and of its digest). No row means public.
-access_table = sa.Table(
-    "servable_access",
-    metadata,
-    sa.Column("owner", sa.String(128), primary_key=True),
-    sa.Column("name", sa.String(80), primary_key=True),
-    sa.Column("visibility", sa.String(16), nullable=False),  # public | private
-    sa.Column("updated", sa.Float, nullable=False),
-)
-
-shares_table = sa.Table(
-    "servable_shares",
-    metadata,
-    sa.Column("owner", sa.String(128), primary_key=True),
-    sa.Column("name", sa.String(80), primary_key=True),
-    sa.Column("kind", sa.String(8), primary_key=True),  # user | group
-    sa.Column("principal", sa.String(128), primary_key=True),
-    sa.Column("created", sa.Float, nullable=False),
-)
-
-# The search index: FTS5 on SQLite, a GIN-indexed generated tsvector on PostgreSQL. One row per
-# (owner, name, version); three texts weighted for ranking: name + title (most), keywords +
-# domains, then description + authors.
-FTS_DDL = {
-    "sqlite": [
-        "CREATE VIRTUAL TABLE IF NOT EXISTS servable_fts USING fts5(owner UNINDEXED, name UNINDEXED, "
-        "version UNINDEXED, title, tags, body, tokenize='unicode61')"
-    ],
-    "postgresql": [
-        "CREATE TABLE IF NOT EXISTS servable_fts (owner TEXT NOT NULL, name TEXT NOT NULL, "
-        "version INTEGER NOT NULL, title TEXT NOT NULL, tags TEXT NOT NULL, body TEXT NOT NULL, "
-        "tsv tsvector GENERATED ALWAYS AS ("
-        "setweight(to_tsvector('simple', title), 'A') || setweight(to_tsvector('simple', tags), 'B') "
-        "|| setweight(to_tsvector('simple', body), 'C')) STORED, "
-        "PRIMARY KEY (owner, name, version))",
-        "CREATE INDEX IF NOT EXISTS servable_fts_tsv ON servable_fts USING GIN (tsv)",
-    ],
-}
 PUBLISH_ATTEMPTS = 20  # version numbers are max+1: concurrent publishes of one name retry
 SQLITE_RANK = "bm25(servable_fts, 0, 0, 0, 10.0, 4.0, 1.0)"  # weights by column, lower is better
 

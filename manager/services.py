@@ -17,6 +17,7 @@ import concurrent.futures
 import json
 import logging
 import os
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +49,9 @@ class ServableService:
         self._generation = -1
         self._deterministic: dict[str, bool] = {}  # "servable:<digest>" -> record.deterministic
         self._owners: dict[str, str] = {}  # record digest -> owner
+        # the caches are shared by the loop and the REST threads: changes that read-then-write
+        # (a generation change, an entry looked up under an older generation) hold this lock
+        self._lock = threading.Lock()
         # repository writes triggered by results, off the broker loop
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dlhub-verify")
 
@@ -60,7 +64,7 @@ class ServableService:
         """``owner/name[:version]`` -> ``servable:<digest>``; cached until the repository changes.
         ``user`` (the submitter): a servable that user may not see is not found, in the same
         words as one that does not exist (None: no check, for the manager's own calls)."""
-        self._check_generation()
+        generation = self._check_generation()
         if user is not None:
             try:
                 owner, name, version = parse_ref(ref)
@@ -75,17 +79,27 @@ class ServableService:
                 record, digest = self.repository.resolve(owner, name, version)
             except (NotFound, ValueError) as exc:
                 raise errors.ServableNotFound(str(exc)) from None
-            key = self._resolved[ref] = m.RUN_PREFIX + digest
+            key = m.RUN_PREFIX + digest
             self._deterministic[key] = record.deterministic
+            self._keep(self._resolved, ref, key, generation)
         return key
 
-    def _check_generation(self) -> None:
+    def _check_generation(self) -> int:
         """Forget resolved names and access records when the repository changed (publish,
-        delete, status, visibility, shares all bump its generation)."""
-        if self._generation != self.repository.generation:
-            self._resolved.clear()
-            self._access.clear()
-            self._generation = self.repository.generation
+        delete, status, visibility, shares all bump its generation); returns the generation."""
+        generation = self.repository.generation
+        with self._lock:
+            if self._generation != generation:
+                self._resolved.clear()
+                self._access.clear()
+                self._generation = generation
+        return generation
+
+    def _keep(self, cache: dict, key: Any, value: Any, generation: int) -> None:
+        """Cache ``value`` unless the repository changed since the lookup began."""
+        with self._lock:
+            if self._generation == generation:
+                cache[key] = value
 
     # ---- visibility (any thread: the loop, REST) -------------------------------------------
 
@@ -100,9 +114,10 @@ class ServableService:
             if role is None:
                 role = self._role(user)
             cached = (now, Viewer(user, role_admin(role), self._groups(user)))
-            if len(self._viewers) > 10_000:
-                self._viewers.clear()
-            self._viewers[user] = cached
+            with self._lock:
+                if len(self._viewers) > 10_000:
+                    self._viewers.clear()
+                self._viewers[user] = cached
         return cached[1]
 
     def _role(self, user: str) -> str | None:
@@ -121,10 +136,11 @@ class ServableService:
 
     def access(self, owner: str, name: str) -> Access:
         """Visibility and shares of ``owner/name``, cached until the repository changes."""
-        self._check_generation()
+        generation = self._check_generation()
         found = self._access.get((owner, name))
         if found is None:
-            found = self._access[(owner, name)] = self.repository.access(owner, name)
+            found = self.repository.access(owner, name)
+            self._keep(self._access, (owner, name), found, generation)
         return found
 
     def may_see(self, who: str | Viewer, owner: str, name: str) -> bool:
@@ -195,15 +211,14 @@ class ServableService:
         """The endpoint named, else the manager's default endpoint (``--default-endpoint``) if it
         is known, else the only connected one. Raises ``UnknownEndpoint``, or ``EndpointRequired``
         (neutral wording: each front end says how its user names one)."""
-        endpoints = dict(self.manager.router.endpoints)
+        endpoints = self.manager.endpoints_connected()  # from the loop, which owns the Router
         if wanted:
             if wanted not in endpoints:
                 raise errors.UnknownEndpoint(
                     f"endpoint {wanted!r} is not registered (known: {', '.join(sorted(endpoints)) or 'none'})"
                 )
             return wanted
-        connected = {name: ep.connected for name, ep in endpoints.items()}
-        return errors.choose_endpoint(connected, self.manager.config.default_endpoint)
+        return errors.choose_endpoint(endpoints, self.manager.config.default_endpoint)
 
     # ---- calls made by the manager ---------------------------------------------------------
 

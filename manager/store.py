@@ -18,166 +18,29 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import msgpack
 import sqlalchemy as sa
 
+from .schema import (  # noqa: F401 - re-exported: callers import these from the store
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    TERMINAL,
+    code_table,
+    endpoint_owners_table,
+    group_members_table,
+    groups_table,
+    make_engine,
+    meta_table,
+    metadata,
+    migrate,
+    result_cache_table,
+    tasks_table,
+    users_table,
+)
+
 log = logging.getLogger(__name__)
-
-SCHEMA_VERSION = 8  # 2: tasks.resources; 3: servable_versions.digest; 4: tasks.options;
-# 5: users.curve_key;
-# 6: users.revoked, groups, group_members; 7: servable_access, servable_shares; 8: endpoint_owners
-metadata = sa.MetaData()
-
-tasks_table = sa.Table(
-    "tasks",
-    metadata,
-    sa.Column("task_id", sa.LargeBinary(16), primary_key=True),
-    sa.Column("owner", sa.String(128), nullable=False),
-    sa.Column("client_session", sa.String(64), nullable=False),
-    sa.Column("endpoint", sa.String(128), nullable=False, index=True),
-    sa.Column("function", sa.String(80), nullable=False),
-    sa.Column("state", sa.String(16), nullable=False, index=True),
-    sa.Column("timeout_s", sa.Float, nullable=True),
-    sa.Column("result_serializer", sa.String(16), nullable=False),
-    sa.Column("resources", sa.Text, nullable=True),  # JSON of the task's resource request
-    sa.Column("options", sa.Text, nullable=True),  # JSON of the task's per-call options
-    sa.Column("t_received", sa.Float, nullable=False),
-    sa.Column("t_dispatched", sa.Float, nullable=True),
-    sa.Column("t_started", sa.Float, nullable=True),
-    sa.Column("t_finished", sa.Float, nullable=True),
-    sa.Column("payload", sa.LargeBinary, nullable=True),  # dropped once the task is terminal
-    sa.Column("result", sa.LargeBinary, nullable=True),
-    sa.Column("error", sa.LargeBinary, nullable=True),  # msgpack of the wire error record
-    sa.Column("stdout", sa.Text, nullable=True),
-    sa.Column("stderr", sa.Text, nullable=True),
-)
-
-code_table = sa.Table(
-    "code",
-    metadata,
-    sa.Column("digest", sa.String(80), primary_key=True),
-    sa.Column("blob", sa.LargeBinary, nullable=False),
-    sa.Column("created", sa.Float, nullable=False),
-)
-
-# results of deterministic servables, kept across restarts when the manager is configured so
-result_cache_table = sa.Table(
-    "result_cache",
-    metadata,
-    sa.Column("key", sa.String(64), primary_key=True),
-    sa.Column("payload", sa.LargeBinary, nullable=False),
-    sa.Column("created", sa.Float, nullable=False, index=True),
-)
-
-users_table = sa.Table(
-    "users",
-    metadata,
-    sa.Column("name", sa.String(128), primary_key=True),
-    sa.Column("token_sha256", sa.String(64), nullable=False, unique=True),
-    sa.Column("role", sa.String(16), nullable=False),
-    sa.Column("created", sa.Float, nullable=False),
-    sa.Column("revoked", sa.Float, nullable=True),  # when `dlhub-manager user revoke` ran (6)
-    # z85 CURVE public key derived from the token (5): the ZAP handler maps a connection to its user
-    sa.Column("curve_key", sa.String(40), nullable=True, index=True),
-)
-
-# groups of users (6): servables are shared with them, endpoint policies name them
-groups_table = sa.Table(
-    "groups",
-    metadata,
-    sa.Column("name", sa.String(128), primary_key=True),
-    sa.Column("created", sa.Float, nullable=False),
-)
-
-group_members_table = sa.Table(
-    "group_members",
-    metadata,
-    sa.Column("group_name", sa.String(128), primary_key=True),
-    sa.Column("user_name", sa.String(128), primary_key=True, index=True),
-)
-
-# endpoint names (8): a name belongs to the user whose token registered it first
-endpoint_owners_table = sa.Table(
-    "endpoint_owners",
-    metadata,
-    sa.Column("name", sa.String(128), primary_key=True),
-    sa.Column("owner", sa.String(128), nullable=False),
-    sa.Column("created", sa.Float, nullable=False),
-)
-
-meta_table = sa.Table(
-    "dlhub_meta",
-    metadata,
-    sa.Column("key", sa.String(64), primary_key=True),
-    sa.Column("value", sa.String(256), nullable=False),
-)
-
-TERMINAL = ("succeeded", "failed", "cancelled", "lost")
-
-
-def make_engine(url: str) -> sa.Engine:
-    """Create the engine; for SQLite turn on WAL so readers never block the writer, and make
-    the file private (0600) before SQLite opens it: SQLite gives -wal/-shm the file's mode."""
-    engine = sa.create_engine(url, future=True)
-    if engine.dialect.name == "sqlite":
-        _private_sqlite_files(engine.url.database)
-
-        @sa.event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn, _record):  # pragma: no cover - trivial
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")  # durable against a killed process
-            cur.execute("PRAGMA busy_timeout=5000")
-            cur.close()
-
-    return engine
-
-
-def _private_sqlite_files(database: str | None) -> None:
-    """Create the database file 0600 (whatever the umask); narrow an existing one and its
-    -wal/-shm files. In-memory databases have no file."""
-    if not database or database == ":memory:" or database.startswith("file:"):
-        return
-    from dlhub.protocol.private import private_file
-
-    path = Path(database)
-    if path.parent.is_dir():
-        private_file(path)
-        for suffix in ("-wal", "-shm"):
-            extra = path.with_name(path.name + suffix)
-            if extra.exists():
-                private_file(extra)
-
-
-# version -> statements that bring a database from the version before up to it
-def _add_column(table: str, column: str, ddl: str) -> Callable[[sa.Connection], None]:
-    """A migration step that adds a column unless create_all just made the table with it."""
-
-    def step(conn: sa.Connection) -> None:
-        if column not in {c["name"] for c in sa.inspect(conn).get_columns(table)}:
-            conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}")
-
-    return step
-
-
-MIGRATIONS: dict[int, list[str | Callable[[sa.Connection], None]]] = {
-    2: ["ALTER TABLE tasks ADD COLUMN resources TEXT"],
-    3: [
-        _add_column("servable_versions", "digest", "VARCHAR(64)"),
-        "CREATE INDEX IF NOT EXISTS ix_servable_versions_digest ON servable_versions (digest)",
-    ],
-    4: [_add_column("tasks", "options", "TEXT")],
-    5: [
-        _add_column("users", "curve_key", "VARCHAR(40)"),
-        "CREATE INDEX IF NOT EXISTS ix_users_curve_key ON users (curve_key)",
-    ],
-    6: [_add_column("users", "revoked", "FLOAT")],  # groups, group_members: made by create_all
-    7: [],  # servable_access, servable_shares (visibility and shares): made by create_all
-    8: [],  # endpoint_owners: made by create_all
-}
 
 
 def endpoint_owner(engine: sa.Engine, name: str) -> str | None:
@@ -198,39 +61,6 @@ def claim_endpoint(engine: sa.Engine, name: str, user: str) -> str:
     except sa.exc.IntegrityError:  # claimed at the same moment through another manager
         return endpoint_owner(engine, name) or user
     return user
-
-
-def migrate(engine: sa.Engine) -> None:
-    """Create missing tables, then apply each migration the database has not seen, in order."""
-    from . import repository  # noqa: F401 - registers the repository's tables in ``metadata``
-
-    fresh = not sa.inspect(engine).has_table("tasks")
-    metadata.create_all(engine)
-    with engine.begin() as conn:
-        row = conn.execute(sa.select(meta_table.c.value).where(meta_table.c.key == "schema_version")).first()
-        if fresh:
-            version = SCHEMA_VERSION
-        else:  # a database from before versions were recorded is version 1
-            version = int(row[0]) if row is not None else 1
-        if version > SCHEMA_VERSION:
-            raise RuntimeError(
-                f"database schema version {version} is newer than this manager ({SCHEMA_VERSION}); "
-                "upgrade dlhub"
-            )
-        for target in range(version + 1, SCHEMA_VERSION + 1):
-            for statement in MIGRATIONS.get(target, []):
-                if callable(statement):
-                    statement(conn)
-                else:
-                    conn.exec_driver_sql(statement)
-        if row is None:
-            conn.execute(meta_table.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
-        else:
-            conn.execute(
-                meta_table.update()
-                .where(meta_table.c.key == "schema_version")
-                .values(value=str(SCHEMA_VERSION))
-            )
 
 
 @dataclass
