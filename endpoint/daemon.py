@@ -40,6 +40,7 @@ from dlhub.protocol.curve import (
 from dlhub.protocol.private import write_private
 from dlhub.protocol.serialize import runtime_versions
 
+from . import events as ev
 from .config import EndpointConfig, walltime_seconds
 from .offloop import Inline, OffLoop, Outcome
 from .packages import PackageCache
@@ -67,6 +68,8 @@ class Endpoint:
         self.started = time.time()
         self.pool_token = secrets.token_urlsafe(24)
         self.scheduler = Scheduler(
+            clock=None,  # time comes with the events
+            wall_clock=None,
             prefetch_target_ms=config.pool.prefetch_target_ms,
             min_prefetch=config.pool.min_prefetch,
             max_prefetch=config.pool.max_prefetch,
@@ -75,9 +78,13 @@ class Endpoint:
             max_retries=config.max_retries,
             pool_offers={name: _offers(named) for name, named in config.all_pools().items()},
         )
+        log_path = os.environ.get("DLHUB_SCHEDULER_LOG")
+        if log_path:  # every event the Scheduler handles, to replay a bug (events.replay)
+            self.scheduler.event_log = ev.EventLog(log_path)
+        self._events: list[ev.Event] = []  # what happened since the last _pump
         # until the manager's Welcome names the owner, only admins and listed users pass
-        self.scheduler.policy = config.policy.to_policy(config.name)
-        self.packages = PackageCache(self.run_dir / "servables", self.scheduler, config.batching)
+        self.scheduler.apply(ev.PolicyChanged(time.monotonic(), config.policy.to_policy(config.name)))
+        self.packages = PackageCache(self.run_dir / "servables", config.batching)
         self.scheduler.failures = []  # drained into the log by _pump
         self.tasklog = TaskLog(
             log, lambda function: describe_function(function, self.scheduler.labels, self.scheduler.code)
@@ -277,7 +284,7 @@ class Endpoint:
                     wait_ms = max(1, min(wait_ms, int((due - time.monotonic()) * 1000) + 1))
                 events = dict(poller.poll(wait_ms))
                 if not events:  # idle: tell the manager which tasks are running (off the hot path)
-                    self.scheduler.running_updates()
+                    self._events.append(ev.Idle(time.monotonic(), time.time()))
                 if self.manager_sock in events:
                     self._drain(self.manager_sock, None)
                 if self.worker_sock in events:
@@ -304,7 +311,7 @@ class Endpoint:
                 "draining: no new work; waiting up to %.0f s for running tasks", self.config.drain_timeout_s
             )
             self._draining_since = time.monotonic()
-            self.scheduler.paused = True
+            self.scheduler.apply(ev.Paused(self._draining_since))
         else:
             self._stop.set()
 
@@ -328,34 +335,45 @@ class Endpoint:
                 log.exception("error handling %s", type(msg).__name__)
 
     def _pump(self) -> None:
-        """Dispatch and send everything the scheduler produced."""
-        s = self.scheduler
-        if s.code_requests:
-            self.packages.serve_from_disk()
-        s.dispatch()
-        for identity, msg in s.to_workers:
-            try:
-                self.worker_sock.send_multipart([identity, m.pack(msg)], zmq.NOBLOCK, copy=False)
-            except zmq.ZMQError as exc:  # the worker vanished: the pool reports the death
-                log.warning("cannot reach worker %r: %s", identity, exc)
-        s.to_workers.clear()
-        if s.code_requests:
-            self._to_manager(m.CodeRequest(s.take_code_requests()))
-        if s.states:
-            done = {r[m.R_ID] for r in s.results}
-            updates = [u for u in s.states if u[0] not in done]
-            if updates:
-                self._to_manager(m.States(updates))
-            s.states.clear()
-        if s.failures:
-            self.tasklog.failures(s.failures)
-            s.failures.clear()
-        if s.results:
-            for res in s.results:
-                self.unacked[res[m.R_ID]] = res
-            self._to_manager(m.Results(s.results))
-            s.results = []
+        """Hand the Scheduler what happened since the last turn, and carry out what it says."""
+        events, self._events = self._events, []
+        self._carry_out(self.scheduler.handle(*events))
         self._publish()
+
+    def _carry_out(self, instructions: list[ev.Instruction]) -> None:
+        """The I/O the Scheduler asks for: messages to workers, pools and the manager, logs."""
+        for ins in instructions:
+            kind = type(ins)
+            if kind is ev.SendToWorker:
+                try:
+                    self.worker_sock.send_multipart(
+                        [ins.identity, m.pack(ins.message)], zmq.NOBLOCK, copy=False
+                    )
+                except zmq.ZMQError as exc:  # the worker vanished: the pool reports the death
+                    log.warning("cannot reach worker %r: %s", ins.identity, exc)
+            elif kind is ev.SendResults:
+                for res in ins.results:
+                    self.unacked[res[m.R_ID]] = res
+                self._to_manager(m.Results(ins.results))
+            elif kind is ev.SendStates:
+                self._to_manager(m.States(ins.updates))
+            elif kind is ev.RequestCode:
+                now = time.monotonic()
+                found, learned = self.packages.from_disk(ins.digests, now)
+                if found:  # kept on disk from an earlier fetch: no need to ask
+                    self._carry_out(self.scheduler.handle(*learned, ev.CodeFound(now, found)))
+                rest = [d for d in ins.digests if d not in found]
+                if rest:
+                    self._to_manager(m.CodeRequest(rest))
+            elif kind is ev.LogFailures:
+                self.tasklog.failures(ins.failures)
+            elif kind is ev.RefuseCancel:
+                self._to_manager(m.CancelRefused(ins.task_ids, ins.reason))
+            elif kind is ev.KillWorker:
+                log.warning("killing worker %s: %s", ins.worker_id, ins.reason)
+                self._send_worker(ins.pool_identity, m.KillWorker(ins.worker_id, ins.reason))
+            elif kind is ev.PoolDropped:
+                log.warning("pool %s lost (missed heartbeats); its tasks were re-queued", ins.pool_id)
 
     def _to_manager(self, msg: m.Message) -> None:
         """Send without ever blocking. With no connection to the manager (its handshake refused
@@ -380,7 +398,8 @@ class Endpoint:
         self._send_blocked = False
 
     def _periodic(self, now: float) -> None:
-        self.scheduler.running_updates()
+        self._events.append(ev.Tick(now, time.time()))  # running states, lost pools, overrun tasks
+        self._pump()
         snapshot = self._snapshot()
         self._to_manager(m.Heartbeat(snapshot))
         self.tasklog.tick(
@@ -397,15 +416,6 @@ class Endpoint:
             self._say_hello()
         self._watch_blocks()
         self._forget_scaled_in()
-        for pool_id in self.scheduler.check_pools():
-            log.warning("pool %s lost (missed heartbeats); its tasks were re-queued", pool_id)
-        self.scheduler.check_timeouts()
-        for pool_id, worker_id, reason in self.scheduler.kill_requests:
-            pool = self.scheduler.pools.get(pool_id)
-            if pool is not None:
-                log.warning("killing worker %s: %s", worker_id, reason)
-                self._send_worker(pool.identity, m.KillWorker(worker_id, reason))
-        self.scheduler.kill_requests.clear()
         self._publish(force=True)
         self._write_status()
 
@@ -481,7 +491,9 @@ class Endpoint:
         }
         for pool in list(self.scheduler.pools.values()):
             if pool.block_id in scaled_in:
-                self.scheduler.pool_lost(pool.pool_id, f"block {pool.block_id} was scaled in")
+                self.scheduler.apply(
+                    ev.PoolLost(self.scheduler.clock(), pool.pool_id, f"block {pool.block_id} was scaled in")
+                )
                 log.info("block %s scaled in (idle); its pool is gone", pool.block_id)
 
     def _block_ended(self, ex: Any, pool_name: str, block_id: str, st: Any, pool: Any) -> None:
@@ -494,7 +506,7 @@ class Endpoint:
         if st.message:
             reason += f" ({st.message})"
         if pool is not None:
-            self.scheduler.pool_lost(pool.pool_id, reason)
+            self.scheduler.apply(ev.PoolLost(self.scheduler.clock(), pool.pool_id, reason))
             log.warning("%s; its tasks were re-queued", reason)
             return
         tail = _tail(st.stderr_path) or _tail(st.stdout_path)
@@ -508,39 +520,38 @@ class Endpoint:
             )
             log.error("%s; its scaling stopped and its tasks fail until a restart", message)
             ex.set_bad_state_and_fail_all(RuntimeError(message))  # Parsl's strategy skips it now
-            self.scheduler.refuse_pool(pool_name, errors.infra_error("lost", message))
+            error = errors.infra_error("lost", message)
+            self.scheduler.apply(ev.PoolRefused(self.scheduler.clock(), pool_name, error))
 
     # ---- messages from the manager -------------------------------------------------------------
 
     def _on_manager(self, msg: m.Message) -> None:
-        self.last_heard_manager = time.monotonic()
+        now = self.last_heard_manager = time.monotonic()
         if isinstance(msg, m.Tasks):
-            fresh = []
+            fresh, done = [], []
             for rec in msg.tasks:  # a resent task we already finished: resend its result
                 res = self.unacked.get(rec[m.T_ID])
-                if res is None:
-                    fresh.append(rec)
-                else:
-                    self.scheduler.results.append(res)
-            self.scheduler.add_tasks(fresh)
+                (fresh if res is None else done).append(rec if res is None else res)
+            if done:
+                self._to_manager(m.Results(done))
+            self._events.append(ev.TasksArrived(now, fresh))
         elif isinstance(msg, m.Code):
-            self.packages.keep(msg.blobs)
-            self.scheduler.code_reply(msg.blobs)
+            self._events += self.packages.keep(msg.blobs, now)  # servables' policies first
+            self._events.append(ev.CodeArrived(now, msg.blobs))
         elif isinstance(msg, m.Accepted):
             for task_id in msg.task_ids:
                 self.unacked.pop(task_id, None)
         elif isinstance(msg, m.Cancel):
-            refused = self.scheduler.cancel(msg.task_ids)
-            if refused:
-                self._to_manager(m.CancelRefused(refused, "already running or finished"))
+            self._events.append(ev.CancelRequested(now, msg.task_ids))
         elif isinstance(msg, m.Welcome):
             owner = msg.info.get("owner")
             if isinstance(owner, str) and owner != self.scheduler.policy.owner:
-                self.scheduler.policy = self.config.policy.to_policy(self.config.name, owner)
-                log.info("owner %s; %s", owner, self.scheduler.policy.describe())
+                policy = self.config.policy.to_policy(self.config.name, owner)
+                self.scheduler.apply(ev.PolicyChanged(now, policy))
+                log.info("owner %s; %s", owner, policy.describe())
             if self.manager_state != "running":
                 log.info("connected to the manager")
-            self.scheduler.code_link_reset()  # code asked of an earlier session is asked again
+            self._events.append(ev.ManagerSession(now))  # code asked of an earlier session: asked again
             self.registered, self.manager_state = True, "running"
             if self.unacked:
                 self._to_manager(m.Results(list(self.unacked.values())))
@@ -556,19 +567,15 @@ class Endpoint:
     # ---- messages from pools and workers ------------------------------------------------------
 
     def _on_worker(self, identity: bytes, msg: m.Message) -> None:
-        s = self.scheduler
         if isinstance(msg, m.Results):
-            if msg.info:
-                s.worker_info(identity, msg.info)
-            s.worker_results(identity, msg.results)
+            self._events.append(ev.WorkerResults(time.monotonic(), identity, msg.results, msg.info))
         elif isinstance(msg, m.Heartbeat):
-            if s.pool_heartbeat(identity[2:].decode(), msg.info):
-                self._send_worker(identity, m.Heartbeat({}))
+            self._events.append(ev.PoolHeartbeat(time.monotonic(), identity, identity[2:].decode(), msg.info))
         elif isinstance(msg, m.Hello):
             self._worker_hello(identity, msg)
         elif isinstance(msg, m.WorkerDied):
             log.warning("worker %s died: %s", msg.worker_id, msg.reason)
-            s.worker_died(msg.worker_id, msg.reason)
+            self._events.append(ev.WorkerDied(time.monotonic(), msg.worker_id, msg.reason))
         elif isinstance(msg, m.CancelRefused):
             self._to_manager(msg)
 
@@ -590,23 +597,21 @@ class Endpoint:
             if warning not in self.version_warnings:
                 self.version_warnings.append(warning)
                 log.warning("%s", warning)
+        now = time.monotonic()
         if hello.role == "pool":
-            self.scheduler.add_pool(identity, hello.name, str(hello.info.get("block_id")), dict(hello.info))
-            left = hello.info.get("walltime_left_s")
+            left, drain_in = hello.info.get("walltime_left_s"), None
             if isinstance(left, (int, float)):
                 named = self.config.all_pools().get(str(hello.info.get("pool_name")))
                 margin = named.pool.drain_before_walltime_s if named else 60.0
-                self.scheduler.drain_pool_in(hello.name, max(0.0, left - margin))
+                drain_in = max(0.0, left - margin)
+            block = str(hello.info.get("block_id"))
+            self.scheduler.apply(ev.PoolJoined(now, identity, hello.name, block, dict(hello.info), drain_in))
             log.info("pool %s registered (block %s)", hello.name, hello.info.get("block_id"))
             self._early_failures[str(hello.info.get("pool_name", "default"))] = 0
             self._send_worker(identity, m.Welcome(self.session, {}))
         elif hello.role == "worker":
-            self.scheduler.add_worker(
-                identity,
-                hello.name,
-                str(hello.info.get("pool_id")),
-                str(hello.info.get("pool_name", "default")),
-            )
+            pool_id, pool_name = str(hello.info.get("pool_id")), str(hello.info.get("pool_name", "default"))
+            self.scheduler.apply(ev.WorkerJoined(now, identity, hello.name, pool_id, pool_name))
             # tell the manager and `dlhub up` at once rather than at the next heartbeat
             self._to_manager(m.Heartbeat(self._snapshot()))
             self._write_status()
@@ -689,6 +694,8 @@ class Endpoint:
                 log.exception("error while scaling in blocks")
         for io in self.provider_io.values():
             io.close()
+        if self.scheduler.event_log is not None:
+            self.scheduler.event_log.close()
         for ex in self.executors.values():
             ex.cancel_all()
         self.manager_state = "stopped"

@@ -1,7 +1,11 @@
 """Servable packages at the endpoint: fetched from the manager once, kept on disk by record
 digest (``<run_dir>/servables/<digest>.pkg``), and read from there after restarts. Each package's
 record tells the scheduler the version's label and, for vectorized servables, its batching policy
-(the record's, merged with the endpoint's ``batching:`` config)."""
+(the record's, merged with the endpoint's ``batching:`` config), as :class:`ServableLearned`
+events the daemon hands to the Scheduler (the cache never touches it).
+
+    Code from the manager --keep()--> disk, ServableLearned events
+    RequestCode(digests) --from_disk()--> blobs found (CodeFound), ServableLearned events"""
 
 from __future__ import annotations
 
@@ -12,9 +16,10 @@ from typing import TYPE_CHECKING
 
 from dlhub.protocol import messages as m
 
+from .events import ServableLearned
+
 if TYPE_CHECKING:
     from .config import BatchingConfig
-    from .scheduler import Scheduler
 
 log = logging.getLogger("dlhub.endpoint")
 
@@ -30,8 +35,8 @@ def write_atomically(path: Path, data: bytes) -> None:
 
 
 class PackageCache:
-    def __init__(self, root: Path, scheduler: Scheduler, batching: BatchingConfig):
-        self.root, self.scheduler, self.batching = root, scheduler, batching
+    def __init__(self, root: Path, batching: BatchingConfig):
+        self.root, self.batching = root, batching
 
     def path(self, function: str) -> Path | None:
         digest = m.package_key(function)
@@ -39,31 +44,34 @@ class PackageCache:
             return None
         return self.root / f"{digest}.pkg"
 
-    def keep(self, blobs: dict[str, bytes]) -> None:
-        """Packages the manager sent (other code blobs are ignored): learn and store them."""
+    def keep(self, blobs: dict[str, bytes], now: float) -> list[ServableLearned]:
+        """Packages the manager sent (other code blobs are ignored): store them, and say what
+        their records tell."""
+        learned = []
         for function, blob in blobs.items():
             path = self.path(function)
             if path is None:
                 continue
-            self._learn(function, blob)
+            learned += self._learn(function, blob, now)
             try:
                 write_atomically(path, blob)
             except OSError as exc:  # a full disk costs a refetch, nothing else
                 log.warning("cannot cache servable package %s: %s", path.name, exc)
+        return learned
 
-    def serve_from_disk(self) -> None:
-        """Packages fetched before (by this or an earlier run of the endpoint) need no request."""
-        s, found = self.scheduler, {}
-        for function in s.code_requests:
+    def from_disk(self, digests: list[str], now: float) -> tuple[dict[str, bytes], list[ServableLearned]]:
+        """Packages fetched before (by this or an earlier run of the endpoint) need no request:
+        the ones of ``digests`` found on disk, and what their records tell."""
+        found: dict[str, bytes] = {}
+        learned: list[ServableLearned] = []
+        for function in digests:
             path = self.path(function)
             if path is not None and path.exists():
                 found[function] = path.read_bytes()
-                self._learn(function, found[function])
-        if found:
-            s.code_requests = [d for d in s.code_requests if d not in found]
-            s.add_code(found)
+                learned += self._learn(function, found[function], now)
+        return found, learned
 
-    def _learn(self, function: str, blob: bytes) -> None:
+    def _learn(self, function: str, blob: bytes, now: float) -> list[ServableLearned]:
         """Batching policy and label of a servable, from its package's record."""
         function = m.RUN_PREFIX + m.package_key(function)  # verify: and servable: name one version
         try:
@@ -72,9 +80,9 @@ class PackageCache:
             record, _, _ = unpack_package(blob)
         except Exception as exc:  # a bad package fails its tasks at the worker, with the reason
             log.warning("cannot read servable package %s: %s", function, exc)
-            return
+            return []
         policy = None
         if record.vectorized:
             record_policy = record.batching.model_dump() if record.batching else None
             policy = self.batching.policy_for(record.ref, record_policy)
-        self.scheduler.set_batching(function, policy, record.ref)
+        return [ServableLearned(now, function, policy, record.ref)]

@@ -31,14 +31,17 @@ import logging
 import math
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from dlhub.protocol import errors
 from dlhub.protocol import messages as m
 
+from . import events as ev
 from .batching import Batching
+from .events import EventLog
+from .fairqueue import FairQueue
 
 log = logging.getLogger("dlhub.endpoint.scheduler")
 
@@ -52,88 +55,6 @@ class TaskState:
     retries: int = 0
     pool: str = "default"  # the named pool whose workers may run it
     user: str | None = None  # who submitted it (its origin's user): its turn in the fair queue
-
-
-class FairQueue:
-    """One pool's waiting tasks: a FIFO per user, served round-robin (one task a turn).
-
-    ``ring`` holds the users with tasks waiting, the next to be served first; a user is in it
-    exactly when its FIFO is non-empty. With one user this is a plain FIFO at the cost of a
-    dict lookup and a rotate of a one-element deque per task. Iteration yields the tasks in the
-    order dispatch would take them."""
-
-    __slots__ = ("by_user", "ring")
-
-    def __init__(self) -> None:
-        self.by_user: dict[str | None, deque[bytes]] = {}
-        self.ring: deque[str | None] = deque()
-
-    def push(self, task_id: bytes, user: str | None, front: bool = False) -> None:
-        """Queue a task at the back of its user's FIFO, or at the front (``front``: a requeued
-        task, which was dispatched before anything waiting). A user with nothing waiting joins
-        the ring at the back, or at the front for a requeued task; one already in the ring
-        keeps its turn either way (a requeue never lets a user overtake another)."""
-        q = self.by_user.get(user)
-        if q is None:
-            q = self.by_user[user] = deque()
-            (self.ring.appendleft if front else self.ring.append)(user)
-        (q.appendleft if front else q.append)(task_id)
-
-    def push_front(self, items: list[tuple[bytes, str | None]]) -> None:
-        """Put requeued tasks back, in order, at the front of their users' FIFOs. Users with
-        nothing waiting join the ring at the front in the order of their first task (their
-        tasks were dispatched before anything now waiting); the others keep their turn."""
-        joined = set()
-        for task_id, user in reversed(items):
-            q = self.by_user.get(user)
-            if q is None:
-                q = self.by_user[user] = deque()
-                joined.add(user)
-            q.appendleft(task_id)
-        if joined:
-            self.ring.extendleft(reversed(list(dict.fromkeys(u for _, u in items if u in joined))))
-
-    def peek(self) -> bytes:
-        """The task dispatch takes next (the queue must not be empty)."""
-        return self.by_user[self.ring[0]][0]
-
-    def pop(self, served: bool = True) -> bytes:
-        """Take the next task; ``served``: it was dispatched, so its user's turn ends (False:
-        a cancelled task dropped, which costs its user no turn)."""
-        user = self.ring[0]
-        q = self.by_user[user]
-        task_id = q.popleft()
-        if not q:
-            self.ring.popleft()
-            del self.by_user[user]
-        elif served:
-            self.ring.rotate(-1)
-        return task_id
-
-    def clear(self) -> None:
-        self.by_user.clear()
-        self.ring.clear()
-
-    def users(self) -> dict[str | None, int]:
-        """Tasks waiting per user (for status)."""
-        return {user: len(q) for user, q in self.by_user.items()}
-
-    def __bool__(self) -> bool:
-        return bool(self.ring)
-
-    def __len__(self) -> int:
-        return sum(len(q) for q in self.by_user.values())
-
-    def __iter__(self) -> Iterator[bytes]:
-        iters = [iter(self.by_user[user]) for user in self.ring]
-        while iters:
-            alive = []
-            for it in iters:
-                for task_id in it:
-                    yield task_id
-                    alive.append(it)
-                    break
-            iters = alive
 
 
 @dataclass
@@ -165,17 +86,23 @@ class PoolState:
 class Scheduler(Batching):
     def __init__(
         self,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] | None = time.monotonic,
         prefetch_target_ms: float = 2.0,
         min_prefetch: int = 0,
         max_prefetch: int = 64,
         heartbeat_threshold_s: float = 10.0,
         max_retries: int = 2,
-        wall_clock: Callable[[], float] = time.time,
+        wall_clock: Callable[[], float] | None = time.time,
         no_prefetch_above_ms: float = 100.0,
         pool_offers: dict[str, dict[str, Any]] | None = None,
     ):
-        self.clock, self.wall_clock = clock, wall_clock
+        # None: time comes only with the events handed to handle() (the daemon's way); a
+        # callable: the old direct-call API (unit tests drive the clock by hand)
+        self.now, self.wall_now = 0.0, 0.0
+        self.clock = clock if clock is not None else (lambda: self.now)
+        self.wall_clock = wall_clock if wall_clock is not None else (lambda: self.wall_now)
+        self.event_log: EventLog | None = None  # every event handled, when set (replay a bug)
+        self._out: list[ev.Instruction] = []  # instructions from events, until take_instructions
         self.prefetch_target_s = prefetch_target_ms / 1000.0
         self.min_prefetch, self.max_prefetch = min_prefetch, max_prefetch
         self.no_prefetch_above_s = no_prefetch_above_ms / 1000.0
@@ -219,6 +146,87 @@ class Scheduler(Batching):
         # daemon sets one and drains it to log them (counting them costs one comparison a result)
         self.failures: list[tuple[bytes, str, bytes | None, list]] | None = None
         self._init_batching()
+
+    # ---- events in, instructions out -----------------------------------------------------------
+
+    def handle(self, *events: ev.Event) -> list[ev.Instruction]:
+        """Apply events in order, dispatch once, and return what the loop must do now."""
+        if self.event_log is not None:
+            self.event_log.write("handle", events)
+        self._apply(events)
+        self.dispatch()
+        return self.take_instructions()
+
+    def apply(self, *events: ev.Event) -> None:
+        """Apply events without dispatching: their outputs leave with the next :meth:`handle`
+        (for control events whose effect the loop reads at once, e.g. a pool that joined)."""
+        if self.event_log is not None:
+            self.event_log.write("apply", events)
+        self._apply(events)
+
+    def _apply(self, events: tuple[ev.Event, ...]) -> None:
+        # what each event does is one of the methods below (also the direct API of unit tests);
+        # their outputs accumulate in the outbox lists until take_instructions empties them
+        for event in events:
+            self.now = event.now
+            _HANDLERS[type(event)](self, event, self._out)
+
+    def take_instructions(self) -> list[ev.Instruction]:
+        """Empty the outbox into instructions: worker messages, then what goes to the manager
+        (code requests, states, results), failures to log and workers to kill."""
+        out, self._out = self._out, []
+        if self.to_workers:
+            out[:0] = [ev.SendToWorker(identity, msg) for identity, msg in self.to_workers]
+            self.to_workers.clear()
+        if self.code_requests:
+            out.append(ev.RequestCode(self.take_code_requests()))
+        if self.states:
+            done = {r[m.R_ID] for r in self.results}  # a finished task needs no "running"
+            updates = [u for u in self.states if u[0] not in done]
+            if updates:
+                out.append(ev.SendStates(updates))
+            self.states.clear()
+        if self.failures:
+            out.append(ev.LogFailures(list(self.failures)))
+            self.failures.clear()
+        if self.results:
+            out.append(ev.SendResults(self.results))
+            self.results = []
+        for pool_id, worker_id, reason in self.kill_requests:
+            pool = self.pools.get(pool_id)
+            if pool is not None:
+                out.append(ev.KillWorker(pool.identity, worker_id, reason))
+        self.kill_requests.clear()
+        return out
+
+    def _on_pool_joined(self, e: ev.PoolJoined, out: list) -> None:
+        self.add_pool(e.identity, e.pool_id, e.block_id, e.info)
+        if e.drain_in_s is not None:
+            self.drain_pool_in(e.pool_id, e.drain_in_s)
+
+    def _on_results(self, e: ev.WorkerResults, out: list) -> None:
+        if e.info:
+            self.worker_info(e.identity, e.info)
+        self.worker_results(e.identity, e.results)
+
+    def _on_heartbeat(self, e: ev.PoolHeartbeat, out: list) -> None:
+        if self.pool_heartbeat(e.pool_id, e.info):
+            out.append(ev.SendToWorker(e.identity, m.Heartbeat({})))
+
+    def _on_cancel(self, e: ev.CancelRequested, out: list) -> None:
+        refused = self.cancel(e.task_ids)
+        if refused:
+            out.append(ev.RefuseCancel(refused, "already running or finished"))
+
+    def _on_tick(self, e: ev.Tick, out: list) -> None:
+        self.wall_now = e.wall
+        self.running_updates()
+        out.extend(ev.PoolDropped(pool_id) for pool_id in self.check_pools())
+        self.check_timeouts()
+
+    def _on_idle(self, e: ev.Idle, out: list) -> None:
+        self.wall_now = e.wall
+        self.running_updates()
 
     # ---- tasks and code from the manager ----------------------------------------------------
 
@@ -694,3 +702,24 @@ def _fits(wanted: Any, offered: Any, counted: bool) -> bool:
     if offered is None:
         return not counted
     return wanted <= offered
+
+
+_HANDLERS: dict[type, Callable[[Scheduler, Any, list], None]] = {
+    ev.TasksArrived: lambda s, e, out: s.add_tasks(e.records),
+    ev.CodeArrived: lambda s, e, out: s.code_reply(e.blobs),
+    ev.CodeFound: lambda s, e, out: s.add_code(e.blobs),
+    ev.ManagerSession: lambda s, e, out: s.code_link_reset(),
+    ev.ServableLearned: lambda s, e, out: s.set_batching(e.function, e.policy, e.label),
+    ev.PoolJoined: Scheduler._on_pool_joined,
+    ev.WorkerJoined: lambda s, e, out: s.add_worker(e.identity, e.worker_id, e.pool_id, e.pool_name),
+    ev.WorkerResults: Scheduler._on_results,
+    ev.WorkerDied: lambda s, e, out: s.worker_died(e.worker_id, e.reason),
+    ev.PoolHeartbeat: Scheduler._on_heartbeat,
+    ev.PoolLost: lambda s, e, out: s.pool_lost(e.pool_id, e.reason),
+    ev.PoolRefused: lambda s, e, out: s.refuse_pool(e.pool_name, e.error),
+    ev.CancelRequested: Scheduler._on_cancel,
+    ev.PolicyChanged: lambda s, e, out: setattr(s, "policy", e.policy),
+    ev.Paused: lambda s, e, out: setattr(s, "paused", True),
+    ev.Tick: Scheduler._on_tick,
+    ev.Idle: Scheduler._on_idle,
+}
