@@ -1,7 +1,7 @@
 """Batching of vectorized servables at the endpoint: the part of the Scheduler that groups
 waiting calls of one version into one call (sans-IO, on the Scheduler's clock).
 
-    set_batching(function, policy)  <- the daemon, from the package's record + endpoint config
+    set_batching(function, policy)  <- a ServableLearned event (the package's record + endpoint config)
     _enqueue: a call of a batched function waits in its (pool, function) queue with its arrival
               time and weight; everything else goes to the pool's regular queue
     _dispatch_batches: a batch leaves when its weight reaches max_batch_size or the delay since

@@ -2,12 +2,16 @@
 
     manager ROUTER <--tcp-- DEALER [endpoint loop] ROUTER <--tcp-- pools (control)
                                         |                  <--tcp-- workers (data)
+                                 events |  ^ instructions
                                     Scheduler (sans-IO): queue, prefetch credits, failures
-                                        |
                         Parsl JobStatusPoller thread: PoolExecutor blocks via the provider
+                              (reads only the snapshot the loop publishes: ``_published``)
+                        OffLoop thread per pool: provider status queries -> outcomes -> loop
 
-Each wake-up drains the manager and the workers, dispatches, and sends what accumulated: one
-``Results`` and one ``States`` message to the manager, one ``Tasks`` message per worker. Results
+Each wake-up drains the manager and the workers, turning each message into an event, hands the
+turn's events to ``Scheduler.handle`` (which dispatches once), and carries out the instructions:
+one ``Results`` and one ``States`` message to the manager, one ``Tasks`` message per worker.
+Nothing here waits: sends are NOBLOCK, provider commands run off the loop. Results
 are kept until the manager acknowledges them (it commits first), and are re-sent after the link
 comes back; the manager re-sends tasks the same way, and ids already held are ignored.
 """

@@ -1,8 +1,15 @@
 """Sans-IO task scheduling at the endpoint: queue, workers, prefetch credits, failures.
 
-Events in: tasks from the manager, code blobs, workers and pools registering, results, worker
-deaths, pool heartbeats and clock ticks. Out: ``to_workers`` (identity, message) pairs, and
-``results``/``states``/``code_requests`` for the manager. The daemon only moves these in and out.
+    loop --events (endpoint/events.py)--> handle(*events) --> [apply each; dispatch once]
+    loop <--instructions: SendToWorker, SendResults, SendStates, RequestCode, KillWorker, ...
+
+Events: tasks from the manager, code replies, workers and pools joining, results, worker deaths,
+pool heartbeats, ticks; each carries the loop's clock reading (``now``), so nothing here reads a
+clock or does I/O, and a logged run replays (:mod:`.replay`). Each event's handler is one of the
+methods below, which are also the direct API the unit tests drive; they leave their outputs in
+the outbox lists (``to_workers``, ``results``, ``states``, ``code_requests``, ``kill_requests``)
+that :meth:`Scheduler.take_instructions` empties. Code requests: a reply settles only what its
+own request asked (``code_asked``).
 
 Dispatch: each worker holds a FIFO of tasks, the head running. A task may sit at depth ``d``
 behind the head only if its function's prefetch allows it. The prefetch adapts to the function's
@@ -12,7 +19,7 @@ for no-ops (so batches fill), one for short tasks, none for tasks longer than
 worker can take them and a cancel acts at once). Functions not yet measured get ``min_prefetch``
 (0 by default: the first results arrive within one task's time and set the real depth).
 
-Fair share: each pool's queue (:class:`FairQueue`) holds a FIFO per submitting user (the
+Fair share: each pool's queue (:class:`~.fairqueue.FairQueue`) holds a FIFO per submitting user (the
 ``user`` of the task's origin) and dispatch serves them round-robin, one task a turn, so a user
 with 100,000 tasks waiting delays another's single call by at most one task a worker, plus what
 is already prefetched at the workers (bounded by ``prefetch_target_ms`` of work each).
