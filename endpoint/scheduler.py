@@ -28,7 +28,8 @@ Failures: a dead worker fails its running task with ``WorkerLost`` and re-queues
 ones; a dead pool (missed heartbeats) re-queues all its tasks, counting a retry against each,
 and after ``max_retries`` reports them ``lost`` with the reason.
 
-Batching of vectorized servables (their own queues, idle workers only) is in :mod:`.batching`.
+Batching of vectorized servables (their own queues, idle workers only): the policy object in
+:mod:`.batching` decides when a batch is due; the Scheduler picks the worker and sends it.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ class PoolState:
     drain_at: float | None = None  # stop giving this pool work at this time (walltime ahead)
 
 
-class Scheduler(Batching):
+class Scheduler:
     def __init__(
         self,
         clock: Callable[[], float] | None = time.monotonic,
@@ -152,7 +153,7 @@ class Scheduler(Batching):
         # failed tasks, (task id, function, worker identity or None, error), when a list: the
         # daemon sets one and drains it to log them (counting them costs one comparison a result)
         self.failures: list[tuple[bytes, str, bytes | None, list]] | None = None
-        self._init_batching()
+        self.batcher = Batching()  # vectorized servables' calls: the batching policy and its queues
 
     # ---- events in, instructions out -----------------------------------------------------------
 
@@ -506,6 +507,87 @@ class Scheduler(Batching):
             self._enqueue(pool, task_id, front=True)
         for pool, items in regular.items():
             self.queues[pool].push_front(items)
+
+    # ---- batching (the policy object's state, and the parts that touch workers) ----------------
+
+    # kept under their old names for the unit tests and status (thin views of the policy object)
+    batching = property(lambda self: self.batcher.policies)
+    batch_queues = property(lambda self: self.batcher.queues)
+    labels = property(lambda self: self.batcher.labels)
+    servable_stats = property(lambda self: self.batcher.servable_stats)
+
+    def set_batching(self, function: str, policy: dict[str, Any] | None, label: str = "") -> None:
+        self.batcher.set_policy(function, policy, label)
+
+    def next_batch_deadline(self) -> float | None:
+        return self.batcher.next_deadline(self.clock())
+
+    def batching_snapshot(self) -> dict[str, Any]:
+        return self.batcher.snapshot(self.tasks)
+
+    def worker_info(self, identity: bytes, info: dict[str, Any]) -> None:
+        """What a worker reports beside results: which servables it holds warm now, and loads,
+        evictions and output-cache counts per servable function."""
+        w = self.workers.get(identity)
+        if w is not None and isinstance(info.get("warm"), list):
+            w.warm = {f for f in info["warm"] if isinstance(f, str)}
+        self.batcher.count_reported(info.get("servables"))
+
+    def _enqueue(self, pool: str, task_id: bytes, front: bool = False) -> None:
+        t = self.tasks[task_id]
+        function = t.record[m.T_FUNCTION]
+        if function in self.batcher.policies:
+            self.batcher.add(pool, function, task_id, m.task_options(t.record), self.clock(), front)
+            return
+        queue = self.queues[pool]
+        fifo = queue.by_user.get(t.user)
+        if fifo is None or front:
+            queue.push(task_id, t.user, front)
+        else:  # FairQueue.push, inlined for the common case (the hot path)
+            fifo.append(task_id)
+
+    def _dispatch_batches(self, now: float) -> None:
+        for (pool_name, function), queue in list(self.batcher.queues.items()):
+            while (limit := self.batcher.due(function, queue, now, self.tasks)) is not None:
+                worker = self._idle_worker(pool_name, function, now)
+                if worker is None:
+                    break  # every worker busy: the batch keeps filling
+                self._send_batch(worker, function, queue, limit, now)
+
+    def _idle_worker(self, pool_name: str, function: str, now: float) -> WorkerState | None:
+        idle = [
+            w
+            for w in self.workers.values()
+            if w.pool_name == pool_name and not w.assigned and self._accepting(w, now)
+        ]
+        if not idle:
+            return None
+        return next((w for w in idle if function in w.warm), idle[0])
+
+    def _send_batch(self, w: WorkerState, function: str, queue: deque, limit: int, now: float) -> None:
+        ids, weight = self.batcher.take(queue, limit, self.tasks, now)
+        if not ids:
+            return
+        code = {}
+        if function not in w.known_code:
+            blob = self.code.get(function)
+            if blob is None:  # evicted from the code cache: fetch it again
+                for task_id in ids:
+                    self._wait_for_code(task_id)
+                return
+            code[function] = blob
+            w.known_code.add(function)
+        records = []
+        for task_id in ids:
+            t = self.tasks[task_id]
+            t.worker = w.identity
+            records.append(t.record)
+        w.warm.add(function)
+        w.head_since = now
+        w.assigned.extend(ids)
+        w.running_batch = set(ids)
+        self.batcher.sent(function, weight)
+        self.to_workers.append((w.identity, m.Tasks(records, code, [ids])))
 
     # ---- dispatch ----------------------------------------------------------------------------
 
