@@ -1,19 +1,25 @@
 """The client's link to the manager: one I/O thread owns the socket.
 
-    submit() / cancel() / query()  --deque + eventfd-->  [I/O thread]  --DEALER-->  manager
-    futures resolved  <--on_results--  [I/O thread]  <--Results/Accepted/...--  manager
+    submit() / put_code() / cancel() / query()  --deque + wake-up-->  [I/O thread]  --DEALER-->  manager
+    futures resolved  <--on_results/on_states--  [I/O thread]  <--Results/States/Accepted/...--  manager
+
+The wake-up is an eventfd on Linux, a socket pair elsewhere (``_wakeup.py``; ``$DLHUB_WAKEUP``).
 
 The I/O thread wakes when work is queued or a frame arrives, takes everything that is waiting
 and sends it as few messages as possible (one ``Submit`` per endpoint per wake-up, up to
 ``batch_size`` tasks): no timer on the latency path. Tasks stay in ``unacked`` until the manager
 has committed them; after the manager restarts (it answers ``not-registered``) the thread says
 Hello again, resends them, and asks for the results of everything still pending.
+
+``close(wait=False)`` only asks the thread to stop: it sends what is still queued (cancels of a
+``shutdown``), closes its sockets and the wake-up itself; a later ``send`` is dropped, never
+written to a closed descriptor. The thread holds no reference to the Executor (its callbacks
+are weak), so an Executor dropped without ``shutdown()`` stops it from a finalizer.
 """
 
 from __future__ import annotations
 
 import itertools
-import os
 import secrets
 import socket
 import threading
@@ -30,10 +36,13 @@ from dlhub.protocol import messages as m
 from dlhub.protocol.curve import HandshakeWatch, check_plain_allowed, secure_dealer
 from dlhub.protocol.serialize import runtime_versions
 
+from ._wakeup import make_wakeup
+
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 HEARTBEAT_S = 2.0
+CLOSE_LINGER_MS = 500  # at close: time for the last messages (cancels) to leave; 0 after a refusal
 
 
 class Connection:
@@ -50,9 +59,12 @@ class Connection:
         on_manager_lost: Callable[[str], None] = lambda why: None,
         on_access_denied: Callable[[AccessDenied], None] = lambda error: None,
         server_key: str | None = None,
+        on_states: Callable[[list[list]], None] = lambda updates: None,
+        wakeup: str | None = None,
     ):
         """``server_key``: the manager's CURVE public key, pinned (None: a manager on this host in
-        ``--insecure-loopback`` mode, PLAIN with the token as password)."""
+        ``--insecure-loopback`` mode, PLAIN with the token as password). ``wakeup``: ``"eventfd"``
+        or ``"socketpair"`` (default: ``$DLHUB_WAKEUP``, else eventfd where the OS has one)."""
         self.address, self.token = address, token
         self.server_key = server_key
         if not server_key:
@@ -63,16 +75,16 @@ class Connection:
         self.manager_timeout_s = manager_timeout_s
         self.on_manager_lost = on_manager_lost
         self.on_access_denied = on_access_denied
+        self.on_states = on_states
         self.session = secrets.token_hex(8)
         self.outgoing: deque[tuple] = deque()
         self.unacked: dict[bytes, tuple[str, list]] = {}
-        self.lock = threading.Lock()  # guards a future's "sent" flag against cancel()
         self.welcome: dict[str, Any] = {}
         self.code_sent: dict[str, bytes] = {}  # resent after a manager restart
         self._requests: dict[int, Future] = {}
         self._request_ids = itertools.count(1)
         _check_address(address, connect_timeout_s)
-        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._wakeup = make_wakeup(wakeup)
         self._ready = threading.Event()
         self._watch: HandshakeWatch | None = None
         self._error: BaseException | None = None
@@ -92,25 +104,76 @@ class Connection:
 
     # ---- called from user threads --------------------------------------------------------
 
+    @property
+    def wakeup_kind(self) -> str:
+        return self._wakeup.kind
+
+    @property
+    def closed(self) -> bool:
+        """Whether ``close`` was called (or the thread stopped on a refusal)."""
+        return self._stop.is_set()
+
+    def submit(self, endpoint: str, rec: list, claim: Callable[[], bool]) -> None:
+        """Queue one task record. ``claim()`` runs on the I/O thread just before the record is
+        sent: False (the future was cancelled meanwhile) drops it unsent."""
+        self.send(("task", endpoint, claim, rec))
+
+    def put_code(self, digest: str, blob: bytes) -> None:
+        """Queue a function's code (also resent after a manager restart)."""
+        self.send(("code", digest, blob))
+
+    def cancel(self, task_ids: list[bytes]) -> None:
+        """Ask the manager to cancel these tasks; it answers with ``cancelled`` results or
+        ``CancelRefused`` (``on_cancel_refused``)."""
+        self.send(("cancel", list(task_ids)))
+
+    def fetch(self, task_ids: list[bytes]) -> None:
+        """Ask for the results of tasks submitted earlier (they arrive as ``on_results``)."""
+        self.send(("fetch", list(task_ids)))
+
+    def query(self, task_ids: list[bytes]) -> Future:
+        """A future of the manager's task records (state, timestamps, output) for these ids."""
+        return self.request("query", list(task_ids))
+
+    def status(self) -> Future:
+        """A future of the manager's status view."""
+        return self.request("status")
+
+    def forget_unacked(self) -> None:
+        """Stop resending what the manager has not acknowledged (its futures have failed)."""
+        self.unacked.clear()
+
     def send(self, item: tuple) -> None:
+        """Queue ``(kind, ...)`` for the I/O thread. After ``close`` it is dropped (a late cancel
+        of a shut-down Executor has nothing left to cancel)."""
+        if self._stop.is_set():
+            return
         self.outgoing.append(item)
-        os.eventfd_write(self._wake_fd, 1)
+        self._wakeup.wake()
 
     def request(self, kind: str, *args: Any) -> Future:
         fut: Future = Future()
+        if self._stop.is_set():
+            fut.set_exception(
+                ManagerUnreachable(f"the connection to the manager at {self.address} is closed (shutdown)")
+            )
+            return fut
         rid = next(self._request_ids)
         self._requests[rid] = fut
         self.send((kind, rid, *args))
         return fut
 
-    def close(self, timeout: float = 5.0) -> None:
+    def close(self, timeout: float = 5.0, wait: bool = True) -> None:
+        """Stop the I/O thread after it sends what is queued; ``wait``: join it (``timeout``)."""
         self._stop.set()
-        try:
-            os.eventfd_write(self._wake_fd, 1)
-        except OSError:
-            pass
-        if threading.current_thread() is not self._thread:
+        self._wakeup.wake()
+        if wait and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the I/O thread to end; whether it has."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     # ---- the I/O thread --------------------------------------------------------------------
 
@@ -132,9 +195,11 @@ class Connection:
         self.sock = sock
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
-        poller.register(self._wake_fd, zmq.POLLIN)
+        wake_fd = self._wakeup.fileno()
+        poller.register(wake_fd, zmq.POLLIN)
         poller.register(watch.monitor, zmq.POLLIN)
         last_heard = last_beat = time.monotonic()
+        linger = 0
         try:
             while not self._stop.is_set():
                 events = dict(poller.poll(100 if watch is not None else int(HEARTBEAT_S * 1000)))
@@ -160,11 +225,8 @@ class Connection:
                 if sock in events:
                     last_heard = time.monotonic()
                     self._drain_socket(sock)
-                if self._wake_fd in events:
-                    try:
-                        os.eventfd_read(self._wake_fd)
-                    except BlockingIOError:
-                        pass
+                if wake_fd in events:
+                    self._wakeup.drain()
                 if self._ready.is_set() and self.outgoing:
                     self._send_outgoing(sock)
                 now = time.monotonic()
@@ -180,15 +242,21 @@ class Connection:
                     # a restarted manager answers "not-registered": we then resync
                     sock.send(m.pack(m.Heartbeat({})) if now - last_heard < 30 else self._hello())
                     last_beat = now
+            if self._ready.is_set() and self._error is None:
+                if self.outgoing:
+                    self._send_outgoing(sock)  # e.g. the cancels of shutdown(cancel_futures=True)
+                linger = CLOSE_LINGER_MS  # what was just sent leaves before the socket goes
         finally:
-            for fut in self._requests.values():
+            self._stop.set()
+            for fut in list(self._requests.values()):
                 if not fut.done():
                     fut.set_exception(ManagerUnreachable("connection closed"))
+            self._requests.clear()
             if watch is not None:
                 watch.close()
-            sock.close(0)
+            sock.close(linger)
             ctx.term()
-            os.close(self._wake_fd)
+            self._wakeup.close()
 
     def _send_hello_nowait(self, sock: zmq.Socket) -> bool:
         """Hello without waiting: after a failed handshake there is no pipe and a send would block
@@ -242,6 +310,8 @@ class Connection:
                 )
         elif isinstance(msg, m.CancelRefused):
             self.on_cancel_refused(msg.task_ids)
+        elif isinstance(msg, m.States):  # progress of our tasks, where the manager forwards it
+            self.on_states(msg.updates)
         elif isinstance(msg, (m.TaskInfo, m.Status)):
             fut = self._requests.pop(msg.request_id, None)
             if fut is not None:
@@ -278,11 +348,9 @@ class Connection:
             if kind != "task":
                 flush_tasks()
             if kind == "task":
-                _, endpoint, fut, rec = item
-                with self.lock:
-                    if fut.cancelled():
-                        continue
-                    fut.sent = True
+                _, endpoint, claim, rec = item
+                if not claim():
+                    continue
                 self.unacked[rec[m.T_ID]] = (endpoint, rec)
                 batch = batches.setdefault(endpoint, [])
                 batch.append(rec)

@@ -1,9 +1,16 @@
 """``Executor``: run Python functions on a dlhub endpoint through the manager, futures-style.
 
-    ex.submit(fn, *args) -> DLHubFuture   (code serialized once per function per Executor)
+    ex.submit(fn, *args) -> DLHubFuture   (code sent once per digest, serialized once per function)
         |  record [task_id, digest, payload, timeout_s, serializer] -> Connection (I/O thread)
         v
     manager -> endpoint -> worker; results stream back and resolve futures by task id
+
+The ``concurrent.futures`` contract holds: ``running()`` is true once the task runs (the client
+asks the manager when you ask), ``cancel()`` answers at once (True: cancelled here and now, the
+remote cancellation follows asynchronously), ``shutdown(wait=False)`` returns at once while
+pending futures still complete. The Executor keeps no callable, argument or result alive longer
+than needed (code is cached by weak reference, results leave with their futures), and one
+dropped without ``shutdown()`` stops its I/O thread from a finalizer.
 
 A remote exception is re-raised as its own type when it can be rebuilt, with the remote
 traceback as ``__cause__``; otherwise as a typed :class:`dlhub.protocol.RemoteError`.
@@ -15,8 +22,10 @@ import os
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures as cf
+from concurrent.futures._base import CANCELLED, FINISHED, PENDING, RUNNING
 from typing import Any
 
 from dlhub.protocol import (
@@ -46,7 +55,9 @@ from .connection import Connection
 class DLHubFuture(cf.Future):
     """A future for one remote task. ``task_id`` names it everywhere (manager, endpoint, CLI).
 
-    Successful results are decoded lazily, in the thread that asks for them.
+    Successful results are decoded lazily, in the thread that asks for them. The I/O thread moves
+    it through the states with the methods below, each atomic under the future's own lock, so
+    that a ``cancel()`` racing a result or a send never raises in either thread.
     """
 
     def __init__(self, task_id: bytes, executor: Executor):
@@ -54,8 +65,7 @@ class DLHubFuture(cf.Future):
         self._task_id = task_id
         self._executor = executor
         self.sent = False
-        self._cancel_answer: threading.Event | None = None  # made only when a cancel is asked
-        self._raw: bytes | None = None
+        self._cancel_answer: threading.Event | None = None  # made only when a cancel waits
         self._decoded = False
         self.output: tuple[str | None, str | None] | None = None
 
@@ -70,16 +80,68 @@ class DLHubFuture(cf.Future):
             self._decoded = True
         return self._value
 
+    def running(self) -> bool:
+        """True once the task runs on a worker, as far as this client has heard: a call on a
+        task not known to run asks the manager (at most every ``STATE_QUERY_INTERVAL_S``), so
+        a loop on ``running()`` sees the start within about a round trip of it."""
+        if super().running():
+            return True
+        if self.sent and not self.done():
+            self._executor._ask_states(self)
+        return super().running()
+
     def cancel(self) -> bool:
-        """Cancel the task if it has not started, wherever it waits (client, manager, endpoint).
+        """Cancel the task unless it runs or has finished, wherever it waits (client, manager,
+        endpoint). Returns at once (``Executor.cancel_timeout_s=0``, the default):
 
-        Blocks for at most ``Executor.cancel_timeout_s`` while the manager and the endpoint
-        answer; returns True only when the task was really cancelled.
+        - True: the future is cancelled now (``cancelled()``, waiters and callbacks see it); a
+          task already sent is cancelled at the manager or endpoint asynchronously. A task that
+          had started meanwhile runs to its end there; its result is dropped (``task_info``
+          shows what happened).
+        - False: the task is known to run, or it has finished.
+
+        With ``cancel_timeout_s > 0`` a sent task's cancel waits (that long at most) for the
+        remote answer and returns it: True only when the task was really cancelled.
         """
-        return self._executor._cancel([self], wait=True)
+        return self._executor._cancel([self], self._executor.cancel_timeout_s)
 
-    def _base_cancel(self) -> bool:
-        return super().cancel()
+    # ---- state changes made by the Executor (user threads and the I/O thread) -------------------
+
+    def _claim(self) -> bool:
+        """On the I/O thread, just before sending: False (do not send) once cancelled or failed."""
+        with self._condition:
+            if self._state != PENDING:
+                return False
+            self.sent = True
+            return True
+
+    def _cancel_now(self) -> bool:
+        """PENDING -> cancelled (waiters woken, callbacks run); whether the future is cancelled."""
+        with self._condition:
+            if self._state in (RUNNING, FINISHED):
+                return False
+            if self._state != PENDING:
+                return True  # already cancelled
+            self._state = CANCELLED
+            self._condition.notify_all()  # threads blocked in result()/exception()
+            self.set_running_or_notify_cancel()  # CANCELLED -> CANCELLED_AND_NOTIFIED, waiters told
+        self._invoke_callbacks()
+        return True
+
+    def _mark_running(self) -> None:
+        with self._condition:
+            if self._state == PENDING:
+                self.set_running_or_notify_cancel()
+
+    def _settle(self, result: Any = None, error: BaseException | None = None) -> None:
+        """Resolve unless already resolved (a cancel may have won the race)."""
+        try:
+            if error is None:
+                self.set_result(result)
+            else:
+                self.set_exception(error)
+        except cf.InvalidStateError:
+            pass
 
 
 class Executor(cf.Executor):
@@ -102,6 +164,8 @@ class Executor(cf.Executor):
             not answered for this long (it answers heartbeats every 2 s, so long tasks are fine).
         resources: what each task needs: ``{"cores": 2, "memory_gb": 8, "gpus": 1, "pool": "gpu"}``
             (any subset); the endpoint runs it on a pool that offers it, or fails it at once.
+        cancel_timeout_s: 0 (default): ``cancel()`` answers at once; above 0, a sent task's
+            cancel waits that long at most for the manager's and endpoint's answer.
     """
 
     def __init__(
@@ -115,7 +179,7 @@ class Executor(cf.Executor):
         payload_limit_bytes: int = DEFAULT_PAYLOAD_LIMIT_BYTES,
         batch_size: int = 1024,
         connect_timeout_s: float = 10.0,
-        cancel_timeout_s: float = 10.0,
+        cancel_timeout_s: float = 0.0,
         home: str | None = None,
         resources: dict[str, Any] | None = None,
         manager_timeout_s: float = 120.0,
@@ -136,23 +200,32 @@ class Executor(cf.Executor):
         self.result_serializer = result_serializer
         self.payload_limit_bytes = payload_limit_bytes
         self.cancel_timeout_s = cancel_timeout_s
-        self._futures: dict[bytes, DLHubFuture] = {}
-        self._functions: dict[int, tuple[Callable, str]] = {}
+        if cancel_timeout_s < 0:
+            raise ValueError(f"cancel_timeout_s must be 0 or more, got {cancel_timeout_s!r}")
+        self._futures: dict[bytes, DLHubFuture] = {}  # unresolved, by task id
+        self._code = _CodeCache()
         self._shutdown = False
+        self._states_lock = threading.Lock()
+        self._states_watch: set[bytes] = set()  # tasks whose running() was asked, not yet known
+        self._states_asked = 0.0  # when the last state query left
+        self._states_in_flight = False
         self._denied: BaseException | None = None  # the token was revoked or replaced
+        # the I/O thread gets weak callbacks only: it never keeps this Executor alive
         self._conn = Connection(
             config.manager,
             config.token,
-            on_results=self._on_results,
-            on_cancel_refused=self._on_cancel_refused,
-            pending_ids=self._sent_pending_ids,
+            on_results=_weak(self._on_results),
+            on_cancel_refused=_weak(self._on_cancel_refused),
+            pending_ids=_weak(self._sent_pending_ids, []),
             batch_size=batch_size,
             connect_timeout_s=connect_timeout_s,
             manager_timeout_s=manager_timeout_s,
-            on_manager_lost=self._on_manager_lost,
-            on_access_denied=self._access_denied,
+            on_manager_lost=_weak(self._on_manager_lost),
+            on_access_denied=_weak(self._access_denied),
             server_key=config.manager_key,
+            on_states=_weak(self._on_states),
         )
+        weakref.finalize(self, self._conn.close, 5.0, False)  # dropped without shutdown()
         endpoints = self._conn.welcome.get("endpoints", {})
         endpoint = self.endpoint = self._choose_endpoint(endpoints, endpoint, config)
         if not endpoints[endpoint].get("connected"):
@@ -206,13 +279,16 @@ class Executor(cf.Executor):
     # ---- submitting --------------------------------------------------------------------------
 
     def _digest(self, fn: Callable) -> str:
-        known = self._functions.get(id(fn))
-        if known is not None and known[0] is fn:
-            return known[1]
-        blob = serialize_function(fn)
-        digest = code_digest(blob)
-        self._functions[id(fn)] = (fn, digest)
-        self._conn.send(("code", digest, blob))
+        """The code digest of ``fn``: serialized once per function (or bound method's function
+        and object) while it lives, and sent once per digest, so a re-created identical lambda
+        costs a serialization but no second ``PutCode``."""
+        digest = self._code.get(fn)
+        if digest is None:
+            blob = serialize_function(fn)
+            digest = code_digest(blob)
+            self._code.put(fn, digest)
+            if self._code.first_send(digest):
+                self._conn.put_code(digest, blob)
         return digest
 
     @staticmethod
@@ -250,7 +326,7 @@ class Executor(cf.Executor):
         fut = DLHubFuture(task_id, self)
         self._futures[task_id] = fut
         rec = [task_id, digest, payload, self.task_timeout_s, self.result_serializer, self.resources, options]
-        self._conn.send(("task", self.endpoint, fut, rec))
+        self._conn.submit(self.endpoint, rec, fut._claim)
         return fut
 
     def with_options(self, *, cache: bool = True) -> _CallOptions:
@@ -296,28 +372,35 @@ class Executor(cf.Executor):
             per_future = 0  # a list of results per future
         tracker = _track(fs, fn, started) if progress else None
 
-        def wait(f):
-            return f.result() if deadline is None else f.result(max(0.0, deadline - time.monotonic()))
-
         def results() -> Iterator:
+            # each result is yielded straight from its future, never held in a local: once the
+            # caller drops it, nothing here keeps it alive (as in concurrent.futures)
             try:
                 fs.reverse()
                 while fs:
-                    value = wait(fs[-1])
-                    fs.pop()
                     if per_future:
-                        yield value
+                        yield self._result_or_cancel(fs.pop(), deadline)
                     else:
-                        yield from value
+                        yield from self._result_or_cancel(fs.pop(), deadline)
             finally:
                 try:
-                    if fs:
-                        self._cancel(fs, wait=False)
+                    if fs:  # as concurrent.futures does; a task that already runs finishes
+                        self._cancel(fs, 0.0, now=False)
                 finally:
                     if tracker is not None:
                         tracker.close()
 
         return results()
+
+    def _result_or_cancel(self, fut: DLHubFuture, deadline: float | None) -> Any:
+        try:
+            try:
+                return fut.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except BaseException:
+                self._cancel([fut], 0.0, now=False)  # a timeout: this one goes with the rest
+                raise
+        finally:
+            del fut
 
     # ---- results -----------------------------------------------------------------------------
 
@@ -325,21 +408,59 @@ class Executor(cf.Executor):
         """Runs on the I/O thread: resolve each future once."""
         for res in results:
             fut = self._futures.pop(res[m.R_ID], None)
-            if fut is None or fut.done():
+            if fut is None:
                 continue
+            self._states_watch.discard(fut._task_id)
             if res[m.R_OUTPUT]:
                 fut.output = tuple(res[m.R_OUTPUT])
             state = res[m.R_STATE]
             if state == "succeeded":
-                fut.set_result(res[m.R_PAYLOAD])
+                fut._settle(res[m.R_PAYLOAD])
             elif state == "cancelled":
-                fut._base_cancel()
-                fut.set_running_or_notify_cancel()
+                if not fut._cancel_now():  # it was reported running: cancelled all the same
+                    fut._settle(error=exception_from_record(res[m.R_ERROR] or ["cancelled", "", "", None]))
             else:
                 error = res[m.R_ERROR] or ["lost", f"task ended in state {state}", "", None]
-                fut.set_exception(exception_from_record(error))
+                fut._settle(error=exception_from_record(error))
             if fut._cancel_answer is not None:
                 fut._cancel_answer.set()
+        self._close_when_idle()
+
+    def _on_states(self, updates: list[list]) -> None:
+        """Runs on the I/O thread: progress reports (``[task_id, state, timestamp]``)."""
+        for task_id, state, _ts in updates:
+            if state == "running":
+                fut = self._futures.get(task_id)
+                if fut is not None:
+                    fut._mark_running()
+                self._states_watch.discard(task_id)
+
+    def _ask_states(self, fut: DLHubFuture) -> None:
+        """Ask the manager for the state of tasks whose ``running()`` was asked: one query in
+        flight at most, and at most one every ``STATE_QUERY_INTERVAL_S``."""
+        now = time.monotonic()
+        with self._states_lock:
+            self._states_watch.add(fut._task_id)
+            if self._states_in_flight or now - self._states_asked < STATE_QUERY_INTERVAL_S:
+                return
+            self._states_in_flight, self._states_asked = True, now
+            task_ids = list(self._states_watch)[:STATE_QUERY_MAX_TASKS]
+        self._conn.query(task_ids).add_done_callback(self._on_state_answer)
+
+    def _on_state_answer(self, answer: cf.Future) -> None:
+        with self._states_lock:
+            self._states_in_flight = False
+        if answer.exception() is not None:
+            return
+        for record in answer.result():
+            state = record.get("state")
+            if state in ("received", "queued", "dispatched"):
+                continue  # not yet: the next running() asks again
+            self._states_watch.discard(record.get("task_id"))
+            if state == "running":
+                fut = self._futures.get(record.get("task_id"))
+                if fut is not None:
+                    fut._mark_running()
 
     def _on_manager_lost(self, why: str) -> None:
         """Runs on the I/O thread: the manager has been silent too long; fail what waits."""
@@ -354,38 +475,51 @@ class Executor(cf.Executor):
     def _fail_pending(self, error: BaseException) -> None:
         """Runs on the I/O thread: fail every future still waiting (e.g. the token was revoked)."""
         for task_id, fut in list(self._futures.items()):
-            if not fut.done():
-                fut.set_exception(error)
+            fut._settle(error=error)
             self._futures.pop(task_id, None)
-        self._conn.unacked.clear()
+        self._conn.forget_unacked()
+        self._close_when_idle()
 
     def _on_cancel_refused(self, task_ids: list[bytes]) -> None:
+        """The endpoint refuses to cancel what already runs (or has finished): it runs."""
         for task_id in task_ids:
             fut = self._futures.get(task_id)
-            if fut is not None and fut._cancel_answer is not None:
-                fut._cancel_answer.set()
+            if fut is not None:
+                fut._mark_running()
+                if fut._cancel_answer is not None:
+                    fut._cancel_answer.set()
 
-    def _cancel(self, futs: list[DLHubFuture], wait: bool) -> bool:
+    def _cancel(self, futs: list[DLHubFuture], wait_s: float, now: bool = True) -> bool:
+        """Cancel what has not started: unsent tasks here; sent ones here and now, the remote
+        cancel following (``wait_s`` 0), or once the manager answers (``wait_s`` > 0, bounded).
+        ``now=False``: sent ones only when the manager answers (a ``cancelled`` result), and a
+        task that already runs ends with its real result; nothing waits."""
         remote = []
         for fut in futs:
-            with self._conn.lock:
-                if fut.done():
+            with fut._condition:  # against _claim on the I/O thread: sent or cancelled, not both
+                if fut._state != PENDING:
                     continue
                 if not fut.sent:
-                    fut._base_cancel()
-                    fut.set_running_or_notify_cancel()
+                    fut._cancel_now()
                     self._futures.pop(fut._task_id, None)
                     continue
-            answer = fut._cancel_answer = threading.Event()
-            if fut.done():  # resolved before the event existed
-                answer.set()
             remote.append(fut)
         if remote:
-            self._conn.send(("cancel", [f._task_id for f in remote]))
-            if wait:
-                deadline = time.monotonic() + self.cancel_timeout_s
+            if wait_s > 0:
+                for fut in remote:
+                    answer = fut._cancel_answer = threading.Event()
+                    if fut.done():  # resolved before the event existed
+                        answer.set()
+            self._conn.cancel([f._task_id for f in remote])
+            if wait_s > 0:
+                deadline = time.monotonic() + wait_s
                 for fut in remote:
                     fut._cancel_answer.wait(max(0.0, deadline - time.monotonic()))
+            elif now:
+                for fut in remote:
+                    if fut._cancel_now():
+                        self._futures.pop(fut._task_id, None)
+        self._close_when_idle()
         return all(f.cancelled() for f in futs)
 
     def fetch(self, task_ids: Iterable[str]) -> list[DLHubFuture]:
@@ -404,7 +538,7 @@ class Executor(cf.Executor):
                 self._futures[raw] = fut
             futs.append(fut)
         if futs:
-            self._conn.send(("fetch", [f._task_id for f in futs]))
+            self._conn.fetch([f._task_id for f in futs])
         return futs
 
     # ---- inspection ----------------------------------------------------------------------------
@@ -414,28 +548,40 @@ class Executor(cf.Executor):
         if isinstance(task, DLHubFuture) and task.cancelled() and not task.sent:
             return {"task_id": task.task_id, "state": "cancelled"}  # never left this process
         task_id = task._task_id if isinstance(task, DLHubFuture) else _task_id(task)
-        records = self._conn.request("query", [task_id]).result(timeout)
+        records = self._conn.query([task_id]).result(timeout)
         record = dict(records[0])
         record["task_id"] = task_id.hex()
+        if record.get("state") == "running" and isinstance(task, DLHubFuture):
+            task._mark_running()
         return record
 
     def status(self, timeout: float = 10.0) -> dict[str, Any]:
         """The manager's view: endpoints, their workers and queues, task counters."""
-        return self._conn.request("status").result(timeout)
+        return self._conn.status().result(timeout)
 
     # ---- shutdown ------------------------------------------------------------------------------
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        if self._shutdown:
-            return
+        """As ``concurrent.futures``: no more submits; ``cancel_futures`` cancels what has not
+        started; ``wait`` waits for the rest. ``wait=False`` returns at once: pending futures
+        still complete, and the connection closes after the last one."""
         self._shutdown = True
         if cancel_futures:
             pending = [f for f in list(self._futures.values()) if not f.done()]
-            if pending:
-                self._cancel(pending, wait=True)
+            if pending:  # sent ones end when the manager answers; wait=True waits for that
+                self._cancel(pending, 0.0, now=False)
         if wait:
             cf.wait(list(self._futures.values()))
-        self._conn.close()
+            self._conn.close()
+        else:
+            self._close_when_idle()
+
+    def _close_when_idle(self) -> None:
+        """After shutdown: close the connection once no future waits for it (without joining:
+        this may run on the I/O thread itself)."""
+        if self._shutdown and not self._conn.closed:
+            if all(f.done() for f in list(self._futures.values())):
+                self._conn.close(wait=False)
 
     def __enter__(self) -> Executor:
         return self
@@ -454,6 +600,68 @@ def _track(fs: list[DLHubFuture], fn: Callable | str, started: float) -> TaskPro
     if not fs:
         tracker.close()
     return tracker
+
+
+STATE_QUERY_INTERVAL_S = 0.05  # running(): the most often the client asks the manager
+STATE_QUERY_MAX_TASKS = 1000  # task ids in one such query
+
+
+def _weak(method: Callable, default: Any = None) -> Callable:
+    """``method`` called through a weak reference to its object (``default`` once it is gone)."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args: Any) -> Any:
+        bound = ref()
+        return default if bound is None else bound(*args)
+
+    return call
+
+
+class _CodeCache:
+    """Code digests by function object, held weakly: a cached function (or the object behind a
+    bound method) dies when the caller drops it. Digests already sent are remembered as text."""
+
+    def __init__(self) -> None:
+        self._digests: dict[tuple[int, ...], tuple[tuple[weakref.ref, ...], str]] = {}
+        self._sent: set[str] = set()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _parts(fn: Callable) -> tuple[Any, ...]:
+        """What names ``fn``'s code: a bound method's function and object, else ``fn`` itself."""
+        func, owner = getattr(fn, "__func__", None), getattr(fn, "__self__", None)
+        if func is not None and owner is not None:
+            return (func, owner)
+        return (fn,)
+
+    def get(self, fn: Callable) -> str | None:
+        parts = self._parts(fn)
+        entry = self._digests.get(tuple(map(id, parts)))
+        if entry is None or any(ref() is not part for ref, part in zip(entry[0], parts)):
+            return None
+        return entry[1]
+
+    def put(self, fn: Callable, digest: str) -> None:
+        parts = self._parts(fn)
+        key = tuple(map(id, parts))
+        digests = self._digests
+
+        def forget(_ref: weakref.ref) -> None:  # a part died: its id may be reused from now on
+            digests.pop(key, None)
+
+        try:
+            refs = tuple(weakref.ref(part, forget) for part in parts)
+        except TypeError:  # not weakly referenceable (a builtin, a slotted object): not cached
+            return
+        digests[key] = (refs, digest)
+
+    def first_send(self, digest: str) -> bool:
+        """True the first time ``digest`` is seen: its code must be sent."""
+        with self._lock:
+            if digest in self._sent:
+                return False
+            self._sent.add(digest)
+            return True
 
 
 def _task_id(text: str) -> bytes:
