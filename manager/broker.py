@@ -34,6 +34,7 @@ from dlhub.protocol.curve import is_loopback, publish_local_key, split_tcp, unpu
 from dlhub.protocol.errors import RAISE_MANAGER_LIMIT, infra_error
 from dlhub.protocol.serialize import runtime_versions
 
+from . import events as ev
 from .api import ApiServer
 from .auth import (
     Authenticator,
@@ -150,6 +151,7 @@ class Manager:
         self._closing: list[tuple[float, frozenset[str], set[str], set[str]]] = []
         self.client_url = self.endpoint_url = ""
         self._thread: threading.Thread | None = None
+        self._loop_thread: int | None = None  # the loop's thread id while run() runs
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -176,6 +178,8 @@ class Manager:
             principal=self._principal,
             servable_owner=self.servables.owner_of,
             max_open_tasks_per_user=self.config.max_open_tasks_per_user,
+            emit=True,  # writes and callbacks come back as instructions, carried out by route()
+            event_log=os.environ.get("DLHUB_ROUTER_EVENT_LOG") or None,  # replay: events.replay
         )
         unfinished = self.store.unfinished()
         self.router.recover(unfinished)
@@ -321,11 +325,16 @@ class Manager:
         return future.result(timeout)
 
     def endpoints_connected(self, timeout: float = 5.0) -> dict[str, bool]:
-        """Endpoint name -> connected, from any thread but the loop's (asked of the loop)."""
+        """Endpoint name -> connected; from another thread, asked of the loop (which owns the
+        Router), on the loop or before it runs, read directly."""
+
+        def read() -> dict[str, bool]:
+            return {name: ep.connected for name, ep in self.router.endpoints.items()}
+
+        if self._loop_thread in (None, threading.get_ident()):
+            return read()
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self.call_soon(
-            lambda: future.set_result({name: ep.connected for name, ep in self.router.endpoints.items()})
-        )
+        self.call_soon(lambda: future.set_result(read()))
         return future.result(timeout)
 
     def call_soon(self, fn) -> None:
@@ -361,6 +370,7 @@ class Manager:
     # ---- the loop --------------------------------------------------------------------------
 
     def run(self) -> None:
+        self._loop_thread = threading.get_ident()
         poller = zmq.Poller()
         poller.register(self.client_sock, zmq.POLLIN)
         poller.register(self.endpoint_sock, zmq.POLLIN)
@@ -384,10 +394,11 @@ class Manager:
                 if self._closing and time.monotonic() >= self._closing[0][0]:
                     self._close_connections()
                 if time.monotonic() >= next_tick:
-                    self.router.tick()
+                    self.route(ev.Tick(time.time()))
                     next_tick = time.monotonic() + 1.0
                 self._flush()
         finally:
+            self._loop_thread = None
             self._shutdown()
 
     def _shutdown(self) -> None:
@@ -441,9 +452,22 @@ class Manager:
                 log.exception("error handling %s", type(msg).__name__)
 
     def _flush(self) -> None:
-        for link, identity, msg in self.router.drain():
-            sock = self.client_sock if link == "client" else self.endpoint_sock
-            self._send(sock, identity, msg)
+        self.route(ev.Flush())
+
+    def route(self, *events: ev.Event) -> None:
+        """On the loop: hand ``events`` to the Router and carry out what it says."""
+        for instruction in self.router.handle(*events):
+            match instruction:
+                case ev.Send():
+                    sock = self.client_sock if instruction.link == "client" else self.endpoint_sock
+                    self._send(sock, instruction.identity, instruction.msg)
+                case ev.PersistReceived() | ev.PersistUpdates() | ev.PersistCode():
+                    instruction.apply(self.store)  # enqueues for the writer thread
+                case ev.Notify():
+                    try:
+                        instruction.callback(instruction.result)
+                    except Exception:  # an internal task's owner must not take the loop down
+                        log.exception("error in an internal task's callback")
 
     def _send(self, sock: zmq.Socket, identity: bytes, msg: m.Message) -> None:
         try:
@@ -503,11 +527,11 @@ class Manager:
             return
         if isinstance(msg, m.Submit):
             self._check_sizes(identity, msg)
-            self.router.submit(identity, client.user, client.session, msg)
+            self.route(ev.ClientSubmitted(identity, client.user, client.session, msg, time.time()))
         elif isinstance(msg, m.PutCode):
             self._put_code(client, msg)
         elif isinstance(msg, m.Cancel):
-            self.router.cancel(identity, msg.task_ids, client.viewer)
+            self.route(ev.ClientCancelled(identity, msg.task_ids, client.viewer))
         elif isinstance(msg, m.Fetch):
             self._fetch(identity, msg.task_ids, client.viewer)
         elif isinstance(msg, m.Query):
@@ -602,7 +626,7 @@ class Manager:
                 len(msg.blob),
             )
             return
-        self.router.put_code(msg.digest, msg.blob)
+        self.route(ev.CodePut(msg.digest, msg.blob))
 
     @staticmethod
     def _checked_code(blobs: dict[str, bytes]) -> dict[str, bytes]:
@@ -700,18 +724,18 @@ class Manager:
                 self._send(self.endpoint_sock, identity, m.Refused("access-denied", refusal))
                 return
             log.info("endpoint %r registered (session %s)", msg.name, msg.session)
-            self.router.endpoint_hello(identity, msg, owner=who[0])  # owner: its policy's default
+            self.route(ev.EndpointRegistered(identity, msg, who[0], time.time()))  # owner: policy default
             self.endpoint_users[identity] = who[0]
             return
         if identity not in self.router.endpoint_by_identity:
             self._send(self.endpoint_sock, identity, m.Refused("not-registered", "say Hello first"))
             return
         if isinstance(msg, m.Results):
-            self.router.endpoint_results(identity, msg.results)
+            self.route(ev.EndpointResultsArrived(identity, msg.results, time.time()))
         elif isinstance(msg, m.States):
-            self.router.endpoint_states(identity, msg.updates)
+            self.route(ev.EndpointStatesArrived(identity, msg.updates))
         elif isinstance(msg, m.Heartbeat):
-            self.router.endpoint_heartbeat(identity, msg.info)
+            self.route(ev.EndpointHeartbeat(identity, msg.info, time.time()))
             self._send(self.endpoint_sock, identity, m.Heartbeat({}))
         elif isinstance(msg, m.CodeRequest):
             blobs, missing = self.router.code_in_memory(msg.digests, identity)
@@ -720,14 +744,14 @@ class Manager:
                 return
 
             def send(loaded: dict[str, bytes]) -> None:  # back on the loop
-                self.router.remember_code(loaded)
+                self.route(ev.CodeLoaded(loaded))
                 self._send(self.endpoint_sock, identity, m.Code({**self._checked_code(blobs), **loaded}))
 
             self.off_loop(lambda: self._checked_code(self.router.load_code(missing)), send)
         elif isinstance(msg, m.CancelRefused):
-            self.router.endpoint_cancel_refused(identity, msg)
+            self.route(ev.EndpointCancelRefused(identity, msg))
         elif isinstance(msg, m.Shutdown):  # a clean stop: disconnected now, not after the timeout
-            self.router.endpoint_gone(identity)
+            self.route(ev.EndpointLeft(identity))
         else:
             self._send(
                 self.endpoint_sock,

@@ -1,9 +1,16 @@
 """Sans-IO routing state of the manager: which task goes where, and what to send next.
 
-The broker loop feeds events in (a client submitted, an endpoint registered, results arrived,
-a heartbeat, a clock tick) and drains ``outbox``: ``(link, identity, message)`` triples, where
-``link`` is ``"client"`` or ``"endpoint"``. Writes to the task store are handed to ``store``
-(whose methods only enqueue). No sockets here, so every decision is unit-tested directly.
+    events (.events: a client submitted, an endpoint registered, results arrived, a heartbeat,
+    a tick, code loaded off the loop) --> Router.handle(*events) --> instructions (persist rows,
+    notify an internal task's owner) now, and the sends of the whole wake-up at ``Flush``
+
+The broker loop turns frames into events and carries out the instructions; the Router reads no
+clock (the time comes with the events), touches no socket and writes nothing itself. Sends are
+held until the loop's ``Flush`` so results that arrive together leave together (one message per
+client). Two lookups are injected and may read the database on a cache miss: ``resolve`` (a
+servable name) and ``principal``/``servable_owner`` (for endpoint policies); everything slow
+else (Query/Fetch reads, code and packages) the broker does off the loop. Called method by method
+with a store (``emit=False``, the unit tests), writes go straight to ``store``.
 
 A task lives in ``tasks`` from receipt until its terminal state is committed. Tasks for an
 endpoint that is offline wait in its ``pending`` queue (state ``queued``); tasks sent to an
@@ -26,6 +33,7 @@ from dlhub.protocol import errors
 from dlhub.protocol import messages as m
 from dlhub.protocol.policy import Policy
 
+from . import events as ev
 from .result_cache import ResultCache, cache_key
 
 log = logging.getLogger("dlhub.manager.routing")
@@ -79,8 +87,16 @@ class Router:
         principal: Callable[[str], tuple[bool, frozenset[str]]] | None = None,
         servable_owner: Callable[[str], str | None] | None = None,
         max_open_tasks_per_user: int = MAX_OPEN_TASKS_PER_USER,
+        emit: bool = False,
+        event_log: str | None = None,
     ):
         self.store = store
+        # emit: writes and callbacks come out of handle() as instructions (the broker); else
+        # they go straight to ``store`` and the callbacks (method-by-method callers, tests)
+        self.emit = emit
+        self.instructions: list[ev.Instruction] = []
+        self._now: float | None = None  # the last event's time (None: read ``clock``)
+        self.event_log = ev.EventLog(event_log) if event_log else None
         # endpoint policies: user -> (is an admin, its groups), and a package digest -> the
         # servable's owner; both go into each task's origin for the endpoint to check
         self.principal = principal
@@ -113,6 +129,62 @@ class Router:
         self.max_open_tasks_per_user = max_open_tasks_per_user
         self.open_by_user: dict[str, int] = {}
 
+    # ---- events in, instructions out ---------------------------------------------------------
+
+    def handle(self, *events: ev.Event) -> list[ev.Instruction]:
+        """Apply ``events`` in order; return what to do now (writes, callbacks). Sends wait in
+        the outbox until a :class:`~.events.Flush` event returns them all at once."""
+        for event in events:
+            if self.event_log is not None:
+                self.event_log.write(event)
+            now = getattr(event, "now", None)
+            if now is not None:
+                self._now = now
+            match event:
+                case ev.ClientSubmitted():
+                    self.submit(event.identity, event.user, event.session, event.msg, event.callback)
+                case ev.ClientCancelled():
+                    self.cancel(event.identity, event.task_ids, event.user)
+                case ev.CodePut():
+                    self.put_code(event.digest, event.blob)
+                case ev.CodeLoaded():
+                    self.remember_code(event.blobs)
+                case ev.EndpointRegistered():
+                    self.endpoint_hello(event.identity, event.hello, event.owner)
+                case ev.EndpointResultsArrived():
+                    self.endpoint_results(event.identity, event.results)
+                case ev.EndpointStatesArrived():
+                    self.endpoint_states(event.identity, event.updates)
+                case ev.EndpointHeartbeat():
+                    self.endpoint_heartbeat(event.identity, event.info)
+                case ev.EndpointCancelRefused():
+                    self.endpoint_cancel_refused(event.identity, event.msg)
+                case ev.EndpointLeft():
+                    self.endpoint_gone(event.identity)
+                case ev.Tick():
+                    self.tick()
+                case ev.Flush():
+                    self.instructions.extend(ev.Send(*out) for out in self.drain())
+                case _:
+                    raise TypeError(f"the Router has no handler for {type(event).__name__}")
+        out, self.instructions = self.instructions, []
+        return out
+
+    def _time(self) -> float:
+        return self._now if self._now is not None else self.clock()
+
+    def _write(self, op: ev.Persist) -> None:
+        if self.emit:
+            self.instructions.append(op)
+        else:
+            op.apply(self.store)
+
+    def _notify(self, callback: Callable[[list], None], res: list) -> None:
+        if self.emit:
+            self.instructions.append(ev.Notify(callback, res))
+        else:
+            callback(res)
+
     # ---- clients -------------------------------------------------------------------------
 
     def submit(
@@ -125,7 +197,7 @@ class Router:
     ) -> None:
         """Accept tasks from a client, or (``callback`` set, ``client`` empty) from the manager
         itself: REST calls and publish verification, whose results go to the callback."""
-        now = self.clock()
+        now = self._time()
         ep = self.endpoints.get(msg.endpoint)
         if ep is None:
             err = errors.infra_error(
@@ -240,7 +312,7 @@ class Router:
                 self.leaders[key] = task_id
             fresh.append(rec)
         self.counters["received"] += len(rows)
-        self.store.received(rows, acks)
+        self._write(ev.PersistReceived(rows, acks))
         if not fresh:
             return
         if ep.connected and ep.identity is not None:
@@ -314,7 +386,7 @@ class Router:
 
     def _reply_now(self, client: bytes, callback: Callable[[list], None] | None, res: list) -> None:
         if callback is not None:
-            callback(res)
+            self._notify(callback, res)
         else:
             self._result_to_client(client, res)
 
@@ -385,7 +457,7 @@ class Router:
 
     def put_code(self, digest: str, blob: bytes) -> None:
         if digest not in self.code:
-            self.store.put_code(digest, blob)
+            self._write(ev.PersistCode(digest, blob))
         self._remember_code(digest, blob)
 
     def code_for(self, digests: list[str], identity: bytes | None = None) -> dict[str, bytes]:
@@ -457,7 +529,7 @@ class Router:
     def endpoint_hello(self, identity: bytes, hello: m.Hello, owner: str | None = None) -> None:
         """Register an endpoint; ``owner`` is the user whose token it presented (its policy's
         default ``allowed_users``)."""
-        now = self.clock()
+        now = self._time()
         ep = self.endpoints.get(hello.name)
         if ep is None:
             ep = self.endpoints[hello.name] = EndpointState(hello.name)
@@ -484,7 +556,7 @@ class Router:
                 self.tasks[rec[m.T_ID]].state = "dispatched"
                 updates.append((rec[m.T_ID], {"state": "dispatched", "t_dispatched": now}))
             ep.pending.clear()
-            self.store.update(updates)
+            self._write(ev.PersistUpdates(updates))
         if resend or waiting:
             self._send_tasks(ep, resend + waiting)
 
@@ -519,7 +591,7 @@ class Router:
         ep = self._endpoint(identity)
         if ep is None:
             return False
-        ep.last_seen, ep.connected = self.clock(), True
+        ep.last_seen, ep.connected = self._time(), True
         valid = self._valid_info(ep.name, info)
         if valid is not None:  # a bad one keeps the last good info
             ep.info = valid
@@ -549,7 +621,7 @@ class Router:
                 continue
             self._finish(res, ep)
             if ep is not None:
-                ep.last_seen = self.clock()
+                ep.last_seen = self._time()
 
     def _valid_results(self, ep: EndpointState | None, results: list[list]) -> list[list]:
         """Results whose fields check out; a malformed one is logged and its task fails with a
@@ -585,7 +657,7 @@ class Router:
             col = "t_started" if state == "running" else "t_dispatched"
             changes.append((task_id, {"state": state, col: ts}))
         if changes:
-            self.store.update(changes)
+            self._write(ev.PersistUpdates(changes))
 
     def endpoint_cancel_refused(self, identity: bytes, msg: m.CancelRefused) -> None:
         by_client: dict[bytes, list] = {}
@@ -615,7 +687,7 @@ class Router:
 
     def tick(self) -> None:
         """Mark endpoints whose heartbeats stopped as disconnected (their tasks wait)."""
-        now = self.clock()
+        now = self._time()
         for ep in self.endpoints.values():
             if ep.connected and now - ep.last_seen > self.endpoint_timeout_s:
                 ep.connected = False
@@ -670,7 +742,7 @@ class Router:
             self.counters["held_results"] = self.counters.get("held_results", 0) + 1
             return
         if entry is None or entry.state in m.TERMINAL_STATES:
-            self.store.update([], acks)  # a duplicate result: acknowledge it again
+            self._write(ev.PersistUpdates([], acks))  # a duplicate result: acknowledge it again
             return
         entry.state = res[m.R_STATE]
         endpoint = self.endpoints.get(entry.endpoint)
@@ -680,7 +752,7 @@ class Router:
         output = res[m.R_OUTPUT] or [None, None]
         change = {
             "state": res[m.R_STATE],
-            "t_finished": self.clock(),
+            "t_finished": self._time(),
             "t_started": timing[0],
             "result": res[m.R_PAYLOAD],
             "error": _pack_error(res[m.R_ERROR]),
@@ -688,7 +760,7 @@ class Router:
             "stderr": output[1],
             "payload": None,
         }
-        self.store.update([(task_id, change)], acks)
+        self._write(ev.PersistUpdates([(task_id, change)], acks))
         self.counters["finished"] += 1
         del self.tasks[task_id]
         if entry.counted:
@@ -702,7 +774,7 @@ class Router:
             self._leader_finished(entry, res)
         callback = self.callbacks.pop(task_id, None)
         if callback is not None:
-            callback(res)
+            self._notify(callback, res)
         elif entry.client:
             self._result_to_client(entry.client, res)
         for watcher in entry.watchers:
@@ -729,7 +801,7 @@ class Router:
             follower = self.tasks.get(task_id)
             if follower is not None:
                 by_endpoint.setdefault(follower.endpoint, []).append(follower)
-        now = self.clock()
+        now = self._time()
         for name, runnable in by_endpoint.items():
             ep = self.endpoints.get(name)
             if ep is None:
@@ -737,8 +809,10 @@ class Router:
             for e in runnable:
                 e.state = "dispatched" if ep.connected else "queued"
             if ep.connected and ep.identity is not None:
-                self.store.update(
-                    [(e.record[m.T_ID], {"state": "dispatched", "t_dispatched": now}) for e in runnable]
+                self._write(
+                    ev.PersistUpdates(
+                        [(e.record[m.T_ID], {"state": "dispatched", "t_dispatched": now}) for e in runnable]
+                    )
                 )
                 for e in runnable:
                     ep.inflight[e.record[m.T_ID]] = None
@@ -775,7 +849,7 @@ class Router:
         return self.endpoints.get(name) if name is not None else None
 
     def status(self) -> dict[str, Any]:
-        now = self.clock()
+        now = self._time()
         return {
             "endpoints": {
                 ep.name: {

@@ -28,6 +28,7 @@ from dlhub.protocol import messages as m
 from dlhub.protocol.serialize import JSON, input_digest, serialize
 from dlhub.protocol.servable import ServableRecord, parse_ref, record_digest
 
+from . import events as ev
 from .repository import Access, NotFound, Repository, Viewer, no_servable
 
 if TYPE_CHECKING:
@@ -249,7 +250,9 @@ class ServableService:
                 future.set_result(res)
 
         def enqueue() -> None:
-            self.manager.router.submit(b"", owner, "manager", m.Submit(endpoint, [rec]), callback=done)
+            msg = m.Submit(endpoint, [rec])
+            submitted = ev.ClientSubmitted(b"", owner, "manager", msg, time.time(), done)
+            self.manager.route(submitted)
 
         self.manager.call_soon(enqueue)
         return task_id, future

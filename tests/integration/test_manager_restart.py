@@ -7,6 +7,7 @@ import os
 import time
 
 from dlhub.manager import Manager, ManagerConfig
+from dlhub.manager import events as ev
 from dlhub.protocol import messages as m
 
 
@@ -15,12 +16,13 @@ def test_a_restarted_manager_knows_earlier_endpoints_and_queues_for_them(tmp_pat
     first = Manager(config)
     first.start()
     try:  # endpoint "ep-x" registers, gets a task recorded for it, and goes away
-        first.router.endpoint_hello(b"e:ep-x:s1", m.Hello("endpoint", "ep-x", "tok", "s1", {}, {}))
-        first.router.endpoint_gone(b"e:ep-x:s1")
+        hello = m.Hello("endpoint", "ep-x", "tok", "s1", {}, {})
+        first.route(ev.EndpointRegistered(b"e:ep-x:s1", hello, "admin", time.time()))
+        first.route(ev.EndpointLeft(b"e:ep-x:s1"))
         task = m.task_record(os.urandom(m.TASK_ID_BYTES), "sha256:" + "0" * 64, b"\x01\x90")
-        first.router.submit(b"c", "admin", "s", m.Submit("ep-x", [task]))
+        first.route(ev.ClientSubmitted(b"c", "admin", "s", m.Submit("ep-x", [task]), time.time()))
         # make it terminal so the restart has nothing to re-queue: only the name is remembered
-        first.router.cancel(b"c", [task[m.T_ID]])
+        first.route(ev.ClientCancelled(b"c", [task[m.T_ID]], None))
         assert first.store.flush()
     finally:
         first._shutdown()
@@ -31,9 +33,11 @@ def test_a_restarted_manager_knows_earlier_endpoints_and_queues_for_them(tmp_pat
         assert "ep-x" in second.router.endpoints
         assert not second.router.endpoints["ep-x"].connected
         later = m.task_record(os.urandom(m.TASK_ID_BYTES), "sha256:" + "0" * 64, b"\x01\x90")
-        second.router.submit(b"c", "admin", "s", m.Submit("ep-x", [later]))
-        out = second.router.drain()
-        assert not [msg for _, _, msg in out if isinstance(msg, m.Results)]  # not failed: it waits
+        out = second.router.handle(
+            ev.ClientSubmitted(b"c", "admin", "s", m.Submit("ep-x", [later]), time.time()), ev.Flush()
+        )
+        sent = [i.msg for i in out if isinstance(i, ev.Send)]
+        assert not [msg for msg in sent if isinstance(msg, m.Results)]  # not failed: it waits
         assert second.router.tasks[later[m.T_ID]].state == "queued"
         assert list(second.router.endpoints["ep-x"].pending) == [later[m.T_ID]]
         assert second.servables.default_endpoint(None) == "ep-x"  # the only one it knows
