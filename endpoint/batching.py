@@ -19,8 +19,10 @@ from collections import deque
 from collections.abc import Container
 from typing import Any
 
-STATS_KEYS = ("batches", "batched_calls", "loads", "evictions", "output_cache_hits", "output_cache_misses")
-REPORTED_KEYS = ("loads", "evictions", "output_cache_hits", "output_cache_misses")
+from dlhub.protocol import messages as m
+
+STATS_KEYS = m.SERVABLE_STATS_KEYS  # the one definition is the protocol's
+REPORTED_KEYS = m.WORKER_SERVABLE_KEYS
 
 
 class Batching:

@@ -21,6 +21,7 @@ from pathlib import Path
 import click
 import yaml
 
+from dlhub.protocol import messages as m
 from dlhub.protocol.private import private_dir, private_file, tighten
 
 from .config import dlhub_home, write_client_config
@@ -453,14 +454,7 @@ def _examples_line(root: Path) -> str | None:
     return f"{line}; stopped before the end (the publisher is not running; log: {log})"
 
 
-SERVABLE_COUNTERS = (
-    ("loads", "loads"),
-    ("evictions", "evictions"),
-    ("output_cache_hits", "output cache hits"),
-    ("output_cache_misses", "output cache misses"),
-    ("batches", "batches"),
-    ("batched_calls", "batched calls"),
-)
+SERVABLE_COUNTERS = tuple((key, key.replace("_", " ")) for key in m.SERVABLE_STATS_KEYS)
 
 
 def _print_status(address: str, info: dict) -> None:

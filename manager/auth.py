@@ -348,8 +348,10 @@ class Authenticator:
             self._refused.clear()
             self._groups.clear()
             self._epoch += 1
-        self.lost_token = frozenset(u for u in old if _token_gone(old[u], snapshot.get(u)))
-        return frozenset(u for u in old.keys() | snapshot.keys() if old.get(u) != snapshot.get(u))
+        users = old.keys() | snapshot.keys()
+        self.lost_token = frozenset(u for u in users if _token_gone(old.get(u), snapshot.get(u)))
+        # a user added since the last refresh is no change: a session it opened meanwhile is valid
+        return frozenset(u for u in old if old[u] != snapshot.get(u)) | self.lost_token
 
     def check(self, token: str) -> tuple[str, str] | None:
         """Return ``(user, role)`` for a valid, unrevoked token, else None."""
@@ -405,11 +407,14 @@ class Authenticator:
 # ---- CURVE keys derived from tokens (the ZAP handler looks connections up by them) -----------
 
 
-def _token_gone(before: tuple, after: tuple | None) -> bool:
-    """Whether a user's token that worked stopped working: user removed, revoked or re-issued."""
-    if before[2] is not None:  # already revoked before: nothing of theirs is connected
+def _token_gone(before: tuple | None, after: tuple | None) -> bool:
+    """Whether a user's token stopped working: removed, revoked or re-issued. ``before`` may be
+    None when the user was added and revoked between two refreshes (its sessions still count)."""
+    if before is not None and before[2] is not None:  # already revoked: nothing of theirs connects
         return False
-    return after is None or after[2] is not None or after[0] != before[0]
+    if after is None:
+        return before is not None
+    return after[2] is not None or (before is not None and after[0] != before[0])
 
 
 def backfill_curve_key(engine: sa.Engine, token: str) -> bool:

@@ -12,6 +12,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from dlhub.protocol import messages as m
+
 log = logging.getLogger("dlhub.manager.metrics")
 
 
@@ -80,14 +82,7 @@ class _StatusCollector:
                 f"per servable: {key.replace('_', ' ')}",
                 labels=["endpoint", "servable"],
             )
-            for key in (
-                "loads",
-                "evictions",
-                "output_cache_hits",
-                "output_cache_misses",
-                "batches",
-                "batched_calls",
-            )
+            for key in m.SERVABLE_STATS_KEYS
         }
         for name, ep in sorted((status.get("endpoints") or {}).items()):
             try:  # one endpoint's odd report must not take the whole page down

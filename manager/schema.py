@@ -19,6 +19,8 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
+from dlhub.protocol import messages as m
+
 SCHEMA_VERSION = 8  # 2: tasks.resources; 3: servable_versions.digest; 4: tasks.options;
 # 5: users.curve_key;
 # 6: users.revoked, groups, group_members; 7: servable_access, servable_shares; 8: endpoint_owners
@@ -108,7 +110,7 @@ meta_table = sa.Table(
     sa.Column("value", sa.String(256), nullable=False),
 )
 
-TERMINAL = ("succeeded", "failed", "cancelled", "lost")
+TERMINAL = tuple(sorted(m.TERMINAL_STATES))  # the one definition is the protocol's
 
 
 def make_engine(url: str) -> sa.Engine:

@@ -394,7 +394,7 @@ class _Dialect:
             guard = (
                 ""
                 if final or "state" not in cols
-                else (" AND state NOT IN ('succeeded', 'failed', 'cancelled', 'lost')")
+                else f" AND state NOT IN ({', '.join(repr(state) for state in TERMINAL)})"
             )
             sql = self._cache[key] = f"UPDATE tasks SET {sets} WHERE task_id = {self._param('tid')}{guard}"
         return sql, self._bind([*cols, "tid"], rows)

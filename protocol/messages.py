@@ -55,6 +55,9 @@ R_ID, R_STATE, R_PAYLOAD, R_ERROR, R_TIMING, R_OUTPUT = range(6)
 RESULT_FIELDS = 6
 
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled", "lost"})
+# per-servable counters: what workers report (their first four) and what the endpoint adds
+WORKER_SERVABLE_KEYS = ("loads", "evictions", "output_cache_hits", "output_cache_misses")
+SERVABLE_STATS_KEYS = (*WORKER_SERVABLE_KEYS, "batches", "batched_calls")
 TASK_STATES = (
     "received",
     "queued",
