@@ -24,9 +24,10 @@ from pathlib import Path
 
 from _stack import run_bench, stats
 
-FULL = {"stall_s": 5.0, "rounds": 2}
-QUICK = {"stall_s": 3.0, "rounds": 1}
-TARGET = 2.0
+# the promise (2x) is checked on a full run; the quick smoke run in CI fails only when the stall
+# is felt (the bug it guards against made p99 475x), so a noisy shared machine cannot fail it
+FULL = {"stall_s": 5.0, "rounds": 2, "target": 2.0}
+QUICK = {"stall_s": 3.0, "rounds": 1, "target": 10.0}
 
 LOCKER = """
 import sqlite3, sys, time
@@ -107,11 +108,13 @@ def _rounds(ex, db: Path, sizes: dict, emit, lookups: list[tuple[float, float]])
         if lookups_stalled:
             emit("task_info_db_locked", "dlhub", **row, **stats(lookups_stalled))
         ratio = stats(stalled)["p99_ms"] / stats(free)["p99_ms"]
-        emit("p99_ratio_locked_vs_free", "dlhub", **row, ratio=round(ratio, 2), target=TARGET)
+        emit("p99_ratio_locked_vs_free", "dlhub", **row, ratio=round(ratio, 2), target=sizes["target"])
         if len(stalled) < 10:
             raise AssertionError(f"only {len(stalled)} calls completed in a {sizes['stall_s']} s stall")
-        if ratio > TARGET:
-            raise AssertionError(f"p99 during the stall is {ratio:.2f}x p99 without it (target {TARGET}x)")
+        if ratio > sizes["target"]:
+            raise AssertionError(
+                f"p99 during the stall is {ratio:.2f}x p99 without it (target {sizes['target']}x)"
+            )
 
 
 def summary(records: list[dict]) -> str:

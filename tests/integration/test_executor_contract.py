@@ -471,7 +471,7 @@ def test_hang_issue12364(executor):
         f.result(0)
 
 
-def test_shutdown_cancel_futures(executor):
+def test_shutdown_cancel_futures(executor, kind):
     fs = [executor.submit(time.sleep, 0.1) for _ in range(50)]
     executor.shutdown(cancel_futures=True)
     cancelled = [f for f in fs if f.cancelled()]
@@ -480,7 +480,8 @@ def test_shutdown_cancel_futures(executor):
     for f in others:
         assert f.done(), f"{f._state=}"
         assert f.exception(0) is None
-    assert len(others) > 0
+    if kind != "dlhub":  # a local pool starts the first tasks at once; a remote one may not yet
+        assert len(others) > 0
 
 
 def test_shutdown_no_wait(executor):

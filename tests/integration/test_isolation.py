@@ -133,7 +133,7 @@ class RawEndpoint:
 def test_another_users_task_ids_behave_like_unknown_ids_on_zeromq(hub):
     alice, bob = executor(hub, "alice"), executor(hub, "bob")
     fut = alice.submit(alices_secret, 3)
-    wait_until(lambda: alice.task_info(fut)["state"] == "running", 20, what="alice's task to run")
+    wait_until(lambda: alice.task_info(fut)["state"] == "running", 60, what="alice's task to run")
 
     never = unknown_id()
     # Query: the same answer as for an id that never existed (no state, no endpoint, no owner)
@@ -174,7 +174,7 @@ def test_another_users_cancel_is_refused_like_an_unknown_id(hub):
 
     bob._conn.on_cancel_refused = record
     running = alice.submit(alices_secret, 3)
-    wait_until(lambda: alice.task_info(running)["state"] == "running", 20, what="alice's task to run")
+    wait_until(lambda: alice.task_info(running)["state"] == "running", 60, what="alice's task to run")
     queued = alice.submit(alices_function, "queued")  # waits for the one worker
     wait_until(lambda: alice.task_info(queued)["state"] != "unknown", 10, what="the queued task")
 
@@ -228,7 +228,7 @@ def test_put_code_with_a_digest_that_is_not_its_blob_is_refused_and_never_stored
 def test_results_and_states_are_accepted_only_from_the_dispatched_endpoint(hub, caplog):
     alice = executor(hub, "alice")
     fut = alice.submit(alices_secret, 3)
-    wait_until(lambda: alice.task_info(fut)["state"] == "running", 20, what="alice's task to run")
+    wait_until(lambda: alice.task_info(fut)["state"] == "running", 60, what="alice's task to run")
     caplog.set_level(logging.WARNING, logger="dlhub.manager")
     rogue = RawEndpoint(hub, "bobs-site", hub.tokens["ep-bob"])
     try:
@@ -276,7 +276,7 @@ def test_an_endpoint_gets_only_the_code_of_tasks_sent_to_it(hub, caplog):
 def test_a_user_token_cannot_register_an_endpoint_nor_answer_in_flight_tasks(hub):
     alice = executor(hub, "alice")
     fut = alice.submit(alices_secret, 2)
-    wait_until(lambda: alice.task_info(fut)["state"] == "running", 20, what="alice's task to run")
+    wait_until(lambda: alice.task_info(fut)["state"] == "running", 60, what="alice's task to run")
     rogue = RawEndpoint(hub, "custom", hub.tokens["bob"])
     try:
         answer = rogue.hello()
