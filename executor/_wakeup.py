@@ -2,6 +2,7 @@
 
     user thread: Connection.send(item) -> outgoing.append(item); wakeup.wake()
     I/O thread:  zmq.Poller.poll([manager socket, wakeup.fileno()]) -> wakeup.drain() -> send outgoing
+                 (drain empties the descriptor, then lowers the flag: see Wakeup.drain)
 
 Two implementations of one small interface (``fileno``, ``wake``, ``drain``, ``close``):
 
@@ -47,11 +48,18 @@ class Wakeup:
             self._write()
 
     def drain(self) -> None:
-        """Called by the polling thread before it looks at its queue: disarm, then empty."""
-        self._armed = False  # before reading: a wake() from now on writes again
+        """Called by the polling thread before it looks at its queue: empty, then disarm.
+
+        The order matters. Disarming first let a ``wake()`` slip in between the two steps: it
+        saw the flag down, raised it and wrote, and the read then swallowed that write, leaving
+        the flag up over an empty descriptor, so every later ``wake()`` returned early and each
+        send waited for the poll's timeout (2 s in the Executor). Emptied first, a ``wake()``
+        that still sees the flag up needs no write: its item was queued before it looked, so the
+        queue check that follows every drain finds it."""
         with self._lock:
             if not self._closed:
                 self._read()
+            self._armed = False  # after reading: a wake() from now on writes again
 
     def close(self) -> None:
         with self._lock:

@@ -72,6 +72,45 @@ def test_a_wake_racing_the_drain_is_never_lost(kind):
     assert done.is_set() and seen == list(range(total)), f"{len(seen)} of {total} seen"
 
 
+class _LockWithAHook:
+    """A lock that first runs a hook when entered: a user thread's ``wake()`` lands exactly
+    between the drain's first step and its lock, the interleaving a thread switch can give."""
+
+    def __init__(self) -> None:
+        self.inner = threading.Lock()
+        self.hook = None
+
+    def __enter__(self):
+        hook, self.hook = self.hook, None
+        if hook is not None:
+            hook()
+        self.inner.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.inner.release()
+
+
+def test_a_wake_landing_inside_the_drain_leaves_the_next_wake_working(kind):
+    """A drain that lowered the flag before reading swallowed the write of a wake() that came in
+    between, left the flag up over an empty descriptor, and every later wake() did nothing: the
+    Executor then sent each submit only at its poll timeout (2 s; batching.py measured ~127
+    calls/s instead of thousands)."""
+    w = make_wakeup(kind)
+    try:
+        w._lock = _LockWithAHook()
+        w.wake()  # a wake pending: the I/O thread polls, sees it, drains
+        assert readable(w, 1000)
+        w._lock.hook = w.wake  # ...and a user thread's wake() comes in during the drain
+        w.drain()
+        # after any drain the flag is up only if the descriptor says so: else no wake works again
+        assert not w._armed or readable(w), "flag up over an empty descriptor: later wakes are lost"
+        w.drain()
+        w.wake()
+        assert readable(w, 1000), "a wake() after the drain did not make the poll return"
+    finally:
+        w.close()
+
+
 def test_wake_after_close_is_a_no_op_and_never_writes_to_a_reused_descriptor(kind):
     w = make_wakeup(kind)
     fd = w.fileno()
