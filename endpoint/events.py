@@ -14,13 +14,14 @@ An event log (``DLHUB_SCHEDULER_LOG=path``, off by default) holds every event ha
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dlhub.protocol import messages as m
+from dlhub.protocol.eventlog import EventLog as _EventLog
+from dlhub.protocol.eventlog import read_log as _read_log
 
 # ---- events ------------------------------------------------------------------------------------
 
@@ -209,32 +210,15 @@ Instruction = (
 # ---- the event log -------------------------------------------------------------------------------
 
 
-class EventLog:
-    """Appends each call's events to ``path`` as ``(method, events)`` pickles, one after another
-    (``method``: "handle", which dispatches, or "apply"): a debugging aid, off unless asked for;
-    the file is the endpoint's own (0600)."""
-
-    def __init__(self, path: str | Path):
-        import os
-
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self._file = os.fdopen(fd, "ab")
+class EventLog(_EventLog):
+    """Appends each call's events to ``path`` as one ``(method, events)`` record (``method``:
+    "handle", which dispatches, or "apply"): a debugging aid, off unless asked for; the file is
+    the endpoint's own (0600) and framed by :mod:`dlhub.protocol.eventlog`."""
 
     def write(self, method: str, events: tuple[Event, ...]) -> None:
-        pickle.dump((method, events), self._file, protocol=pickle.HIGHEST_PROTOCOL)
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
+        self.append((method, events))
 
 
 def read_log(path: str | Path) -> Iterator[tuple[str, tuple[Event, ...]]]:
     """A log's calls, ``(method, events)`` in order (a log cut short ends at its last whole one)."""
-    with open(path, "rb") as f:
-        while True:
-            try:
-                yield pickle.load(f)  # noqa: S301 - the endpoint's own file, written by EventLog
-            except EOFError:
-                return
-            except pickle.UnpicklingError:
-                return
+    return _read_log(path)

@@ -13,13 +13,15 @@ reproduce a state (:func:`replay`).
 
 from __future__ import annotations
 
-import pickle
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dlhub.protocol import messages as m
+from dlhub.protocol.eventlog import EventLog as _EventLog
+from dlhub.protocol.eventlog import read_log
 
 # ---- events -------------------------------------------------------------------------------------
 
@@ -168,32 +170,20 @@ class Notify(Instruction):
 # ---- the event log -----------------------------------------------------------------------------
 
 
-class EventLog:
-    """Appends each event handled to a file (pickle frames; callbacks left out), to replay."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self._file = open(self.path, "ab")  # noqa: SIM115 - open for the Router's life
+class EventLog(_EventLog):
+    """Appends each event handled to a file, one record an event (callbacks left out: the
+    replayed run has no one to call back), to replay; the framing is :mod:`dlhub.protocol.eventlog`'s."""
 
     def write(self, event: Event) -> None:
         if isinstance(event, ClientSubmitted) and event.callback is not None:
-            event = ClientSubmitted(event.identity, event.user, event.session, event.msg, event.now)
-        pickle.dump(event, self._file, protocol=pickle.HIGHEST_PROTOCOL)
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
+            event = dataclasses.replace(event, callback=None)
+        self.append(event)
 
 
 def read_events(path: str | Path) -> Iterator[Event]:
-    """The events of a log written by :class:`EventLog`, in order (a log the developer made:
-    pickle is fine here, it never comes from the network)."""
-    with open(path, "rb") as f:
-        while True:
-            try:
-                yield pickle.load(f)
-            except EOFError:
-                return
+    """The events of a log written by :class:`EventLog`, in order (a log cut short ends at its
+    last whole event)."""
+    return read_log(path)
 
 
 def replay(path: str | Path, router: Any) -> list[Instruction]:
