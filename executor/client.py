@@ -20,6 +20,7 @@ import httpx
 
 from dlhub.protocol import AccessDenied, DLHubError, EndpointRequired
 from dlhub.protocol.errors import ERROR_TYPES, RemoteError, exception_from_record
+from dlhub.protocol.search import SearchQuery
 from dlhub.protocol.servable import parse_ref
 
 if TYPE_CHECKING:
@@ -125,12 +126,19 @@ class Client:
         only_latest: bool = True,
         limit: int = 20,
     ) -> list[dict[str, Any]]:
-        """Ranked metadata records of ready servables (best first)."""
-        params: dict[str, Any] = {"q": query, "only_latest": only_latest, "limit": limit}
-        for key, value in (("owner", owner), ("domain", domain), ("author", author), ("related", related)):
-            if value:
-                params[key] = value
-        return self._call("GET", "/servables", params=params)["results"]
+        """Ranked metadata records of ready servables (best first). The parameters are
+        :class:`dlhub.protocol.search.SearchQuery`'s (a bad one: ``ValueError`` naming it, before
+        any request)."""
+        search = SearchQuery(
+            query,
+            owner=owner,
+            domain=domain,
+            author=author,
+            related=related,
+            only_latest=only_latest,
+            limit=limit,
+        )
+        return self._call("GET", "/servables", params=search.to_params())["results"]
 
     def describe(self, ref: str) -> dict[str, Any]:
         """``owner/name[:version]``: its record, status (and error if it failed), and versions."""

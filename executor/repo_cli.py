@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from dlhub.protocol import DLHubError, EndpointRequired
+from dlhub.protocol.search import PARAMS, SearchQuery
 
 HOME = click.option("--home", type=click.Path(file_okay=False), help="dlhub home (default $DLHUB_HOME)")
 AS_JSON = click.option("--json", "as_json", is_flag=True, help="print JSON")
@@ -73,6 +74,25 @@ def _load_function(source: str):
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise click.BadParameter(f"{path.name} has no function {attr!r}", param_hint="SOURCE")
+    return fn
+
+
+def _search_options(fn):
+    """``dlhub search``'s argument and options, one per :data:`dlhub.protocol.search.PARAMS`
+    (the words an argument; ``--all-versions`` the inverse of ``only_latest``; bounds as there)."""
+    for p in reversed(PARAMS):
+        name, flag = p.cli_name, "--" + p.cli_name.replace("_", "-")
+        if p.cli_argument:
+            fn = click.argument(name, required=False, default=p.default)(fn)
+        elif p.type is bool:
+            default = not p.default if p.cli_inverted else p.default
+            decls = (flag,) if p.cli_inverted else (f"{flag}/--no-{flag[2:]}",)
+            fn = click.option(*decls, name, is_flag=True, default=default, help=p.cli_help or p.help)(fn)
+        elif p.type is int:
+            bounds = click.IntRange(p.minimum, p.maximum)
+            fn = click.option(flag, name, default=p.default, show_default=True, type=bounds, help=p.help)(fn)
+        else:
+            fn = click.option(flag, name, default=p.default, type=p.type, help=p.help)(fn)
     return fn
 
 
@@ -148,27 +168,13 @@ def register(main: click.Group) -> None:
         click.echo(ref if not no_wait else f"{ref} (pending: see `dlhub describe {ref}`)")
 
     @main.command()
-    @click.argument("query", required=False, default="")
-    @click.option("--owner")
-    @click.option("--domain")
-    @click.option("--author")
-    @click.option("--related", help="a related identifier, e.g. a DOI")
-    @click.option("--all-versions", is_flag=True, help="every ready version, not only the latest")
-    @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 500))
+    @_search_options
     @AS_JSON
     @HOME
     @_friendly
-    def search(query, owner, domain, author, related, all_versions, limit, as_json, home):
+    def search(as_json, home, **options):
         """Find ready servables by words in their metadata, best match first."""
-        hits = _client(home).search(
-            query,
-            owner=owner,
-            domain=domain,
-            author=author,
-            related=related,
-            only_latest=not all_versions,
-            limit=limit,
-        )
+        hits = _client(home).search(**SearchQuery.from_cli(options).keywords())
         if as_json:
             _echo_json(hits)
             return

@@ -9,6 +9,7 @@ broker loop's state. OpenAPI: ``/openapi.json``; docs: ``/docs``.
 """
 
 import asyncio
+import inspect
 import json
 import logging
 import re
@@ -21,6 +22,7 @@ import sqlalchemy as sa
 
 from dlhub.protocol import errors
 from dlhub.protocol import messages as m
+from dlhub.protocol.search import PARAMS, SearchQuery
 from dlhub.protocol.servable import OWNER_PATTERN, VISIBILITIES, RecordError, parse_record
 
 from .auth import Authenticator
@@ -205,6 +207,28 @@ class BoundedBodies:
         await send({"type": "http.response.body", "body": body})
 
 
+def search_parameters(query: Callable[..., Any]) -> Callable[..., SearchQuery]:
+    """A FastAPI dependency whose query parameters are :data:`dlhub.protocol.search.PARAMS`
+    (named, typed, defaulted and bounded as there; FastAPI checks them: 422 on a bad one) and
+    which returns their :class:`SearchQuery`. ``query``: ``fastapi.Query`` (imported lazily)."""
+
+    def parameters(**values: Any) -> SearchQuery:
+        return SearchQuery.from_params(values)
+
+    signature = []
+    for p in PARAMS:
+        annotation: Any = p.type | None if p.filter else p.type
+        if p.minimum is not None or p.maximum is not None:
+            annotation = Annotated[annotation, query(ge=p.minimum, le=p.maximum)]
+        signature.append(
+            inspect.Parameter(
+                p.http_name, inspect.Parameter.KEYWORD_ONLY, default=p.default, annotation=annotation
+            )
+        )
+    parameters.__signature__ = inspect.Signature(signature, return_annotation=SearchQuery)  # type: ignore[attr-defined]
+    return parameters
+
+
 def create_app(
     engine: sa.Engine, repository: Repository, auth: Authenticator, servables: "ServableService | None" = None
 ):
@@ -356,27 +380,11 @@ def create_app(
         default = servables.manager.config.default_endpoint if servables is not None else None
         return {"user": who[0], "role": who[1], "default_endpoint": default}
 
+    Search = Annotated[SearchQuery, Depends(search_parameters(Query))]
+
     @app.get(f"{API}/servables")
-    def search(
-        who: User,
-        q: str = "",
-        owner: str | None = None,
-        domain: str | None = None,
-        author: str | None = None,
-        related: str | None = None,
-        only_latest: bool = True,
-        limit: Annotated[int, Query(ge=1, le=500)] = 20,
-    ) -> dict[str, Any]:
-        hits = repository.search(
-            q,
-            owner=owner,
-            domain=domain,
-            author=author,
-            related=related,
-            only_latest=only_latest,
-            limit=limit,
-            viewer=viewer_of(who),
-        )
+    def search(search: Search, who: User) -> dict[str, Any]:
+        hits = repository.search(search, viewer=viewer_of(who))
         return {"results": hits, "count": len(hits)}
 
     @app.get(f"{API}/servables/{{owner}}/{{name}}")

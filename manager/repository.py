@@ -26,6 +26,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from dlhub.protocol.search import SearchQuery
 from dlhub.protocol.servable import (
     ServableRecord,
     check_visibility,
@@ -45,6 +46,14 @@ def _like_literal(value: str) -> str:
 
 PUBLISH_ATTEMPTS = 20  # version numbers are max+1: concurrent publishes of one name retry
 SQLITE_RANK = "bm25(servable_fts, 0, 0, 0, 10.0, 4.0, 1.0)"  # weights by column, lower is better
+# each search filter (dlhub.protocol.search.FILTERS) as SQL: (column of servable_versions, match);
+# "equals": the column is the value; "listed": the value is one of the column's |a|b| list, any case
+SEARCH_FILTER_SQL = {
+    "owner": ("owner", "equals"),
+    "domain": ("domains", "listed"),
+    "author": ("authors", "listed"),
+    "related": ("related", "listed"),
+}
 
 
 class RepositoryError(ValueError):
@@ -505,20 +514,24 @@ class Repository:
 
     def search(
         self,
-        query: str = "",
+        query: str | SearchQuery = "",
         *,
-        owner: str | None = None,
-        domain: str | None = None,
-        author: str | None = None,
-        related: str | None = None,
-        only_latest: bool = True,
         include_unready: bool = False,
-        limit: int = 20,
         viewer: Viewer | None = None,
+        **filters: Any,
     ) -> list[dict[str, Any]]:
         """Ranked records (best first). Each word matches as a prefix anywhere in the metadata
         (``featuriz`` finds featurizer; a plural finds the singular); all words must match.
+        ``query``: a :class:`SearchQuery`, or its words with its other fields as keywords
+        (``owner=``, ``domain=``, ``only_latest=``, ``limit=``, ...: see :mod:`dlhub.protocol.search`).
         ``viewer``: only servables that viewer may see (None: all, for internal use)."""
+        if isinstance(query, SearchQuery):
+            if filters:
+                raise TypeError(f"search() takes a SearchQuery or keywords, not both: {sorted(filters)}")
+            search = query
+        else:
+            search = SearchQuery(query, **filters)
+        query = search.query
         words = [w for w in "".join(c if c.isalnum() else " " for c in query.lower()).split() if w]
         words = [w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w for w in words]
         params: dict[str, Any] = {}
@@ -540,22 +553,23 @@ class Repository:
             sql = sql.format(rank="0.0", join="")
         visible = "!= 'deleted'" if include_unready else "= 'ready'"
         sql += f" AND v.status {visible}"
-        if only_latest:
+        if search.only_latest:
             sql += (
                 " AND v.version = (SELECT max(w.version) FROM servable_versions w"
                 f" WHERE w.owner = v.owner AND w.name = v.name AND w.status {visible})"
             )
-        for column, value in (("owner", owner),):
-            if value:
+        for name, value in search.filters().items():
+            column, match = SEARCH_FILTER_SQL[name]
+            if match == "equals":
                 params[column] = value
                 sql += f" AND v.{column} = :{column}"
-        for column, value in (("domains", domain), ("authors", author), ("related", related)):
-            if value:
+            else:  # "listed": one of a |-delimited list, case-insensitive
                 params[column] = f"%|{_like_literal(value.lower())}|%"
                 sql += f" AND v.{column} LIKE :{column} ESCAPE '\\'"
         if viewer is not None and not viewer.admin:
             sql += self._visible_clause(viewer, params)
-        sql += " ORDER BY rank, v.owner, v.name, v.version DESC"
+        sql += " ORDER BY rank, v.owner, v.name, v.version DESC LIMIT :limit"
+        params["limit"] = search.limit
         with self.engine.connect() as conn:
             rows = conn.execute(sa.text(sql), params).all()
-        return [{"status": row.status, **json.loads(row.record)} for row in rows[:limit]]
+        return [{"status": row.status, **json.loads(row.record)} for row in rows]
