@@ -6,10 +6,11 @@
 The wake-up is an eventfd on Linux, a socket pair elsewhere (``_wakeup.py``; ``$DLHUB_WAKEUP``).
 
 The I/O thread wakes when work is queued or a frame arrives, takes everything that is waiting
-and sends it as few messages as possible (one ``Submit`` per endpoint per wake-up, up to
-``batch_size`` tasks): no timer on the latency path. Tasks stay in ``unacked`` until the manager
-has committed them; after the manager restarts (it answers ``not-registered``) the thread says
-Hello again, resends them, and asks for the results of everything still pending.
+(small frozen ``Send*`` commands, dispatched by type) and sends it as few messages as possible
+(one ``Submit`` per endpoint per wake-up, up to ``batch_size`` tasks): no timer on the latency
+path. Tasks stay in ``unacked`` until the manager has committed them; after the manager restarts
+(it answers ``not-registered``) the thread says Hello again, resends them, and asks for the
+results of everything still pending.
 
 ``close(wait=False)`` only asks the thread to stop: it sends what is still queued (cancels of a
 ``shutdown``), closes its sockets and the wake-up itself; a later ``send`` is dropped, never
@@ -27,6 +28,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
@@ -43,6 +45,73 @@ _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 HEARTBEAT_S = 2.0
 CLOSE_LINGER_MS = 500  # at close: time for the last messages (cancels) to leave; 0 after a refusal
+
+
+# ---- what user threads queue for the I/O thread (one small frozen object per command) ---------
+
+
+@dataclass(frozen=True, slots=True)
+class SendTask:
+    """One task record for ``endpoint``; ``claim()`` (on the I/O thread) False drops it unsent."""
+
+    endpoint: str
+    claim: Callable[[], bool]
+    rec: Any  # a task record (m.T_* positions)
+
+
+# The hot path makes one SendTask per submitted task: built without the dataclass __init__
+# (a frozen one sets each field through object.__setattr__): ~0.25 us instead of ~0.45 us.
+_new_object = object.__new__
+_set_endpoint, _set_claim, _set_rec = SendTask.endpoint.__set__, SendTask.claim.__set__, SendTask.rec.__set__
+
+
+def _send_task(endpoint: str, claim: Callable[[], bool], rec: Any) -> SendTask:
+    """``SendTask(endpoint, claim, rec)``, cheaper."""
+    item = _new_object(SendTask)
+    _set_endpoint(item, endpoint)
+    _set_claim(item, claim)
+    _set_rec(item, rec)
+    return item
+
+
+@dataclass(frozen=True, slots=True)
+class SendCode:
+    digest: str
+    blob: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SendCancel:
+    task_ids: list[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class SendFetch:
+    task_ids: list[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class SendQuery:
+    request_id: int
+    task_ids: list[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class SendStatus:
+    request_id: int
+
+
+Command = SendTask | SendCode | SendCancel | SendFetch | SendQuery | SendStatus
+
+# the tuple forms ``send`` took before, ``(kind, *fields)``: still accepted
+_TUPLE_KINDS: dict[str, type] = {
+    "task": SendTask,
+    "code": SendCode,
+    "cancel": SendCancel,
+    "fetch": SendFetch,
+    "query": SendQuery,
+    "status": SendStatus,
+}
 
 
 class Connection:
@@ -77,7 +146,7 @@ class Connection:
         self.on_access_denied = on_access_denied
         self.on_states = on_states
         self.session = secrets.token_hex(8)
-        self.outgoing: deque[tuple] = deque()
+        self.outgoing: deque[Command] = deque()
         self.unacked: dict[bytes, tuple[str, list]] = {}
         self.welcome: dict[str, Any] = {}
         self.code_sent: dict[str, bytes] = {}  # resent after a manager restart
@@ -116,20 +185,23 @@ class Connection:
     def submit(self, endpoint: str, rec: list, claim: Callable[[], bool]) -> None:
         """Queue one task record. ``claim()`` runs on the I/O thread just before the record is
         sent: False (the future was cancelled meanwhile) drops it unsent."""
-        self.send(("task", endpoint, claim, rec))
+        if self._stop.is_set():  # as send(), without its check for the older tuple form
+            return
+        self.outgoing.append(_send_task(endpoint, claim, rec))
+        self._wakeup.wake()
 
     def put_code(self, digest: str, blob: bytes) -> None:
         """Queue a function's code (also resent after a manager restart)."""
-        self.send(("code", digest, blob))
+        self.send(SendCode(digest, blob))
 
     def cancel(self, task_ids: list[bytes]) -> None:
         """Ask the manager to cancel these tasks; it answers with ``cancelled`` results or
         ``CancelRefused`` (``on_cancel_refused``)."""
-        self.send(("cancel", list(task_ids)))
+        self.send(SendCancel(list(task_ids)))
 
     def fetch(self, task_ids: list[bytes]) -> None:
         """Ask for the results of tasks submitted earlier (they arrive as ``on_results``)."""
-        self.send(("fetch", list(task_ids)))
+        self.send(SendFetch(list(task_ids)))
 
     def query(self, task_ids: list[bytes]) -> Future:
         """A future of the manager's task records (state, timestamps, output) for these ids."""
@@ -143,15 +215,19 @@ class Connection:
         """Stop resending what the manager has not acknowledged (its futures have failed)."""
         self.unacked.clear()
 
-    def send(self, item: tuple) -> None:
-        """Queue ``(kind, ...)`` for the I/O thread. After ``close`` it is dropped (a late cancel
-        of a shut-down Executor has nothing left to cancel)."""
+    def send(self, item: Command | tuple) -> None:
+        """Queue a command (``SendTask``, ``SendCode``, ...; or the older tuple form
+        ``(kind, *fields)``) for the I/O thread. After ``close`` it is dropped (a late cancel of
+        a shut-down Executor has nothing left to cancel)."""
         if self._stop.is_set():
             return
+        if type(item) is tuple:
+            item = _TUPLE_KINDS[item[0]](*item[1:])
         self.outgoing.append(item)
         self._wakeup.wake()
 
     def request(self, kind: str, *args: Any) -> Future:
+        """A future of the manager's answer to ``kind`` (``"query"`` with task ids, ``"status"``)."""
         fut: Future = Future()
         if self._stop.is_set():
             fut.set_exception(
@@ -160,7 +236,7 @@ class Connection:
             return fut
         rid = next(self._request_ids)
         self._requests[rid] = fut
-        self.send((kind, rid, *args))
+        self.send(_TUPLE_KINDS[kind](rid, *args))
         return fut
 
     def close(self, timeout: float = 5.0, wait: bool = True) -> None:
@@ -344,13 +420,11 @@ class Connection:
 
         while self.outgoing:
             item = self.outgoing.popleft()
-            kind = item[0]
-            if kind != "task":
-                flush_tasks()
-            if kind == "task":
-                _, endpoint, claim, rec = item
-                if not claim():
+            cls = type(item)
+            if cls is SendTask:
+                if not item.claim():
                     continue
+                rec, endpoint = item.rec, item.endpoint
                 self.unacked[rec[m.T_ID]] = (endpoint, rec)
                 batch = batches.setdefault(endpoint, [])
                 batch.append(rec)
@@ -358,17 +432,19 @@ class Connection:
                 if len(batch) >= self.batch_size or sizes[endpoint] >= MAX_MESSAGE_BYTES:
                     sock.send(m.pack(m.Submit(endpoint, batch)), copy=False)
                     batches[endpoint], sizes[endpoint] = [], 0
-            elif kind == "code":
-                self.code_sent[item[1]] = item[2]
-                sock.send(m.pack(m.PutCode(item[1], item[2])), copy=False)
-            elif kind == "cancel":
-                sock.send(m.pack(m.Cancel(item[1])))
-            elif kind == "query":
-                sock.send(m.pack(m.Query(item[1], item[2])))
-            elif kind == "fetch":
-                sock.send(m.pack(m.Fetch(item[1])))
-            elif kind == "status":
-                sock.send(m.pack(m.StatusRequest(item[1])))
+                continue
+            flush_tasks()
+            if cls is SendCode:
+                self.code_sent[item.digest] = item.blob
+                sock.send(m.pack(m.PutCode(item.digest, item.blob)), copy=False)
+            elif cls is SendCancel:
+                sock.send(m.pack(m.Cancel(item.task_ids)))
+            elif cls is SendQuery:
+                sock.send(m.pack(m.Query(item.request_id, item.task_ids)))
+            elif cls is SendFetch:
+                sock.send(m.pack(m.Fetch(item.task_ids)))
+            elif cls is SendStatus:
+                sock.send(m.pack(m.StatusRequest(item.request_id)))
         flush_tasks()
 
 
