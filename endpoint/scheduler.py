@@ -58,7 +58,7 @@ CODE_CACHE_BYTES = 512 * 1024 * 1024
 
 @dataclass
 class TaskState:
-    record: list
+    record: m.TaskRecord
     worker: bytes | None = None
     retries: int = 0
     pool: str = "default"  # the named pool whose workers may run it
@@ -252,25 +252,28 @@ class Scheduler:
         for task_id in waiting:
             self._fail(task_id, error)
 
-    def add_tasks(self, records: list[list]) -> int:
+    def add_tasks(self, records: list[m.TaskRecord]) -> int:
         """Queue new tasks; ids already held are ignored (the manager resends after reconnect)."""
         added = 0
         for rec in records:
+            if type(rec) is not m.TaskRecord:  # a list from a caller in this process
+                rec = m.as_task_record(rec)
             task_id = rec[m.T_ID]
             if task_id in self.tasks:
                 continue
             t = self.tasks[task_id] = TaskState(rec)
             self.held_by_pool[t.pool] = self.held_by_pool.get(t.pool, 0) + 1
-            origin = rec[m.T_ORIGIN] if len(rec) > m.T_ORIGIN else None
+            origin = rec[m.T_ORIGIN]
             if origin is not None:  # kept for the fair queue: the policy check clears the field
                 t.user = origin.get("user")
             if self.policy is not None:
-                refused = self.policy.refusal(m.task_origin(rec), rec[m.T_FUNCTION])
+                refused = self.policy.refusal(origin, rec[m.T_FUNCTION])
                 if refused is not None:
                     self.counters["refused"] += 1
                     self._fail(task_id, self.policy.error(refused))
                     continue
-                rec[m.T_ORIGIN] = None  # workers need no origin: not sent (nor decoded) on that hop
+                # workers need no origin: not sent (nor decoded) on that hop
+                rec = t.record = m.with_origin(rec, None)
             pool, why = self.choose_pool(rec[m.T_RESOURCES])
             if pool is None:
                 self._fail(task_id, errors.infra_error("resources", why))

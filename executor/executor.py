@@ -1,7 +1,7 @@
 """``Executor``: run Python functions on a dlhub endpoint through the manager, futures-style.
 
     ex.submit(fn, *args) -> DLHubFuture   (code sent once per digest, serialized once per function)
-        |  record [task_id, digest, payload, timeout_s, serializer] -> Connection (I/O thread)
+        |  TaskRecord(task_id, digest, payload, timeout_s, serializer, ...) -> Connection (I/O thread)
         v
     manager -> endpoint -> worker; results stream back and resolve futures by task id
 
@@ -325,7 +325,9 @@ class Executor(cf.Executor):
         task_id = os.urandom(m.TASK_ID_BYTES)
         fut = DLHubFuture(task_id, self)
         self._futures[task_id] = fut
-        rec = [task_id, digest, payload, self.task_timeout_s, self.result_serializer, self.resources, options]
+        rec = m.task_record(
+            task_id, digest, payload, self.task_timeout_s, self.result_serializer, self.resources, options
+        )
         self._conn.submit(self.endpoint, rec, fut._claim)
         return fut
 

@@ -46,7 +46,7 @@ MAX_CODE_PER_ENDPOINT = 100_000  # distinct code digests remembered per endpoint
 
 @dataclass
 class TaskEntry:
-    record: list  # the wire task record (holds the payload until the task is terminal)
+    record: m.TaskRecord  # the wire task record (holds the payload until the task is terminal)
     endpoint: str
     client: bytes  # routing identity of the submitting client
     state: str
@@ -211,9 +211,12 @@ class Router:
         rows, acks, fresh = [], [], []
         resolved: dict[str, str | list] = {}
         origins: dict[str | None, dict] = {}  # servable owner -> this submitter's origin
-        for rec in msg.tasks:
-            task_id = rec[m.T_ID]
-            function = rec[m.T_FUNCTION]
+        tasks = msg.tasks
+        for i, rec in enumerate(tasks):
+            if type(rec) is not m.TaskRecord:  # a list from a caller in this process
+                rec = tasks[i] = m.as_task_record(rec)
+            task_id = rec.id
+            function = rec.function
             if (
                 function.startswith(m.REF_PREFIX)
                 and task_id not in self.tasks
@@ -225,7 +228,7 @@ class Router:
                 if isinstance(target, list):  # an error record: nothing routable by that name
                     self._reply_now(client, callback, m.result_record(task_id, "failed", error=target))
                     continue
-                rec[m.T_FUNCTION] = target
+                rec = tasks[i] = rec._replace(function=target)
             elif m.package_key(function) is not None and callback is None:
                 err = errors.infra_error(
                     "servable-not-found", "clients name servables as owner/name[:version], not by package"
@@ -246,10 +249,8 @@ class Router:
                 # already committed (or being committed): acknowledge again after this batch
                 acks.append(("client", client, task_id))
                 continue
-            origin = self._origin(owner, rec[m.T_FUNCTION], function, origins)
-            if len(rec) <= m.T_ORIGIN:
-                rec.extend([None] * (m.TASK_FIELDS - len(rec)))
-            rec[m.T_ORIGIN] = origin  # whatever the client wrote there is replaced
+            origin = self._origin(owner, rec.function, function, origins)
+            rec = tasks[i] = m.with_origin(rec, origin)  # whatever the client wrote there is replaced
             # the endpoint's policy, mirrored: a refused task is never sent (nor cached, coalesced)
             refused = ep.policy.refusal(origin, rec[m.T_FUNCTION]) if ep.policy is not None else None
             if refused is not None:

@@ -4,8 +4,9 @@ A frame is ``bytes([PROTOCOL_VERSION]) + msgpack([type_code, field, field, ...])
 (client-manager, endpoint-manager, worker/pool-endpoint) speaks the same message set; each
 process accepts the subset that makes sense for its role and answers the rest with ``Refused``.
 
-Per-task records inside batches are plain lists, not objects, so that a batch of thousands of
-tasks costs one C-level msgpack call per hop:
+Per-task records inside batches are arrays on the wire, so that a batch of thousands of tasks
+costs one C-level msgpack call per hop; in memory they are the NamedTuples :class:`TaskRecord`
+and :class:`ResultRecord` (``unpack`` makes them, msgpack packs them as the same arrays):
 
     task   = [task_id: bytes(16), function: str (code digest), payload: bytes,
               timeout_s: float | None, result_serializer: str, resources: dict | None,
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import msgpack
 
@@ -53,6 +54,58 @@ RESOURCE_KEYS = {"cores": (int, float), "memory_gb": (int, float), "gpus": (int,
 # result record field positions
 R_ID, R_STATE, R_PAYLOAD, R_ERROR, R_TIMING, R_OUTPUT = range(6)
 RESULT_FIELDS = 6
+
+
+class TaskRecord(NamedTuple):
+    """One task: indexable by the ``T_*`` positions, or by name (``rec.function``). Immutable:
+    a changed task is a new record (``rec._replace(origin=...)``) put where the old one was."""
+
+    id: bytes
+    function: str  # a code digest, or REF_PREFIX/RUN_PREFIX/VERIFY_PREFIX + name
+    payload: bytes
+    timeout: float | None
+    serializer: str
+    resources: dict | None
+    options: dict | None = None
+    origin: dict | None = None
+
+
+class ResultRecord(NamedTuple):
+    """One task's outcome: indexable by the ``R_*`` positions, or by name (``res.state``)."""
+
+    id: bytes
+    state: str
+    payload: bytes | None = None
+    error: list | None = None
+    timing: list | None = None
+    output: list | None = None
+
+
+_new_tuple = tuple.__new__  # TaskRecord(*fields) without the argument parsing: for the codec
+
+
+def as_task_record(rec: Any) -> TaskRecord:
+    """``rec`` as a TaskRecord: a list (or tuple) of 6 to 8 fields, the missing ones None."""
+    if type(rec) is TaskRecord:
+        return rec
+    if not OLDEST_TASK_FIELDS <= len(rec) <= TASK_FIELDS:
+        raise ValueError(f"a task record has {OLDEST_TASK_FIELDS} to {TASK_FIELDS} fields, got {len(rec)}")
+    return _new_tuple(TaskRecord, (*rec, *(None,) * (TASK_FIELDS - len(rec))))
+
+
+def with_origin(rec: TaskRecord, origin: dict | None) -> TaskRecord:
+    """``rec._replace(origin=origin)`` at a quarter of its cost (it is on every task's path)."""
+    return _new_tuple(TaskRecord, rec[:T_ORIGIN] + (origin,))
+
+
+def as_result_record(res: Any) -> ResultRecord:
+    """``res`` (a list or tuple of 6 fields) as a ResultRecord."""
+    if type(res) is ResultRecord:
+        return res
+    if len(res) != RESULT_FIELDS:
+        raise ValueError(f"a result record has {RESULT_FIELDS} fields, got {len(res)}")
+    return _new_tuple(ResultRecord, res)
+
 
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled", "lost"})
 # per-servable counters: what workers report (their first four) and what the endpoint adds
@@ -329,11 +382,11 @@ def unpack(frame: bytes | memoryview, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) 
             )
     msg = cls(*values)
     if cls is Submit or cls is Tasks:
-        _check_records(msg.tasks, TASK_FIELDS, "task")
+        _check_tasks(msg.tasks)
         if cls is Tasks:
             _check_tasks_extras(msg)
     elif cls is Results:
-        _check_records(msg.results, RESULT_FIELDS, "result")
+        _check_results(msg.results)
     elif cls in _ID_LISTS:  # ids are dict keys and are echoed back: a malformed one must not pass
         _check_ids(msg.task_ids, f"{cls.__name__}.task_ids")
     elif cls is States:
@@ -376,34 +429,51 @@ def _check_tasks_extras(msg: Tasks) -> None:
 _ID_LISTS = frozenset({Accepted, Cancel, CancelRefused, Query, Fetch})
 
 
-def _check_records(records: list, arity: int, what: str) -> None:
+def _check_tasks(records: list) -> None:
+    """Check each task record (padding old 6/7-field ones) and make it a TaskRecord, in place:
+    what the decoder hands on is typed."""
+    new, cls, task_id_bytes = _new_tuple, TaskRecord, TASK_ID_BYTES
     for i, rec in enumerate(records):
-        if isinstance(rec, list) and what == "task" and OLDEST_TASK_FIELDS <= len(rec) < arity:
-            rec.extend([None] * (arity - len(rec)))  # from before per-call options / origins
-        if not isinstance(rec, list) or len(rec) != arity:
-            raise ProtocolError(f"{what} #{i} must be a list of {arity} fields")
+        if type(rec) is not list or len(rec) != TASK_FIELDS:
+            if isinstance(rec, list) and OLDEST_TASK_FIELDS <= len(rec) < TASK_FIELDS:
+                rec.extend([None] * (TASK_FIELDS - len(rec)))  # from before per-call options / origins
+            else:
+                raise ProtocolError(f"task #{i} must be a list of {TASK_FIELDS} fields")
+        tid, function, payload, timeout, _, resources, options, origin = rec
+        if type(tid) is not bytes or len(tid) != task_id_bytes:
+            raise ProtocolError(f"task #{i} has a malformed task id")
+        if not isinstance(function, str) or not isinstance(payload, bytes):
+            raise ProtocolError(f"task #{i} needs a function digest (str) and payload (bytes)")
+        if timeout is not None and not isinstance(timeout, (int, float)):
+            raise ProtocolError(f"task #{i} timeout_s must be a number or nil")
+        if resources is not None:
+            problem = check_resources(resources)
+            if problem:
+                raise ProtocolError(f"task #{i} resources: {problem}")
+        if options is not None:
+            problem = check_options(options)
+            if problem:
+                raise ProtocolError(f"task #{i} options: {problem}")
+        if origin is not None:
+            problem = check_origin(origin)
+            if problem:
+                raise ProtocolError(f"task #{i} origin: {problem}")
+        records[i] = new(cls, rec)
+
+
+def _check_results(records: list) -> None:
+    """Check each result record's shape and make it a ResultRecord, in place (what is in its
+    fields is :func:`check_result`'s job, where results are taken in)."""
+    new, cls, task_id_bytes = _new_tuple, ResultRecord, TASK_ID_BYTES
+    for i, rec in enumerate(records):
+        if type(rec) is not list or len(rec) != RESULT_FIELDS:
+            raise ProtocolError(f"result #{i} must be a list of {RESULT_FIELDS} fields")
         tid = rec[0]
-        if not isinstance(tid, bytes) or len(tid) != TASK_ID_BYTES:
-            raise ProtocolError(f"{what} #{i} has a malformed task id")
-        if what == "task":
-            if not isinstance(rec[T_FUNCTION], str) or not isinstance(rec[T_PAYLOAD], bytes):
-                raise ProtocolError(f"task #{i} needs a function digest (str) and payload (bytes)")
-            if rec[T_TIMEOUT] is not None and not isinstance(rec[T_TIMEOUT], (int, float)):
-                raise ProtocolError(f"task #{i} timeout_s must be a number or nil")
-            if rec[T_RESOURCES] is not None:
-                problem = check_resources(rec[T_RESOURCES])
-                if problem:
-                    raise ProtocolError(f"task #{i} resources: {problem}")
-            if rec[T_OPTIONS] is not None:
-                problem = check_options(rec[T_OPTIONS])
-                if problem:
-                    raise ProtocolError(f"task #{i} options: {problem}")
-            if rec[T_ORIGIN] is not None:
-                problem = check_origin(rec[T_ORIGIN])
-                if problem:
-                    raise ProtocolError(f"task #{i} origin: {problem}")
-        elif not isinstance(rec[R_STATE], str):
+        if type(tid) is not bytes or len(tid) != task_id_bytes:
+            raise ProtocolError(f"result #{i} has a malformed task id")
+        if not isinstance(rec[R_STATE], str):
             raise ProtocolError(f"result #{i} state must be a string")
+        records[i] = new(cls, rec)
 
 
 def check_resources(resources: Any) -> str | None:
@@ -459,12 +529,12 @@ def check_origin(origin: Any) -> str | None:
     return None
 
 
-def task_origin(rec: list) -> dict | None:
+def task_origin(rec: TaskRecord | list) -> dict | None:
     """Who submitted a task and what it runs (None: a record from before origins)."""
     return rec[T_ORIGIN] if len(rec) > T_ORIGIN else None
 
 
-def task_options(rec: list) -> dict:
+def task_options(rec: TaskRecord | list) -> dict:
     """A task's options ({} when it has none)."""
     return (rec[T_OPTIONS] if len(rec) > T_OPTIONS else None) or {}
 
@@ -478,8 +548,10 @@ def task_record(
     resources: dict | None = None,
     options: dict | None = None,
     origin: dict | None = None,
-) -> list:
-    return [task_id, function, payload, timeout_s, result_serializer, resources, options, origin]
+) -> TaskRecord:
+    return _new_tuple(
+        TaskRecord, (task_id, function, payload, timeout_s, result_serializer, resources, options, origin)
+    )
 
 
 def result_record(
@@ -489,8 +561,8 @@ def result_record(
     error: list | None = None,
     timing: list | None = None,
     output: list | None = None,
-) -> list:
-    return [task_id, state, payload, error, timing, output]
+) -> ResultRecord:
+    return _new_tuple(ResultRecord, (task_id, state, payload, error, timing, output))
 
 
 # ---- validation of what endpoints and pools report (the manager trusts none of it) ----------
@@ -602,7 +674,7 @@ def check_pool_info(info: Any) -> str | None:
     return _check_spec(info, {"workers": _COUNT, "*": "json"}, "info")
 
 
-def check_result(rec: list) -> str | None:
+def check_result(rec: ResultRecord | list) -> str | None:
     """What is wrong with one result record whose task id already checked out (None when fine):
     a terminal state, bytes or nil payload, an error ``[code, message, traceback, blob]``,
     timing ``[start, end]`` numbers, output ``[stdout, stderr]`` strings."""

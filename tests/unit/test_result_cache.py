@@ -294,8 +294,7 @@ def test_another_serializer_misses(env):
     router.drain()
     reply(router, 1)
     router.drain()
-    rec = call(2)
-    rec[m.T_SERIALIZER] = "json"
+    rec = call(2)._replace(serializer="json")
     submit(router, rec)
     assert sent_to_endpoint(router.drain()) == [tid(2)]
 

@@ -123,7 +123,7 @@ def test_submit_while_endpoint_offline_waits_then_hello_sends(env):
     assert len(sent) == 1 and sent[0][0] == EP_ID
     assert [r[m.T_ID] for r in sent[0][1].tasks] == [tid(1), tid(2)]
     # the record travels unchanged (payload opaque) but for the origin the manager writes
-    assert sent[0][1].tasks[0] == [*task(1)[: m.T_ORIGIN], {"user": "alice", "admin": False}]
+    assert sent[0][1].tasks[0] == task(1)._replace(origin={"user": "alice", "admin": False})
     assert not router.endpoints["ep"].pending
     flush(store)
     assert {r["state"] for r in store.lookup([tid(1), tid(2)]).values()} == {"dispatched"}
@@ -351,7 +351,7 @@ def test_recover_requeues_unfinished_tasks_for_their_endpoint(env):
     out = connect(fresh)
     sent = by_kind(out, "endpoint", m.Tasks)
     assert [r for _, msg in sent for r in msg.tasks] == [
-        [*task(2)[: m.T_ORIGIN], {"user": "alice", "admin": False}]
+        task(2)._replace(origin={"user": "alice", "admin": False})
     ]
     # a client that fetches the task later gets the result routed to it
     fresh.tasks[tid(2)].client = CLIENT2

@@ -346,8 +346,7 @@ def test_a_deterministic_servables_repeated_call_is_an_output_cache_hit():
     assert CALLS == [4, 4, 4]
     assert worker.warm.report() == {}
     # another serializer is another entry
-    rec = call(5, digest, 4, options={"key": key})
-    rec[m.T_SERIALIZER] = "json"
+    rec = call(5, digest, 4, options={"key": key})._replace(serializer="json")
     assert ok(worker.execute(rec)) == 8 and CALLS == [4, 4, 4, 4]
 
 
