@@ -7,8 +7,9 @@
 Each record is one pickle frame, written whole and flushed, so a process that dies leaves a log
 whose last whole record is read and a torn tail is dropped. The file is created 0600 (it holds
 task payloads and user names). The log is a developer's debugging aid, off unless asked for
-(``DLHUB_ROUTER_EVENT_LOG``, ``DLHUB_SCHEDULER_LOG``): pickle is fine here because the reader only
-reads a file its own process wrote, never anything from the network.
+(``DLHUB_ROUTER_EVENT_LOG``, ``DLHUB_SCHEDULER_LOG``): pickle is fine here because a replay reads
+a private file a dlhub process of the same user wrote, never anything from the network: do not
+replay a log from someone else.
 
 What a record is belongs to each side (the Router logs one event a record, the Scheduler one
 ``(method, events)`` call a record); this module only frames them.
