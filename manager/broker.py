@@ -316,6 +316,8 @@ class Manager:
             "versions": runtime_versions(),
             "default_endpoint": self.config.default_endpoint,
         }
+        # the task store's writer: a stalled database is shown here, not felt by the loop
+        info["database"] = self.store.health()
         return info
 
     def status(self, timeout: float = 5.0) -> dict[str, Any]:

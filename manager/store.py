@@ -6,8 +6,11 @@
 Writes are group-committed off the hot path: the writer drains whatever is queued, folds updates
 into inserts of the same batch (a task that is received and finished within one batch is written
 once), commits, and only then reports the committed task ids so the broker can acknowledge them.
-Reads (queries by task id, recovery at start) use their own connection. SQLite in WAL mode is the
-default; the SQL is plain SQLAlchemy Core so PostgreSQL can follow.
+Reads (queries by task id, recovery at start) use their own connection. The writer's queue
+carries small frozen commands (``_Insert``, ``_Update``, ``_PutCode``, ``_PutCached``, ``_Flush``);
+``health()`` says, from any thread, whether a group commit is stuck (failing and retrying, or
+blocked on another process's lock for over ``STALL_S``), since when and how much waits behind it.
+SQLite in WAL mode is the default; the SQL is plain SQLAlchemy Core so PostgreSQL can follow.
 """
 
 from __future__ import annotations
@@ -63,6 +66,44 @@ def claim_endpoint(engine: sa.Engine, name: str, user: str) -> str:
     return user
 
 
+# ---- what the loop queues for the writer thread ------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Insert:
+    rows: list[dict[str, Any]]
+    acks: list[tuple[str, bytes, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Update:
+    changes: list[tuple[bytes, dict[str, Any]]]
+    acks: list[tuple[str, bytes, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class _PutCode:
+    digest: str
+    blob: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _PutCached:
+    key: str
+    payload: bytes
+    created: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Flush:
+    done: threading.Event
+
+
+_Command = _Insert | _Update | _PutCode | _PutCached | _Flush
+
+STALL_S = 1.0  # a group commit running longer than this counts as stalled while it runs
+
+
 @dataclass
 class _Batch:
     inserts: dict[bytes, dict[str, Any]] = field(default_factory=dict)
@@ -91,6 +132,10 @@ class TaskStore:
         self.commits = 0
         self.rows_written = 0
         self.commit_failures = 0  # failed attempts, each retried until the commit landed
+        # for health(), written by the writer thread only, each in one assignment:
+        # (monotonic start, commands in the batch, failed attempts, last error) while writing
+        self._writing: tuple[float, int, int, str | None] | None = None
+        self._last_commit = time.monotonic()  # the last commit that landed (or the start)
 
     def start(self) -> None:
         self._thread.start()
@@ -119,18 +164,18 @@ class TaskStore:
     # ---- writes (called from the broker loop; never block) -------------------------------
 
     def received(self, rows: list[dict[str, Any]], acks: Iterable[tuple[str, bytes, bytes]]):
-        self._queue.put(("insert", rows, list(acks)))
+        self._queue.put(_Insert(rows, list(acks)))
 
     def update(self, changes: list[tuple[bytes, dict[str, Any]]], acks=()) -> None:
         """Apply column changes to tasks; a terminal state is never overwritten."""
-        self._queue.put(("update", changes, list(acks)))
+        self._queue.put(_Update(changes, list(acks)))
 
     def put_code(self, digest: str, blob: bytes) -> None:
-        self._queue.put(("code", digest, blob))
+        self._queue.put(_PutCode(digest, blob))
 
     def put_cached(self, key: str, payload: bytes, created: float) -> None:
         """Persist a result-cache entry (when the manager keeps its cache across restarts)."""
-        self._queue.put(("cached", key, (payload, created)))
+        self._queue.put(_PutCached(key, payload, created))
 
     def load_cached(self, max_bytes: int, not_before: float) -> list[tuple[str, bytes, float]]:
         """Result-cache entries, newest first, within ``max_bytes`` and newer than ``not_before``;
@@ -153,8 +198,31 @@ class TaskStore:
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything enqueued so far is committed (tests, shutdown)."""
         done = threading.Event()
-        self._queue.put(("flush", done, None))
+        self._queue.put(_Flush(done))
         return done.wait(timeout)
+
+    def health(self) -> dict[str, Any]:
+        """The writer's state, cheap and from any thread: ``state`` "ok" or "stalled" (a group
+        commit has failed and is being retried, or has run over ``STALL_S``: a commit blocked on
+        another process's lock waits rather than fails), ``stalled_for_s`` (since that commit
+        began), ``pending_writes`` (write commands not yet committed: the stuck batch's and those
+        queued behind it), ``last_commit_age_s`` and ``last_error`` (of the stuck commit)."""
+        now = time.monotonic()
+        writing, last_commit = self._writing, self._last_commit
+        queued = self._queue.qsize()
+        stalled_for, in_batch, failures, error = None, 0, 0, None
+        if writing is not None:
+            started, in_batch, failures, error = writing
+            if failures or now - started > STALL_S:
+                stalled_for = round(now - started, 3)
+        return {
+            "state": "ok" if stalled_for is None else "stalled",
+            "stalled_for_s": stalled_for,
+            "pending_writes": in_batch + queued,
+            "failed_attempts": failures,
+            "last_commit_age_s": round(max(0.0, now - last_commit), 3),
+            "last_error": error,
+        }
 
     # ---- reads -----------------------------------------------------------------------------
 
@@ -228,7 +296,7 @@ class TaskStore:
             # acknowledgements (how long senders keep a copy), never a result.
             # Sleep through the window rather than waking for each item: every wake-up would
             # take the GIL from the broker loop.
-            if items[-1] is not None and items[-1][0] != "flush":
+            if items[-1] is not None and type(items[-1]) is not _Flush:
                 remaining = last_commit + self.commit_interval_s - time.monotonic()
                 if remaining > 0:
                     time.sleep(remaining)
@@ -244,7 +312,10 @@ class TaskStore:
                     stop = True
                 else:
                     self._fold(batch, item, flushes)
+            writes = len(items) - len(flushes) - stop
+            self._writing = (last_commit, writes, 0, None) if writes else None
             self._write_until_it_lands(batch)
+            self._writing = None
             if batch.acks:
                 self._on_commit(batch.acks)
             for ev in flushes:
@@ -259,11 +330,15 @@ class TaskStore:
         while True:
             try:
                 self._write(batch)
+                self._last_commit = time.monotonic()
             except Exception as exc:
                 failures += 1
                 self.commit_failures += 1
                 if failures == 1:
                     first_failure = time.monotonic()
+                writing = self._writing
+                if writing is not None:
+                    self._writing = (writing[0], writing[1], failures, f"{type(exc).__name__}: {exc}"[:300])
                 if failures == 1 or failures % 20 == 0:
                     log.warning(
                         "task store commit failed (%s: %s); retrying (attempt %d, %d acks waiting)",
@@ -295,26 +370,26 @@ class TaskStore:
             log.debug("closing the failed writer connection", exc_info=True)
 
     @staticmethod
-    def _fold(batch: _Batch, item: tuple, flushes: list) -> None:
-        kind = item[0]
-        if kind == "insert":
-            for row in item[1]:
+    def _fold(batch: _Batch, item: _Command, flushes: list) -> None:
+        cls = type(item)
+        if cls is _Insert:
+            for row in item.rows:
                 batch.inserts[row["task_id"]] = row
-            batch.acks.extend(item[2])
-        elif kind == "update":
-            for task_id, changes in item[1]:
+            batch.acks.extend(item.acks)
+        elif cls is _Update:
+            for task_id, changes in item.changes:
                 row = batch.inserts.get(task_id)
                 target = row if row is not None else batch.updates.setdefault(task_id, {})
                 if target.get("state") in TERMINAL and changes.get("state") not in TERMINAL:
                     changes = {k: v for k, v in changes.items() if k != "state"}
                 target.update(changes)
-            batch.acks.extend(item[2])
-        elif kind == "code":
-            batch.code[item[1]] = item[2]
-        elif kind == "cached":
-            batch.cached[item[1]] = item[2]
-        elif kind == "flush":
-            flushes.append(item[1])
+            batch.acks.extend(item.acks)
+        elif cls is _PutCode:
+            batch.code[item.digest] = item.blob
+        elif cls is _PutCached:
+            batch.cached[item.key] = (item.payload, item.created)
+        elif cls is _Flush:
+            flushes.append(item.done)
 
     def _write(self, batch: _Batch) -> None:
         """One transaction on the raw DBAPI connection (SQLAlchemy's per-call cost, ~100 us,
