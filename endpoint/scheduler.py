@@ -254,9 +254,9 @@ class Scheduler:
 
     def add_tasks(self, records: list[m.TaskRecord]) -> int:
         """Queue new tasks; ids already held are ignored (the manager resends after reconnect)."""
-        added = 0
+        added, record_type = 0, m.TaskRecord
         for rec in records:
-            if type(rec) is not m.TaskRecord:  # a list from a caller in this process
+            if type(rec) is not record_type:  # a list from a caller in this process
                 rec = m.as_task_record(rec)
             task_id = rec[m.T_ID]
             if task_id in self.tasks:

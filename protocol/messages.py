@@ -468,10 +468,10 @@ def _check_results(records: list) -> None:
     for i, rec in enumerate(records):
         if type(rec) is not list or len(rec) != RESULT_FIELDS:
             raise ProtocolError(f"result #{i} must be a list of {RESULT_FIELDS} fields")
-        tid = rec[0]
+        tid, state = rec[0], rec[1]
         if type(tid) is not bytes or len(tid) != task_id_bytes:
             raise ProtocolError(f"result #{i} has a malformed task id")
-        if not isinstance(rec[R_STATE], str):
+        if not isinstance(state, str):
             raise ProtocolError(f"result #{i} state must be a string")
         records[i] = new(cls, rec)
 
