@@ -471,6 +471,9 @@ def _print_status(address: str, info: dict) -> None:
     grid.add_row(
         "tasks", f"received {info['received']}, finished {info['finished']}, open {info['tasks_open']}"
     )
+    database = _database_text(info.get("database"))
+    if database:
+        grid.add_row("database", database)
     cache = info.get("result_cache")
     if cache:
         ratio = f"{cache['hit_ratio']:.1%}" if cache.get("hit_ratio") is not None else "n/a"
@@ -501,6 +504,42 @@ def _print_status(address: str, info: dict) -> None:
         f"[dim]'sent' is counted live by the manager; 'at endpoint' is the endpoint's own count at its "
         f"last heartbeat{every}, so for a moment it can show more queued than sent.[/]"
     )
+
+
+def _database_text(health: dict | None) -> str | None:
+    """The task store's writer, in one line: "ok", or how long its commit has been stuck (the
+    manager keeps serving meanwhile: results flow, their acknowledgements wait)."""
+    from rich.markup import escape
+
+    if not isinstance(health, dict):
+        return None  # a manager of an older version
+    if health.get("state") != "stalled":
+        return "ok"
+    waiting = health.get("pending_writes", 0)
+    text = f"[red]STALLED[/] for {health.get('stalled_for_s') or 0:.1f} s ({waiting} writes waiting"
+    if health.get("last_error"):
+        text += f"; last error: {escape(str(health['last_error']))}"
+    return text + ")"
+
+
+def _provider_lines(ep_info: dict) -> list[str]:
+    """Per pool whose scheduler status command (sacct, squeue...) has hung longer than a heartbeat
+    (the endpoint does not wait on it) or fails: one line each."""
+    from rich.markup import escape
+
+    beat = max(1.0, ep_info.get("heartbeat_s") or 0)
+    out = []
+    for pool, query in sorted((ep_info.get("provider") or {}).items()):
+        if not isinstance(query, dict):
+            continue
+        running, ok_age = query.get("query_running_for_s"), query.get("last_ok_age_s")
+        answered = f"last answer {_ago(ok_age)}" if isinstance(ok_age, (int, float)) else "no answer yet"
+        pool = escape(str(pool))
+        if isinstance(running, (int, float)) and running > beat:
+            out.append(f"pool {pool}: [red]provider query hanging for {running:.0f} s[/] ({answered})")
+        elif query.get("last_error"):
+            out.append(f"pool {pool}: provider query failed: {escape(str(query['last_error']))} ({answered})")
+    return out
 
 
 def _endpoint_rows(ep: dict, ep_info: dict) -> list[tuple[str, str]]:
@@ -535,6 +574,8 @@ def _endpoint_rows(ep: dict, ep_info: dict) -> list[tuple[str, str]]:
                 + (f" ({failed} failed)" if failed is not None else ""),
             )
         )
+    if ep["connected"]:
+        rows.extend(("provider", line) for line in _provider_lines(ep_info))
     batching = ep_info.get("batching") or {}
     if batching.get("batches"):
         delay = batching.get("queue_delay_ms") or {}
