@@ -661,6 +661,13 @@ class Endpoint:
         snapshot = self.scheduler.snapshot()
         snapshot["on_workers"] = sum(len(w.assigned) for w in list(self.scheduler.workers.values()))
         snapshot["heartbeat_s"] = self.config.heartbeat_s
+        # each pool's provider status queries (run off the loop): a hung sacct shows in
+        # `dlhub status` through the heartbeat, instead of being felt
+        provider = {}
+        for io in list(self.provider_io.values()):
+            provider.update(io.health())
+        if provider:
+            snapshot["provider"] = provider
         return snapshot
 
     def _block_states(self) -> dict[str, dict[str, Any]]:

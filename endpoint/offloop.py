@@ -6,9 +6,9 @@ take up to ``cmd_timeout_s`` (30 s by default), and the loop must never wait on 
 
 One daemon thread per ``OffLoop`` runs its calls in order; the loop submits at most one call per
 key at a time (:meth:`busy`), reads finished ones each turn with :meth:`outcomes` and acts on them
-as events. ``in_flight`` says which call has been running how long (for status: a stalled
-provider is shown, not felt). The thread is a daemon: a hung command never holds up the
-endpoint's exit.
+as events. ``in_flight`` says which call has been running how long and ``health`` adds when
+each key last answered (for status and the heartbeat: a stalled provider is shown, not felt).
+The thread is a daemon: a hung command never holds up the endpoint's exit.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ class OffLoop:
         self._done: deque[Outcome] = deque()
         self._running: dict[str, float] = {}  # key -> when its call began (written by both sides)
         self._pending: set[str] = set()  # keys submitted and not yet read back by the loop
+        self._last_ok: dict[str, float] = {}  # key -> when a call last returned (written by the thread)
+        self._last_error: dict[str, str] = {}  # key -> the last call's error, while it failed
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -52,6 +54,29 @@ class OffLoop:
         """Calls running now: key -> seconds so far."""
         now = time.monotonic() if now is None else now
         return {key: now - started for key, started in list(self._running.items())}
+
+    def health(self, now: float | None = None) -> dict[str, dict[str, Any]]:
+        """Per key: ``query_running_for_s`` (the call running now, None when none),
+        ``last_ok_age_s`` (since a call last returned; None: never yet) and ``last_error``."""
+        now = time.monotonic() if now is None else now
+        running, last_ok = dict(self._running), dict(self._last_ok)
+        errors = dict(self._last_error)
+        return {
+            key: {
+                "query_running_for_s": round(now - running[key], 1) if key in running else None,
+                "last_ok_age_s": round(now - last_ok[key], 1) if key in last_ok else None,
+                "last_error": errors.get(key),
+            }
+            for key in sorted(set(running) | set(last_ok) | set(errors))
+        }
+
+    def _finished(self, outcome: Outcome) -> None:
+        if outcome.error is None:
+            self._last_ok[outcome.key] = outcome.started + outcome.seconds
+            self._last_error.pop(outcome.key, None)
+        else:
+            self._last_error[outcome.key] = f"{type(outcome.error).__name__}: {outcome.error}"[:300]
+        self._done.append(outcome)
 
     def outcomes(self) -> list[Outcome]:
         """Finished calls since the last look, oldest first (the loop's thread only)."""
@@ -79,7 +104,7 @@ class OffLoop:
             except BaseException as exc:  # reported to the loop, which logs it
                 error = exc
             self._running.pop(key, None)
-            self._done.append(Outcome(key, value, error, started, time.monotonic() - started))
+            self._finished(Outcome(key, value, error, started, time.monotonic() - started))
 
 
 class Inline(OffLoop):
@@ -90,6 +115,8 @@ class Inline(OffLoop):
         self._done = deque()
         self._running = {}
         self._pending = set()
+        self._last_ok = {}
+        self._last_error = {}
 
     def submit(self, key: str, fn: Callable[..., Any], *args: Any) -> None:
         self._pending.add(key)
@@ -99,7 +126,7 @@ class Inline(OffLoop):
             value = fn(*args)
         except Exception as exc:
             error = exc
-        self._done.append(Outcome(key, value, error, started, time.monotonic() - started))
+        self._finished(Outcome(key, value, error, started, time.monotonic() - started))
 
     def close(self) -> None:
         pass
