@@ -4,7 +4,7 @@ the SQLite database locked, a user's ``task_info`` of a task whose row cannot be
 the loop itself waited for the write to land, and every call stalled for the whole lock.
 
 The stall is reported instead of felt: while the lock is held `dlhub status` (a real CLI process)
-says the database is stalled, and once it is released, ok again."""
+says the database is stalled (so does the REST metrics route), and once it is released, ok again."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 
+import httpx
 from conftest import wait_until
 
 LOCK_S = 8.0
@@ -85,6 +86,9 @@ def test_calls_flow_while_a_lookup_waits_for_a_locked_database(custom_stack_fact
         assert health["stalled_for_s"] >= 1.0 and health["pending_writes"] >= 1, health
         human = dlhub_status(cs, "--endpoint", cs.endpoint_name)
         assert "database" in human.stdout and "STALLED for" in human.stdout, human.stdout
+        admin = {"Authorization": f"Bearer {cs.token}"}
+        rest = httpx.get(f"{cs.manager.api.url}/api/v1/metrics", headers=admin, timeout=10)
+        assert rest.json()["database"]["state"] == "stalled", rest.text
         looker.join(30)
         assert info["state"] == "succeeded", info  # answered once the row landed
         wait_until(lambda: database_health(cs)["state"] == "ok", 15, what="the database reported ok again")
