@@ -528,8 +528,11 @@ def _provider_lines(ep_info: dict) -> list[str]:
     from rich.markup import escape
 
     beat = max(1.0, ep_info.get("heartbeat_s") or 0)
-    out = []
-    for pool, query in sorted((ep_info.get("provider") or {}).items()):
+    out: list[str] = []
+    provider = ep_info.get("provider")
+    if not isinstance(provider, dict):  # plain data from the endpoint, of any shape
+        return out
+    for pool, query in sorted(provider.items()):
         if not isinstance(query, dict):
             continue
         running, ok_age = query.get("query_running_for_s"), query.get("last_ok_age_s")
