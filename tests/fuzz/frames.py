@@ -51,15 +51,19 @@ def task_id(rng: random.Random):
 
 
 def task_record(rng: random.Random) -> list:
-    rec = m.task_record(
-        rng.randbytes(16),
-        rng.choice([hashlib.sha256(rng.randbytes(8)).hexdigest(), "servable:" + "ab" * 32, "ref:x/y", ""]),
-        rng.choice([b"\x01\xc0", b"", rng.randbytes(rng.randrange(64))]),
-        rng.choice([None, 1.0, -5, 1e300]),
-        rng.choice(["auto", "json", "dill", "bogus"]),
-        rng.choice([None, {"cores": 1}, {"gpus": -1}, {"pool": "gpu", "memory_gb": 1e9}]),
-        rng.choice([None, {}, {"cache": False}, {"key": "k", "len": 3, "batch": True}]),
-        rng.choice([None, {"user": "root", "admin": True}, {"user": "x", "groups": ["g"], "owner": "y"}]),
+    rec = list(
+        m.task_record(
+            rng.randbytes(16),
+            rng.choice(
+                [hashlib.sha256(rng.randbytes(8)).hexdigest(), "servable:" + "ab" * 32, "ref:x/y", ""]
+            ),
+            rng.choice([b"\x01\xc0", b"", rng.randbytes(rng.randrange(64))]),
+            rng.choice([None, 1.0, -5, 1e300]),
+            rng.choice(["auto", "json", "dill", "bogus"]),
+            rng.choice([None, {"cores": 1}, {"gpus": -1}, {"pool": "gpu", "memory_gb": 1e9}]),
+            rng.choice([None, {}, {"cache": False}, {"key": "k", "len": 3, "batch": True}]),
+            rng.choice([None, {"user": "root", "admin": True}, {"user": "x", "groups": ["g"], "owner": "y"}]),
+        )
     )
     for _ in range(rng.randrange(3)):
         rec[rng.randrange(len(rec))] = value(rng)
@@ -67,13 +71,15 @@ def task_record(rng: random.Random) -> list:
 
 
 def result_record(rng: random.Random) -> list:
-    rec = m.result_record(
-        task_id(rng),
-        rng.choice(STATES),
-        rng.choice([None, b"\x01\xc0", value(rng)]),
-        rng.choice([None, ["remote", "boom"], ["remote", "boom", "tb", None], value(rng)]),
-        rng.choice([None, [1.0, 2.0], [None, "x"], value(rng)]),
-        rng.choice([None, ["out", "err"], [1, 2], value(rng)]),
+    rec = list(
+        m.result_record(
+            task_id(rng),
+            rng.choice(STATES),
+            rng.choice([None, b"\x01\xc0", value(rng)]),
+            rng.choice([None, ["remote", "boom"], ["remote", "boom", "tb", None], value(rng)]),
+            rng.choice([None, [1.0, 2.0], [None, "x"], value(rng)]),
+            rng.choice([None, ["out", "err"], [1, 2], value(rng)]),
+        )
     )
     if rng.random() < 0.3:
         rec[rng.randrange(len(rec))] = value(rng)
