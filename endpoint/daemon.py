@@ -105,6 +105,7 @@ class Endpoint:
         self._terminal_since: dict[str, float] = {}  # block -> when a terminal status was first seen
         self._early_failures: dict[str, int] = {}  # pool -> blocks in a row that ended before registering
         self.block_errors: dict[str, dict[str, Any]] = {}  # blocks that ended before their pool ran
+        self._blocks_with_pool: set[str] = set()  # blocks whose pool registered at least once
         self._stop = threading.Event()
         self.poller = None
         self.executors: dict[str, Any] = {}  # pool name -> PoolExecutor
@@ -513,6 +514,9 @@ class Endpoint:
             self.scheduler.apply(ev.PoolLost(self.scheduler.clock(), pool.pool_id, reason))
             log.warning("%s; its tasks were re-queued", reason)
             return
+        if key in self._blocks_with_pool:  # its pool ran, and was dropped (missed heartbeats) first
+            log.warning("%s after its pool was lost", reason)
+            return
         tail = _tail(st.stderr_path) or _tail(st.stdout_path)
         failures = self._early_failures[pool_name] = self._early_failures.get(pool_name, 0) + 1
         self.block_errors[key] = {"job_id": job_id, "state": st.state.name, "reason": reason, "output": tail}
@@ -611,6 +615,7 @@ class Endpoint:
             block = str(hello.info.get("block_id"))
             self.scheduler.apply(ev.PoolJoined(now, identity, hello.name, block, dict(hello.info), drain_in))
             log.info("pool %s registered (block %s)", hello.name, hello.info.get("block_id"))
+            self._blocks_with_pool.add(block)
             self._early_failures[str(hello.info.get("pool_name", "default"))] = 0
             self._send_worker(identity, m.Welcome(self.session, {}))
         elif hello.role == "worker":

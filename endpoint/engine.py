@@ -242,11 +242,43 @@ class PoolExecutor(BlockProviderExecutor):
             for b, s in list(self._status.items())
         }
 
+    def keep_min_blocks(self) -> list[str]:
+        """Start blocks to make up ``min_blocks`` after blocks ended (killed, walltime, node
+        loss). Parsl's strategy does not: with no task outstanding it takes no action below
+        ``min_blocks`` (its case 1a), so an endpoint whose only block ended while idle kept no
+        pool, and the manager sends no work to an endpoint with no workers. Runs on the poller's
+        thread, after the strategy, so it never races it. A pool refused for failing blocks
+        (bad state) is left alone."""
+        if self.provider is None or self.bad_state_is_set:
+            return []
+        active = sum(1 for s in list(self._status.values()) if s.state not in TERMINAL_STATES)
+        missing = self.provider.min_blocks - active
+        if missing <= 0:
+            return []
+        log.info(
+            "pool %s has %d live block(s), min_blocks is %d: starting %d",
+            self.pool_name,
+            active,
+            self.provider.min_blocks,
+            missing,
+        )
+        return self.scale_out_facade(missing)
+
     def submit(self, func, resource_specification, *args, **kwargs):  # pragma: no cover
         raise NotImplementedError("dlhub pools receive tasks from the endpoint, not from Parsl")
 
     def shutdown(self) -> None:
         self.cancel_all()
+
+
+class PoolPoller(JobStatusPoller):
+    """Parsl's poller and ``simple`` strategy, then :meth:`PoolExecutor.keep_min_blocks`."""
+
+    def poll(self) -> None:
+        super().poll()
+        for executor in self._executors:
+            if isinstance(executor, PoolExecutor):
+                executor.keep_min_blocks()
 
 
 def start_scaling(executors: list[PoolExecutor], run_dir: Path, config: EndpointConfig) -> JobStatusPoller:
@@ -258,7 +290,7 @@ def start_scaling(executors: list[PoolExecutor], run_dir: Path, config: Endpoint
         executor.provider.script_dir = str(script_dir)
         executor.run_dir = str(run_dir)
         executor.start()
-    poller = JobStatusPoller(
+    poller = PoolPoller(
         strategy="simple",
         max_idletime=config.max_idletime_s,
         strategy_period=config.strategy_period_s,
