@@ -1,7 +1,10 @@
 """dlhub.protocol: the contract every dlhub process speaks.
 
-Versioned wire messages (:mod:`.messages`), the user-payload serializer registry
-(:mod:`.serialize`) and the typed errors with their wire record (:mod:`.errors`).
+Versioned wire messages with typed task/result records (:mod:`.messages`), the user-payload
+serializer registry (:mod:`.serialize`), the typed errors with their wire record
+(:mod:`.errors`), the search parameters shared by REST, client and CLI (:mod:`.search`), the
+loops' event-log framing (:mod:`.eventlog`), CurveZMQ helpers (:mod:`.curve`), endpoint policies
+(:mod:`.policy`), private files (:mod:`.private`) and the servable record (:mod:`.servable`).
 Depends on the standard library and msgpack only (dill is loaded lazily by the serializers).
 """
 
