@@ -61,6 +61,8 @@ class _StatusCollector:
             "dlhub_result_cache_entries", "entries in the result cache", value=cache.get("entries", 0)
         )
 
+        yield from _database_gauges(GaugeMetricFamily, status.get("database"))
+
         connected = GaugeMetricFamily(
             "dlhub_endpoint_connected", "1 if the endpoint is connected", labels=["endpoint"]
         )
@@ -119,6 +121,34 @@ def _endpoint_samples(name: str, ep: dict, batch, delay, per_servable: dict):
     for servable, stats in sorted((info.get("servables") or {}).items()):
         for key, family in per_servable.items():
             yield family, ([name, servable], float(stats.get(key, 0)))
+
+
+def _database_gauges(cls, health: Any):
+    """The task store's writer (``TaskStore.health``; shown to admins only): stalled or not, for
+    how long, and how many writes wait, so an alert can fire on a locked database."""
+    if not isinstance(health, dict):
+        return
+    stalled_for = health.get("stalled_for_s")
+    yield cls(
+        "dlhub_database_stalled",
+        "1 while a group commit fails and is retried, or runs over a second",
+        value=0 if health.get("state") == "ok" else 1,
+    )
+    yield cls(
+        "dlhub_database_stalled_seconds",
+        "how long the stuck commit has run (0 when not stalled)",
+        value=float(stalled_for or 0),
+    )
+    yield cls(
+        "dlhub_database_pending_writes",
+        "writes not yet committed",
+        value=float(health.get("pending_writes") or 0),
+    )
+    yield cls(
+        "dlhub_database_last_commit_age_seconds",
+        "seconds since the last commit",
+        value=float(health.get("last_commit_age_s") or 0),
+    )
 
 
 def _counter(cls, name: str, doc: str, value: float):

@@ -89,11 +89,17 @@ def test_calls_flow_while_a_lookup_waits_for_a_locked_database(custom_stack_fact
         admin = {"Authorization": f"Bearer {cs.token}"}
         rest = httpx.get(f"{cs.manager.api.url}/api/v1/metrics", headers=admin, timeout=10)
         assert rest.json()["database"]["state"] == "stalled", rest.text
+        scrape = httpx.get(f"{cs.manager.api.url}/metrics", headers=admin, timeout=10).text
+        assert re.search(r"^dlhub_database_stalled 1\.0$", scrape, re.M), scrape
+        assert float(re.search(r"^dlhub_database_stalled_seconds (\S+)$", scrape, re.M)[1]) >= 1.0
+        assert float(re.search(r"^dlhub_database_pending_writes (\S+)$", scrape, re.M)[1]) >= 1
         looker.join(30)
         assert info["state"] == "succeeded", info  # answered once the row landed
         wait_until(lambda: database_health(cs)["state"] == "ok", 15, what="the database reported ok again")
         health = database_health(cs)
         assert health["pending_writes"] == 0 and health["last_error"] is None, health
         assert re.search(r"^database\s+ok\s*$", dlhub_status(cs, "--endpoint", cs.endpoint_name).stdout, re.M)
+        scrape = httpx.get(f"{cs.manager.api.url}/metrics", headers=admin, timeout=10).text
+        assert re.search(r"^dlhub_database_stalled 0\.0$", scrape, re.M), scrape
     finally:
         locker.wait(30)
