@@ -1,0 +1,370 @@
+"""Containerized pools, for real: an endpoint whose pool runs each worker inside an image with
+Charliecloud's ``ch-run``, and one whose pool goes through dlhub's Singularity/Apptainer code
+path (spython builds the ``apptainer exec`` line; ``tests/bin/apptainer``, a shim that records
+nothing and runs the same container with ch-run, is first on PATH). Functions prove they ran
+inside: the marker file ``/dlhub-test-image`` exists only in the image, and the image's Python
+is Debian's 3.11.2, not the endpoint's. Worker death and block loss inside containers behave as
+without them, and ``dlhub-endpoint check`` compares the image's Python/dill/dlhub with the
+endpoint's.
+
+The image is built once per module by ``scripts/build-test-image.sh`` (host copy, ~3 s; into
+``$SERVABLE_TEST_IMAGE`` when set). With ``DLHUB_REQUIRE_CONTAINERS=1`` (CI) a missing ch-run
+or a failed image build FAILS these tests instead of skipping them.
+
+Functions sent to the endpoint import what they need inside their bodies."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+from conftest import wait_until
+
+from dlhub.executor import WorkerLost
+
+ROOT = Path(__file__).resolve().parents[2]
+TESTS_BIN = ROOT / "tests" / "bin"
+REQUIRE = os.environ.get("DLHUB_REQUIRE_CONTAINERS") == "1"
+TIMEOUT_S = 60
+HOST_PYTHON = ".".join(map(str, sys.version_info[:3]))
+
+
+def _missing(why: str):
+    if REQUIRE:
+        pytest.fail(f"{why} (DLHUB_REQUIRE_CONTAINERS=1: containers are required)", pytrace=False)
+    pytest.skip(why)
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory) -> str:
+    """A Charliecloud directory image with Debian's python3 and the marker /dlhub-test-image."""
+    if shutil.which("ch-run") is None:
+        _missing("ch-run is not installed: apt-get install -y --no-install-recommends charliecloud-runtime")
+    dest = os.environ.get("SERVABLE_TEST_IMAGE") or str(tmp_path_factory.mktemp("image") / "img")
+    env = {**os.environ, "INSTALL": "0"}
+    env.setdefault("USER", "root" if os.getuid() == 0 else str(os.getuid()))
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "build-test-image.sh"), dest],
+        env=env,
+        cwd=tmp_path_factory.getbasetemp(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if proc.returncode != 0 or not os.path.exists(os.path.join(dest, "dlhub-test-image")):
+        _missing(f"scripts/build-test-image.sh {dest} failed: {(proc.stdout + proc.stderr)[-2000:]}")
+    return dest
+
+
+@pytest.fixture
+def shim_path(monkeypatch, tmp_path) -> Path:
+    """tests/bin first on PATH, behind a recording ``apptainer`` that logs each command line it
+    is given (then runs tests/bin/apptainer): proof that the pool went through that path."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "apptainer-calls.log"
+    (bin_dir / "apptainer").write_text(
+        f'#!/bin/sh\nprintf "%s\\n" "$*" >> {log}\nexec {TESTS_BIN}/apptainer "$@"\n'
+    )
+    (bin_dir / "apptainer").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{TESTS_BIN}:{os.environ['PATH']}")
+    monkeypatch.setenv("CHSHIM_STATE", str(tmp_path / "chshim"))
+    return log
+
+
+def endpoint_config(container: dict, workers: int = 2) -> dict:
+    return {
+        "heartbeat_s": 1.0,
+        "heartbeat_threshold_s": 3.0,
+        "strategy_period_s": 1.0,
+        "provider": {"type": "local", "init_blocks": 1, "min_blocks": 1, "max_blocks": 1},
+        "pool": {"workers_per_node": workers, "container": container},
+    }
+
+
+def where_am_i():
+    import os
+    import sys
+
+    import dlhub.endpoint.worker as w
+
+    return {
+        "marker": os.path.exists("/dlhub-test-image"),
+        "python": ".".join(map(str, sys.version_info[:3])),
+        "executable": sys.executable,
+        "worker": w.__file__,
+        "worker_id": os.environ.get("DLHUB_WORKER_ID"),
+        "host_vars": [v for v in ("VIRTUAL_ENV", "PYTHONHOME") if v in os.environ],
+        "pid": os.getpid(),
+    }
+
+
+def die_hard(record: str):
+    import os
+
+    with open(record, "w") as f:
+        f.write(os.environ["DLHUB_WORKER_ID"])
+    os._exit(7)
+
+
+def sleep_then_where(started: str, seconds: float):
+    import os
+    import sys
+    import time
+
+    open(started, "a").close()
+    time.sleep(seconds)
+    return {"marker": os.path.exists("/dlhub-test-image"), "python": ".".join(map(str, sys.version_info[:3]))}
+
+
+def assert_inside(info: dict) -> None:
+    assert info["marker"], info  # the file exists only in the image
+    assert info["python"] == "3.11.2" != HOST_PYTHON, info  # Debian's python in the image
+    assert info["executable"] == "/usr/bin/python3", info
+    assert info["worker"] == "/opt/dlhub/endpoint/worker.py", info  # the bundle bound at /opt
+    assert info["host_vars"] == [], info
+
+
+def pool_pids(endpoint_dir) -> list[int]:
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(p.info["cmdline"] or ())
+        if "dlhub.endpoint.pool" in cmdline and str(endpoint_dir) in cmdline:
+            out.append(p.pid)
+    return out
+
+
+def worker_pids(pool_id_prefix: str) -> list[int]:
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmdline = p.info["cmdline"] or ()
+        if "dlhub.endpoint.worker" in cmdline and any(a.startswith(pool_id_prefix) for a in cmdline):
+            out.append(p.pid)
+    return out
+
+
+def test_charliecloud_pool_runs_functions_inside_the_image(custom_stack_factory, image, tmp_path):
+    cs = custom_stack_factory(
+        endpoint=endpoint_config({"type": "charliecloud", "image": image}), name="chpool", workers=2
+    )
+    ex = cs.executor()
+    infos = [f.result(TIMEOUT_S) for f in [ex.submit(where_am_i) for _ in range(6)]]
+    for info in infos:
+        assert_inside(info)
+    # the worker is the process the pool started (ch-run execs the image's python)
+    proc = psutil.Process(infos[0]["pid"])
+    assert proc.exe() == "/usr/bin/python3.11" and "dlhub.endpoint.worker" in proc.cmdline()
+    assert ex.submit(pow, 2, 10).result(TIMEOUT_S) == 1024
+
+    # a worker killed inside its container: WorkerLost, the pool starts another one (in the image)
+    check_worker_restarted_in_image(cs, ex, tmp_path)
+
+
+def workers_of(pool: int) -> dict[str, psutil.Process]:
+    """The pool's worker processes by worker id (the runtime execs the image's python)."""
+    out = {}
+    for p in psutil.Process(pool).children():
+        cmd = p.cmdline()
+        if "dlhub.endpoint.worker" in cmd:
+            out[cmd[cmd.index("--worker-id") + 1]] = p
+    return out
+
+
+def check_worker_restarted_in_image(cs, ex, tmp_path: Path) -> None:
+    (pool,) = wait_until(lambda: pool_pids(cs.endpoint_dir), TIMEOUT_S, what="the pool process")
+    before = wait_until(lambda: len(workers_of(pool)) == 2 and workers_of(pool), TIMEOUT_S, what="2 workers")
+    record = tmp_path / "dead-worker"
+    with pytest.raises(WorkerLost):
+        ex.submit(die_hard, str(record)).result(TIMEOUT_S)
+    dead = record.read_text()
+    assert dead in before
+    after = wait_until(
+        lambda: len(workers_of(pool)) == 2 and dead not in workers_of(pool) and workers_of(pool),
+        TIMEOUT_S,
+        what="the pool to replace the dead worker",
+    )
+    (new,) = set(after) - set(before)
+    assert new.rsplit(".", 2)[1] == dead.rsplit(".", 2)[1]  # the same slot, a new generation
+    assert after[new].exe() == "/usr/bin/python3.11"  # the replacement runs in the image too
+    wait_until(lambda: cs.status().get("workers") == 2, TIMEOUT_S, what="two workers registered")
+    for info in [f.result(TIMEOUT_S) for f in [ex.submit(where_am_i) for _ in range(6)]]:
+        assert_inside(info)
+
+
+def test_block_lost_inside_containers_behaves_as_without(custom_stack_factory, image, tmp_path):
+    cs = custom_stack_factory(
+        endpoint={**endpoint_config({"type": "charliecloud", "image": image}), "max_retries": 2},
+        name="chblock",
+        workers=2,
+    )
+    ex = cs.executor()
+    assert_inside(ex.submit(where_am_i).result(TIMEOUT_S))
+    (old_pool,) = wait_until(lambda: pool_pids(cs.endpoint_dir), TIMEOUT_S, what="the pool process")
+    started = tmp_path / "started"
+    fut = ex.submit(sleep_then_where, str(started), 3.0)
+    wait_until(started.exists, TIMEOUT_S, what="the task to start in a container")
+    old_workers = [p for p in psutil.Process(old_pool).children() if "dlhub.endpoint.worker" in p.cmdline()]
+    assert len(old_workers) == 2
+    os.killpg(os.getpgid(old_pool), signal.SIGKILL)  # the block is lost: pool and workers at once
+    # the task is retried on the replacement block, in a container again
+    assert fut.result(TIMEOUT_S) == {"marker": True, "python": "3.11.2"}
+    new = wait_until(
+        lambda: [p for p in pool_pids(cs.endpoint_dir) if p != old_pool], TIMEOUT_S, what="a new pool"
+    )
+    assert new
+    wait_until(lambda: not any(p.is_running() for p in old_workers), 10, what="the old workers to be gone")
+    assert_inside(ex.submit(where_am_i).result(TIMEOUT_S))
+
+
+def test_apptainer_pool_goes_through_spython_and_starts_real_containers(
+    custom_stack_factory, image, shim_path, tmp_path
+):
+    cs = custom_stack_factory(
+        endpoint=endpoint_config({"type": "apptainer", "image": image, "options": ["--cleanenv"]}),
+        name="apptainer",
+        workers=2,
+    )
+    ex = cs.executor()
+    for info in [f.result(TIMEOUT_S) for f in [ex.submit(where_am_i) for _ in range(4)]]:
+        assert_inside(info)
+    calls = shim_path.read_text().splitlines()
+    assert len(calls) >= 2, calls
+    # the line spython's _init_command/execute order builds, with argv[0] = apptainer
+    line = calls[0]
+    assert line.startswith(f"exec --bind {cs.endpoint_dir}/container:/opt --bind "), line
+    assert "--env DLHUB_WORKER_ID=" in line and "--env PYTHONPATH=/opt:/opt/site" in line
+    assert f"--cleanenv {image} python3 -m dlhub.endpoint.worker --config /dev/stdin" in line, line
+    # worker death through the same path
+    check_worker_restarted_in_image(cs, ex, tmp_path)
+    assert len(shim_path.read_text().splitlines()) >= 3  # the replacement came through apptainer too
+
+
+def _other_minor_python() -> str | None:
+    """A Python whose minor version differs from the endpoint's (pyenv keeps several here)."""
+    mine = sys.version_info[:2]
+    roots = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.*")))
+    for root in roots:
+        name = os.path.basename(root)
+        parts = name.split(".")
+        if len(parts) >= 2 and parts[1].isdigit() and (3, int(parts[1])) != mine and int(parts[1]) >= 8:
+            if os.path.exists(os.path.join(root, "bin", f"python3.{parts[1]}")):
+                return root
+    return None
+
+
+def _write_endpoint(home: Path, name: str, manager: dict, container: dict) -> None:
+    d = home / "endpoints" / name
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.yaml").write_text(
+        yaml.safe_dump(
+            {"name": name, "manager": manager, "pool": {"workers_per_node": 1, "container": container}}
+        )
+    )
+
+
+def _check(home: Path, name: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dlhub.endpoint.cli", "check", name, "--home", str(home), "--timeout", "60"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=home,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_endpoint_check_compares_the_image_with_the_endpoint(custom_stack_factory, image):
+    cs = custom_stack_factory(
+        endpoint=endpoint_config({"type": "charliecloud", "image": image}, workers=1),
+        name="chcheck",
+        workers=1,
+    )
+    ok = _check(cs.home, "chcheck")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert f"ok   pool default: container charliecloud {image}" in ok.stdout, ok.stdout
+    assert "Python 3.11.2, dill " in ok.stdout, ok.stdout
+
+    manager = yaml.safe_load((cs.endpoint_dir / "config.yaml").read_text())["manager"]
+    # an image without dlhub (it says dlhub is installed there; it is not)
+    _write_endpoint(
+        cs.home, "nodlhub", manager, {"type": "charliecloud", "image": image, "dlhub": "installed"}
+    )
+    bad = _check(cs.home, "nodlhub")
+    assert bad.returncode != 0
+    assert f"FAIL pool default: container charliecloud {image}" in bad.stdout, bad.stdout
+    assert "dlhub not importable in the image: ModuleNotFoundError: No module named 'dlhub'" in bad.stdout
+    assert "dill not importable in the image" in bad.stdout
+
+    # an image whose Python has another minor version: a real Python 3.x bound into the image
+    other = _other_minor_python()
+    if other is None:
+        pytest.skip("no Python of another minor version under ~/.pyenv/versions for the mismatch case")
+    minor = os.path.basename(other).split(".")[1]
+    _write_endpoint(
+        cs.home,
+        "otherpy",
+        manager,
+        {
+            "type": "charliecloud",
+            "image": image,
+            "python": f"/srv/bin/python3.{minor}",
+            "binds": [f"{other}:/srv"],
+            "options": ["--set-env=LD_LIBRARY_PATH=/srv/lib", "--set-env=PYTHONHOME=/srv"],
+        },
+    )
+    bad = _check(cs.home, "otherpy")
+    assert bad.returncode != 0
+    mine = ".".join(map(str, sys.version_info[:3]))
+    assert f"Python {os.path.basename(other)} in the image but {mine} at the endpoint" in bad.stdout, (
+        bad.stdout
+    )
+
+
+def test_missing_runtime_fails_the_block_with_a_clear_reason(custom_stack_factory, image):
+    """A pool whose runtime is not installed never registers; the block's error names the runtime
+    and the executable (status.json block_errors and the log), and the other pool still works."""
+    cs = custom_stack_factory(
+        endpoint={
+            **endpoint_config({"type": "charliecloud", "image": image}, workers=1),
+            "pools": {
+                "nopodman": {
+                    "provider": {"type": "local", "init_blocks": 1, "min_blocks": 0, "max_blocks": 1},
+                    "pool": {
+                        "workers_per_node": 1,
+                        "container": {"type": "podman", "image": "localhost/x", "binary": "dlhub-no-podman"},
+                    },
+                }
+            },
+        },
+        name="nopodman",
+        workers=1,
+    )
+    want = "container runtime 'podman': executable 'dlhub-no-podman' not found on PATH"
+    log = cs.endpoint_dir / "endpoint.log"
+    wait_until(lambda: want in log.read_text(), TIMEOUT_S, what="the block error in the log")
+    assert want in json.dumps(cs.status().get("block_errors")), cs.status().get("block_errors")
+    assert cs.executor().submit(pow, 2, 3).result(TIMEOUT_S) == 8
+
+
+def test_pool_json_carries_the_container(custom_stack_factory, image):
+    cs = custom_stack_factory(
+        endpoint=endpoint_config(
+            {"type": "charliecloud", "image": image, "binds": ["/tmp:/scratch"]}, workers=1
+        ),
+        name="chjson",
+        workers=1,
+    )
+    cfg = json.loads((cs.endpoint_dir / "pool-default.json").read_text())
+    assert cfg["container"]["type"] == "charliecloud" and cfg["container"]["binds"] == ["/tmp:/scratch"]
+    assert cfg["container"]["bundle"] == str(cs.endpoint_dir / "container")
+    assert (cs.endpoint_dir / "container" / "dlhub" / "endpoint" / "worker.py").is_file()
+    assert cs.executor().submit(pow, 3, 3).result(TIMEOUT_S) == 27
