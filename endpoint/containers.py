@@ -387,7 +387,8 @@ def remove_container(spec: ContainerSpec, name: str | None, timeout: float = 30.
 def worker_env(worker_id: str, accelerator: str | None, dlhub_env: Mapping[str, str]) -> dict[str, str]:
     """The environment a containerized worker gets, explicitly: its id, its device, the dlhub
     paths, and the ``DLHUB_*`` variables of the pool's environment (not the rest of it)."""
-    env = {k: v for k, v in os.environ.items() if k.startswith("DLHUB_")}
+    # DLHUB_SERVABLE_CACHE names a host folder: the image gets its own (dlhub_binds) or none
+    env = {k: v for k, v in os.environ.items() if k.startswith("DLHUB_") and k != "DLHUB_SERVABLE_CACHE"}
     env["DLHUB_WORKER_ID"] = worker_id
     if accelerator is not None:
         for var in ACCELERATOR_VARS:

@@ -22,6 +22,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import psutil
@@ -29,7 +30,7 @@ import pytest
 import yaml
 from conftest import wait_until
 
-from dlhub.executor import WorkerLost
+from dlhub.executor import Client, Servable, WorkerLost
 
 ROOT = Path(__file__).resolve().parents[2]
 TESTS_BIN = ROOT / "tests" / "bin"
@@ -164,6 +165,30 @@ def test_charliecloud_pool_runs_functions_inside_the_image(custom_stack_factory,
     proc = psutil.Process(infos[0]["pid"])
     assert proc.exe() == "/usr/bin/python3.11" and "dlhub.endpoint.worker" in proc.cmdline()
     assert ex.submit(pow, 2, 10).result(TIMEOUT_S) == 1024
+
+    # a published servable whose files are unpacked into the servable cache (bound at /opt/cache)
+    (tmp_path / "inside_mod.py").write_text(
+        "import os, sys\n\n"
+        "def where(x):\n"
+        "    return {'x': x, 'marker': os.path.exists('/dlhub-test-image'), 'file': __file__,\n"
+        "            'python': '.'.join(map(str, sys.version_info[:3]))}\n"
+    )
+    name = f"inside-{uuid.uuid4().hex[:6]}"
+    with Client(cs.manager.api.url, cs.token, home=str(cs.home)) as client:
+        ref = client.publish(
+            Servable.from_module(
+                "inside_mod:where",
+                files=[tmp_path / "inside_mod.py"],
+                name=name,
+                title="runs inside",
+                authors=["Doe, Jane"],
+                domains=["testing"],
+            )
+        )
+    out = ex.submit(ref, 5).result(TIMEOUT_S)
+    assert out["x"] == 5 and out["marker"] and out["python"] == "3.11.2", out
+    assert out["file"].startswith("/opt/cache/") and out["file"].endswith("inside_mod.py"), out
+    assert list((cs.endpoint_dir / "servables" / "unpacked").rglob("inside_mod.py"))  # the host side
 
     # a worker killed inside its container: WorkerLost, the pool starts another one (in the image)
     check_worker_restarted_in_image(cs, ex, tmp_path)

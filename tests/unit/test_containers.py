@@ -333,3 +333,34 @@ def test_repo_has_the_vendored_image_builder_and_shims():
     root = Path(__file__).resolve().parents[2]
     for rel in ("scripts/build-test-image.sh", "tests/bin/singularity", "tests/bin/apptainer"):
         assert os.access(root / rel, os.X_OK), rel
+
+
+def test_readme_containers_block_is_a_valid_config():
+    import re
+
+    import yaml
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = re.search(r"^## Containers\n(.*?)(?=^## |\Z)", readme, re.M | re.S)
+    assert section, "README has no Containers section"
+    block = re.findall(r"^```yaml\n(.*?)^```", section.group(1), re.M | re.S)[0]
+    cfg = parse_config({**BASE, **yaml.safe_load(block)})
+    assert cfg.pool.container.type == "apptainer" and cfg.pool.container.binds == ["/scratch:/scratch"]
+
+
+def test_worker_env_is_explicit(monkeypatch):
+    monkeypatch.setenv("DLHUB_HOME", "/h")
+    monkeypatch.setenv("DLHUB_SERVABLE_CACHE", "/host/cache")  # a host folder: not in the image
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")
+    monkeypatch.setenv("UNRELATED", "x")
+    env = c.worker_env("w.0.1", "2", {"PYTHONPATH": "/opt:/opt/site"})
+    assert env == {
+        "DLHUB_HOME": "/h",
+        "DLHUB_WORKER_ID": "w.0.1",
+        "CUDA_VISIBLE_DEVICES": "2",
+        "ROCR_VISIBLE_DEVICES": "2",
+        "ZE_AFFINITY_MASK": "2",
+        "PYTHONPATH": "/opt:/opt/site",
+    }
+    env = c.worker_env("w.0.1", None, {})  # no per-worker device: the pool's own setting passes
+    assert env["CUDA_VISIBLE_DEVICES"] == "5" and "UNRELATED" not in env
