@@ -219,7 +219,12 @@ def check_worker_restarted_in_image(cs, ex, tmp_path: Path) -> None:
     )
     (new,) = set(after) - set(before)
     assert new.rsplit(".", 2)[1] == dead.rsplit(".", 2)[1]  # the same slot, a new generation
-    assert after[new].exe() == "/usr/bin/python3.11"  # the replacement runs in the image too
+    # the replacement runs in the image too: once the runtime has exec'd it (ch-run, and the shim
+    # before it, are the same pid until then), it is the image's python in another mount namespace
+    proc = after[new]
+    wait_until(lambda: proc.cmdline()[:3] == ["python3", "-m", "dlhub.endpoint.worker"], 10, what="exec")
+    assert proc.exe() == "/usr/bin/python3.11"
+    assert os.readlink(f"/proc/{proc.pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
     wait_until(lambda: cs.status().get("workers") == 2, TIMEOUT_S, what="two workers registered")
     for info in [f.result(TIMEOUT_S) for f in [ex.submit(where_am_i) for _ in range(6)]]:
         assert_inside(info)
