@@ -41,7 +41,7 @@ def main() -> None:
     """Run a dlhub endpoint: it dials out to a manager and runs tasks on worker pools."""
 
 
-TEMPLATES = ("local", "slurm", "pbs", "perlmutter", "frontier", "polaris", "aurora")
+TEMPLATES = ("local", "slurm", "slurm-apptainer", "pbs", "perlmutter", "frontier", "polaris", "aurora")
 
 
 def _template_text(template: str) -> str:
@@ -293,8 +293,12 @@ def logs(name: str, follow: bool, lines: int, home: str | None) -> None:
 @home_option
 def check(name: str, timeout_s: float, home: str | None) -> None:
     """Validate ENDPOINT's config, render its submit script, and dry-run what can be tried here:
-    the scheduler's own validation (sbatch --test-only), worker_init, and the manager's token."""
+    the scheduler's own validation (sbatch --test-only), worker_init, the manager's token, and
+    for a containerized pool the image's Python, dill and dlhub (run through its runtime)."""
+    import itertools
+
     from .checks import run_checks
+    from .containers import check_pools
 
     run_dir = endpoint_dir(name, home)
     try:
@@ -304,7 +308,9 @@ def check(name: str, timeout_s: float, home: str | None) -> None:
         sys.exit(1)
     click.echo(f"ok   config {run_dir / 'config.yaml'} ({config.provider.type} provider)")
     failures = 0
-    for ok, title, detail in run_checks(config, run_dir, timeout_s):
+    for ok, title, detail in itertools.chain(
+        run_checks(config, run_dir, timeout_s), check_pools(config, timeout_s)
+    ):
         click.echo(f"{'ok  ' if ok else 'FAIL'} {title}")
         if detail:
             click.echo("\n".join(f"     {line}" for line in detail.rstrip().splitlines()))

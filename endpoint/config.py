@@ -150,6 +150,40 @@ ProviderConfig = Annotated[
 ]
 
 
+CONTAINER_TYPES = Literal["none", "apptainer", "singularity", "charliecloud", "podman", "docker"]
+
+
+class ContainerConfig(_Frozen):
+    """Run the pool's workers inside an image (``endpoint/containers.py``); ``type: none``: not."""
+
+    type: CONTAINER_TYPES = "none"
+    image: str = ""  # a .sif file or directory image, a ch-run image, a podman/docker image name
+    options: list[str] = Field(default_factory=list)  # extra runtime options, before the image
+    binds: list[str] = Field(default_factory=list)  # "/host/path[:/path/in/image[:ro]]"
+    python: str = Field("python3", min_length=1)  # the image's interpreter
+    workdir: Annotated[str, Field(pattern=r"^/")] | None = None
+    binary: str | None = None  # the runtime executable (default: apptainer, singularity, ch-run ...)
+    gpu: Literal["none", "nvidia", "rocm"] = "none"  # --nv / --rocm; CDI devices for podman/docker
+    mount: str = Field("/opt", pattern=r"^/")  # where the endpoint's dlhub is bound in the image
+    dlhub: Literal["bind", "installed"] = "bind"  # installed: the image has dlhub and its deps
+
+    @field_validator("binds")
+    @classmethod
+    def _absolute_binds(cls, binds: list[str]) -> list[str]:
+        import re
+
+        for bind in binds:
+            if not re.fullmatch(r"/[^:]*(:/[^:]*)?(:[a-z,]+)?", bind):
+                raise ValueError(f"{bind!r}: expected /host/path[:/path/in/image[:ro]] (absolute paths)")
+        return binds
+
+    @model_validator(mode="after")
+    def _image_given(self):
+        if self.type != "none" and not self.image:
+            raise ValueError(f"type {self.type} needs an image")
+        return self
+
+
 class PoolConfig(_Frozen):
     workers_per_node: Annotated[int, Field(ge=1, le=4096)] = 2
     # keep about this much work queued at each worker so it never idles for a round trip
@@ -169,6 +203,8 @@ class PoolConfig(_Frozen):
     memory_per_worker_gb: Annotated[float, Field(gt=0)] | None = None
     # stop giving work to a block this long before its walltime ends, so it drains
     drain_before_walltime_s: Annotated[float, Field(ge=0)] = 60.0
+    # run the workers inside an image: apptainer | singularity | charliecloud | podman | docker
+    container: ContainerConfig = ContainerConfig()
 
     def offers(self) -> dict[str, Any]:
         """What one worker of this pool offers a task (None: not declared, any request fits)."""

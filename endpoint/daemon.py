@@ -155,6 +155,7 @@ class Endpoint:
     def _write_pool_config(self) -> None:
         """One JSON file per named pool: what its pool processes and workers need to start."""
         self.pool_config_paths: dict[str, Path] = {}
+        bundle = None
         for name, named in self.config.all_pools().items():
             path = self.pool_config_paths[name] = self.run_dir / f"pool-{name}.json"
             cfg = {
@@ -174,6 +175,15 @@ class Endpoint:
                 if named.provider.type == "local"
                 else walltime_seconds(named.provider.walltime),
             }
+            container = named.pool.container
+            if container.type != "none":  # workers run in an image (endpoint/containers.py)
+                cfg["container"] = container.model_dump(mode="json")
+                if container.dlhub == "bind":  # a copy of this dlhub, bound into the image
+                    if bundle is None:
+                        from .containers import prepare_bundle
+
+                        bundle = str(prepare_bundle(self.run_dir / "container"))
+                    cfg["container"]["bundle"] = bundle
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as f:
                 json.dump(cfg, f)

@@ -8,6 +8,13 @@
 The pool supervises: it restarts a worker that dies and tells the endpoint which one died, so
 the endpoint fails that worker's running task with ``WorkerLost`` instead of waiting. It exits
 (ending its workers) when the endpoint says ``Shutdown`` or stops answering heartbeats.
+
+Containerized pools (``pool.container`` in the endpoint config, ``container`` in the pool JSON):
+the pool itself stays outside the image and starts each worker through the runtime
+(``endpoint/containers.py``: ``apptainer exec``, ``ch-run``, ``podman run`` ...), so worker death,
+restarts and block loss are supervised exactly as for bare workers. The worker reads its config
+from stdin (``--config /dev/stdin``): no host path needs to exist in the image. Without a
+container the pool spawns workers exactly as before (no extra work on that path).
 """
 
 from __future__ import annotations
@@ -47,10 +54,52 @@ class Pool:
         self.workers: dict[str, subprocess.Popen] = {}
         self.generation = 0
         self.stopping = False
+        self.container = None  # a ContainerSpec when the workers run in an image
+        if (config.get("container") or {}).get("type", "none") != "none":
+            self._prepare_container()
+
+    def _prepare_container(self) -> None:
+        """What every containerized worker of this pool shares: the spec, the dlhub binds and
+        environment, and the config it reads from stdin (with the image's cache path)."""
+        from . import containers
+
+        raw = dict(self.config["container"])
+        self.container = containers.ContainerSpec.from_dict(raw)
+        self._container_problem: str | None = None
+        try:
+            binds, env = containers.dlhub_binds(
+                self.container, raw.get("bundle"), self.config.get("servable_cache")
+            )
+        except (containers.ContainerError, OSError) as exc:
+            self._container_problem, binds, env = str(exc), [], {}
+        self._container_binds, self._container_env = binds, env
+        inside = {k: v for k, v in self.config.items() if k != "container"}
+        inside["servable_cache"] = env.get("DLHUB_SERVABLE_CACHE")  # None: the image's tmp dir
+        self._container_config = json.dumps(inside).encode()
+
+    def check_container(self) -> str | None:
+        """Why this pool's workers cannot start (the runtime missing, a bind's source missing),
+        or None; checked once before the pool registers."""
+        if self.container is None:
+            return None
+        if self._container_problem:
+            return self._container_problem
+        from . import containers
+
+        try:
+            containers.worker_launch(
+                self.container, [self.container.python], {}, self._container_binds, worker_id="check"
+            )
+        except containers.ContainerError as exc:
+            return str(exc)
+        return None
 
     def _spawn(self, slot: int) -> None:
         self.generation += 1
         worker_id = f"{self.pool_id}.{slot}.{self.generation}"
+        if self.container is not None:
+            self._spawn_in_container(slot, worker_id)
+            return
         env = dict(os.environ)
         env["DLHUB_WORKER_ID"] = worker_id
         accelerators = self.config.get("accelerators") or []
@@ -75,12 +124,57 @@ class Pool:
         proc.slot = slot  # type: ignore[attr-defined]
         self.workers[worker_id] = proc
 
+    def _spawn_in_container(self, slot: int, worker_id: str) -> None:
+        from . import containers
+
+        accelerators = self.config.get("accelerators") or []
+        device = str(accelerators[slot % len(accelerators)]) if accelerators else None
+        spec = self.container
+        cmd = [spec.python, "-m", "dlhub.endpoint.worker", "--config", "/dev/stdin"]
+        cmd += ["--worker-id", worker_id, "--pool-id", self.pool_id]
+        env = containers.worker_env(worker_id, device, self._container_env)
+        launch = containers.worker_launch(
+            spec, cmd, env, self._container_binds, [device] if device else [], worker_id
+        )
+        proc = subprocess.Popen(launch.argv, env=launch.env, stdin=subprocess.PIPE)
+        try:
+            proc.stdin.write(self._container_config)  # type: ignore[union-attr]
+            proc.stdin.close()  # type: ignore[union-attr]
+        except OSError:  # the runtime failed at once: reaped (and restarted) like any death
+            pass
+        proc.slot = slot  # type: ignore[attr-defined]
+        proc.container_name = launch.name  # type: ignore[attr-defined]
+        self.workers[worker_id] = proc
+
+    def _remove_container(self, proc: subprocess.Popen, wait: bool = False) -> None:
+        """podman/docker: killing the ``run`` client leaves the container; remove it."""
+        name = getattr(proc, "container_name", None)
+        if name is None:
+            return
+        from . import containers
+
+        if wait:
+            containers.remove_container(self.container, name)
+        else:
+            import threading
+
+            threading.Thread(
+                target=containers.remove_container, args=(self.container, name), daemon=True
+            ).start()
+
     def run(self) -> int:
         ctx = zmq.Context()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, f"p:{self.pool_id}".encode())
         sock.setsockopt(zmq.LINGER, 1000)
         secure_link_client(sock, self.config)  # CurveZMQ with the endpoint session's keys
+        problem = self.check_container()
+        if problem:  # before Hello: the block ends and the endpoint shows this in block_errors
+            log.error("pool cannot start its workers: %s", problem)
+            print(f"dlhub pool: {problem}", file=sys.stderr, flush=True)
+            sock.close(linger=0)
+            ctx.term()
+            return 2
         sock.connect(self.config["endpoint_url"])
         info = {
             "block_id": self.block_id,
@@ -94,6 +188,8 @@ class Pool:
             # the block's walltime counts from (about) now: the pool is its first process
             "walltime_left_s": self.config.get("walltime_s"),
         }
+        if self.container is not None:
+            info["container"] = {"type": self.container.type, "image": self.container.image}
         _send(
             sock,
             m.pack(
@@ -133,6 +229,7 @@ class Pool:
                             if proc is not None:
                                 log.warning("killing worker %s: %s", msg.worker_id, msg.reason)
                                 proc.kill()
+                                self._remove_container(proc)
                         elif isinstance(msg, (m.Shutdown, m.Refused)):
                             log.info("pool %s stopping: %s", self.pool_id, msg)
                             return 0
@@ -162,6 +259,7 @@ class Pool:
             if self.stopping:
                 return
             del self.workers[worker_id]
+            self._remove_container(proc)
             reason = f"exit code {code}" if code >= 0 else f"killed by signal {-code}"
             _send(sock, m.pack(m.WorkerDied(worker_id, code, reason)))
             self._spawn(proc.slot)  # type: ignore[attr-defined]
@@ -176,6 +274,8 @@ class Pool:
                 proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
+        for proc in self.workers.values():
+            self._remove_container(proc, wait=True)
 
 
 def _send(sock: zmq.Socket, frame: bytes) -> None:
