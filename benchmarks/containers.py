@@ -1,0 +1,245 @@
+"""Containerized worker pools against bare ones (issue 12): what a container costs per call once
+warm, and at a pool's cold start.
+
+Three endpoints on one in-process manager, each with a pool of 2 workers: ``bare`` (no
+container), ``charliecloud`` (each worker under ``ch-run`` in the test image) and ``apptainer``
+(dlhub's Singularity/Apptainer code path: spython builds the ``apptainer exec`` line, and
+``tests/bin/apptainer``, a shim that runs the same container with ``ch-run``, stands in for the
+binary: its figure is the code path plus the shim, not real Apptainer). The image is
+``scripts/build-test-image.sh``'s host copy (Debian's python3; dlhub bound in from this checkout).
+
+- cold start: the endpoint process started -> its first no-op result (the pool's block, its
+  workers' container starts and imports), per runtime, ``--cold`` times each;
+- warm: serial no-op calls in blocks of 100, alternating between the three endpoints (all up at
+  once, so the machine's noise falls on all of them alike): p50/p99 and the ratio to bare (the
+  issue's target: within 5 %); then the throughput of ``--n`` no-ops submitted at once each, in
+  4 alternating rounds (median).
+
+    .venv/bin/python benchmarks/containers.py            # 3 cold starts, 3,000 serial calls, 20,000 mapped
+    .venv/bin/python benchmarks/containers.py --quick    # 1 cold start, 600 serial, 4,000 mapped (~40 s)
+
+Prints JSON lines, then a human summary. Exits 1 when a result is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "tests")]
+
+from conftest import start_custom_stack, stop_custom_stack  # noqa: E402
+
+WORKERS = 2
+BLOCK = 100
+THROUGHPUT_ROUNDS = 4
+
+
+def noop():
+    return None
+
+
+def square(x):
+    return x * x
+
+
+def build_image(dest: Path) -> str:
+    """The test image (or $SERVABLE_TEST_IMAGE when it is built already)."""
+    given = os.environ.get("SERVABLE_TEST_IMAGE")
+    if given and Path(given, "dlhub-test-image").exists():
+        return given
+    path = given or str(dest)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "build-test-image.sh"), path],
+        env={**os.environ, "INSTALL": "0"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"scripts/build-test-image.sh failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    return path
+
+
+def endpoint_config(runtime: str, image: str) -> dict:
+    pool: dict = {"workers_per_node": WORKERS}
+    if runtime != "bare":
+        pool["container"] = {"type": runtime, "image": image}
+    return {"pool": pool}
+
+
+def pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return round(1e3 * ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))], 3)
+
+
+def cold_start(base: Path, runtime: str, image: str, round_no: int) -> dict:
+    """Endpoint start -> first result, in a stack of its own (so nothing is warm)."""
+    t0 = time.perf_counter()
+    cs = start_custom_stack(
+        base / f"cold-{runtime}-{round_no}",
+        endpoint=endpoint_config(runtime, image),
+        name=f"cold{round_no}",
+        workers=1,
+    )
+    try:
+        registered = time.perf_counter() - t0
+        ex = cs.executor()
+        if ex.submit(square, 7).result(120) != 49:
+            raise SystemExit(f"{runtime}: wrong result at cold start")
+        first = time.perf_counter() - t0
+    finally:
+        stop_custom_stack(cs)
+    return {
+        "bench": "containers",
+        "metric": "cold_start",
+        "runtime": runtime,
+        "round": round_no,
+        "first_worker_s": round(registered, 3),
+        "first_result_s": round(first, 3),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1 cold start, 600 serial, 4,000 mapped")
+    parser.add_argument("--cold", type=int, default=None, help="cold starts per runtime (3)")
+    parser.add_argument("--serial", type=int, default=None, help="serial no-ops per runtime (3,000)")
+    parser.add_argument("--n", type=int, default=None, help="mapped no-ops per runtime (20,000)")
+    args = parser.parse_args(argv)
+    cold = args.cold if args.cold is not None else (1 if args.quick else 3)
+    serial = args.serial if args.serial is not None else (600 if args.quick else 3000)
+    mapped = args.n if args.n is not None else (4000 if args.quick else 20000)
+    if shutil.which("ch-run") is None:
+        raise SystemExit(
+            "ch-run is not installed: apt-get install -y --no-install-recommends charliecloud-runtime"
+        )
+    os.environ.setdefault("USER", "root" if os.getuid() == 0 else str(os.getuid()))
+    os.environ["PATH"] = f"{ROOT / 'tests' / 'bin'}{os.pathsep}{os.environ['PATH']}"  # the apptainer shim
+    base = Path(tempfile.mkdtemp(prefix="bench-containers-"))
+    runtimes = ["bare", "charliecloud", "apptainer"]
+    records: list[dict] = []
+
+    def emit(record: dict) -> None:
+        records.append(record)
+        print(json.dumps(record), flush=True)
+
+    try:
+        t_image = time.perf_counter()
+        image = build_image(base / "image")
+        emit(
+            {
+                "bench": "containers",
+                "metric": "image",
+                "path": image,
+                "build_s": round(time.perf_counter() - t_image, 2),
+            }
+        )
+        for round_no in range(cold):
+            for runtime in runtimes:
+                emit(cold_start(base, runtime, image, round_no))
+
+        stacks = {}
+        try:
+            for runtime in runtimes:
+                stacks[runtime] = start_custom_stack(
+                    base / f"warm-{runtime}",
+                    endpoint=endpoint_config(runtime, image),
+                    name=runtime,
+                    workers=WORKERS,
+                )
+            executors = {r: cs.executor() for r, cs in stacks.items()}
+            for ex in executors.values():  # warm: both workers have the function
+                if list(ex.map(square, range(50))) != [x * x for x in range(50)]:
+                    raise SystemExit("wrong results while warming up")
+            lat: dict[str, list[float]] = {r: [] for r in runtimes}
+            for block in range(max(1, serial // BLOCK)):
+                order = runtimes if block % 2 == 0 else runtimes[::-1]
+                for runtime in order:
+                    ex = executors[runtime]
+                    for _ in range(BLOCK):
+                        t = time.perf_counter()
+                        ex.submit(noop).result(60)
+                        lat[runtime].append(time.perf_counter() - t)
+            for runtime in runtimes:
+                emit(
+                    {
+                        "bench": "containers",
+                        "metric": "warm_noop_latency",
+                        "runtime": runtime,
+                        "n": len(lat[runtime]),
+                        "p50_ms": pct(lat[runtime], 0.5),
+                        "p99_ms": pct(lat[runtime], 0.99),
+                    }
+                )
+            rates: dict[str, list[float]] = {r: [] for r in runtimes}
+            for round_no in range(THROUGHPUT_ROUNDS):
+                order = runtimes if round_no % 2 == 0 else runtimes[::-1]
+                for runtime in order:
+                    t = time.perf_counter()
+                    futures = [executors[runtime].submit(noop) for _ in range(mapped // THROUGHPUT_ROUNDS)]
+                    out = [f.result(120) for f in futures]
+                    if any(v is not None for v in out):
+                        raise SystemExit(f"{runtime}: a no-op returned something")
+                    rates[runtime].append(len(out) / (time.perf_counter() - t))
+            for runtime in runtimes:
+                emit(
+                    {
+                        "bench": "containers",
+                        "metric": "warm_noop_throughput",
+                        "runtime": runtime,
+                        "n": mapped,
+                        "tasks_per_s": round(sorted(rates[runtime])[len(rates[runtime]) // 2], 1),  # median
+                        "rounds_tasks_per_s": [round(r, 1) for r in rates[runtime]],
+                    }
+                )
+        finally:
+            for cs in stacks.values():
+                stop_custom_stack(cs)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+    by = {(r["metric"], r.get("runtime")): r for r in records}
+
+    def ratio(metric: str, key: str, runtime: str) -> float:
+        return round(by[(metric, runtime)][key] / by[(metric, "bare")][key], 3)
+
+    print("\nruntime        cold start (median): first worker / first result | warm no-op p50 / p99 (x bare)")
+    for runtime in runtimes:
+        colds = sorted(
+            (r for r in records if r["metric"] == "cold_start" and r["runtime"] == runtime),
+            key=lambda r: r["first_result_s"],
+        )
+        mid = colds[len(colds) // 2]
+        warm, thr = by[("warm_noop_latency", runtime)], by[("warm_noop_throughput", runtime)]
+        print(
+            f"{runtime:14s} {mid['first_worker_s']:6.2f} s / {mid['first_result_s']:6.2f} s"
+            f" | {warm['p50_ms']:6.3f} / {warm['p99_ms']:6.3f} ms"
+            f" (x{ratio('warm_noop_latency', 'p50_ms', runtime)})"
+            f" | {thr['tasks_per_s']:9.0f} tasks/s (x{ratio('warm_noop_throughput', 'tasks_per_s', runtime)})"
+        )
+    summary = {
+        "bench": "containers",
+        "summary": {
+            r: {
+                "warm_p50_ratio_to_bare": ratio("warm_noop_latency", "p50_ms", r),
+                "throughput_ratio_to_bare": ratio("warm_noop_throughput", "tasks_per_s", r),
+            }
+            for r in runtimes
+        },
+        "target": "warm per-call overhead within 5 % of bare",
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
