@@ -21,7 +21,7 @@ Runtimes:
   worker (pid, exit status, kill).
 - ``charliecloud``: ``ch-run --bind=SRC:DST --unset-env=* --set-env=K=V --cd=DIR IMAGE -- CMD``
   (``USER`` is set when missing: ch-run refuses to start without it).
-- ``podman`` / ``docker``: ``run --rm -i --network=host --name dlhub-<worker> -v SRC:DST -e K=V
+- ``podman`` / ``docker``: ``run --rm -i --init --network=host --name dlhub-<worker> -v SRC:DST -e K=V
   -w DIR [--device nvidia.com/gpu=N] IMAGE CMD``. Killing the ``run`` client does not stop the
   container, so :func:`remove_container` (``rm -f NAME``) runs when the pool stops or kills it.
 - ``none``: no container (the pool spawns workers exactly as without this module).
@@ -304,7 +304,9 @@ def _charliecloud(spec, cmd, env, binds, devices, name) -> Launch:
 
 
 def _oci(spec, cmd, env, binds, devices, name) -> Launch:
-    argv = [spec.executable, "run", "--rm", "-i", "--network=host"]
+    # --init: the worker is not PID 1, so the SIGTERM the run client forwards (pool stop, block
+    # cancel) ends it; as PID 1 without a handler it would ignore SIGTERM until rm -f
+    argv = [spec.executable, "run", "--rm", "-i", "--init", "--network=host"]
     if name:
         argv += ["--name", name]
     for bind in binds:

@@ -109,11 +109,12 @@ def where_am_i():
     }
 
 
-def die_hard(record: str):
+def die_hard(record: str | None = None):
     import os
 
-    with open(record, "w") as f:
-        f.write(os.environ["DLHUB_WORKER_ID"])
+    if record:
+        with open(record, "w") as f:
+            f.write(os.environ["DLHUB_WORKER_ID"])
     os._exit(7)
 
 
@@ -398,3 +399,96 @@ def test_pool_json_carries_the_container(custom_stack_factory, image):
     assert cfg["container"]["bundle"] == str(cs.endpoint_dir / "container")
     assert (cs.endpoint_dir / "container" / "dlhub" / "endpoint" / "worker.py").is_file()
     assert cs.executor().submit(pow, 3, 3).result(TIMEOUT_S) == 27
+
+
+# ---- podman, for real (the recipe's configuration: a private store, runc, lowered ulimits) -------
+
+PODMAN_CONF = """[containers]
+default_ulimits = ["nofile=4096:4096", "nproc=4096:4096"]
+[engine]
+runtime = "runc"
+tmp_dir = "{p}/tmp"
+events_logger = "file"
+[network]
+network_config_dir = "{p}/networks"
+"""
+PODMAN_STORAGE = """[storage]
+driver = "overlay"
+graphroot = "{p}/root"
+runroot = "{p}/run"
+"""
+
+
+@pytest.fixture(scope="module")
+def podman_image(image, tmp_path_factory) -> dict[str, str]:
+    """The test image imported into a private podman store; the environment that selects it."""
+    missing = [b for b in ("podman", "runc", "catatonit") if shutil.which(b) is None]
+    if missing:
+        _missing(
+            f"{', '.join(missing)} not installed: "
+            "apt-get install -y --no-install-recommends podman runc catatonit"
+        )
+    p = tmp_path_factory.mktemp("podman")
+    for d in ("root", "run", "tmp"):
+        (p / d).mkdir()
+    (p / "containers.conf").write_text(PODMAN_CONF.format(p=p))
+    (p / "storage.conf").write_text(PODMAN_STORAGE.format(p=p))
+    env = {"CONTAINERS_CONF": str(p / "containers.conf"), "CONTAINERS_STORAGE_CONF": str(p / "storage.conf")}
+    tar = subprocess.Popen(["tar", "-C", image, "-c", "."], stdout=subprocess.PIPE)
+    proc = subprocess.run(
+        ["podman", "import", "-q", "-", "localhost/dlhub-test-image"],
+        stdin=tar.stdout,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    tar.wait()
+    if proc.returncode != 0:
+        _missing(f"podman import failed: {proc.stderr[-2000:]}")
+    yield env
+    # remove what is left and the store itself (podman keeps <graphroot>/overlay mounted)
+    subprocess.run(
+        ["podman", "system", "reset", "-f"], env={**os.environ, **env}, capture_output=True, timeout=60
+    )
+
+
+def podman_containers(env: dict[str, str]) -> list[str]:
+    out = subprocess.run(
+        ["podman", "ps", "-a", "--format", "{{.Names}}"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return [n for n in out.stdout.split() if n.startswith("dlhub-")]
+
+
+def test_podman_pool_for_real_and_no_container_outlives_it(podman_image, monkeypatch, tmp_path_factory):
+    from conftest import start_custom_stack, stop_custom_stack
+
+    for k, v in podman_image.items():
+        monkeypatch.setenv(k, v)
+    cs = start_custom_stack(
+        tmp_path_factory.mktemp("dlhub-podman"),
+        endpoint=endpoint_config({"type": "podman", "image": "localhost/dlhub-test-image"}),
+        name="podman",
+        workers=2,
+    )
+    try:
+        ex = cs.executor()
+        for info in [f.result(TIMEOUT_S) for f in [ex.submit(where_am_i) for _ in range(4)]]:
+            assert_inside(info)
+        names = podman_containers(podman_image)
+        assert len(names) == 2, names  # one container per worker, named after it
+        with pytest.raises(WorkerLost):
+            ex.submit(die_hard).result(TIMEOUT_S)  # (the host's /tmp is not in a podman container)
+        wait_until(lambda: cs.status().get("workers") == 2, TIMEOUT_S, what="the replacement worker")
+        assert_inside(ex.submit(where_am_i).result(TIMEOUT_S))
+        wait_until(
+            lambda: len(podman_containers(podman_image)) == 2, 30, what="the dead worker's container gone"
+        )
+    finally:
+        stop_custom_stack(cs)
+    # the pool forwards its stop to the containers (--init) and removes them (rm -f)
+    wait_until(lambda: podman_containers(podman_image) == [], 30, what="no dlhub container left")

@@ -161,7 +161,7 @@ def test_oci_line_and_removal(fake_runtimes, tmp_path, runtime):
     c.remove_container(spec, launch.name)
     run_call, rm_call = fake_runtimes()
     assert run_call["argv"] == [
-        runtime, "run", "--rm", "-i", "--network=host", "--name", "dlhub-p-1.2",
+        runtime, "run", "--rm", "-i", "--init", "--network=host", "--name", "dlhub-p-1.2",
         "-v", f"{tmp_path}:/opt", "-e", "DLHUB_WORKER_ID=p.1.2", "-w", "/w",
         "--device", "nvidia.com/gpu=3", "--ulimit=nofile=4096:4096", "localhost/pyimg", *WORKER,
     ]  # fmt: skip
@@ -349,6 +349,8 @@ def test_readme_containers_block_is_a_valid_config():
 
 
 def test_worker_env_is_explicit(monkeypatch):
+    for var in [v for v in os.environ if v.startswith("DLHUB_")]:  # e.g. DLHUB_REQUIRE_CONTAINERS in CI
+        monkeypatch.delenv(var)
     monkeypatch.setenv("DLHUB_HOME", "/h")
     monkeypatch.setenv("DLHUB_SERVABLE_CACHE", "/host/cache")  # a host folder: not in the image
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")
