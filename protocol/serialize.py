@@ -446,6 +446,7 @@ def load_function(blob: bytes) -> Callable[..., Any]:
     if not blob or blob[0] != CODE:
         raise SerializationError("not a code buffer")
     record = msgpack.unpackb(blob[1:], raw=False)
+    _refuse_other_python_minor(record)
     try:
         _provide_modules(record.get("modules") or [])
         return _dill().loads(record["code"])
@@ -466,6 +467,31 @@ def load_function(blob: bytes) -> Callable[..., Any]:
             "as a servable"
         ) from first_error
     raise SerializationError(f"cannot load function {record['name']!r}: {cause}") from first_error
+
+
+def _python_minor(version: object) -> str | None:
+    parts = str(version).split(".") if isinstance(version, str) else []
+    return ".".join(parts[:2]) if len(parts) >= 2 else None
+
+
+def _refuse_other_python_minor(record: dict) -> None:
+    """Python's bytecode and pickled code objects change between minor versions: dill bytes from
+    3.11 may load under 3.12 and then misbehave, or crash the worker. A function serialized under
+    another minor (a laptop's 3.12 against an image's 3.11) fails before it runs, naming both.
+    Patch releases (3.11.2 against 3.11.7) share the bytecode and load as usual. A record without
+    a version (hand-made) is left to the loaders."""
+    theirs, here = _python_minor(record.get("python")), runtime_versions()
+    if theirs is None or theirs == _python_minor(here["python"]):
+        return
+    from .errors import VersionMismatch
+
+    raise VersionMismatch(
+        f"function {record.get('name', 'function')!r} was serialized with Python "
+        f"{record.get('python')} / dill {record.get('dill')}, this worker has Python {here['python']} "
+        f"/ dill {here['dill']}: code does not move between Python minor versions; submit from "
+        f"Python {_python_minor(here['python'])}, run it where Python {theirs} is (an endpoint, pool "
+        "or container image with that version), or publish it as a servable"
+    )
 
 
 def _describe(exc: BaseException) -> str:

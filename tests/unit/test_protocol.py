@@ -580,3 +580,25 @@ def test_payload_too_large_message():
 def test_remote_traceback_renders_the_text():
     text = "".join(traceback.format_stack(sys._getframe()))
     assert text in str(RemoteTraceback(text))
+
+
+@pytest.mark.parametrize("other", ["3.12.1", "3.10.14"])
+def test_a_function_from_another_python_minor_fails_before_it_runs(other):
+    """Even when its dill bytes would load, and even with usable source: bytecode does not move
+    between minor versions (issue 12: an image's Python against the submitter's). Its dill bytes
+    load here (same interpreter), so only the version check can refuse it."""
+    record = _code_record(serialize_function(module_level_square))
+    record.update(python=other)
+    with pytest.raises(VersionMismatch) as info:
+        load_function(_code_blob(record))
+    text = str(info.value)
+    here = runtime_versions()["python"]
+    assert f"serialized with Python {other}" in text and f"this worker has Python {here}" in text
+    assert "module_level_square" in text
+
+
+def test_a_function_from_another_patch_release_loads():
+    major, minor, _ = runtime_versions()["python"].split(".")
+    record = _code_record(serialize_function(module_level_square))
+    record.update(python=f"{major}.{minor}.0")  # 3.11.7 here, 3.11.2 in Debian's image: same bytecode
+    assert load_function(_code_blob(record))(6) == 36
