@@ -151,6 +151,18 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def pool_pids(endpoint_dir: Path | str) -> list[int]:
+    """An endpoint's pool processes. LocalProvider starts each block in a session of its own, so
+    they are found by the endpoint's folder on their command line (the pool config path), not
+    as the endpoint's children."""
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(p.info["cmdline"] or ())
+        if "dlhub.endpoint.pool" in cmdline and str(endpoint_dir) in cmdline:
+            out.append(p.pid)
+    return out
+
+
 def kill_pids(pids: list[int], timeout: float = 10.0) -> None:
     """SIGKILL what is still alive among ``pids`` and wait (bounded) for it to go."""
     for pid in pids:

@@ -28,7 +28,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from conftest import wait_until
+from conftest import pool_pids, wait_until
 
 from dlhub.executor import Client, Servable, WorkerLost
 
@@ -134,15 +134,6 @@ def assert_inside(info: dict) -> None:
     assert info["executable"] == "/usr/bin/python3", info
     assert info["worker"] == "/opt/dlhub/endpoint/worker.py", info  # the bundle bound at /opt
     assert info["host_vars"] == [], info
-
-
-def pool_pids(endpoint_dir) -> list[int]:
-    out = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(p.info["cmdline"] or ())
-        if "dlhub.endpoint.pool" in cmdline and str(endpoint_dir) in cmdline:
-            out.append(p.pid)
-    return out
 
 
 def worker_pids(pool_id_prefix: str) -> list[int]:

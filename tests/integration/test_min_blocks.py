@@ -10,21 +10,9 @@ from __future__ import annotations
 import os
 import signal
 
-import psutil
-from conftest import wait_until
+from conftest import pool_pids, wait_until
 
 TIMEOUT_S = 60
-
-
-def pool_pids(endpoint_dir) -> list[int]:
-    """This endpoint's pool processes (LocalProvider starts each block in a session of its own,
-    so they are found by the pool config path on their command line, not as children)."""
-    out = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(p.info["cmdline"] or ())
-        if "dlhub.endpoint.pool" in cmdline and str(endpoint_dir) in cmdline:
-            out.append(p.pid)
-    return out
 
 
 def kill_idle_pool_and_wait_for_another(cs) -> int:
