@@ -541,5 +541,66 @@ def _blocks_text(s: dict, run_dir: Path) -> str:
     return "\n".join(lines)
 
 
+@main.group()
+def images() -> None:
+    """The endpoint's image cache (endpoints/NAME/images/): list and prune pulled images."""
+
+
+def _image_cache(name: str, home: str | None):
+    from .images import cache_for
+
+    config, run_dir = _load(name, home)
+    return cache_for(run_dir, config)
+
+
+@images.command("list")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="print the entries as JSON, for scripts")
+@home_option
+def images_list(name: str, as_json: bool, home: str | None) -> None:
+    """List the images in ENDPOINT's cache, most recently used first."""
+    cache = _image_cache(name, home)
+    entries = cache.entries()
+    if as_json:
+        rows = [{**e.to_dict(), "pinned": cache.pinned(e.key)} for e in entries]
+        click.echo(json.dumps({"budget_bytes": cache.budget_bytes, "entries": rows}, indent=2))
+        return
+    if not entries:
+        click.echo(f"no images cached in {cache.root}")
+        return
+    now = time.time()
+    click.echo(f"{'REF':50} {'RUNTIME':12} {'SIZE':>10} {'LAST USED':>12} IN USE")
+    for e in entries:
+        click.echo(
+            f"{e.ref:50} {e.runtime:12} {e.size / 1e6:>8.1f}MB {_span(now - e.last_used) + ' ago':>12} "
+            f"{'yes' if cache.pinned(e.key) else '-'}"
+        )
+    total = sum(e.size for e in entries)
+    click.echo(f"total {total / 1e9:.2f} GB of {cache.budget_bytes / 1e9:.2f} GB (images.budget_gb)")
+
+
+@images.command("prune")
+@click.argument("name")
+@click.option("--all", "everything", is_flag=True, help="remove every image no running pool uses")
+@click.option(
+    "--older-than-days",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="remove images not used for this many days",
+)
+@home_option
+def images_prune(name: str, everything: bool, older_than_days: float | None, home: str | None) -> None:
+    """Remove images of ENDPOINT's cache that no running pool uses: what is over the budget
+    (least recently used first), every one with --all, or those unused for --older-than-days."""
+    if everything and older_than_days is not None:
+        raise click.UsageError("--all and --older-than-days exclude each other")
+    cache = _image_cache(name, home)
+    removed = cache.prune(everything=everything, older_than_days=older_than_days)
+    for e in removed:
+        click.echo(f"removed {e.ref} ({e.runtime}, {e.size / 1e6:.1f} MB)")
+    left = cache.entries()
+    click.echo(f"removed {len(removed)} image(s); {len(left)} left, {sum(e.size for e in left) / 1e9:.2f} GB")
+
+
 if __name__ == "__main__":
     main()

@@ -305,6 +305,13 @@ class PolicyConfig(_Frozen):
         return Policy(endpoint, owner, **self.model_dump())
 
 
+class ImagesConfig(_Frozen):
+    """The endpoint's image cache (``endpoint/images.py``, under ``endpoints/NAME/images/``):
+    a disk budget with LRU eviction of entries no running pool uses."""
+
+    budget_gb: Annotated[float, Field(gt=0, le=1_000_000)] = 20.0
+
+
 class EndpointConfig(_Frozen):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     manager: ManagerLink
@@ -325,6 +332,7 @@ class EndpointConfig(_Frozen):
     batching: BatchingConfig = BatchingConfig()
     worker_cache: WorkerCacheConfig = WorkerCacheConfig()
     policy: PolicyConfig = PolicyConfig()
+    images: ImagesConfig = ImagesConfig()
 
     def all_pools(self) -> dict[str, NamedPoolConfig]:
         """Every pool, the default one first."""
