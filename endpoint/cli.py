@@ -558,7 +558,7 @@ def _image_cache(name: str, home: str | None):
 @click.option("--json", "as_json", is_flag=True, help="print the entries as JSON, for scripts")
 @home_option
 def images_list(name: str, as_json: bool, home: str | None) -> None:
-    """List the images in ENDPOINT's cache, most recently used first."""
+    """List the images in endpoint NAME's cache, most recently used first."""
     cache = _image_cache(name, home)
     entries = cache.entries()
     if as_json:
@@ -590,7 +590,7 @@ def images_list(name: str, as_json: bool, home: str | None) -> None:
 )
 @home_option
 def images_prune(name: str, everything: bool, older_than_days: float | None, home: str | None) -> None:
-    """Remove images of ENDPOINT's cache that no running pool uses: what is over the budget
+    """Remove images of endpoint NAME's cache that no running pool uses: what is over the budget
     (least recently used first), every one with --all, or those unused for --older-than-days."""
     if everything and older_than_days is not None:
         raise click.UsageError("--all and --older-than-days exclude each other")

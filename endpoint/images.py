@@ -413,7 +413,10 @@ class ImageCache:
         try:
             proc = subprocess.run(
                 argv,
-                env=_runtime_env(),
+                # the host's whole environment: a pull needs its proxy and registry credentials
+                # (https_proxy, APPTAINER_DOCKER_USERNAME, REGISTRY_AUTH_FILE ...); nothing of it
+                # reaches a worker
+                env=_runtime_env(os.environ),
                 stdin=subprocess.DEVNULL,
                 capture_output=True,
                 text=True,
