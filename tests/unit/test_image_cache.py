@@ -383,3 +383,52 @@ def test_budget_config(tmp_path):
             parse_config({"name": "ep", "manager": manager, "images": bad})
     with pytest.raises(ContainerError, match="budget must be positive"):
         ImageCache(tmp_path / "x", 0)
+
+
+# podman for real, with the recipe's configuration (a private store); import needs no runc
+PODMAN_CONF = """[containers]
+default_ulimits = ["nofile=4096:4096", "nproc=4096:4096"]
+[engine]
+runtime = "runc"
+tmp_dir = "{p}/tmp"
+events_logger = "file"
+[network]
+network_config_dir = "{p}/networks"
+"""
+PODMAN_STORAGE = """[storage]
+driver = "overlay"
+graphroot = "{p}/root"
+runroot = "{p}/run"
+"""
+
+
+def test_real_podman_import_and_eviction(tmp_path, monkeypatch):
+    import shutil
+
+    if shutil.which("podman") is None:
+        if os.environ.get("DLHUB_REQUIRE_CONTAINERS"):
+            pytest.fail("podman is not installed (apt-get install -y podman)")
+        pytest.skip("podman is not installed")
+    p = tmp_path / "podman"
+    for d in ("root", "run", "tmp"):
+        (p / d).mkdir(parents=True)
+    (p / "containers.conf").write_text(PODMAN_CONF.format(p=p))
+    (p / "storage.conf").write_text(PODMAN_STORAGE.format(p=p))
+    monkeypatch.setenv("CONTAINERS_CONF", str(p / "containers.conf"))
+    monkeypatch.setenv("CONTAINERS_STORAGE_CONF", str(p / "storage.conf"))
+
+    def exists(image: str) -> bool:
+        return subprocess.run(["podman", "image", "exists", image], timeout=60).returncode == 0
+
+    try:
+        _, tgz = make_rootfs(tmp_path)
+        cache = ImageCache(tmp_path / "images", 10**9)
+        image = cache.image_for(f"file://{tgz}", "podman")
+        assert image.startswith("sha256:") and exists(image)
+        (e,) = cache.entries()
+        assert e.digest == image and e.size > 50_000  # the store's size of the image
+        assert ImageCache(tmp_path / "images", 10**9).image_for(f"file://{tgz}", "podman") == image
+        assert [x.ref for x in cache.prune(everything=True)] == [f"file://{tgz}"]
+        assert not exists(image)  # pruning removed it from podman's store
+    finally:
+        subprocess.run(["podman", "system", "reset", "-f"], capture_output=True, timeout=60)
