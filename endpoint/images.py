@@ -28,7 +28,10 @@ Layout under ``root``: ``entries/KEY/`` (the image, KEY = sha256 of ``runtime NU
 ``locks/KEY.lock`` (an fcntl lock per entry: one process or thread fetches, the others wait and
 then reuse it), ``tmp/KEY.PID.RAND`` (a fetch in progress, renamed into ``entries/`` when
 complete; one left by a crash is removed by the next fetch of that key, or by ``prune``) and
-``pins/KEY/PID`` (an entry in use: a pin whose process is alive is never evicted or pruned).
+``pins/KEY/PID@HOST.RAND`` (an entry in use: a pin whose process is alive is never evicted or
+pruned; one from another host, on a shared file system, counts as alive until it is unpinned).
+Across nodes the entry lock needs a file system whose ``flock`` is cluster-wide (NFSv4; Lustre
+mounted with ``-o flock``).
 
 Budget: after a fetch, least recently used entries that are not pinned are evicted until the
 cache fits ``budget_bytes``; an image larger than the whole budget is refused. When pinned
@@ -110,6 +113,12 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _host() -> str:
+    import socket
+
+    return socket.gethostname().replace("/", "_") or "localhost"
 
 
 def _tree_size(path: Path) -> int:
@@ -226,9 +235,13 @@ class ImageCache:
         if not folder.is_dir():
             return False
         live = False
+        here = _host()
         for pin in folder.iterdir():
-            pid = pin.name.split(".", 1)[0]
-            if pid.isdigit() and _pid_alive(int(pid)):
+            pid, _, rest = pin.name.partition("@")
+            host = rest.rsplit(".", 1)[0]
+            if host and host != here:
+                live = True  # a process on another node (a shared file system): cannot check it
+            elif pid.isdigit() and _pid_alive(int(pid)):
                 live = True
             else:
                 pin.unlink(missing_ok=True)
@@ -241,7 +254,7 @@ class ImageCache:
             return None
         folder = self.root / "pins" / entry_key(ref, runtime)
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        pin = folder / f"{pid or os.getpid()}.{secrets.token_hex(4)}"
+        pin = folder / f"{pid or os.getpid()}@{_host()}.{secrets.token_hex(4)}"
         pin.touch(mode=0o600)
         return pin
 

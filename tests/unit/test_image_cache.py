@@ -432,3 +432,27 @@ def test_real_podman_import_and_eviction(tmp_path, monkeypatch):
         assert not exists(image)  # pruning removed it from podman's store
     finally:
         subprocess.run(["podman", "system", "reset", "-f"], capture_output=True, timeout=60)
+
+
+def test_a_pin_from_another_host_is_kept_until_unpinned(tmp_path):
+    a, _, _ = _three_refs(tmp_path)
+    cache = ImageCache(tmp_path / "images", 10**9)
+    cache.get(a, "charliecloud")
+    folder = cache.root / "pins" / entry_key(a, "charliecloud")
+    folder.mkdir()
+    foreign = folder / "1@some-other-node.abcd"  # pid 1 there says nothing here
+    foreign.touch()
+    assert cache.prune(everything=True) == [] and foreign.exists()
+    cache.unpin(foreign)
+    assert [e.ref for e in cache.prune(everything=True)] == [a]
+
+
+def test_a_corrupt_index_is_rebuilt_by_fetching_again(tmp_path, caplog):
+    a, _, _ = _three_refs(tmp_path)
+    cache = ImageCache(tmp_path / "images", 10**9)
+    first = cache.image_for(a, "charliecloud")
+    cache.index_path.write_text('{"entries": {"x"')  # torn by something else than our writer
+    assert cache.entries() == [] and "unreadable" in caplog.text
+    assert cache.image_for(a, "charliecloud") == first and cache.fetches == 2
+    assert Path(first, "etc", "image-marker").read_text() == "img0"
+    assert [e.ref for e in cache.entries()] == [a]
