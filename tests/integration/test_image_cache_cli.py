@@ -10,6 +10,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import pytest
 import yaml
 
 from dlhub.endpoint.images import ImageCache, entry_key
@@ -95,3 +96,67 @@ def test_images_list_and_prune(tmp_path):
     assert out.returncode != 0 and "exclude each other" in out.stderr
     out = cli(home, "images", "list", "nope")
     assert out.returncode != 0 and "no endpoint config" in out.stderr
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_a_cached_tarball_runs_under_ch_run_and_a_warm_cache_does_not_fetch(tmp_path):
+    """The test image (scripts/build-test-image.sh) as a rootfs tarball: the cache unpacks it
+    once, ch-run runs the image's own Python from the cache entry, and a second cache on the
+    same folder (the endpoint started again) gets it without unpacking."""
+    import shutil
+    import time
+
+    if shutil.which("ch-run") is None:
+        if os.environ.get("DLHUB_REQUIRE_CONTAINERS") == "1":
+            pytest.fail("ch-run is not installed (DLHUB_REQUIRE_CONTAINERS=1)")
+        pytest.skip("ch-run is not installed")
+    src = os.environ.get("SERVABLE_TEST_IMAGE") or str(tmp_path / "img")
+    env = {**os.environ, "INSTALL": "0"}
+    env.setdefault("USER", "root" if os.getuid() == 0 else str(os.getuid()))
+    build = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "build-test-image.sh"), src],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert build.returncode == 0, (build.stdout + build.stderr)[-2000:]
+    tgz = tmp_path / "img.tar.gz"
+    subprocess.run(["tar", "-C", src, "-czf", str(tgz), "."], check=True, timeout=300)
+    ref = f"file://{tgz}"
+
+    cache = ImageCache(tmp_path / "images", 10**9)
+    t0 = time.monotonic()
+    image = cache.image_for(ref, "charliecloud")
+    cold = time.monotonic() - t0
+    assert cache.fetches == 1 and Path(image, "dlhub-test-image").exists()
+    run = subprocess.run(
+        [
+            "ch-run",
+            "--unset-env=*",
+            "--set-env=PATH=/usr/bin:/bin",
+            image,
+            "--",
+            "python3",
+            "-c",
+            "import os, sys; print(os.path.exists('/dlhub-test-image'), sys.version.split()[0])",
+        ],
+        env={"PATH": os.environ["PATH"], "USER": env["USER"]},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0 and run.stdout.split()[0] == "True", run.stderr
+
+    again = ImageCache(tmp_path / "images", 10**9)
+    t0 = time.monotonic()
+    assert again.image_for(ref, "charliecloud") == image
+    warm = time.monotonic() - t0
+    assert again.fetches == 0
+    print(
+        f"cold get (unpack {tgz.stat().st_size / 1e6:.0f} MB tarball) {cold:.2f} s, "
+        f"warm get {warm * 1e3:.1f} ms"
+    )
