@@ -52,7 +52,6 @@ import re
 import secrets
 import shutil
 import subprocess
-import tarfile
 import threading
 import time
 from collections.abc import Iterator
@@ -400,11 +399,17 @@ class ImageCache:
             shutil.copytree(src, tmp / "image", symlinks=True)
             return "image", None
         if is_tar:
-            with tarfile.open(src) as tar:
-                try:
-                    tar.extractall(tmp / "image", filter="tar")
-                except (tarfile.TarError, OSError) as exc:
-                    raise ContainerError(f"image {ref!r}: cannot unpack {src}: {exc}") from None
+            # GNU tar, not tarfile: it keeps the absolute symlinks real root filesystems have
+            # (/etc/alternatives/...) yet refuses members named ../x and never writes through a
+            # symlink the archive made (it sets such links up last); any refusal fails the fetch
+            (tmp / "image").mkdir()
+            argv = ["tar", "--no-same-owner", "-xf", str(src), "-C", str(tmp / "image")]
+            try:
+                proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+            except OSError as exc:
+                raise ContainerError(f"image {ref!r}: cannot run tar: {exc}") from None
+            if proc.returncode != 0:
+                raise ContainerError(f"image {ref!r}: cannot unpack {src}: {proc.stderr.strip()[-1500:]}")
             return "image", None
         if runtime == "charliecloud":
             raise ContainerError(

@@ -456,3 +456,41 @@ def test_a_corrupt_index_is_rebuilt_by_fetching_again(tmp_path, caplog):
     assert cache.image_for(a, "charliecloud") == first and cache.fetches == 2
     assert Path(first, "etc", "image-marker").read_text() == "img0"
     assert [e.ref for e in cache.entries()] == [a]
+
+
+def test_a_bad_or_hostile_tarball_is_a_clear_error_and_writes_nothing_outside(tmp_path):
+    import io
+
+    host = tmp_path / "host"
+    host.mkdir()
+    bad = tmp_path / "broken.tar.gz"
+    bad.write_bytes(b"not a tarball")
+    escape = tmp_path / "escape.tar"  # a link out of the image, then a file through it
+    with tarfile.open(escape, "w") as tar:
+        link = tarfile.TarInfo("etc")
+        link.type, link.linkname = tarfile.SYMTYPE, str(host)
+        tar.addfile(link)
+        info = tarfile.TarInfo("etc/pwned")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    dotdot = tmp_path / "dotdot.tar"
+    with tarfile.open(dotdot, "w") as tar:
+        info = tarfile.TarInfo("../../outside")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    cache = ImageCache(tmp_path / "images", 10**7)
+    for tb in (bad, escape, dotdot):
+        with pytest.raises(ContainerError, match=f"cannot unpack {tb}"):
+            cache.get(f"file://{tb}", "charliecloud")
+    assert list(host.iterdir()) == [] and not (tmp_path / "outside").exists()
+    assert cache.entries() == [] and list((cache.root / "tmp").iterdir()) == []
+
+
+def test_absolute_symlinks_of_a_root_filesystem_are_kept(tmp_path):
+    root, _ = make_rootfs(tmp_path)
+    (root / "etc" / "awk").symlink_to("/usr/bin/mawk")  # like /etc/alternatives
+    tgz = tmp_path / "abs.tar.gz"
+    with tarfile.open(tgz, "w:gz") as tar:
+        tar.add(root, arcname=".")
+    image = Path(ImageCache(tmp_path / "images", 10**7).image_for(f"file://{tgz}", "charliecloud"))
+    assert os.readlink(image / "etc" / "awk") == "/usr/bin/mawk"
