@@ -576,7 +576,7 @@ def images_list(name: str, as_json: bool, home: str | None) -> None:
             f"{'yes' if cache.pinned(e.key) else '-'}"
         )
     total = sum(e.size for e in entries)
-    click.echo(f"total {total / 1e9:.2f} GB of {cache.budget_bytes / 1e9:.2f} GB (images.budget_gb)")
+    click.echo(f"total {total / 1e9:.2f} GB of {cache.budget_bytes / 1e9:.2f} GB (image_cache.budget_gb)")
 
 
 @images.command("prune")

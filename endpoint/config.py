@@ -305,9 +305,10 @@ class PolicyConfig(_Frozen):
         return Policy(endpoint, owner, **self.model_dump())
 
 
-class ImagesConfig(_Frozen):
+class ImageCacheConfig(_Frozen):
     """The endpoint's image cache (``endpoint/images.py``, under ``endpoints/NAME/images/``):
-    a disk budget with LRU eviction of entries no running pool uses."""
+    a disk budget with LRU eviction of entries no running pool uses. (``images:`` is kept for
+    the site catalogue of image names, issue 12 item 3.)"""
 
     budget_gb: Annotated[float, Field(gt=0, le=1_000_000)] = 20.0
 
@@ -332,7 +333,7 @@ class EndpointConfig(_Frozen):
     batching: BatchingConfig = BatchingConfig()
     worker_cache: WorkerCacheConfig = WorkerCacheConfig()
     policy: PolicyConfig = PolicyConfig()
-    images: ImagesConfig = ImagesConfig()
+    image_cache: ImageCacheConfig = ImageCacheConfig()
 
     def all_pools(self) -> dict[str, NamedPoolConfig]:
         """Every pool, the default one first."""

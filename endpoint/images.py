@@ -365,7 +365,7 @@ class ImageCache:
                     self._oci_rmi(runtime, digest)
                 raise ContainerError(
                     f"image {ref!r} is {size / 1e9:.2f} GB, over the whole image cache budget "
-                    f"({self.budget_bytes / 1e9:.2f} GB, images.budget_gb)"
+                    f"({self.budget_bytes / 1e9:.2f} GB, image_cache.budget_gb)"
                 )
             os.rename(tmp, final)
         except BaseException:
@@ -577,7 +577,7 @@ class ImageCache:
 
 def cache_for(run_dir: str | os.PathLike, config: Any | None = None) -> ImageCache:
     """The image cache of the endpoint whose run directory is ``run_dir``."""
-    budget_gb = getattr(getattr(config, "images", None), "budget_gb", DEFAULT_BUDGET_GB)
+    budget_gb = getattr(getattr(config, "image_cache", None), "budget_gb", DEFAULT_BUDGET_GB)
     binaries = {}
     if config is not None:
         for named in config.all_pools().values():

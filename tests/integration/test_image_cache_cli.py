@@ -43,7 +43,7 @@ def test_images_list_and_prune(tmp_path):
     run_dir = home / "endpoints" / "ep"
     run_dir.mkdir(parents=True)
     config = {"name": "ep", "manager": {"address": "tcp://127.0.0.1:5581", "token": "t"}}
-    config["images"] = {"budget_gb": 0.5}
+    config["image_cache"] = {"budget_gb": 0.5}
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
 
     out = cli(home, "images", "list", "ep")
@@ -67,7 +67,7 @@ def test_images_list_and_prune(tmp_path):
         assert [line.split()[0] for line in lines[1:4]] == [refs[2], refs[1], refs[0]]  # MRU first
         assert "charliecloud" in lines[1] and lines[1].rstrip().endswith("yes")
         assert "10.0 days ago" in lines[3] and " s ago" in lines[1], lines
-        assert "of 0.50 GB (images.budget_gb)" in lines[-1]
+        assert "of 0.50 GB (image_cache.budget_gb)" in lines[-1]
 
         rows = json.loads(cli(home, "images", "list", "ep", "--json").stdout)
         assert rows["budget_bytes"] == 500_000_000

@@ -196,7 +196,7 @@ def test_pinned_entries_over_budget_keep_the_new_image(tmp_path, caplog):
 def test_image_larger_than_the_budget_is_refused_and_leaves_nothing(tmp_path):
     _, tgz = make_rootfs(tmp_path, payload=200_000)
     cache = ImageCache(tmp_path / "images", 100_000)
-    with pytest.raises(ContainerError, match=r"over the whole image cache budget.*images.budget_gb"):
+    with pytest.raises(ContainerError, match=r"over the whole image cache budget.*image_cache.budget_gb"):
         cache.get(f"file://{tgz}", "charliecloud")
     assert cache.entries() == []
     assert list((cache.root / "tmp").iterdir()) == [] and list((cache.root / "entries").iterdir()) == []
@@ -370,17 +370,17 @@ def test_missing_runtime_is_a_clear_error(tmp_path, monkeypatch):
 
 def test_budget_config(tmp_path):
     manager = {"address": "tcp://hub:5581", "token": "t"}
-    assert parse_config({"name": "ep", "manager": manager}).images.budget_gb == 20.0
-    config = parse_config({"name": "ep", "manager": manager, "images": {"budget_gb": 0.5}})
+    assert parse_config({"name": "ep", "manager": manager}).image_cache.budget_gb == 20.0
+    config = parse_config({"name": "ep", "manager": manager, "image_cache": {"budget_gb": 0.5}})
     cache = cache_for(tmp_path / "ep", config)
     assert cache.budget_bytes == 500_000_000 and cache.root == tmp_path / "ep" / "images"
     for bad, message in [
-        ({"budget_gb": 0}, "images.budget_gb: Input should be greater than 0"),
-        ({"budget_gb": "lots"}, "images.budget_gb"),
-        ({"budgetgb": 3}, "images.budgetgb: unknown key; did you mean images.budget_gb?"),
+        ({"budget_gb": 0}, "image_cache.budget_gb: Input should be greater than 0"),
+        ({"budget_gb": "lots"}, "image_cache.budget_gb"),
+        ({"budgetgb": 3}, "image_cache.budgetgb: unknown key; did you mean image_cache.budget_gb?"),
     ]:
         with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("?", r"\?")):
-            parse_config({"name": "ep", "manager": manager, "images": bad})
+            parse_config({"name": "ep", "manager": manager, "image_cache": bad})
     with pytest.raises(ContainerError, match="budget must be positive"):
         ImageCache(tmp_path / "x", 0)
 
