@@ -308,9 +308,8 @@ def check(name: str, timeout_s: float, home: str | None) -> None:
         sys.exit(1)
     click.echo(f"ok   config {run_dir / 'config.yaml'} ({config.provider.type} provider)")
     failures = 0
-    for ok, title, detail in itertools.chain(
-        run_checks(config, run_dir, timeout_s), check_pools(config, timeout_s)
-    ):
+    pools = check_pools(config, timeout_s, _image_resolver(config, run_dir))
+    for ok, title, detail in itertools.chain(run_checks(config, run_dir, timeout_s), pools):
         click.echo(f"{'ok  ' if ok else 'FAIL'} {title}")
         if detail:
             click.echo("\n".join(f"     {line}" for line in detail.rstrip().splitlines()))
@@ -332,6 +331,23 @@ def _active_blocks(status: dict) -> int | None:
         for block in blocks.values()
         if block.get("state") in ACTIVE_BLOCK_STATES
     )
+
+
+def _image_resolver(config, run_dir):
+    """For ``check``: a container image given as a URI, fetched into the endpoint's image cache
+    as its pools would fetch it (a local path is returned as it is)."""
+    import dataclasses
+
+    from .images import cache_for, is_local
+
+    def resolve(spec):
+        if is_local(spec.image):
+            return spec
+        images = cache_for(run_dir, config)
+        images.get(spec.image, spec.type)
+        return dataclasses.replace(spec, image=images.image_for(spec.image, spec.type))
+
+    return resolve
 
 
 @main.command("list")

@@ -476,10 +476,12 @@ def compare_versions(found: Mapping[str, Any], mine: Mapping[str, str]) -> list[
     return problems
 
 
-def check_pools(config: Any, timeout_s: float = 120.0):
+def check_pools(config: Any, timeout_s: float = 120.0, resolve: Any = None):
     """``dlhub-endpoint check``: for each pool with a container, run the image's Python through
     its runtime as a worker would be run and compare Python (major.minor), dill and dlhub with
-    this endpoint's. Yields ``(ok, title, detail)``."""
+    this endpoint's. ``resolve(spec) -> spec`` turns an image given as a URI into a local one
+    (the CLI passes the endpoint's image cache: fetched as the pool would, so a bad URI fails the
+    check and a good one is warm for the first block). Yields ``(ok, title, detail)``."""
     import tempfile
     from importlib import metadata
 
@@ -498,6 +500,8 @@ def check_pools(config: Any, timeout_s: float = 120.0):
         title = f"pool {name}: container {spec.type} {spec.image}"
         with tempfile.TemporaryDirectory(prefix="dlhub-check-bundle-") as tmp:
             try:
+                if resolve is not None:
+                    spec = resolve(spec)
                 bundle = str(prepare_bundle(Path(tmp) / "bundle")) if spec.dlhub == "bind" else None
                 found = probe_image(spec, bundle, timeout_s)
             except (ContainerError, OSError) as exc:

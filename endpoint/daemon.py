@@ -184,6 +184,13 @@ class Endpoint:
 
                         bundle = str(prepare_bundle(self.run_dir / "container"))
                     cfg["container"]["bundle"] = bundle
+                from .images import is_local
+
+                if not is_local(container.image):  # a URI: fetched once into the image cache
+                    cfg["container"]["image_cache"] = {
+                        "root": str(self.run_dir / "images"),
+                        "budget_bytes": int(self.config.image_cache.budget_gb * 1e9),
+                    }
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as f:
                 json.dump(cfg, f)

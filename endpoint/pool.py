@@ -67,6 +67,8 @@ class Pool:
         self.container = containers.ContainerSpec.from_dict(raw)
         self._container_problem: str | None = None
         try:
+            if raw.get("image_cache"):
+                self.container = self._image_from_cache(raw["image_cache"])
             binds, env = containers.dlhub_binds(
                 self.container, raw.get("bundle"), self.config.get("servable_cache")
             )
@@ -76,6 +78,23 @@ class Pool:
         inside = {k: v for k, v in self.config.items() if k != "container"}
         inside["servable_cache"] = env.get("DLHUB_SERVABLE_CACHE")  # None: the image's tmp dir
         self._container_config = json.dumps(inside).encode()
+
+    def _image_from_cache(self, cache: dict):
+        """``container.image`` is a URI (``docker://``, ``oras://``, ``file://`` ...): the
+        endpoint's image cache (``endpoint/images.py``, shared by every pool and block of the
+        endpoint) fetches it once, and this pool pins the entry for its life (the pin goes stale
+        with this process), so eviction never takes an image a running pool uses. Two blocks
+        starting at once fetch it once: the other waits on the entry's lock."""
+        import dataclasses
+
+        from .images import ImageCache
+
+        spec = self.container
+        images = ImageCache(cache["root"], int(cache["budget_bytes"]), {spec.type: spec.executable})
+        self._image_pin = images.pin(spec.image, spec.type)
+        images.get(spec.image, spec.type)  # fetched once; a warm entry is only marked used (LRU)
+        local = images.image_for(spec.image, spec.type)
+        return dataclasses.replace(spec, image=local)
 
     def check_container(self) -> str | None:
         """Why this pool's workers cannot start (the runtime missing, a bind's source missing),

@@ -483,3 +483,43 @@ def test_podman_pool_for_real_and_no_container_outlives_it(podman_image, monkeyp
         stop_custom_stack(cs)
     # the pool forwards its stop to the containers (--init) and removes them (rm -f)
     wait_until(lambda: podman_containers(podman_image) == [], 30, what="no dlhub container left")
+
+
+def test_a_pool_image_given_as_a_uri_is_fetched_once_into_the_endpoint_image_cache(
+    custom_stack_factory, image, tmp_path
+):
+    """``container.image: file://rootfs.tar.gz``: the pool fetches it through the endpoint's
+    image cache (unpacked once into endpoints/NAME/images/) and pins it while it runs; the block
+    that replaces a killed pool finds it warm (no second unpack) and its workers run inside."""
+    from dlhub.endpoint.images import ImageCache
+
+    tgz = tmp_path / "image.tar.gz"
+    subprocess.run(["tar", "-C", image, "-czf", str(tgz), "."], check=True, timeout=300)
+    config = endpoint_config({"type": "charliecloud", "image": f"file://{tgz}"}, workers=1)
+    config["provider"] = {"type": "local", "init_blocks": 1, "min_blocks": 1, "max_blocks": 1}
+    cs = custom_stack_factory(endpoint=config, name="chcache", workers=1)
+    ex = cs.executor()
+    assert_inside(ex.submit(where_am_i).result(TIMEOUT_S))
+    cache = ImageCache(cs.endpoint_dir / "images", 10**12)
+    (entry,) = cache.entries()
+    assert entry.ref == f"file://{tgz}" and entry.runtime == "charliecloud", entry
+    assert Path(entry.image).is_relative_to(cs.endpoint_dir / "images"), entry.image
+    assert cache.pinned(entry.key), "the running pool does not pin its image"
+    pool_json = json.loads((cs.endpoint_dir / "pool-default.json").read_text())
+    assert pool_json["container"]["image"] == f"file://{tgz}"  # the pool resolves it, not the endpoint
+
+    (old,) = wait_until(lambda: pool_pids(cs.endpoint_dir), TIMEOUT_S, what="the pool process")
+    os.killpg(os.getpgid(old), signal.SIGKILL)  # the whole block: pool and its containerized workers
+    wait_until(
+        lambda: [p for p in pool_pids(cs.endpoint_dir) if p != old] and cs.status().get("workers", 0) >= 1,
+        TIMEOUT_S,
+        what="a replacement block with a worker",
+    )
+    assert_inside(ex.submit(where_am_i).result(TIMEOUT_S))
+    (again,) = cache.entries()
+    assert again.created == entry.created and again.image == entry.image, (entry, again)  # not refetched
+    assert again.uses > entry.uses and again.last_used > entry.last_used, (entry, again)
+    checked = _check(cs.home, "chcache")  # check fetches through the same cache: warm, and passes
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert f"ok   pool default: container charliecloud file://{tgz}" in checked.stdout, checked.stdout
+    assert cache.entries()[0].created == entry.created
