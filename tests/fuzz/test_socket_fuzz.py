@@ -232,8 +232,10 @@ def test_fuzz_manager_port(fuzz_hub, ctx, link):  # noqa: F811  (the fixture fro
         f"manager RSS {rss_cold / 2**20:.1f} MB cold, {rss_before / 2**20:.1f} MB before the run, "
         f"after each round {rounds_mb}, {rss_after / 2**20:.1f} MB after a real task"
     )
-    late_growth = max(samples[-1], rss_after) - samples[WARMUP_ROUNDS]
+    # against the high-water mark of the warm-up (the manager hands freed heap back every 2 s,
+    # so one sample may sit in a dip: 103, 91, 112, 113 MB is no leak), not against one sample
+    late_growth = max(samples[-1], rss_after) - max(samples[: WARMUP_ROUNDS + 1])
     assert late_growth < RSS_SLACK, (
-        f"the manager's RSS grew by {late_growth / 2**20:.1f} MB over the last "
+        f"the manager's RSS grew by {late_growth / 2**20:.1f} MB above its warm-up peak over the last "
         f"{ROUNDS - WARMUP_ROUNDS} rounds of {FRAMES // 2} frames (seed {SEED}; rounds: {rounds_mb} MB)"
     )
