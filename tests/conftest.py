@@ -151,6 +151,36 @@ def _alive(pid: int) -> bool:
         return False
 
 
+# podman as ../shared/recipes/containers.md tested it here: a private store, runc (crun refuses
+# this hybrid cgroup setup), ulimits this sandbox allows, events to a file
+_PODMAN_CONF = """[containers]
+default_ulimits = ["nofile=4096:4096", "nproc=4096:4096"]
+[engine]
+runtime = "runc"
+tmp_dir = "{p}/tmp"
+events_logger = "file"
+[network]
+network_config_dir = "{p}/networks"
+"""
+_PODMAN_STORAGE = """[storage]
+driver = "overlay"
+graphroot = "{p}/root"
+runroot = "{p}/run"
+"""
+
+
+def podman_store(folder: Path) -> dict[str, str]:
+    """A private podman store under ``folder``; the environment variables that select it."""
+    for d in ("root", "run", "tmp"):
+        (folder / d).mkdir(parents=True, exist_ok=True)
+    (folder / "containers.conf").write_text(_PODMAN_CONF.format(p=folder))
+    (folder / "storage.conf").write_text(_PODMAN_STORAGE.format(p=folder))
+    return {
+        "CONTAINERS_CONF": str(folder / "containers.conf"),
+        "CONTAINERS_STORAGE_CONF": str(folder / "storage.conf"),
+    }
+
+
 def pool_pids(endpoint_dir: Path | str) -> list[int]:
     """An endpoint's pool processes. LocalProvider starts each block in a session of its own, so
     they are found by the endpoint's folder on their command line (the pool config path), not

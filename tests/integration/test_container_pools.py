@@ -28,7 +28,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from conftest import pool_pids, wait_until
+from conftest import podman_store, pool_pids, wait_until
 
 from dlhub.executor import Client, Servable, WorkerLost
 
@@ -394,37 +394,14 @@ def test_pool_json_carries_the_container(custom_stack_factory, image):
 
 # ---- podman, for real (the recipe's configuration: a private store, runc, lowered ulimits) -------
 
-PODMAN_CONF = """[containers]
-default_ulimits = ["nofile=4096:4096", "nproc=4096:4096"]
-[engine]
-runtime = "runc"
-tmp_dir = "{p}/tmp"
-events_logger = "file"
-[network]
-network_config_dir = "{p}/networks"
-"""
-PODMAN_STORAGE = """[storage]
-driver = "overlay"
-graphroot = "{p}/root"
-runroot = "{p}/run"
-"""
-
 
 @pytest.fixture(scope="module")
 def podman_image(image, tmp_path_factory) -> dict[str, str]:
     """The test image imported into a private podman store; the environment that selects it."""
     missing = [b for b in ("podman", "runc", "catatonit") if shutil.which(b) is None]
     if missing:
-        _missing(
-            f"{', '.join(missing)} not installed: "
-            "apt-get install -y --no-install-recommends podman runc catatonit"
-        )
-    p = tmp_path_factory.mktemp("podman")
-    for d in ("root", "run", "tmp"):
-        (p / d).mkdir()
-    (p / "containers.conf").write_text(PODMAN_CONF.format(p=p))
-    (p / "storage.conf").write_text(PODMAN_STORAGE.format(p=p))
-    env = {"CONTAINERS_CONF": str(p / "containers.conf"), "CONTAINERS_STORAGE_CONF": str(p / "storage.conf")}
+        _missing(f"{', '.join(missing)} not installed: apt-get install -y podman runc catatonit")
+    env = podman_store(tmp_path_factory.mktemp("podman"))
     tar = subprocess.Popen(["tar", "-C", image, "-c", "."], stdout=subprocess.PIPE)
     proc = subprocess.run(
         ["podman", "import", "-q", "-", "localhost/dlhub-test-image"],

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import podman_store
 
 from dlhub.endpoint.config import ConfigError, parse_config
 from dlhub.endpoint.containers import ContainerError
@@ -386,22 +387,6 @@ def test_budget_config(tmp_path):
 
 
 # podman for real, with the recipe's configuration (a private store); import needs no runc
-PODMAN_CONF = """[containers]
-default_ulimits = ["nofile=4096:4096", "nproc=4096:4096"]
-[engine]
-runtime = "runc"
-tmp_dir = "{p}/tmp"
-events_logger = "file"
-[network]
-network_config_dir = "{p}/networks"
-"""
-PODMAN_STORAGE = """[storage]
-driver = "overlay"
-graphroot = "{p}/root"
-runroot = "{p}/run"
-"""
-
-
 def test_real_podman_import_and_eviction(tmp_path, monkeypatch):
     import shutil
 
@@ -409,13 +394,8 @@ def test_real_podman_import_and_eviction(tmp_path, monkeypatch):
         if os.environ.get("DLHUB_REQUIRE_CONTAINERS"):
             pytest.fail("podman is not installed (apt-get install -y podman)")
         pytest.skip("podman is not installed")
-    p = tmp_path / "podman"
-    for d in ("root", "run", "tmp"):
-        (p / d).mkdir(parents=True)
-    (p / "containers.conf").write_text(PODMAN_CONF.format(p=p))
-    (p / "storage.conf").write_text(PODMAN_STORAGE.format(p=p))
-    monkeypatch.setenv("CONTAINERS_CONF", str(p / "containers.conf"))
-    monkeypatch.setenv("CONTAINERS_STORAGE_CONF", str(p / "storage.conf"))
+    for var, value in podman_store(tmp_path / "podman").items():
+        monkeypatch.setenv(var, value)
 
     def exists(image: str) -> bool:
         return subprocess.run(["podman", "image", "exists", image], timeout=60).returncode == 0
