@@ -63,6 +63,9 @@ DRAIN_LIMIT = 1000  # frames read from one socket before the loop looks at the o
 ENDPOINT_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"  # as an endpoint's config.yaml requires
 
 
+_FLUSH = ev.Flush()  # immutable: one instance serves every loop turn
+
+
 @dataclass(frozen=True)
 class ManagerConfig:
     home: Path
@@ -454,22 +457,22 @@ class Manager:
                 log.exception("error handling %s", type(msg).__name__)
 
     def _flush(self) -> None:
-        self.route(ev.Flush())
+        self.route(_FLUSH)
 
     def route(self, *events: ev.Event) -> None:
         """On the loop: hand ``events`` to the Router and carry out what it says."""
         for instruction in self.router.handle(*events):
-            match instruction:
-                case ev.Send():
-                    sock = self.client_sock if instruction.link == "client" else self.endpoint_sock
-                    self._send(sock, instruction.identity, instruction.msg)
-                case ev.PersistReceived() | ev.PersistUpdates() | ev.PersistCode():
-                    instruction.apply(self.store)  # enqueues for the writer thread
-                case ev.Notify():
-                    try:
-                        instruction.callback(instruction.result)
-                    except Exception:  # an internal task's owner must not take the loop down
-                        log.exception("error in an internal task's callback")
+            kind = type(instruction)  # a type test per instruction: cheaper than a match
+            if kind is ev.Send:
+                sock = self.client_sock if instruction.link == "client" else self.endpoint_sock
+                self._send(sock, instruction.identity, instruction.msg)
+            elif kind is ev.Notify:
+                try:
+                    instruction.callback(instruction.result)
+                except Exception:  # an internal task's owner must not take the loop down
+                    log.exception("error in an internal task's callback")
+            else:  # PersistReceived, PersistUpdates, PersistCode
+                instruction.apply(self.store)  # enqueues for the writer thread
 
     def _send(self, sock: zmq.Socket, identity: bytes, msg: m.Message) -> None:
         try:
