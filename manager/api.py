@@ -676,6 +676,9 @@ def create_app(
             raise ApiError(404, "not-found", f"there is no task {task_id}")  # as in task_row
         return {"task_id": task_id, **record}
 
+    from .web import install as install_web  # the pages call the handlers above (dlhub.manager.web)
+
+    install_web(app, locals())
     return app
 
 

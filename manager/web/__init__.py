@@ -1,0 +1,659 @@
+"""The web interface: server-rendered pages (Jinja2) next to the REST API, same port, same tokens.
+
+    browser --cookie session--> SessionCookies (middleware) --> these routes --> the REST handlers
+                                                                              (search, describe, run ...)
+
+Pages call the REST route functions of :func:`dlhub.manager.api.create_app` directly (``api``:
+its locals), so visibility, sharing and errors are exactly the REST API's. A signed-in browser
+holds an opaque session id (HttpOnly, SameSite=Strict); the token stays on the server. Every POST
+form carries the session's CSRF token; the middleware turns a web POST with a valid session into
+the token's ``Authorization: Bearer`` header, so the REST API's body limits apply unchanged.
+Anonymous visitors see public servables only. Readable without JavaScript.
+"""
+
+import asyncio
+import collections
+import hmac
+import html
+import json
+import secrets
+import threading
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlencode
+
+import sqlalchemy as sa
+
+HERE = Path(__file__).parent
+COOKIE = "dlhub_session"
+ANONYMOUS = ("", "anonymous")
+MAX_SESSIONS = 10_000
+SESSION_TTL_S = 12 * 3600
+MAX_SIGNIN_BYTES = 4096
+PAGE_SIZE = 20
+
+
+class Sessions:
+    """Session id -> (token, csrf, created). In memory: a manager restart signs everyone out."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_id: collections.OrderedDict[str, tuple[str, str, float]] = collections.OrderedDict()
+
+    def create(self, token: str) -> str:
+        sid = secrets.token_urlsafe(32)
+        with self._lock:
+            self._by_id[sid] = (token, secrets.token_urlsafe(24), time.time())
+            while len(self._by_id) > MAX_SESSIONS:
+                self._by_id.popitem(last=False)
+        return sid
+
+    def get(self, sid: str | None) -> tuple[str, str] | None:
+        if not sid:
+            return None
+        with self._lock:
+            found = self._by_id.get(sid)
+            if found is None:
+                return None
+            if time.time() - found[2] > SESSION_TTL_S:
+                del self._by_id[sid]
+                return None
+        return found[0], found[1]
+
+    def drop(self, sid: str | None) -> None:
+        with self._lock:
+            self._by_id.pop(sid or "", None)
+
+
+def _cookie(scope: dict) -> str | None:
+    for key, value in scope["headers"]:
+        if key == b"cookie":
+            for part in value.decode("latin-1").split(";"):
+                k, _, v = part.strip().partition("=")
+                if k == COOKIE:
+                    return v
+    return None
+
+
+class SessionCookies:
+    """ASGI middleware (outside the REST API's BoundedBodies): a POST to a web page (not
+    ``/api/``) gets its session's token as a Bearer header; one without a session is sent to
+    the sign-in page. ``POST /signin`` reads its small form here and checks the token."""
+
+    def __init__(self, app: Any, sessions: Sessions, check_token: Any):
+        self.app, self.sessions, self.check_token = app, sessions, check_token
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"].startswith("/api/"):
+            return await self.app(scope, receive, send)
+        headers = [(k, v) for k, v in scope["headers"] if k != b"authorization"]
+        if scope["path"] == "/signin":
+            body = b""
+            more = True
+            while more:
+                message = await receive()
+                body += message.get("body", b"")
+                more = message.get("more_body", False)
+                if len(body) > MAX_SIGNIN_BYTES:
+                    return await _redirect(send, "/signin?error=invalid")
+            form = parse_qs(body.decode("utf-8", "replace"))
+            token = (form.get("token") or [""])[0].strip()
+            who = await asyncio.to_thread(self.check_token, token) if token else None
+            if who is None or who[1] == "endpoint":
+                return await _redirect(send, "/signin?error=invalid")
+            sid = self.sessions.create(token)
+            cookie = f"{COOKIE}={sid}; Path=/; HttpOnly; SameSite=Strict"
+            return await _redirect(send, (form.get("next") or ["/"])[0], cookie)
+        session = self.sessions.get(_cookie(scope))
+        if session is None:
+            return await _redirect(send, "/signin?error=expired")
+        headers.append((b"authorization", b"Bearer " + session[0].encode("latin-1")))
+        await self.app({**scope, "headers": headers}, receive, send)
+
+
+async def _redirect(send: Any, location: str, cookie: str | None = None) -> None:
+    if not location.startswith("/") or location.startswith("//"):
+        location = "/"  # no open redirects
+    headers = [(b"location", location.encode("latin-1", "replace")), (b"content-length", b"0")]
+    if cookie:
+        headers.append((b"set-cookie", cookie.encode("latin-1")))
+    await send({"type": "http.response.start", "status": 303, "headers": headers})
+    await send({"type": "http.response.body", "body": b""})
+
+
+# ---- presentation helpers ----------------------------------------------------------------------
+
+
+def bibtex(record: dict) -> str:
+    key = f"{record.get('owner')}_{record.get('name')}_v{record.get('version')}".replace("-", "_")
+    authors = " and ".join(a["name"] for a in record.get("authors", []))
+    fields = {
+        "title": record.get("title", ""),
+        "author": authors,
+        "publisher": "DLHub",
+        "version": str(record.get("version") or ""),
+        "note": f"servable {record.get('owner')}/{record.get('name')}",
+    }
+    dois = [r["identifier"] for r in record.get("related_identifiers", []) if r.get("type") == "DOI"]
+    if dois:
+        fields["doi"] = dois[0]
+    body = ",\n".join(f"  {k} = {{{v}}}" for k, v in fields.items())
+    return f"@misc{{{key},\n{body}\n}}"
+
+
+def datacite(record: dict) -> dict:
+    return {
+        "types": {"resourceTypeGeneral": "Software", "resourceType": "Servable"},
+        "titles": [{"title": record.get("title", "")}],
+        "creators": [
+            {
+                "name": a["name"],
+                **({"affiliation": [a["affiliation"]]} if a.get("affiliation") else {}),
+                **(
+                    {"nameIdentifiers": [{"nameIdentifier": a["orcid"], "nameIdentifierScheme": "ORCID"}]}
+                    if a.get("orcid")
+                    else {}
+                ),
+            }
+            for a in record.get("authors", [])
+        ],
+        "publisher": "DLHub",
+        "version": str(record.get("version") or ""),
+        "descriptions": [{"description": record.get("description", ""), "descriptionType": "Abstract"}]
+        if record.get("description")
+        else [],
+        "subjects": [{"subject": d} for d in record.get("domains", []) + record.get("keywords", [])],
+        "rightsList": [{"rights": record["license"]}] if record.get("license") else [],
+        "relatedIdentifiers": [
+            {
+                "relatedIdentifier": r["identifier"],
+                "relatedIdentifierType": r["type"],
+                "relationType": r["relation"],
+            }
+            for r in record.get("related_identifiers", [])
+        ],
+    }
+
+
+def identifier_url(rel: dict) -> str | None:
+    ident, kind = rel["identifier"], rel["type"]
+    if kind == "DOI":
+        return f"https://doi.org/{ident}"
+    if kind == "arXiv":
+        return f"https://arxiv.org/abs/{ident}"
+    if kind == "Handle":
+        return f"https://hdl.handle.net/{ident}"
+    if kind == "URL" and ident.startswith(("http://", "https://")):
+        return ident
+    return None
+
+
+def snippets(ref: str, example: dict | None, rest_url: str) -> dict[str, str]:
+    args = (example or {}).get("args", [])
+    kwargs = (example or {}).get("kwargs", {})
+    py_args = ", ".join([repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()])
+    body = json.dumps({"args": args, "kwargs": kwargs})
+    cli_args = " ".join("'" + json.dumps(a).replace("'", "'\\''") + "'" for a in args)
+    owner, name = ref.split("/", 1)
+    return {
+        "Python": f"from dlhub.executor import Executor\n\nwith Executor() as ex:\n"
+        f'    print(ex.run("{ref}", {py_args}).result())',
+        "CLI": f"dlhub run {ref} {cli_args}".rstrip(),
+        "curl": f'curl -H "Authorization: Bearer $DLHUB_TOKEN" -H "Content-Type: application/json" \\\n'
+        f"  -d '{body}' \\\n  {rest_url}/api/v1/servables/{owner}/{name}/run",
+    }
+
+
+def svg_bars(values: list[tuple[str, float]], unit: str = "", width: int = 320, height: int = 120) -> str:
+    """A small bar chart as inline SVG (server-side, no script); labelled for screen readers."""
+    if not values:
+        return ""
+    top = max(v for _, v in values) or 1.0
+    bar = width / len(values)
+    parts = [
+        f'<svg class="plot" viewBox="0 0 {width} {height + 30}" width="{width}" height="{height + 30}" '
+        f'role="img" aria-label="{html.escape(", ".join(f"{k}: {v:g}{unit}" for k, v in values))}">'
+    ]
+    for i, (label, value) in enumerate(values):
+        h = max(1.0, value / top * height)
+        x = i * bar + bar * 0.15
+        parts.append(
+            f'<rect x="{x:.1f}" y="{height - h:.1f}" width="{bar * 0.7:.1f}" height="{h:.1f}"></rect>'
+            f'<text x="{x + bar * 0.35:.1f}" y="{height - h - 3:.1f}" text-anchor="middle">{value:g}</text>'
+            f'<text x="{x + bar * 0.35:.1f}" y="{height + 16}" text-anchor="middle">'
+            f"{html.escape(label)}</text>"
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def svg_lines(series: dict[str, list[float]], width: int = 480, height: int = 120) -> str:
+    """Lines over the last samples (one per series), inline SVG."""
+    points = [v for vs in series.values() for v in vs]
+    if not points:
+        return ""
+    top = max(points) or 1.0
+    n = max(len(vs) for vs in series.values())
+    step = width / max(1, n - 1)
+    label = "; ".join(f"{k}: last {vs[-1]:g}" for k, vs in series.items() if vs)
+    parts = [
+        f'<svg class="plot" viewBox="0 0 {width} {height + 20}" width="{width}" height="{height + 20}" '
+        f'role="img" aria-label="{html.escape(label)}">'
+    ]
+    for i, (label, values) in enumerate(series.items()):
+        coords = " ".join(f"{j * step:.1f},{height - v / top * height:.1f}" for j, v in enumerate(values))
+        parts.append(f'<polyline class="s{i}" fill="none" points="{coords}"></polyline>')
+        parts.append(f'<text class="s{i}" x="{4 + 160 * i}" y="{height + 16}">{html.escape(label)}</text>')
+    parts.append(f'<text x="{width - 4}" y="12" text-anchor="end">max {top:g}</text></svg>')
+    return "".join(parts)
+
+
+def summarize(value: Any, depth: int = 0) -> Any:
+    """Large nested lists (numpy arrays as JSON) shown as shape + first items."""
+    if isinstance(value, list) and len(value) > 20:
+        shape = [len(value)]
+        inner = value[0] if value else None
+        while isinstance(inner, list):
+            shape.append(len(inner))
+            inner = inner[0] if inner else None
+        return {
+            "shape": shape,
+            "first": value[:5],
+            "note": "summarized: showing the first 5 of the first axis",
+        }
+    if isinstance(value, dict) and depth < 3:
+        return {k: summarize(v, depth + 1) for k, v in value.items()}
+    return value
+
+
+def when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t)) if t else "—"
+
+
+class History:
+    """Endpoint figures sampled from ``Manager.status()`` (asked of the loop), last ~10 minutes."""
+
+    def __init__(self, keep: int = 120) -> None:
+        self.samples: collections.deque = collections.deque(maxlen=keep)
+        self.lock = threading.Lock()
+
+    def add(self, status: dict) -> None:
+        now = time.time()
+        row = {"t": now, "done": status.get("tasks_done", status.get("results", 0)) or 0}
+        row["queue"] = sum(e.get("pending", 0) + e.get("inflight", 0) for e in status["endpoints"].values())
+        with self.lock:
+            if self.samples and now - self.samples[-1]["t"] < 1.0:
+                self.samples[-1] = row
+            else:
+                self.samples.append(row)
+
+    def series(self) -> dict[str, list[float]]:
+        with self.lock:
+            rows = list(self.samples)
+        throughput = [
+            max(0.0, (b["done"] - a["done"]) / max(1e-3, b["t"] - a["t"])) for a, b in zip(rows, rows[1:])
+        ]
+        return {
+            "throughput (tasks/s)": [round(x, 2) for x in throughput],
+            "queue depth": [r["queue"] for r in rows],
+        }
+
+
+# ---- the routes --------------------------------------------------------------------------------
+
+
+def install(app: Any, api: dict[str, Any]) -> None:
+    """Mount the pages on ``app``. ``api``: ``create_app``'s locals (the REST handlers and the
+    ``engine``, ``repository``, ``auth``, ``servables`` they close over)."""
+    from fastapi import Request
+    from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+    from fastapi.staticfiles import StaticFiles
+    from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+    from dlhub.protocol.search import SearchParameterError, SearchQuery
+
+    from ..api import ApiError
+    from ..repository import NotFound
+    from ..store import tasks_table
+
+    engine, auth, servables = api["engine"], api["auth"], api["servables"]
+    sessions = Sessions()
+    history = History()
+    env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape())
+    env.filters["when"] = when
+    env.filters["pretty"] = lambda v: json.dumps(v, indent=2, sort_keys=False, default=str)
+    env.globals["identifier_url"] = identifier_url
+
+    app.add_middleware(SessionCookies, sessions=sessions, check_token=auth.check)
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="web-static")
+
+    def who_of(request: Request) -> tuple[tuple[str, str], str | None]:
+        """(user, role) of the session (anonymous without one), and its CSRF token."""
+        session = sessions.get(request.cookies.get(COOKIE))
+        if session is not None:
+            who = auth.check(session[0])  # each request: a revoked token signs the browser out
+            if who is not None and who[1] != "endpoint":
+                return who, session[1]
+        return ANONYMOUS, None
+
+    def render(request: Request, template: str, status: int = 200, **context: Any) -> HTMLResponse:
+        who, csrf = who_of(request)
+        text = env.get_template(template).render(
+            request=request, user=who[0] or None, role=who[1], csrf=csrf, path=request.url.path, **context
+        )
+        return HTMLResponse(text, status_code=status)
+
+    def error_page(request: Request, status: int, code: str, message: str) -> HTMLResponse:
+        return render(request, "error.html", status=status, code=code, message=message)
+
+    async def checked_form(request: Request) -> dict[str, str]:
+        """The POSTed form, after its CSRF token matched the session's (else ApiError 403)."""
+        form = await request.form()
+        _, csrf = who_of(request)
+        sent = form.get("csrf")
+        if csrf is None or not isinstance(sent, str) or not hmac.compare_digest(sent, csrf):
+            raise ApiError(403, "csrf", "the form's CSRF token does not match this session; reload the page")
+        return {k: v for k, v in form.items() if isinstance(v, str)}
+
+    # ---- sign in / out
+
+    @app.get("/signin", response_class=HTMLResponse, include_in_schema=False)
+    def signin_page(request: Request, error: str | None = None, next: str = "/"):
+        messages = {"invalid": "That token is not valid.", "expired": "Please sign in again."}
+        return render(request, "signin.html", error=messages.get(error or ""), next=next)
+
+    @app.post("/signout", include_in_schema=False)
+    async def signout(request: Request):
+        await checked_form(request)
+        sessions.drop(request.cookies.get(COOKIE))
+        response = RedirectResponse("/", status_code=303)
+        response.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict")
+        return response
+
+    # ---- search
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def search_page(
+        request: Request,
+        q: str = "",
+        domain: str = "",
+        author: str = "",
+        owner: str = "",
+        page: int = 1,
+    ):
+        who, _ = who_of(request)
+        page = max(1, min(page, 25))
+        try:
+            query = SearchQuery(
+                query=q, domain=domain, author=author, owner=owner, limit=min(500, page * PAGE_SIZE + 1)
+            )
+        except SearchParameterError as exc:
+            return error_page(request, 422, "invalid-request", str(exc))
+        hits = api["search"](query, who)["results"]
+        shown = hits[(page - 1) * PAGE_SIZE : page * PAGE_SIZE]
+        base = {k: v for k, v in {"q": q, "domain": domain, "author": author, "owner": owner}.items() if v}
+        prev_url = f"/?{urlencode({**base, 'page': page - 1})}" if page > 1 else None
+        next_url = f"/?{urlencode({**base, 'page': page + 1})}" if len(hits) > page * PAGE_SIZE else None
+        return render(
+            request,
+            "search.html",
+            hits=shown,
+            q=q,
+            domain=domain,
+            author=author,
+            owner=owner,
+            page=page,
+            prev_url=prev_url,
+            next_url=next_url,
+        )
+
+    # ---- a servable
+
+    def servable_figures(ref: str, who: tuple[str, str]) -> dict[str, Any] | None:
+        if servables is None:
+            return None
+        try:
+            status = servables.visible_status(servables.status(), api["viewer_of"](who))
+        except Exception:
+            return None
+        calls = p50 = p99 = hits = lookups = 0.0
+        batches: dict[str, float] = {}
+        found = False
+        for ep in status.get("endpoints", {}).values():
+            per = ((ep.get("info") or {}).get("servables") or {}).get(ref) or (ep.get("servables") or {}).get(
+                ref
+            )
+            if not per:
+                continue
+            found = True
+            calls += per.get("calls", per.get("count", 0)) or 0
+            p50 = max(p50, per.get("p50_ms", 0) or 0)
+            p99 = max(p99, per.get("p99_ms", 0) or 0)
+            hits += per.get("cache_hits", 0) or 0
+            lookups += (per.get("cache_hits", 0) or 0) + (per.get("cache_misses", 0) or 0)
+            for size, n in (per.get("batch_sizes") or {}).items():
+                batches[str(size)] = batches.get(str(size), 0) + n
+        if not found:
+            return {"calls": 0}
+        return {
+            "calls": calls,
+            "p50_ms": p50,
+            "p99_ms": p99,
+            "cache_hit_rate": round(hits / lookups, 3) if lookups else None,
+            "plot": svg_bars([("p50 ms", p50), ("p99 ms", p99)])
+            + (
+                svg_bars(sorted(batches.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else 0))
+                if batches
+                else ""
+            ),
+        }
+
+    def servable_view(request: Request, owner: str, name: str, version: int | None, **extra: Any):
+        who, _ = who_of(request)
+        try:
+            described = api["describe"](who, owner, name, version)
+        except NotFound as exc:
+            return error_page(request, 404, "not-found", str(exc))
+        except ApiError as exc:
+            return error_page(request, exc.status, exc.code, exc.message)
+        record = described["record"]
+        ref = f"{owner}/{name}"
+        example = record["examples"][0] if record.get("examples") else None
+        inputs = json.dumps(
+            {"args": example["args"], "kwargs": example["kwargs"]} if example else {"args": [], "kwargs": {}}
+        )
+        endpoints: list[str] = []
+        if servables is not None:
+            try:
+                endpoints = sorted(n for n, up in servables.manager.endpoints_connected().items() if up)
+            except Exception:
+                endpoints = []
+        rest_url = str(request.base_url).rstrip("/")
+        return render(
+            request,
+            "servable.html",
+            ref=ref,
+            owner=owner,
+            name=name,
+            d=described,
+            r=record,
+            bibtex=bibtex(record),
+            datacite=json.dumps(datacite(record), indent=2),
+            snippets=snippets(ref + (f":{version}" if version else ""), example, rest_url),
+            figures=servable_figures(ref, who),
+            inputs=extra.pop("inputs", inputs),
+            endpoints=endpoints,
+            may_change=who[1] == "admin" or (who[0] and who[0] == owner),
+            **extra,
+        )
+
+    @app.get("/servables/{owner}/{name}", response_class=HTMLResponse, include_in_schema=False)
+    def servable_page(request: Request, owner: str, name: str):
+        return servable_view(request, owner, name, None)
+
+    @app.get("/servables/{owner}/{name}/{version}", response_class=HTMLResponse, include_in_schema=False)
+    def servable_version_page(request: Request, owner: str, name: str, version: int):
+        if not 1 <= version <= 2**62:
+            return error_page(request, 404, "not-found", f"there is no version {version}")
+        return servable_view(request, owner, name, version)
+
+    @app.post("/servables/{owner}/{name}/run", response_class=HTMLResponse, include_in_schema=False)
+    async def run_form(request: Request, owner: str, name: str):
+        try:
+            form = await checked_form(request)
+        except ApiError as exc:
+            return error_page(request, exc.status, exc.code, exc.message)
+        who, _ = who_of(request)
+        raw = form.get("inputs", "")
+        version = int(form["version"]) if form.get("version", "").isdigit() else None
+        outcome: dict[str, Any]
+        try:
+            inputs = json.loads(raw or "{}")
+            if not isinstance(inputs, dict):
+                raise ValueError('inputs must be a JSON object {"args": [...], "kwargs": {...}}')
+            args, kwargs = inputs.get("args", []), inputs.get("kwargs", {})
+            if not isinstance(args, list) or not isinstance(kwargs, dict):
+                raise ValueError("'args' must be a JSON list and 'kwargs' a JSON object")
+        except ValueError as exc:
+            outcome = {"status": 422, "body": {"code": "invalid-request", "message": f"inputs: {exc}"}}
+        else:
+            try:
+                response = await api["run"](
+                    who=who,
+                    owner=owner,
+                    name=name,
+                    args=args,
+                    kwargs=kwargs,
+                    version=version,
+                    endpoint=form.get("endpoint") or None,
+                    wait_s=20.0,
+                    timeout_s=None,
+                    cache=True,
+                )
+                outcome = {"status": response.status_code, "body": json.loads(response.body)}
+            except ApiError as exc:
+                outcome = {
+                    "status": exc.status,
+                    "body": {"code": exc.code, "message": exc.message, **exc.extra},
+                }
+        body = outcome["body"]
+        if "result" in body:
+            body = {**body, "result": summarize(body["result"])}
+        outcome["body"] = body
+        return servable_view(
+            request,
+            owner,
+            name,
+            version,
+            outcome=outcome,
+            inputs=raw,
+            status=200 if outcome["status"] < 500 else 502,
+        )
+
+    @app.post("/servables/{owner}/{name}/{version}/delete", include_in_schema=False)
+    async def delete_form(request: Request, owner: str, name: str, version: int):
+        who, _ = who_of(request)
+        try:
+            await checked_form(request)
+            api["delete_version"](who, owner, name, version)
+        except NotFound as exc:
+            return error_page(request, 404, "not-found", str(exc))
+        except ApiError as exc:
+            return error_page(request, exc.status, exc.code, exc.message)
+        return RedirectResponse(f"/servables/{owner}/{name}", status_code=303)
+
+    @app.post("/servables/{owner}/{name}/share", include_in_schema=False)
+    async def share_form(request: Request, owner: str, name: str):
+        who, _ = who_of(request)
+        try:
+            form = await checked_form(request)
+            users = [u.strip() for u in form.get("users", "").split(",") if u.strip()]
+            groups = [g.strip() for g in form.get("groups", "").split(",") if g.strip()]
+            call = api["unshare"] if form.get("action") == "unshare" else api["share"]
+            if users or groups:
+                call(who, owner, name, users, groups)
+            if form.get("visibility") in ("public", "private"):
+                api["set_visibility"](who, owner, name, form["visibility"])
+        except NotFound as exc:
+            return error_page(request, 404, "not-found", str(exc))
+        except ApiError as exc:
+            return error_page(request, exc.status, exc.code, exc.message)
+        return RedirectResponse(f"/servables/{owner}/{name}", status_code=303)
+
+    # ---- tasks
+
+    @app.get("/tasks", response_class=HTMLResponse, include_in_schema=False)
+    def tasks_page(request: Request):
+        who, _ = who_of(request)
+        if not who[0]:
+            return RedirectResponse("/signin?next=/tasks", status_code=303)
+        t = tasks_table
+        query = sa.select(t.c.task_id, t.c.state, t.c.endpoint, t.c.t_received, t.c.t_finished)
+        with engine.connect() as conn:
+            rows = conn.execute(
+                query.where(t.c.owner == who[0]).order_by(t.c.t_received.desc()).limit(50)
+            ).all()
+        tasks = [{**r._mapping, "task_id": r.task_id.hex()} for r in rows]
+        return render(request, "tasks.html", tasks=tasks)
+
+    @app.get("/tasks/{task_id}", response_class=HTMLResponse, include_in_schema=False)
+    def task_page(request: Request, task_id: str):
+        who, _ = who_of(request)
+        if not who[0]:
+            return RedirectResponse(f"/signin?next=/tasks/{task_id}", status_code=303)
+        try:
+            task = api["task"](who, task_id)
+            result = api["task_result"](who, task_id)
+        except ApiError as exc:
+            return error_page(request, exc.status, exc.code, exc.message)
+        body = json.loads(result.body)
+        if "result" in body:
+            body["result"] = summarize(body["result"])
+        refresh = task["state"] not in ("succeeded", "failed", "cancelled", "lost", "timeout")
+        return render(
+            request,
+            "task.html",
+            task=task,
+            outcome={"status": result.status_code, "body": body},
+            refresh=refresh,
+        )
+
+    # ---- endpoints
+
+    def endpoints_status(who: tuple[str, str]) -> dict[str, Any]:
+        if servables is None:
+            raise ApiError(503, "unavailable", "this server has no manager behind it")
+        status = servables.status()  # asked of the loop, which owns the Router
+        history.add(status)
+        return servables.visible_status(status, api["viewer_of"](who)) if who[0] else _public_status(status)
+
+    def _public_status(status: dict) -> dict:
+        return {
+            "endpoints": {
+                n: {
+                    k: e.get(k)
+                    for k in ("connected", "last_seen_s_ago", "pending", "inflight", "versions", "info")
+                }
+                for n, e in status["endpoints"].items()
+            },
+            "tasks_open": status.get("tasks_open"),
+        }
+
+    @app.get("/endpoints", response_class=HTMLResponse, include_in_schema=False)
+    async def endpoints_page(request: Request):
+        who, _ = who_of(request)
+        try:
+            status = await asyncio.to_thread(endpoints_status, who)
+        except ApiError as exc:
+            return error_page(request, exc.status, exc.code, exc.message)
+        return render(request, "endpoints.html", status=status, plot=svg_lines(history.series()))
+
+    @app.get("/endpoints.json", include_in_schema=False)
+    async def endpoints_json(request: Request):
+        who, _ = who_of(request)
+        status = await asyncio.to_thread(endpoints_status, who)
+        fragment = env.get_template("endpoints_body.html").render(
+            status=status, plot=svg_lines(history.series())
+        )
+        return JSONResponse({"status": json.loads(json.dumps(status, default=str)), "html": fragment})
