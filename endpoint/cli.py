@@ -114,18 +114,41 @@ def _fill(text: str, name: str, address: str | None, token: str | None, workers:
 )
 @click.option("--workers", default=None, type=click.IntRange(1, 4096), help="workers per node")
 @click.option("--force", is_flag=True, help="overwrite an existing config.yaml")
+@click.option(
+    "--from-globus-compute",
+    "gc_config",
+    default=None,
+    type=click.Path(dir_okay=False),
+    metavar="PATH",
+    help="migrate a Globus Compute endpoint config.yaml (instead of --template); what does not map "
+    "is printed and listed at the top of the written file",
+)
 @home_option
-def configure(name, template, manager_address, token, manager_key, workers, force, home) -> None:
-    """Write ENDPOINT's config.yaml from a commented template."""
+def configure(name, template, manager_address, token, manager_key, workers, force, gc_config, home) -> None:
+    """Write ENDPOINT's config.yaml from a commented template, or migrated from a Globus Compute
+    endpoint config (--from-globus-compute)."""
     from dlhub.protocol.curve import check_key
 
     path = endpoint_dir(name, home) / "config.yaml"
     if path.exists() and not force:
         raise click.ClickException(f"{path} exists; edit it, or pass --force to replace it")
     local_address, local_token, local_key = _local_manager(home)
-    text = _fill(
-        _template_text(template), name, manager_address or local_address, token or local_token, workers
-    )
+    source = _template_text(template)
+    if gc_config:
+        from .gc_migrate import MigrationError, migrate
+
+        try:
+            migration = migrate(Path(gc_config).read_text(), name, source=gc_config)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise click.ClickException(f"cannot read {gc_config}: {exc}")
+        except MigrationError as exc:
+            raise click.ClickException(str(exc))
+        source, template = migration.text, f"migrated from Globus Compute config {gc_config}"
+        for item in migration.fill_in:
+            click.echo(f"fill in: {item}")
+        for item in migration.unmapped:
+            click.echo(f"not migrated: {item}")
+    text = _fill(source, name, manager_address or local_address, token or local_token, workers)
     if manager_key:
         try:
             text = _fill_key(text, check_key(manager_key, "--manager-key"))
