@@ -1,0 +1,711 @@
+"""DLHub's evaluation reproduced against the serving systems people use today (issue 15, item 3).
+
+Usage: python benchmarks/evaluation.py [--quick] [--systems dlhub,fastapi,...] [--plots DIR]
+
+The six example servables of executor/examples.py (noop, composition-featurizer, composition-rf,
+diabetes-rf, digits-cnn, composition-pipeline) are trained once here with the examples' own
+build functions; dlhub serves them published (`dlhub up` in a temp home), every peer serves the
+SAME model files (joblib pickles, a TorchScript file; the featurizer is examples.py's own function)
+from a subprocess of a separate venv, benchmarks/.venv-peers (created on demand from
+benchmarks/peers-requirements.txt), driven over HTTP with httpx from this process:
+
+    dlhub-off  dlhub, result cache off (`with_options(cache=False)`), diabetes-rf unbatched
+    dlhub-on   the same stack, cache on, diabetes-rf vectorized (endpoint batching, max 256)
+    fastapi    plain FastAPI + uvicorn (--workers N) calling the model
+    litserve   LitServe, workers_per_device=N (batching: max_batch_size)
+    ray        Ray Serve, num_replicas=N (batching: @serve.batch)
+    mlserver   MLServer, parallel_workers=N (adaptive batching)
+    pytriton   NVIDIA PyTriton, N model instances (Triton's dynamic batcher)
+    htex       Parsl HighThroughputExecutor, N workers, a shipped function calling the model
+
+Figures (each a ratio against the others, all from this run): serial p50/p99 per servable
+(`latency`); diabetes-rf predictions/s vs concurrent callers (`throughput`); one call carrying B
+rows of diabetes-rf, B = 1..1024 (`batch_sweep`: per-row time); calls/s of diabetes-rf as the share
+of repeated inputs goes 0..100% (`memo`; systems without a cache recompute); predictions/s with 1
+and 2 workers (`workers`); seconds from launching the system to its first prediction (`cold_start`).
+A system that fails to install or start says why in a JSON line (`error`) and the rest still run.
+One JSON line per measurement, then a summary; `--plots DIR` writes PNGs from the JSON lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from _stack import Stack, kill_marked, stats  # noqa: E402
+
+PEERS_DIR = HERE / "_peers"
+PEERS_VENV = HERE / ".venv-peers"
+PEERS_PY = PEERS_VENV / "bin" / "python"
+EXAMPLES_PY = ROOT / "executor" / "examples.py"
+OWNER = "admin"
+NAMES = [
+    "noop",
+    "composition-featurizer",
+    "composition-rf",
+    "diabetes-rf",
+    "digits-cnn",
+    "composition-pipeline",
+]
+PEERS = ["fastapi", "litserve", "ray", "mlserver", "pytriton"]
+ALL_SYSTEMS = ["dlhub", *PEERS, "htex"]
+TIMEOUT = 120
+
+FULL = {
+    "latency": 300,
+    "concurrency": [1, 4, 16, 64],
+    "calls": 2000,
+    "batch_sizes": [1, 4, 16, 64, 256, 1024],
+    "batch_reps": 10,
+    "memo_shares": [0.0, 0.25, 0.5, 0.75, 1.0],
+    "memo_calls": 1000,
+    "memo_conc": 16,
+    "workers_calls": 1000,
+    "workers_conc": 16,
+    "batch": 256,
+}
+QUICK = {
+    "latency": 30,
+    "concurrency": [1, 16],
+    "calls": 160,
+    "batch_sizes": [1, 32, 1024],
+    "batch_reps": 3,
+    "memo_shares": [0.0, 1.0],
+    "memo_calls": 120,
+    "memo_conc": 16,
+    "workers_calls": 120,
+    "workers_conc": 16,
+    "batch": 256,
+}
+
+
+# ---- the models and their inputs -----------------------------------------------------------
+
+
+def build_models(model_dir: Path) -> dict:
+    """Train the examples once; write the peers' files; return the dlhub servables by name."""
+    from dlhub.executor import examples
+
+    servables = {
+        "noop": examples.build_noop(),
+        "composition-featurizer": examples.build_featurizer(),
+        "composition-rf": examples.build_composition_rf(),
+        "diabetes-rf": examples.build_diabetes_rf(vectorized=True),
+        "diabetes-rf-plain": examples.build_diabetes_rf(vectorized=False, name="diabetes-rf-plain"),
+        "digits-cnn": examples.build_digits_cnn(),
+        "composition-pipeline": examples.build_pipeline(OWNER),
+    }
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "composition-rf.joblib").write_bytes(servables["composition-rf"].files["model.joblib"])
+    (model_dir / "diabetes-rf.joblib").write_bytes(servables["diabetes-rf-plain"].files["model.joblib"])
+    (model_dir / "digits-cnn.pt").write_bytes(servables["digits-cnn"].files["model.pt"])
+    return servables
+
+
+def diabetes_rows():
+    from sklearn.datasets import load_diabetes
+
+    return load_diabetes(return_X_y=True)[0]
+
+
+def inputs() -> dict:
+    """One JSON-able input per servable (dlhub gets numpy arrays where its servable wants them)."""
+    from sklearn.datasets import load_digits
+
+    from dlhub.executor.examples import featurize
+
+    return {
+        "noop": 1,
+        "composition-featurizer": "Fe2O3",
+        "composition-rf": [featurize("NaCl")],
+        "diabetes-rf": diabetes_rows()[0].tolist(),
+        "digits-cnn": (load_digits().images[:1] / 16.0).reshape(1, 1, 8, 8).tolist(),
+        "composition-pipeline": "Fe2O3",
+    }
+
+
+# ---- the systems: call(name, x) -> output, one thread-safe client each ------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class DlhubSystem:
+    """One `dlhub up` stack; ``cache``/``batched`` pick the dlhub-off or dlhub-on row."""
+
+    def __init__(self, home: Path, workers: int, servables: dict | None):
+        self.stack = Stack(home, workers)
+        self.stack.up()
+        if servables is not None:  # first start: publish (kept in the home's DB for restarts)
+            for name in [
+                "noop",
+                "composition-featurizer",
+                "composition-rf",
+                "diabetes-rf",
+                "diabetes-rf-plain",
+                "digits-cnn",
+                "composition-pipeline",
+            ]:
+                self.stack.client.publish(servables[name])
+        self.mode("on")
+
+    def mode(self, mode: str) -> None:
+        self.on = mode == "on"
+        self.ex = self.stack.ex.with_options(cache=self.on)
+
+    def call(self, name: str, x):
+        import numpy as np
+
+        if name in ("composition-rf", "digits-cnn"):
+            x = np.asarray(x, dtype=np.float32 if name == "digits-cnn" else np.float64)
+        elif name == "diabetes-rf" and not self.on:
+            return self.ex.submit(f"{OWNER}/diabetes-rf-plain", np.asarray([x])).result(TIMEOUT).tolist()[0]
+        elif name == "diabetes-rf-rows":
+            return self.ex.submit(f"{OWNER}/diabetes-rf-plain", np.asarray(x)).result(TIMEOUT).tolist()
+        out = self.ex.submit(f"{OWNER}/{name}", x).result(TIMEOUT)
+        return out.tolist() if hasattr(out, "tolist") else out
+
+    def close(self) -> None:
+        self.stack.down()
+
+
+class HtexSystem:
+    """Parsl HTEX (benchmarks/_systems.py); the task is a shipped function calling the model."""
+
+    def __init__(self, tmp: Path, workers: int, model_dir: Path):
+        from _systems import HtexSystem as Htex
+
+        self.htex = Htex(tmp, workers)
+        self.model_dir = str(model_dir)
+
+    def call(self, name: str, x):
+        return self.htex.ex.submit(
+            _htex_task, {}, str(PEERS_DIR), self.model_dir, str(EXAMPLES_PY), name, x
+        ).result(timeout=TIMEOUT)
+
+    def close(self) -> None:
+        self.htex.close()
+
+
+def _htex_task(peers_dir, model_dir, examples_py, name, x):
+    import os
+    import sys
+
+    os.environ["EVAL_EXAMPLES_PY"] = examples_py
+    if peers_dir not in sys.path:
+        sys.path.insert(0, peers_dir)
+    import models
+
+    return models.cached(model_dir)[name][0](x)
+
+
+class PeerSystem:
+    """A peer server: ``_peers/<system>_app.py PORT WORKERS BATCH MODEL_DIR`` in the peers venv."""
+
+    def __init__(self, system: str, tmp: Path, workers: int, batch: int, model_dir: Path):
+        import httpx
+
+        self.system, self.port = system, free_port()
+        self.log = tmp / f"{system}-{workers}-{batch}.log"
+        env = {
+            **os.environ,
+            "EVAL_EXAMPLES_PY": str(EXAMPLES_PY),
+            "EVAL_MODEL_DIR": str(model_dir),
+            "PYTHONPATH": str(PEERS_DIR),
+            "RAY_USAGE_STATS_ENABLED": "0",
+        }
+        env.pop("VIRTUAL_ENV", None)
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen(
+                [
+                    str(PEERS_PY),
+                    str(PEERS_DIR / f"{system}_app.py"),
+                    str(self.port),
+                    str(workers),
+                    str(batch),
+                    str(model_dir),
+                ],
+                cwd=PEERS_DIR,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+            )
+        self.local = threading.local()
+        self.httpx = httpx
+
+    def client(self):
+        c = getattr(self.local, "c", None)
+        if c is None:
+            c = self.local.c = self.httpx.Client(timeout=TIMEOUT)
+        return c
+
+    def call(self, name: str, x):
+        base = f"http://127.0.0.1:{self.port}"
+        c = self.client()
+        if self.system == "fastapi":
+            r = c.post(f"{base}/predict/{name}", json={"x": x})
+        elif self.system in ("litserve", "ray"):
+            r = c.post(f"{base}/predict", json={"name": name, "x": x})
+        else:  # mlserver, pytriton: KServe V2, one BYTES element holding the JSON input
+            body = {
+                "inputs": [
+                    {
+                        "name": "x",
+                        "shape": [1, 1] if self.system == "pytriton" else [1],
+                        "datatype": "BYTES",
+                        "data": [json.dumps(x)],
+                    }
+                ]
+            }
+            r = c.post(f"{base}/v2/models/{name}/infer", json=body)
+            r.raise_for_status()
+            data = r.json()["outputs"][0]["data"]
+            return json.loads(data[0])
+        r.raise_for_status()
+        return r.json()["y"]
+
+    def wait_ready(self, probe_name: str, probe_x, deadline_s: float = 240) -> None:
+        end = time.monotonic() + deadline_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"{self.system} exited {self.proc.returncode}:\n{self.log.read_text()[-2500:]}"
+                )
+            try:
+                self.call(probe_name, probe_x)
+                return
+            except Exception:  # noqa: BLE001 - not up yet
+                if time.monotonic() > end:
+                    raise RuntimeError(
+                        f"{self.system} not ready in {deadline_s}s:\n{self.log.read_text()[-2500:]}"
+                    )
+                time.sleep(0.05)
+
+    def close(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+        if self.system == "ray":  # ray's own daemons leave the process group
+            subprocess.run(
+                [str(PEERS_VENV / "bin" / "ray"), "stop", "--force"], capture_output=True, timeout=60
+            )
+
+
+# ---- the measurements ----------------------------------------------------------------------
+
+
+def serial_latency(call, name, x, n) -> dict:
+    for _ in range(max(3, n // 10)):
+        call(name, x)
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        call(name, x)
+        samples.append(time.perf_counter() - t0)
+    return stats(samples)
+
+
+def throughput(call, work: list, conc: int) -> float:
+    """``work`` = [(name, x)], run by ``conc`` threads; calls/s."""
+    it = iter(work)
+    lock = threading.Lock()
+    errors: list = []
+
+    def worker():
+        while True:
+            with lock:
+                item = next(it, None)
+            if item is None:
+                return
+            try:
+                call(*item)
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=worker) for _ in range(conc)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    took = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    return len(work) / took
+
+
+def memo_work(rows, share: float, n: int, seed: int = 0) -> list:
+    """n diabetes-rf calls; ``share`` of them repeat one input, the rest are all distinct."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        if rng.random() < share:
+            out.append(("diabetes-rf", rows[0].tolist()))
+        else:
+            row = rows[i % len(rows)] + (i + 1) * 1e-9 + seed * 1e-7  # distinct, same prediction path
+            out.append(("diabetes-rf", row.tolist()))
+    return out
+
+
+def measure_system(label, call, sizes, emit, ins, rows, verify):
+    for name in NAMES:
+        got = call(name, ins[name])
+        verify(label, name, got)
+        emit("latency", label, servable=name, **serial_latency(call, name, ins[name], sizes["latency"]))
+    for conc in sizes["concurrency"]:
+        work = [("diabetes-rf", rows[i % len(rows)].tolist()) for i in range(sizes["calls"])]
+        emit(
+            "throughput",
+            label,
+            servable="diabetes-rf",
+            concurrency=conc,
+            calls_per_s=round(throughput(call, work, conc), 1),
+        )
+    for b in sizes["batch_sizes"]:
+        x = [rows[i % len(rows)].tolist() for i in range(b)]
+        samples = []
+        for _ in range(sizes["batch_reps"]):
+            t0 = time.perf_counter()
+            out = call("diabetes-rf-rows", x)
+            samples.append(time.perf_counter() - t0)
+            assert len(out) == b, (label, b, len(out))
+        s = stats(samples)
+        emit("batch_sweep", label, rows=b, p50_ms=s["p50_ms"], per_row_us=round(s["p50_ms"] * 1e3 / b, 2))
+    for k, share in enumerate(sizes["memo_shares"]):
+        work = memo_work(rows, share, sizes["memo_calls"], seed=k + (17 if label.endswith("on") else 0))
+        emit("memo", label, share=share, calls_per_s=round(throughput(call, work, sizes["memo_conc"]), 1))
+
+
+def make_verifier(expected: dict, emit):
+    import numpy as np
+
+    def verify(label, name, got):
+        ok = (
+            np.allclose(
+                np.asarray(got, dtype=float).ravel(),
+                np.asarray(expected[name], dtype=float).ravel(),
+                rtol=1e-4,
+                atol=1e-6,
+            )
+            if name not in ("noop",)
+            else got == expected[name]
+        )
+        if not ok:
+            raise AssertionError(f"{label}/{name}: {got!r} != {expected[name]!r}")
+
+    return verify
+
+
+def ensure_peers_venv(emit) -> str | None:
+    if PEERS_PY.exists():
+        return None
+    t0 = time.perf_counter()
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(PEERS_VENV)], check=True, timeout=300)
+        subprocess.run(
+            [str(PEERS_PY), "-m", "pip", "install", "-q", "-r", str(HERE / "peers-requirements.txt")],
+            check=True,
+            timeout=1800,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        shutil.rmtree(PEERS_VENV, ignore_errors=True)
+        return f"creating {PEERS_VENV} failed: {exc!r}"
+    emit("peers_venv", "peers", install_s=round(time.perf_counter() - t0, 1))
+    return None
+
+
+def run(sizes: dict, systems: list[str], emit, tmp: Path) -> None:
+    model_dir = tmp / "models"
+    os.environ["EVAL_EXAMPLES_PY"] = str(EXAMPLES_PY)
+    servables = build_models(model_dir)
+    ins, rows = inputs(), diabetes_rows()
+    sys.path.insert(0, str(PEERS_DIR))
+    import models as local_models
+
+    table = local_models.load(str(model_dir))
+    expected = {name: table[name][0](ins[name]) for name in NAMES}
+    verify = make_verifier(expected, emit)
+    wc = sizes["workers_calls"]
+    wwork = [("diabetes-rf", rows[i % len(rows)].tolist()) for i in range(wc)]
+    probe = ("diabetes-rf", ins["diabetes-rf"])
+
+    if any(s in PEERS for s in systems):
+        error = ensure_peers_venv(emit)
+        if error:
+            for s in systems:
+                if s in PEERS:
+                    emit("error", s, error=error)
+            systems = [s for s in systems if s not in PEERS]
+
+    for system in systems:
+        try:
+            if system == "dlhub":
+                home = tmp / "dlhub-home"
+                home.mkdir()
+                try:
+                    DlhubSystem(home, 2, servables).close()  # publish once
+                    for workers in (2, 1):
+                        t0 = time.perf_counter()
+                        d = DlhubSystem(home, workers, None)
+                        try:
+                            d.call(*probe)
+                            emit(
+                                "cold_start",
+                                "dlhub",
+                                workers=workers,
+                                seconds=round(time.perf_counter() - t0, 2),
+                                note="dlhub up (manager, endpoint, workers) to the first diabetes-rf result",
+                            )
+                            for mode in ("off", "on"):
+                                d.mode(mode)
+                                label = f"dlhub-{mode}"
+                                if workers == 2:
+                                    measure_system(label, d.call, sizes, emit, ins, rows, verify)
+                                emit(
+                                    "workers",
+                                    label,
+                                    workers=workers,
+                                    concurrency=sizes["workers_conc"],
+                                    calls_per_s=round(throughput(d.call, wwork, sizes["workers_conc"]), 1),
+                                )
+                        finally:
+                            d.close()
+                finally:
+                    kill_marked(str(home))
+                continue
+            for workers in (2, 1):
+                variants = [("", 1)]
+                if system in ("litserve", "ray", "mlserver", "pytriton"):
+                    variants.append(("-batch", sizes["batch"]))
+                for suffix, batch in variants:
+                    label = system + suffix
+                    t0 = time.perf_counter()
+                    if system == "htex":
+                        s = HtexSystem(tmp / f"htex-{workers}", workers, model_dir)
+                        s.call(*probe)
+                    else:
+                        s = PeerSystem(system, tmp, workers, batch, model_dir)
+                    try:
+                        if system != "htex":
+                            s.wait_ready(*probe)
+                        emit("cold_start", label, workers=workers, seconds=round(time.perf_counter() - t0, 2))
+                        if workers == 2:
+                            measure_system(label, s.call, sizes, emit, ins, rows, verify)
+                        emit(
+                            "workers",
+                            label,
+                            workers=workers,
+                            concurrency=sizes["workers_conc"],
+                            calls_per_s=round(throughput(s.call, wwork, sizes["workers_conc"]), 1),
+                        )
+                    finally:
+                        s.close()
+        except Exception as exc:  # noqa: BLE001 - this system failed; the others still run
+            traceback.print_exc()
+            emit("error", system, error=f"{type(exc).__name__}: {exc}"[-2500:])
+
+
+# ---- summary and plots ---------------------------------------------------------------------
+
+
+def summary(records: list[dict]) -> str:
+    lines = ["Evaluation against peers (ratios: system / dlhub-on, same run)"]
+    lat = [r for r in records if r["metric"] == "latency"]
+    base = {r["servable"]: r["p50_ms"] for r in lat if r["system"] == "dlhub-on"}
+    systems = list(dict.fromkeys(r["system"] for r in lat))
+    lines.append("p50 ms per servable (x dlhub-on):")
+    lines.append("  " + "system".ljust(16) + "".join(n[:14].rjust(16) for n in NAMES))
+    for s in systems:
+        row = "  " + s.ljust(16)
+        for n in NAMES:
+            v = next((r["p50_ms"] for r in lat if r["system"] == s and r["servable"] == n), None)
+            b = base.get(n)
+            row += (f"{v:.2f} ({v / b:.1f}x)" if v is not None and b else "-").rjust(16)
+        lines.append(row)
+    for metric, key, field in (
+        ("throughput", "concurrency", "calls_per_s"),
+        ("memo", "share", "calls_per_s"),
+        ("workers", "workers", "calls_per_s"),
+        ("batch_sweep", "rows", "per_row_us"),
+        ("cold_start", "workers", "seconds"),
+    ):
+        recs = [r for r in records if r["metric"] == metric]
+        if not recs:
+            continue
+        lines.append(f"{metric} ({field} by {key}):")
+        for s in dict.fromkeys(r["system"] for r in recs):
+            lines.append(
+                "  " + s.ljust(16) + "  ".join(f"{r[key]}: {r[field]}" for r in recs if r["system"] == s)
+            )
+    for r in records:
+        if r["metric"] == "error":
+            lines.append(f"FAILED {r['system']}: {r['error'].splitlines()[0][:300]}")
+    return "\n".join(lines)
+
+
+def plots(records: list[dict], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    def series(metric, key, field):
+        recs = [r for r in records if r["metric"] == metric]
+        return {
+            s: ([r[key] for r in recs if r["system"] == s], [r[field] for r in recs if r["system"] == s])
+            for s in dict.fromkeys(r["system"] for r in recs)
+        }
+
+    lat = [r for r in records if r["metric"] == "latency"]
+    if lat:
+        systems = list(dict.fromkeys(r["system"] for r in lat))
+        fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+        for ax, field in zip(axes, ("p50_ms", "p99_ms")):
+            w = 0.8 / len(systems)
+            for i, s in enumerate(systems):
+                vals = [
+                    next((r[field] for r in lat if r["system"] == s and r["servable"] == n), 0) for n in NAMES
+                ]
+                ax.bar([j + i * w for j in range(len(NAMES))], vals, w, label=s)
+            ax.set_xticks([j + 0.4 - w / 2 for j in range(len(NAMES))], NAMES, rotation=30, ha="right")
+            ax.set_yscale("log")
+            ax.set_ylabel(f"{field} (log)")
+            ax.set_title(f"serial {field} per servable")
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "eval-latency.png", dpi=90)
+        plt.close(fig)
+        written.append("eval-latency.png")
+    for metric, key, field, xlog, fname, title in (
+        (
+            "throughput",
+            "concurrency",
+            "calls_per_s",
+            True,
+            "eval-throughput.png",
+            "diabetes-rf calls/s vs concurrent callers",
+        ),
+        (
+            "batch_sweep",
+            "rows",
+            "per_row_us",
+            True,
+            "eval-batching.png",
+            "diabetes-rf: us per row vs rows per call",
+        ),
+        (
+            "memo",
+            "share",
+            "calls_per_s",
+            False,
+            "eval-memo.png",
+            "diabetes-rf calls/s vs share of repeated inputs",
+        ),
+        ("workers", "workers", "calls_per_s", False, "eval-workers.png", "diabetes-rf calls/s vs workers"),
+        (
+            "cold_start",
+            "workers",
+            "seconds",
+            False,
+            "eval-cold-start.png",
+            "seconds from launch to first prediction",
+        ),
+    ):
+        data = series(metric, key, field)
+        if not data:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for s, (xs, ys) in data.items():
+            ax.plot(xs, ys, marker="o", label=s)
+        if xlog:
+            ax.set_xscale("log", base=2)
+        if metric in ("batch_sweep", "throughput"):
+            ax.set_yscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylabel(field)
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=90)
+        plt.close(fig)
+        written.append(fname)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes (CI smoke run, ~3 min)")
+    parser.add_argument(
+        "--systems", default=",".join(ALL_SYSTEMS), help="comma-separated subset of " + ",".join(ALL_SYSTEMS)
+    )
+    parser.add_argument("--plots", help="write PNG figures to this folder (matplotlib from either venv)")
+    parser.add_argument("--from-json", help="only plot/summarize an earlier run's JSON lines file")
+    args = parser.parse_args(argv)
+    records: list[dict] = []
+    if args.from_json:
+        records = [
+            json.loads(line) for line in Path(args.from_json).read_text().splitlines() if line.startswith("{")
+        ]
+    else:
+
+        def emit(metric, system, **fields):
+            record = {"bench": "evaluation", "system": system, "metric": metric, **fields}
+            print(json.dumps(record, separators=(",", ":")), flush=True)
+            records.append(record)
+
+        systems = [s for s in args.systems.split(",") if s]
+        tmp = Path(tempfile.mkdtemp(prefix="bench-evaluation-"))
+        t0 = time.perf_counter()
+        try:
+            run(dict(QUICK if args.quick else FULL), systems, emit, tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        emit("run", "all", wall_s=round(time.perf_counter() - t0, 1), quick=args.quick)
+    if args.plots:
+        try:
+            print("plots:", plots(records, Path(args.plots)))
+        except ImportError:  # matplotlib lives in the peers venv: plot from there
+            subprocess.run(
+                [str(PEERS_PY), __file__, "--from-json", "/dev/stdin", "--plots", args.plots],
+                input="\n".join(json.dumps(r) for r in records),
+                text=True,
+                check=False,
+            )
+    print()
+    print(summary(records))
+    return 1 if any(r["metric"] == "error" and r["system"].startswith("dlhub") for r in records) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
