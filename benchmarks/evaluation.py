@@ -321,11 +321,12 @@ class PeerSystem:
 # ---- the measurements ----------------------------------------------------------------------
 
 
-def serial_latency(call, name, x, n) -> dict:
+def serial_latency(call, name, varied, counter, n) -> dict:
     for _ in range(max(3, n // 10)):
-        call(name, x)
+        call(name, varied.get(name, next(counter)))
     samples = []
     for _ in range(n):
+        x = varied.get(name, next(counter))
         t0 = time.perf_counter()
         call(name, x)
         samples.append(time.perf_counter() - t0)
@@ -370,18 +371,49 @@ def memo_work(rows, share: float, n: int, seed: int = 0) -> list:
         if rng.random() < share:
             out.append(("diabetes-rf", rows[0].tolist()))
         else:
-            row = rows[i % len(rows)] + (i + 1) * 1e-9 + seed * 1e-7  # distinct, same prediction path
+            row = rows[i % len(rows)] - (i + 1) * 1e-9 - seed * 1e-5  # distinct from every other call
             out.append(("diabetes-rf", row.tolist()))
     return out
 
 
-def measure_system(label, call, sizes, emit, ins, rows, verify):
+class Varied:
+    """Distinct inputs per call (``get(name, i)``), so that no figure but ``memo`` is a cache hit:
+    formulas cycle through examples' binary formulas, numbers move by a tiny offset."""
+
+    def __init__(self, ins: dict, rows):
+        import numpy as np
+
+        from dlhub.executor.examples import _binary_formulas, featurize
+
+        self.np, self.rows = np, rows
+        self.counter = iter(range(10**9))
+        self.formulas = _binary_formulas(4096, seed=7)
+        self.features = [featurize(f) for f in self.formulas]
+        self.image = np.asarray(ins["digits-cnn"], dtype=np.float64)
+
+    def get(self, name: str, i: int):
+        if name == "noop":
+            return i
+        if name in ("composition-featurizer", "composition-pipeline"):
+            return self.formulas[i % len(self.formulas)]
+        if name == "composition-rf":
+            return [[v + i * 1e-9 for v in self.features[i % len(self.features)]]]
+        if name == "diabetes-rf":
+            return self.row(i)
+        return (self.image + (i % 997) * 1e-6).tolist()
+
+    def row(self, i: int) -> list:
+        return (self.rows[i % len(self.rows)] + (i + 1) * 1e-9).tolist()
+
+
+def measure_system(label, call, sizes, emit, ins, rows, verify, varied):
+    counter = varied.counter  # one count for the whole run: no input is ever sent twice
     for name in NAMES:
         got = call(name, ins[name])
         verify(label, name, got)
-        emit("latency", label, servable=name, **serial_latency(call, name, ins[name], sizes["latency"]))
+        emit("latency", label, servable=name, **serial_latency(call, name, varied, counter, sizes["latency"]))
     for conc in sizes["concurrency"]:
-        work = [("diabetes-rf", rows[i % len(rows)].tolist()) for i in range(sizes["calls"])]
+        work = [("diabetes-rf", varied.row(next(counter))) for _ in range(sizes["calls"])]
         emit(
             "throughput",
             label,
@@ -390,9 +422,9 @@ def measure_system(label, call, sizes, emit, ins, rows, verify):
             calls_per_s=round(throughput(call, work, conc), 1),
         )
     for b in sizes["batch_sizes"]:
-        x = [rows[i % len(rows)].tolist() for i in range(b)]
         samples = []
         for _ in range(sizes["batch_reps"]):
+            x = [varied.row(next(counter)) for _ in range(b)]
             t0 = time.perf_counter()
             out = call("diabetes-rf-rows", x)
             samples.append(time.perf_counter() - t0)
@@ -454,7 +486,11 @@ def run(sizes: dict, systems: list[str], emit, tmp: Path) -> None:
     expected = {name: table[name][0](ins[name]) for name in NAMES}
     verify = make_verifier(expected, emit)
     wc = sizes["workers_calls"]
-    wwork = [("diabetes-rf", rows[i % len(rows)].tolist()) for i in range(wc)]
+    varied = Varied(ins, rows)
+
+    def wwork():  # fresh inputs for each workers figure
+        return [("diabetes-rf", varied.row(next(varied.counter))) for _ in range(wc)]
+
     probe = ("diabetes-rf", ins["diabetes-rf"])
 
     if any(s in PEERS for s in systems):
@@ -488,13 +524,13 @@ def run(sizes: dict, systems: list[str], emit, tmp: Path) -> None:
                                 d.mode(mode)
                                 label = f"dlhub-{mode}"
                                 if workers == 2:
-                                    measure_system(label, d.call, sizes, emit, ins, rows, verify)
+                                    measure_system(label, d.call, sizes, emit, ins, rows, verify, varied)
                                 emit(
                                     "workers",
                                     label,
                                     workers=workers,
                                     concurrency=sizes["workers_conc"],
-                                    calls_per_s=round(throughput(d.call, wwork, sizes["workers_conc"]), 1),
+                                    calls_per_s=round(throughput(d.call, wwork(), sizes["workers_conc"]), 1),
                                 )
                         finally:
                             d.close()
@@ -518,13 +554,13 @@ def run(sizes: dict, systems: list[str], emit, tmp: Path) -> None:
                             s.wait_ready(*probe)
                         emit("cold_start", label, workers=workers, seconds=round(time.perf_counter() - t0, 2))
                         if workers == 2:
-                            measure_system(label, s.call, sizes, emit, ins, rows, verify)
+                            measure_system(label, s.call, sizes, emit, ins, rows, verify, varied)
                         emit(
                             "workers",
                             label,
                             workers=workers,
                             concurrency=sizes["workers_conc"],
-                            calls_per_s=round(throughput(s.call, wwork, sizes["workers_conc"]), 1),
+                            calls_per_s=round(throughput(s.call, wwork(), sizes["workers_conc"]), 1),
                         )
                     finally:
                         s.close()

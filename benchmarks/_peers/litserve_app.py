@@ -22,7 +22,7 @@ class API(ls.LitAPI):
             return self.models[x[0]][0](x[1])
         out = [None] * len(x)  # a batch: one model call per servable named in it
         groups = {}
-        for i, (name, value) in enumerate(x):
+        for i, (name, _value) in enumerate(x):
             groups.setdefault(name, []).append(i)
         for name, idx in groups.items():
             for i, y in zip(idx, self.models[name][1]([x[i][1] for i in idx])):
