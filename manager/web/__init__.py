@@ -32,6 +32,11 @@ MAX_SESSIONS = 10_000
 SESSION_TTL_S = 12 * 3600
 MAX_SIGNIN_BYTES = 4096
 PAGE_SIZE = 20
+FIGURE_TASKS = 1000  # a servable page's latency figures: its last this many tasks
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
 class Sessions:
@@ -300,6 +305,53 @@ class History:
         }
 
 
+def offline_docs(app: Any) -> None:
+    """/docs and /redoc with swagger-ui and redoc served from the package fastapi-offline (MIT),
+    not FastAPI's default CDN: login nodes and air-gapped sites have no internet."""
+    import fastapi_offline
+    from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+
+    assets = Path(fastapi_offline.__file__).parent / "static"
+    cdn = ("/docs", "/redoc")
+    app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) not in cdn]
+    app.mount("/docs-assets", StaticFiles(directory=assets), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def swagger():
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url,
+            title=f"{app.title} API",
+            oauth2_redirect_url=app.swagger_ui_oauth2_redirect_url,
+            swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs-assets/swagger-ui.css",
+            swagger_favicon_url="/docs-assets/favicon.png",
+        )
+
+    redoc_js: list[bytes] = []
+
+    @app.get("/docs-redoc.js", include_in_schema=False)
+    def redoc_script():
+        """redoc's bundle with its one off-host URL (the "powered by" logo) made local."""
+        from fastapi.responses import Response
+
+        if not redoc_js:
+            text = (assets / "redoc.standalone.js").read_bytes()
+            logo = b"https://cdn.redoc.ly/redoc/logo-mini.svg"
+            redoc_js.append(text.replace(logo, b"/docs-assets/favicon.png"))
+        return Response(redoc_js[0], media_type="application/javascript")
+
+    @app.get("/redoc", include_in_schema=False)
+    def redoc():
+        return get_redoc_html(
+            openapi_url=app.openapi_url,
+            title=f"{app.title} API",
+            redoc_js_url="/docs-redoc.js",
+            redoc_favicon_url="/docs-assets/favicon.png",
+            with_google_fonts=False,
+        )
+
+
 # ---- the routes --------------------------------------------------------------------------------
 
 
@@ -327,6 +379,7 @@ def install(app: Any, api: dict[str, Any]) -> None:
 
     app.add_middleware(SessionCookies, sessions=sessions, check_token=auth.check)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="web-static")
+    offline_docs(app)
 
     def who_of(request: Request) -> tuple[tuple[str, str], str | None]:
         """(user, role) of the session (anonymous without one), and its CSRF token."""
@@ -410,44 +463,50 @@ def install(app: Any, api: dict[str, Any]) -> None:
 
     # ---- a servable
 
-    def servable_figures(ref: str, who: tuple[str, str]) -> dict[str, Any] | None:
-        if servables is None:
-            return None
-        try:
-            status = servables.visible_status(servables.status(), api["viewer_of"](who))
-        except Exception:
-            return None
-        calls = p50 = p99 = hits = lookups = 0.0
-        batches: dict[str, float] = {}
-        found = False
-        for ep in status.get("endpoints", {}).values():
-            per = ((ep.get("info") or {}).get("servables") or {}).get(ref) or (ep.get("servables") or {}).get(
-                ref
-            )
-            if not per:
-                continue
-            found = True
-            calls += per.get("calls", per.get("count", 0)) or 0
-            p50 = max(p50, per.get("p50_ms", 0) or 0)
-            p99 = max(p99, per.get("p99_ms", 0) or 0)
-            hits += per.get("cache_hits", 0) or 0
-            lookups += (per.get("cache_hits", 0) or 0) + (per.get("cache_misses", 0) or 0)
-            for size, n in (per.get("batch_sizes") or {}).items():
-                batches[str(size)] = batches.get(str(size), 0) + n
-        if not found:
-            return {"calls": 0}
-        return {
-            "calls": calls,
-            "p50_ms": p50,
-            "p99_ms": p99,
-            "cache_hit_rate": round(hits / lookups, 3) if lookups else None,
-            "plot": svg_bars([("p50 ms", p50), ("p99 ms", p99)])
-            + (
-                svg_bars(sorted(batches.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else 0))
-                if batches
-                else ""
-            ),
+    def servable_figures(ref: str, who: tuple[str, str]) -> dict[str, Any]:
+        """Calls and latency (the last ``FIGURE_TASKS`` tasks that named this servable), and the
+        endpoints' per-servable counts (batches, output cache) from ``Manager.status()``."""
+        from dlhub.protocol import messages as m
+
+        from ..schema import versions_table
+
+        t, v = tasks_table, versions_table
+        owner, name = ref.split("/", 1)
+        digests = sa.select(m.RUN_PREFIX + v.c.digest).where(v.c.owner == owner, v.c.name == name)
+        with engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(t.c.t_started, t.c.t_finished, t.c.state)
+                .where(t.c.function.in_(digests))
+                .order_by(t.c.t_received.desc())
+                .limit(FIGURE_TASKS)
+            ).all()
+        latencies = sorted((r.t_finished - r.t_started) * 1000 for r in rows if r.t_started and r.t_finished)
+        figures: dict[str, Any] = {
+            "calls": len(rows),
+            "failed": sum(1 for r in rows if r.state in ("failed", "timeout", "lost")),
+            "p50_ms": round(_quantile(latencies, 0.5), 2) if latencies else None,
+            "p99_ms": round(_quantile(latencies, 0.99), 2) if latencies else None,
         }
+        hits = misses = batches = batched = 0
+        if servables is not None:
+            try:
+                status = servables.visible_status(servables.status(), api["viewer_of"](who))
+            except Exception:
+                status = {"endpoints": {}}
+            for ep in status.get("endpoints", {}).values():
+                for label, per in ((ep.get("info") or {}).get("servables") or {}).items():
+                    if label.split(":")[0] == ref and isinstance(per, dict):
+                        hits += per.get("output_cache_hits", 0) or 0
+                        misses += per.get("output_cache_misses", 0) or 0
+                        batches += per.get("batches", 0) or 0
+                        batched += per.get("batched_calls", 0) or 0
+        figures["cache_hit_rate"] = round(hits / (hits + misses), 3) if hits + misses else None
+        figures["mean_batch"] = round(batched / batches, 2) if batches else None
+        bars = [("p50 ms", figures["p50_ms"] or 0), ("p99 ms", figures["p99_ms"] or 0)]
+        if figures["mean_batch"]:
+            bars.append(("mean batch", figures["mean_batch"]))
+        figures["plot"] = svg_bars(bars) if latencies else ""
+        return figures
 
     def servable_view(request: Request, owner: str, name: str, version: int | None, **extra: Any):
         who, _ = who_of(request)
@@ -647,13 +706,13 @@ def install(app: Any, api: dict[str, Any]) -> None:
             status = await asyncio.to_thread(endpoints_status, who)
         except ApiError as exc:
             return error_page(request, exc.status, exc.code, exc.message)
-        return render(request, "endpoints.html", status=status, plot=svg_lines(history.series()))
+        return render(request, "endpoints.html", snapshot=status, plot=svg_lines(history.series()))
 
     @app.get("/endpoints.json", include_in_schema=False)
     async def endpoints_json(request: Request):
         who, _ = who_of(request)
         status = await asyncio.to_thread(endpoints_status, who)
         fragment = env.get_template("endpoints_body.html").render(
-            status=status, plot=svg_lines(history.series())
+            snapshot=status, plot=svg_lines(history.series())
         )
         return JSONResponse({"status": json.loads(json.dumps(status, default=str)), "html": fragment})
