@@ -307,10 +307,20 @@ class PolicyConfig(_Frozen):
 
 class ImageCacheConfig(_Frozen):
     """The endpoint's image cache (``endpoint/images.py``, under ``endpoints/NAME/images/``):
-    a disk budget with LRU eviction of entries no running pool uses. (``images:`` is kept for
-    the site catalogue of image names, issue 12 item 3.)"""
+    a disk budget with LRU eviction of entries no running pool uses. (``images:`` is the site
+    catalogue of image names.) ``allow_pull``: a servable's ``docker://``/``oras://``/
+    ``library://`` container may be fetched into the cache (false: only catalogue entries and
+    local images; a servable naming a registry image fails its verification)."""
 
     budget_gb: Annotated[float, Field(gt=0, le=1_000_000)] = 20.0
+    allow_pull: bool = True
+
+    @field_validator("allow_pull", mode="before")
+    @classmethod
+    def _strict_bool(cls, value: Any) -> Any:
+        if not isinstance(value, bool):
+            raise ValueError(f"must be true or false, got {value!r}")
+        return value
 
 
 class EndpointConfig(_Frozen):
@@ -334,6 +344,26 @@ class EndpointConfig(_Frozen):
     worker_cache: WorkerCacheConfig = WorkerCacheConfig()
     policy: PolicyConfig = PolicyConfig()
     image_cache: ImageCacheConfig = ImageCacheConfig()
+    # the site catalogue: a servable's container (site:NAME, or an image URI) -> a local image
+    # (an absolute path) or an image reference the pool's runtime runs (URI, podman/docker name)
+    images: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("images")
+    @classmethod
+    def _catalogue(cls, images: dict[str, str]) -> dict[str, str]:
+        from dlhub.protocol.servable import check_container
+
+        for name, image in images.items():
+            try:
+                check_container(name)
+            except ValueError as exc:
+                hint = ""
+                if ":" not in name and "/" not in name:
+                    hint = f" (did you mean 'site:{name}'?)"
+                raise ValueError(f"images key {name!r}: {exc}{hint}") from None
+            if not isinstance(image, str) or not image.strip():
+                raise ValueError(f"images[{name!r}]: needs an image (an absolute path or an image URI)")
+        return images
 
     def all_pools(self) -> dict[str, NamedPoolConfig]:
         """Every pool, the default one first."""

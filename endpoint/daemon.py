@@ -383,7 +383,8 @@ class Endpoint:
                 now = time.monotonic()
                 found, learned = self.packages.from_disk(ins.digests, now)
                 if found:  # kept on disk from an earlier fetch: no need to ask
-                    self._carry_out(self.scheduler.handle(*learned, ev.CodeFound(now, found)))
+                    checks = self._image_checks(found, now)
+                    self._carry_out(self.scheduler.handle(*learned, *checks, ev.CodeFound(now, found)))
                 rest = [d for d in ins.digests if d not in found]
                 if rest:
                     self._to_manager(m.CodeRequest(rest))
@@ -396,6 +397,28 @@ class Endpoint:
                 self._send_worker(ins.pool_identity, m.KillWorker(ins.worker_id, ins.reason))
             elif kind is ev.PoolDropped:
                 log.warning("pool %s lost (missed heartbeats); its tasks were re-queued", ins.pool_id)
+
+    def _image_checks(self, blobs: dict[str, bytes], now: float) -> list[ev.Event]:
+        """ImageUnavailable for each servable package whose container this endpoint cannot run."""
+        from dlhub.protocol.servable import PACKAGE_HEADER, unpack_package
+
+        out: list[ev.Event] = []
+        for function, blob in blobs.items():
+            package = m.package_key(function)
+            if package is None or not blob or blob[0] != PACKAGE_HEADER:
+                continue
+            try:
+                container = unpack_package(blob)[0].container
+            except Exception:  # a bad package fails its tasks at the worker, with the reason
+                continue
+            if container is not None:
+                from .images import servable_image_problem
+
+                problem = servable_image_problem(container, self.config)
+                if problem is not None:
+                    log.warning("servable package %s: %s", package[:12], problem)
+                    out.append(ev.ImageUnavailable(now, package, problem))
+        return out
 
     def _to_manager(self, msg: m.Message) -> None:
         """Send without ever blocking. With no connection to the manager (its handshake refused
@@ -562,6 +585,7 @@ class Endpoint:
             self._events.append(ev.TasksArrived(now, fresh))
         elif isinstance(msg, m.Code):
             self._events += self.packages.keep(msg.blobs, now)  # servables' policies first
+            self._events += self._image_checks(msg.blobs, now)  # images before tasks are queued
             self._events.append(ev.CodeArrived(now, msg.blobs))
         elif isinstance(msg, m.Accepted):
             for task_id in msg.task_ids:

@@ -65,6 +65,16 @@ class ServableLearned(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class ImageUnavailable(Event):
+    """A servable package names a container this endpoint cannot provide (no catalogue entry, a
+    missing file, pulls not allowed, a failed pull): its tasks (verify: and servable:) fail with
+    the reason, so a servable that cannot run here never becomes ``ready``."""
+
+    package: str  # the record digest (m.package_key of its functions)
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class PoolJoined(Event):
     identity: bytes
     pool_id: str

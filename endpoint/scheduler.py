@@ -129,6 +129,8 @@ class Scheduler:
         self.code: OrderedDict[str, bytes] = OrderedDict()
         self.code_bytes = 0
         self.waiting_code: dict[str, list[bytes]] = {}
+        # package digest -> error record: servables whose container this endpoint cannot provide
+        self.image_errors: dict[str, list] = {}
         # code requests sent to the manager and not yet answered, oldest first: a reply settles
         # only the digests its own request asked for (the manager answers in order)
         self.code_asked: deque[frozenset[str]] = deque()
@@ -286,6 +288,8 @@ class Scheduler:
                 self.held_by_pool[pool] = self.held_by_pool.get(pool, 0) + 1
                 t.pool = pool
             digest = rec[m.T_FUNCTION]
+            if self.image_errors and self._image_failed(task_id):
+                continue
             if digest in self.code:
                 self._enqueue(pool, task_id)
             else:
@@ -302,10 +306,28 @@ class Scheduler:
             for task_id in self.waiting_code.pop(digest, ()):
                 t = self.tasks.get(task_id)
                 if t is not None:
+                    if self.image_errors and self._image_failed(task_id):
+                        continue
                     self._enqueue(t.pool, task_id)
         while self.code_bytes > CODE_CACHE_BYTES and len(self.code) > 1:
             digest, blob = self.code.popitem(last=False)
             self.code_bytes -= len(blob)
+
+    def image_unavailable(self, package: str, reason: str) -> None:
+        """A servable's container cannot be provided here: its tasks waiting for the package fail
+        now, later ones at arrival (bare tasks and other servables are not looked at)."""
+        self.image_errors[package] = errors.infra_error("image", reason)
+        for function in (m.RUN_PREFIX + package, m.VERIFY_PREFIX + package):
+            for task_id in self.waiting_code.pop(function, ()):
+                if task_id in self.tasks:
+                    self._fail(task_id, self.image_errors[package])
+
+    def _image_failed(self, task_id: bytes) -> bool:
+        package = m.package_key(self.tasks[task_id].record[m.T_FUNCTION])
+        error = self.image_errors.get(package) if package is not None else None
+        if error is not None:
+            self._fail(task_id, error)
+        return error is not None
 
     def _wait_for_code(self, task_id: bytes) -> None:
         """Park a task until its function's code is here: a new task of unseen code, or one whose
@@ -802,6 +824,7 @@ _HANDLERS: dict[type, Callable[[Scheduler, Any, list], None]] = {
     ev.CodeFound: lambda s, e, out: s.add_code(e.blobs),
     ev.ManagerSession: lambda s, e, out: s.code_link_reset(),
     ev.ServableLearned: lambda s, e, out: s.set_batching(e.function, e.policy, e.label),
+    ev.ImageUnavailable: lambda s, e, out: s.image_unavailable(e.package, e.reason),
     ev.PoolJoined: Scheduler._on_pool_joined,
     ev.WorkerJoined: lambda s, e, out: s.add_worker(e.identity, e.worker_id, e.pool_id, e.pool_name),
     ev.WorkerResults: Scheduler._on_results,

@@ -215,6 +215,8 @@ def register(main: click.Group) -> None:
             click.echo(f"  steps: {' -> '.join(rec['steps'])}")
         if rec.get("requirements"):
             click.echo(f"  requirements: {', '.join(rec['requirements'])}")
+        if rec.get("container"):
+            click.echo(f"  container: {rec['container']}")
         click.echo(f"  examples: {len(rec.get('examples', []))}   deterministic: {rec.get('deterministic')}")
         click.echo("  versions: " + ", ".join(f"{v['version']} ({v['status']})" for v in info["versions"]))
         if info.get("visibility"):

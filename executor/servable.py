@@ -137,6 +137,7 @@ class Servable:
         batching: dict[str, Any] | None = None,
         steps: Sequence[str] = (),
         visibility: str | None = None,
+        container: str | None = None,
     ) -> Servable:
         record: dict[str, Any] = {
             "name": name,
@@ -161,6 +162,8 @@ class Servable:
             "vectorized": vectorized,
             "batching": dict(batching) if batching is not None else None,
         }
+        if container is not None:  # left out when None: the record (and digest) as before
+            record["container"] = container
         if output is not None:
             record["output"] = output
         servable = cls(record, files, visibility)

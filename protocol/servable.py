@@ -142,6 +142,13 @@ class ServableRecord(_Strict):
     deterministic: bool = False  # same inputs, same output: results may be cached
     vectorized: bool = False  # takes a list of inputs, returns a list of outputs
     batching: BatchPolicy | None = None  # for vectorized servables (endpoint config may override)
+    # the environment it runs in: a site image name (site:NAME, mapped by the endpoint's ``images:``
+    # catalogue), an image URI (docker://, oras://, library://, file://) or an absolute path on the
+    # endpoint; None: the pool's own container (or none). Left out of the digest when None, so
+    # records without a container keep their digest (and schema version 2: the field has a default).
+    container: str | None = Field(
+        None, description="site:NAME, docker://, oras://, library://, file:///path or /path"
+    )
 
     @field_validator("name")
     @classmethod
@@ -199,6 +206,13 @@ class ServableRecord(_Strict):
                 raise ValueError(f"{text!r} is not a pip requirement specifier ({exc})") from None
         return requirements
 
+    @field_validator("container")
+    @classmethod
+    def _container(cls, container: str | None) -> str | None:
+        if container is not None:
+            check_container(container)
+        return container
+
     @model_validator(mode="after")
     def _batching_needs_vectorized(self):
         if self.batching is not None and not self.vectorized:
@@ -210,6 +224,35 @@ class ServableRecord(_Strict):
         """``owner/name:version`` once published, else ``name``."""
         base = f"{self.owner}/{self.name}" if self.owner else self.name
         return f"{base}:{self.version}" if self.version else base
+
+
+CONTAINER_SCHEMES = ("docker://", "oras://", "library://", "file://")
+_SITE_IMAGE = re.compile(r"^site:[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+
+
+def check_container(container: Any) -> str:
+    """A servable's container reference, or ValueError saying what forms are accepted."""
+    if not isinstance(container, str) or not container.strip() or container != container.strip():
+        raise ValueError(f"container must be a non-empty string without spaces around, got {container!r}")
+    if container.startswith("site:"):
+        if not _SITE_IMAGE.match(container):
+            raise ValueError(
+                f"{container!r}: a site image is site:NAME (letters, digits, '.', '_', ':', '-')"
+            )
+        return container
+    for scheme in CONTAINER_SCHEMES:
+        if container.startswith(scheme):
+            rest = container[len(scheme) :]
+            if not rest or (scheme == "file://" and not rest.startswith("/")):
+                needs = "an absolute path" if scheme == "file://" else "an image after it"
+                raise ValueError(f"{container!r}: {scheme} needs {needs}")
+            return container
+    if container.startswith("/"):
+        return container
+    raise ValueError(
+        f"{container!r} is not a container: use site:NAME, docker://, oras://, library://, "
+        "file:///path or an absolute path"
+    )
 
 
 # schema version -> function that turns a record dict of the version before into this one
@@ -286,7 +329,10 @@ def record_digest(record: ServableRecord) -> str:
     import hashlib
     import json
 
-    canonical = json.dumps(record.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    data = record.model_dump(mode="json")
+    if data.get("container") is None:  # added later: records without one keep their digest
+        data.pop("container", None)
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 

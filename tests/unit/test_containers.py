@@ -366,3 +366,95 @@ def test_worker_env_is_explicit(monkeypatch):
     }
     env = c.worker_env("w.0.1", None, {})  # no per-worker device: the pool's own setting passes
     assert env["CUDA_VISIBLE_DEVICES"] == "5" and "UNRELATED" not in env
+
+
+# ---- images per servable: the record field, the site catalogue, what verification refuses ------
+
+
+def _record(**extra):
+    from dlhub.executor.servable import Servable
+
+    def f(x):
+        return x
+
+    return Servable.from_function(f, name="f", title="F", authors=["Doe, Jane"], **extra)
+
+
+def test_a_servable_names_its_container_and_records_without_one_keep_their_digest():
+    from dlhub.protocol.servable import RecordError, parse_record, record_digest
+
+    plain = _record()
+    assert "container" not in plain.record
+    rec = plain.validate()
+    assert rec.container is None
+    # the digest of a record without a container is the one computed before the field existed
+    import hashlib
+    import json
+
+    old = rec.model_dump(mode="json")
+    old.pop("container")
+    expected = hashlib.sha256(json.dumps(old, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    assert record_digest(rec) == expected
+    for good in (
+        "site:materials-2025",
+        "docker://python:3.11-slim",
+        "oras://ghcr.io/x/y:1",
+        "library://a/b/c",
+        "file:///sw/x.sif",
+        "/sw/images/mat.sif",
+    ):
+        named = _record(container=good).validate()
+        assert named.container == good and record_digest(named) != expected
+        assert parse_record(named.model_dump(mode="json")).container == good
+    for bad in ("python:3.11", "site:", "docker://", "file://rel/x.sif", "materials", " /x.sif"):
+        try:
+            _record(container=bad)
+        except RecordError as exc:
+            assert "container" in str(exc)
+        else:
+            raise AssertionError(f"{bad!r} was accepted")
+
+
+def _config(tmp_path, **extra):
+    from dlhub.endpoint.config import parse_config
+
+    data = {"name": "ep", "manager": {"address": "tcp://127.0.0.1:1", "token": "t"}, **extra}
+    return parse_config(data)
+
+
+def test_the_site_catalogue_is_validated_and_names_a_typo(tmp_path):
+    from dlhub.endpoint.config import ConfigError
+
+    cfg = _config(tmp_path, images={"site:materials-2025": "/sw/images/mat.sif"})
+    assert cfg.images == {"site:materials-2025": "/sw/images/mat.sif"}
+    assert cfg.image_cache.allow_pull is True
+    try:
+        _config(tmp_path, images={"materials-2025": "/sw/images/mat.sif"})
+    except ConfigError as exc:
+        assert "images" in str(exc) and "site:materials-2025" in str(exc)
+    else:
+        raise AssertionError("a key without site: was accepted")
+    try:
+        _config(tmp_path, image_cache={"allow_pull": "yes"})
+    except ConfigError as exc:
+        assert "allow_pull" in str(exc)
+    else:
+        raise AssertionError("allow_pull: 'yes' was accepted")
+
+
+def test_servable_image_problem_gives_the_reason_or_none(tmp_path):
+    from dlhub.endpoint.images import servable_image_problem
+
+    image = tmp_path / "mat.sif"
+    image.write_bytes(b"sif")
+    pool = {"container": {"type": "apptainer", "image": str(image)}}
+    cfg = _config(tmp_path, pool=pool, images={"site:mat": str(image), "site:gone": str(tmp_path / "no.sif")})
+    assert servable_image_problem("site:mat", cfg) is None
+    assert servable_image_problem(str(image), cfg) is None
+    assert "no such image" in servable_image_problem("site:other", cfg)
+    assert "site:gone" in servable_image_problem("site:gone", cfg)
+    assert "no such file" in servable_image_problem("site:gone", cfg)
+    no_pull = _config(tmp_path, pool=pool, image_cache={"allow_pull": False})
+    assert "allow_pull: false" in servable_image_problem("docker://python:3.11-slim", no_pull)
+    bare = _config(tmp_path, images={"site:mat": str(image)})
+    assert "no container runtime" in servable_image_problem("site:mat", bare)

@@ -101,3 +101,29 @@ def test_a_logged_run_replays_into_the_same_state(tmp_path):
     assert list(r.queue) == list(s.queue)
     assert r.counters == s.counters and r.snapshot() == s.snapshot()
     assert r.waiting_code == s.waiting_code and list(r.code_asked) == list(s.code_asked)
+
+
+def test_image_unavailable_fails_that_servables_tasks_with_the_reason_and_spares_the_rest():
+    pkg = "ab" * 32
+    run, verify = m.RUN_PREFIX + pkg, m.VERIFY_PREFIX + pkg
+    s = fresh()
+    out = s.handle(
+        ev.PoolJoined(1.0, P1, "p1", "default/0", {}),
+        ev.WorkerJoined(1.0, W1, "p1.0", "p1"),
+        ev.TasksArrived(2.0, [rec(1, verify), rec(2, F)]),
+    )
+    assert kinds(out) == ["RequestCode"] and sorted(out[0].digests) == sorted([verify, F])
+    # the daemon read the package: its container cannot be provided; it says so before the code
+    out = s.handle(
+        ev.ImageUnavailable(3.0, pkg, "no image site:x"), ev.CodeArrived(3.0, {verify: b"\x20", F: b"\x10f"})
+    )
+    results = [r for i in out if isinstance(i, ev.SendResults) for r in i.results]
+    assert [(r[m.R_ID], r[m.R_STATE]) for r in results] == [(tid(1), "failed")]
+    assert results[0][m.R_ERROR][:2] == ["image", "no image site:x"]
+    sent = [r[m.T_ID] for i in out if isinstance(i, ev.SendToWorker) for r in i.message.tasks]
+    assert sent == [tid(2)]  # the bare task runs as before
+    # a later call of the same servable fails at arrival; never reaches a worker
+    out = s.handle(ev.TasksArrived(4.0, [rec(3, run)]))
+    results = [r for i in out if isinstance(i, ev.SendResults) for r in i.results]
+    assert [(r[m.R_ID], r[m.R_STATE]) for r in results] == [(tid(3), "failed")]
+    assert not [i for i in out if isinstance(i, ev.SendToWorker)]
