@@ -28,6 +28,7 @@ from typing import Any
 import zmq
 
 from dlhub.protocol import errors
+from dlhub.protocol import gc_serialize as gc
 from dlhub.protocol import messages as m
 from dlhub.protocol.curve import secure_link_client
 from dlhub.protocol.serialize import deserialize, load_function, runtime_versions, serialize
@@ -245,7 +246,8 @@ class Worker:
             blob = self.code.get(digest)
             if blob is None:
                 raise errors.SerializationError(f"function code {digest} was never sent")
-            fn = self.functions[digest] = load_function(blob)
+            load = gc.load_function if gc.is_code_blob(blob) else load_function  # GC: Globus Compute's
+            fn = self.functions[digest] = load(blob)
         return fn
 
     def _output_key(self, rec: list, fn: Any) -> tuple | None:
@@ -356,7 +358,10 @@ class Worker:
                 )
                 if cached is not None:
                     return m.result_record(task_id, "succeeded", cached)
-            args, kwargs = deserialize(payload)
+            if serializer == gc.GC_SERIALIZER:  # a task from the Globus Compute API
+                args, kwargs = gc.load_arguments(payload)
+            else:
+                args, kwargs = deserialize(payload)
         except BaseException as exc:  # noqa: BLE001 - any loading failure is the task's error
             return m.result_record(task_id, "failed", error=errors.error_record(exc))
         old_out, old_err = sys.stdout, sys.stderr
@@ -388,7 +393,10 @@ class Worker:
 
     def _pack_result(self, value: Any, serializer: str):
         try:
-            body = serialize(value, serializer)
+            if serializer == gc.GC_SERIALIZER:  # as the Globus Compute SDK decodes it
+                body = gc.serialize_result(value).encode()
+            else:
+                body = serialize(value, serializer)
         except errors.SerializationError as exc:
             return (
                 "failed",

@@ -242,6 +242,9 @@ def _up_manager(root: Path, procs: list[subprocess.Popen], detach: bool, insecur
     ):
         if _port_free(last.get(key)):
             args += [option, str(last[key])]
+    # the Globus Compute API: 5000 (the SDK's environment="local") when free, else its last port, else any
+    gc_port = next((p for p in (GC_DEFAULT_PORT, last.get("globus_compute")) if _port_free(p)), 0)
+    args += ["--globus-compute-port", str(gc_port)]
     reused = [f"{key} {last[key]}" for key in ("client", "endpoint", "rest") if _port_free(last.get(key))]
     ports = f"the ports of its last run ({', '.join(reused)})" if reused else "free ports"
     click.echo(f"starting the manager on {ports} (state: {manager_home}) ...")
@@ -265,13 +268,25 @@ def _up_manager(root: Path, procs: list[subprocess.Popen], detach: bool, insecur
     }
     if info.get("rest_url"):
         ports["rest"] = int(info["rest_url"].rsplit(":", 1)[1])
+    gc_url = _read_json(manager_home / "globus_compute.json").get("url")
+    if gc_url:
+        ports["globus_compute"] = int(gc_url.rsplit(":", 1)[1])
+        if ports["globus_compute"] != GC_DEFAULT_PORT:
+            click.echo(
+                f"port {GC_DEFAULT_PORT} is taken: the Globus Compute API is on {gc_url} "
+                "(dlhub.compat.globus_compute.client() finds it)"
+            )
     (manager_home / "ports.json").write_text(json.dumps(ports))
     rest = f", REST {info['rest_url']}" if info.get("rest_url") else ""
+    rest += f", Globus Compute API {gc_url}" if gc_url else ""
     click.echo(
         f"manager up in {time.monotonic() - started:.1f} s: clients {info['client_url']}, "
         f"endpoints {info['endpoint_url']}{rest}"
     )
     return info
+
+
+GC_DEFAULT_PORT = 5000  # globus_compute_sdk.Client(environment="local") talks to localhost:5000
 
 
 def _port_free(port: object) -> bool:

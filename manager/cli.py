@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from dlhub.protocol.private import private_dir, private_file, tighten
+from dlhub.protocol.private import private_dir, private_file, tighten, write_private
 
 
 def _home(home: str | None) -> Path:
@@ -43,6 +44,12 @@ def main() -> None:
 @click.option("--admin-user", default="admin", show_default=True, help="admin created on first start")
 @click.option("--rest-port", default=0, show_default=True, help="REST API port (0: any free port)")
 @click.option("--no-rest", is_flag=True, help="do not serve the REST API")
+@click.option(
+    "--globus-compute-port",
+    default=None,
+    type=click.IntRange(0, 65535),
+    help="serve the Globus Compute API (globus_compute_sdk.Client) on this port (0: any free; default: off)",
+)
 @click.option(
     "--result-cache-mb",
     default=256.0,
@@ -92,6 +99,7 @@ def serve(
     admin_user,
     rest_port,
     no_rest,
+    globus_compute_port,
     result_cache_mb,
     result_cache_ttl_s,
     persist_result_cache,
@@ -142,7 +150,23 @@ def serve(
     except ValueError as exc:
         raise click.ClickException(str(exc))
     manager = Manager(config)
+    gc_server = None
+    if globus_compute_port is not None:  # bound now (its URL is known), served once the manager runs
+        from .api import ApiServer
+        from .globus_compute import create_gc_app
+
+        try:
+            gc_server = ApiServer(lambda: create_gc_app(manager), host, globus_compute_port)
+        except OSError as exc:  # taken (e.g. 5000 by another manager): any free port, announced
+            taken = f"Globus Compute API: port {globus_compute_port} unavailable ({exc})"
+            click.echo(f"{taken}; using any free one")
+            gc_server = ApiServer(lambda: create_gc_app(manager), host, 0)
+        # read by dlhub.compat.globus_compute.client()
+        write_private(state / "globus_compute.json", json.dumps({"url": gc_server.url, "pid": os.getpid()}))
     manager.start()
+    if gc_server is not None:
+        gc_server.start()
+        click.echo(f"Globus Compute API: {gc_server.url}")
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: manager.request_stop())
     rest = f", REST {manager.api.url}" if manager.api else ""

@@ -1,0 +1,1 @@
+"""Compatibility layers: other ecosystems' clients, pointed at a dlhub manager."""

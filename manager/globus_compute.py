@@ -1,0 +1,258 @@
+"""The Globus Compute REST API on the manager: the unmodified ``globus_compute_sdk.Client`` runs
+functions on dlhub endpoints.
+
+Served on its own port by ``dlhub-manager serve --globus-compute-port PORT`` (and ``dlhub up``, on
+5000 when free: the SDK's ``environment="local"``), with the same users and Bearer tokens as the
+REST API. Identities (no table, nothing to migrate):
+
+- an endpoint's UUID is ``uuid5(GC_NAMESPACE, name)`` (:func:`dlhub.protocol.gc_serialize.endpoint_uuid`);
+- a registered function is stored once as dlhub code (``GC_CODE`` + its ``function_code``) under
+  its sha256 digest; its UUID is the digest's first 16 bytes, so it is found again after a restart;
+- a GC task id is the dlhub task id (16 bytes) as a UUID.
+
+Tasks go through the manager's normal path (``Submit`` routed on its loop: batching, caching,
+limits, retries, cancellation apply) with the serializer ``gc``: the worker decodes the SDK's
+payload and encodes the result as the SDK decodes it; the manager never unpickles anything.
+"""
+
+import concurrent.futures
+import hashlib
+import os
+import time
+import uuid
+from collections import OrderedDict
+from typing import Annotated, Any
+
+import sqlalchemy as sa
+
+from dlhub.protocol import gc_serialize as gc
+from dlhub.protocol import messages as m
+
+from . import events as ev
+from .schema import code_table, tasks_table
+from .store import unpack_error
+
+API_VERSION = "1.0.0"
+GC_STATES = {
+    "received": "waiting-for-ep",
+    "queued": "waiting-for-ep",
+    "dispatched": "waiting-for-ep",
+    "running": "running",
+    "succeeded": "success",
+    "failed": "failed",
+    "cancelled": "failed",
+    "lost": "failed",
+}
+RECENT_TASKS = 200_000  # submitted task ids remembered until the store has them (and beyond)
+
+
+def function_uuid(digest: str) -> str:
+    return str(uuid.UUID(hex=digest.removeprefix("sha256:")[:32]))
+
+
+def create_gc_app(manager: Any, amqp_url: Any = None):
+    """The FastAPI app of the GC API over a started :class:`dlhub.manager.broker.Manager`.
+    ``amqp_url(user) -> {connection_url, queue_prefix}`` or None: the seam for the AMQP result
+    publisher (``manager/amqp.py``); without it the route answers 503."""
+    from fastapi import Body, Depends, FastAPI, Header, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+
+    app = FastAPI(title="dlhub: Globus Compute API", version=API_VERSION, openapi_url=None)
+    engine = manager.store.engine
+    auth = manager.auth
+    functions: dict[str, str] = {}  # function UUID -> code digest
+    recent: OrderedDict[str, tuple[str, concurrent.futures.Future]] = OrderedDict()
+
+    class GCError(Exception):
+        def __init__(self, status: int, code: str, message: str):
+            self.status, self.code, self.message = status, code, message
+
+    @app.exception_handler(GCError)
+    async def _gc_error(request: Request, exc: GCError):
+        # the shape globus_sdk's ComputeAPIError parses: code, error_args; reason/message for people
+        body = {"code": exc.code, "error_args": [exc.message], "reason": exc.message, "message": exc.message}
+        return JSONResponse(body, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        message = "; ".join(str(e.get("msg")) for e in exc.errors())
+        return JSONResponse({"code": "INVALID_REQUEST", "reason": message, "message": message}, 422)
+
+    def user(authorization: str | None = Header(None)) -> tuple[str, str]:
+        scheme, _, token = (authorization or "").partition(" ")
+        who = auth.check(token.strip()) if scheme.lower() == "bearer" else None
+        if who is None:
+            raise GCError(401, "UNAUTHORIZED", "a valid 'Authorization: Bearer <token>' header is required")
+        if who[1] == "endpoint":
+            raise GCError(403, "FORBIDDEN", f"{who[0]} has an endpoint token: it only registers endpoints")
+        return who
+
+    User = Annotated[tuple, Depends(user)]
+    JSONBody = Annotated[dict, Body()]
+
+    def endpoint_name(endpoint_uuid: str) -> tuple[str, bool]:
+        """(name, connected) of the endpoint with this UUID (or name), else 404."""
+        connected = manager.endpoints_connected()
+        for name, online in connected.items():
+            if endpoint_uuid in (name, gc.endpoint_uuid(name)):
+                return name, online
+        message = f"endpoint {endpoint_uuid} is not registered with this manager"
+        raise GCError(404, "ENDPOINT_NOT_FOUND", message)
+
+    def function_digest(fid: str) -> str:
+        digest = functions.get(fid)
+        if digest is None:
+            try:
+                prefix = "sha256:" + uuid.UUID(fid).hex
+            except ValueError:
+                prefix = None
+            if prefix:
+                with engine.connect() as conn:
+                    c = code_table.c
+                    query = sa.select(c.digest).where(c.digest.like(prefix + "%")).limit(1)
+                    row = conn.execute(query).first()
+                digest = row[0] if row else None
+            if digest is None:
+                raise GCError(404, "FUNCTION_NOT_FOUND", f"function {fid} is not registered")
+            functions[fid] = digest
+        return digest
+
+    @app.get("/v2/version")
+    def version(service: str | None = None):
+        info = {"api": API_VERSION, "min_sdk_version": "2.0.0", "min_ep_version": "2.0.0"}
+        info["min_endpoint_version"] = info["min_ep_version"]
+        return info if service == "all" else API_VERSION
+
+    @app.post("/v3/functions")
+    def register_function(who: User, body: JSONBody):
+        code = body.get("function_code")
+        if not isinstance(code, str) or not code:
+            message = "function_code (a packed ComputeSerializer buffer) is required"
+            raise GCError(422, "INVALID_REQUEST", message)
+        try:
+            if len(gc.unpack_buffers(code)) != 1:
+                raise ValueError("one buffer expected")
+        except Exception as exc:  # noqa: BLE001 - only the framing is checked, nothing is loaded
+            raise GCError(422, "INVALID_REQUEST", f"function_code is not a packed buffer: {exc}") from None
+        blob = gc.code_blob(code)
+        digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+        fid = function_uuid(digest)
+        if fid not in functions:
+            functions[fid] = digest
+            manager.call_soon(lambda: manager.route(ev.CodePut(digest, blob)))
+        return {"function_uuid": fid}
+
+    def submit(owner: str, digest: str, payload: bytes) -> tuple:
+        task_id = os.urandom(m.TASK_ID_BYTES)
+        rec = m.task_record(task_id, digest, payload, None, gc.GC_SERIALIZER, None, {"cache": False})
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def done(res: list) -> None:
+            if not future.done():
+                future.set_result(res)
+
+        tid = str(uuid.UUID(bytes=task_id))
+        recent[tid] = (owner, future)
+        while len(recent) > RECENT_TASKS:
+            recent.popitem(last=False)
+        return tid, rec, done
+
+    @app.post("/v3/endpoints/{endpoint_uuid}/submit")
+    def submit_batch(endpoint_uuid: str, who: User, body: JSONBody):
+        name, _ = endpoint_name(endpoint_uuid)
+        tasks = body.get("tasks")
+        if not isinstance(tasks, dict):
+            raise GCError(422, "INVALID_REQUEST", "tasks must map function UUIDs to lists of payloads")
+        records, callbacks, answer = [], [], {}
+        for fid, payloads in tasks.items():
+            digest = function_digest(fid)
+            if not isinstance(payloads, list) or not all(isinstance(p, str) for p in payloads):
+                raise GCError(422, "INVALID_REQUEST", f"tasks[{fid}] must be a list of payload strings")
+            ids = answer[fid] = []
+            for p in payloads:
+                tid, rec, done = submit(who[0], digest, p.encode())
+                ids.append(tid)
+                records.append(rec)
+                callbacks.append(done)
+
+        def enqueue() -> None:  # one Submit: the router batches it like a client's
+            for rec, done in zip(records, callbacks):
+                msg = m.Submit(name, [rec])
+                manager.route(ev.ClientSubmitted(b"", who[0], "globus-compute", msg, time.time(), done))
+
+        manager.call_soon(enqueue)
+        group = body.get("task_group_id") or str(uuid.uuid4())
+        return {
+            "request_id": str(uuid.uuid4()),
+            "task_group_id": group,
+            "endpoint_id": gc.endpoint_uuid(name),
+            "tasks": answer,
+        }
+
+    def task_doc(who: tuple, task_id: str) -> dict:
+        known = recent.get(task_id)
+        if known is not None and (who[1] == "admin" or known[0] == who[0]) and known[1].done():
+            res = known[1].result()
+            state, result, error = res[m.R_STATE], res[m.R_PAYLOAD], res[m.R_ERROR]
+            finished = time.time()
+        else:
+            try:
+                raw = uuid.UUID(task_id).bytes
+            except ValueError:
+                raise GCError(404, "TASK_NOT_FOUND", f"task {task_id} not found") from None
+            t = tasks_table
+            with engine.connect() as conn:
+                columns = (t.c.owner, t.c.state, t.c.result, t.c.error, t.c.t_finished)
+                row = conn.execute(sa.select(*columns).where(t.c.task_id == raw)).first()
+            if row is None or (who[1] != "admin" and row.owner != who[0]):
+                if known is not None and known[0] == who[0]:  # submitted, not yet written
+                    return {"task_id": task_id, "status": "waiting-for-ep"}
+                raise GCError(404, "TASK_NOT_FOUND", f"task {task_id} not found")
+            state, result, error, finished = row.state, row.result, unpack_error(row.error), row.t_finished
+        status = GC_STATES.get(state, "waiting-for-ep")
+        doc: dict[str, Any] = {"task_id": task_id, "status": status}
+        if status == "success":
+            doc["result"] = bytes(result).decode()
+            doc["completion_t"] = str(finished or time.time())
+        elif status == "failed":
+            error = error or ["lost", f"task {state}", "", None]
+            doc["exception"] = error[2] or error[1]
+            doc["completion_t"] = str(finished or time.time())
+        return doc
+
+    @app.get("/v2/tasks/{task_id}")
+    def get_task(task_id: str, who: User):
+        return task_doc(who, task_id)
+
+    @app.post("/v2/batch_status")
+    def batch_status(who: User, body: JSONBody):
+        ids = body.get("task_ids")
+        if not isinstance(ids, list):
+            raise GCError(422, "INVALID_REQUEST", "task_ids must be a list")
+        results = {}
+        for tid in ids:
+            try:
+                results[tid] = task_doc(who, str(tid))
+            except GCError:
+                results[tid] = {"task_id": tid, "status": "unknown", "reason": "task not found"}
+        return {"response": "batch", "results": results}
+
+    @app.get("/v2/endpoints/{endpoint_uuid}/status")
+    def endpoint_status(endpoint_uuid: str, who: User):
+        name, online = endpoint_name(endpoint_uuid)
+        return {"status": "online" if online else "offline", "details": {"name": name}}
+
+    @app.get("/v2/taskgroup/{group_id}")
+    def taskgroup(group_id: str, who: User):
+        # task groups are not kept yet (the Executor's reload_tasks needs them with AMQP)
+        return {"taskgroup_id": group_id, "tasks": []}
+
+    @app.get("/v2/get_amqp_result_connection_url")
+    def amqp_connection(who: User):
+        if amqp_url is None:
+            message = "AMQP not configured: this manager has no result broker"
+            raise GCError(503, "AMQP_NOT_CONFIGURED", message)
+        return amqp_url(who[0])
+
+    return app
