@@ -203,7 +203,7 @@ def snippets(ref: str, example: dict | None, rest_url: str) -> dict[str, str]:
     owner, name = ref.split("/", 1)
     return {
         "Python": f"from dlhub.executor import Executor\n\nwith Executor() as ex:\n"
-        f'    print(ex.run("{ref}", {py_args}).result())',
+        f'    print(ex.submit("{ref}", {py_args}).result())',
         "CLI": f"dlhub run {ref} {cli_args}".rstrip(),
         "curl": f'curl -H "Authorization: Bearer $DLHUB_TOKEN" -H "Content-Type: application/json" \\\n'
         f"  -d '{body}' \\\n  {rest_url}/api/v1/servables/{owner}/{name}/run",
@@ -285,7 +285,7 @@ class History:
 
     def add(self, status: dict) -> None:
         now = time.time()
-        row = {"t": now, "done": status.get("tasks_done", status.get("results", 0)) or 0}
+        row = {"t": now, "done": status.get("finished", 0) or 0}
         row["queue"] = sum(e.get("pending", 0) + e.get("inflight", 0) for e in status["endpoints"].values())
         with self.lock:
             if self.samples and now - self.samples[-1]["t"] < 1.0:
@@ -475,12 +475,13 @@ def install(app: Any, api: dict[str, Any]) -> None:
         digests = sa.select(m.RUN_PREFIX + v.c.digest).where(v.c.owner == owner, v.c.name == name)
         with engine.connect() as conn:
             rows = conn.execute(
-                sa.select(t.c.t_started, t.c.t_finished, t.c.state)
+                sa.select(t.c.t_received, t.c.t_started, t.c.t_finished, t.c.state)
                 .where(t.c.function.in_(digests))
                 .order_by(t.c.t_received.desc())
                 .limit(FIGURE_TASKS)
             ).all()
-        latencies = sorted((r.t_finished - r.t_started) * 1000 for r in rows if r.t_started and r.t_finished)
+        started = [(r.t_finished, r.t_started or r.t_received) for r in rows if r.t_finished]
+        latencies = sorted((end - start) * 1000 for end, start in started)
         figures: dict[str, Any] = {
             "calls": len(rows),
             "failed": sum(1 for r in rows if r.state in ("failed", "timeout", "lost")),
