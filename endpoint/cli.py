@@ -386,7 +386,9 @@ def list_endpoints(as_json: bool, home: str | None) -> None:
     if not names:
         click.echo("no endpoints configured")
         return
-    click.echo(f"{'NAME':20} {'STATE':13} {'PID':>8} {'BLOCKS':>6} {'WORKERS':>7} {'QUEUED':>6}")
+    from dlhub.protocol.gc_serialize import endpoint_uuid  # its Globus Compute endpoint_id
+
+    click.echo(f"{'NAME':20} {'STATE':13} {'PID':>8} {'BLOCKS':>6} {'WORKERS':>7} {'QUEUED':>6}  UUID")
     for name in names:
         s = read_status(root / name)
         blocks = _active_blocks(s)
@@ -394,7 +396,7 @@ def list_endpoints(as_json: bool, home: str | None) -> None:
         click.echo(
             f"{name:20} {s.get('state', '?'):13} {s.get('pid') or '-':>8} "
             f"{'-' if stopped else blocks:>6} {'-' if stopped else s.get('workers', 0):>7} "
-            f"{'-' if stopped else s.get('queued', 0):>6}"
+            f"{'-' if stopped else s.get('queued', 0):>6}  {endpoint_uuid(name)}"
         )
 
 

@@ -15,6 +15,7 @@ from globus_compute_sdk.sdk.client import _ComputeWebClient
 
 from dlhub.compat.globus_compute import client as compat_client
 from dlhub.compat.globus_compute import endpoint_id
+from dlhub.protocol.gc_serialize import GC_NAMESPACE
 
 RESULT_TIMEOUT_S = 60
 
@@ -177,3 +178,19 @@ def test_amqp_url_without_broker_is_a_clear_503(gcc):
     with pytest.raises(globus_sdk.GlobusAPIError) as info:
         gcc.get_result_amqp_url()
     assert info.value.http_status == 503 and "AMQP not configured" in info.value.text
+
+
+def test_endpoint_list_shows_the_uuid(stack, tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "dlhub.endpoint.cli", "list", "--home", str(stack.home)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("local "))
+    assert line.split()[-1] == endpoint_id("local") == str(uuid.uuid5(GC_NAMESPACE, "local"))
