@@ -197,13 +197,13 @@ def identifier_url(rel: dict) -> str | None:
 def snippets(ref: str, example: dict | None, rest_url: str) -> dict[str, str]:
     args = (example or {}).get("args", [])
     kwargs = (example or {}).get("kwargs", {})
-    py_args = ", ".join([repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()])
+    py_args = "".join(f", {a!r}" for a in args) + "".join(f", {k}={v!r}" for k, v in kwargs.items())
     body = json.dumps({"args": args, "kwargs": kwargs})
     cli_args = " ".join("'" + json.dumps(a).replace("'", "'\\''") + "'" for a in args)
     owner, name = ref.split("/", 1)
     return {
         "Python": f"from dlhub.executor import Executor\n\nwith Executor() as ex:\n"
-        f'    print(ex.submit("{ref}", {py_args}).result())',
+        f'    print(ex.submit("{ref}"{py_args}).result())',
         "CLI": f"dlhub run {ref} {cli_args}".rstrip(),
         "curl": f'curl -H "Authorization: Bearer $DLHUB_TOKEN" -H "Content-Type: application/json" \\\n'
         f"  -d '{body}' \\\n  {rest_url}/api/v1/servables/{owner}/{name}/run",
@@ -216,8 +216,10 @@ def svg_bars(values: list[tuple[str, float]], unit: str = "", width: int = 320, 
         return ""
     top = max(v for _, v in values) or 1.0
     bar = width / len(values)
+    pad = 16  # room for the value above the tallest bar
     parts = [
-        f'<svg class="plot" viewBox="0 0 {width} {height + 30}" width="{width}" height="{height + 30}" '
+        f'<svg class="plot" viewBox="0 -{pad} {width} {height + 30 + pad}" width="{width}" '
+        f'height="{height + 30 + pad}" '
         f'role="img" aria-label="{html.escape(", ".join(f"{k}: {v:g}{unit}" for k, v in values))}">'
     ]
     for i, (label, value) in enumerate(values):
