@@ -13,7 +13,10 @@ binary: its figure is the code path plus the shim, not real Apptainer). The imag
 - warm: serial no-op calls in blocks of 100, alternating between the three endpoints (all up at
   once, so the machine's noise falls on all of them alike): p50/p99 and the ratio to bare (the
   issue's target: within 5 %); then the throughput of ``--n`` no-ops submitted at once each, in
-  4 alternating rounds (median).
+  4 alternating rounds (median);
+- warm image cache: an endpoint whose pool image is a URI started twice on one home: fetches
+  counted from the cache index (1, then 0) and each start's first result (``--cache-only``: just
+  this figure).
 
     .venv/bin/python benchmarks/containers.py            # 3 cold starts, 3,000 serial calls, 20,000 mapped
     .venv/bin/python benchmarks/containers.py --quick    # 1 cold start, 600 serial, 4,000 mapped (~40 s)
@@ -108,12 +111,53 @@ def cold_start(base: Path, runtime: str, image: str, round_no: int) -> dict:
     }
 
 
+def _cache_index(home: Path, name: str) -> dict:
+    index = home / "endpoints" / name / "images" / "index.json"
+    return json.loads(index.read_text()) if index.exists() else {}
+
+
+def warm_cache_restart(base: Path, image: str) -> dict:
+    """An endpoint whose pool image is a URI (``dir://`` the test image: a real copy into the
+    endpoint's image cache) started twice on one home: the first start fetches, the second finds
+    the cache warm. Fetches are counted from the cache's index (an entry's ``created`` changes
+    only when it is fetched again), not assumed."""
+    home = base / "warm-cache"
+    name = "cachepool"
+    starts = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        cs = start_custom_stack(
+            home, endpoint=endpoint_config("charliecloud", f"dir://{image}"), name=name, workers=1
+        )
+        try:
+            if cs.executor().submit(square, 7).result(120) != 49:
+                raise SystemExit("warm cache: wrong result")
+            first = time.perf_counter() - t0
+        finally:
+            stop_custom_stack(cs)
+        starts.append((round(first, 3), _cache_index(home, name)))
+    (first_s, before), (second_s, after) = starts
+    fetches_second = sum(
+        1 for key, e in after.items() if key not in before or e.get("created") != before[key].get("created")
+    )
+    return {
+        "bench": "containers",
+        "metric": "warm_cache_restart",
+        "entries": len(after),
+        "fetches_first_start": len(before),
+        "fetches_second_start": fetches_second,
+        "first_start_first_result_s": first_s,
+        "second_start_first_result_s": second_s,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 cold start, 600 serial, 4,000 mapped")
     parser.add_argument("--cold", type=int, default=None, help="cold starts per runtime (3)")
     parser.add_argument("--serial", type=int, default=None, help="serial no-ops per runtime (3,000)")
     parser.add_argument("--n", type=int, default=None, help="mapped no-ops per runtime (20,000)")
+    parser.add_argument("--cache-only", action="store_true", help="only the warm-cache restart figure")
     args = parser.parse_args(argv)
     cold = args.cold if args.cold is not None else (1 if args.quick else 3)
     serial = args.serial if args.serial is not None else (600 if args.quick else 3000)
@@ -143,6 +187,12 @@ def main(argv: list[str] | None = None) -> int:
                 "build_s": round(time.perf_counter() - t_image, 2),
             }
         )
+        cache = warm_cache_restart(base, image)
+        emit(cache)
+        if cache["fetches_first_start"] != 1 or cache["fetches_second_start"] != 0:
+            raise SystemExit(f"warm cache: expected 1 fetch then none, got {cache}")
+        if args.cache_only:
+            return 0
         for round_no in range(cold):
             for runtime in runtimes:
                 emit(cold_start(base, runtime, image, round_no))
@@ -226,6 +276,12 @@ def main(argv: list[str] | None = None) -> int:
             f" (x{ratio('warm_noop_latency', 'p50_ms', runtime)})"
             f" | {thr['tasks_per_s']:9.0f} tasks/s (x{ratio('warm_noop_throughput', 'tasks_per_s', runtime)})"
         )
+    c = by[("warm_cache_restart", None)]
+    print(
+        f"image cache: fetches {c['fetches_first_start']} then {c['fetches_second_start']};"
+        f" first result {c['first_start_first_result_s']:.2f} s cold cache,"
+        f" {c['second_start_first_result_s']:.2f} s warm"
+    )
     summary = {
         "bench": "containers",
         "summary": {
