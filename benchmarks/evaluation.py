@@ -80,6 +80,7 @@ FULL = {
     "workers_calls": 1000,
     "workers_conc": 16,
     "batch": 256,
+    "full_workers": True,  # the batching variants are restarted with 1 worker too
 }
 QUICK = {
     "latency": 30,
@@ -93,6 +94,7 @@ QUICK = {
     "workers_calls": 120,
     "workers_conc": 16,
     "batch": 256,
+    "full_workers": False,
 }
 
 
@@ -235,6 +237,12 @@ class PeerSystem:
             "RAY_USAGE_STATS_ENABLED": "0",
         }
         env.pop("VIRTUAL_ENV", None)
+        if system == "pytriton":
+            # Triton's Python-backend stub links libpython3.11.so.1.0: without this it finds the
+            # system's (Debian 3.11.2) and runs it on the venv's 3.11.7 stdlib, and every model's
+            # initialize fails in multiprocessing (RLock has no _recursion_count)
+            libdir = Path(os.path.realpath(PEERS_VENV / "bin" / "python")).parent.parent / "lib"
+            env["LD_LIBRARY_PATH"] = f"{libdir}{os.pathsep}{env.get('LD_LIBRARY_PATH', '')}"
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(
                 [
@@ -539,7 +547,9 @@ def run(sizes: dict, systems: list[str], emit, tmp: Path) -> None:
                 continue
             for workers in (2, 1):
                 variants = [("", 1)]
-                if system in ("litserve", "ray", "mlserver", "pytriton"):
+                if system in ("litserve", "ray", "mlserver", "pytriton") and (
+                    workers == 2 or sizes["full_workers"]
+                ):
                     variants.append(("-batch", sizes["batch"]))
                 for suffix, batch in variants:
                     label = system + suffix
