@@ -51,6 +51,12 @@ def main() -> None:
     help="serve the Globus Compute API (globus_compute_sdk.Client) on this port (0: any free; default: off)",
 )
 @click.option(
+    "--globus-compute-amqp",
+    is_flag=True,
+    help="publish Globus Compute results to RabbitMQ for globus_compute_sdk.Executor (broker from "
+    "$RMQ_PORT, $RMQ_MGMT_PORT, $RMQ_ADMIN_USER, $RMQ_ADMIN_PASSWORD as scripts/rabbitmq-localhost.sh)",
+)
+@click.option(
     "--result-cache-mb",
     default=256.0,
     show_default=True,
@@ -100,6 +106,7 @@ def serve(
     rest_port,
     no_rest,
     globus_compute_port,
+    globus_compute_amqp,
     result_cache_mb,
     result_cache_ttl_s,
     persist_result_cache,
@@ -155,12 +162,17 @@ def serve(
         from .api import ApiServer
         from .globus_compute import create_gc_app
 
+        publisher = _amqp_publisher(state) if globus_compute_amqp else None
+
+        def make_gc_app():
+            return create_gc_app(manager, publisher)
+
         try:
-            gc_server = ApiServer(lambda: create_gc_app(manager), host, globus_compute_port)
+            gc_server = ApiServer(make_gc_app, host, globus_compute_port)
         except OSError as exc:  # taken (e.g. 5000 by another manager): any free port, announced
             taken = f"Globus Compute API: port {globus_compute_port} unavailable ({exc})"
             click.echo(f"{taken}; using any free one")
-            gc_server = ApiServer(lambda: create_gc_app(manager), host, 0)
+            gc_server = ApiServer(make_gc_app, host, 0)
         # read by dlhub.compat.globus_compute.client()
         write_private(state / "globus_compute.json", json.dumps({"url": gc_server.url, "pid": os.getpid()}))
     manager.start()
@@ -179,6 +191,24 @@ def serve(
             "connect: re-issue each with `dlhub-manager create-user NAME`"
         )
     manager.run()
+
+
+def _amqp_publisher(state: Path):
+    """The RabbitMQ result publisher of the Globus Compute API; the secret that derives each user's
+    broker password is kept (0600) in the state directory, so passwords survive restarts."""
+    from .amqp import BrokerSettings, ResultPublisher
+
+    secret_file = state / "amqp.secret"
+    if not secret_file.exists():
+        write_private(secret_file, os.urandom(32).hex())
+    settings = BrokerSettings(
+        port=int(os.environ.get("RMQ_PORT", "5672")),
+        management_url=f"http://127.0.0.1:{os.environ.get('RMQ_MGMT_PORT', '15672')}",
+        admin_user=os.environ.get("RMQ_ADMIN_USER", "dlhub-admin"),
+        admin_password=os.environ.get("RMQ_ADMIN_PASSWORD", "dlhub-admin"),
+        secret=secret_file.read_text().strip().encode(),
+    )
+    return ResultPublisher(settings)
 
 
 @main.command("create-user")

@@ -17,6 +17,7 @@ payload and encodes the result as the SDK decodes it; the manager never unpickle
 
 import concurrent.futures
 import hashlib
+import logging
 import os
 import time
 import uuid
@@ -31,6 +32,8 @@ from dlhub.protocol import messages as m
 from . import events as ev
 from .schema import code_table, tasks_table
 from .store import unpack_error
+
+log = logging.getLogger(__name__)
 
 API_VERSION = "1.0.0"
 GC_STATES = {
@@ -50,10 +53,11 @@ def function_uuid(digest: str) -> str:
     return str(uuid.UUID(hex=digest.removeprefix("sha256:")[:32]))
 
 
-def create_gc_app(manager: Any, amqp_url: Any = None):
+def create_gc_app(manager: Any, publisher: Any = None):
     """The FastAPI app of the GC API over a started :class:`dlhub.manager.broker.Manager`.
-    ``amqp_url(user) -> {connection_url, queue_prefix}`` or None: the seam for the AMQP result
-    publisher (``manager/amqp.py``); without it the route answers 503."""
+    ``publisher``: a :class:`dlhub.manager.amqp.ResultPublisher` (the SDK's Executor gets its
+    results over AMQP) or None: then ``/v2/get_amqp_result_connection_url`` answers 503 and
+    submits that ask for a result queue get none (the Client polls over REST, as it always does)."""
     from fastapi import Body, Depends, FastAPI, Header, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
@@ -63,6 +67,7 @@ def create_gc_app(manager: Any, amqp_url: Any = None):
     auth = manager.auth
     functions: dict[str, str] = {}  # function UUID -> code digest
     recent: OrderedDict[str, tuple[str, concurrent.futures.Future]] = OrderedDict()
+    groups: OrderedDict[str, tuple[str, list[str]]] = OrderedDict()  # task group -> (owner, task ids)
 
     class GCError(Exception):
         def __init__(self, status: int, code: str, message: str):
@@ -143,20 +148,42 @@ def create_gc_app(manager: Any, amqp_url: Any = None):
             manager.call_soon(lambda: manager.route(ev.CodePut(digest, blob)))
         return {"function_uuid": fid}
 
-    def submit(owner: str, digest: str, payload: bytes) -> tuple:
+    def submit(owner: str, digest: str, payload: bytes, publish: Any) -> tuple:
         task_id = os.urandom(m.TASK_ID_BYTES)
         rec = m.task_record(task_id, digest, payload, None, gc.GC_SERIALIZER, None, {"cache": False})
         future: concurrent.futures.Future = concurrent.futures.Future()
+        tid = str(uuid.UUID(bytes=task_id))
 
         def done(res: list) -> None:
             if not future.done():
                 future.set_result(res)
+                if publish is not None:
+                    publish(tid, res)
 
-        tid = str(uuid.UUID(bytes=task_id))
         recent[tid] = (owner, future)
         while len(recent) > RECENT_TASKS:
             recent.popitem(last=False)
         return tid, rec, done
+
+    def publisher_for(user: str, group: str):
+        """A result -> AMQP message callback for the task group's queue (declared now)."""
+        from globus_compute_common.messagepack.message_types import Result, ResultErrorDetails
+
+        publisher.declare_queue(user, group)
+
+        def publish(tid: str, res: list) -> None:
+            doc = outcome(tid, res[m.R_STATE], res[m.R_PAYLOAD], res[m.R_ERROR], time.time())
+            try:
+                if doc["status"] == "success":
+                    result = Result(task_id=uuid.UUID(tid), data=doc["result"])
+                else:
+                    details = ResultErrorDetails(code="RemoteExecutionError", user_message=doc["exception"])
+                    result = Result(task_id=uuid.UUID(tid), data=doc["exception"], error_details=details)
+                publisher.publish(user, group, result)
+            except Exception:  # on the manager loop: never let it raise there
+                log.exception("cannot publish the result of GC task %s", tid)
+
+        return publish
 
     @app.post("/v3/endpoints/{endpoint_uuid}/submit")
     def submit_batch(endpoint_uuid: str, who: User, body: JSONBody):
@@ -164,6 +191,13 @@ def create_gc_app(manager: Any, amqp_url: Any = None):
         tasks = body.get("tasks")
         if not isinstance(tasks, dict):
             raise GCError(422, "INVALID_REQUEST", "tasks must map function UUIDs to lists of payloads")
+        group = str(body.get("task_group_id") or uuid.uuid4())
+        publish = None
+        if body.get("create_queue") and publisher is not None:
+            try:
+                publish = publisher_for(who[0], group)
+            except Exception as exc:  # noqa: BLE001 - the broker is down or refuses: say so
+                raise GCError(503, "AMQP_UNAVAILABLE", f"the result broker is unavailable: {exc}") from None
         records, callbacks, answer = [], [], {}
         for fid, payloads in tasks.items():
             digest = function_digest(fid)
@@ -171,24 +205,40 @@ def create_gc_app(manager: Any, amqp_url: Any = None):
                 raise GCError(422, "INVALID_REQUEST", f"tasks[{fid}] must be a list of payload strings")
             ids = answer[fid] = []
             for p in payloads:
-                tid, rec, done = submit(who[0], digest, p.encode())
+                tid, rec, done = submit(who[0], digest, p.encode(), publish)
                 ids.append(tid)
                 records.append(rec)
                 callbacks.append(done)
 
-        def enqueue() -> None:  # one Submit: the router batches it like a client's
+        def enqueue() -> None:
             for rec, done in zip(records, callbacks):
                 msg = m.Submit(name, [rec])
                 manager.route(ev.ClientSubmitted(b"", who[0], "globus-compute", msg, time.time(), done))
 
         manager.call_soon(enqueue)
-        group = body.get("task_group_id") or str(uuid.uuid4())
+        known = groups.setdefault(group, (who[0], []))
+        if known[0] == who[0]:
+            known[1].extend(t for ids in answer.values() for t in ids)
+        while len(groups) > RECENT_TASKS // 10:
+            groups.popitem(last=False)
         return {
             "request_id": str(uuid.uuid4()),
             "task_group_id": group,
             "endpoint_id": gc.endpoint_uuid(name),
             "tasks": answer,
         }
+
+    def outcome(task_id: str, state: str, result: Any, error: Any, finished: Any) -> dict:
+        status = GC_STATES.get(state, "waiting-for-ep")
+        doc: dict[str, Any] = {"task_id": task_id, "status": status}
+        if status == "success":
+            doc["result"] = bytes(result).decode()
+            doc["completion_t"] = str(finished or time.time())
+        elif status == "failed":
+            error = error or ["lost", f"task {state}", "", None]
+            doc["exception"] = error[2] or error[1]
+            doc["completion_t"] = str(finished or time.time())
+        return doc
 
     def task_doc(who: tuple, task_id: str) -> dict:
         known = recent.get(task_id)
@@ -210,16 +260,7 @@ def create_gc_app(manager: Any, amqp_url: Any = None):
                     return {"task_id": task_id, "status": "waiting-for-ep"}
                 raise GCError(404, "TASK_NOT_FOUND", f"task {task_id} not found")
             state, result, error, finished = row.state, row.result, unpack_error(row.error), row.t_finished
-        status = GC_STATES.get(state, "waiting-for-ep")
-        doc: dict[str, Any] = {"task_id": task_id, "status": status}
-        if status == "success":
-            doc["result"] = bytes(result).decode()
-            doc["completion_t"] = str(finished or time.time())
-        elif status == "failed":
-            error = error or ["lost", f"task {state}", "", None]
-            doc["exception"] = error[2] or error[1]
-            doc["completion_t"] = str(finished or time.time())
-        return doc
+        return outcome(task_id, state, result, error, finished)
 
     @app.get("/v2/tasks/{task_id}")
     def get_task(task_id: str, who: User):
@@ -245,14 +286,20 @@ def create_gc_app(manager: Any, amqp_url: Any = None):
 
     @app.get("/v2/taskgroup/{group_id}")
     def taskgroup(group_id: str, who: User):
-        # task groups are not kept yet (the Executor's reload_tasks needs them with AMQP)
-        return {"taskgroup_id": group_id, "tasks": []}
+        # kept in memory: after a manager restart a task group reads as empty
+        owner, ids = groups.get(group_id, (who[0], []))
+        if owner != who[0] and who[1] != "admin":
+            raise GCError(404, "TASK_GROUP_NOT_FOUND", f"task group {group_id} not found")
+        return {"taskgroup_id": group_id, "tasks": [{"id": t} for t in ids]}
 
     @app.get("/v2/get_amqp_result_connection_url")
     def amqp_connection(who: User):
-        if amqp_url is None:
-            message = "AMQP not configured: this manager has no result broker"
+        if publisher is None:
+            message = "AMQP not configured: this manager has no result broker (serve --globus-compute-amqp)"
             raise GCError(503, "AMQP_NOT_CONFIGURED", message)
-        return amqp_url(who[0])
+        try:
+            return publisher.connection_info(who[0])
+        except Exception as exc:  # noqa: BLE001 - the broker's management API is down or refuses
+            raise GCError(503, "AMQP_UNAVAILABLE", f"the result broker is unavailable: {exc}") from None
 
     return app
