@@ -576,7 +576,8 @@ def run(sizes: dict, systems: list[str], emit, tmp: Path) -> None:
                         s.close()
         except Exception as exc:  # noqa: BLE001 - this system failed; the others still run
             traceback.print_exc()
-            emit("error", system, error=f"{type(exc).__name__}: {exc}"[-2500:])
+            text = f"{type(exc).__name__}: {exc}"
+            emit("error", system, error=text if len(text) < 3000 else text[:500] + " ... " + text[-2500:])
 
 
 # ---- summary and plots ---------------------------------------------------------------------
@@ -615,6 +616,51 @@ def summary(records: list[dict]) -> str:
         if r["metric"] == "error":
             lines.append(f"FAILED {r['system']}: {r['error'].splitlines()[0][:300]}")
     return "\n".join(lines)
+
+
+def markdown(records: list[dict]) -> str:
+    """The README tables: every value beside its ratio to dlhub-on from the same run."""
+    out = []
+    lat = [r for r in records if r["metric"] == "latency"]
+    systems = list(dict.fromkeys(r["system"] for r in lat))
+    base = {r["servable"]: r["p50_ms"] for r in lat if r["system"] == "dlhub-on"}
+    out.append("| p50 / p99 ms (p50 x dlhub-on) | " + " | ".join(NAMES) + " |")
+    out.append("|---" * (len(NAMES) + 1) + "|")
+    for s in systems:
+        cells = []
+        for n in NAMES:
+            r = next((r for r in lat if r["system"] == s and r["servable"] == n), None)
+            b = base.get(n)
+            cells.append(
+                f"{r['p50_ms']:.2f} / {r['p99_ms']:.1f} ({r['p50_ms'] / b:.1f}x)" if r and b else "-"
+            )
+        out.append(f"| {s} | " + " | ".join(cells) + " |")
+    for metric, key, field in (
+        ("throughput", "concurrency", "calls_per_s"),
+        ("batch_sweep", "rows", "per_row_us"),
+        ("memo", "share", "calls_per_s"),
+        ("workers", "workers", "calls_per_s"),
+        ("cold_start", "workers", "seconds"),
+    ):
+        recs = [r for r in records if r["metric"] == metric]
+        if not recs:
+            continue
+        keys = list(dict.fromkeys(r[key] for r in recs))
+        ref = "dlhub" if metric == "cold_start" else "dlhub-on"
+        base = {r[key]: r[field] for r in recs if r["system"] == ref}
+        out += ["", f"| {metric}: {field} (x {ref}) by {key} | " + " | ".join(map(str, keys)) + " |"]
+        out.append("|---" * (len(keys) + 1) + "|")
+        for s in dict.fromkeys(r["system"] for r in recs):
+            cells = []
+            for k in keys:
+                v = next((r[field] for r in recs if r["system"] == s and r[key] == k), None)
+                b = base.get(k)
+                cells.append("-" if v is None else f"{v} ({v / b:.2f}x)" if b else str(v))
+            out.append(f"| {s} | " + " | ".join(cells) + " |")
+    for r in records:
+        if r["metric"] == "error":
+            out += ["", f"- **{r['system']} failed**: {r['error'].splitlines()[0][:300]}"]
+    return "\n".join(out)
 
 
 def plots(records: list[dict], out: Path) -> list[str]:
@@ -716,6 +762,9 @@ def main(argv: list[str] | None = None) -> int:
         "--systems", default=",".join(ALL_SYSTEMS), help="comma-separated subset of " + ",".join(ALL_SYSTEMS)
     )
     parser.add_argument("--plots", help="write PNG figures to this folder (matplotlib from either venv)")
+    parser.add_argument(
+        "--markdown", action="store_true", help="print the README tables instead of the summary"
+    )
     parser.add_argument("--from-json", help="only plot/summarize an earlier run's JSON lines file")
     args = parser.parse_args(argv)
     records: list[dict] = []
@@ -748,6 +797,9 @@ def main(argv: list[str] | None = None) -> int:
                 text=True,
                 check=False,
             )
+    if args.markdown:
+        print(markdown(records))
+        return 0
     print()
     print(summary(records))
     return 1 if any(r["metric"] == "error" and r["system"].startswith("dlhub") for r in records) else 0
