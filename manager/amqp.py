@@ -204,14 +204,22 @@ class ResultPublisher:
                 try:
                     item = self._outbox.get(timeout=1.0)
                 except queue.Empty:
-                    if conn is not None and conn.is_open:
-                        conn.process_data_events(0)  # answer heartbeats
+                    try:
+                        if conn is not None and conn.is_open:
+                            conn.process_data_events(0)  # answer heartbeats, notice a closed link
+                    except Exception as exc:
+                        log.info(
+                            "AMQP connection lost while idle (%s); reconnecting on the next publish", exc
+                        )
+                        conn = channel = None
                     continue
                 if item is None:
                     break
             name, task_id, body, stamp = item
             try:
                 if conn is None or not conn.is_open:
+                    if conn is not None:
+                        log.info("AMQP connection closed; reconnecting")
                     conn, channel = self._connect()
                 if name not in self._declared:
                     channel.queue_declare(queue=name, durable=True)

@@ -155,3 +155,45 @@ def test_credentials_survive_a_manager_restart(broker):
         assert [res.task_id for _, res in got] == [task]
     finally:
         second.close()
+
+
+@pytest.mark.parametrize("idle_s", [0.0, 1.5], ids=["at-once", "noticed-while-idle"])
+def test_a_result_published_over_a_lost_connection_is_sent_again(publisher, broker, idle_s, caplog):
+    """At least once: the broker drops the publisher's connection (as on a broker restart or a
+    network cut); the next result fails on the dead connection, is kept, and is sent over a new one."""
+    import base64
+    import json
+    import urllib.request
+
+    caplog.set_level("INFO", logger="dlhub.manager.amqp")
+    user, group = f"dave-{uuid.uuid4().hex[:6]}", uuid.uuid4()
+    name = publisher.declare_queue(user, group)
+    first, second = uuid.uuid4(), uuid.uuid4()
+    publisher.publish(user, group, result(first, 1))
+    assert publisher.flush(20)
+
+    def api(method: str, path: str):
+        req = urllib.request.Request(f"{broker.management_url}/api/{path}", method=method)
+        auth = base64.b64encode(f"{broker.admin_user}:{broker.admin_password}".encode()).decode()
+        req.add_header("Authorization", f"Basic {auth}")
+        req.add_header("X-Reason", "test: cut the publisher's connection")
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read() or b"null")
+
+    mine = []
+    for _ in range(50):  # the management API lists connections after a short delay
+        mine = [c["name"] for c in api("GET", "connections") if c.get("user") == broker.admin_user]
+        if mine:
+            break
+        time.sleep(0.2)
+    assert mine, "the publisher's connection is not listed"
+    for conn_name in mine:
+        api("DELETE", f"connections/{urllib.request.quote(conn_name, safe='')}")
+    time.sleep(idle_s)  # 1.5 s: the publisher's idle heartbeat sees the connection closed first
+    publisher.publish(user, group, result(second, 2))
+    assert publisher.flush(30)
+    got = consume(publisher.connection_info(user)["connection_url"], name, 2)
+    assert sorted(str(res.task_id) for _, res in got) == sorted([str(first), str(second)])
+    assert any(
+        w in r.message for r in caplog.records for w in ("retrying", "reconnecting", "connection lost")
+    ), caplog.text
