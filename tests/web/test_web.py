@@ -139,6 +139,12 @@ def sign_out(driver) -> None:
     wait_until(lambda: driver.find_elements(By.ID, "signin-link"), 10, what="signed out")
 
 
+def live_text(driver, element_id: str) -> str:
+    """The text of an element the endpoints page's script replaces every 2 s (read in one step,
+    so the element cannot go stale between finding and reading it)."""
+    return driver.execute_script(f"return document.getElementById('{element_id}').textContent")
+
+
 def result_names(driver) -> list[str]:
     from selenium.webdriver.common.by import By
 
@@ -283,21 +289,17 @@ def test_endpoints_page_updates_while_tasks_run(hub, make_browser):
 
     d = make_browser()
     d.get(hub.url + "/endpoints")
-    assert "custom" in d.find_element(By.ID, "endpoints-live").text
-    before = d.find_element(By.ID, "tasks-open").text
+    assert "custom" in live_text(d, "endpoints-live")
     ex = hub.executor(token=hub.tokens["alice"])
     futures = [ex.submit("alice/sleeper", 1.0) for _ in range(8)]  # 2 workers: a queue for ~4 s
     try:
         # the page itself is not reloaded: its script swaps in fresh figures
         marker = d.execute_script("window.__same_page = 1; return 1")
-        wait_until(
-            lambda: int(d.find_element(By.ID, "tasks-open").text) > 0, 15, what="open tasks shown live"
-        )
+        wait_until(lambda: int(live_text(d, "tasks-open")) > 0, 15, what="open tasks shown live")
         assert d.execute_script("return window.__same_page") == marker
         shot(d, "endpoints")
         assert [f.result(RESULT_TIMEOUT_S) for f in futures] == [1.0] * 8
-        wait_until(lambda: d.find_element(By.ID, "tasks-open").text == "0", 15, what="the queue drained")
-        assert before is not None
+        wait_until(lambda: live_text(d, "tasks-open") == "0", 15, what="the queue drained")
         assert d.find_elements(By.CSS_SELECTOR, "svg.plot polyline")  # throughput / queue depth plot
     finally:
         ex.shutdown(wait=False)
