@@ -233,7 +233,7 @@ def test_a_failing_run_shows_the_error_as_the_rest_api_gives_it(hub, make_browse
     inputs.clear()
     inputs.send_keys("{not json")
     d.find_element(By.ID, "run-submit").click()
-    wait_until(lambda: "invalid-request" in d.find_element(By.ID, "run-error").text, 10)
+    wait_until(lambda: "invalid-request: inputs:" in d.page_source, 10, what="the bad JSON's error")
 
 
 def test_private_servable_is_invisible_to_others_and_anonymous(hub, make_browser):
