@@ -678,7 +678,7 @@ def create_app(
 
     from .web import install as install_web  # the pages call the handlers above (dlhub.manager.web)
 
-    install_web(app, locals())
+    install_web(app, {**locals(), "ApiError": ApiError})
     return app
 
 

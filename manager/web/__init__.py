@@ -367,11 +367,11 @@ def install(app: Any, api: dict[str, Any]) -> None:
 
     from dlhub.protocol.search import SearchParameterError, SearchQuery
 
-    from ..api import ApiError
     from ..repository import NotFound
     from ..store import tasks_table
 
     engine, auth, servables = api["engine"], api["auth"], api["servables"]
+    ApiError = api["ApiError"]  # passed in: importing dlhub.manager.api here would be an import cycle
     sessions = Sessions()
     history = History()
     env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape())

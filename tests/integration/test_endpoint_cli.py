@@ -385,7 +385,9 @@ def test_lifecycle_start_stop_drains_restart_stop_now(endpoints, tmp_path):
     assert f"manager:      {endpoints.manager.endpoint_url}\n" in human.stdout
     assert "tasks now:    0 queued for a worker, 0 on workers" in human.stdout
     listed = ep_cli(home, "list")
-    assert re.search(rf"^ep\s+running\s+{pid}\s+1\s+\d\s+0$", listed.stdout, re.M), listed.stdout
+    # the last column: the endpoint's Globus Compute endpoint_id (uuid5 of its name, issue 13)
+    uuid = r"[0-9a-f]{8}-[0-9a-f]{4}-5[0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{12}"
+    assert re.search(rf"^ep\s+running\s+{pid}\s+1\s+\d\s+0\s+{uuid}$", listed.stdout, re.M), listed.stdout
 
     # `stop` drains: it waits for the running task, which finishes normally
     ex = endpoints.executor()
@@ -451,7 +453,7 @@ def test_lifecycle_start_stop_drains_restart_stop_now(endpoints, tmp_path):
     assert "blocks:       none (stopped)" in human.stdout and not re.search(r"\d{10}\.\d", human.stdout)
     # a stopped endpoint has no blocks, workers or queue (not the numbers of its last status.json)
     listed = ep_cli(home, "list")
-    assert re.search(r"^ep\s+stopped\s+-\s+-\s+-\s+-$", listed.stdout, re.M), listed.stdout
+    assert re.search(rf"^ep\s+stopped\s+-\s+-\s+-\s+-\s+{uuid}$", listed.stdout, re.M), listed.stdout
     assert json.loads(ep_cli(home, "list", "--json").stdout)["ep"]["state"] == "stopped"
     again = ep_cli(home, "stop", "ep")
     assert again.returncode == 0 and "endpoint 'ep' is not running" in again.stdout
