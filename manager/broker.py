@@ -64,6 +64,8 @@ ENDPOINT_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"  # as an endpoint's config.ya
 
 
 _FLUSH = ev.Flush()  # immutable: one instance serves every loop turn
+# what may go to an identity with no session: refusals, and the Welcome that opens a session
+_SESSIONLESS = (m.Refused, m.Welcome)
 
 
 @dataclass(frozen=True)
@@ -392,10 +394,8 @@ class Manager:
                     self._drain(self.endpoint_sock, self._on_endpoint, self._admit_endpoint)
                 if self._ack_fd in events:
                     self._send_acks()
-                if self.client_conns.monitor in events:
-                    self.client_conns.poll()
-                if self.endpoint_conns.monitor in events:
-                    self.endpoint_conns.poll()
+                if self.client_conns.monitor in events or self.endpoint_conns.monitor in events:
+                    self._connections_ended()
                 if self._closing and time.monotonic() >= self._closing[0][0]:
                     self._close_connections()
                 if time.monotonic() >= next_tick:
@@ -447,17 +447,55 @@ class Manager:
                 log.warning("bad frame from %r (user %s): %s", identity[:16], user, exc)
                 self._send(sock, identity, m.Refused("protocol", str(exc)))
                 continue
-            if isinstance(msg, m.Hello):  # where this session connects from, to close it if revoked
-                conns = self.client_conns if sock is self.client_sock else self.endpoint_conns
-                conns.saw(identity, user, frame.get("Peer-Address"))
+            if isinstance(msg, m.Hello):
+                self._hello_frame(sock, identity, user, frame, msg, handler, admit)
+                continue
             try:
                 if admit(sock, identity, user, msg):
                     handler(identity, msg)
             except Exception:  # a bug must not take the broker down
                 log.exception("error handling %s", type(msg).__name__)
 
+    def _hello_frame(self, sock, identity: bytes, user, frame, msg: m.Hello, handler, admit) -> None:
+        """A Hello opens a session on ``identity`` bound to the connection that carried it: when
+        that connection ends the session is forgotten (:meth:`_connections_ended`), so a peer
+        that later connects with the same identity gets nothing sent for the session. A Hello
+        read after its connection ended opens nothing."""
+        client = sock is self.client_sock
+        conns = self.client_conns if client else self.endpoint_conns
+        fd = frame.get(zmq.SRCFD)
+        if not conns.live(fd):
+            log.info("ignored a Hello from %r (user %s): its connection has ended", identity[:24], user)
+            return
+        conns.saw(identity, user, frame.get("Peer-Address"))  # where it connects from (revocation)
+        try:
+            if admit(sock, identity, user, msg):
+                handler(identity, msg)
+                if identity in (self.clients if client else self.endpoint_users):
+                    conns.bind(identity, fd)
+        except Exception:  # a bug must not take the broker down
+            log.exception("error handling Hello")
+
+    def _connections_ended(self) -> None:
+        """Forget the sessions whose connection ended (read from the socket monitors)."""
+        links = ((self.client_conns, self._drop_client), (self.endpoint_conns, self._drop_endpoint))
+        for conns, drop in links:
+            conns.poll()
+            for identity in conns.take_ended():
+                if drop(identity):
+                    log.info("session %r ended with its connection", identity[:24])
+
     def _flush(self) -> None:
+        self._check_connections()  # sends leave at Flush: none to a session whose connection ended
         self.route(_FLUSH)
+
+    def _check_connections(self) -> None:
+        """Read waiting connection events before sending (cheap when none wait)."""
+        if (
+            self.client_conns.monitor.get(_EVENTS) & _POLLIN
+            or self.endpoint_conns.monitor.get(_EVENTS) & _POLLIN
+        ):
+            self._connections_ended()
 
     def route(self, *events: ev.Event) -> None:
         """On the loop: hand ``events`` to the Router and carry out what it says."""
@@ -475,6 +513,13 @@ class Manager:
                 instruction.apply(self.store)  # enqueues for the writer thread
 
     def _send(self, sock: zmq.Socket, identity: bytes, msg: m.Message) -> None:
+        """Send ``msg`` to ``identity``; anything but a refusal or a Welcome goes only to a live
+        session: ZeroMQ routes by identity, and after a session's connection ended another
+        connection (another user) may hold it."""
+        if not isinstance(msg, _SESSIONLESS):
+            if identity not in (self.clients if sock is self.client_sock else self.endpoint_users):
+                log.debug("not sending %s to %r: no session", type(msg).__name__, identity[:16])
+                return
         try:
             sock.send_multipart([identity, m.pack(msg)], zmq.NOBLOCK, copy=False)
         except zmq.ZMQError as exc:  # peer gone: results stay in the store for Fetch
@@ -729,8 +774,8 @@ class Manager:
                 self._send(self.endpoint_sock, identity, m.Refused("access-denied", refusal))
                 return
             log.info("endpoint %r registered (session %s)", msg.name, msg.session)
-            self.route(ev.EndpointRegistered(identity, msg, who[0], time.time()))  # owner: policy default
             self.endpoint_users[identity] = who[0]
+            self.route(ev.EndpointRegistered(identity, msg, who[0], time.time()))  # owner: policy default
             return
         if identity not in self.router.endpoint_by_identity:
             self._send(self.endpoint_sock, identity, m.Refused("not-registered", "say Hello first"))
@@ -896,6 +941,7 @@ class Manager:
             os.eventfd_read(self._ack_fd)
         except BlockingIOError:
             pass
+        self._check_connections()
         while True:
             try:
                 call = self._calls.get_nowait()

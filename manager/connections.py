@@ -10,6 +10,12 @@ where a revoked key or token is refused. Other users behind the same IP (a login
 loopback demo) reconnect at once; the broker drops their sessions too, so each re-says Hello and
 resends or fetches whatever was in flight (the path a manager restart takes): nothing is lost.
 
+Sessions are bound to their connection too: a Hello that the broker admits binds its routing
+identity to the descriptor that carried it (the ``SRCFD`` frame property), and when that
+connection ends the identity is handed back by :meth:`ConnectionTracker.take_ended`, so the
+broker forgets the session before another connection can take the identity over (ZeroMQ routes
+sends by identity to whichever connection holds it now).
+
 Only the loop thread calls this (the monitor socket is polled with the ROUTERs). A descriptor is
 checked again just before ``shutdown()`` — local port == the ROUTER's port, same peer — so a
 number libzmq has closed and the process has reused (a database socket, a file) is never touched.
@@ -37,6 +43,9 @@ class ConnectionTracker:
         self.monitor = sock.get_monitor_socket(_EVENTS)
         self.peers: dict[int, tuple[str, int]] = {}  # fd -> (peer ip, peer port)
         self.sessions: dict[bytes, tuple[str, str]] = {}  # routing identity -> (user, peer ip)
+        self.bound: dict[bytes, int] = {}  # routing identity -> fd of the connection of its Hello
+        self.by_fd: dict[int, set[bytes]] = {}
+        self.ended: list[bytes] = []  # identities whose connection ended since take_ended()
 
     def saw(self, identity: bytes, user: str | None, ip: str | None) -> None:
         """A Hello from ``identity``: remember who it is and where it connects from."""
@@ -45,6 +54,32 @@ class ConnectionTracker:
 
     def forget(self, identity: bytes) -> None:
         self.sessions.pop(identity, None)
+        self._unbind(identity)
+
+    def live(self, fd: int | None) -> bool:
+        """Whether ``fd`` is a connection accepted here that has not ended (monitor read first)."""
+        self.poll()
+        return fd is not None and fd in self.peers
+
+    def bind(self, identity: bytes, fd: int) -> None:
+        """``identity``'s session now lives on connection ``fd``."""
+        self._unbind(identity)
+        self.bound[identity] = fd
+        self.by_fd.setdefault(fd, set()).add(identity)
+
+    def _unbind(self, identity: bytes) -> None:
+        fd = self.bound.pop(identity, None)
+        if fd is not None:
+            same = self.by_fd.get(fd)
+            if same is not None:
+                same.discard(identity)
+                if not same:
+                    del self.by_fd[fd]
+
+    def take_ended(self) -> list[bytes]:
+        """Identities whose session's connection ended (read the monitor first: :meth:`poll`)."""
+        ended, self.ended = self.ended, []
+        return ended
 
     def ips_of(self, users: set[str] | frozenset[str]) -> set[str]:
         return {ip for user, ip in self.sessions.values() if user in users}
@@ -59,13 +94,16 @@ class ConnectionTracker:
                 event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
             except zmq.Again:
                 return
-            fd = event["value"]
+            fd = int(event["value"])
             if event["event"] == zmq.EVENT_ACCEPTED:
                 peer = self._peer(fd)
                 if peer is not None:
                     self.peers[fd] = peer
             else:  # disconnected or closed: the number is libzmq's no more
                 self.peers.pop(fd, None)
+                for identity in self.by_fd.pop(fd, ()):
+                    del self.bound[identity]
+                    self.ended.append(identity)
 
     def close_from(self, ips: set[str]) -> int:
         """Shut down every tracked connection whose peer IP is in ``ips``; returns how many."""
