@@ -140,7 +140,28 @@ def main() -> None:
     is_flag=True,
     help="no CURVE encryption on the manager's ZeroMQ links (this host only; tokens still checked)",
 )
-def up(home: str | None, workers: int, detach: bool, examples: bool, insecure_loopback: bool) -> None:
+@click.option(
+    "--amqp",
+    is_flag=True,
+    help="publish Globus Compute results to RabbitMQ, for globus_compute_sdk.Executor: the broker on "
+    "127.0.0.1:$RMQ_PORT (default 5672), started with scripts/rabbitmq-localhost.sh when it is down",
+)
+@click.option(
+    "--amqp-url",
+    default=None,
+    metavar="URL",
+    help="like --amqp, with this running broker: amqp://ADMIN:PASSWORD@HOST:PORT/VHOST (an administrator: "
+    "the manager creates each user's credentials through the management API on $RMQ_MGMT_PORT)",
+)
+def up(
+    home: str | None,
+    workers: int,
+    detach: bool,
+    examples: bool,
+    insecure_loopback: bool,
+    amqp: bool,
+    amqp_url: str | None,
+) -> None:
     """Start a manager and a `local` endpoint on this machine."""
     missing = [m for m in ("sqlalchemy", "parsl", "fastapi") if importlib.util.find_spec(m) is None]
     if missing:
@@ -156,7 +177,9 @@ def up(home: str | None, workers: int, detach: bool, examples: bool, insecure_lo
         click.echo(f"made {tightened} paths under {root} private to you (folders 0700, files 0600)")
     procs: list[subprocess.Popen] = []
     try:
-        manager_info = _up_manager(root, procs, detach, insecure_loopback)
+        if amqp or amqp_url:
+            _ensure_broker(amqp_url)
+        manager_info = _up_manager(root, procs, detach, insecure_loopback, amqp or bool(amqp_url), amqp_url)
         token = (root / "manager" / "admin.token").read_text().strip()
         write_client_config(
             root,
@@ -221,13 +244,79 @@ def _publish_examples_in_background(root: Path) -> None:
     )
 
 
-def _up_manager(root: Path, procs: list[subprocess.Popen], detach: bool, insecure: bool = False) -> dict:
+RABBITMQ_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "rabbitmq-localhost.sh"
+RABBITMQ_SERVER_PATHS = ("/usr/sbin/rabbitmq-server", "/usr/lib/rabbitmq/bin/rabbitmq-server")  # off $PATH
+
+
+def _tcp_open(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+    except OSError:
+        return False
+    return True
+
+
+def _ensure_broker(url: str | None) -> None:
+    """``--amqp``: a RabbitMQ broker must answer (AMQP and its management API), else say why and
+    how to get one; a broker on 127.0.0.1 is started with scripts/rabbitmq-localhost.sh when root."""
+    import shutil
+    import urllib.parse
+
+    mgmt_port = int(os.environ.get("RMQ_MGMT_PORT", "15672"))
+    if url:
+        u = urllib.parse.urlsplit(url)
+        host, port = u.hostname or "", u.port or 5672
+        if u.scheme != "amqp" or not host:
+            raise click.ClickException(f"--amqp-url {url!r}: expected amqp://ADMIN:PASSWORD@HOST:PORT/VHOST")
+    else:
+        host, port = "127.0.0.1", int(os.environ.get("RMQ_PORT", "5672"))
+    if _tcp_open(host, port) and _tcp_open(host, mgmt_port):
+        click.echo(f"AMQP broker: {host}:{port} (management API on port {mgmt_port})")
+        return
+    if url:
+        raise click.ClickException(
+            f"no RabbitMQ answers at {host}:{port} (AMQP) and {host}:{mgmt_port} (management API, "
+            "$RMQ_MGMT_PORT) given by --amqp-url"
+        )
+    if not (shutil.which("rabbitmq-server") or any(Path(p).exists() for p in RABBITMQ_SERVER_PATHS)):
+        raise click.ClickException(
+            f"--amqp: no RabbitMQ on 127.0.0.1:{port} and rabbitmq-server is not installed. Install it "
+            "(Debian/Ubuntu: apt-get install rabbitmq-server; or run scripts/rabbitmq-localhost.sh as "
+            "root, which installs and starts it), or give a running broker with --amqp-url "
+            "amqp://ADMIN:PASSWORD@HOST:PORT/"
+        )
+    if not RABBITMQ_SCRIPT.exists():
+        raise click.ClickException(
+            f"--amqp: rabbitmq-server is installed but not running on 127.0.0.1:{port}; start it "
+            "(with an administrator $RMQ_ADMIN_USER and the management plugin), or give --amqp-url"
+        )
+    if os.geteuid() != 0:
+        raise click.ClickException(
+            f"--amqp: RabbitMQ is not running on 127.0.0.1:{port}; start it as root: sudo {RABBITMQ_SCRIPT}"
+        )
+    click.echo(f"starting RabbitMQ with {RABBITMQ_SCRIPT} ...")
+    run = subprocess.run(["bash", str(RABBITMQ_SCRIPT)], capture_output=True, text=True, timeout=600)
+    if run.returncode != 0 or not _tcp_open(host, port):
+        raise click.ClickException(f"RabbitMQ did not start:\n{(run.stdout + run.stderr)[-3000:]}")
+    click.echo(f"AMQP broker: {host}:{port} (management API on port {mgmt_port})")
+
+
+def _up_manager(
+    root: Path,
+    procs: list[subprocess.Popen],
+    detach: bool,
+    insecure: bool = False,
+    amqp: bool = False,
+    amqp_url: str | None = None,
+) -> dict:
     """The running manager's info, starting one if needed (on the ports it had last time, so
     clients and endpoints of a previous run reconnect by themselves)."""
     manager_home = root / "manager"
     info = _read_json(manager_home / "manager.json")
     if _pid_alive(info.get("pid")):
         click.echo(f"manager already running (pid {info['pid']})")
+        if amqp and not _read_json(manager_home / "globus_compute.json").get("amqp"):
+            click.echo("  it publishes no AMQP results: `dlhub down` then `dlhub up --amqp`")
         return info
     (manager_home / "manager.json").unlink(missing_ok=True)
     args = [sys.executable, "-m", "dlhub.manager.cli", "serve", "--home", str(manager_home)]
@@ -245,6 +334,8 @@ def _up_manager(root: Path, procs: list[subprocess.Popen], detach: bool, insecur
     # the Globus Compute API: 5000 (the SDK's environment="local") when free, else its last port, else any
     gc_port = next((p for p in (GC_DEFAULT_PORT, last.get("globus_compute")) if _port_free(p)), 0)
     args += ["--globus-compute-port", str(gc_port)]
+    if amqp:
+        args += ["--amqp-url", amqp_url] if amqp_url else ["--globus-compute-amqp"]
     reused = [f"{key} {last[key]}" for key in ("client", "endpoint", "rest") if _port_free(last.get(key))]
     ports = f"the ports of its last run ({', '.join(reused)})" if reused else "free ports"
     click.echo(f"starting the manager on {ports} (state: {manager_home}) ...")
@@ -390,6 +481,9 @@ def _down(root: Path) -> list[str]:
     (root / "examples.pid").unlink(missing_ok=True)
     if _stop_pid(_read_json(root / "manager" / "manager.json").get("pid")):
         stopped.append("manager")
+    # the manager's Globus Compute address goes with it (client() must not find a dead URL)
+    if not _pid_alive(_read_json(root / "manager" / "globus_compute.json").get("pid")):
+        (root / "manager" / "globus_compute.json").unlink(missing_ok=True)
     (root / "up.json").unlink(missing_ok=True)
     return stopped
 

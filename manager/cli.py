@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 
 import click
@@ -55,6 +56,14 @@ def main() -> None:
     is_flag=True,
     help="publish Globus Compute results to RabbitMQ for globus_compute_sdk.Executor (broker from "
     "$RMQ_PORT, $RMQ_MGMT_PORT, $RMQ_ADMIN_USER, $RMQ_ADMIN_PASSWORD as scripts/rabbitmq-localhost.sh)",
+)
+@click.option(
+    "--amqp-url",
+    default=None,
+    metavar="URL",
+    help="the RabbitMQ broker for --globus-compute-amqp (implies it): amqp://ADMIN:PASSWORD@HOST:PORT/VHOST "
+    "of an administrator (it creates each user's credentials); its management API is on "
+    "http://HOST:$RMQ_MGMT_PORT (default 15672)",
 )
 @click.option(
     "--result-cache-mb",
@@ -107,6 +116,7 @@ def serve(
     no_rest,
     globus_compute_port,
     globus_compute_amqp,
+    amqp_url,
     result_cache_mb,
     result_cache_ttl_s,
     persist_result_cache,
@@ -157,15 +167,22 @@ def serve(
     except ValueError as exc:
         raise click.ClickException(str(exc))
     manager = Manager(config)
-    gc_server = None
+    gc_server = publisher = None
     if globus_compute_port is not None:  # bound now (its URL is known), served once the manager runs
         from .api import ApiServer
-        from .globus_compute import create_gc_app
+        from .globus_compute import CLEAN_STOP_FILE, create_gc_app
 
-        publisher = _amqp_publisher(state) if globus_compute_amqp else None
+        publisher = _amqp_publisher(state, amqp_url) if globus_compute_amqp or amqp_url else None
+
+        clean = state / CLEAN_STOP_FILE  # the last publisher's clean stop: nothing to publish again
+        try:
+            published_until = float(clean.read_text())
+        except (OSError, ValueError):
+            published_until = None  # a crash: recent results are published again
+        clean.unlink(missing_ok=True)
 
         def make_gc_app():
-            return create_gc_app(manager, publisher)
+            return create_gc_app(manager, publisher, published_until)
 
         try:
             gc_server = ApiServer(make_gc_app, host, globus_compute_port)
@@ -174,7 +191,8 @@ def serve(
             click.echo(f"{taken}; using any free one")
             gc_server = ApiServer(make_gc_app, host, 0)
         # read by dlhub.compat.globus_compute.client()
-        write_private(state / "globus_compute.json", json.dumps({"url": gc_server.url, "pid": os.getpid()}))
+        gc_info = {"url": gc_server.url, "pid": os.getpid(), "amqp": publisher is not None}
+        write_private(state / "globus_compute.json", json.dumps(gc_info))
     manager.start()
     if gc_server is not None:
         gc_server.start()
@@ -190,24 +208,53 @@ def serve(
             f"user(s) {', '.join(manager.users_without_keys)} have tokens from before CURVE and cannot "
             "connect: re-issue each with `dlhub-manager create-user NAME`"
         )
-    manager.run()
+    try:
+        manager.run()
+    finally:
+        if gc_server is not None:  # its address goes with it (compat client() must not find a dead URL)
+            (state / "globus_compute.json").unlink(missing_ok=True)
+        if publisher is not None:  # results queued for the broker go out before the process ends
+            stopped = time.time()
+            if publisher.flush(10):
+                write_private(state / CLEAN_STOP_FILE, repr(stopped))
+            publisher.close()
 
 
-def _amqp_publisher(state: Path):
+def _amqp_publisher(state: Path, url: str | None = None):
     """The RabbitMQ result publisher of the Globus Compute API; the secret that derives each user's
-    broker password is kept (0600) in the state directory, so passwords survive restarts."""
+    broker password is kept (0600) in the state directory, so passwords survive restarts. The
+    broker: ``url`` (amqp://ADMIN:PASSWORD@HOST:PORT/VHOST), else the $RMQ_* variables."""
+    import urllib.parse
+
     from .amqp import BrokerSettings, ResultPublisher
 
     secret_file = state / "amqp.secret"
     if not secret_file.exists():
         write_private(secret_file, os.urandom(32).hex())
-    settings = BrokerSettings(
-        port=int(os.environ.get("RMQ_PORT", "5672")),
-        management_url=f"http://127.0.0.1:{os.environ.get('RMQ_MGMT_PORT', '15672')}",
-        admin_user=os.environ.get("RMQ_ADMIN_USER", "dlhub-admin"),
-        admin_password=os.environ.get("RMQ_ADMIN_PASSWORD", "dlhub-admin"),
-        secret=secret_file.read_text().strip().encode(),
-    )
+    mgmt_port = os.environ.get("RMQ_MGMT_PORT", "15672")
+    if url:
+        u = urllib.parse.urlsplit(url)
+        if u.scheme != "amqp" or not u.hostname:
+            raise click.ClickException(f"--amqp-url {url!r}: expected amqp://ADMIN:PASSWORD@HOST:PORT/VHOST")
+        host = u.hostname
+        vhost = urllib.parse.unquote(u.path[1:]) if len(u.path) > 1 else "/"
+        settings = BrokerSettings(
+            host=host,
+            port=u.port or 5672,
+            management_url=f"http://{host}:{mgmt_port}",
+            admin_user=urllib.parse.unquote(u.username or "guest"),
+            admin_password=urllib.parse.unquote(u.password or "guest"),
+            vhost=vhost,
+            secret=secret_file.read_text().strip().encode(),
+        )
+    else:
+        settings = BrokerSettings(
+            port=int(os.environ.get("RMQ_PORT", "5672")),
+            management_url=f"http://127.0.0.1:{mgmt_port}",
+            admin_user=os.environ.get("RMQ_ADMIN_USER", "dlhub-admin"),
+            admin_password=os.environ.get("RMQ_ADMIN_PASSWORD", "dlhub-admin"),
+            secret=secret_file.read_text().strip().encode(),
+        )
     return ResultPublisher(settings)
 
 

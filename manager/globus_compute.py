@@ -31,7 +31,7 @@ from dlhub.protocol import messages as m
 
 from . import events as ev
 from .schema import code_table, tasks_table
-from .store import unpack_error
+from .store import TERMINAL, unpack_error
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +47,26 @@ GC_STATES = {
     "lost": "failed",
 }
 RECENT_TASKS = 200_000  # submitted task ids remembered until the store has them (and beyond)
+SESSION_PREFIX = "gc:"  # a GC task's client_session column: "gc:<task group id>" (kept across restarts)
+REPUBLISH_AFTER_CRASH_S = 600.0  # after an unclean stop: results this recent are published again
+CLEAN_STOP_FILE = "amqp.clean"  # written (the time) when the publisher flushed everything at stop
 
 
 def function_uuid(digest: str) -> str:
     return str(uuid.UUID(hex=digest.removeprefix("sha256:")[:32]))
 
 
-def create_gc_app(manager: Any, publisher: Any = None):
+def create_gc_app(manager: Any, publisher: Any = None, published_until: float | None = None):
     """The FastAPI app of the GC API over a started :class:`dlhub.manager.broker.Manager`.
     ``publisher``: a :class:`dlhub.manager.amqp.ResultPublisher` (the SDK's Executor gets its
     results over AMQP) or None: then ``/v2/get_amqp_result_connection_url`` answers 503 and
-    submits that ask for a result queue get none (the Client polls over REST, as it always does)."""
+    submits that ask for a result queue get none (the Client polls over REST, as it always does).
+
+    Each result goes to AMQP only after the task store committed it (``store.after_commit``).
+    After a restart, GC tasks still unfinished get their publisher back (their task group is the
+    row's ``client_session``), and results finished since ``published_until`` (the clean stop of
+    the last publisher; unknown after a crash: the last ``REPUBLISH_AFTER_CRASH_S``) are
+    published again: at least once; the SDK resolves each future once and ignores a repeat."""
     from fastapi import Body, Depends, FastAPI, Header, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
@@ -153,23 +162,31 @@ def create_gc_app(manager: Any, publisher: Any = None):
         rec = m.task_record(task_id, digest, payload, None, gc.GC_SERIALIZER, None, {"cache": False})
         future: concurrent.futures.Future = concurrent.futures.Future()
         tid = str(uuid.UUID(bytes=task_id))
-
-        def done(res: list) -> None:
-            if not future.done():
-                future.set_result(res)
-                if publish is not None:
-                    publish(tid, res)
+        done = result_callback(tid, future, publish)
 
         recent[tid] = (owner, future)
         while len(recent) > RECENT_TASKS:
             recent.popitem(last=False)
         return tid, rec, done
 
-    def publisher_for(user: str, group: str):
+    def result_callback(tid: str, future: Any, publish: Any):
+        """The loop's callback for a task's result: answer REST at once; publish to AMQP once the
+        store committed the result (the result's update is enqueued before this runs)."""
+
+        def done(res: list) -> None:
+            if future is not None and not future.done():
+                future.set_result(res)
+            if publish is not None:
+                manager.store.after_commit(lambda: publish(tid, res))
+
+        return done
+
+    def publisher_for(user: str, group: str, declare: bool = True):
         """A result -> AMQP message callback for the task group's queue (declared now)."""
         from globus_compute_common.messagepack.message_types import Result, ResultErrorDetails
 
-        publisher.declare_queue(user, group)
+        if declare:
+            publisher.declare_queue(user, group)
 
         def publish(tid: str, res: list) -> None:
             doc = outcome(tid, res[m.R_STATE], res[m.R_PAYLOAD], res[m.R_ERROR], time.time())
@@ -213,7 +230,8 @@ def create_gc_app(manager: Any, publisher: Any = None):
         def enqueue() -> None:
             for rec, done in zip(records, callbacks):
                 msg = m.Submit(name, [rec])
-                manager.route(ev.ClientSubmitted(b"", who[0], "globus-compute", msg, time.time(), done))
+                session = SESSION_PREFIX + group
+                manager.route(ev.ClientSubmitted(b"", who[0], session, msg, time.time(), done))
 
         manager.call_soon(enqueue)
         known = groups.setdefault(group, (who[0], []))
@@ -286,10 +304,18 @@ def create_gc_app(manager: Any, publisher: Any = None):
 
     @app.get("/v2/taskgroup/{group_id}")
     def taskgroup(group_id: str, who: User):
-        # kept in memory: after a manager restart a task group reads as empty
+        # submitted lately: from memory; committed: from the store (after a restart too)
         owner, ids = groups.get(group_id, (who[0], []))
         if owner != who[0] and who[1] != "admin":
             raise GCError(404, "TASK_GROUP_NOT_FOUND", f"task group {group_id} not found")
+        t = tasks_table
+        query = sa.select(t.c.task_id).where(t.c.client_session == SESSION_PREFIX + group_id)
+        if who[1] != "admin":
+            query = query.where(t.c.owner == who[0])
+        with engine.connect() as conn:
+            stored = [str(uuid.UUID(bytes=r[0])) for r in conn.execute(query.order_by(t.c.t_received))]
+        seen = set(stored)
+        ids = stored + [tid for tid in ids if tid not in seen]
         return {"taskgroup_id": group_id, "tasks": [{"id": t} for t in ids]}
 
     @app.get("/v2/get_amqp_result_connection_url")
@@ -302,4 +328,52 @@ def create_gc_app(manager: Any, publisher: Any = None):
         except Exception as exc:  # noqa: BLE001 - the broker's management API is down or refuses
             raise GCError(503, "AMQP_UNAVAILABLE", f"the result broker is unavailable: {exc}") from None
 
+    if publisher is not None:
+        _recover(manager, publisher, publisher_for, result_callback, outcome, published_until)
     return app
+
+
+def _recover(manager, publisher, publisher_for, result_callback, outcome, published_until) -> None:
+    """After a (re)start: unfinished GC tasks publish their result when it comes; results that
+    finished since the last confirmed publish are published again."""
+    since = published_until if published_until is not None else time.time() - REPUBLISH_AFTER_CRASH_S
+    t = tasks_table
+    columns = (t.c.task_id, t.c.owner, t.c.client_session, t.c.state, t.c.result, t.c.error, t.c.t_finished)
+    unfinished = sa.or_(t.c.state.not_in(TERMINAL), t.c.t_finished >= since)
+    query = sa.select(*columns).where(t.c.client_session.like(SESSION_PREFIX + "%"), unfinished)
+    with manager.store.engine.connect() as conn:
+        rows = conn.execute(query).all()
+    if not rows:
+        return
+    callbacks = {}
+    for row in rows:
+        publish = publisher_for(row.owner, row.client_session[len(SESSION_PREFIX) :], declare=False)
+        tid = str(uuid.UUID(bytes=row.task_id))
+        if row.state in TERMINAL:
+            doc_error = unpack_error(row.error)
+            publish(tid, m.result_record(row.task_id, row.state, row.result, doc_error))
+        else:
+            callbacks[row.task_id] = result_callback(tid, None, publish)
+    log.info(
+        "GC/AMQP: %d results published again, %d unfinished tasks watched",
+        len(rows) - len(callbacks),
+        len(callbacks),
+    )
+
+    def attach() -> None:  # on the loop, before anything an endpoint resends is handled
+        for task_id, done in callbacks.items():
+            if task_id in manager.router.tasks:
+                manager.router.callbacks[task_id] = done
+            else:  # finished in between: publish what the store has once it is committed
+                manager.store.after_commit(lambda t=task_id, d=done: _from_store(manager, t, d))
+
+    manager.call_soon(attach)
+
+
+def _from_store(manager: Any, task_id: bytes, done: Any) -> None:
+    t = tasks_table
+    query = sa.select(t.c.state, t.c.result, t.c.error).where(t.c.task_id == task_id)
+    with manager.store.engine.connect() as conn:
+        row = conn.execute(query).first()
+    if row is not None and row.state in TERMINAL:
+        done(m.result_record(task_id, row.state, row.result, unpack_error(row.error)))

@@ -99,7 +99,20 @@ class _Flush:
     done: threading.Event
 
 
-_Command = _Insert | _Update | _PutCode | _PutCached | _Flush
+@dataclass(frozen=True, slots=True)
+class _AfterCommit:
+    """Call ``fn()`` on the writer thread once everything queued before it is committed."""
+
+    fn: Callable[[], None]
+
+    def set(self) -> None:  # run where a _Flush's event is set
+        try:
+            self.fn()
+        except Exception:  # a caller's bug must not stop the writer
+            log.exception("error in an after-commit callback")
+
+
+_Command = _Insert | _Update | _PutCode | _PutCached | _Flush | _AfterCommit
 
 STALL_S = 1.0  # a group commit running longer than this counts as stalled while it runs
 
@@ -200,6 +213,12 @@ class TaskStore:
         done = threading.Event()
         self._queue.put(_Flush(done))
         return done.wait(timeout)
+
+    def after_commit(self, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` once every write enqueued so far is committed (on the writer thread,
+        after that group commit; keep it short and non-blocking). Never blocks the caller. The
+        Globus Compute API publishes each result to AMQP this way: only once it is durable."""
+        self._queue.put(_AfterCommit(fn))
 
     def health(self) -> dict[str, Any]:
         """The writer's state, cheap and from any thread: ``state`` "ok" or "stalled" (a group
@@ -390,6 +409,8 @@ class TaskStore:
             batch.cached[item.key] = (item.payload, item.created)
         elif cls is _Flush:
             flushes.append(item.done)
+        elif cls is _AfterCommit:
+            flushes.append(item)
 
     def _write(self, batch: _Batch) -> None:
         """One transaction on the raw DBAPI connection (SQLAlchemy's per-call cost, ~100 us,
