@@ -26,6 +26,7 @@ from dlhub.protocol.search import PARAMS, SearchQuery
 from dlhub.protocol.servable import OWNER_PATTERN, VISIBILITIES, RecordError, parse_record
 
 from .auth import Authenticator
+from .datasets import linked_datasets
 from .repository import Access, NotFound, Repository, RepositoryError, Viewer, no_servable
 from .store import TERMINAL, tasks_table, unpack_error
 
@@ -405,6 +406,7 @@ def create_app(
             "error": error,
             "versions": versions,
             "visibility": access.visibility,
+            "datasets": linked_datasets(repository, record, viewer_of(who)),
             **({"shares": shares_of(access)} if who[1] == "admin" or who[0] == owner else {}),
         }
 
@@ -676,6 +678,12 @@ def create_app(
             raise ApiError(404, "not-found", f"there is no task {task_id}")  # as in task_row
         return {"task_id": task_id, **record}
 
+    from .datasets_api import install as install_datasets  # data sets and uploads
+
+    install_datasets(
+        app, {**locals(), "ApiError": ApiError, "API": API, "MAX_VERSION": MAX_VERSION,
+              "search_parameters": search_parameters},
+    )  # fmt: skip
     from .web import install as install_web  # the pages call the handlers above (dlhub.manager.web)
 
     install_web(app, {**locals(), "ApiError": ApiError})

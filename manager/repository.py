@@ -36,7 +36,7 @@ from dlhub.protocol.servable import (
     record_digest,
 )
 
-from .schema import FTS_DDL, access_table, shares_table, versions_table  # noqa: F401 - re-exported
+from .schema import FTS_DDL, access_table, links_table, shares_table, versions_table  # noqa: F401 - re-exported
 
 
 def _like_literal(value: str) -> str:
@@ -53,7 +53,11 @@ SEARCH_FILTER_SQL = {
     "domain": ("domains", "listed"),
     "author": ("authors", "listed"),
     "related": ("related", "listed"),
+    "dataset": ("dataset", "links"),  # servables linked to this data set (dataset_links)
+    "servable": ("servable", "links"),  # data sets this servable is linked to
 }
+RECORD_TYPES = ("servable", "dataset")
+LINK_RELATIONS = ("trained_on", "validated_on")
 
 
 class RepositoryError(ValueError):
@@ -64,10 +68,20 @@ class NotFound(RepositoryError):
     pass
 
 
-def no_servable(owner: str, name: str, version: int | None = None) -> str:
-    """The one message for a servable that does not exist *or that the caller may not see*: the
-    same words either way, so a private servable's existence never leaks."""
-    return f"there is no servable {owner}/{name}" + (f":{version}" if version else "")
+def no_servable(owner: str, name: str, version: int | None = None, kind: str = "servable") -> str:
+    """The one message for a servable (or data set) that does not exist *or that the caller may
+    not see*: the same words either way, so a private servable's existence never leaks."""
+    what = "data set" if kind == "dataset" else "servable"
+    return f"there is no {what} {owner}/{name}" + (f":{version}" if version else "")
+
+
+def parse_any(record: dict[str, Any], kind: str) -> Any:
+    """A stored record of either kind, validated."""
+    if kind == "dataset":
+        from dlhub.protocol.dataset import parse_dataset
+
+        return parse_dataset(record)
+    return parse_record(record)
 
 
 @dataclass(frozen=True)
@@ -121,6 +135,16 @@ class BlobStore:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(tmp, target)
+        return digest
+
+    def put_file(self, source: Path, digest: str) -> str:
+        """Move a file already checked to have ``digest`` into the store (atomic rename)."""
+        target = self.path(digest)
+        if target.exists():
+            Path(source).unlink(missing_ok=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(source, target)
         return digest
 
     def get(self, digest: str) -> bytes:
@@ -205,11 +229,16 @@ class Repository:
                 raise RepositoryError(f"file {path!r} has digest {actual}, the record says {rec.files[path]}")
         if rec.kind == "pipeline":
             rec = rec.model_copy(update={"steps": [self._pin(step, publisher) for step in rec.steps]})
+        links = []
+        for relation in LINK_RELATIONS:
+            pinned = [self._pin_dataset(ref, relation, publisher) for ref in getattr(rec, relation)]
+            rec = rec.model_copy(update={relation: pinned})
+            links += [(relation, *parse_ref(ref)) for ref in pinned]
         for data in files.values():  # before the commit: a crash leaves only unreferenced blobs
             self.blobs.put(data)
         for attempt in range(PUBLISH_ATTEMPTS):
             try:
-                return self._insert_version(owner, rec, visibility)
+                return self._insert_version(owner, rec, visibility, links=links)
             except sa.exc.IntegrityError:  # a concurrent publish took that version number
                 if attempt == PUBLISH_ATTEMPTS - 1:
                     raise RepositoryError(
@@ -218,10 +247,30 @@ class Repository:
                 time.sleep(0.01 * (attempt + 1))
         raise AssertionError("unreachable")
 
-    def _insert_version(self, owner: str, rec: ServableRecord, visibility: str | None) -> ServableRecord:
+    def _insert_version(
+        self,
+        owner: str,
+        rec: Any,
+        visibility: str | None,
+        *,
+        record_type: str = "servable",
+        status: str = "pending",
+        digest_of=record_digest,
+        links: list[tuple[str, str, str, int]] = (),  # type: ignore[assignment]
+    ) -> Any:
+        """One transaction: the next version of ``owner/name`` (servables and data sets share the
+        name space: a name is one or the other), its search entry, links and visibility."""
         t = versions_table
         now = self.clock()
         with self.engine.begin() as conn:
+            other = conn.execute(
+                sa.select(t.c.record_type)
+                .where(t.c.owner == owner, t.c.name == rec.name, t.c.record_type != record_type)
+                .limit(1)
+            ).scalar()
+            if other is not None:
+                what = "a data set" if other == "dataset" else "a servable"
+                raise RepositoryError(f"{owner}/{rec.name} is {what}: choose another name")
             latest = conn.execute(
                 sa.select(sa.func.max(t.c.version)).where(t.c.owner == owner, t.c.name == rec.name)
             ).scalar()
@@ -231,8 +280,9 @@ class Repository:
                     owner=owner,
                     name=rec.name,
                     version=rec.version,
-                    status="pending",
-                    digest=record_digest(rec),
+                    status=status,
+                    record_type=record_type,
+                    digest=digest_of(rec),
                     record=rec.model_dump_json(),
                     domains=_bars(rec.domains),
                     authors=_bars([a.name for a in rec.authors]),
@@ -248,11 +298,38 @@ class Repository:
                 ),
                 {"o": owner, "n": rec.name, "v": rec.version, **_search_texts(rec)},
             )
+            for relation, d_owner, d_name, d_version in links:
+                conn.execute(
+                    links_table.insert().values(
+                        owner=owner,
+                        name=rec.name,
+                        version=rec.version,
+                        relation=relation,
+                        dataset_owner=d_owner,
+                        dataset_name=d_name,
+                        dataset_version=d_version,
+                    )
+                )
             if visibility is not None:
                 self._write_visibility(conn, owner, rec.name, visibility)
-        if visibility is not None:
+        if visibility is not None or status != "pending":
             self.generation += 1
         return rec
+
+    def _pin_dataset(self, ref: str, relation: str, publisher: Viewer | None) -> str:
+        """A data set a servable names (``trained_on``...) as ``owner/name:version`` of a ready
+        version the publisher may see; else an error in the same words as for none at all."""
+        owner, name, version = parse_ref(ref)
+        missing = f"{relation} {ref!r}: {no_servable(owner, name, version, 'dataset')}"
+        if publisher is not None and not self.access(owner, name).allows(owner, publisher):
+            raise RepositoryError(missing)
+        try:
+            rec, status, _ = self.get(owner, name, version, kind="dataset")
+        except NotFound:
+            raise RepositoryError(missing) from None
+        if status != "ready":
+            raise RepositoryError(f"{relation} {ref!r} is {status}, not ready")
+        return rec.ref
 
     def _pin(self, step: str, publisher: Viewer | None = None) -> str:
         """A pipeline step as ``owner/name:version`` of a ready version (pinned at publish), which
@@ -305,11 +382,14 @@ class Repository:
     # ---- reading -------------------------------------------------------------------------------
 
     def get(
-        self, owner: str, name: str, version: int | None = None
-    ) -> tuple[ServableRecord, str, str | None]:
-        """(record, status, error). ``version=None`` is the latest ready version: what calls use."""
+        self, owner: str, name: str, version: int | None = None, *, kind: str = "servable"
+    ) -> tuple[Any, str, str | None]:
+        """(record, status, error). ``version=None`` is the latest ready version: what calls use.
+        ``kind``: servable (a :class:`ServableRecord`) or dataset (a ``DatasetRecord``)."""
         t = versions_table
-        query = sa.select(t.c.record, t.c.status, t.c.error).where(t.c.owner == owner, t.c.name == name)
+        query = sa.select(t.c.record, t.c.status, t.c.error).where(
+            t.c.owner == owner, t.c.name == name, t.c.record_type == kind
+        )
         if version is None:
             query = query.where(t.c.status == "ready").order_by(t.c.version.desc()).limit(1)
         else:
@@ -319,7 +399,7 @@ class Repository:
         if row is None:
             which = f"{owner}/{name}:{version}" if version else f"ready version of {owner}/{name}"
             raise NotFound(f"there is no {which}")
-        return parse_record(json.loads(row.record)), row.status, row.error
+        return parse_any(json.loads(row.record), kind), row.status, row.error
 
     def resolve(self, owner: str, name: str, version: int | None = None) -> tuple[ServableRecord, str]:
         """(record, package digest) of a version that calls may route to: ready, not deleted."""
@@ -340,7 +420,9 @@ class Repository:
 
     def _why_not_routable(self, owner: str, name: str, version: int | None) -> str:
         t = versions_table
-        query = sa.select(t.c.version, t.c.status).where(t.c.owner == owner, t.c.name == name)
+        query = sa.select(t.c.version, t.c.status).where(
+            t.c.owner == owner, t.c.name == name, t.c.record_type == "servable"
+        )
         with self.engine.connect() as conn:
             rows = conn.execute(query.order_by(t.c.version)).all()
         if version is not None:
@@ -382,16 +464,16 @@ class Repository:
             steps.append(blob)
         return pack_package(record, files, steps)
 
-    def versions(self, owner: str, name: str) -> list[dict[str, Any]]:
+    def versions(self, owner: str, name: str, kind: str = "servable") -> list[dict[str, Any]]:
         t = versions_table
         with self.engine.connect() as conn:
             rows = conn.execute(
                 sa.select(t.c.version, t.c.status, t.c.error, t.c.created)
-                .where(t.c.owner == owner, t.c.name == name)
+                .where(t.c.owner == owner, t.c.name == name, t.c.record_type == kind)
                 .order_by(t.c.version)
             ).all()
         if not rows:
-            raise NotFound(no_servable(owner, name))
+            raise NotFound(no_servable(owner, name, kind=kind))
         return [dict(r._mapping) for r in rows]
 
     def exists(self, owner: str, name: str) -> bool:
@@ -478,7 +560,7 @@ class Repository:
     def delete(self, owner: str, name: str, version: int | None = None) -> int:
         """Mark one version (or all) deleted: no new calls route to it; returns how many."""
         t = versions_table
-        where = [t.c.owner == owner, t.c.name == name, t.c.status != "deleted"]
+        where = [t.c.owner == owner, t.c.name == name, t.c.status != "deleted", t.c.record_type == "servable"]
         if version is not None:
             where.append(t.c.version == version)
         with self.engine.begin() as conn:
@@ -552,7 +634,8 @@ class Repository:
         else:
             sql = sql.format(rank="0.0", join="")
         visible = "!= 'deleted'" if include_unready else "= 'ready'"
-        sql += f" AND v.status {visible}"
+        sql += f" AND v.status {visible} AND v.record_type = :kind"
+        params["kind"] = search.kind
         if search.only_latest:
             sql += (
                 " AND v.version = (SELECT max(w.version) FROM servable_versions w"
@@ -563,6 +646,11 @@ class Repository:
             if match == "equals":
                 params[column] = value
                 sql += f" AND v.{column} = :{column}"
+            elif match == "links":
+                l_owner, l_name, l_version = parse_ref(value)
+                if viewer is not None and not self.access(l_owner, l_name).allows(l_owner, viewer):
+                    return []  # the linked record is not the viewer's to see: as if it did not exist
+                sql += self._links_clause(name, l_owner, l_name, l_version, params)
             else:  # "listed": one of a |-delimited list, case-insensitive
                 params[column] = f"%|{_like_literal(value.lower())}|%"
                 sql += f" AND v.{column} LIKE :{column} ESCAPE '\\'"
@@ -572,4 +660,32 @@ class Repository:
         params["limit"] = search.limit
         with self.engine.connect() as conn:
             rows = conn.execute(sa.text(sql), params).all()
-        return [{"status": row.status, **json.loads(row.record)} for row in rows]
+        return [_hit(row.status, json.loads(row.record)) for row in rows]
+
+    @staticmethod
+    def _links_clause(filter_name: str, owner: str, name: str, version: int | None, params: dict) -> str:
+        """SQL: ``v`` (a servable) is linked to the data set named (filter ``dataset``), or ``v``
+        (a data set) is linked from the servable named (filter ``servable``)."""
+        params.update(l_owner=owner, l_name=name)
+        if filter_name == "dataset":
+            mine, theirs = ("owner", "name", "version"), ("dataset_owner", "dataset_name", "dataset_version")
+        else:
+            mine, theirs = ("dataset_owner", "dataset_name", "dataset_version"), ("owner", "name", "version")
+        sql = (
+            f" AND EXISTS (SELECT 1 FROM dataset_links l WHERE l.{mine[0]} = v.owner AND l.{mine[1]} = v.name"
+            f" AND l.{mine[2]} = v.version AND l.{theirs[0]} = :l_owner AND l.{theirs[1]} = :l_name"
+        )
+        if version is not None:
+            params["l_version"] = version
+            sql += f" AND l.{theirs[2]} = :l_version"
+        return sql + ")"
+
+
+def _hit(status: str, record: dict[str, Any]) -> dict[str, Any]:
+    """A search hit: the record and its status; a data set's files summed up (count and bytes),
+    not listed (there may be many: describe lists them)."""
+    if record.get("type") == "dataset":
+        files = record.pop("files", {})
+        record["file_count"] = len(files)
+        record["size"] = sum(f.get("size", 0) for f in files.values())
+    return {"status": status, **record}

@@ -4,8 +4,9 @@ migrations that bring an older database up to it, and the engine settings.
     tasks, code, result_cache           the task store (store.py)
     users, groups, group_members,       users, roles, tokens and groups (auth.py, zap.py)
       endpoint_owners
-    servable_versions, servable_access, the servable repository (repository.py)
-      servable_shares, servable_fts
+    servable_versions, servable_access, the servable repository (repository.py): servables and
+      servable_shares, servable_fts,      data sets (record_type), one name space, one search index
+      dataset_links                       which data sets a servable version was trained/validated on
     dlhub_meta                          schema version, users generation
 
 The modules that read and write these import from here and not from each other, so the package's
@@ -21,9 +22,10 @@ import sqlalchemy as sa
 
 from dlhub.protocol import messages as m
 
-SCHEMA_VERSION = 8  # 2: tasks.resources; 3: servable_versions.digest; 4: tasks.options;
+SCHEMA_VERSION = 9  # 2: tasks.resources; 3: servable_versions.digest; 4: tasks.options;
 # 5: users.curve_key;
-# 6: users.revoked, groups, group_members; 7: servable_access, servable_shares; 8: endpoint_owners
+# 6: users.revoked, groups, group_members; 7: servable_access, servable_shares; 8: endpoint_owners;
+# 9: servable_versions.record_type (data sets beside servables), dataset_links
 metadata = sa.MetaData()
 
 tasks_table = sa.Table(
@@ -163,6 +165,22 @@ versions_table = sa.Table(
     sa.Column("related", sa.Text, nullable=False, default="|"),
     sa.Column("created", sa.Float, nullable=False),
     sa.Column("updated", sa.Float, nullable=False),
+    # servable | dataset (9): both kinds share owner/name, versions, visibility, shares and search
+    sa.Column("record_type", sa.String(16), nullable=False, server_default="servable", index=True),
+)
+
+# A servable version's data sets (9): pinned at publish, so searches go both ways in SQL
+links_table = sa.Table(
+    "dataset_links",
+    metadata,
+    sa.Column("owner", sa.String(128), primary_key=True),
+    sa.Column("name", sa.String(80), primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("relation", sa.String(16), primary_key=True),  # trained_on | validated_on
+    sa.Column("dataset_owner", sa.String(128), primary_key=True),
+    sa.Column("dataset_name", sa.String(80), primary_key=True),
+    sa.Column("dataset_version", sa.Integer, primary_key=True),
+    sa.Index("ix_dataset_links_dataset", "dataset_owner", "dataset_name", "dataset_version"),
 )
 
 # Who may see a servable: the row's owner/name, not one immutable version (visibility can change
@@ -231,6 +249,10 @@ MIGRATIONS: dict[int, list[str | Callable[[sa.Connection], None]]] = {
     6: [_add_column("users", "revoked", "FLOAT")],  # groups, group_members: made by create_all
     7: [],  # servable_access, servable_shares (visibility and shares): made by create_all
     8: [],  # endpoint_owners: made by create_all
+    9: [  # dataset_links: made by create_all
+        _add_column("servable_versions", "record_type", "VARCHAR(16) NOT NULL DEFAULT 'servable'"),
+        "CREATE INDEX IF NOT EXISTS ix_servable_versions_record_type ON servable_versions (record_type)",
+    ],
 }
 
 

@@ -12,7 +12,8 @@ HTTP query parameter (``q`` for ``query``), its CLI option (``--all-versions``, 
 :data:`PARAMS`; the Client keeps an explicit signature (for editors and ``help()``), which
 ``tests/unit/test_search_params.py`` holds to the same names and defaults. Adding a filter (e.g.
 ``kind``) means a field here, marked ``filter=True``, its SQL in ``Repository.search``, and its
-keyword in ``Client.search``.
+keyword in ``Client.search``. ``kind`` picks servables (default) or data sets; ``dataset`` and
+``servable`` filter each by the links between them (``trained_on``/``validated_on``).
 
 Standard library only: the client imports it.
 """
@@ -20,12 +21,15 @@ Standard library only: the client imports it.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 __all__ = ["FILTERS", "LIMIT_MAX", "LIMIT_MIN", "PARAMS", "Param", "SearchParameterError", "SearchQuery"]
 
 LIMIT_MIN, LIMIT_MAX, LIMIT_DEFAULT = 1, 500, 20
+KINDS = ("servable", "dataset")
+_REF = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[a-z0-9][a-z0-9_.-]*(?::\d+)?")
 
 
 class SearchParameterError(ValueError):
@@ -76,6 +80,12 @@ class SearchQuery:
     domain: str | None = _param(str, None, "a scientific domain, e.g. materials science", filter=True)
     author: str | None = _param(str, None, 'an author, "Family, Given"', filter=True)
     related: str | None = _param(str, None, "a related identifier, e.g. a DOI", filter=True)
+    dataset: str | None = _param(
+        str, None, "servables trained or validated on this data set, owner/name[:version]", filter=True
+    )
+    servable: str | None = _param(
+        str, None, "data sets this servable was trained or validated on, owner/name[:version]", filter=True
+    )
     only_latest: bool = _param(
         bool,
         True,
@@ -85,6 +95,7 @@ class SearchQuery:
         cli_help="every ready version, not only the latest",
     )
     limit: int = _param(int, LIMIT_DEFAULT, "at most this many hits", minimum=LIMIT_MIN, maximum=LIMIT_MAX)
+    kind: str = _param(str, "servable", "what to find: servable or dataset")
 
     def __post_init__(self) -> None:
         for p in PARAMS:
@@ -101,6 +112,10 @@ class SearchQuery:
                     raise SearchParameterError(p.name, f"must be an integer, not {type(value).__name__}")
             elif not isinstance(value, p.type):
                 raise SearchParameterError(p.name, f"must be a {p.type.__name__}, not {type(value).__name__}")
+            if p.name == "kind" and value not in KINDS:
+                raise SearchParameterError(p.name, f"must be one of {', '.join(KINDS)}, not {value!r}")
+            if p.name in ("dataset", "servable") and value is not None and not _REF.fullmatch(value):
+                raise SearchParameterError(p.name, f"must be owner/name or owner/name:version, not {value!r}")
             if (p.minimum is not None and value < p.minimum) or (p.maximum is not None and value > p.maximum):
                 raise SearchParameterError(
                     p.name, f"must be between {p.minimum} and {p.maximum}, not {value}"
@@ -118,11 +133,13 @@ class SearchQuery:
         return cls(**{by_http[key]: value for key, value in params.items()})
 
     def to_params(self) -> dict[str, Any]:
-        """HTTP query parameters: the words, ``only_latest``, ``limit`` and the filters set."""
+        """HTTP query parameters: the words, ``only_latest``, ``limit``, the filters set, and
+        ``kind`` unless it is the default (servable)."""
         return {
             p.http_name: getattr(self, p.name)
             for p in PARAMS
-            if not p.filter or getattr(self, p.name) is not None
+            if (not p.filter or getattr(self, p.name) is not None)
+            and not (p.name == "kind" and self.kind == p.default)
         }
 
     @classmethod

@@ -149,6 +149,10 @@ class ServableRecord(_Strict):
     container: str | None = Field(
         None, description="site:NAME, docker://, oras://, library://, file:///path or /path"
     )
+    # data sets it was trained and validated on (owner/name[:version]; pinned to a version at
+    # publish). Left out of the digest when empty, like ``container``.
+    trained_on: list[str] = Field(default_factory=list, description="data sets: owner/name[:version]")
+    validated_on: list[str] = Field(default_factory=list, description="data sets: owner/name[:version]")
 
     @field_validator("name")
     @classmethod
@@ -212,6 +216,18 @@ class ServableRecord(_Strict):
         if container is not None:
             check_container(container)
         return container
+
+    @field_validator("trained_on", "validated_on")
+    @classmethod
+    def _dataset_refs(cls, refs: list[str]) -> list[str]:
+        for ref in refs:
+            try:
+                parse_ref(ref)
+            except RecordError:
+                raise ValueError(f"{ref!r} is not a data set reference (owner/name[:version])") from None
+        if len(set(refs)) != len(refs):
+            raise ValueError("names a data set twice")
+        return refs
 
     @model_validator(mode="after")
     def _batching_needs_vectorized(self):
@@ -332,6 +348,9 @@ def record_digest(record: ServableRecord) -> str:
     data = record.model_dump(mode="json")
     if data.get("container") is None:  # added later: records without one keep their digest
         data.pop("container", None)
+    for key in ("trained_on", "validated_on"):  # the same for links to data sets
+        if not data.get(key):
+            data.pop(key, None)
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 

@@ -84,8 +84,11 @@ def test_the_four_front_ends_accept_exactly_the_same_parameters():
         "domain": None,
         "author": None,
         "related": None,
+        "dataset": None,
+        "servable": None,
         "only_latest": "boolean",
         "limit": "integer",
+        "kind": "string",
     }
 
     # Repository.search: every parameter as a keyword, and nothing else
@@ -98,7 +101,8 @@ def test_the_four_front_ends_accept_exactly_the_same_parameters():
 
 
 def test_every_filter_has_its_sql():
-    assert set(FILTERS) == set(SEARCH_FILTER_SQL) == {"owner", "domain", "author", "related"}
+    names = {"owner", "domain", "author", "related", "dataset", "servable"}
+    assert set(FILTERS) == set(SEARCH_FILTER_SQL) == names
 
 
 # ---- validation --------------------------------------------------------------------------------

@@ -1,0 +1,171 @@
+"""REST routes for data sets and uploads, installed on the API's app by ``create_app``.
+
+    POST /api/v1/uploads {size, sha256}           begin a (resumable) upload; 200 complete at
+    GET  /api/v1/uploads/{id}                      once when the blob is already stored
+    PUT  /api/v1/uploads/{id}?offset=N  (bytes)    one chunk; 409 with ``expected`` on a wrong offset
+    POST /api/v1/uploads/{id}/complete             sha256 checked, then into the blob store
+    POST /api/v1/datasets {record, visibility, owner}      publish (ready at once)
+    GET  /api/v1/datasets?q=...                    search (kind=dataset)
+    GET  /api/v1/datasets/{owner}/{name}[?version=]        describe, with the servables using it
+    GET  /api/v1/datasets/{owner}/{name}/files/{path}      the file, streamed (``X-Sha256``)
+
+Visibility is the servables' (one name space): a private data set the caller may not see is
+"there is no data set owner/name" on every route. ``ApiError`` and the app's dependencies are
+passed in (this module imports nothing from ``api``: the import graph stays acyclic).
+"""
+
+import asyncio
+import json
+from typing import Annotated, Any
+
+from dlhub.protocol.servable import VISIBILITIES, RecordError
+
+from .datasets import get_dataset, linked_servables, publish_dataset
+from .files import DigestMismatch, FileStore, OffsetMismatch, UploadError
+from .repository import NotFound
+
+UPLOAD_ID_PATTERN = r"^[0-9a-f]{32}$"
+
+
+def install(app: Any, ctx: dict[str, Any]) -> None:
+    from fastapi import Body, Depends, Path, Query, Request
+    from fastapi.responses import FileResponse
+
+    from dlhub.protocol.search import SearchQuery
+
+    ApiError = ctx["ApiError"]
+    API, User, repository = ctx["API"], ctx["User"], ctx["repository"]
+    viewer_of, publish_owner, shares_of = ctx["viewer_of"], ctx["publish_owner"], ctx["shares_of"]
+    search_parameters, max_version = ctx["search_parameters"], ctx["MAX_VERSION"]
+    store = FileStore(repository.blobs)
+    app.state.files = store
+    UploadId = Annotated[str, Path(pattern=UPLOAD_ID_PATTERN, description="the upload's id")]
+
+    # ---- uploads ------------------------------------------------------------------------------
+
+    def upload_call(fn, *args):
+        try:
+            return fn(*args)
+        except OffsetMismatch as exc:
+            raise ApiError(409, "offset-mismatch", str(exc), expected=exc.expected) from None
+        except DigestMismatch as exc:
+            raise ApiError(422, "digest-mismatch", str(exc)) from None
+        except UploadError as exc:
+            raise ApiError(422, "invalid-request", str(exc)) from None
+
+    @app.post(f"{API}/uploads")
+    async def begin_upload(
+        who: User,
+        size: Annotated[int, Body(ge=0)],
+        sha256: Annotated[str, Body()],
+    ) -> dict[str, Any]:
+        """Start a resumable upload of one file of ``size`` bytes and digest ``sha256:<hex>``.
+        ``complete: true`` at once when the manager already stores those bytes."""
+        return await asyncio.to_thread(upload_call, store.begin, who[0], size, sha256)
+
+    @app.get(f"{API}/uploads/{{upload_id}}")
+    def upload_status(who: User, upload_id: UploadId) -> dict[str, Any]:
+        """How many bytes were received (resume from ``offset``)."""
+        return store.status(who[0], upload_id)
+
+    @app.put(
+        f"{API}/uploads/{{upload_id}}",
+        openapi_extra={
+            "requestBody": {
+                "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+            }
+        },
+    )
+    async def upload_chunk(
+        who: User, upload_id: UploadId, request: Request, offset: Annotated[int, Query(ge=0)]
+    ) -> dict[str, Any]:
+        """The next chunk (raw bytes, up to 32 MiB) at ``offset``, the bytes received so far."""
+        body = await request.body()
+        return await asyncio.to_thread(upload_call, store.append, who[0], upload_id, offset, [body])
+
+    @app.post(f"{API}/uploads/{{upload_id}}/complete")
+    async def upload_complete(who: User, upload_id: UploadId) -> dict[str, Any]:
+        """Check the sha256 of the whole file (422 ``digest-mismatch``: discarded) and store it."""
+        return await asyncio.to_thread(upload_call, store.finish, who[0], upload_id)
+
+    # ---- data sets --------------------------------------------------------------------------
+
+    @app.post(f"{API}/datasets", status_code=201)
+    async def publish(
+        who: User,
+        record: Annotated[dict[str, Any], Body()],
+        visibility: Annotated[str | None, Body()] = None,
+        owner: Annotated[str | None, Body()] = None,
+    ) -> dict[str, Any]:
+        """Publish a data set version: its record (files stored here must be uploaded first)."""
+        publisher = publish_owner(who, owner)
+        if record.get("owner") or record.get("version"):
+            raise ApiError(422, "invalid-record", "owner and version are set by the manager; leave them out")
+        if visibility is not None and visibility not in VISIBILITIES:
+            raise ApiError(422, "invalid-request", f"visibility must be public or private: {visibility!r}")
+        published = await asyncio.to_thread(
+            lambda: publish_dataset(repository, publisher, record, visibility=visibility)
+        )
+        size = published.size
+        return {"ref": published.ref, "status": "ready", "files": len(published.files), "size": size}
+
+    Search = Annotated[SearchQuery, Depends(search_parameters(Query))]
+
+    @app.get(f"{API}/datasets")
+    def search(search: Search, who: User) -> dict[str, Any]:
+        """Search data sets (the servables' parameters; ``kind`` is always dataset here)."""
+        keywords = {**search.keywords(), "kind": "dataset"}
+        hits = repository.search(SearchQuery(**keywords), viewer=viewer_of(who))
+        return {"results": hits, "count": len(hits)}
+
+    def find(who, owner: str, name: str, version: int | None):
+        ref = f"{owner}/{name}" + (f":{version}" if version else "")
+        try:
+            return get_dataset(repository, ref, viewer_of(who))
+        except RecordError:
+            raise NotFound(f"there is no data set {ref}") from None
+
+    @app.get(f"{API}/datasets/{{owner}}/{{name}}")
+    def describe(
+        who: User, owner: str, name: str, version: Annotated[int | None, Query(ge=1, le=max_version)] = None
+    ) -> dict[str, Any]:
+        """The record (latest version unless ``version``), versions, and the servables that
+        name it (``trained_on``/``validated_on``) which the caller may see."""
+        rec = find(who, owner, name, version)
+        access = repository.access(owner, name)
+        mine = who[1] == "admin" or who[0] == owner
+        return {
+            "record": rec.model_dump(mode="json"),
+            "status": "ready",
+            "versions": repository.versions(owner, name, kind="dataset"),
+            "visibility": access.visibility,
+            "servables": linked_servables(repository, rec, viewer_of(who)),
+            **({"shares": shares_of(access)} if mine else {}),
+        }
+
+    @app.get(f"{API}/datasets/{{owner}}/{{name}}/files/{{path:path}}")
+    def download(
+        who: User,
+        owner: str,
+        name: str,
+        path: str,
+        version: Annotated[int | None, Query(ge=1, le=max_version)] = None,
+    ):
+        """The file's bytes, streamed from the blob store, with ``X-Sha256`` (its digest). A file
+        listed by location: 409 ``external-file`` with the location to fetch it from."""
+        rec = find(who, owner, name, version)
+        entry = rec.files.get(path)
+        if entry is None:
+            raise NotFound(f"{rec.ref} has no file {path!r}")
+        if entry.location is not None:
+            raise ApiError(
+                409,
+                "external-file",
+                f"{rec.ref}/{path} is not stored by this manager: it is at {entry.location.describe()}",
+                location=json.loads(entry.location.model_dump_json()),
+                sha256=entry.sha256,
+                size=entry.size,
+            )
+        blob = store.open_blob(entry.sha256)
+        headers = {"X-Sha256": entry.sha256, "X-Dataset": rec.ref}
+        return FileResponse(blob, media_type="application/octet-stream", headers=headers)
