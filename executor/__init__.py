@@ -20,6 +20,7 @@ from dlhub.protocol import (
 
 from ._progress import as_completed, progress
 from .client import Client, NotFoundError, PublishError
+from .dataset import Dataset
 from .executor import DLHubFuture, Executor
 from .servable import Servable
 
@@ -28,6 +29,7 @@ __all__ = [
     "Client",
     "DLHubError",
     "DLHubFuture",
+    "Dataset",
     "EndpointLost",
     "EndpointRequired",
     "Executor",

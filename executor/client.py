@@ -12,8 +12,10 @@ when verification fails, and ``run`` raises the task's typed error.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -24,6 +26,7 @@ from dlhub.protocol.search import SearchQuery
 from dlhub.protocol.servable import parse_ref
 
 if TYPE_CHECKING:
+    from .dataset import Dataset
     from .servable import Servable
 
 from ._progress import PublishProgress
@@ -59,6 +62,7 @@ class Client:
     ):
         stored: dict[str, Any] = {}
         path = dlhub_home(home) / "config.json"
+        self._home: Path | None = path.parent if path.parent.is_dir() else None
         if path.exists():
             stored = json.loads(path.read_text())
         url = url or stored.get("rest_url")
@@ -123,10 +127,15 @@ class Client:
         domain: str | None = None,
         author: str | None = None,
         related: str | None = None,
+        dataset: str | None = None,
+        servable: str | None = None,
         only_latest: bool = True,
         limit: int = 20,
+        kind: str = "servable",
     ) -> list[dict[str, Any]]:
-        """Ranked metadata records of ready servables (best first). The parameters are
+        """Ranked metadata records of ready servables, or of data sets with ``kind="dataset"``
+        (best first). ``dataset="owner/name[:v]"``: servables trained or validated on it;
+        ``servable="owner/name[:v]"``: the data sets it names. The parameters are
         :class:`dlhub.protocol.search.SearchQuery`'s (a bad one: ``ValueError`` naming it, before
         any request)."""
         search = SearchQuery(
@@ -135,16 +144,32 @@ class Client:
             domain=domain,
             author=author,
             related=related,
+            dataset=dataset,
+            servable=servable,
             only_latest=only_latest,
             limit=limit,
+            kind=kind,
         )
         return self._call("GET", "/servables", params=search.to_params())["results"]
 
-    def describe(self, ref: str) -> dict[str, Any]:
-        """``owner/name[:version]``: its record, status (and error if it failed), and versions."""
+    def describe(self, ref: str, kind: str | None = None) -> dict[str, Any]:
+        """``owner/name[:version]``: its record, status (and error if it failed), and versions;
+        a servable's ``datasets`` or a data set's ``servables`` (the links between them).
+        ``kind``: servable or dataset (None: whichever ``ref`` is)."""
         owner, name, version = parse_ref(ref)
         params = {"version": version} if version else {}
-        return self._call("GET", f"/servables/{owner}/{name}", params=params)
+        if kind in (None, "servable"):
+            response = self._request("GET", f"/servables/{owner}/{name}", params=params)
+            if response.is_success:
+                return {"type": "servable", **response.json()}
+            if kind == "servable" or response.status_code != 404:
+                self._raise(response)
+        response = self._request("GET", f"/datasets/{owner}/{name}", params=params)
+        if response.is_success:
+            return {"type": "dataset", **response.json()}
+        if kind is None and response.status_code == 404:
+            raise NotFoundError(f"there is no servable or data set {ref}")
+        self._raise(response)
 
     def versions(self, ref: str) -> list[dict[str, Any]]:
         owner, name, _ = parse_ref(ref)
@@ -240,6 +265,75 @@ class Client:
                 delay = min(delay * 1.5, 0.25)
         finally:
             shown.close()
+
+    # ---- data sets -------------------------------------------------------------------------------
+
+    def publish_dataset(self, dataset: Dataset, *, owner: str | None = None) -> str:
+        """Upload the data set's local files (chunked, resumable, sha256 checked by the manager;
+        files it already stores are not sent again), then publish its record: returns
+        ``owner/name:version``, ready at once."""
+        from .dataset import UploadState, upload
+
+        dataset.validate()
+        state = UploadState(self._home / "uploads.json" if self._home else None)
+        for path, (digest, size) in sorted(dataset.digests().items()):
+            upload(
+                self._call,
+                self._request,
+                self._raise,
+                dataset.local[path],
+                digest,
+                size,
+                state,
+                f"{self.url} {digest}",
+            )
+        body: dict[str, Any] = {"record": dataset.record}
+        if dataset.visibility is not None:
+            body["visibility"] = dataset.visibility
+        if owner:
+            body["owner"] = owner
+        return self._call("POST", "/datasets", json=body)["ref"]
+
+    def download(self, ref: str, file: str | None = None, to: str | os.PathLike = ".") -> list[Path]:
+        """Download a data set's files (or one ``file``) under ``to``, streamed and checked
+        against their sha256 (a mismatch leaves nothing behind). Files listed at an ``https``
+        URL are fetched from it; those on an endpoint or in a Globus collection cannot be
+        downloaded through the manager (``DLHubError`` saying where they are)."""
+        from .dataset import stream_to
+
+        info = self.describe(ref, kind="dataset")
+        rec = info["record"]
+        files = rec["files"]
+        if file is not None and file not in files:
+            raise NotFoundError(f"{rec['owner']}/{rec['name']}:{rec['version']} has no file {file!r}")
+        root = Path(to)
+        written = []
+        for path in [file] if file is not None else sorted(files):
+            entry, target = files[path], root / path
+            what = f"{rec['owner']}/{rec['name']}:{rec['version']}/{path}"
+            location = entry.get("location")
+            if location is None:
+                url = f"/datasets/{rec['owner']}/{rec['name']}/files/{path}"
+                stream = self._http.stream("GET", url, params={"version": rec["version"]})
+            elif location["type"] == "https":
+                timeout = self._http.timeout
+                stream = httpx.stream("GET", location["url"], follow_redirects=True, timeout=timeout)
+            else:
+                where = (
+                    f"on endpoint {location['endpoint']} at {location['path']}"
+                    if location["type"] == "endpoint"
+                    else f"in Globus collection {location['collection']} at {location['path']}"
+                )
+                raise DLHubError(f"{what} is {where}: fetch it there (sha256 {entry['sha256']})")
+            try:
+                with stream as response:
+                    if not response.is_success:
+                        response.read()
+                        self._raise(response)
+                    written.append(stream_to(response.iter_bytes(1 << 20), target, entry["sha256"], what))
+            except httpx.TransportError as exc:
+                raise DLHubError(f"cannot download {what}: {exc}") from None
+        return written
 
     def run(
         self,

@@ -173,21 +173,24 @@ def register(main: click.Group) -> None:
     @HOME
     @_friendly
     def search(as_json, home, **options):
-        """Find ready servables by words in their metadata, best match first."""
-        hits = _client(home).search(**SearchQuery.from_cli(options).keywords())
+        """Find ready servables (or data sets: --kind dataset) by words in their metadata, best
+        match first."""
+        search = SearchQuery.from_cli(options)
+        hits = _client(home).search(**search.keywords())
         if as_json:
             _echo_json(hits)
             return
         if not hits:
-            click.echo("no servables found")
+            click.echo("no data sets found" if search.kind == "dataset" else "no servables found")
             return
         from rich.console import Console
         from rich.table import Table
 
-        table = Table("servable", "kind", "title", "domains")
+        table = Table(search.kind if search.kind == "servable" else "data set", "kind", "title", "domains")
         for hit in hits:
             ref = f"{hit['owner']}/{hit['name']}:{hit['version']}"
-            table.add_row(ref, hit["kind"], hit["title"], ", ".join(hit.get("domains", [])))
+            kind = hit.get("kind") or f"{hit.get('file_count', 0)} files, {hit.get('size', 0):,} B"
+            table.add_row(ref, kind, hit["title"], ", ".join(hit.get("domains", [])))
         Console().print(table)
 
     @main.command()
@@ -196,12 +199,17 @@ def register(main: click.Group) -> None:
     @HOME
     @_friendly
     def describe(ref, as_json, home):
-        """Metadata, status (and why it failed), inputs/outputs and versions of REF."""
+        """Metadata, status (and why it failed), inputs/outputs and versions of REF (a servable),
+        or the files of REF (a data set); the data sets a servable names, the servables that
+        name a data set."""
         info = _client(home).describe(ref)
         if as_json:
             _echo_json(info)
             return
         rec = info["record"]
+        if info.get("type") == "dataset":
+            _describe_dataset(info)
+            return
         click.echo(f"{rec['owner']}/{rec['name']}:{rec['version']}  [{info['status']}]  {rec['title']}")
         if info.get("error"):
             click.echo(f"  error: {info['error']}")
@@ -218,6 +226,8 @@ def register(main: click.Group) -> None:
         if rec.get("container"):
             click.echo(f"  container: {rec['container']}")
         click.echo(f"  examples: {len(rec.get('examples', []))}   deterministic: {rec.get('deterministic')}")
+        for link in info.get("datasets") or []:
+            click.echo(f"  {link['relation'].replace('_', ' ')}: {link['ref']} ({link['title']})")
         click.echo("  versions: " + ", ".join(f"{v['version']} ({v['status']})" for v in info["versions"]))
         if info.get("visibility"):
             line = f"  visibility: {info['visibility']}"
@@ -316,6 +326,36 @@ def register(main: click.Group) -> None:
     def visibility(ref, visibility, as_json, home):
         """Make OWNER/NAME public (anyone) or private (you, admins, and whom you share it with)."""
         _echo_access(_client(home).set_visibility(ref, visibility), as_json)
+
+    from .dataset_cli import register as register_dataset_commands
+
+    register_dataset_commands(main, HOME, _friendly, _client)
+
+
+def _describe_dataset(info: dict) -> None:
+    rec = info["record"]
+    size = sum(f["size"] for f in rec["files"].values())
+    click.echo(f"{rec['owner']}/{rec['name']}:{rec['version']}  [data set]  {rec['title']}")
+    if rec.get("description"):
+        click.echo(f"  {rec['description']}")
+    click.echo(f"  authors: {'; '.join(a['name'] for a in rec['authors'])}   license: {rec.get('license')}")
+    if rec.get("doi"):
+        click.echo(f"  doi: {rec['doi']}")
+    click.echo(f"  files: {len(rec['files'])}, {size:,} bytes")
+    for path, f in sorted(rec["files"].items()):
+        loc = f.get("location")
+        where = (
+            ""
+            if loc is None
+            else "  at "
+            + (loc.get("url") or f"{loc.get('endpoint') or loc.get('collection')}:{loc.get('path')}")
+        )
+        click.echo(f"    {path}  {f['size']:,} B  {f['sha256'][:19]}...{where}")
+    for link in info.get("servables") or []:
+        click.echo(f"  used by: {link['ref']} ({link['relation'].replace('_', ' ')}, {link['status']})")
+    click.echo("  versions: " + ", ".join(str(v["version"]) for v in info["versions"]))
+    if info.get("visibility"):
+        click.echo(f"  visibility: {info['visibility']}")
 
 
 def _echo_access(access: dict, as_json: bool) -> None:

@@ -11,7 +11,8 @@ published servables into a record plus files, ready for ``Client.publish``.
 Metadata keywords of every builder: name, title, authors, description, domains, keywords, license,
 related_identifiers, inputs, output, examples, requirements, deterministic (same inputs, same
 output: results may be cached), vectorized (takes a list of inputs, returns a list; the endpoint
-batches calls) and batching ({"max_batch_size", "max_batch_delay_ms", "weight": "count"|"len"}).
+batches calls) and batching ({"max_batch_size", "max_batch_delay_ms", "weight": "count"|"len"}),
+trained_on and validated_on (data sets, ``["alice/scans:1"]``: pinned to a version at publish).
 ``visibility="private"`` (or "public") is not metadata: it is sent with the publish and belongs to
 ``owner/name``, changeable later (``Client.set_visibility``, ``share``, ``unshare``); left out,
 a new servable is public and an existing one keeps its visibility.
@@ -138,6 +139,8 @@ class Servable:
         steps: Sequence[str] = (),
         visibility: str | None = None,
         container: str | None = None,
+        trained_on: Sequence[str] = (),
+        validated_on: Sequence[str] = (),
     ) -> Servable:
         record: dict[str, Any] = {
             "name": name,
@@ -164,6 +167,11 @@ class Servable:
         }
         if container is not None:  # left out when None: the record (and digest) as before
             record["container"] = container
+        for key, refs in (("trained_on", trained_on), ("validated_on", validated_on)):
+            if isinstance(refs, str):
+                raise TypeError(f"{key} is a list of data sets, e.g. {key}=['alice/scans:1']")
+            if refs:  # left out when empty, as container (data sets: owner/name[:version])
+                record[key] = list(refs)
         if output is not None:
             record["output"] = output
         servable = cls(record, files, visibility)
