@@ -19,12 +19,21 @@ from pathlib import Path
 from typing import Any
 
 from dlhub.executor.config import ClientConfig, dlhub_home
-from dlhub.protocol.gc_serialize import endpoint_uuid
+from dlhub.protocol.gc_serialize import endpoint_uuid, servable_uuid
 
 
 def endpoint_id(name: str) -> str:
     """The Globus Compute UUID of the dlhub endpoint ``name`` (stable: uuid5 of its name)."""
     return endpoint_uuid(name)
+
+
+def servable_id(ref: str) -> str:
+    """The Globus Compute function UUID of the published servable ``owner/name`` (stable; it
+    calls the latest ready version): ``gcc.run(x, endpoint_id=..., function_id=servable_id(ref))``."""
+    owner, _, name = ref.partition(":")[0].partition("/")
+    if not owner or not name:
+        raise ValueError(f"expected a servable reference owner/name, got {ref!r}")
+    return servable_uuid(owner, name)
 
 
 def service_url(home: str | Path | None = None) -> str:

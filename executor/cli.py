@@ -523,6 +523,10 @@ def status(home: str | None, endpoint: str, as_json: bool) -> None:
         info = conn.request("status").result(5)
     finally:
         conn.close()
+    from dlhub.protocol.gc_serialize import endpoint_uuid
+
+    for name, ep in info["endpoints"].items():  # the UUID Globus Compute code names it by
+        ep.setdefault("uuid", endpoint_uuid(name))
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
     else:
@@ -531,6 +535,8 @@ def status(home: str | None, endpoint: str, as_json: bool) -> None:
         if examples:
             click.echo(examples)
     ep = info["endpoints"].get(endpoint)
+    if ep is None:  # a Globus Compute UUID names an endpoint too
+        ep = next((e for n, e in info["endpoints"].items() if endpoint_uuid(n) == endpoint), None)
     if ep is None:
         click.echo(f"endpoint {endpoint!r} is not known to this manager")
     sys.exit(0 if ep and ep["connected"] and ep["info"].get("workers", 0) >= 1 else 1)
@@ -599,6 +605,8 @@ def _print_status(address: str, info: dict) -> None:
         grid.title, grid.title_justify, grid.title_style = f"endpoint {name}", "left", "bold"
         grid.add_column(no_wrap=True, style="dim")
         grid.add_column()
+        if ep.get("uuid"):
+            grid.add_row("uuid", ep["uuid"])
         for key, value in _endpoint_rows(ep, ep_info):
             grid.add_row(key, value)
         console.print()

@@ -243,6 +243,12 @@ class Executor(cf.Executor):
             if self.endpoint is None:
                 connected = {name: bool(ep.get("connected")) for name, ep in endpoints.items()}
                 return choose_endpoint(connected, self._conn.welcome.get("default_endpoint"))
+            if self.endpoint not in endpoints:  # a Globus Compute UUID names an endpoint too
+                from dlhub.protocol.gc_serialize import endpoint_uuid
+
+                by_uuid = {endpoint_uuid(name): name for name in endpoints}
+                if self.endpoint in by_uuid:
+                    return by_uuid[self.endpoint]
             if self.endpoint not in endpoints:
                 where = f"$DLHUB_ENDPOINT or default_endpoint in {config.home / 'config.json'}"
                 source = "" if named else f" ({where})"

@@ -30,7 +30,7 @@ from dlhub.protocol import gc_serialize as gc
 from dlhub.protocol import messages as m
 
 from . import events as ev
-from .schema import code_table, tasks_table
+from .schema import code_table, tasks_table, versions_table
 from .store import TERMINAL, unpack_error
 
 log = logging.getLogger(__name__)
@@ -127,10 +127,24 @@ def create_gc_app(manager: Any, publisher: Any = None, published_until: float | 
                     query = sa.select(c.digest).where(c.digest.like(prefix + "%")).limit(1)
                     row = conn.execute(query).first()
                 digest = row[0] if row else None
+            if digest is None and prefix:  # a published servable's UUID: its latest ready version
+                digest = servable_ref(fid)
             if digest is None:
                 raise GCError(404, "FUNCTION_NOT_FOUND", f"function {fid} is not registered")
             functions[fid] = digest
         return digest
+
+    servables: dict[str, str] = {}  # servable UUID -> "ref:owner/name"
+
+    def servable_ref(fid: str) -> str | None:
+        """The routable ref of the servable whose UUID is ``fid`` (the router checks access)."""
+        if fid not in servables:
+            v = versions_table.c
+            with engine.connect() as conn:
+                names = conn.execute(sa.select(v.owner, v.name).distinct()).all()
+            servables.clear()
+            servables.update({gc.servable_uuid(o, n): f"{m.REF_PREFIX}{o}/{n}" for o, n in names})
+        return servables.get(fid)
 
     @app.get("/v2/version")
     def version(service: str | None = None):

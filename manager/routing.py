@@ -31,6 +31,7 @@ from typing import Any
 
 from dlhub.protocol import errors
 from dlhub.protocol import messages as m
+from dlhub.protocol.gc_serialize import endpoint_uuid
 from dlhub.protocol.policy import Policy
 
 from . import events as ev
@@ -106,6 +107,7 @@ class Router:
         self.resolve = resolve
         self.packages = packages
         self.callbacks: dict[bytes, Callable[[list], None]] = {}  # internal tasks (REST, verify)
+        self._endpoint_uuids: dict[str, str] = {}  # Globus Compute UUID -> endpoint name
         # deterministic servables: answered from the cache, identical calls in flight coalesced
         self.result_cache = result_cache
         self.deterministic = deterministic
@@ -176,6 +178,10 @@ class Router:
         itself: REST calls and publish verification, whose results go to the callback."""
         now = self._time()
         ep = self.endpoints.get(msg.endpoint)
+        if ep is None:
+            ep = self.endpoint_by_uuid(msg.endpoint)
+            if ep is not None:  # named by its Globus Compute UUID: from here on, by its name
+                msg = m.Submit(ep.name, msg.tasks)
         if ep is None:
             err = errors.infra_error(
                 "unknown-endpoint",
@@ -361,6 +367,16 @@ class Router:
             return self.resolve(ref, user)
         except errors.DLHubError as exc:
             return errors.infra_error(exc.code, str(exc))
+
+    def endpoint_by_uuid(self, key: str) -> EndpointState | None:
+        """The endpoint whose Globus Compute UUID (``uuid5`` of its name, as ``dlhub-endpoint
+        list`` and ``dlhub status`` show it) is ``key``: usable wherever a name is."""
+        if len(key) != 36:
+            return None
+        if len(self._endpoint_uuids) != len(self.endpoints):  # endpoints are only ever added
+            self._endpoint_uuids = {endpoint_uuid(name): name for name in self.endpoints}
+        name = self._endpoint_uuids.get(key)
+        return self.endpoints.get(name) if name is not None else None
 
     def _reply_now(self, client: bytes, callback: Callable[[list], None] | None, res: list) -> None:
         if callback is not None:

@@ -214,7 +214,12 @@ class ServableService:
         (neutral wording: each front end says how its user names one)."""
         endpoints = self.manager.endpoints_connected()  # from the loop, which owns the Router
         if wanted:
-            if wanted not in endpoints:
+            if wanted not in endpoints:  # a Globus Compute UUID names an endpoint too
+                from dlhub.protocol.gc_serialize import endpoint_uuid
+
+                by_uuid = {endpoint_uuid(name): name for name in endpoints}
+                if wanted in by_uuid:
+                    return by_uuid[wanted]
                 raise errors.UnknownEndpoint(
                     f"endpoint {wanted!r} is not registered (known: {', '.join(sorted(endpoints)) or 'none'})"
                 )

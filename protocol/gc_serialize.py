@@ -37,6 +37,12 @@ def endpoint_uuid(name: str) -> str:
     return str(uuid.uuid5(GC_NAMESPACE, name))
 
 
+def servable_uuid(owner: str, name: str) -> str:
+    """The stable Globus Compute function UUID of the published servable ``owner/name`` (its latest
+    ready version): ``Client.run(..., function_id=servable_uuid(...))`` calls it."""
+    return str(uuid.uuid5(GC_NAMESPACE, f"servable:{owner}/{name}"))
+
+
 def pack_buffers(buffers: list[str]) -> str:
     return "".join(f"{len(b)}\n{b}" for b in buffers)
 

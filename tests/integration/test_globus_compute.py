@@ -194,3 +194,39 @@ def test_endpoint_list_shows_the_uuid(stack, tmp_path):
     assert proc.returncode == 0, proc.stderr
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("local "))
     assert line.split()[-1] == endpoint_id("local") == str(uuid.uuid5(GC_NAMESPACE, "local"))
+
+
+def test_the_endpoint_uuid_names_the_endpoint_wherever_a_name_does(stack, client, rest, name):
+    """dlhub's Executor, the REST run route, `dlhub status` and the GC Client all take the UUID;
+    a published servable is called from the GC Client by its own UUID."""
+    from conftest import meta
+    from servable_fns import OWNER, double
+
+    from dlhub.compat.globus_compute import servable_id
+    from dlhub.executor import Servable
+
+    ep_uuid = endpoint_id("local")
+    ex = stack.executor(endpoint=ep_uuid)
+    assert ex.submit(pow, 2, 5).result(RESULT_TIMEOUT_S) == 32
+    status = stack.cli("status", "--endpoint", ep_uuid)
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert ep_uuid in status.stdout  # shown in the endpoint's block
+    as_json = json.loads(stack.cli("status", "--json").stdout)
+    assert as_json["endpoints"]["local"]["uuid"] == ep_uuid
+
+    ref = client.publish(Servable.from_function(double, **meta(name, examples=[((3,), 6)])))
+    http, headers = rest
+    run = http.post(
+        f"/api/v1/servables/{OWNER}/{name}/run", json={"args": [21], "endpoint": ep_uuid}, headers=headers
+    )
+    assert run.status_code == 200 and run.json()["result"] == 42, run.text
+    unknown = http.post(
+        f"/api/v1/servables/{OWNER}/{name}/run",
+        json={"args": [1], "endpoint": str(uuid.uuid4())},
+        headers=headers,
+    )
+    assert unknown.status_code == 404, unknown.text
+
+    gcc = make_client(stack)
+    tid = gcc.run(21, endpoint_id=ep_uuid, function_id=servable_id(ref))
+    assert wait_result(gcc, tid) == 42
