@@ -126,7 +126,14 @@ class Router:
         self.code_cache_bytes = 256 * 1024 * 1024
         self.outbox: list[tuple[str, bytes, m.Message]] = []
         self._results_out: dict[bytes, list] = {}  # client identity -> results to send
-        self.counters = {"received": 0, "finished": 0, "duplicates": 0, "refused": 0, "over_quota": 0}
+        self.counters = {
+            "received": 0,
+            "finished": 0,
+            "duplicates": 0,
+            "refused": 0,
+            "over_quota": 0,
+            "resent": 0,  # tasks sent again to an endpoint at its Hello (it did not hold them)
+        }
         # quota: a user (admins exempt) may have this many tasks open (queued or running) at once
         self.max_open_tasks_per_user = max_open_tasks_per_user
         self.open_by_user: dict[str, int] = {}
@@ -534,12 +541,16 @@ class Router:
         if bad_versions:
             log.warning("endpoint %r sent malformed Hello versions, ignored: %s", hello.name, bad_versions)
         ep.versions = {} if bad_versions else dict(hello.versions)
-        ep.info = self._valid_info(hello.name, hello.info) or {}
-        ep.owner, ep.policy = owner, self._policy(hello.name, hello.info, owner)
+        held, info = held_ids(hello.info)
+        ep.info = self._valid_info(hello.name, info) or {}
+        ep.owner, ep.policy = owner, self._policy(hello.name, info, owner)
         self.endpoint_by_identity[identity] = ep.name
         welcome = {"name": ep.name, "owner": owner} if owner else {"name": ep.name}
         self.outbox.append(("endpoint", identity, m.Welcome(ep.session, welcome)))
-        resend = [self.tasks[t].record for t in ep.inflight if t in self.tasks]
+        # in flight: sent before; only what the endpoint does not hold goes again (lost with a
+        # dropped connection, or a restarted endpoint's), not a burst of everything
+        resend = [self.tasks[t].record for t in ep.inflight if t in self.tasks and t not in held]
+        self.counters["resent"] += len(resend)
         waiting = [self.tasks[t].record for t in ep.pending if t in self.tasks]
         if waiting and ep.policy is not None:  # queued while its policy was unknown (or changed)
             waiting = self._admitted(ep, waiting)
@@ -860,6 +871,21 @@ class Router:
             "result_cache": self.result_cache.stats() if self.result_cache is not None else None,
             **self.counters,
         }
+
+
+def held_ids(info: Any) -> tuple[frozenset[bytes], Any]:
+    """The task ids an endpoint's Hello says it holds (``info["held"]``: the ids concatenated,
+    16 bytes each; queued, running, or finished with the result not yet acknowledged), and the
+    info without them. Malformed or absent: none held (everything in flight is sent again)."""
+    if not isinstance(info, dict) or "held" not in info:
+        return frozenset(), info
+    raw = info["held"]
+    info = {k: v for k, v in info.items() if k != "held"}
+    n = m.TASK_ID_BYTES
+    if not isinstance(raw, bytes) or len(raw) % n:
+        log.warning("an endpoint's Hello held malformed task ids (%s), ignored", type(raw).__name__)
+        return frozenset(), info
+    return frozenset(raw[i : i + n] for i in range(0, len(raw), n)), info
 
 
 def may_see(user: str | None, owner: str) -> bool:
