@@ -21,7 +21,7 @@ from typing import Annotated, Any
 from dlhub.protocol.servable import VISIBILITIES, RecordError
 
 from .datasets import get_dataset, linked_servables, publish_dataset
-from .files import DigestMismatch, FileStore, OffsetMismatch, UploadError
+from .files import MAX_FILE_BYTES, DigestMismatch, FileStore, OffsetMismatch, UploadError
 from .repository import NotFound
 
 UPLOAD_ID_PATTERN = r"^[0-9a-f]{32}$"
@@ -56,8 +56,8 @@ def install(app: Any, ctx: dict[str, Any]) -> None:
     @app.post(f"{API}/uploads")
     async def begin_upload(
         who: User,
-        size: Annotated[int, Body(ge=0)],
-        sha256: Annotated[str, Body()],
+        size: Annotated[int, Body(ge=0, le=MAX_FILE_BYTES)],
+        sha256: Annotated[str, Body(pattern=r"^sha256:[0-9a-f]{64}$")],
     ) -> dict[str, Any]:
         """Start a resumable upload of one file of ``size`` bytes and digest ``sha256:<hex>``.
         ``complete: true`` at once when the manager already stores those bytes."""
