@@ -110,6 +110,8 @@ class Endpoint:
         self._stop = threading.Event()
         self.poller = None
         self.executors: dict[str, Any] = {}  # pool name -> PoolExecutor
+        self.image_io: OffLoop | None = None  # servables' image pulls (at verification)
+        self._images_fetched: dict[str, str | None] = {}  # image -> the fetch's error (None: ok)
         self.provider_io: dict[str, OffLoop] = {}  # pool name -> the thread its provider queries run on
         # what Parsl's poller thread reads (scaling): replaced whole by the loop, never changed in place
         self._published: tuple[dict[str, int], frozenset[str]] = ({}, frozenset())
@@ -187,6 +189,10 @@ class Endpoint:
                     cfg["container"]["bundle"] = bundle
                 from .images import is_local
 
+                cfg["image_cache"] = {  # servables' own images (StartWorker) come from it too
+                    "root": str(self.run_dir / "images"),
+                    "budget_bytes": int(self.config.image_cache.budget_gb * 1e9),
+                }
                 if not is_local(container.image):  # a URI: fetched once into the image cache
                     cfg["container"]["image_cache"] = {
                         "root": str(self.run_dir / "images"),
@@ -325,6 +331,7 @@ class Endpoint:
                 if self.worker_sock in events:
                     self._drain(self.worker_sock, True)
                 self._provider_answers()
+                self._image_answers()
                 now = time.monotonic()
                 if self._draining_since is not None and (
                     not any(w.assigned for w in self.scheduler.workers.values())
@@ -425,13 +432,47 @@ class Endpoint:
             except Exception:  # a bad package fails its tasks at the worker, with the reason
                 continue
             if container is not None:
-                from .images import servable_image_problem
+                from .images import is_local, servable_image
 
-                problem = servable_image_problem(container, self.config)
+                image, problem = servable_image(container, self.config)
                 if problem is not None:
                     log.warning("servable package %s: %s", package[:12], problem)
                     out.append(ev.ImageUnavailable(now, package, problem))
+                elif image is not None:  # its calls run on workers started inside this image
+                    fetching = not is_local(image) and self._fetch_image(image)
+                    out.append(ev.ServableImage(now, package, image, fetching))
         return out
+
+    def _fetch_image(self, image: str) -> bool:
+        """Pull a servable's image into the endpoint's image cache off the loop, when it is
+        verified (so its first call does not wait for a pull); True while that fetch runs. Its
+        outcome comes back as ImageFetched (a failed pull fails the servable with the reason)."""
+        if self._images_fetched.get(image) is None and image in self._images_fetched:
+            return False  # fetched already (a failed one is tried again)
+        if self.image_io is None:
+            self.image_io = OffLoop("dlhub-image-fetch")
+        if not self.image_io.busy(image):
+            from .images import cache_for
+
+            runtime = next(iter(self.config.all_pools().values())).pool.container.type
+            cache = cache_for(self.run_dir, self.config)
+            log.info("fetching servable image %s into the image cache (%s)", image, runtime)
+            self.image_io.submit(image, lambda: cache.image_for(image, runtime))
+        return True
+
+    def _image_answers(self) -> None:
+        """Servable images fetched (or not) since the last look: ImageFetched events."""
+        if self.image_io is None:
+            return
+        for outcome in self.image_io.outcomes():
+            error = None
+            if outcome.error is not None:
+                error = f"image {outcome.key}: pull failed: {outcome.error}"
+                log.warning("%s", error)
+            else:
+                log.info("servable image %s fetched in %.1f s", outcome.key, outcome.seconds)
+            self._images_fetched[outcome.key] = error
+            self._events.append(ev.ImageFetched(time.monotonic(), outcome.key, error))
 
     def _to_manager(self, msg: m.Message) -> None:
         """Send without ever blocking. With no connection to the manager (its handshake refused
@@ -674,7 +715,9 @@ class Endpoint:
             self._send_worker(identity, m.Welcome(self.session, {}))
         elif hello.role == "worker":
             pool_id, pool_name = str(hello.info.get("pool_id")), str(hello.info.get("pool_name", "default"))
-            self.scheduler.apply(ev.WorkerJoined(now, identity, hello.name, pool_id, pool_name))
+            image = hello.info.get("image")  # started in a servable's image (StartWorker)
+            image = image if isinstance(image, str) else None
+            self.scheduler.apply(ev.WorkerJoined(now, identity, hello.name, pool_id, pool_name, image))
             # tell the manager and `dlhub up` at once rather than at the next heartbeat
             self._to_manager(m.Heartbeat(self._snapshot()))
             self._write_status()

@@ -75,6 +75,28 @@ class ImageUnavailable(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class ServableImage(Event):
+    """A servable package runs inside ``image`` (its container as this endpoint resolved it, not
+    a pool's own image): its calls go only to workers started inside that image, which the
+    Scheduler asks pools for on demand (``StartWorker``), retiring the least recently used
+    image's idle workers for room."""
+
+    package: str  # the record digest (m.package_key of its functions)
+    image: str
+    fetching: bool = False  # being pulled into the image cache: no worker starts in it until
+    # ImageFetched says it is there (its calls wait, as for a worker starting)
+
+
+@dataclass(frozen=True, slots=True)
+class ImageFetched(Event):
+    """The image cache's fetch of a servable's image (at verification) finished: ``error`` None,
+    workers may start in it; else every servable that runs in it fails with the reason."""
+
+    image: str
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class PoolJoined(Event):
     identity: bytes
     pool_id: str
@@ -89,6 +111,7 @@ class WorkerJoined(Event):
     worker_id: str
     pool_id: str
     pool_name: str = "default"
+    image: str | None = None  # the servable image it runs in (None: its pool's own)
 
 
 @dataclass(frozen=True, slots=True)

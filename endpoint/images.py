@@ -588,44 +588,51 @@ def cache_for(run_dir: str | os.PathLike, config: Any | None = None) -> ImageCac
 
 
 def servable_image_problem(container: str, config: Any) -> str | None:
-    """Why this endpoint cannot run a servable whose record names ``container`` (None: it can).
+    """Why this endpoint cannot run a servable whose record names ``container`` (None: it can);
+    see :func:`servable_image`."""
+    return servable_image(container, config)[1]
+
+
+def servable_image(container: str, config: Any) -> tuple[str | None, str | None]:
+    """``(image, problem)`` for a servable whose record names ``container``.
 
     The container resolves through the site catalogue (``images:`` in the endpoint YAML) or is
     itself an image reference; a registry URI needs ``image_cache.allow_pull``; a local image
-    must exist. Workers per servable image are not built yet (issue 12 item 3): until they are,
-    a servable runs only where a pool's own ``pool.container.image`` is the image it resolves
-    to, and any other image is refused here with that reason rather than run outside it.
-    Cheap (no pull): it runs on the endpoint's event loop when a package arrives."""
+    must exist (a Charliecloud directory image must look like a root file system). ``image`` is
+    what the servable's workers run in: None when it is the default pool's own image (its calls
+    go to the pool's workers as they are), else the resolved reference, for which the endpoint
+    starts workers on demand (``StartWorker``) with the default pool's runtime. Cheap (no pull):
+    it runs on the endpoint's event loop when a package arrives."""
     catalogue = dict(getattr(config, "images", {}) or {})
     target = catalogue.get(container)
     if target is None:
         if container.startswith("site:"):
             known = ", ".join(sorted(catalogue)) or "none"
-            return (
+            return None, (
                 f"container {container!r}: no such image in this endpoint's images: catalogue "
                 f"(known: {known})"
             )
         target = container
     where = f"container {container!r}" + (f" (-> {target})" if target != container else "")
+    pools = config.all_pools()
+    default = next(iter(pools.values())).pool.container
+    if default.type == "none":
+        return None, f"{where}: this endpoint runs no container runtime (pool.container.type: none)"
     m = _SCHEME.match(target)
     scheme = m.group(1) if m else None
     if scheme in REGISTRY_SCHEMES and not config.image_cache.allow_pull:
-        return f"{where}: this endpoint does not pull images (image_cache.allow_pull: false)"
+        return None, f"{where}: this endpoint does not pull images (image_cache.allow_pull: false)"
     if scheme is None or scheme in LOCAL_SCHEMES:
         path = target if scheme is None else m.group(2)
-        runtimes = {p.pool.container.type for p in config.all_pools().values()}
-        if not os.path.exists(path) and not runtimes <= set(OCI):
-            return f"{where}: image not found ({path}: no such file or directory)"
-    images = {
-        p.pool.container.image: name
-        for name, p in config.all_pools().items()
-        if p.pool.container.type != "none"
-    }
-    if not images:
-        return f"{where}: this endpoint runs no container runtime (pool.container.type: none)"
-    if target not in images and container not in images:
-        return (
-            f"{where}: no pool runs this image (pools' images: {', '.join(sorted(images))}); "
-            "workers per servable image are not available yet"
-        )
-    return None
+        if not os.path.exists(path) and default.type not in OCI:
+            return None, f"{where}: image not found ({path}: no such file or directory)"
+        if (
+            scheme is None
+            and default.type == "charliecloud"
+            and os.path.isdir(path)
+            and not any(os.path.isdir(os.path.join(path, d)) for d in ("bin", "usr/bin"))
+        ):
+            return None, f"{where}: {path} is not a Charliecloud image (no bin/ or usr/bin/ in it)"
+    if target == default.image or container == default.image:
+        return None, None
+    return target, None

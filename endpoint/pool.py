@@ -15,6 +15,12 @@ the pool itself stays outside the image and starts each worker through the runti
 restarts and block loss are supervised exactly as for bare workers. The worker reads its config
 from stdin (``--config /dev/stdin``): no host path needs to exist in the image. Without a
 container the pool spawns workers exactly as before (no extra work on that path).
+
+Images per servable: ``StartWorker(worker_id, image)`` from the endpoint replaces an idle worker
+with one in ``image`` (a path, or a URI taken from the endpoint's image cache; None: the pool's
+own image) in the same slot, so the pool's worker count stays its budget; the slot keeps that
+image across restarts. The new worker says its image in its Hello, and the endpoint routes that
+servable's calls only to workers inside it.
 """
 
 from __future__ import annotations
@@ -55,6 +61,9 @@ class Pool:
         self.generation = 0
         self.stopping = False
         self.container = None  # a ContainerSpec when the workers run in an image
+        self.slot_images: dict[int, str] = {}  # slots given a servable's image (StartWorker)
+        self._image_specs: dict[str, object] = {}  # servable image -> its ContainerSpec
+        self._image_pins: list = []
         if (config.get("container") or {}).get("type", "none") != "none":
             self._prepare_container()
 
@@ -75,8 +84,9 @@ class Pool:
         except (containers.ContainerError, OSError) as exc:
             self._container_problem, binds, env = str(exc), [], {}
         self._container_binds, self._container_env = binds, env
-        inside = {k: v for k, v in self.config.items() if k != "container"}
+        inside = {k: v for k, v in self.config.items() if k not in ("container", "image_cache")}
         inside["servable_cache"] = env.get("DLHUB_SERVABLE_CACHE")  # None: the image's tmp dir
+        self._container_inside = inside
         self._container_config = json.dumps(inside).encode()
 
     def _image_from_cache(self, cache: dict):
@@ -95,6 +105,58 @@ class Pool:
         images.get(spec.image, spec.type)  # fetched once; a warm entry is only marked used (LRU)
         local = images.image_for(spec.image, spec.type)
         return dataclasses.replace(spec, image=local)
+
+    def _spec_for(self, image: str):
+        """The ContainerSpec of a servable's image: a path as is, a URI from the endpoint's image
+        cache (normally fetched already when the servable was verified; pinned for our life)."""
+        spec = self._image_specs.get(image)
+        if spec is not None:
+            return spec
+        import dataclasses
+
+        from .images import ImageCache, is_local
+
+        local = image
+        if not is_local(image):
+            cache = self.config.get("image_cache") or {}
+            if not cache:
+                raise OSError(f"image {image!r}: this pool has no image cache")
+            base = self.container
+            images = ImageCache(cache["root"], int(cache["budget_bytes"]), {base.type: base.executable})
+            self._image_pins.append(images.pin(image, base.type))
+            images.get(image, base.type)
+            local = images.image_for(image, base.type)
+        spec = self._image_specs[image] = dataclasses.replace(self.container, image=local)
+        return spec
+
+    def start_in_image(self, sock: zmq.Socket, worker_id: str, image: str | None) -> None:
+        """Replace worker ``worker_id`` (idle: the endpoint gives a worker it replaces no work)
+        with one inside ``image`` in the same slot."""
+        proc = self.workers.get(worker_id)
+        if proc is None:  # gone already: the endpoint asks again if it still needs the image
+            return
+        if self.container is None:
+            log.warning("StartWorker %s: this pool runs no container runtime; ignored", image)
+            return
+        slot = proc.slot  # type: ignore[attr-defined]
+        if image is None:
+            self.slot_images.pop(slot, None)
+        else:
+            try:
+                self._spec_for(image)
+                self.slot_images[slot] = image
+            except Exception as exc:  # the slot keeps its image; the endpoint asks again later
+                log.error("cannot start a worker in image %s: %s", image, exc)
+                return
+        del self.workers[worker_id]
+        proc.kill()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        self._remove_container(proc)
+        _send(sock, m.pack(m.WorkerDied(worker_id, proc.returncode or 0, f"replaced: image {image}")))
+        self._spawn(slot)
 
     def check_container(self) -> str | None:
         """Why this pool's workers cannot start (the runtime missing, a bind's source missing),
@@ -148,7 +210,11 @@ class Pool:
 
         accelerators = self.config.get("accelerators") or []
         device = str(accelerators[slot % len(accelerators)]) if accelerators else None
-        spec = self.container
+        image = self.slot_images.get(slot)
+        spec = self.container if image is None else self._spec_for(image)
+        config = self._container_config
+        if image is not None:  # the worker says its image in its Hello
+            config = json.dumps({**self._container_inside, "image": image}).encode()
         cmd = [spec.python, "-m", "dlhub.endpoint.worker", "--config", "/dev/stdin"]
         cmd += ["--worker-id", worker_id, "--pool-id", self.pool_id]
         env = containers.worker_env(worker_id, device, self._container_env)
@@ -157,7 +223,7 @@ class Pool:
         )
         proc = subprocess.Popen(launch.argv, env=launch.env, stdin=subprocess.PIPE)
         try:
-            proc.stdin.write(self._container_config)  # type: ignore[union-attr]
+            proc.stdin.write(config)  # type: ignore[union-attr]
             proc.stdin.close()  # type: ignore[union-attr]
         except OSError:  # the runtime failed at once: reaped (and restarted) like any death
             pass
@@ -249,6 +315,9 @@ class Pool:
                                 log.warning("killing worker %s: %s", msg.worker_id, msg.reason)
                                 proc.kill()
                                 self._remove_container(proc)
+                        elif isinstance(msg, m.StartWorker):
+                            log.info("worker %s -> image %s", msg.worker_id, msg.image)
+                            self.start_in_image(sock, msg.worker_id, msg.image)
                         elif isinstance(msg, (m.Shutdown, m.Refused)):
                             log.info("pool %s stopping: %s", self.pool_id, msg)
                             return 0
@@ -259,6 +328,11 @@ class Pool:
         finally:
             self.stopping = True
             self._stop_workers()
+            if self._image_pins:
+                from .images import ImageCache
+
+                for pin in self._image_pins:
+                    ImageCache.unpin(pin)
             sock.close()
             ctx.term()
         return 0

@@ -30,6 +30,14 @@ and after ``max_retries`` reports them ``lost`` with the reason.
 
 Batching of vectorized servables (their own queues, idle workers only): the policy object in
 :mod:`.batching` decides when a batch is due; the Scheduler picks the worker and sends it.
+
+Images per servable: a servable package whose container resolved to an image other than its
+pool's own (:class:`~.events.ServableImage`) has its calls queued per ``(pool, image)`` and run
+only on workers started inside that image. Workers are the pool's budget: when an image has calls
+waiting and no worker (nor one starting), the Scheduler asks the pool (``StartWorker``) to replace
+an idle worker of the least recently used image (the pool's own image included: its bare calls
+then ask for one back the same way) with one inside the image it needs; workers stay warm in
+their image until retired so. An image's calls wait meanwhile; batching does not apply to them.
 """
 
 from __future__ import annotations
@@ -54,6 +62,7 @@ from .fairqueue import FairQueue
 log = logging.getLogger("dlhub.endpoint.scheduler")
 
 CODE_CACHE_BYTES = 512 * 1024 * 1024
+IMAGE_START_TIMEOUT_S = 120.0  # a worker asked for in an image and not joined by then: ask again
 
 
 @dataclass
@@ -78,6 +87,8 @@ class WorkerState:
     running_batch: set = field(default_factory=set)  # ids of the batch it runs as one call
     head_since: float | None = None  # when the head task (approximately) started
     killing: str | None = None  # why we asked the pool to kill this worker
+    image: str | None = None  # the servable image it runs in (None: its pool's own image)
+    swapping: bool = False  # being replaced by a worker in another image: given nothing new
 
 
 @dataclass
@@ -131,6 +142,13 @@ class Scheduler:
         self.waiting_code: dict[str, list[bytes]] = {}
         # package digest -> error record: servables whose container this endpoint cannot provide
         self.image_errors: dict[str, list] = {}
+        # images per servable: package digest -> its image; queued calls per (pool, image); when
+        # each (pool, image) last got a call (LRU); workers asked for and not yet joined
+        self.package_images: dict[str, str] = {}
+        self.image_queues: dict[tuple[str, str], deque] = {}
+        self.image_used: dict[tuple[str, str | None], float] = {}
+        self.image_starting: dict[tuple[str, str | None], list[float]] = {}
+        self.images_fetching: set[str] = set()  # being pulled (ImageFetched ends it)
         # code requests sent to the manager and not yet answered, oldest first: a reply settles
         # only the digests its own request asked for (the manager answers in order)
         self.code_asked: deque[frozenset[str]] = deque()
@@ -149,6 +167,7 @@ class Scheduler:
             "worker_lost": 0,
             "requeued": 0,
             "refused": 0,  # by the endpoint's policy
+            "image_starts": 0,  # workers replaced by one in another image
         }
         # the endpoint's policy (protocol.policy.Policy); None: every task is admitted (unit tests)
         self.policy: Any = None
@@ -247,6 +266,10 @@ class Scheduler:
         queue = self.queues[pool_name]
         waiting = [t for t in queue if t in self.tasks]
         queue.clear()
+        for (name, _), imaged in self.image_queues.items():
+            if name == pool_name:
+                waiting += [t for t in imaged if t in self.tasks]
+                imaged.clear()
         for digest, ids in list(self.waiting_code.items()):
             mine = [t for t in ids if t in self.tasks and self.tasks[t].pool == pool_name]
             waiting += mine
@@ -321,6 +344,29 @@ class Scheduler:
             for task_id in self.waiting_code.pop(function, ()):
                 if task_id in self.tasks:
                     self._fail(task_id, self.image_errors[package])
+
+    def servable_image(self, package: str, image: str, fetching: bool = False) -> None:
+        """A servable package runs inside ``image``: its calls queue for workers in that image
+        (started once the image is fetched, when it is being fetched)."""
+        self.package_images[package] = image
+        if fetching:
+            self.images_fetching.add(image)
+
+    def image_fetched(self, image: str, error: str | None) -> None:
+        """The fetch of ``image`` ended: workers may start in it now, or every servable that runs
+        in it fails with ``error`` (its waiting calls now, later ones at arrival)."""
+        self.images_fetching.discard(image)
+        if error is None:
+            return
+        for package in [p for p, i in self.package_images.items() if i == image]:
+            self.image_unavailable(package, error)
+            del self.package_images[package]
+        for (_, queued_image), queue in self.image_queues.items():
+            if queued_image == image:
+                for task_id in queue:
+                    if task_id in self.tasks:
+                        self._fail(task_id, errors.infra_error("image", error))
+                queue.clear()
 
     def _image_failed(self, task_id: bytes) -> bool:
         package = m.package_key(self.tasks[task_id].record[m.T_FUNCTION])
@@ -427,8 +473,18 @@ class Scheduler:
             pool.info.update(info)
         return True
 
-    def add_worker(self, identity: bytes, worker_id: str, pool_id: str, pool_name: str = "default") -> None:
-        w = WorkerState(identity, worker_id, pool_id, pool_name=pool_name)
+    def add_worker(
+        self,
+        identity: bytes,
+        worker_id: str,
+        pool_id: str,
+        pool_name: str = "default",
+        image: str | None = None,
+    ) -> None:
+        w = WorkerState(identity, worker_id, pool_id, pool_name=pool_name, image=image)
+        starting = self.image_starting.get((pool_name, image))
+        if starting:  # the worker asked for (the oldest request) has come
+            starting.pop(0)
         self.workers[identity] = w
         self.worker_by_id[worker_id] = identity
         pool = self.pools.get(pool_id)
@@ -524,7 +580,9 @@ class Scheduler:
                     )
                     continue
             self.counters["requeued"] += 1
-            if t.record[m.T_FUNCTION] in self.batching:
+            if self.package_images and self._image_of(t) is not None:
+                batched.append((t.pool, task_id))  # _enqueue puts it in its image's queue
+            elif t.record[m.T_FUNCTION] in self.batching:
                 batched.append((t.pool, task_id))
             else:
                 regular.setdefault(t.pool, []).append((task_id, t.user))
@@ -558,9 +616,22 @@ class Scheduler:
             w.warm = {f for f in info["warm"] if isinstance(f, str)}
         self.batcher.count_reported(info.get("servables"))
 
+    def _image_of(self, t: TaskState) -> str | None:
+        package = m.package_key(t.record[m.T_FUNCTION])
+        return self.package_images.get(package) if package is not None else None
+
     def _enqueue(self, pool: str, task_id: bytes, front: bool = False) -> None:
         t = self.tasks[task_id]
         function = t.record[m.T_FUNCTION]
+        if self.package_images:
+            image = self._image_of(t)
+            if image is not None:  # runs only on workers inside its image
+                queue = self.image_queues.setdefault((pool, image), deque())
+                if front:
+                    queue.appendleft(task_id)
+                else:
+                    queue.append(task_id)
+                return
         if function in self.batcher.policies:
             self.batcher.add(pool, function, task_id, m.task_options(t.record), self.clock(), front)
             return
@@ -583,7 +654,11 @@ class Scheduler:
         idle = [
             w
             for w in self.workers.values()
-            if w.pool_name == pool_name and not w.assigned and self._accepting(w, now)
+            if w.pool_name == pool_name
+            and not w.assigned
+            and w.image is None
+            and not w.swapping
+            and self._accepting(w, now)
         ]
         if not idle:
             return None
@@ -628,13 +703,18 @@ class Scheduler:
         for pool_name, queue in self.queues.items():
             if queue:
                 self._dispatch_pool(pool_name, queue, now)
+        if self.package_images:
+            self._dispatch_images(now)
+            self._start_image_workers(now)
 
     def _dispatch_pool(self, pool_name: str, queue: FairQueue, now: float) -> None:
         load = [
             (len(w.assigned), i, w)
             for i, w in enumerate(self.workers.values())
-            if w.pool_name == pool_name and self._accepting(w, now)
+            if w.pool_name == pool_name and w.image is None and not w.swapping and self._accepting(w, now)
         ]
+        if load and self.package_images:
+            self.image_used[(pool_name, None)] = now
         heapq.heapify(load)
         bump = 0
         batches: dict[bytes, tuple[list, dict]] = {}
@@ -686,6 +766,94 @@ class Scheduler:
         for identity, (batch, code) in batches.items():
             if batch:  # empty when its only task went back to wait for evicted code
                 self.to_workers.append((identity, m.Tasks(batch, code)))
+
+    def _dispatch_images(self, now: float) -> None:
+        """Each image's queued calls to the least-loaded of its pool's workers inside it."""
+        batches: dict[bytes, tuple[list, dict]] = {}
+        for (pool_name, image), queue in self.image_queues.items():
+            if not queue:
+                continue
+            workers = [
+                w
+                for w in self.workers.values()
+                if w.pool_name == pool_name
+                and w.image == image
+                and not w.swapping
+                and self._accepting(w, now)
+            ]
+            while queue and workers:
+                task_id = queue[0]
+                t = self.tasks.get(task_id)
+                if t is None:  # cancelled while queued
+                    queue.popleft()
+                    continue
+                digest = t.record[m.T_FUNCTION]
+                w = min(workers, key=lambda w: (len(w.assigned), digest not in w.warm))
+                if len(w.assigned) > self.prefetch(digest):
+                    break
+                queue.popleft()
+                batch, code = batches.setdefault(w.identity, ([], {}))
+                if digest not in w.known_code:
+                    blob = self.code.get(digest)
+                    if blob is None:  # evicted from the code cache: fetch it again
+                        self._wait_for_code(task_id)
+                        continue
+                    code[digest] = blob
+                    w.known_code.add(digest)
+                t.worker = w.identity
+                if not w.assigned:
+                    w.head_since = now
+                w.assigned.append(task_id)
+                w.warm.add(digest)
+                batch.append(t.record)
+                self.image_used[(pool_name, image)] = now
+        for identity, (batch, code) in batches.items():
+            if batch:
+                self.to_workers.append((identity, m.Tasks(batch, code)))
+
+    def _start_image_workers(self, now: float) -> None:
+        """Images (the pools' own included) with calls waiting and no worker, nor one starting:
+        replace an idle worker of the least recently used other image with one inside it."""
+        for key, times in list(self.image_starting.items()):
+            times[:] = [t for t in times if now - t < IMAGE_START_TIMEOUT_S]
+            if not times:
+                del self.image_starting[key]
+        for queue in self.image_queues.values():
+            while queue and queue[0] not in self.tasks:  # cancelled while waiting
+                queue.popleft()
+        wanted: list[tuple[str, str | None]] = [k for k, q in self.image_queues.items() if q]
+        wanted += [(name, None) for name, q in self.queues.items() if q]
+        if not wanted:
+            return
+        running = {(w.pool_name, w.image) for w in self.workers.values() if not w.swapping}
+        for pool_name, image in wanted:
+            if (pool_name, image) in running or self.image_starting.get((pool_name, image)):
+                continue
+            if image in self.images_fetching:
+                continue  # its calls wait for the pull
+            busy_images = {i for (p, i), q in self.image_queues.items() if q and p == pool_name}
+            if self.queues[pool_name]:
+                busy_images.add(None)
+            idle = [
+                w
+                for w in self.workers.values()
+                if w.pool_name == pool_name
+                and not w.assigned
+                and not w.swapping
+                and w.image != image
+                and w.image not in busy_images
+                and self._accepting(w, now)
+            ]
+            if not idle:
+                continue  # every worker busy, or its image has calls waiting: asked again later
+            victim = min(idle, key=lambda w: self.image_used.get((pool_name, w.image), -math.inf))
+            pool = self.pools.get(victim.pool_id)
+            if pool is None:
+                continue
+            victim.swapping = True
+            self.counters["image_starts"] += 1
+            self.image_starting.setdefault((pool_name, image), []).append(now)
+            self.to_workers.append((pool.identity, m.StartWorker(victim.worker_id, image)))
 
     def prefetch(self, digest: str) -> int:
         """How many tasks of this function may wait behind a worker's running task."""
@@ -794,6 +962,21 @@ class Scheduler:
             "queued_by_pool": {name: len(q) for name, q in self.queues.items()},
             "outstanding": len(self.tasks),
             "workers": len(self.workers),
+            **(
+                {
+                    "image_workers": {
+                        image: sum(1 for w in self.workers.values() if w.image == image)
+                        for image in sorted({w.image for w in self.workers.values() if w.image})
+                    },
+                    "image_queued": {
+                        i: n
+                        for (_, i), q in self.image_queues.items()
+                        if (n := sum(1 for t in q if t in self.tasks))
+                    },
+                }
+                if self.package_images
+                else {}
+            ),
             "pools": {
                 p.pool_id: {
                     **p.info,
@@ -825,8 +1008,10 @@ _HANDLERS: dict[type, Callable[[Scheduler, Any, list], None]] = {
     ev.ManagerSession: lambda s, e, out: s.code_link_reset(),
     ev.ServableLearned: lambda s, e, out: s.set_batching(e.function, e.policy, e.label),
     ev.ImageUnavailable: lambda s, e, out: s.image_unavailable(e.package, e.reason),
+    ev.ServableImage: lambda s, e, out: s.servable_image(e.package, e.image, e.fetching),
+    ev.ImageFetched: lambda s, e, out: s.image_fetched(e.image, e.error),
     ev.PoolJoined: Scheduler._on_pool_joined,
-    ev.WorkerJoined: lambda s, e, out: s.add_worker(e.identity, e.worker_id, e.pool_id, e.pool_name),
+    ev.WorkerJoined: lambda s, e, out: s.add_worker(e.identity, e.worker_id, e.pool_id, e.pool_name, e.image),
     ev.WorkerResults: Scheduler._on_results,
     ev.WorkerDied: lambda s, e, out: s.worker_died(e.worker_id, e.reason),
     ev.PoolHeartbeat: Scheduler._on_heartbeat,

@@ -115,6 +115,7 @@ class Worker:
                 "pool_id": self.pool_id,
                 "pool_name": self.config.get("pool_name", "default"),
                 "pid": os.getpid(),
+                **({"image": self.config["image"]} if self.config.get("image") else {}),
             },
         )
         self._send(m.pack(hello))

@@ -342,6 +342,16 @@ class KillWorker(Message):
     reason: str
 
 
+@_message(23)
+class StartWorker(Message):
+    """Endpoint -> pool: replace this (idle) worker with one running inside ``image`` (a
+    servable's image, as the endpoint resolved it: a path or an image URI the pool's runtime
+    and image cache provide; None: the pool's own image). Images per servable (issue 12)."""
+
+    worker_id: str
+    image: str | None
+
+
 def pack(msg: Message) -> bytes:
     """Encode ``msg`` as one frame."""
     body = [msg.TYPE]
@@ -405,6 +415,8 @@ def unpack(frame: bytes | memoryview, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) 
             raise ProtocolError("CodeRequest.digests must be a list of str")
     elif cls is Code:
         _check_code(msg.blobs, "Code.blobs")
+    elif cls is StartWorker and msg.image is not None and not (0 < len(msg.image) <= 4096):
+        raise ProtocolError("StartWorker.image must be a non-empty image reference (at most 4096 chars)")
     return msg
 
 

@@ -2,17 +2,26 @@
 endpoint's ``images:`` catalogue, an image URI or a path); an endpoint whose Charliecloud pool
 runs that image verifies it and runs its calls inside (the marker file ``/dlhub-test-image``
 exists only in the image); a container this endpoint cannot provide (no catalogue entry, a
-missing image file, a registry URI where pulls are off, an image no pool runs) fails the
+missing image file, a registry URI where pulls are off, a directory that is no image) fails the
 servable's verification with the reason, so it never becomes ``ready``.
+
+Servables in images other than the pool's own get workers started inside their image on demand
+(two copies of the test image, each with its own ``/dlhub-image-name``), within the pool's two
+workers: calls interleaved between them each run in their own image, and a third image retires
+the least recently used image's worker.
 
 Images are built by ``scripts/build-test-image.sh`` (the ``image`` fixture of
 test_container_pools); with ``DLHUB_REQUIRE_CONTAINERS=1`` a missing ch-run FAILS, not skips."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import uuid
 
 import pytest
+from conftest import wait_until
 from test_container_pools import TIMEOUT_S, endpoint_config, image  # noqa: F401  (image: a fixture)
 
 from dlhub.executor import Client, PublishError, Servable
@@ -63,7 +72,7 @@ def test_a_servable_runs_in_its_image_and_one_whose_image_is_missing_never_becom
             "site:nowhere": "no such image in this endpoint's images: catalogue",
             "site:gone": "no such file or directory",
             "docker://python:3.11-slim": "does not pull images (image_cache.allow_pull: false)",
-            str(tmp_path): "no pool runs this image",  # exists, but is not the pool's image
+            str(tmp_path): "is not a Charliecloud image",  # exists, but is no root file system
         }
         for i, (container, reason) in enumerate(cases.items()):
             name = f"bad{i}-{tag}"
@@ -75,3 +84,80 @@ def test_a_servable_runs_in_its_image_and_one_whose_image_is_missing_never_becom
             assert info["record"]["container"] == container
     # the failures never reached a worker: the pool's workers ran only the good calls
     assert ex.submit(ok, 4).result(TIMEOUT_S)["x"] == 4
+
+
+def which_image(x):
+    import os
+
+    try:
+        with open("/dlhub-image-name") as f:
+            name = f.read().strip()
+    except OSError:
+        name = None
+    return {"x": x, "image": name, "marker": os.path.exists("/dlhub-test-image")}
+
+
+def copy_image(source: str, dest, name: str) -> str:
+    """A copy of the test image (hard links: instant) that says its name in /dlhub-image-name."""
+    dest = str(dest)
+    if subprocess.run(["cp", "-al", source, dest], capture_output=True).returncode != 0:
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(source, dest, symlinks=True)
+    with open(os.path.join(dest, "dlhub-image-name"), "w") as f:
+        f.write(name)
+    return dest
+
+
+def test_workers_start_in_each_servables_image_on_demand_and_the_lru_image_makes_room(
+    custom_stack_factory,
+    image,  # noqa: F811
+    tmp_path,
+):
+    images = {k: copy_image(image, tmp_path / f"img-{k}", k) for k in "abc"}
+    endpoint = {
+        **endpoint_config({"type": "charliecloud", "image": image}),
+        "images": {f"site:{k}": path for k, path in images.items()},
+        "image_cache": {"allow_pull": False},
+    }
+    cs = custom_stack_factory(endpoint=endpoint, name="imgswap", workers=2)
+    ex = cs.executor()
+    tag = uuid.uuid4().hex[:6]
+    with Client(cs.manager.api.url, cs.token, home=str(cs.home)) as client:
+        refs = {
+            k: client.publish(
+                Servable.from_function(
+                    which_image,
+                    **meta(f"{k}-{tag}", f"site:{k}", [((1,), {"x": 1, "image": k, "marker": True})]),
+                )
+            )
+            for k in "ab"
+        }
+        # verification already ran each inside its image (a worker started there for it)
+        assert all(client.describe(r)["status"] == "ready" for r in refs.values())
+        # interleaved calls, each in its own image; a bare call in the pool's own image
+        futures = [(k, i, ex.submit(refs[k], i)) for i in range(6) for k in "ab"]
+        for k, i, fut in futures:
+            out = fut.result(TIMEOUT_S)
+            assert out == {"x": i, "image": k, "marker": True}, (k, out)
+        wait_until(
+            lambda: cs.status().get("image_workers") == {images["a"]: 1, images["b"]: 1},
+            10,
+            what="one worker in each image",
+        )
+        bare = ex.submit(which_image, 5).result(TIMEOUT_S)
+        assert bare == {"x": 5, "image": None, "marker": True}
+        # a warm image's call starts nothing; a third image retires the LRU one (a, used first)
+        assert ex.submit(refs["b"], 7).result(TIMEOUT_S)["image"] == "b"
+        starts = cs.status()["image_starts"]
+        refs["c"] = client.publish(
+            Servable.from_function(
+                which_image, **meta(f"c-{tag}", "site:c", [((1,), {"x": 1, "image": "c", "marker": True})])
+            )
+        )
+        assert ex.submit(refs["c"], 8).result(TIMEOUT_S) == {"x": 8, "image": "c", "marker": True}
+        wait_until(lambda: images["c"] in cs.status().get("image_workers", {}), 10, what="a worker in c")
+        status = cs.status()
+        assert images["a"] not in status["image_workers"], status  # a was used longest ago
+        assert status["workers"] <= 2 and status["image_starts"] > starts, status
+        # a, retired, comes back on demand, still only inside its own image
+        assert ex.submit(refs["a"], 9).result(TIMEOUT_S) == {"x": 9, "image": "a", "marker": True}

@@ -69,6 +69,7 @@ SAMPLES: list[m.Message] = [
     m.WorkerDied("w1", -9, "killed by signal 9"),
     m.Shutdown("endpoint stopping"),
     m.KillWorker("w2", "task overran its 5 s limit and ignored SIGALRM"),
+    m.StartWorker("w3", "/sw/images/materials.sif"),
 ]
 
 
@@ -602,3 +603,11 @@ def test_a_function_from_another_patch_release_loads():
     record = _code_record(serialize_function(module_level_square))
     record.update(python=f"{major}.{minor}.0")  # 3.11.7 here, 3.11.2 in Debian's image: same bytecode
     assert load_function(_code_blob(record))(6) == 36
+
+
+def test_start_worker_image_is_checked():
+    assert m.unpack(m.pack(m.StartWorker("w1", None))).image is None
+    with pytest.raises(ProtocolError, match="StartWorker.image"):
+        m.unpack(m.pack(m.StartWorker("w1", "")))
+    with pytest.raises(ProtocolError, match="StartWorker.image"):
+        m.unpack(body(m.StartWorker.TYPE, "w1", 7))
