@@ -299,10 +299,13 @@ class Client:
         against their sha256 (a mismatch leaves nothing behind). Files listed at an ``https``
         URL are fetched from it; those on an endpoint or in a Globus collection cannot be
         downloaded through the manager (``DLHubError`` saying where they are)."""
+        from dlhub.protocol.dataset import parse_dataset
+
         from .dataset import stream_to
 
         info = self.describe(ref, kind="dataset")
         rec = info["record"]
+        parse_dataset(rec)  # paths relative and inside the folder, digests well-formed: else RecordError
         files = rec["files"]
         if file is not None and file not in files:
             raise NotFoundError(f"{rec['owner']}/{rec['name']}:{rec['version']} has no file {file!r}")

@@ -22,7 +22,7 @@ import sqlalchemy as sa
 
 from dlhub.protocol import errors
 from dlhub.protocol import messages as m
-from dlhub.protocol.search import PARAMS, SearchQuery
+from dlhub.protocol.search import PARAMS, SearchParameterError, SearchQuery
 from dlhub.protocol.servable import OWNER_PATTERN, VISIBILITIES, RecordError, parse_record
 
 from .auth import Authenticator
@@ -214,13 +214,18 @@ def search_parameters(query: Callable[..., Any]) -> Callable[..., SearchQuery]:
     which returns their :class:`SearchQuery`. ``query``: ``fastapi.Query`` (imported lazily)."""
 
     def parameters(**values: Any) -> SearchQuery:
-        return SearchQuery.from_params(values)
+        try:
+            return SearchQuery.from_params(values)
+        except SearchParameterError as exc:
+            raise ApiError(422, "invalid-request", str(exc)) from None
 
     signature = []
     for p in PARAMS:
         annotation: Any = p.type | None if p.filter else p.type
         if p.minimum is not None or p.maximum is not None:
             annotation = Annotated[annotation, query(ge=p.minimum, le=p.maximum)]
+        elif p.pattern is not None:
+            annotation = Annotated[annotation, query(pattern=p.pattern)]
         signature.append(
             inspect.Parameter(
                 p.http_name, inspect.Parameter.KEYWORD_ONLY, default=p.default, annotation=annotation

@@ -29,7 +29,7 @@ __all__ = ["FILTERS", "LIMIT_MAX", "LIMIT_MIN", "PARAMS", "Param", "SearchParame
 
 LIMIT_MIN, LIMIT_MAX, LIMIT_DEFAULT = 1, 500, 20
 KINDS = ("servable", "dataset")
-_REF = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[a-z0-9][a-z0-9_.-]*(?::\d+)?")
+REF_PATTERN = r"^$|^[A-Za-z0-9][A-Za-z0-9_.-]*/[a-z0-9][a-z0-9_.-]*(?::\d{1,9})?$"  # empty: no filter
 
 
 class SearchParameterError(ValueError):
@@ -55,6 +55,7 @@ class Param(NamedTuple):
     cli_help: str | None = None  # the CLI's help, when not ``help`` (an inverted flag's)
     minimum: int | None = None
     maximum: int | None = None
+    pattern: str | None = None  # a string's regular expression (the REST schema says it too)
 
     @property
     def http_name(self) -> str:
@@ -81,10 +82,18 @@ class SearchQuery:
     author: str | None = _param(str, None, 'an author, "Family, Given"', filter=True)
     related: str | None = _param(str, None, "a related identifier, e.g. a DOI", filter=True)
     dataset: str | None = _param(
-        str, None, "servables trained or validated on this data set, owner/name[:version]", filter=True
+        str,
+        None,
+        "servables trained or validated on this data set, owner/name[:version]",
+        filter=True,
+        pattern=REF_PATTERN,
     )
     servable: str | None = _param(
-        str, None, "data sets this servable was trained or validated on, owner/name[:version]", filter=True
+        str,
+        None,
+        "data sets this servable was trained or validated on, owner/name[:version]",
+        filter=True,
+        pattern=REF_PATTERN,
     )
     only_latest: bool = _param(
         bool,
@@ -95,7 +104,7 @@ class SearchQuery:
         cli_help="every ready version, not only the latest",
     )
     limit: int = _param(int, LIMIT_DEFAULT, "at most this many hits", minimum=LIMIT_MIN, maximum=LIMIT_MAX)
-    kind: str = _param(str, "servable", "what to find: servable or dataset")
+    kind: str = _param(str, "servable", "what to find: servable or dataset", pattern="^(servable|dataset)$")
 
     def __post_init__(self) -> None:
         for p in PARAMS:
@@ -112,10 +121,11 @@ class SearchQuery:
                     raise SearchParameterError(p.name, f"must be an integer, not {type(value).__name__}")
             elif not isinstance(value, p.type):
                 raise SearchParameterError(p.name, f"must be a {p.type.__name__}, not {type(value).__name__}")
-            if p.name == "kind" and value not in KINDS:
-                raise SearchParameterError(p.name, f"must be one of {', '.join(KINDS)}, not {value!r}")
-            if p.name in ("dataset", "servable") and value is not None and not _REF.fullmatch(value):
-                raise SearchParameterError(p.name, f"must be owner/name or owner/name:version, not {value!r}")
+            if p.pattern is not None and isinstance(value, str) and not re.search(p.pattern, value):
+                wanted = (
+                    f"one of {', '.join(KINDS)}" if p.name == "kind" else "owner/name or owner/name:version"
+                )
+                raise SearchParameterError(p.name, f"must be {wanted}, not {value!r}")
             if (p.minimum is not None and value < p.minimum) or (p.maximum is not None and value > p.maximum):
                 raise SearchParameterError(
                     p.name, f"must be between {p.minimum} and {p.maximum}, not {value}"
