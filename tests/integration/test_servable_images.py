@@ -161,3 +161,43 @@ def test_workers_start_in_each_servables_image_on_demand_and_the_lru_image_makes
         assert status["workers"] <= 2 and status["image_starts"] > starts, status
         # a, retired, comes back on demand, still only inside its own image
         assert ex.submit(refs["a"], 9).result(TIMEOUT_S) == {"x": 9, "image": "a", "marker": True}
+
+
+def test_an_image_uri_is_pulled_into_the_cache_at_verification_and_a_failed_pull_fails_it(
+    custom_stack_factory,
+    image,  # noqa: F811
+    tmp_path,
+):
+    """``dir://`` and ``file://`` go through the image cache like a registry pull (offline): the
+    servable's image is fetched when it is verified, so its first call finds it there; a fetch
+    that fails (a tarball tar cannot unpack) fails the verification with the reason."""
+    from dlhub.endpoint.images import ImageCache
+
+    source = copy_image(image, tmp_path / "img-d", "d")
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(b"this is no tarball" * 100)
+    endpoint = {
+        **endpoint_config({"type": "charliecloud", "image": image}, workers=1),
+        "images": {"site:d": f"dir://{source}"},  # a record names no dir:// itself
+        "image_cache": {"allow_pull": True},
+    }
+    cs = custom_stack_factory(endpoint=endpoint, name="imgpull", workers=1)
+    ex = cs.executor()
+    tag = uuid.uuid4().hex[:6]
+    uri = f"dir://{source}"
+    with Client(cs.manager.api.url, cs.token, home=str(cs.home)) as client:
+        ref = client.publish(
+            Servable.from_function(
+                which_image, **meta(f"d-{tag}", "site:d", [((1,), {"x": 1, "image": "d", "marker": True})])
+            )
+        )
+        cache = ImageCache(cs.endpoint_dir / "images", 10**10)
+        (entry,) = [e for e in cache.entries() if e.ref == uri]
+        assert ex.submit(ref, 2).result(TIMEOUT_S) == {"x": 2, "image": "d", "marker": True}
+        with pytest.raises(PublishError) as failed:
+            client.publish(
+                Servable.from_function(which_image, **meta(f"j-{tag}", f"file://{junk}", [((1,), None)]))
+            )
+        assert "pull failed" in str(failed.value) and "cannot unpack" in str(failed.value), str(failed.value)
+        assert client.describe(failed.value.ref)["status"] == "failed"
+    assert [e.ref for e in cache.entries()] == [uri]  # the first fetch only; nothing left of the junk

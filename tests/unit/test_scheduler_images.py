@@ -115,3 +115,22 @@ def test_a_busy_pool_waits_and_a_lost_start_is_asked_again():
     # cancelled while waiting for its image: dropped from the image's queue
     s.handle(ev.CancelRequested(201.0, [tid(2)]))
     assert s.snapshot()["image_queued"] == {}
+
+
+def test_an_image_being_fetched_starts_no_worker_and_a_failed_fetch_fails_its_calls():
+    s = Scheduler(clock=None, wall_clock=None, min_prefetch=0)
+    s.handle(
+        ev.PoolJoined(0.0, P1, "p1", "default/0", {}),
+        ev.WorkerJoined(0.0, b"w:p1.0", "p1.0", "p1"),
+        ev.ServableImage(0.0, PKG["c"], IMG["c"], fetching=True),
+        ev.ServableImage(0.0, PKG["a"], IMG["a"], fetching=True),
+        ev.CodeFound(0.0, code()),
+    )
+    assert starts(s.handle(ev.TasksArrived(1.0, [call(1, "c"), call(2, "a")]))) == []
+    assert starts(s.handle(ev.ImageFetched(2.0, IMG["a"]))) == [("p1.0", IMG["a"])]
+    out = s.handle(ev.ImageFetched(3.0, IMG["c"], "image docker://c:1: pull failed: denied"))
+    (res,) = [i for i in out if isinstance(i, ev.SendResults)]
+    assert [(r[m.R_ID], r[m.R_STATE]) for r in res.results] == [(tid(1), "failed")]
+    assert "pull failed: denied" in res.results[0][m.R_ERROR][1]
+    out = s.handle(ev.TasksArrived(4.0, [call(3, "c")]))  # later calls fail at arrival
+    assert [r[m.R_STATE] for i in out if isinstance(i, ev.SendResults) for r in i.results] == ["failed"]
