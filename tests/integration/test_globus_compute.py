@@ -227,6 +227,9 @@ def test_the_endpoint_uuid_names_the_endpoint_wherever_a_name_does(stack, client
     )
     assert unknown.status_code == 404, unknown.text
 
+    shell = stack.cli("run", f"{OWNER}/{name}", "21", "--endpoint", ep_uuid)
+    assert shell.returncode == 0 and shell.stdout.strip() == "42", shell.stdout + shell.stderr
+
     gcc = make_client(stack)
     tid = gcc.run(21, endpoint_id=ep_uuid, function_id=servable_id(ref))
     assert wait_result(gcc, tid) == 42
