@@ -47,7 +47,9 @@ GC_STATES = {
     "lost": "failed",
 }
 RECENT_TASKS = 200_000  # submitted task ids remembered until the store has them (and beyond)
-SESSION_PREFIX = "gc:"  # a GC task's client_session column: "gc:<task group id>" (kept across restarts)
+# a GC task's client_session column names its task group (kept across restarts): "gcq:<group>"
+# when its results go to the group's AMQP queue (the SDK's Executor), "gc:<group>" when not (Client)
+SESSION_PREFIX, QUEUED_PREFIX = "gc:", "gcq:"
 REPUBLISH_AFTER_CRASH_S = 600.0  # after an unclean stop: results this recent are published again
 CLEAN_STOP_FILE = "amqp.clean"  # written (the time) when the publisher flushed everything at stop
 
@@ -244,7 +246,7 @@ def create_gc_app(manager: Any, publisher: Any = None, published_until: float | 
         def enqueue() -> None:
             for rec, done in zip(records, callbacks):
                 msg = m.Submit(name, [rec])
-                session = SESSION_PREFIX + group
+                session = (QUEUED_PREFIX if publish is not None else SESSION_PREFIX) + group
                 manager.route(ev.ClientSubmitted(b"", who[0], session, msg, time.time(), done))
 
         manager.call_soon(enqueue)
@@ -323,7 +325,8 @@ def create_gc_app(manager: Any, publisher: Any = None, published_until: float | 
         if owner != who[0] and who[1] != "admin":
             raise GCError(404, "TASK_GROUP_NOT_FOUND", f"task group {group_id} not found")
         t = tasks_table
-        query = sa.select(t.c.task_id).where(t.c.client_session == SESSION_PREFIX + group_id)
+        sessions = [SESSION_PREFIX + group_id, QUEUED_PREFIX + group_id]
+        query = sa.select(t.c.task_id).where(t.c.client_session.in_(sessions))
         if who[1] != "admin":
             query = query.where(t.c.owner == who[0])
         with engine.connect() as conn:
@@ -354,14 +357,14 @@ def _recover(manager, publisher, publisher_for, result_callback, outcome, publis
     t = tasks_table
     columns = (t.c.task_id, t.c.owner, t.c.client_session, t.c.state, t.c.result, t.c.error, t.c.t_finished)
     unfinished = sa.or_(t.c.state.not_in(TERMINAL), t.c.t_finished >= since)
-    query = sa.select(*columns).where(t.c.client_session.like(SESSION_PREFIX + "%"), unfinished)
+    query = sa.select(*columns).where(t.c.client_session.like(QUEUED_PREFIX + "%"), unfinished)
     with manager.store.engine.connect() as conn:
         rows = conn.execute(query).all()
     if not rows:
         return
     callbacks = {}
     for row in rows:
-        publish = publisher_for(row.owner, row.client_session[len(SESSION_PREFIX) :], declare=False)
+        publish = publisher_for(row.owner, row.client_session[len(QUEUED_PREFIX) :], declare=False)
         tid = str(uuid.UUID(bytes=row.task_id))
         if row.state in TERMINAL:
             doc_error = unpack_error(row.error)

@@ -137,9 +137,10 @@ def test_reload_tasks_reattaches_to_a_task_group(amqp_stack):
         assert sorted(f.result(timeout=RESULT_TIMEOUT_S) for f in reloaded) == [i * i for i in range(5)]
 
 
-def test_a_manager_killed_and_restarted_while_tasks_run(amqp_stack):
+def test_a_manager_killed_and_restarted_while_tasks_run(amqp_stack, caplog):
     """SIGKILL the manager while 8 one-second tasks run or wait on 2 workers, `dlhub up --amqp`
     again: every future resolves with its own result, each exactly once."""
+    caplog.set_level("INFO", logger="globus_compute_sdk")
     home = amqp_stack.home
     resolved: Counter = Counter()
     with executor(amqp_stack) as ex:
@@ -157,6 +158,10 @@ def test_a_manager_killed_and_restarted_while_tasks_run(amqp_stack):
         assert [f.result(timeout=RESULT_TIMEOUT_S) for f in futures] == [i * i for i in range(8)]
         time.sleep(1.0)  # a repeated message (published again after the crash) would arrive by now
     assert sorted(resolved.values()) == [1] * 8
+    # the SDK logs this when a result comes for a future already resolved
+    assert "Unable to set future state" not in caplog.text
+    log = (home / "manager" / "manager.log").read_text()
+    assert "GC/AMQP: " in log  # the restarted manager took the GC tasks back (watched or published again)
     assert read_json(home / "manager" / "manager.json")["pid"] != old
 
 
