@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -200,13 +200,14 @@ def upload(
     offset = status["offset"]
     with open(local, "rb") as f:
         while offset < size:
-            f.seek(offset)
-            chunk = f.read(CHUNK_BYTES)
-            if not chunk:
-                raise DLHubError(f"{local} is shorter than when it was hashed ({offset:,} of {size:,} bytes)")
-            headers = {"Content-Type": "application/octet-stream"}
+            length = min(CHUNK_BYTES, size - offset)
+            headers = {"Content-Type": "application/octet-stream", "Content-Length": str(length)}
             response = request(
-                "PUT", f"/uploads/{upload_id}", params={"offset": offset}, content=chunk, headers=headers
+                "PUT",
+                f"/uploads/{upload_id}",
+                params={"offset": offset},
+                content=_pieces(f, offset, length, local),
+                headers=headers,
             )
             if response.status_code == 409 and response.json().get("code") == "offset-mismatch":
                 offset = int(response.json()["expected"])  # the manager says where to resume
@@ -221,6 +222,19 @@ def upload(
         raise_for(response)
     state.set(key, None)
     return response.json()
+
+
+def _pieces(f, offset: int, length: int, local: Path) -> Iterator[bytes]:
+    """One chunk of the file as pieces of ``READ_BYTES`` (the request never holds it whole)."""
+    f.seek(offset)
+    left = length
+    while left:
+        piece = f.read(min(READ_BYTES, left))
+        if not piece:
+            at = offset + length - left
+            raise DLHubError(f"{local} is shorter than when it was hashed (at byte {at:,})")
+        left -= len(piece)
+        yield piece
 
 
 def stream_to(chunks: Iterable[bytes], target: Path, sha256: str, what: str) -> Path:
