@@ -679,6 +679,9 @@ class Endpoint:
         elif isinstance(msg, m.WorkerDied):
             log.warning("worker %s died: %s", msg.worker_id, msg.reason)
             self._events.append(ev.WorkerDied(time.monotonic(), msg.worker_id, msg.reason))
+        elif isinstance(msg, m.ImageFailed):
+            log.error("servable image %s: %s", msg.image, msg.reason)
+            self._events.append(ev.ImageFailed(time.monotonic(), msg.image, msg.reason))
         elif isinstance(msg, m.CancelRefused):
             self._to_manager(msg)
 

@@ -97,6 +97,15 @@ class ImageFetched(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class ImageFailed(Event):
+    """Workers do not start inside a servable's image (a pool said so): the servables that run
+    in it fail with the reason (as a failed fetch)."""
+
+    image: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class PoolJoined(Event):
     identity: bytes
     pool_id: str

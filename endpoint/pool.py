@@ -47,6 +47,7 @@ log = logging.getLogger("dlhub.pool")
 
 SCHEDULER_JOB_VARS = ("SLURM_JOB_ID", "PBS_JOBID", "COBALT_JOBID", "LSB_JOBID")
 BLOCK_SIGNAL_GRACE_S = 0.5
+IMAGE_START_GRACE_S = 10.0  # a worker in a servable image dying sooner, twice: the image fails
 ACCELERATOR_VARS = ("CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "ZE_AFFINITY_MASK")
 
 
@@ -64,6 +65,7 @@ class Pool:
         self.slot_images: dict[int, str] = {}  # slots given a servable's image (StartWorker)
         self._image_specs: dict[str, object] = {}  # servable image -> its ContainerSpec
         self._image_pins: list = []
+        self._quick_deaths: dict[int, int] = {}  # slot -> its image's workers dead at start in a row
         if (config.get("container") or {}).get("type", "none") != "none":
             self._prepare_container()
 
@@ -139,6 +141,7 @@ class Pool:
             log.warning("StartWorker %s: this pool runs no container runtime; ignored", image)
             return
         slot = proc.slot  # type: ignore[attr-defined]
+        self._quick_deaths.pop(slot, None)
         if image is None:
             self.slot_images.pop(slot, None)
         else:
@@ -228,6 +231,7 @@ class Pool:
         except OSError:  # the runtime failed at once: reaped (and restarted) like any death
             pass
         proc.slot = slot  # type: ignore[attr-defined]
+        proc.started = time.monotonic()  # type: ignore[attr-defined]
         proc.container_name = launch.name  # type: ignore[attr-defined]
         self.workers[worker_id] = proc
 
@@ -355,7 +359,23 @@ class Pool:
             self._remove_container(proc)
             reason = f"exit code {code}" if code >= 0 else f"killed by signal {-code}"
             _send(sock, m.pack(m.WorkerDied(worker_id, code, reason)))
-            self._spawn(proc.slot)  # type: ignore[attr-defined]
+            slot = proc.slot  # type: ignore[attr-defined]
+            image = self.slot_images.get(slot)
+            if image is not None:
+                lived = time.monotonic() - getattr(proc, "started", 0.0)
+                quick = self._quick_deaths[slot] = (
+                    self._quick_deaths.get(slot, 0) + 1 if lived < IMAGE_START_GRACE_S else 0
+                )
+                if quick >= 2:  # it cannot start there: back to the pool's own image
+                    del self.slot_images[slot]
+                    self._quick_deaths.pop(slot, None)
+                    why = (
+                        f"workers inside it exit as they start ({reason}, twice within "
+                        f"{IMAGE_START_GRACE_S:.0f} s)"
+                    )
+                    log.error("image %s: %s", image, why)
+                    _send(sock, m.pack(m.ImageFailed(image, why)))
+            self._spawn(slot)
 
     def _stop_workers(self) -> None:
         for proc in self.workers.values():

@@ -1010,6 +1010,7 @@ _HANDLERS: dict[type, Callable[[Scheduler, Any, list], None]] = {
     ev.ImageUnavailable: lambda s, e, out: s.image_unavailable(e.package, e.reason),
     ev.ServableImage: lambda s, e, out: s.servable_image(e.package, e.image, e.fetching),
     ev.ImageFetched: lambda s, e, out: s.image_fetched(e.image, e.error),
+    ev.ImageFailed: lambda s, e, out: s.image_fetched(e.image, e.reason),
     ev.PoolJoined: Scheduler._on_pool_joined,
     ev.WorkerJoined: lambda s, e, out: s.add_worker(e.identity, e.worker_id, e.pool_id, e.pool_name, e.image),
     ev.WorkerResults: Scheduler._on_results,

@@ -352,6 +352,16 @@ class StartWorker(Message):
     image: str | None
 
 
+@_message(24)
+class ImageFailed(Message):
+    """Pool -> endpoint: workers started inside this servable image (``StartWorker``) die as they
+    start (twice in a row): the slot went back to the pool's own image, and the endpoint fails
+    the servables that run in it with ``reason`` instead of asking again."""
+
+    image: str
+    reason: str
+
+
 def pack(msg: Message) -> bytes:
     """Encode ``msg`` as one frame."""
     body = [msg.TYPE]

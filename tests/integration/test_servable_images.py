@@ -2,8 +2,9 @@
 endpoint's ``images:`` catalogue, an image URI or a path); an endpoint whose Charliecloud pool
 runs that image verifies it and runs its calls inside (the marker file ``/dlhub-test-image``
 exists only in the image); a container this endpoint cannot provide (no catalogue entry, a
-missing image file, a registry URI where pulls are off, a directory that is no image) fails the
-servable's verification with the reason, so it never becomes ``ready``.
+missing image file, a registry URI where pulls are off, a directory that is no image, an image
+whose workers die as they start) fails the servable's verification with the reason, so it never
+becomes ``ready``.
 
 Servables in images other than the pool's own get workers started inside their image on demand
 (two copies of the test image, each with its own ``/dlhub-image-name``), within the pool's two
@@ -49,11 +50,14 @@ def test_a_servable_runs_in_its_image_and_one_whose_image_is_missing_never_becom
     image,  # noqa: F811
     tmp_path,
 ):
+    broken = tmp_path / "broken"
+    (broken / "bin").mkdir(parents=True)
     endpoint = {
         **endpoint_config({"type": "charliecloud", "image": image}),
         "images": {
             "site:test-image": image,
             "site:gone": str(tmp_path / "no-such-image"),
+            "site:broken": str(broken),  # looks like a root file system; has no python3
         },
         "image_cache": {"allow_pull": False},
     }
@@ -73,6 +77,7 @@ def test_a_servable_runs_in_its_image_and_one_whose_image_is_missing_never_becom
             "site:gone": "no such file or directory",
             "docker://python:3.11-slim": "does not pull images (image_cache.allow_pull: false)",
             str(tmp_path): "is not a Charliecloud image",  # exists, but is no root file system
+            "site:broken": "workers inside it exit as they start",  # ImageFailed from the pool
         }
         for i, (container, reason) in enumerate(cases.items()):
             name = f"bad{i}-{tag}"

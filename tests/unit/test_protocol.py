@@ -70,6 +70,7 @@ SAMPLES: list[m.Message] = [
     m.Shutdown("endpoint stopping"),
     m.KillWorker("w2", "task overran its 5 s limit and ignored SIGALRM"),
     m.StartWorker("w3", "/sw/images/materials.sif"),
+    m.ImageFailed("/sw/images/materials.sif", "worker exited at start (exit code 127), twice"),
 ]
 
 
