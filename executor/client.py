@@ -172,8 +172,16 @@ class Client:
         self._raise(response)
 
     def versions(self, ref: str) -> list[dict[str, Any]]:
+        """Every version of a servable (with its status), or of a data set."""
         owner, name, _ = parse_ref(ref)
-        return self._call("GET", f"/servables/{owner}/{name}/versions")["versions"]
+        response = self._request("GET", f"/servables/{owner}/{name}/versions")
+        if response.status_code == 404:
+            found = self._request("GET", f"/datasets/{owner}/{name}")
+            if found.is_success:
+                return found.json()["versions"]
+        if response.is_success:
+            return response.json()["versions"]
+        self._raise(response)
 
     def delete(self, ref: str) -> int:
         """Delete one version (``owner/name:3``) or all of them (``owner/name``); calls in flight

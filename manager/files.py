@@ -35,6 +35,7 @@ from dlhub.protocol.servable import SHA256
 from .repository import BlobStore, NotFound, RepositoryError
 
 MAX_FILE_BYTES = 1 << 40  # 1 TiB per file
+UPLOAD_TTL_S = 7 * 24 * 3600.0  # an upload untouched this long is removed (at the next start)
 READ_CHUNK = 1 << 20
 UPLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -59,13 +60,27 @@ class DigestMismatch(UploadError):
 
 
 class FileStore:
-    def __init__(self, blobs: BlobStore, clock=time.time):
+    def __init__(self, blobs: BlobStore, clock=time.time, ttl_s: float = UPLOAD_TTL_S):
         self.blobs = blobs
         self.root = blobs.root / "uploads"
         self.root.mkdir(parents=True, exist_ok=True)
         self.clock = clock
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
+        self.expire(ttl_s)
+
+    def expire(self, ttl_s: float) -> int:
+        """Remove uploads not written to for ``ttl_s`` (abandoned); returns how many."""
+        removed = 0
+        for part in self.root.glob("*.part"):
+            try:
+                stale = self.clock() - part.stat().st_mtime > ttl_s
+            except FileNotFoundError:
+                continue
+            if stale:
+                self._discard(part.stem)
+                removed += 1
+        return removed
 
     # ---- uploads ---------------------------------------------------------------------------
 

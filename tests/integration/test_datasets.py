@@ -116,6 +116,7 @@ def test_cli_publish_dataset_and_download(stack, folder, tmp_path, name):
     assert out.returncode == 0, out.stderr
     ref = out.stdout.strip().splitlines()[-1]
     assert ref.endswith(f"/{name}:1")
+    assert [v["version"] for v in Client(home=str(stack.home)).versions(ref)] == [1]
     out = stack.cli("download", ref, "sub/notes.txt", "--to", str(tmp_path / "dl"))
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "dl" / "sub" / "notes.txt").read_text() == "measured at 300 K\n"

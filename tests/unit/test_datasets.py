@@ -207,6 +207,13 @@ def test_uploads_resume_check_offsets_and_digests(tmp_path):
     with pytest.raises(UploadError, match="sha256 must look like"):
         files.begin("alice", 3, "abc")
 
+    # abandoned uploads go at the next start, once older than the TTL
+    old = files.begin("alice", 3, sha(b"old"))["upload_id"]
+    assert FileStore(files.blobs, ttl_s=3600).status("alice", old)["offset"] == 0
+    assert FileStore(files.blobs, clock=lambda: 2e10, ttl_s=3600).expire(3600) == 0  # gone already
+    with pytest.raises(NotFound):
+        files.status("alice", old)
+
 
 def test_a_schema_8_database_migrates_with_its_servables(repo):
     engine = repo.engine
