@@ -155,6 +155,13 @@ def test_an_interrupted_upload_resumes_where_the_manager_stopped(stack, client, 
     assert json.loads((stack.home / "uploads.json").read_text()) == {}
     assert client.describe(ref)["record"]["files"]["big.bin"]["sha256"] == sha(data)
 
+    # a stale record (the manager discarded that upload, or never had it): a fresh upload
+    notes = folder / "sub" / "notes.txt"
+    stale = {f"{client.url} {sha(notes.read_bytes())}": "0" * 32}
+    (stack.home / "uploads.json").write_text(json.dumps(stale))
+    ref = client.publish_dataset(Dataset(f"{name}-2", title="Fresh", authors=["Doe, Jane"], files=[notes]))
+    assert ref.endswith(f"/{name}-2:1")
+
 
 def test_bad_input_is_a_clear_error_and_the_manager_keeps_serving(client, name):
     http = client._http
