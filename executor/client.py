@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import httpx
 
@@ -324,7 +325,7 @@ class Client:
             what = f"{rec['owner']}/{rec['name']}:{rec['version']}/{path}"
             location = entry.get("location")
             if location is None:
-                url = f"/datasets/{rec['owner']}/{rec['name']}/files/{path}"
+                url = f"/datasets/{rec['owner']}/{rec['name']}/files/{quote(path, safe='/')}"
                 stream = self._http.stream("GET", url, params={"version": rec["version"]})
             elif location["type"] == "https":
                 timeout = self._http.timeout

@@ -53,6 +53,7 @@ def folder(tmp_path):
     big = os.urandom(9 * 1024 * 1024 + 17)  # two chunks and a bit
     (root / "big.bin").write_bytes(big)
     (root / "sub" / "notes.txt").write_text("measured at 300 K\n")
+    (root / "sub" / "odd name #1?.txt").write_text("odd\n")  # quoted in the download URL
     return root
 
 
@@ -122,6 +123,7 @@ def test_cli_publish_dataset_and_download(stack, folder, tmp_path, name):
     assert (tmp_path / "dl" / "sub" / "notes.txt").read_text() == "measured at 300 K\n"
     out = stack.cli("download", ref, "--to", str(tmp_path / "all"))
     assert (tmp_path / "all" / "big.bin").read_bytes() == (folder / "big.bin").read_bytes()
+    assert (tmp_path / "all" / "sub" / "odd name #1?.txt").read_text() == "odd\n"
     out = stack.cli("search", "--kind", "dataset", "scans from the cli", "--json")
     assert name in [h["name"] for h in json.loads(out.stdout)]
     out = stack.cli("download", ref.replace(name, "no-such-data"))
