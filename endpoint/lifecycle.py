@@ -27,7 +27,16 @@ def dlhub_home(home: str | Path | None = None) -> Path:
 
 
 def endpoint_dir(name: str, home: str | Path | None = None) -> Path:
-    return dlhub_home(home) / "endpoints" / name
+    """The endpoint's folder; ``name`` may be its Globus Compute UUID (``dlhub-endpoint list``)."""
+    root = dlhub_home(home) / "endpoints"
+    path = root / name
+    if len(name) == 36 and not path.exists() and root.is_dir():
+        from dlhub.protocol.gc_serialize import endpoint_uuid
+
+        for candidate in root.iterdir():
+            if candidate.is_dir() and endpoint_uuid(candidate.name) == name:
+                return candidate
+    return path
 
 
 class AlreadyRunning(RuntimeError):

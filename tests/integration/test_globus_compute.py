@@ -199,6 +199,9 @@ def test_endpoint_list_shows_the_uuid(stack, tmp_path):
 def test_the_endpoint_uuid_names_the_endpoint_wherever_a_name_does(stack, client, rest, name):
     """dlhub's Executor, the REST run route, `dlhub status` and the GC Client all take the UUID;
     a published servable is called from the GC Client by its own UUID."""
+    import subprocess
+    import sys
+
     from conftest import meta
     from servable_fns import OWNER, double
 
@@ -211,6 +214,9 @@ def test_the_endpoint_uuid_names_the_endpoint_wherever_a_name_does(stack, client
     status = stack.cli("status", "--endpoint", ep_uuid)
     assert status.returncode == 0, status.stdout + status.stderr
     assert ep_uuid in status.stdout  # shown in the endpoint's block
+    ep_cli = [sys.executable, "-m", "dlhub.endpoint.cli", "status", ep_uuid, "--home", str(stack.home)]
+    ep_status = subprocess.run(ep_cli, capture_output=True, text=True, timeout=60, cwd=stack.home)
+    assert ep_status.returncode == 0, ep_status.stdout + ep_status.stderr  # running
     as_json = json.loads(stack.cli("status", "--json").stdout)
     assert as_json["endpoints"]["local"]["uuid"] == ep_uuid
 
