@@ -64,6 +64,7 @@ class BrokerSettings:
     vhost: str = "/"
     secret: bytes = b""  # derives each user's password; keep it with the manager's other secrets
     host_for_clients: str | None = None  # the host the SDK dials (default: host)
+    queue_expires_s: float = 7 * 86400  # a task group's queue unused (no consumer) this long is deleted
 
 
 def _safe(name: str) -> str:
@@ -81,6 +82,7 @@ class ResultPublisher:
         self.settings = settings
         self._users: set[str] = set()
         self._users_lock = threading.Lock()
+        self._policy_set = False
         self._outbox: queue.Queue[tuple[str, str, bytes, int] | None] = queue.Queue()
         self._pending = 0
         self._idle = threading.Condition()
@@ -120,9 +122,27 @@ class ResultPublisher:
             raise AmqpError(f"RabbitMQ management API at {url} unreachable: {exc}") from None
         return json.loads(text) if text else None
 
+    POLICY = "dlhub-gc-expire"
+
+    def ensure_policy(self) -> None:
+        """A broker policy (not a queue argument, which the publisher's and the SDK's declares
+        would have to repeat exactly) deletes a task group's queue once nothing used it for
+        ``queue_expires_s``: an Executor that never comes back leaves no queue behind for ever."""
+        vhost = urllib.parse.quote(self.settings.vhost, safe="")
+        body = {
+            "pattern": "^" + re.escape("dlhub.gc."),
+            "definition": {"expires": int(self.settings.queue_expires_s * 1000)},
+            "apply-to": "queues",
+            "priority": 0,
+        }
+        self._api("PUT", f"policies/{vhost}/{self.POLICY}", body)
+        self._policy_set = True
+
     def ensure_user(self, user: str) -> None:
         """Create (or re-assert) the RabbitMQ user of a dlhub user, limited to its own queues."""
         with self._users_lock:
+            if not self._policy_set:
+                self.ensure_policy()
             if user in self._users:
                 return
             name = urllib.parse.quote(self.rabbit_user(user), safe="")

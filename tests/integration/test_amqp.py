@@ -197,3 +197,21 @@ def test_a_result_published_over_a_lost_connection_is_sent_again(publisher, brok
     assert any(
         w in r.message for r in caplog.records for w in ("retrying", "reconnecting", "connection lost")
     ), caplog.text
+
+
+def test_unused_task_group_queues_expire_by_a_broker_policy(publisher, broker):
+    """Queues of Executors that never come back are deleted by the broker (policy, not a queue
+    argument, so the SDK's passive use and the publisher's declares need not repeat it)."""
+    import base64
+    import json
+    import re
+    import urllib.request
+
+    name = publisher.declare_queue(f"erin-{uuid.uuid4().hex[:6]}", uuid.uuid4())
+    auth = base64.b64encode(f"{broker.admin_user}:{broker.admin_password}".encode()).decode()
+    req = urllib.request.Request(f"{broker.management_url}/api/policies/%2F/{publisher.POLICY}")
+    req.add_header("Authorization", f"Basic {auth}")
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        policy = json.loads(resp.read())
+    assert policy["definition"] == {"expires": 7 * 86400 * 1000} and policy["apply-to"] == "queues"
+    assert re.match(policy["pattern"], name)
