@@ -16,10 +16,17 @@ binary: its figure is the code path plus the shim, not real Apptainer). The imag
   4 alternating rounds (median);
 - warm image cache: an endpoint whose pool image is a URI started twice on one home: fetches
   counted from the cache index (1, then 0) and each start's first result (``--cache-only``: just
-  this figure).
+  this figure);
+- servable images: one Charliecloud endpoint, a pool of 2 workers, three servables each in its
+  own image (hard-linked copies of the test image, each naming itself in /dlhub-image-name).
+  Called in turn a, b, c, a ..., each call's image is the one not warm (2 workers, 3 images: the
+  least recently used image's worker is retired for it): that first call (a worker started in
+  its image, the servable loaded) against the median of 5 calls that follow it on the now warm
+  worker, same run, and the ratio; every result is checked to come from its own image
+  (``--images-only``: just this figure).
 
     .venv/bin/python benchmarks/containers.py            # 3 cold starts, 3,000 serial calls, 20,000 mapped
-    .venv/bin/python benchmarks/containers.py --quick    # 1 cold start, 600 serial, 4,000 mapped (~40 s)
+    .venv/bin/python benchmarks/containers.py --quick    # 1 cold start, 600 serial, 4,000 mapped (~55 s)
 
 Prints JSON lines, then a human summary. Exits 1 when a result is wrong.
 """
@@ -72,11 +79,11 @@ def build_image(dest: Path) -> str:
     return path
 
 
-def endpoint_config(runtime: str, image: str) -> dict:
+def endpoint_config(runtime: str, image: str, images: dict | None = None) -> dict:
     pool: dict = {"workers_per_node": WORKERS}
     if runtime != "bare":
         pool["container"] = {"type": runtime, "image": image}
-    return {"pool": pool}
+    return {"pool": pool, **({"images": images} if images else {})}
 
 
 def pct(samples: list[float], q: float) -> float:
@@ -151,6 +158,92 @@ def warm_cache_restart(base: Path, image: str) -> dict:
     }
 
 
+def which_image(x):
+    try:
+        with open("/dlhub-image-name") as f:
+            return x, f.read().strip()
+    except OSError:
+        return x, None
+
+
+IMAGE_NAMES = "abc"
+
+
+def servable_image_catalogue(base: Path, image: str) -> dict[str, str]:
+    """``images:`` for the endpoint YAML: site:a/b/c -> hard-linked copies of the test image."""
+    images = {}
+    for k in IMAGE_NAMES:
+        dest = base / f"servable-img-{k}"
+        if subprocess.run(["cp", "-al", image, str(dest)], capture_output=True).returncode != 0:
+            shutil.rmtree(dest, ignore_errors=True)
+            shutil.copytree(image, dest, symlinks=True)
+        (dest / "dlhub-image-name").write_text(k)
+        images[f"site:{k}"] = str(dest)
+    return images
+
+
+def servable_images(cs, cycles: int) -> dict:
+    """First call of a servable whose image is not warm vs warm calls (see the module doc), on
+    a Charliecloud endpoint of WORKERS workers whose catalogue has servable_image_catalogue."""
+    import statistics
+
+    from dlhub.executor import Client, Servable
+
+    names = IMAGE_NAMES
+    starts_before = cs.status().get("image_starts", 0)
+    ex = cs.executor()
+    with Client(cs.manager.api.url, cs.token, home=str(cs.home)) as client:
+        refs = {
+            k: client.publish(
+                Servable.from_function(
+                    which_image,
+                    name=f"bench-img-{k}",
+                    title="which image",
+                    authors=["Bench, Mark"],
+                    container=f"site:{k}",
+                    examples=[((1,), (1, k))],
+                )
+            )
+            for k in names
+        }  # verified in turn: a, b, then c retires a -> b and c are warm
+    cold, warm = [], []
+    for n in range(cycles * len(names)):
+        k = names[n % len(names)]
+        t = time.perf_counter()
+        out = ex.submit(refs[k], n).result(120)
+        cold.append(time.perf_counter() - t)
+        if tuple(out) != (n, k):
+            raise SystemExit(f"servable images: call {n} of {k} ran in {out}")
+        for i in range(5):
+            t = time.perf_counter()
+            out = ex.submit(refs[k], i).result(60)
+            warm.append(time.perf_counter() - t)
+            if tuple(out) != (i, k):
+                raise SystemExit(f"servable images: warm call of {k} ran in {out}")
+    deadline = time.monotonic() + 5  # status.json is rewritten at each worker join and heartbeat
+    while (starts := cs.status().get("image_starts", 0) - starts_before) < 3 + len(cold):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    if starts < 3 + len(cold):  # the verifications (a, b, c) and one per cold call
+        raise SystemExit(f"servable images: {starts} worker starts in an image, expected >= {3 + len(cold)}")
+    cold_p50, warm_p50 = statistics.median(cold), statistics.median(warm)
+    return {
+        "bench": "containers",
+        "metric": "servable_image_first_call",
+        "runtime": "charliecloud",
+        "workers": WORKERS,
+        "images": len(names),
+        "cold_calls": len(cold),
+        "warm_calls": len(warm),
+        "cold_p50_ms": round(1e3 * cold_p50, 1),
+        "cold_max_ms": round(1e3 * max(cold), 1),
+        "warm_p50_ms": round(1e3 * warm_p50, 2),
+        "cold_over_warm": round(cold_p50 / warm_p50, 1),
+        "image_starts": starts,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 cold start, 600 serial, 4,000 mapped")
@@ -158,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serial", type=int, default=None, help="serial no-ops per runtime (3,000)")
     parser.add_argument("--n", type=int, default=None, help="mapped no-ops per runtime (20,000)")
     parser.add_argument("--cache-only", action="store_true", help="only the warm-cache restart figure")
+    parser.add_argument("--images-only", action="store_true", help="only the servable-images figure")
     args = parser.parse_args(argv)
     cold = args.cold if args.cold is not None else (1 if args.quick else 3)
     serial = args.serial if args.serial is not None else (600 if args.quick else 3000)
@@ -187,6 +281,25 @@ def main(argv: list[str] | None = None) -> int:
                 "build_s": round(time.perf_counter() - t_image, 2),
             }
         )
+        catalogue = servable_image_catalogue(base, image)
+        cycles = 1 if args.quick else 4
+        if args.images_only:
+            cs = start_custom_stack(
+                base / "servable-images",
+                endpoint=endpoint_config("charliecloud", image, catalogue),
+                name="imgbench",
+                workers=WORKERS,
+            )
+            try:
+                images = servable_images(cs, cycles)
+            finally:
+                stop_custom_stack(cs)
+            emit(images)
+            print(
+                f"servable image first call: {images['cold_p50_ms']:.0f} ms not warm vs"
+                f" {images['warm_p50_ms']:.1f} ms warm (x{images['cold_over_warm']})"
+            )
+            return 0
         cache = warm_cache_restart(base, image)
         emit(cache)
         if cache["fetches_first_start"] != 1 or cache["fetches_second_start"] != 0:
@@ -202,7 +315,10 @@ def main(argv: list[str] | None = None) -> int:
             for runtime in runtimes:
                 stacks[runtime] = start_custom_stack(
                     base / f"warm-{runtime}",
-                    endpoint=endpoint_config(runtime, image),
+                    # the servable images' catalogue: used only after the warm figures
+                    endpoint=endpoint_config(
+                        runtime, image, catalogue if runtime == "charliecloud" else None
+                    ),
                     name=runtime,
                     workers=WORKERS,
                 )
@@ -251,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
                         "rounds_tasks_per_s": [round(r, 1) for r in rates[runtime]],
                     }
                 )
+            # last: it replaces the charliecloud pool's workers with ones in the servables' images
+            emit(servable_images(stacks["charliecloud"], cycles))
         finally:
             for cs in stacks.values():
                 stop_custom_stack(cs)
@@ -281,6 +399,11 @@ def main(argv: list[str] | None = None) -> int:
         f"image cache: fetches {c['fetches_first_start']} then {c['fetches_second_start']};"
         f" first result {c['first_start_first_result_s']:.2f} s cold cache,"
         f" {c['second_start_first_result_s']:.2f} s warm"
+    )
+    i = by[("servable_image_first_call", "charliecloud")]
+    print(
+        f"servable image first call (p50 of {i['cold_calls']}): {i['cold_p50_ms']:.0f} ms not warm vs"
+        f" {i['warm_p50_ms']:.1f} ms warm (x{i['cold_over_warm']}, same run)"
     )
     summary = {
         "bench": "containers",
