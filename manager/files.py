@@ -13,7 +13,8 @@ An upload is a ``<id>.part`` file and a ``<id>.json`` with its owner, declared s
 under ``<blobs>/uploads/``: it survives a manager restart, and only its user may see or extend
 it (another user's id is "no upload", as for one that never existed). A digest mismatch or a
 size overrun discards the part (nothing half-written reaches the blob store: blobs appear by an
-atomic rename of a checked file). Data sets use it for their stored files; inputs and outputs
+atomic rename of a checked file; the digest is computed as the chunks arrive, or by reading the
+file again after a restart). Data sets use it for their stored files; inputs and outputs
 by reference (issue 16, items 3-4) are meant to use the same ``begin``/``append``/``finish`` and
 ``open_blob``.
 """
@@ -67,6 +68,9 @@ class FileStore:
         self.clock = clock
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
+        # upload id -> (bytes hashed, sha256 so far): hashed as the chunks arrive, so ``finish``
+        # reads the file again only after a restart or a refused chunk (then it hashes it whole)
+        self._hashers: dict[str, tuple[int, Any]] = {}
         self.expire(ttl_s)
 
     def expire(self, ttl_s: float) -> int:
@@ -111,6 +115,10 @@ class FileStore:
             have = part.stat().st_size
             if offset != have:
                 raise OffsetMismatch(upload_id, offset, have)
+            hashed = self._hashers.pop(upload_id, None)
+            h = hashed[1] if hashed is not None and hashed[0] == have else None
+            if h is None and have == 0:
+                h = hashlib.sha256()
             with part.open("ab") as f:
                 for chunk in chunks:
                     have += len(chunk)
@@ -120,6 +128,10 @@ class FileStore:
                             f"upload {upload_id}: more bytes than the declared size {meta['size']:,}"
                         )
                     f.write(chunk)
+                    if h is not None:
+                        h.update(chunk)
+            if h is not None:
+                self._hashers[upload_id] = (have, h)
         return self.status(user, upload_id)
 
     def finish(self, user: str, upload_id: str) -> dict[str, Any]:
@@ -133,7 +145,9 @@ class FileStore:
                     f"upload {upload_id} has {have:,} of {meta['size']:,} bytes; send the rest "
                     f"from offset {have:,}"
                 )
-            digest = "sha256:" + file_sha256(part)
+            hashed = self._hashers.pop(upload_id, None)
+            whole = hashed[1].hexdigest() if hashed is not None and hashed[0] == have else file_sha256(part)
+            digest = "sha256:" + whole
             if digest != meta["sha256"]:
                 self._discard(upload_id)
                 raise DigestMismatch(
@@ -175,6 +189,7 @@ class FileStore:
         return meta
 
     def _discard(self, upload_id: str) -> None:
+        self._hashers.pop(upload_id, None)
         self._part(upload_id).unlink(missing_ok=True)
         self._meta_path(upload_id).unlink(missing_ok=True)
 
