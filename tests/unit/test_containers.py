@@ -458,3 +458,17 @@ def test_servable_image_problem_gives_the_reason_or_none(tmp_path):
     assert "allow_pull: false" in servable_image_problem("docker://python:3.11-slim", no_pull)
     bare = _config(tmp_path, images={"site:mat": str(image)})
     assert "no container runtime" in servable_image_problem("site:mat", bare)
+
+
+def test_readme_servable_images_block_is_a_valid_config():
+    import re
+
+    import yaml
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = re.search(r"^## Containers\n(.*?)(?=^## |\Z)", readme, re.M | re.S)
+    block = next(
+        b for b in re.findall(r"^```yaml\n(.*?)^```", section.group(1), re.M | re.S) if '"site:c"' in b
+    )
+    cfg = parse_config({**BASE, **yaml.safe_load(block)})
+    assert cfg.pool.workers_per_node == 2 and cfg.images["site:c"] == "dir:///sw/trees/c"
