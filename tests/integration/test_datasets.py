@@ -76,6 +76,9 @@ def test_publish_search_download_and_links_both_ways(stack, client, folder, tmp_
     hits = client.search("band gap scans", kind="dataset")
     assert [h["name"] for h in hits if h["name"] == name] == [name]
     assert all(h["name"] != name for h in client.search("band gap scans"))  # not a servable
+    rest = client._http.get("/datasets", params={"q": "bandgap", "owner": owner}).json()["results"]
+    mine = [(h["name"], h["file_count"], h["type"]) for h in rest if h["name"] == name]
+    assert mine == [(name, 4, "dataset")]  # 3 stored + 1 external
 
     got = client.download(ref, to=tmp_path / "out", file="big.bin")
     assert got == [tmp_path / "out" / "big.bin"]
