@@ -3,11 +3,11 @@
     .venv/bin/python benchmarks/datasets.py            # a 512 MiB file
     .venv/bin/python benchmarks/datasets.py --quick    # 64 MiB, results checked
 
-A manager (in this process: REST on 127.0.0.1) and a client in a child process (spawned, so its
-peak RSS is its own): ``Client.publish_dataset`` (client-side sha256, 8 MiB chunks over HTTP,
-manager-side sha256 at completion, rename into the blob store) and ``Client.download`` (streamed,
-hashed, renamed). Baselines in the same run: ``shutil.copyfile`` of the same file and one sha256
-pass over it. Exits 1 if a downloaded file differs.
+A manager (in this process: REST on 127.0.0.1; its peak RSS is this process's) and a client in a
+child process (spawned, so its peak RSS is its own): ``Client.publish_dataset`` (client-side
+sha256, 8 MiB chunks over HTTP, manager-side sha256 as they arrive, rename into the blob store)
+and ``Client.download`` (streamed, hashed, renamed). Baselines in the same run:
+``shutil.copyfile`` of the same file and one sha256 pass over it. Exits 1 if the download differs.
 """
 
 from __future__ import annotations
@@ -38,6 +38,14 @@ def client_side(url: str, token: str, src: str, out: str, queue) -> None:
     queue.put({"upload_s": t1 - t0, "download_s": t2 - t1, "client_peak_rss_mib": round(peak_mib, 1)})
 
 
+def file_sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -57,10 +65,7 @@ def main() -> int:
         shutil.copyfile(src, root / "copy.bin")
         copy_s = time.perf_counter() - t
         t = time.perf_counter()
-        h = hashlib.sha256()
-        with open(src, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
+        file_sha(src)
         hash_s = time.perf_counter() - t
         (root / "copy.bin").unlink()
 
@@ -78,7 +83,8 @@ def main() -> int:
             child.join(60)
         finally:
             manager.stop()
-        same = (root / "out" / "input.bin").read_bytes() == src.read_bytes()
+        manager_peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        same = file_sha(root / "out" / "input.bin") == file_sha(src)
     figures = {
         "file_mib": mib,
         "copy_mib_s": round(mib / copy_s, 1),
@@ -86,6 +92,7 @@ def main() -> int:
         "upload_mib_s": round(mib / result["upload_s"], 1),
         "download_mib_s": round(mib / result["download_s"], 1),
         "client_peak_rss_mib": result["client_peak_rss_mib"],
+        "manager_process_peak_rss_mib": round(manager_peak_mib, 1),
         "downloaded_file_identical": same,
     }
     print(json.dumps(figures, indent=2))
