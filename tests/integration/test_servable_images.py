@@ -23,7 +23,13 @@ import uuid
 
 import pytest
 from conftest import wait_until
-from test_container_pools import TIMEOUT_S, endpoint_config, image  # noqa: F401  (image: a fixture)
+from test_container_pools import (  # noqa: F401  (image, podman_image: fixtures)
+    TIMEOUT_S,
+    endpoint_config,
+    image,
+    podman_containers,
+    podman_image,
+)
 
 from dlhub.executor import Client, PublishError, Servable
 
@@ -206,3 +212,45 @@ def test_an_image_uri_is_pulled_into_the_cache_at_verification_and_a_failed_pull
         assert "pull failed" in str(failed.value) and "cannot unpack" in str(failed.value), str(failed.value)
         assert client.describe(failed.value.ref)["status"] == "failed"
     assert [e.ref for e in cache.entries()] == [uri]  # the first fetch only; nothing left of the junk
+
+
+def test_podman_workers_start_in_a_servables_image_and_no_replaced_container_is_left(
+    podman_image,  # noqa: F811
+    image,  # noqa: F811
+    custom_stack_factory,
+    monkeypatch,
+    tmp_path,
+):
+    """The same with podman, for real: a servable in a second imported image gets a worker
+    (a container) started in it on demand; the replaced worker's container is removed."""
+    for k, v in podman_image.items():
+        monkeypatch.setenv(k, v)
+    source = copy_image(image, tmp_path / "img-p", "p")
+    tar = subprocess.Popen(["tar", "-C", source, "-c", "."], stdout=subprocess.PIPE)
+    imported = subprocess.run(
+        ["podman", "import", "-q", "-", "localhost/dlhub-img-p"],
+        stdin=tar.stdout,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    tar.wait()
+    assert imported.returncode == 0, imported.stderr
+    endpoint = {
+        **endpoint_config({"type": "podman", "image": "localhost/dlhub-test-image"}),
+        "images": {"site:p": "localhost/dlhub-img-p"},
+    }
+    cs = custom_stack_factory(endpoint=endpoint, name="imgpodman", workers=2)
+    ex = cs.executor()
+    tag = uuid.uuid4().hex[:6]
+    with Client(cs.manager.api.url, cs.token, home=str(cs.home)) as client:
+        ref = client.publish(
+            Servable.from_function(
+                which_image, **meta(f"p-{tag}", "site:p", [((1,), {"x": 1, "image": "p", "marker": True})])
+            )
+        )
+    futures = [(ex.submit(ref, i), ex.submit(which_image, i)) for i in range(4)]
+    for i, (in_p, bare) in enumerate(futures):
+        assert in_p.result(TIMEOUT_S) == {"x": i, "image": "p", "marker": True}
+        assert bare.result(TIMEOUT_S) == {"x": i, "image": None, "marker": True}
+    wait_until(lambda: len(podman_containers(podman_image)) == 2, 30, what="one container per worker")
