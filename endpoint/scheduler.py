@@ -633,7 +633,7 @@ class Scheduler:
                     queue.append(task_id)
                 return
         if function in self.batcher.policies:
-            self.batcher.add(pool, function, task_id, m.task_options(t.record), self.clock(), front)
+            self.batcher.add(pool, function, task_id, m.task_options(t.record), self.clock(), front, t.user)
             return
         queue = self.queues[pool]
         fifo = queue.by_user.get(t.user)

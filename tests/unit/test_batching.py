@@ -422,3 +422,40 @@ def test_batches_of_one_use_the_regular_queue():
     assert VEC not in s.batching
     s.add_tasks([rec(1)])
     assert list(s.queue) == [tid(1)]
+
+
+# ---- fairness between users ------------------------------------------------------------------------
+
+
+def rec_of(n: int, user: str) -> list:
+    return m.task_record(tid(n), VEC, b"\x01\x90", None, "auto", None, None, {"user": user, "admin": False})
+
+
+def test_a_batch_takes_users_in_turn_not_the_oldest_users_flood():
+    """alice has 100 calls of a batched servable waiting, bob then sends 1: bob's call rides in
+    the next batch (one call of each user a turn), not behind alice's 100."""
+    t = [0.0]
+    s = make(t, W1, policy={"max_batch_size": 8, "max_batch_delay_ms": 0})
+    s.add_tasks([rec_of(n, "alice") for n in range(1, 101)])
+    s.dispatch()
+    [(_, first)] = messages(s)  # W1 busy with alice's first batch
+    assert first.batches == [[tid(n) for n in range(1, 9)]]
+    s.add_tasks([rec_of(1000, "bob")])
+    finish(s, W1, first.batches[0])
+    s.dispatch()
+    [(_, second)] = messages(s)
+    assert tid(1000) in second.batches[0], "bob's call waited behind alice's flood"
+    assert len(second.batches[0]) == 8
+
+
+def test_a_requeued_batched_call_goes_first_and_a_single_user_keeps_fifo():
+    t = [0.0]
+    s = make(t, W1, policy={"max_batch_size": 4, "max_batch_delay_ms": 0})
+    s.add_tasks([rec_of(n, "alice") for n in range(1, 9)])
+    s.dispatch()
+    [(_, first)] = messages(s)
+    assert first.batches == [[tid(1), tid(2), tid(3), tid(4)]]
+    finish(s, W1, first.batches[0])
+    s.dispatch()
+    [(_, second)] = messages(s)
+    assert second.batches == [[tid(5), tid(6), tid(7), tid(8)]]  # one user: plain FIFO
