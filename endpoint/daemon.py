@@ -83,6 +83,9 @@ class Endpoint:
             max_retries=config.max_retries,
             pool_offers={name: _offers(named) for name, named in config.all_pools().items()},
         )
+        self.scheduler.bare_pools = {  # a servable's image cannot run on these pools' workers
+            name for name, named in config.all_pools().items() if named.pool.container.type == "none"
+        }
         log_path = os.environ.get("DLHUB_SCHEDULER_LOG")
         if log_path:  # every event the Scheduler handles, to replay a bug (events.replay)
             self.scheduler.event_log = ev.EventLog(log_path)

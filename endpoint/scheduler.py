@@ -149,6 +149,7 @@ class Scheduler:
         self.image_used: dict[tuple[str, str | None], float] = {}
         self.image_starting: dict[tuple[str, str | None], list[float]] = {}
         self.images_fetching: set[str] = set()  # being pulled (ImageFetched ends it)
+        self.bare_pools: set[str] = set()  # pools without a container runtime (set by the daemon)
         # code requests sent to the manager and not yet answered, oldest first: a reply settles
         # only the digests its own request asked for (the manager answers in order)
         self.code_asked: deque[frozenset[str]] = deque()
@@ -626,6 +627,10 @@ class Scheduler:
         if self.package_images:
             image = self._image_of(t)
             if image is not None:  # runs only on workers inside its image
+                if pool in self.bare_pools:  # its workers cannot start in an image
+                    why = f"pool {pool!r} runs no container runtime: it cannot run image {image}"
+                    self._fail(task_id, errors.infra_error("image", why))
+                    return
                 queue = self.image_queues.setdefault((pool, image), deque())
                 if front:
                     queue.appendleft(task_id)

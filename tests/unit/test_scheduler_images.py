@@ -134,3 +134,15 @@ def test_an_image_being_fetched_starts_no_worker_and_a_failed_fetch_fails_its_ca
     assert "pull failed: denied" in res.results[0][m.R_ERROR][1]
     out = s.handle(ev.TasksArrived(4.0, [call(3, "c")]))  # later calls fail at arrival
     assert [r[m.R_STATE] for i in out if isinstance(i, ev.SendResults) for r in i.results] == ["failed"]
+
+
+def test_a_call_for_an_image_on_a_pool_without_a_runtime_fails_with_the_reason():
+    s = Scheduler(clock=None, wall_clock=None, pool_offers={"default": {}, "cpu": {"cores": 4}})
+    s.bare_pools = {"cpu"}
+    s.handle(ev.ServableImage(0.0, PKG["a"], IMG["a"]), ev.CodeFound(0.0, code()))
+    rec = call(1, "a")._replace(resources={"pool": "cpu"})
+    out = s.handle(ev.TasksArrived(1.0, [rec, call(2, "a")]))
+    (res,) = [r for i in out if isinstance(i, ev.SendResults) for r in i.results]
+    assert res[m.R_ID] == tid(1) and res[m.R_STATE] == "failed"
+    assert "pool 'cpu' runs no container runtime" in res[m.R_ERROR][1]
+    assert s.snapshot()["image_queued"] == {IMG["a"]: 1}  # the default pool's call waits for a worker
