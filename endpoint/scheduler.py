@@ -145,6 +145,7 @@ class Scheduler:
         # images per servable: package digest -> its image; queued calls per (pool, image); when
         # each (pool, image) last got a call (LRU); workers asked for and not yet joined
         self.package_images: dict[str, str] = {}
+        self.function_images: dict[str, str] = {}  # the same by servable:/verify: function (hot path)
         self.image_queues: dict[tuple[str, str], deque] = {}
         self.image_used: dict[tuple[str, str | None], float] = {}
         self.image_starting: dict[tuple[str, str | None], list[float]] = {}
@@ -350,6 +351,8 @@ class Scheduler:
         """A servable package runs inside ``image``: its calls queue for workers in that image
         (started once the image is fetched, when it is being fetched)."""
         self.package_images[package] = image
+        for prefix in (m.RUN_PREFIX, m.VERIFY_PREFIX):
+            self.function_images[prefix + package] = image
         if fetching:
             self.images_fetching.add(image)
 
@@ -362,6 +365,8 @@ class Scheduler:
         for package in [p for p, i in self.package_images.items() if i == image]:
             self.image_unavailable(package, error)
             del self.package_images[package]
+            for prefix in (m.RUN_PREFIX, m.VERIFY_PREFIX):
+                self.function_images.pop(prefix + package, None)
         for (_, queued_image), queue in self.image_queues.items():
             if queued_image == image:
                 for task_id in queue:
@@ -618,14 +623,13 @@ class Scheduler:
         self.batcher.count_reported(info.get("servables"))
 
     def _image_of(self, t: TaskState) -> str | None:
-        package = m.package_key(t.record[m.T_FUNCTION])
-        return self.package_images.get(package) if package is not None else None
+        return self.function_images.get(t.record[m.T_FUNCTION])
 
     def _enqueue(self, pool: str, task_id: bytes, front: bool = False) -> None:
         t = self.tasks[task_id]
         function = t.record[m.T_FUNCTION]
         if self.package_images:
-            image = self._image_of(t)
+            image = self.function_images.get(function)
             if image is not None:  # runs only on workers inside its image
                 if pool in self.bare_pools:  # its workers cannot start in an image
                     why = f"pool {pool!r} runs no container runtime: it cannot run image {image}"
@@ -827,7 +831,13 @@ class Scheduler:
             while queue and queue[0] not in self.tasks:  # cancelled while waiting
                 queue.popleft()
         wanted: list[tuple[str, str | None]] = [k for k, q in self.image_queues.items() if q]
-        wanted += [(name, None) for name, q in self.queues.items() if q]
+        for name, q in self.queues.items():
+            # bare calls waiting need a start only where no worker of the pool's own image is
+            # left (the common case stops at the first worker: the bare hot path pays ~nothing)
+            if q and not any(
+                w.image is None and not w.swapping and w.pool_name == name for w in self.workers.values()
+            ):
+                wanted.append((name, None))
         if not wanted:
             return
         running = {(w.pool_name, w.image) for w in self.workers.values() if not w.swapping}
