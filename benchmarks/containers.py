@@ -26,7 +26,7 @@ binary: its figure is the code path plus the shim, not real Apptainer). The imag
   (``--images-only``: just this figure).
 
     .venv/bin/python benchmarks/containers.py            # 3 cold starts, 3,000 serial calls, 20,000 mapped
-    .venv/bin/python benchmarks/containers.py --quick    # 1 cold start, 600 serial, 4,000 mapped (~55 s)
+    .venv/bin/python benchmarks/containers.py --quick    # 1 cold start, 600 serial, 4,000 mapped (~41 s idle)
 
 Prints JSON lines, then a human summary. Exits 1 when a result is wrong.
 """
