@@ -43,7 +43,7 @@ from .auth import (
     users_generation,
     users_without_curve_key,
 )
-from .connections import ConnectionTracker
+from .connections import ConnectionTracker, raise_open_file_limit
 from .memory import release_free_memory
 from .repository import Repository
 from .result_cache import ResultCache
@@ -161,6 +161,7 @@ class Manager:
     # ---- lifecycle -----------------------------------------------------------------------
 
     def start(self) -> None:
+        raise_open_file_limit()  # one descriptor per connected endpoint and client
         engine = make_engine(self.config.database_url)
         migrate(engine)
         ensure_admin(engine, self.config.admin_user, self.home / "admin.token")

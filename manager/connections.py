@@ -142,3 +142,33 @@ class ConnectionTracker:
 def _plain_ip(ip: str) -> str:
     """``::ffff:127.0.0.1`` (an IPv4 peer on a dual-stack socket) as libzmq names it: 127.0.0.1."""
     return ip[7:] if ip.startswith("::ffff:") else ip
+
+
+def raise_open_file_limit(wanted: int = 65536) -> int:
+    """Raise this process's soft ``RLIMIT_NOFILE`` towards the hard limit; return the soft limit.
+
+    Every connected endpoint and client holds one TCP descriptor in the manager. With the common
+    soft limit of 1,024 a manager stops accepting near 1,000 connections (benchmarks/scale.py:
+    at 1,024 descriptors libzmq's listener could not accept and spun at 100% CPU, registration
+    stalled). The hard limit is what the administrator allows (systemd's default is 524,288), so
+    taking the soft limit up to it, as Ray and Jupyter do, needs no privilege.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            log.info("open-file limit raised from %d to %d", soft, target)
+            soft = target
+        except (ValueError, OSError) as exc:  # a container may refuse even within the hard limit
+            log.warning("could not raise the open-file limit from %d: %s", soft, exc)
+    if soft != resource.RLIM_INFINITY and soft < 4096:
+        log.warning(
+            "open-file limit is %d: this manager can hold about %d endpoint and client "
+            "connections; raise the hard limit (LimitNOFILE= in its systemd unit, ulimit -Hn)",
+            soft,
+            max(soft - 100, 0),
+        )
+    return soft
