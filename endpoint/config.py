@@ -323,6 +323,14 @@ class ImageCacheConfig(_Frozen):
         return value
 
 
+class DataCacheConfig(_Frozen):
+    """Inputs passed by reference (``File``, ``DataRef``, URLs) are staged once into
+    ``endpoints/NAME/data/`` (``endpoint/staging.py``), shared by the endpoint's workers: a disk
+    budget with LRU eviction of files no running task uses."""
+
+    budget_gb: Annotated[float, Field(gt=0, le=1_000_000)] = 50.0
+
+
 class EndpointConfig(_Frozen):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     manager: ManagerLink
@@ -344,6 +352,7 @@ class EndpointConfig(_Frozen):
     worker_cache: WorkerCacheConfig = WorkerCacheConfig()
     policy: PolicyConfig = PolicyConfig()
     image_cache: ImageCacheConfig = ImageCacheConfig()
+    data_cache: DataCacheConfig = DataCacheConfig()
     # the site catalogue: a servable's container (site:NAME, or an image URI) -> a local image
     # (an absolute path) or an image reference the pool's runtime runs (URI, podman/docker name)
     images: dict[str, str] = Field(default_factory=dict)

@@ -176,6 +176,10 @@ class Endpoint:
                 "output_limit_bytes": self.config.output_limit_bytes,
                 "worker_cache": self.config.worker_cache.model_dump(),
                 "servable_cache": str(self.run_dir / "servables" / "unpacked"),  # not a shared /tmp
+                "data_cache": {  # inputs by reference (endpoint/staging.py)
+                    "root": str(self.run_dir / "data"),
+                    "budget_bytes": int(self.config.data_cache.budget_gb * 1e9),
+                },
                 "accelerators": list(named.pool.accelerators),
                 "walltime_s": None
                 if named.provider.type == "local"

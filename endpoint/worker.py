@@ -31,6 +31,7 @@ from dlhub.protocol import errors
 from dlhub.protocol import gc_serialize as gc
 from dlhub.protocol import messages as m
 from dlhub.protocol.curve import secure_link_client
+from dlhub.protocol.refs import needs_staging
 from dlhub.protocol.serialize import deserialize, load_function, runtime_versions, serialize
 
 from .warm import OutputCache, WarmServables
@@ -87,6 +88,7 @@ class Worker:
             int(cache.get("max_warm_servables", 16)), int(budget * 2**20) if budget else None
         )
         self.outputs = OutputCache(int(float(cache.get("output_cache_mb", 64.0)) * 2**20))
+        self.data_cache = None  # inputs by reference: made when the first one arrives
         self.groups: dict[bytes, list[bytes]] = {}  # first task id -> the ids of its batch
         self.code: dict[str, bytes] = {}
         self.local: deque[list] = deque()
@@ -363,6 +365,9 @@ class Worker:
                 args, kwargs = gc.load_arguments(payload)
             else:
                 args, kwargs = deserialize(payload)
+            pins = None
+            if args.__class__ is list and needs_staging(args, kwargs, fn):  # inputs by reference
+                args, kwargs, pins = self._stage(args, kwargs, fn)
         except BaseException as exc:  # noqa: BLE001 - any loading failure is the task's error
             return m.result_record(task_id, "failed", error=errors.error_record(exc))
         old_out, old_err = sys.stdout, sys.stderr
@@ -389,8 +394,19 @@ class Worker:
                 self.outputs.put(key, body)
         finally:
             sys.stdout, sys.stderr = old_out, old_err
+            if pins:
+                for pin in pins:  # the staged files may be evicted again
+                    pin.unlink(missing_ok=True)
         o, e = out.getvalue(), err.getvalue()
         return m.result_record(task_id, state, body, error, None, [o, e] if o or e else None)
+
+    def _stage(self, args: list, kwargs: dict, fn: Any) -> tuple[list, dict, list]:
+        """Inputs by reference: staged into the endpoint's data cache (endpoint/staging.py)."""
+        from . import staging
+
+        if self.data_cache is None:
+            self.data_cache = staging.cache_for(self.config)
+        return staging.stage_arguments(self.data_cache, args, kwargs, fn)
 
     def _pack_result(self, value: Any, serializer: str):
         try:

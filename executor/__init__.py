@@ -22,6 +22,7 @@ from ._progress import as_completed, progress
 from .client import Client, NotFoundError, PublishError
 from .dataset import Dataset
 from .executor import DLHubFuture, Executor
+from .refs import DataRef, File
 from .servable import Servable
 
 __all__ = [
@@ -29,10 +30,12 @@ __all__ = [
     "Client",
     "DLHubError",
     "DLHubFuture",
+    "DataRef",
     "Dataset",
     "EndpointLost",
     "EndpointRequired",
     "Executor",
+    "File",
     "ManagerUnreachable",
     "NotFoundError",
     "PayloadTooLarge",

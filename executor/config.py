@@ -42,6 +42,7 @@ class ClientConfig:
     home: Path
     endpoint: str | None = None  # for an Executor that names none: $DLHUB_ENDPOINT or the file's default
     manager_key: str | None = None  # the manager's CURVE public key, pinned (None: none known)
+    rest_url: str | None = None  # the manager's REST API (File/DataRef arguments use it)
 
     @classmethod
     def resolve(
@@ -68,7 +69,10 @@ class ClientConfig:
             )
         endpoint = endpoint_from(stored, "manager", manager)
         key = find_server_key(manager, manager_key, stored)
-        return cls(manager=manager, token=token or "", home=root, endpoint=endpoint, manager_key=key)
+        rest_url = os.environ.get("DLHUB_REST_URL") or (
+            stored.get("rest_url") if str(stored.get("manager") or "") == manager else None
+        )
+        return cls(manager, token or "", root, endpoint, key, rest_url)
 
 
 def write_client_config(home: Path, manager: str, token: str, **extra: str) -> Path:

@@ -50,6 +50,7 @@ from dlhub.protocol.serialize import (
 from ._progress import TaskProgress
 from .config import ClientConfig
 from .connection import Connection
+from .refs import RefEncoder, has_refs
 
 
 class DLHubFuture(cf.Future):
@@ -166,6 +167,8 @@ class Executor(cf.Executor):
             (any subset); the endpoint runs it on a pool that offers it, or fails it at once.
         cancel_timeout_s: 0 (default): ``cancel()`` answers at once; above 0, a sent task's
             cancel waits that long at most for the manager's and endpoint's answer.
+        rest_url: the manager's REST API, for ``File``/``DataRef`` arguments (default
+            ``$DLHUB_REST_URL`` or the config file's, for the manager it describes).
     """
 
     def __init__(
@@ -185,6 +188,7 @@ class Executor(cf.Executor):
         manager_timeout_s: float = 120.0,
         cache: bool = True,
         manager_key: str | None = None,
+        rest_url: str | None = None,
     ):
         if task_timeout_s is not None and task_timeout_s <= 0:
             raise ValueError(f"task_timeout_s must be positive, got {task_timeout_s!r}")
@@ -204,6 +208,7 @@ class Executor(cf.Executor):
             raise ValueError(f"cancel_timeout_s must be 0 or more, got {cancel_timeout_s!r}")
         self._futures: dict[bytes, DLHubFuture] = {}  # unresolved, by task id
         self._code = _CodeCache()
+        self._refs = RefEncoder(rest_url or config.rest_url, config.token, config.home)
         self._shutdown = False
         self._states_lock = threading.Lock()
         self._states_watch: set[bytes] = set()  # tasks whose running() was asked, not yet known
@@ -316,9 +321,12 @@ class Executor(cf.Executor):
         if self._denied is not None:
             raise type(self._denied)(str(self._denied))
         options = None
+        key_args, key_kwargs = args, kwargs
+        if (args or kwargs) and has_refs(args, kwargs):  # File/DataRef: markers (executor/refs.py)
+            args, kwargs, key_args, key_kwargs = self._refs.encode(args, kwargs)
         if isinstance(fn, str):
             digest = self._servable_ref(fn)
-            options = _call_options(args, kwargs, cache, batch)
+            options = _call_options(key_args, key_kwargs, cache, batch)
         elif callable(fn):
             digest = self._digest(fn)
         else:

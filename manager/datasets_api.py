@@ -8,6 +8,12 @@
     GET  /api/v1/datasets?q=...                    search (kind=dataset)
     GET  /api/v1/datasets/{owner}/{name}[?version=]        describe, with the servables using it
     GET  /api/v1/datasets/{owner}/{name}/files/{path}      the file, streamed (``X-Sha256``)
+    POST /api/v1/refs {ref: "owner/name[:v]/path"} | {sha256}   a reference for a task argument
+                                                   (issue 16 item 3): digest, size, blob URL and
+                                                   a read grant; "not found" for what the caller
+                                                   may not read
+    GET  /api/v1/blobs/{sha256}?grant=...          the bytes, for the endpoint staging them (the
+                                                   grant is the only credential it takes)
 
 Visibility is the servables' (one name space): a private data set the caller may not see is
 "there is no data set owner/name" on every route. ``ApiError`` and the app's dependencies are
@@ -21,7 +27,7 @@ from typing import Annotated, Any
 from dlhub.protocol.servable import VISIBILITIES, RecordError
 
 from .datasets import get_dataset, linked_servables, publish_dataset
-from .files import MAX_FILE_BYTES, DigestMismatch, FileStore, OffsetMismatch, UploadError
+from .files import GRANT_TTL_S, MAX_FILE_BYTES, DigestMismatch, FileStore, OffsetMismatch, UploadError
 from .repository import NotFound
 
 UPLOAD_ID_PATTERN = r"^[0-9a-f]{32}$"
@@ -169,3 +175,65 @@ def install(app: Any, ctx: dict[str, Any]) -> None:
         blob = store.open_blob(entry.sha256)
         headers = {"X-Sha256": entry.sha256, "X-Dataset": rec.ref}
         return FileResponse(blob, media_type="application/octet-stream", headers=headers)
+
+    # ---- references for task arguments (issue 16, item 3) -----------------------------------
+
+    def reference(who, base_url: str, ref: str | None, sha256: str | None) -> dict[str, Any]:
+        from dlhub.protocol.refs import parse_dataref
+
+        if (ref is None) == (sha256 is None):
+            raise ApiError(422, "invalid-request", "give exactly one of ref (owner/name[:v]/path) or sha256")
+        if sha256 is not None:  # a File the caller uploaded: only its holders may read it
+            if not store.holds(who[0], sha256) or not repository.blobs.has(sha256):
+                raise NotFound(f"no stored file {sha256} uploaded by {who[0]}")
+            size, name, location = store.open_blob(sha256).stat().st_size, None, None
+        else:
+            try:
+                owner, name_, version, path = parse_dataref(ref)
+            except ValueError as exc:
+                raise ApiError(422, "invalid-request", str(exc)) from None
+            rec = find(who, owner, name_, version)
+            entry = rec.files.get(path)
+            if entry is None:
+                raise NotFound(f"{rec.ref} has no file {path!r}")
+            sha256, size, name, location = entry.sha256, entry.size, path.rsplit("/", 1)[-1], entry.location
+            ref = f"{rec.ref}/{path}"
+            if location is not None and location.type != "https":
+                raise ApiError(
+                    409,
+                    "external-file",
+                    f"{ref} is at {location.describe()}: dlhub stages files stored by the manager "
+                    "and https:// locations (a Globus Transfer stager is not built yet)",
+                )
+        out = {"sha256": sha256, "size": size, "name": name, "ref": ref}
+        if location is not None:
+            out["url"] = location.url  # fetched from there, checked against sha256
+        else:
+            out["url"] = f"{base_url.rstrip('/')}{API}/blobs/{sha256}"
+            out["grant"] = store.grant(who[0], sha256)
+            out["expires_s"] = GRANT_TTL_S
+        return out
+
+    @app.post(f"{API}/refs")
+    def make_reference(
+        who: User,
+        request: Request,
+        ref: Annotated[str | None, Body()] = None,
+        sha256: Annotated[str | None, Body(pattern=r"^sha256:[0-9a-f]{64}$")] = None,
+    ) -> dict[str, Any]:
+        """A task argument by reference: a data set file (``ref``) or a file the caller uploaded
+        (``sha256``). Answers its digest, size, where the endpoint fetches it and a read grant
+        for that digest (valid 24 h); 404 in the same words as a missing data set for one the
+        caller may not see."""
+        return reference(who, str(request.base_url), ref, sha256)
+
+    @app.get(f"{API}/blobs/{{sha256}}")
+    def blob(
+        sha256: Annotated[str, Path(pattern=r"^sha256:[0-9a-f]{64}$")],
+        grant: Annotated[str, Query(max_length=400)],
+    ):
+        """A stored file's bytes for a holder of a read grant for exactly this digest (the
+        endpoint staging a task's input): no bearer token; a wrong or expired grant is 404."""
+        store.check_grant(sha256, grant)
+        path = store.open_blob(sha256)
+        return FileResponse(path, media_type="application/octet-stream", headers={"X-Sha256": sha256})

@@ -14,15 +14,23 @@ under ``<blobs>/uploads/``: it survives a manager restart, and only its user may
 it (another user's id is "no upload", as for one that never existed). A digest mismatch or a
 size overrun discards the part (nothing half-written reaches the blob store: blobs appear by an
 atomic rename of a checked file; the digest is computed as the chunks arrive, or by reading the
-file again after a restart). Data sets use it for their stored files; inputs and outputs
-by reference (issue 16, items 3-4) are meant to use the same ``begin``/``append``/``finish`` and
-``open_blob``.
+file again after a restart). Data sets use it for their stored files; inputs by reference
+(issue 16, item 3) use the same ``begin``/``append``/``finish`` and ``open_blob``.
+
+Holders: a user who completed an upload of a digest *holds* it (``<blobs>/holders/<hex>``, one
+user per line). ``begin`` answers "complete, nothing to send" only to a holder: another user must
+send the bytes once (a digest alone, read in some record, proves nothing). Read grants: a holder
+(or, through a data set they may see, any viewer) gets ``grant(user, digest)``, an HMAC over
+(digest, expiry, user) with the manager's ``grant.key`` (0600, beside the blobs), which the
+endpoint presents to ``GET /api/v1/blobs/{digest}?grant=...``; nothing else opens a blob there.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+import os
 import re
 import secrets
 import threading
@@ -39,6 +47,7 @@ MAX_FILE_BYTES = 1 << 40  # 1 TiB per file
 UPLOAD_TTL_S = 7 * 24 * 3600.0  # an upload untouched this long is removed (at the next start)
 READ_CHUNK = 1 << 20
 UPLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
+GRANT_TTL_S = 24 * 3600.0  # a task that waits longer for its endpoint fails its staging (re-submit)
 
 
 class UploadError(RepositoryError):
@@ -93,7 +102,8 @@ class FileStore:
             raise UploadError(f"size must be an integer from 0 to {MAX_FILE_BYTES:,}, got {size!r}")
         if not isinstance(sha256, str) or not SHA256.match(sha256):
             raise UploadError(f"sha256 must look like sha256:<64 hex>, got {sha256!r}")
-        if self.blobs.has(sha256) and self.blobs.path(sha256).stat().st_size == size:
+        stored = self.blobs.has(sha256) and self.blobs.path(sha256).stat().st_size == size
+        if stored and self.holds(user, sha256):  # only a holder is spared the transfer
             return {"upload_id": None, "sha256": sha256, "size": size, "offset": size, "complete": True}
         upload_id = secrets.token_hex(16)
         meta = {"user": user, "size": size, "sha256": sha256, "created": self.clock()}
@@ -156,6 +166,7 @@ class FileStore:
                 )
             self.blobs.put_file(part, digest)
             self._meta_path(upload_id).unlink(missing_ok=True)
+            self.hold(user, digest)
         with self._guard:
             self._locks.pop(upload_id, None)
         return {"upload_id": upload_id, "sha256": digest, "size": have, "offset": have, "complete": True}
@@ -167,6 +178,60 @@ class FileStore:
         if not SHA256.match(digest) or not path.exists():
             raise NotFound(f"no stored file {digest}")
         return path
+
+    # ---- holders and read grants -----------------------------------------------------------
+
+    def _holders_path(self, digest: str) -> Path:
+        return self.blobs.root / "holders" / digest.removeprefix("sha256:")
+
+    def holds(self, user: str, digest: str) -> bool:
+        """Whether ``user`` uploaded these bytes (completed an upload of ``digest``)."""
+        try:
+            return user in self._holders_path(digest).read_text().split("\n")
+        except (FileNotFoundError, ValueError):
+            return False
+
+    def hold(self, user: str, digest: str) -> None:
+        if not SHA256.match(digest) or self.holds(user, digest):
+            return
+        path = self._holders_path(digest)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self._guard, open(path, "a") as f:
+            f.write(user + "\n")
+
+    def _grant_key(self) -> bytes:
+        key = getattr(self, "_key", None)
+        if key is None:
+            path = self.blobs.root.parent / "grant.key"
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                pass
+            else:
+                with os.fdopen(fd, "w") as f:
+                    f.write(secrets.token_hex(32))
+            key = self._key = bytes.fromhex(path.read_text().strip())
+        return key
+
+    def grant(self, user: str, digest: str, ttl_s: float = GRANT_TTL_S) -> str:
+        """A read grant for ``digest`` on behalf of ``user`` (who may read it: checked by the
+        caller), valid ``ttl_s``: ``<expires>.<user>.<hmac>``."""
+        expires = int(self.clock() + ttl_s)
+        mac = hmac.new(self._grant_key(), f"{digest}|{expires}|{user}".encode(), "sha256").hexdigest()
+        return f"{expires}.{user}.{mac}"
+
+    def check_grant(self, digest: str, grant: str) -> str:
+        """The user a valid, unexpired grant for ``digest`` was issued to, else ``NotFound``
+        (a wrong or expired grant says no more than a missing blob)."""
+        expires, _, rest = (grant or "").partition(".")
+        user, _, mac = rest.rpartition(".")
+        missing = NotFound(f"no stored file {digest} for this grant (wrong, or expired: submit again)")
+        if not expires.isdigit() or not user or not SHA256.match(digest):
+            raise missing
+        want = hmac.new(self._grant_key(), f"{digest}|{expires}|{user}".encode(), "sha256").hexdigest()
+        if not hmac.compare_digest(want, mac) or int(expires) < self.clock():
+            raise missing
+        return user
 
     # ---- internals ---------------------------------------------------------------------------
 

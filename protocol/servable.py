@@ -47,6 +47,7 @@ VALUE_TYPES = (
     "ndarray",
     "object",
     "file",
+    "url",  # a file given by URL (or File/DataRef): staged by the endpoint, a local path to the servable
     "none",
 )
 

@@ -1,0 +1,196 @@
+"""Inputs by reference (issue 16, item 3) on a real stack (``dlhub up`` on 127.0.0.1) and a real
+HTTP server: ``File`` uploaded once by digest and staged once into the endpoint's data cache;
+``DataRef`` to a data set file; a URL to a servable whose input is declared ``url`` (fetched once,
+revalidated with ``If-Modified-Since``); a private data set is "not found" for another user, who
+also gets no grant for a digest they never uploaded; bad input fails clearly and leaves nothing
+half-written in the cache."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import os
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import meta
+
+from dlhub.executor import Client, DataRef, Dataset, Executor, File, Servable
+from dlhub.executor.client import NotFoundError
+from dlhub.manager.auth import create_user
+from dlhub.manager.store import make_engine
+from dlhub.protocol.refs import StagingError
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def describe_file(path, *rest):
+    """What the servable saw: the digest and size of the local file it was given."""
+    import hashlib
+    import os
+
+    with open(path, "rb") as f:
+        digest = "sha256:" + hashlib.sha256(f.read()).hexdigest()
+    return {"sha256": digest, "size": os.path.getsize(path), "path": path, "rest": list(rest)}
+
+
+def twice(x):
+    return 2 * x
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, fmt, *args):  # the requests are recorded, not printed
+        self.server.log.append((self.command, self.path, args[1] if len(args) > 1 else ""))
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory):
+    """A real HTTP server on 127.0.0.1 serving a folder; ``.log`` has (method, path, status)."""
+    root = tmp_path_factory.mktemp("www")
+
+    def handler(*args, **kwargs):
+        return _Handler(*args, directory=str(root), **kwargs)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.log = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    server.root, server.url = root, f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def data_dir(stack) -> Path:
+    return stack.endpoint_dir / "data"
+
+
+def entries(data_dir: Path) -> dict:
+    try:
+        return json.loads((data_dir / "index.json").read_text())["entries"]
+    except FileNotFoundError:
+        return {}
+
+
+def no_leftovers(data_dir: Path) -> bool:
+    return not list((data_dir / "tmp").iterdir())
+
+
+@pytest.fixture(scope="module")
+def bob(stack, tmp_path_factory):
+    """A second user: an Executor and a Client of their own."""
+    engine = make_engine(f"sqlite:///{stack.home / 'manager' / 'dlhub.db'}")
+    token = create_user(engine, "bob-refs")
+    engine.dispose()
+    mine = json.loads((stack.home / "config.json").read_text())
+    home = tmp_path_factory.mktemp("home-bob-refs")
+    (home / "config.json").write_text(json.dumps({**mine, "token": token}))
+    ex = Executor(endpoint="local", home=str(home))
+    try:
+        yield ex, Client(home=str(home))
+    finally:
+        ex.shutdown(wait=False)
+
+
+def test_a_file_is_uploaded_once_and_staged_once(stack, ex, tmp_path, data_dir):
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    local = tmp_path / "scan_0042.h5"
+    local.write_bytes(data)
+    first = ex.submit(describe_file, File(local), "plain").result(60)
+    assert first["sha256"] == sha(data) and first["size"] == len(data) and first["rest"] == ["plain"]
+    assert Path(first["path"]).parent == data_dir / "entries"  # the endpoint's cache, by digest
+    key = sha(data).removeprefix("sha256:")
+    assert entries(data_dir)[key]["size"] == len(data)
+
+    # a second Executor (a new process would do the same): the manager has the bytes from this
+    # user, so nothing is uploaded; the endpoint has them, so nothing is fetched
+    other = stack.executor()
+    requests = []
+    client = other._refs.client()
+    real = client._request
+
+    def spy(method, path, **kwargs):
+        requests.append((method, path))
+        return real(method, path, **kwargs)
+
+    client._request = spy
+    again = other.submit(describe_file, path=File(local)).result(60)
+    assert again["path"] == first["path"] and again["sha256"] == sha(data)
+    assert [r for r in requests if r[0] == "PUT"] == []  # no chunk sent
+    assert entries(data_dir)[key]["uses"] == 2  # one fetch, then one cache hit (a refetch resets it)
+    assert os.stat(first["path"]).st_mode & 0o222 == 0  # staged files are read-only
+    assert no_leftovers(data_dir)
+
+
+def test_a_data_set_file_by_reference_and_privacy(stack, client, ex, bob, tmp_path, name):
+    data = os.urandom(200_000)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "scan.bin").write_bytes(data)
+    ref = client.publish_dataset(
+        Dataset(name, title="Scans by reference", authors=["Doe, Jane"], files=tmp_path / "d",
+                visibility="private")
+    )  # fmt: skip
+    got = ex.submit(describe_file, DataRef(f"{ref}/scan.bin")).result(60)
+    assert got["sha256"] == sha(data)
+    unversioned = ref.rsplit(":", 1)[0]
+    assert ex.submit(describe_file, DataRef(f"{unversioned}/scan.bin")).result(60)["path"] == got["path"]
+    with pytest.raises(NotFoundError, match=f"{ref} has no file 'nope.bin'"):
+        ex.submit(describe_file, DataRef(f"{ref}/nope.bin"))
+
+    bob_ex, bob_client = bob
+    owner = ref.split("/")[0]
+    with pytest.raises(NotFoundError, match=f"^there is no data set {ref}$"):
+        bob_ex.submit(describe_file, DataRef(f"{ref}/scan.bin"))
+    # nor a grant for the digest itself: bob never sent those bytes
+    denied = bob_client._http.post("/refs", json={"sha256": sha(data)})
+    assert denied.status_code == 404 and "no stored file" in denied.json()["message"]
+    begun = bob_client._http.post("/uploads", json={"size": len(data), "sha256": sha(data)}).json()
+    assert begun["complete"] is False  # knowing a digest is not having the bytes
+    # a blob URL without a valid grant is not found either
+    mine = client._http.post("/refs", json={"sha256": sha(data)}).json()
+    assert httpx.get(mine["url"], params={"grant": mine["grant"]}).content == data
+    forged = mine["grant"].replace(owner, "bob-refs", 1)
+    assert httpx.get(mine["url"], params={"grant": forged}).status_code == 404
+    client.share(f"{owner}/{name}", users=["bob-refs"])  # now bob may read it (the endpoint
+    # 'local' only runs its owner's tasks, so bob's grant is checked over REST)
+    shared = bob_client._http.post("/refs", json={"ref": f"{ref}/scan.bin"}).json()
+    assert shared["sha256"] == sha(data)
+    assert httpx.get(shared["url"], params={"grant": shared["grant"]}).content == data
+
+
+def test_a_url_to_a_servable_declared_to_take_one(stack, client, ex, web, name, data_dir):
+    data = os.urandom(100_000)
+    (web.root / "scan.h5").write_bytes(data)
+    model = client.publish(Servable.from_function(describe_file, **meta(name), inputs=[{"type": "url"}]))
+    url = f"{web.url}/scan.h5"
+    first = ex.with_options(cache=False).submit(model, url).result(60)
+    assert first["sha256"] == sha(data) and Path(first["path"]).parent == data_dir / "entries"
+    second = ex.with_options(cache=False).submit(model, url).result(60)
+    assert second["path"] == first["path"]
+    # fetched once; the second call only asked whether it changed (If-Modified-Since -> 304)
+    assert [status for method, path, status in web.log if path == "/scan.h5"] == ["200", "304"]
+
+    with pytest.raises(StagingError, match=rf"{web.url}/missing.h5: not found \(HTTP 404"):
+        ex.submit(model, f"{web.url}/missing.h5").result(60)
+    assert no_leftovers(data_dir)
+    # a URL to an input declared otherwise: the error names the input, its type and the URL
+    number = client.publish(Servable.from_function(twice, **meta(f"{name}-n"), inputs=[{"type": "number"}]))
+    with pytest.raises(StagingError, match=rf"input 0 of {number}:?\d* is declared number, not file or url"):
+        ex.submit(number, url).result(60)
+    assert ex.submit(number, 21).result(60) == 42
+
+
+def test_bad_input_is_a_clear_error(ex, tmp_path, data_dir):
+    with pytest.raises(FileNotFoundError, match="no-such.h5'\\): no such file"):
+        ex.submit(describe_file, File(tmp_path / "no-such.h5"))
+    with pytest.raises(ValueError, match="not a data set file reference"):
+        DataRef("just-a-name")
+    assert no_leftovers(data_dir)
