@@ -44,8 +44,9 @@ STRING_TYPES = (None, "string", "object", "file", "url")  # inputs a URL string 
 
 
 class Stager(Protocol):
-    """Fetches one object into ``dest`` (a new file in the cache's ``tmp/``), streaming; returns
-    the response's validators (``etag``, ``last_modified``), or None when ``validators`` say the
+    """Fetches one object into ``dest`` (a new file in the cache's ``tmp/``), streaming and
+    hashing as it writes; returns ``{"sha256": "sha256:<hex>"}`` of what it wrote with the
+    response's validators (``etag``, ``last_modified``), or None when ``validators`` say the
     cached copy is current (HTTP 304)."""
 
     def fetch(self, source: dict[str, Any], dest: Path, validators: dict | None = None) -> dict | None: ...
@@ -76,11 +77,17 @@ class HttpStager:
                     raise StagingError(f"{what}: not found (HTTP 404 from {_plain(url)})")
                 if not response.is_success:
                     raise StagingError(f"{what}: HTTP {response.status_code} from {_plain(url)}")
+                h = hashlib.sha256()
                 with open(dest, "wb") as f:
                     for chunk in response.iter_bytes(CHUNK_BYTES):
+                        h.update(chunk)
                         f.write(chunk)
                 headers = response.headers
-                return {"etag": headers.get("etag"), "last_modified": headers.get("last-modified")}
+                return {
+                    "sha256": "sha256:" + h.hexdigest(),
+                    "etag": headers.get("etag"),
+                    "last_modified": headers.get("last-modified"),
+                }
         except httpx.HTTPError as exc:
             raise StagingError(f"{what}: cannot fetch {_plain(url)}: {type(exc).__name__}: {exc}") from None
 
@@ -184,8 +191,8 @@ class DataCache(ImageCache):
             self._clean_key(key)
             tmp = self.root / "tmp" / f"{key}.{os.getpid()}.{secrets.token_hex(4)}"
             try:
-                stager.fetch(source, tmp)
-                self._admit_file(tmp, key, digest, what)
+                got = stager.fetch(source, tmp) or {}
+                self._admit_file(tmp, key, digest, what, got.get("sha256"))
             finally:
                 tmp.unlink(missing_ok=True)
         return self.root / "entries" / key
@@ -214,13 +221,13 @@ class DataCache(ImageCache):
                 if validators is None:  # 304: the copy here is current
                     digest = meta["sha256"]
                 else:
-                    digest = _sha256_file(tmp)
+                    digest = validators.get("sha256") or _sha256_file(tmp)
                     key = digest.removeprefix("sha256:")
                     with self._flock(self.root / "locks" / f"{key}.lock"):
                         if self._cached(key) is None:
                             self._clean_key(key)
-                            self._admit_file(tmp, key, digest, url)
-                    meta = {"url": url, "sha256": digest, **validators}
+                            self._admit_file(tmp, key, digest, url, digest)
+                    meta = {**validators, "url": url, "sha256": digest}
                     meta_path.write_text(json.dumps(meta))
             finally:
                 tmp.unlink(missing_ok=True)
@@ -231,9 +238,10 @@ class DataCache(ImageCache):
             raise StagingError(f"{url}: evicted from the data cache as soon as it was staged")
         return found
 
-    def _admit_file(self, tmp: Path, key: str, digest: str, what: str) -> None:
-        """Check ``tmp`` is ``digest``, then rename it into ``entries/`` and record it (LRU)."""
-        got = _sha256_file(tmp)
+    def _admit_file(self, tmp: Path, key: str, digest: str, what: str, got: str | None) -> None:
+        """Check ``tmp`` is ``digest`` (``got``: as hashed while it was written; a stager that
+        cannot hash is read once more), then rename it into ``entries/`` and record it (LRU)."""
+        got = got or _sha256_file(tmp)
         if got != digest:
             raise StagingError(
                 f"{what}: the bytes received have digest {got}, not the expected {digest}; nothing was kept"
