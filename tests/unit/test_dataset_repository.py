@@ -195,7 +195,24 @@ def test_uploads_resume_check_offsets_and_digests(tmp_path):
     files.append("alice", uid, 1000, [data[1000:]])
     assert files.finish("alice", uid)["sha256"] == sha(data)
     assert files.blobs.path(sha(data)).read_bytes() == data
-    assert files.begin("bob", len(data), sha(data))["complete"]  # stored already: nothing to send
+    assert files.begin("alice", len(data), sha(data))["complete"]  # stored already: nothing to send
+    # only for a holder: bob knows the digest, not the bytes, so he must send them (once)
+    again = files.begin("bob", len(data), sha(data))
+    assert not again["complete"] and not files.holds("bob", sha(data))
+    files.append("bob", again["upload_id"], 0, [data])
+    assert files.finish("bob", again["upload_id"])["complete"] and files.holds("bob", sha(data))
+    assert files.begin("bob", len(data), sha(data))["complete"]
+    # read grants: for one digest, unforgeable, expiring
+    grant = files.grant("bob", sha(data), ttl_s=60)
+    assert files.check_grant(sha(data), grant) == "bob"
+    flipped = grant[:-1] + ("1" if grant.endswith("0") else "0")
+    for bad in (grant.replace("bob", "eve"), flipped, "", "1.bob.x"):
+        with pytest.raises(NotFound):
+            files.check_grant(sha(data), bad)
+    with pytest.raises(NotFound):
+        files.check_grant(sha(b"other"), grant)
+    with pytest.raises(NotFound):
+        files.check_grant(sha(data), files.grant("bob", sha(data), ttl_s=-1))
 
     liar = files.begin("alice", 3, sha(b"abc"))["upload_id"]
     files.append("alice", liar, 0, [b"abd"])

@@ -1,0 +1,192 @@
+"""Inputs by reference vs by value (issue 16, item 3): a large input, first and repeated call, same run.
+
+    .venv/bin/python benchmarks/data.py            # 200 MiB both ways, then 1 GiB by reference
+    .venv/bin/python benchmarks/data.py --quick    # 16 MiB both ways, results checked (< 20 s)
+
+One ``dlhub up`` stack (manager, endpoint ``local``, 2 workers) on 127.0.0.1. The function run
+hashes its input (sha256) and returns the digest and size, so both ways do the same work on the
+worker: by value it gets ``bytes`` (pickled into the task, through manager and endpoint), by
+reference a local path it reads in 1 MiB pieces (``File``: hashed and uploaded once by the client,
+staged once into the endpoint's data cache by the worker, then found there).
+
+- ``first`` / ``repeat``: wall time of ``submit(...).result()`` in the client, by value and by
+  reference (first: hash + upload + stage; repeat: median of the next calls, the same file:
+  nothing is uploaded or fetched again);
+- ``big``: the 1 GiB input by reference, first call (not by value: over the 256 MB payload limit);
+- ``peak_rss_mib``: each process's peak RSS (``VmHWM``) after the by-reference calls and again
+  after the by-value ones (manager, endpoint, each worker; the client's ``ru_maxrss``).
+
+Every result is checked (digest and size) and the data cache must hold the file once; a wrong
+one exits 1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+from _stack import marked, median, run_bench
+
+FULL = {"mib": 200, "repeats": 5, "big_mib": 1024}
+QUICK = {"mib": 16, "repeats": 2, "big_mib": 0}
+
+
+def hash_input(x):
+    """sha256 and size of bytes (by value) or of the file at a path (by reference)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    if isinstance(x, bytes):
+        h.update(x)
+        return h.hexdigest(), len(x)
+    size = 0
+    with open(x, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
+def make_file(path: Path, mib: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "wb") as f:
+        for _ in range(mib):
+            chunk = os.urandom(1 << 20)
+            h.update(chunk)
+            f.write(chunk)
+    return h.hexdigest()
+
+
+def peak_rss(stack) -> dict[str, float]:
+    """Peak RSS (MiB) of each process of the stack, by role, and of this client."""
+    out = {"client": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    workers = 0
+    for pid in marked(str(stack.home)):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        hwm = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM")), 0)
+        if "dlhub.endpoint.worker" in cmdline:
+            role, workers = f"worker{workers}", workers + 1
+        elif "dlhub.endpoint.pool" in cmdline:
+            role = "pool"
+        elif "dlhub-manager" in cmdline or "dlhub.manager" in cmdline:
+            role = "manager"
+        elif "endpoint" in cmdline and "start" in cmdline:
+            role = "endpoint"
+        else:
+            continue
+        out[role] = max(out.get(role, 0.0), round(hwm / 1024, 1))
+    return out
+
+
+def timed_call(ex, fn, arg) -> tuple[float, tuple]:
+    t = time.perf_counter()
+    result = ex.submit(fn, arg).result(600)
+    return time.perf_counter() - t, tuple(result)
+
+
+def measure(stack, sizes, emit, args) -> None:
+    from dlhub.executor import File
+
+    stack.up()
+    ex, mib, problems = stack.ex, sizes["mib"], []
+    src = stack.home / "input.bin"
+    want = (make_file(src, mib), mib << 20)
+    data_index = stack.home / "endpoints" / "local" / "data" / "index.json"
+
+    def check(what: str, got: tuple) -> None:
+        if got != want:
+            problems.append(f"{what}: got {got}, want {want}")
+
+    # by reference: first call (hash, upload, stage), then repeats (nothing moves)
+    first_ref, got = timed_call(ex, hash_input, File(src))
+    check("by reference, first", got)
+    repeats = []
+    for _ in range(sizes["repeats"]):
+        took, got = timed_call(ex, hash_input, File(src))
+        check("by reference, repeat", got)
+        repeats.append(took)
+    repeat_ref = median(repeats)
+    entry = json.loads(data_index.read_text())["entries"].get(want[0])
+    if entry is None or entry["uses"] != 1 + sizes["repeats"]:
+        calls = 1 + sizes["repeats"]
+        problems.append(f"data cache entry after {calls} calls: {entry} (want one fetch, then hits)")
+    emit("first", "by_reference", mib=mib, s=round(first_ref, 3))
+    emit("repeat", "by_reference", mib=mib, s=round(repeat_ref, 4), n=len(repeats))
+    rss_ref = peak_rss(stack)
+    emit("peak_rss_mib", "after_by_reference", **rss_ref)
+
+    big = sizes["big_mib"]
+    if big:
+        big_src = stack.home / "big.bin"
+        big_want = (make_file(big_src, big), big << 20)
+        took, got = timed_call(ex, hash_input, File(big_src))
+        if got != big_want:
+            problems.append(f"1 GiB by reference: got {got}, want {big_want}")
+        emit("big_first", "by_reference", mib=big, s=round(took, 3), mib_per_s=round(big / took, 1))
+        took, got = timed_call(ex, hash_input, File(big_src))
+        emit("big_repeat", "by_reference", mib=big, s=round(took, 3))
+        big_src.unlink()
+        emit("peak_rss_mib", "after_big_by_reference", **peak_rss(stack))
+
+    # by value: the bytes travel inside every task
+    payload = src.read_bytes()
+    first_val, got = timed_call(ex, hash_input, payload)
+    check("by value, first", got)
+    repeats = []
+    for _ in range(sizes["repeats"]):
+        took, got = timed_call(ex, hash_input, payload)
+        check("by value, repeat", got)
+        repeats.append(took)
+    repeat_val = median(repeats)
+    emit("first", "by_value", mib=mib, s=round(first_val, 3))
+    emit("repeat", "by_value", mib=mib, s=round(repeat_val, 4), n=len(repeats))
+    emit("peak_rss_mib", "after_by_value", **peak_rss(stack))
+    emit(
+        "ratio",
+        "by_value/by_reference",
+        first=round(first_val / first_ref, 2),
+        repeat=round(repeat_val / repeat_ref, 1),
+    )
+    if problems:
+        raise AssertionError("; ".join(problems))
+
+
+def summary(records: list[dict]) -> str:
+    by = {(r["metric"], r["system"]): r for r in records}
+    lines = ["inputs by reference vs by value (same run, same stack)"]
+    for metric in ("first", "repeat"):
+        ref, val = by.get((metric, "by_reference")), by.get((metric, "by_value"))
+        if ref and val:
+            lines.append(
+                f"  {metric:6} call, {ref['mib']} MiB: by value {val['s']:.3f} s, by reference "
+                f"{ref['s']:.3f} s ({val['s'] / ref['s']:.1f}x)"
+            )
+    big = by.get(("big_first", "by_reference"))
+    if big:
+        again = by.get(("big_repeat", "by_reference"))
+        lines.append(
+            f"  {big['mib']} MiB by reference: first call {big['s']:.1f} s ({big['mib_per_s']} MiB/s "
+            f"end to end), repeat {again['s']:.2f} s"
+        )
+    for key in ("after_by_reference", "after_big_by_reference", "after_by_value"):
+        rss = by.get(("peak_rss_mib", key))
+        if rss:
+            fields = {k: v for k, v in rss.items() if k not in ("bench", "system", "metric")}
+            lines.append(f"  peak RSS MiB {key}: " + ", ".join(f"{k} {v}" for k, v in sorted(fields.items())))
+    error = by.get(("error", "stack"))
+    if error:
+        lines.append(f"  FAILED: {error['error']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(run_bench("data", __doc__, FULL, QUICK, measure, summary))
