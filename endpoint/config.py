@@ -7,6 +7,7 @@ the right key for a typo. Units are in the names (``heartbeat_s``, ``prefetch_ta
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
@@ -310,16 +311,20 @@ class ImageCacheConfig(_Frozen):
     a disk budget with LRU eviction of entries no running pool uses. (``images:`` is the site
     catalogue of image names.) ``allow_pull``: a servable's ``docker://``/``oras://``/
     ``library://`` container may be fetched into the cache (false: only catalogue entries and
-    local images; a servable naming a registry image fails its verification)."""
+    local images; a servable naming a registry image fails its verification). ``build``: a
+    servable with requirements and no container runs in an image the endpoint builds FROM
+    ``build.base`` with them installed (``endpoint/images.py``)."""
 
     budget_gb: Annotated[float, Field(gt=0, le=1_000_000)] = 20.0
     allow_pull: bool = True
+    # build an image for a servable that has requirements and no container (the build: keys)
+    build: bool = False
 
-    @field_validator("allow_pull", mode="before")
+    @field_validator("allow_pull", "build", mode="before")
     @classmethod
     def _strict_bool(cls, value: Any) -> Any:
         if not isinstance(value, bool):
-            raise ValueError(f"must be true or false, got {value!r}")
+            raise ValueError("must be true or false")
         return value
 
 
@@ -329,6 +334,43 @@ class DataCacheConfig(_Frozen):
     budget with LRU eviction of files no running task uses."""
 
     budget_gb: Annotated[float, Field(gt=0, le=1_000_000)] = 50.0
+
+
+BUILD_RUNTIMES = ("apptainer", "singularity", "podman", "docker")
+
+
+class BuildConfig(_Frozen):
+    """Images the endpoint builds from a servable's requirements (``image_cache.build: true``):
+    FROM ``base`` (one image for every runtime, or one per runtime: ``{podman: ..., apptainer:
+    ...}``; a podman/docker image name, or for apptainer/singularity a ``docker://``/``oras://``/
+    ``library://`` URI or a local .sif/sandbox path), the requirements fetched as wheels by the
+    endpoint host's pip (``pip_options``: extra ``pip wheel`` options, e.g. ``["--index-url",
+    URL]``) and installed in the build with no network; ``options``: extra builder options
+    (``podman build ...``, ``apptainer build --fakeroot``)."""
+
+    base: str | dict[str, str] = ""
+    options: list[str] = Field(default_factory=list)
+    pip_options: list[str] = Field(default_factory=list)
+    timeout_s: Annotated[float, Field(gt=0, le=86_400)] = 1800.0
+
+    @field_validator("base")
+    @classmethod
+    def _bases(cls, base: str | dict[str, str]) -> str | dict[str, str]:
+        if isinstance(base, dict):
+            for runtime, image in base.items():
+                if runtime not in BUILD_RUNTIMES:
+                    raise ValueError(
+                        f"base key {runtime!r} is not a runtime dlhub builds with "
+                        f"({', '.join(BUILD_RUNTIMES)})"
+                    )
+                if not isinstance(image, str) or not image.strip():
+                    raise ValueError(f"base[{runtime!r}]: needs an image")
+        return base
+
+    def base_for(self, runtime: str) -> str | None:
+        if isinstance(self.base, dict):
+            return self.base.get(runtime) or None
+        return self.base.strip() or None
 
 
 class EndpointConfig(_Frozen):
@@ -356,6 +398,32 @@ class EndpointConfig(_Frozen):
     # the site catalogue: a servable's container (site:NAME, or an image URI) -> a local image
     # (an absolute path) or an image reference the pool's runtime runs (URI, podman/docker name)
     images: dict[str, str] = Field(default_factory=dict)
+    build: BuildConfig = BuildConfig()  # images built from requirements (image_cache.build)
+
+    @model_validator(mode="after")
+    def _build_needs_a_builder(self):
+        if not self.image_cache.build:
+            return self
+        runtime = self.pool.container.type
+        if runtime == "none":
+            raise ValueError(
+                "image_cache.build: true needs a container runtime for the default pool "
+                "(pool.container.type is none): servable images run with that pool's runtime"
+            )
+        if runtime == "charliecloud":
+            raise ValueError(
+                "image_cache.build: charliecloud cannot build images here: ch-image comes with "
+                "charliecloud-builders (it needs docker.io and buildah, not installed); build with "
+                "podman, docker, apptainer or singularity, or build the image elsewhere and name it "
+                "in images:"
+            )
+        if self.build.base_for(runtime) is None:
+            raise ValueError(
+                f"build.base: no base image for {runtime} (pool.container.type), which "
+                f"image_cache.build: true builds with; set build.base: IMAGE or build.base: "
+                f"{{{runtime}: IMAGE}}"
+            )
+        return self
 
     @field_validator("images")
     @classmethod
@@ -454,6 +522,10 @@ def _explain(exc: ValidationError, source: str) -> str:
             continue
         path, _ = _resolve(loc)
         where = ".".join(path) or "(top level)"
+        message = err["msg"].removeprefix("Value error, ")
+        if not path and err["type"] == "value_error" and re.match(r"^[a-z_]+(\.[a-z_]+)*: ", message):
+            lines.append(f"  {message}")  # a rule across keys, which its message names
+            continue
         if err["type"] == "missing":
             lines.append(f"  {where}: required key is missing")
         elif err["type"] == "union_tag_invalid":

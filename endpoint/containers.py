@@ -33,7 +33,9 @@ environment, so the host's ``PYTHONPATH``/``VIRTUAL_ENV``/``PYTHONHOME`` never l
 dlhub inside the image (``container.dlhub``): ``bind`` (default) bind-mounts a copy of the
 endpoint's installed ``dlhub`` package (:func:`prepare_bundle`) at ``container.mount`` (default
 ``/opt``, a folder that exists in the image) and the host environment's site-packages (the
-worker's pyzmq, msgpack, dill ...) at ``<mount>/site``, with ``PYTHONPATH=<mount>:<mount>/site``;
+worker's pyzmq, msgpack, dill ...) at ``<mount>/site``, with
+``PYTHONPATH=<mount>:/dlhub/requirements:<mount>/site`` (``/dlhub/requirements``: a servable's
+requirements in an image the endpoint built, see ``images.py``);
 the image's Python must have the endpoint's major.minor version (``dlhub-endpoint check`` says).
 ``installed``: the image has dlhub and its dependencies; nothing is bound, PYTHONPATH untouched.
 """
@@ -85,6 +87,10 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 ACCELERATOR_VARS = ("CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "ZE_AFFINITY_MASK")
 # folders of the bundle that are bind targets inside the image (ch-run cannot create them)
 SITE_DIR, CACHE_DIR = "site", "cache"
+# where an image the endpoint builds from a servable's requirements installs them
+# (endpoint/images.py): on a worker's PYTHONPATH right after dlhub, before the endpoint's
+# site-packages, so a requirement's version wins over the endpoint's; absent in other images
+REQUIREMENTS_DIR = "/dlhub/requirements"
 BUNDLE_PACKAGES = ("protocol", "executor", "endpoint", "configs", "manager")
 
 
@@ -206,7 +212,7 @@ def dlhub_binds(
     mount = spec.mount.rstrip("/") or "/"
     binds = [f"{bundle}:{mount}"]
     sites = site_dirs()
-    paths = [mount]
+    paths = [mount, REQUIREMENTS_DIR]
     if sites:  # one environment's site-packages at <mount>/site (platlib, if apart, is rare)
         binds.append(f"{sites[0]}:{mount}/{SITE_DIR}")
         paths.append(f"{mount}/{SITE_DIR}")

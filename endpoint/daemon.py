@@ -435,13 +435,18 @@ class Endpoint:
             if package is None or not blob or blob[0] != PACKAGE_HEADER:
                 continue
             try:
-                container = unpack_package(blob)[0].container
+                record = unpack_package(blob)[0]
             except Exception:  # a bad package fails its tasks at the worker, with the reason
                 continue
-            if container is not None:
-                from .images import is_local, servable_image
+            container = record.container
+            build = container is None and record.requirements and self.config.image_cache.build
+            if container is not None or build:
+                from .images import is_local, servable_build, servable_image
 
-                image, problem = servable_image(container, self.config)
+                if build:  # an image built from its requirements (image_cache.build): build://KEY
+                    image, problem = servable_build(record.requirements, self.config, self.run_dir)
+                else:
+                    image, problem = servable_image(container, self.config)
                 if problem is not None:
                     log.warning("servable package %s: %s", package[:12], problem)
                     out.append(ev.ImageUnavailable(now, package, problem))
@@ -474,7 +479,8 @@ class Endpoint:
         for outcome in self.image_io.outcomes():
             error = None
             if outcome.error is not None:
-                error = f"image {outcome.key}: pull failed: {outcome.error}"
+                failed = "build failed" if outcome.key.startswith("build://") else "pull failed"
+                error = f"image {outcome.key}: {failed}: {outcome.error}"
                 log.warning("%s", error)
             else:
                 log.info("servable image %s fetched in %.1f s", outcome.key, outcome.seconds)

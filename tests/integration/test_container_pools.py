@@ -263,7 +263,7 @@ def test_apptainer_pool_goes_through_spython_and_starts_real_containers(
     # the line spython's _init_command/execute order builds, with argv[0] = apptainer
     line = calls[0]
     assert line.startswith(f"exec --bind {cs.endpoint_dir}/container:/opt --bind "), line
-    assert "--env DLHUB_WORKER_ID=" in line and "--env PYTHONPATH=/opt:/opt/site" in line
+    assert "--env DLHUB_WORKER_ID=" in line and "--env PYTHONPATH=/opt:/dlhub/requirements:/opt/site" in line
     assert f"--cleanenv {image} python3 -m dlhub.endpoint.worker --config /dev/stdin" in line, line
     # worker death through the same path
     check_worker_restarted_in_image(cs, ex, tmp_path)

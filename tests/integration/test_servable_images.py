@@ -11,17 +11,31 @@ Servables in images other than the pool's own get workers started inside their i
 workers: calls interleaved between them each run in their own image, and a third image retires
 the least recently used image's worker.
 
+Images built by the endpoint from a servable's requirements, with podman for real: an endpoint
+with ``image_cache.build: true`` verifies a servable that has requirements and no container by
+building an image FROM ``build.base`` (the test image, imported) with them installed (the host's
+pip fetches wheels, spython's DockerWriter writes the Dockerfile, ``podman build --network=none``
+builds it), and its calls run on workers inside that image: a package the host's environment
+lacks imports there at its version, and one the host has at another version shadows the host's.
+The same requirements in another order reuse the image (one build); a requirement no index has
+fails the verification with pip's reason. Offline on purpose, as an air-gapped site builds: the
+wheels come from a wheelhouse made here (``build.pip_options: [--no-index, --find-links DIR]``).
+
 Images are built by ``scripts/build-test-image.sh`` (the ``image`` fixture of
 test_container_pools); with ``DLHUB_REQUIRE_CONTAINERS=1`` a missing ch-run FAILS, not skips."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
+import json
 import os
 import shutil
 import subprocess
 import uuid
 
 import pytest
+from buildwheel import make_wheel
 from conftest import wait_until
 from test_container_pools import (  # noqa: F401  (image, podman_image: fixtures)
     TIMEOUT_S,
@@ -254,3 +268,112 @@ def test_podman_workers_start_in_a_servables_image_and_no_replaced_container_is_
         assert in_p.result(TIMEOUT_S) == {"x": i, "image": "p", "marker": True}
         assert bare.result(TIMEOUT_S) == {"x": i, "image": None, "marker": True}
     wait_until(lambda: len(podman_containers(podman_image)) == 2, 30, what="one container per worker")
+
+
+PROBE_VERSION = "1.2.3"
+SHADOW = "texttable"  # in the endpoint's environment (another version); dlhub never imports it
+
+
+def probe(x):
+    import os
+
+    import dlhub_probe_pkg
+    import texttable
+
+    return {
+        "x": x,
+        "probe": dlhub_probe_pkg.VERSION,
+        "probe_file": dlhub_probe_pkg.__file__,
+        "shadow": texttable.__version__,
+        "marker": os.path.exists("/dlhub-test-image"),
+    }
+
+
+def build_meta(name: str, requirements: list[str], examples=()) -> dict:
+    return {
+        "name": name,
+        "title": "runs in an image built from its requirements",
+        "authors": ["Doe, Jane"],
+        "requirements": requirements,
+        "examples": list(examples),
+    }
+
+
+def test_a_servable_runs_in_an_image_built_from_its_requirements(
+    podman_image,  # noqa: F811
+    custom_stack_factory,
+    monkeypatch,
+    tmp_path,
+):
+    assert importlib.util.find_spec("dlhub_probe_pkg") is None  # not in the endpoint's environment
+    host_shadow = importlib.metadata.version(SHADOW)
+    shadow_version = "0.0.1.dev7"
+    assert host_shadow != shadow_version
+    wheels = tmp_path / "wheelhouse"
+    make_wheel(wheels, "dlhub_probe_pkg", PROBE_VERSION, f"VERSION = {PROBE_VERSION!r}\n")
+    make_wheel(wheels, SHADOW, shadow_version, f"__version__ = {shadow_version!r}\n")
+    for k, v in podman_image.items():
+        monkeypatch.setenv(k, v)
+    endpoint = {
+        **endpoint_config({"type": "podman", "image": "localhost/dlhub-test-image"}),
+        "image_cache": {"build": True},
+        "build": {
+            "base": {"podman": "localhost/dlhub-test-image"},
+            "pip_options": ["--no-index", "--find-links", str(wheels)],
+        },
+    }
+    cs = custom_stack_factory(endpoint=endpoint, name="build", workers=2)
+    ex = cs.executor()
+    tag = uuid.uuid4().hex[:6]
+    requirements = [f"dlhub_probe_pkg=={PROBE_VERSION}", f"{SHADOW}=={shadow_version}"]
+    inside = {
+        "probe": PROBE_VERSION,
+        "probe_file": "/dlhub/requirements/dlhub_probe_pkg.py",  # installed in the image
+        "shadow": shadow_version,  # the requirement's version, not the endpoint's
+        "marker": True,  # in the test image (the base)
+    }
+    with Client(cs.manager.api.url, cs.token, home=str(cs.home)) as client:
+        # its example runs at verification, inside the image built for it
+        example = [((1,), {"x": 1, **inside})]
+        ref = client.publish(
+            Servable.from_function(probe, **build_meta(f"built-{tag}", requirements, example))
+        )
+        assert client.describe(ref)["status"] == "ready"
+        out = ex.submit(ref, 7).result(TIMEOUT_S)
+        assert out == {"x": 7, **inside}, out
+        # the same requirements in another order: the same image, built once
+        again = client.publish(
+            Servable.from_function(probe, **build_meta(f"again-{tag}", requirements[::-1]))
+        )
+        assert ex.submit(again, 8).result(TIMEOUT_S)["probe"] == PROBE_VERSION
+        # a requirement no index has: verification fails with pip's reason, never ready
+        with pytest.raises(PublishError) as failed:
+            client.publish(
+                Servable.from_function(
+                    probe, **build_meta(f"bad-{tag}", ["dlhub-no-such-package==9"], [((1,), None)])
+                )
+            )
+        reason = str(failed.value)
+        assert (
+            "build failed" in reason
+            and "No matching distribution found for dlhub-no-such-package==9" in reason
+        )
+        assert client.describe(failed.value.ref)["status"] == "failed"
+    index = json.loads((cs.endpoint_dir / "images" / "index.json").read_text())["entries"]
+    built = [e for e in index.values() if e["ref"].startswith("build://")]
+    assert len(built) == 1 and built[0]["runtime"] == "podman", index
+    tagged = subprocess.run(
+        [
+            "podman",
+            "images",
+            "--format",
+            "{{.Repository}}:{{.Tag}}",
+            "--filter",
+            "reference=localhost/dlhub-build",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.split()
+    assert len(tagged) == 1, tagged  # one image for both servables
+    assert ex.submit(probe, 1).exception(TIMEOUT_S) is not None  # not in the pool's own image

@@ -238,7 +238,10 @@ def test_dlhub_binds(tmp_path):
     spec = c.ContainerSpec(type="charliecloud", image="/i", mount="/srv/")
     binds, env = c.dlhub_binds(spec, str(tmp_path / "b"), str(tmp_path / "cache"))
     assert binds == [f"{tmp_path}/b:/srv", f"{c.site_dirs()[0]}:/srv/site", f"{tmp_path}/cache:/srv/cache"]
-    assert env == {"PYTHONPATH": "/srv:/srv/site", "DLHUB_SERVABLE_CACHE": "/srv/cache"}
+    # an image built from a servable's requirements keeps them in REQUIREMENTS_DIR: before the
+    # endpoint's site-packages, so their versions win
+    assert c.REQUIREMENTS_DIR == "/dlhub/requirements"
+    assert env == {"PYTHONPATH": "/srv:/dlhub/requirements:/srv/site", "DLHUB_SERVABLE_CACHE": "/srv/cache"}
     assert (tmp_path / "cache").is_dir()
     installed = c.ContainerSpec(type="charliecloud", image="/i", dlhub="installed")
     assert c.dlhub_binds(installed, None, str(tmp_path / "cache")) == ([], {})
