@@ -181,6 +181,11 @@ class DataCache(ImageCache):
                 f"{what}: {size:,} bytes is over this endpoint's whole data cache budget "
                 f"({self.budget_bytes:,} bytes, data_cache.budget_gb)"
             )
+        if not source.get("url"):  # an output left at the endpoint that made it
+            raise StagingError(
+                f"{what}: not in this endpoint's data cache (a file returned by reference stays at "
+                "the endpoint that produced it: this is another endpoint, or it was evicted since)"
+            )
         stager = STAGERS.get("manager" if source.get("grant") else _scheme(source.get("url")))
         if stager is None:
             raise StagingError(f"{what}: no stager for {source.get('url')!r} on this endpoint")
@@ -237,6 +242,30 @@ class DataCache(ImageCache):
         if found is None:
             raise StagingError(f"{url}: evicted from the data cache as soon as it was staged")
         return found
+
+    def put_output(self, path: Path) -> dict[str, Any]:
+        """A file a call returned by reference (``File(path)``): copied into the cache, hashed as
+        it is copied (a file already here by digest is not kept twice); its marker."""
+        path = Path(path)
+        if not path.is_file():
+            raise StagingError(f"the call returned File({str(path)!r}), which is not a file on the endpoint")
+        tmp = self.root / "tmp" / f"out.{os.getpid()}.{secrets.token_hex(4)}"
+        h = hashlib.sha256()
+        try:
+            with open(path, "rb") as src, open(tmp, "wb") as dst:
+                while chunk := src.read(CHUNK_BYTES):
+                    h.update(chunk)
+                    dst.write(chunk)
+            digest = "sha256:" + h.hexdigest()
+            key = digest.removeprefix("sha256:")
+            with self._flock(self.root / "locks" / f"{key}.lock"):
+                if self._cached(key) is None:
+                    self._clean_key(key)
+                    self._admit_file(tmp, key, digest, f"output {path.name}", digest)
+        finally:
+            tmp.unlink(missing_ok=True)
+        size = (self.root / "entries" / key).stat().st_size
+        return {MARKER: 1, "sha256": digest, "size": size, "name": path.name, "ref": f"output {path.name}"}
 
     def _admit_file(self, tmp: Path, key: str, digest: str, what: str, got: str | None) -> None:
         """Check ``tmp`` is ``digest`` (``got``: as hashed while it was written; a stager that

@@ -31,6 +31,7 @@ from dlhub.protocol import errors
 from dlhub.protocol import gc_serialize as gc
 from dlhub.protocol import messages as m
 from dlhub.protocol.curve import secure_link_client
+from dlhub.protocol.refs import File as RefFile
 from dlhub.protocol.refs import needs_staging
 from dlhub.protocol.serialize import deserialize, load_function, runtime_versions, serialize
 
@@ -409,6 +410,15 @@ class Worker:
         return staging.stage_arguments(self.data_cache, args, kwargs, fn)
 
     def _pack_result(self, value: Any, serializer: str):
+        if value.__class__ is RefFile:  # a file returned by reference: kept in the data cache
+            try:
+                if self.data_cache is None:
+                    from . import staging
+
+                    self.data_cache = staging.cache_for(self.config)
+                value = self.data_cache.put_output(value.path)
+            except Exception as exc:  # noqa: BLE001 - the output's error is the task's
+                return "failed", None, errors.error_record(exc)
         try:
             if serializer == gc.GC_SERIALIZER:  # as the Globus Compute SDK decodes it
                 body = gc.serialize_result(value).encode()

@@ -22,7 +22,7 @@ from ._progress import as_completed, progress
 from .client import Client, NotFoundError, PublishError
 from .dataset import Dataset
 from .executor import DLHubFuture, Executor
-from .refs import DataRef, File
+from .refs import DataRef, File, OutputFile
 from .servable import Servable
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "File",
     "ManagerUnreachable",
     "NotFoundError",
+    "OutputFile",
     "PayloadTooLarge",
     "PublishError",
     "QuotaExceeded",

@@ -38,6 +38,7 @@ from dlhub.protocol import (
 )
 from dlhub.protocol import messages as m
 from dlhub.protocol.errors import RAISE_CLIENT_LIMIT, choose_endpoint, exception_from_record
+from dlhub.protocol.refs import MARKER, OutputFile
 from dlhub.protocol.serialize import (
     code_digest,
     deserialize,
@@ -78,6 +79,8 @@ class DLHubFuture(cf.Future):
         value = super().result(timeout)
         if not self._decoded:
             self._value = deserialize(value) if value is not None else None
+            if type(self._value) is dict and MARKER in self._value:  # a File returned by reference
+                self._value = OutputFile(self._value)
             self._decoded = True
         return self._value
 

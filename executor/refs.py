@@ -14,24 +14,14 @@ object, as its input type declares). The result cache key counts a reference by 
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from dlhub.protocol.refs import MARKER, parse_dataref
+from dlhub.protocol.refs import MARKER, File, OutputFile, parse_dataref
 
-
-class File:
-    """A local file passed by reference: sent to the manager once (by sha256), staged once per
-    endpoint, given to the servable as a local path there."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-
-    def __repr__(self) -> str:
-        return f"File({str(self.path)!r})"
+__all__ = ["DataRef", "File", "OutputFile", "RefEncoder", "has_refs"]
 
 
 class DataRef:
@@ -46,7 +36,7 @@ class DataRef:
         return f"DataRef({self.ref!r})"
 
 
-REF_TYPES = (File, DataRef)
+REF_TYPES = (File, DataRef, OutputFile)
 REUSE_GRANT_S = 3600.0  # a File's grant (valid 24 h) is reused this long by one Executor
 
 
@@ -110,6 +100,8 @@ class RefEncoder:
             answer = {**answer, "name": value.path.name, "ref": f"file:{value.path}"}
         elif isinstance(value, DataRef):
             answer = self.client()._call("POST", "/refs", json={"ref": value.ref})
+        elif isinstance(value, OutputFile):  # at the endpoint already: found there by digest
+            return dict(value.marker)
         else:
             return value
         return {MARKER: 1, **answer}

@@ -29,6 +29,35 @@ DATAREF = re.compile(r"^(?P<owner>[A-Za-z0-9][A-Za-z0-9_.-]{0,127})/(?P<name>[a-
                      r"(?::(?P<version>[1-9][0-9]{0,8}))?/(?P<path>\S.*)$")  # fmt: skip
 
 
+class File:
+    """A local file passed by reference. As an argument (``ex.submit(f, File("scan.h5"))``) it is
+    uploaded once by digest and staged once per endpoint; returned by a servable or function it
+    stays at the endpoint (its data cache) and the caller gets an :class:`OutputFile` to pass on
+    (``dlhub.executor.File`` is this class: the worker recognizes it without importing the
+    executor)."""
+
+    def __init__(self, path: Any):
+        from pathlib import Path
+
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"File({str(self.path)!r})"
+
+
+class OutputFile:
+    """A file a call returned by reference: it lives in the data cache of the endpoint that ran
+    the call. Pass it to the next call on that endpoint and nothing moves (the worker finds it by
+    digest). ``sha256``, ``size``, ``name``."""
+
+    def __init__(self, marker: dict):
+        self.marker = {k: marker[k] for k in (MARKER, "sha256", "size", "name", "ref") if k in marker}
+        self.sha256, self.size, self.name = marker.get("sha256"), marker.get("size"), marker.get("name")
+
+    def __repr__(self) -> str:
+        return f"OutputFile({self.name!r}, {self.size} bytes, {self.sha256})"
+
+
 class StagingError(DLHubError):
     """An input passed by reference could not be staged at the endpoint (a 404, a digest that is
     not the one expected, a file over the cache budget, ...): the message names the reference."""

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from conftest import meta
 
-from dlhub.executor import Client, DataRef, Dataset, Executor, File, Servable
+from dlhub.executor import Client, DataRef, Dataset, Executor, File, OutputFile, Servable
 from dlhub.executor.client import NotFoundError
 from dlhub.manager.auth import create_user
 from dlhub.manager.store import make_engine
@@ -41,6 +41,19 @@ def describe_file(path, *rest):
 
 def twice(x):
     return 2 * x
+
+
+def write_file(size):
+    """A result by reference: a file made on the endpoint, returned as File(path)."""
+    import os
+    import tempfile
+
+    from dlhub.executor import File
+
+    fd, path = tempfile.mkstemp(suffix=".out")
+    os.write(fd, bytes(range(256)) * (size // 256))
+    os.close(fd)
+    return File(path)
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
@@ -193,4 +206,22 @@ def test_bad_input_is_a_clear_error(ex, tmp_path, data_dir):
         ex.submit(describe_file, File(tmp_path / "no-such.h5"))
     with pytest.raises(ValueError, match="not a data set file reference"):
         DataRef("just-a-name")
+    assert no_leftovers(data_dir)
+
+
+def test_an_output_by_reference_stays_at_the_endpoint_and_chains(ex, data_dir):
+    out = ex.submit(write_file, 256 * 1000).result(60)
+    data = bytes(range(256)) * 1000
+    assert isinstance(out, OutputFile) and out.sha256 == sha(data) and out.size == len(data)
+    key = out.sha256.removeprefix("sha256:")
+    assert entries(data_dir)[key]["uses"] == 1  # kept in the endpoint's data cache
+    # passed to the next call: found there by digest, the bytes never went through the client
+    got = ex.submit(describe_file, out).result(60)
+    assert got["sha256"] == out.sha256 and Path(got["path"]) == data_dir / "entries" / key
+    assert entries(data_dir)[key]["uses"] == 2
+    gone = OutputFile(
+        {**out.marker, "sha256": sha(b"never made"), "name": "lost.out", "ref": "output lost.out"}
+    )
+    with pytest.raises(StagingError, match="output lost.out: not in this endpoint's data cache"):
+        ex.submit(describe_file, gone).result(60)
     assert no_leftovers(data_dir)
