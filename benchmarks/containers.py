@@ -23,10 +23,18 @@ binary: its figure is the code path plus the shim, not real Apptainer). The imag
   least recently used image's worker is retired for it): that first call (a worker started in
   its image, the servable loaded) against the median of 5 calls that follow it on the now warm
   worker, same run, and the ratio; every result is checked to come from its own image
-  (``--images-only``: just this figure).
+  (``--images-only``: just this figure);
+- image built from requirements (podman, when installed): an endpoint with ``image_cache.build:
+  true`` and a podman pool (the test image imported into a private store, also the build's base)
+  started twice on one home, publishing a servable whose requirements (a wheel made here, pip run
+  offline) no image has: the first start builds the image at verification (pip wheel + podman
+  build), the second finds it in the image cache. Each start's endpoint start -> servable ready ->
+  first result, the build time the endpoint logs, builds counted from the cache index, and the
+  call's result checked to come from the built image (``--build-only``: just this figure).
 
     .venv/bin/python benchmarks/containers.py            # 3 cold starts, 3,000 serial calls, 20,000 mapped
-    .venv/bin/python benchmarks/containers.py --quick    # 1 cold start, 600 serial, 4,000 mapped (~41 s idle)
+    .venv/bin/python benchmarks/containers.py --quick    # 1 cold start, 600 serial, 4,000 mapped (~41 s idle
+                                                         # without the build figure)
 
 Prints JSON lines, then a human summary. Exits 1 when a result is wrong.
 """
@@ -244,6 +252,111 @@ def servable_images(cs, cycles: int) -> dict:
     }
 
 
+BUILD_PKG, BUILD_VERSION = "dlhub_bench_pkg", "4.5.6"
+
+
+def built_probe(x):
+    import dlhub_bench_pkg
+
+    return x, dlhub_bench_pkg.VERSION, dlhub_bench_pkg.__file__
+
+
+def image_build_restart(base: Path, image: str) -> dict:
+    """See the module doc: the build at the first start vs a warm image cache at the second."""
+    import re
+    import uuid
+
+    from buildwheel import make_wheel
+    from conftest import podman_store
+
+    from dlhub.executor import Client, Servable
+
+    if shutil.which("podman") is None or shutil.which("runc") is None:
+        return {
+            "bench": "containers",
+            "metric": "image_build_restart",
+            "skipped": "podman/runc not installed",
+        }
+    env = podman_store(base / "podman-build")
+    os.environ.update(env)  # the endpoints started below inherit the private store
+    tar = subprocess.Popen(["tar", "-C", image, "-c", "."], stdout=subprocess.PIPE)
+    imported = subprocess.run(
+        ["podman", "import", "-q", "-", "localhost/dlhub-bench-base"],
+        stdin=tar.stdout,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    tar.wait()
+    if imported.returncode != 0:
+        raise SystemExit(f"podman import failed: {imported.stderr[-2000:]}")
+    wheels = base / "bench-wheels"
+    make_wheel(wheels, BUILD_PKG, BUILD_VERSION, f"VERSION = {BUILD_VERSION!r}\n")
+    home, name = base / "build-restart", "buildpool"
+    endpoint = {
+        "pool": {
+            "workers_per_node": 1,
+            "container": {"type": "podman", "image": "localhost/dlhub-bench-base"},
+        },
+        "image_cache": {"build": True},
+        "build": {
+            "base": "localhost/dlhub-bench-base",
+            "pip_options": ["--no-index", "--find-links", str(wheels)],
+        },
+    }
+    starts = []
+    try:
+        for start in range(2):
+            t0 = time.perf_counter()
+            cs = start_custom_stack(home, endpoint=endpoint, name=name, workers=1)
+            try:
+                up = time.perf_counter() - t0
+                with Client(cs.manager.api.url, cs.token, home=str(cs.home)) as client:
+                    ref = client.publish(
+                        Servable.from_function(
+                            built_probe,
+                            name=f"bench-built-{start}-{uuid.uuid4().hex[:6]}",
+                            title="runs in an image built from its requirements",
+                            authors=["Bench, Mark"],
+                            requirements=[f"{BUILD_PKG}=={BUILD_VERSION}"],
+                        )
+                    )
+                ready = time.perf_counter() - t0
+                out = cs.executor().submit(ref, 3).result(120)
+                first = time.perf_counter() - t0
+                if tuple(out) != (3, BUILD_VERSION, f"/dlhub/requirements/{BUILD_PKG}.py"):
+                    raise SystemExit(f"image build: the call did not run in the built image: {out}")
+                log = "\n".join(p.read_text(errors="replace") for p in cs.endpoint_dir.glob("*.log*"))
+            finally:
+                stop_custom_stack(cs)
+            built = re.findall(r"servable image build://\S+ fetched in ([0-9.]+) s", log)
+            earlier = sum(len(st[3]) for st in starts)  # the log carries over from the first start
+            index = _cache_index(home, name)
+            starts.append((up, ready, first, built[earlier:], index))
+    finally:
+        subprocess.run(["podman", "system", "reset", "-f"], capture_output=True, timeout=120)
+        for k in env:
+            os.environ.pop(k, None)
+    (_, ready1, first1, built1, before), (_, ready2, first2, built2, after) = starts
+    builds_second = sum(
+        1 for key, e in after.items() if key not in before or e.get("created") != before[key].get("created")
+    )
+    return {
+        "bench": "containers",
+        "metric": "image_build_restart",
+        "runtime": "podman",
+        "builds_first_start": len(before),
+        "builds_second_start": builds_second,
+        # "servable image build://... fetched in X s" lines of each start (the second: a warm get)
+        "build_s_logged": [float(b) for b in built1],
+        "warm_get_s_logged": [float(b) for b in built2],
+        "first_ready_s": round(ready1, 3),
+        "first_result_s": round(first1, 3),
+        "second_ready_s": round(ready2, 3),
+        "second_result_s": round(first2, 3),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 cold start, 600 serial, 4,000 mapped")
@@ -252,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=None, help="mapped no-ops per runtime (20,000)")
     parser.add_argument("--cache-only", action="store_true", help="only the warm-cache restart figure")
     parser.add_argument("--images-only", action="store_true", help="only the servable-images figure")
+    parser.add_argument("--build-only", action="store_true", help="only the image-build figure (podman)")
     args = parser.parse_args(argv)
     cold = args.cold if args.cold is not None else (1 if args.quick else 3)
     serial = args.serial if args.serial is not None else (600 if args.quick else 3000)
@@ -281,6 +395,11 @@ def main(argv: list[str] | None = None) -> int:
                 "build_s": round(time.perf_counter() - t_image, 2),
             }
         )
+        if args.build_only:
+            b = image_build_restart(base, image)
+            emit(b)
+            print_build(b)
+            return 0 if "skipped" in b or b["builds_second_start"] == 0 else 1
         catalogue = servable_image_catalogue(base, image)
         cycles = 1 if args.quick else 4
         if args.images_only:
@@ -306,6 +425,10 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"warm cache: expected 1 fetch then none, got {cache}")
         if args.cache_only:
             return 0
+        emit(image_build_restart(base, image))
+        b = records[-1]
+        if "skipped" not in b and (b["builds_first_start"] != 1 or b["builds_second_start"] != 0):
+            raise SystemExit(f"image build: expected 1 build then none, got {b}")
         for round_no in range(cold):
             for runtime in runtimes:
                 emit(cold_start(base, runtime, image, round_no))
@@ -400,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
         f" first result {c['first_start_first_result_s']:.2f} s cold cache,"
         f" {c['second_start_first_result_s']:.2f} s warm"
     )
+    print_build(by[("image_build_restart", None)])
     i = by[("servable_image_first_call", "charliecloud")]
     print(
         f"servable image first call (p50 of {i['cold_calls']}): {i['cold_p50_ms']:.0f} ms not warm vs"
@@ -418,6 +542,20 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(summary))
     return 0
+
+
+def print_build(b: dict) -> None:
+    if "skipped" in b:
+        print(f"image built from requirements: skipped ({b['skipped']})")
+        return
+    print(
+        f"image built from requirements (podman): builds {b['builds_first_start']} then"
+        f" {b['builds_second_start']}; the build {', '.join(f'{s:.1f} s' for s in b['build_s_logged'])}"
+        f" vs {', '.join(f'{s:.1f} s' for s in b['warm_get_s_logged'])} warm (endpoint log);"
+        f" endpoint start -> servable ready {b['first_ready_s']:.2f} s building vs"
+        f" {b['second_ready_s']:.2f} s warm cache (x{b['first_ready_s'] / b['second_ready_s']:.1f}),"
+        f" -> first result {b['first_result_s']:.2f} s vs {b['second_result_s']:.2f} s (same run)"
+    )
 
 
 if __name__ == "__main__":
