@@ -33,6 +33,7 @@ SESSION_TTL_S = 12 * 3600
 MAX_SIGNIN_BYTES = 4096
 PAGE_SIZE = 20
 FIGURE_TASKS = 1000  # a servable page's latency figures: its last this many tasks
+RUN_WAIT_S = 10.0  # the run form waits this long for the result, then shows the task's link
 
 
 def _quantile(sorted_values: list[float], q: float) -> float:
@@ -130,8 +131,21 @@ async def _redirect(send: Any, location: str, cookie: str | None = None) -> None
 # ---- presentation helpers ----------------------------------------------------------------------
 
 
-def bibtex(record: dict) -> str:
-    key = f"{record.get('owner')}_{record.get('name')}_v{record.get('version')}".replace("-", "_")
+_BIBTEX_SPECIAL = {c: "\\" + c for c in "&%$#_{}"} | {
+    "~": r"\textasciitilde{}",
+    "^": r"\^{}",
+    "\\": r"\textbackslash{}",
+}
+
+
+def bibtex_text(value: str) -> str:
+    """A value safe inside BibTeX braces: LaTeX's special characters escaped."""
+    return "".join(_BIBTEX_SPECIAL.get(c, c) for c in value)
+
+
+def bibtex(record: dict, year: int | None = None, url: str | None = None) -> str:
+    key = f"{record.get('owner')}_{record.get('name')}_v{record.get('version')}"
+    key = "".join(c if c.isalnum() or c in "_:" else "_" for c in key)
     authors = " and ".join(a["name"] for a in record.get("authors", []))
     fields = {
         "title": record.get("title", ""),
@@ -140,20 +154,28 @@ def bibtex(record: dict) -> str:
         "version": str(record.get("version") or ""),
         "note": f"servable {record.get('owner')}/{record.get('name')}",
     }
+    if year:
+        fields["year"] = str(year)
     dois = [r["identifier"] for r in record.get("related_identifiers", []) if r.get("type") == "DOI"]
     if dois:
         fields["doi"] = dois[0]
-    body = ",\n".join(f"  {k} = {{{v}}}" for k, v in fields.items())
+    if url:
+        fields["url"] = url
+    body = ",\n".join(
+        f"  {k} = {{{bibtex_text(v) if k not in ('url', 'doi') else v}}}" for k, v in fields.items()
+    )
     return f"@misc{{{key},\n{body}\n}}"
 
 
-def datacite(record: dict) -> dict:
+def datacite(record: dict, year: int | None = None, url: str | None = None) -> dict:
     return {
+        **({"url": url} if url else {}),
         "types": {"resourceTypeGeneral": "Software", "resourceType": "Servable"},
         "titles": [{"title": record.get("title", "")}],
         "creators": [
             {
                 "name": a["name"],
+                "nameType": "Personal",
                 **({"affiliation": [a["affiliation"]]} if a.get("affiliation") else {}),
                 **(
                     {"nameIdentifiers": [{"nameIdentifier": a["orcid"], "nameIdentifierScheme": "ORCID"}]}
@@ -164,6 +186,7 @@ def datacite(record: dict) -> dict:
             for a in record.get("authors", [])
         ],
         "publisher": "DLHub",
+        **({"publicationYear": str(year)} if year else {}),
         "version": str(record.get("version") or ""),
         "descriptions": [{"description": record.get("description", ""), "descriptionType": "Abstract"}]
         if record.get("description")
@@ -235,24 +258,42 @@ def svg_bars(values: list[tuple[str, float]], unit: str = "", width: int = 320, 
     return "".join(parts)
 
 
-def svg_lines(series: dict[str, list[float]], width: int = 480, height: int = 120) -> str:
-    """Lines over the last samples (one per series), inline SVG."""
-    points = [v for vs in series.values() for v in vs]
+def svg_lines(
+    series: dict[str, list[tuple[float, float]]], now: float, width: int = 480, height: int = 120
+) -> str:
+    """Lines of (time, value) points over the last minutes (each series scaled to its own
+    maximum, which its legend gives), inline SVG with a text alternative."""
+    points = [p for ps in series.values() for p in ps]
     if not points:
         return ""
-    top = max(points) or 1.0
-    n = max(len(vs) for vs in series.values())
-    step = width / max(1, n - 1)
-    label = "; ".join(f"{k}: last {vs[-1]:g}" for k, vs in series.items() if vs)
+    t0 = min(t for t, _ in points)
+    span = max(20.0, now - t0)
+    ago = f"{span:.0f} s" if span < 120 else f"{span / 60:.1f} min"
+    label = "; ".join(
+        f"{k}: now {ps[-1][1]:g}, max {max(v for _, v in ps):g} over the last {ago}"
+        for k, ps in series.items()
+        if ps
+    )
     parts = [
-        f'<svg class="plot" viewBox="0 0 {width} {height + 20}" width="{width}" height="{height + 20}" '
+        f'<svg class="plot" viewBox="0 0 {width} {height + 50}" width="{width}" height="{height + 50}" '
         f'role="img" aria-label="{html.escape(label)}">'
     ]
-    for i, (label, values) in enumerate(series.items()):
-        coords = " ".join(f"{j * step:.1f},{height - v / top * height:.1f}" for j, v in enumerate(values))
-        parts.append(f'<polyline class="s{i}" fill="none" points="{coords}"></polyline>')
-        parts.append(f'<text class="s{i}" x="{4 + 160 * i}" y="{height + 16}">{html.escape(label)}</text>')
-    parts.append(f'<text x="{width - 4}" y="12" text-anchor="end">max {top:g}</text></svg>')
+    for i, (name, ps) in enumerate(series.items()):
+        top = max((v for _, v in ps), default=0) or 1.0
+        coords = " ".join(
+            f"{(t - (now - span)) / span * width:.1f},{4 + (height - 4) * (1 - v / top):.1f}" for t, v in ps
+        )
+        if ps:
+            parts.append(f'<polyline class="s{i}" fill="none" points="{coords}"></polyline>')
+            x, y = coords.rsplit(" ", 1)[-1].split(",")
+            parts.append(f'<circle class="s{i}" cx="{x}" cy="{y}" r="3"></circle>')  # the latest
+        peak = max((v for _, v in ps), default=0)
+        legend = html.escape(f"{name}: now {ps[-1][1]:g}, max {peak:g}" if ps else name)
+        parts.append(f'<text class="s{i}" x="4" y="{height + 30 + 14 * i}">{legend}</text>')
+    parts.append(
+        f'<text x="2" y="{height + 14}">−{ago}</text>'
+        f'<text x="{width - 2}" y="{height + 14}" text-anchor="end">now</text></svg>'
+    )
     return "".join(parts)
 
 
@@ -274,19 +315,38 @@ def summarize(value: Any, depth: int = 0) -> Any:
     return value
 
 
+def version_mismatches(manager: dict, endpoint: dict) -> list[str]:
+    """Runtime versions (python, dill) an endpoint reports that differ from the manager's: code
+    serialized on one side may not load on the other."""
+    return [
+        f"{key}: endpoint {endpoint[key]}, manager {manager[key]}"
+        for key in sorted(manager)
+        if key in endpoint and endpoint[key] != manager[key]
+    ]
+
+
 def when(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t)) if t else "—"
 
 
 class History:
-    """Endpoint figures sampled from ``Manager.status()`` (asked of the loop), last ~10 minutes."""
+    """Manager-wide figures sampled from ``Manager.status()`` (asked of the loop) for the endpoints
+    page's plot: each view and live update adds a sample, and while someone looked at the page in
+    the last ``IDLE_S`` a thread adds one every ``SAMPLE_S``, so the plot shows the last minutes
+    rather than only the time the page was open. Samples older than ``KEEP_S`` are dropped."""
 
-    def __init__(self, keep: int = 120) -> None:
-        self.samples: collections.deque = collections.deque(maxlen=keep)
+    SAMPLE_S = 5.0
+    IDLE_S = 900.0
+    KEEP_S = 600.0
+
+    def __init__(self) -> None:
+        self.samples: collections.deque = collections.deque(maxlen=2000)
         self.lock = threading.Lock()
+        self.last_view = 0.0
+        self.sampler: threading.Thread | None = None
 
-    def add(self, status: dict) -> None:
-        now = time.time()
+    def add(self, status: dict, now: float | None = None) -> None:
+        now = time.time() if now is None else now
         row = {"t": now, "done": status.get("finished", 0) or 0}
         row["queue"] = sum(e.get("pending", 0) + e.get("inflight", 0) for e in status["endpoints"].values())
         with self.lock:
@@ -294,17 +354,43 @@ class History:
                 self.samples[-1] = row
             else:
                 self.samples.append(row)
+            while self.samples and now - self.samples[0]["t"] > self.KEEP_S:
+                self.samples.popleft()
 
-    def series(self) -> dict[str, list[float]]:
+    def watch(self, sample: Any, alive: Any) -> None:
+        """A page view: keep (or start) sampling with ``sample()`` (a status snapshot) while
+        ``alive()`` (the manager runs)."""
+        with self.lock:
+            self.last_view = time.time()
+            if self.sampler is not None and self.sampler.is_alive():
+                return
+            self.sampler = threading.Thread(
+                target=self._run, args=(sample, alive), name="dlhub-web-history", daemon=True
+            )
+            self.sampler.start()
+
+    def _run(self, sample: Any, alive: Any) -> None:
+        while time.time() - self.last_view < self.IDLE_S:
+            time.sleep(self.SAMPLE_S)
+            if not alive():
+                return
+            with self.lock:
+                fresh = self.samples and time.time() - self.samples[-1]["t"] < self.SAMPLE_S * 0.8
+            if fresh:
+                continue
+            try:
+                self.add(sample())
+            except Exception:  # the manager stopped (its loop does not answer): stop sampling
+                return
+
+    def series(self) -> dict[str, list[tuple[float, float]]]:
         with self.lock:
             rows = list(self.samples)
         throughput = [
-            max(0.0, (b["done"] - a["done"]) / max(1e-3, b["t"] - a["t"])) for a, b in zip(rows, rows[1:])
+            (b["t"], round(max(0.0, (b["done"] - a["done"]) / max(1e-3, b["t"] - a["t"])), 2))
+            for a, b in zip(rows, rows[1:])
         ]
-        return {
-            "throughput (tasks/s)": [round(x, 2) for x in throughput],
-            "queue depth": [r["queue"] for r in rows],
-        }
+        return {"throughput (tasks/s)": throughput, "queue depth": [(r["t"], r["queue"]) for r in rows]}
 
 
 def offline_docs(app: Any) -> None:
@@ -436,20 +522,24 @@ def install(app: Any, api: dict[str, Any]) -> None:
         author: str = "",
         owner: str = "",
         page: int = 1,
+        per: int = PAGE_SIZE,
     ):
         who, _ = who_of(request)
-        page = max(1, min(page, 25))
+        per = max(1, min(per, 100))
+        page = max(1, min(page, 500 // per))
         try:
             query = SearchQuery(
-                query=q, domain=domain, author=author, owner=owner, limit=min(500, page * PAGE_SIZE + 1)
+                query=q, domain=domain, author=author, owner=owner, limit=min(500, page * per + 1)
             )
         except SearchParameterError as exc:
             return error_page(request, 422, "invalid-request", str(exc))
         hits = api["search"](query, who)["results"]
-        shown = hits[(page - 1) * PAGE_SIZE : page * PAGE_SIZE]
+        shown = hits[(page - 1) * per : page * per]
         base = {k: v for k, v in {"q": q, "domain": domain, "author": author, "owner": owner}.items() if v}
+        if per != PAGE_SIZE:
+            base["per"] = str(per)
         prev_url = f"/?{urlencode({**base, 'page': page - 1})}" if page > 1 else None
-        next_url = f"/?{urlencode({**base, 'page': page + 1})}" if len(hits) > page * PAGE_SIZE else None
+        next_url = f"/?{urlencode({**base, 'page': page + 1})}" if len(hits) > page * per else None
         return render(
             request,
             "search.html",
@@ -459,6 +549,7 @@ def install(app: Any, api: dict[str, Any]) -> None:
             author=author,
             owner=owner,
             page=page,
+            first=(page - 1) * per + 1,
             prev_url=prev_url,
             next_url=next_url,
         )
@@ -532,6 +623,11 @@ def install(app: Any, api: dict[str, Any]) -> None:
             except Exception:
                 endpoints = []
         rest_url = str(request.base_url).rstrip("/")
+        page_url = f"{rest_url}/servables/{owner}/{name}/{record['version']}"
+        created = next(
+            (v.get("created") for v in described["versions"] if v["version"] == record["version"]), None
+        )
+        year = time.gmtime(created).tm_year if created else None
         return render(
             request,
             "servable.html",
@@ -540,13 +636,14 @@ def install(app: Any, api: dict[str, Any]) -> None:
             name=name,
             d=described,
             r=record,
-            bibtex=bibtex(record),
-            datacite=json.dumps(datacite(record), indent=2),
+            bibtex=bibtex(record, year, page_url),
+            datacite=json.dumps(datacite(record, year, page_url), indent=2),
             snippets=snippets(ref + (f":{version}" if version else ""), example, rest_url),
             figures=servable_figures(ref, who),
             inputs=extra.pop("inputs", inputs),
             endpoints=endpoints,
             may_change=who[1] == "admin" or (who[0] and who[0] == owner),
+            run_wait_s=RUN_WAIT_S,
             **extra,
         )
 
@@ -589,7 +686,7 @@ def install(app: Any, api: dict[str, Any]) -> None:
                     kwargs=kwargs,
                     version=version,
                     endpoint=form.get("endpoint") or None,
-                    wait_s=20.0,
+                    wait_s=RUN_WAIT_S,
                     timeout_s=None,
                     cache=True,
                 )
@@ -611,6 +708,31 @@ def install(app: Any, api: dict[str, Any]) -> None:
             outcome=outcome,
             inputs=raw,
             status=200 if outcome["status"] < 500 else 502,
+        )
+
+    @app.get(
+        "/servables/{owner}/{name}/{version}/delete", response_class=HTMLResponse, include_in_schema=False
+    )
+    def delete_page(request: Request, owner: str, name: str, version: int):
+        """Asks before deleting (a page, not a script dialog: works without JavaScript)."""
+        who, _ = who_of(request)
+        if not who[0]:
+            return RedirectResponse(f"/signin?next=/servables/{owner}/{name}", status_code=303)
+        try:
+            described = api["describe"](who, owner, name, None)
+        except NotFound as exc:
+            return error_page(request, 404, "not-found", str(exc))
+        except ApiError as exc:
+            return error_page(request, exc.status, exc.code, exc.message)
+        if not (who[1] == "admin" or who[0] == owner):
+            return error_page(
+                request, 403, "forbidden", f"only {owner} (or an admin) may delete its versions"
+            )
+        row = next((v for v in described["versions"] if v["version"] == version), None)
+        if row is None or row["status"] == "deleted":
+            return error_page(request, 404, "not-found", f"{owner}/{name} has no version {version} to delete")
+        return render(
+            request, "delete.html", owner=owner, name=name, v=row, title=described["record"]["title"]
         )
 
     @app.post("/servables/{owner}/{name}/{version}/delete", include_in_schema=False)
@@ -673,12 +795,20 @@ def install(app: Any, api: dict[str, Any]) -> None:
         if "result" in body:
             body["result"] = summarize(body["result"])
         refresh = task["state"] not in ("succeeded", "failed", "cancelled", "lost", "timeout")
+        steps = [
+            ("received", task.get("t_received")),
+            ("sent to the endpoint", task.get("t_dispatched")),
+            ("started on a worker", task.get("t_started")),
+            ("finished", task.get("t_finished")),
+        ]
         return render(
             request,
             "task.html",
             task=task,
             outcome={"status": result.status_code, "body": body},
             refresh=refresh,
+            steps=steps,
+            elapsed=time.time() - (task.get("t_received") or time.time()),
         )
 
     # ---- endpoints
@@ -688,6 +818,11 @@ def install(app: Any, api: dict[str, Any]) -> None:
             raise ApiError(503, "unavailable", "this server has no manager behind it")
         status = servables.status()  # asked of the loop, which owns the Router
         history.add(status)
+        stop = getattr(servables.manager, "_stop", None)  # the Manager's: set once it stops
+        history.watch(servables.status, lambda: stop is None or not stop.is_set())
+        mine = (status.get("manager") or {}).get("versions") or {}
+        for e in status["endpoints"].values():  # each a fresh dict (its "info" is the Router's)
+            e["mismatches"] = version_mismatches(mine, e.get("versions") or {})
         return servables.visible_status(status, api["viewer_of"](who)) if who[0] else _public_status(status)
 
     def _public_status(status: dict) -> dict:
@@ -695,7 +830,15 @@ def install(app: Any, api: dict[str, Any]) -> None:
             "endpoints": {
                 n: {
                     k: e.get(k)
-                    for k in ("connected", "last_seen_s_ago", "pending", "inflight", "versions", "info")
+                    for k in (
+                        "connected",
+                        "last_seen_s_ago",
+                        "pending",
+                        "inflight",
+                        "versions",
+                        "mismatches",
+                        "info",
+                    )
                 }
                 for n, e in status["endpoints"].items()
             },
@@ -709,13 +852,15 @@ def install(app: Any, api: dict[str, Any]) -> None:
             status = await asyncio.to_thread(endpoints_status, who)
         except ApiError as exc:
             return error_page(request, exc.status, exc.code, exc.message)
-        return render(request, "endpoints.html", snapshot=status, plot=svg_lines(history.series()))
+        return render(
+            request, "endpoints.html", snapshot=status, plot=svg_lines(history.series(), time.time())
+        )
 
     @app.get("/endpoints.json", include_in_schema=False)
     async def endpoints_json(request: Request):
         who, _ = who_of(request)
         status = await asyncio.to_thread(endpoints_status, who)
         fragment = env.get_template("endpoints_body.html").render(
-            snapshot=status, plot=svg_lines(history.series())
+            snapshot=status, plot=svg_lines(history.series(), time.time())
         )
         return JSONResponse({"status": json.loads(json.dumps(status, default=str)), "html": fragment})
