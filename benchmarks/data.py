@@ -12,6 +12,9 @@ staged once into the endpoint's data cache by the worker, then found there).
 - ``first`` / ``repeat``: wall time of ``submit(...).result()`` in the client, by value and by
   reference (first: hash + upload + stage; repeat: median of the next calls, the same file:
   nothing is uploaded or fetched again);
+- ``chain``: two calls chained on a large intermediate output (``produce`` then ``hash_input``):
+  returned as ``File(path)`` (it stays in the endpoint's data cache and the second call finds it
+  by digest) vs returned as bytes and sent back by value through the client;
 - ``big``: the 1 GiB input by reference, first call (not by value: over the 256 MB payload limit);
 - ``peak_rss_mib``: each process's peak RSS (``VmHWM``) after the by-reference calls and again
   after the by-value ones (manager, endpoint, each worker; the client's ``ru_maxrss``).
@@ -50,6 +53,24 @@ def hash_input(x):
             h.update(chunk)
             size += len(chunk)
     return h.hexdigest(), size
+
+
+def produce(mib, by_reference):
+    """A large intermediate output: ``mib`` MiB of seeded random bytes, as bytes or as a File."""
+    import os
+    import random
+    import tempfile
+
+    rng = random.Random(mib)
+    if not by_reference:
+        return b"".join(rng.randbytes(1 << 20) for _ in range(mib))
+    from dlhub.executor import File
+
+    fd, path = tempfile.mkstemp(suffix=".out")
+    with os.fdopen(fd, "wb") as f:
+        for _ in range(mib):
+            f.write(rng.randbytes(1 << 20))
+    return File(path)
 
 
 def make_file(path: Path, mib: int) -> str:
@@ -137,6 +158,22 @@ def measure(stack, sizes, emit, args) -> None:
         big_src.unlink()
         emit("peak_rss_mib", "after_big_by_reference", **peak_rss(stack))
 
+    # two calls chained on a large intermediate output: by reference (it stays at the endpoint)
+    # vs through the client (returned by value, sent back by value)
+    import random
+
+    rng = random.Random(mib)
+    chained = hashlib.sha256(b"".join(rng.randbytes(1 << 20) for _ in range(mib))).hexdigest()
+    for system, by_ref in (("by_reference", True), ("by_value", False)):
+        t = time.perf_counter()
+        middle = ex.submit(produce, mib, by_ref).result(600)
+        got = tuple(ex.submit(hash_input, middle).result(600))
+        took = time.perf_counter() - t
+        if got != (chained, mib << 20):
+            problems.append(f"chain {system}: got {got}, want {(chained, mib << 20)}")
+        del middle
+        emit("chain", system, mib=mib, s=round(took, 3))
+
     # by value: the bytes travel inside every task
     payload = src.read_bytes()
     first_val, got = timed_call(ex, hash_input, payload)
@@ -170,6 +207,12 @@ def summary(records: list[dict]) -> str:
                 f"  {metric:6} call, {ref['mib']} MiB: by value {val['s']:.3f} s, by reference "
                 f"{ref['s']:.3f} s ({val['s'] / ref['s']:.1f}x)"
             )
+    ref, val = by.get(("chain", "by_reference")), by.get(("chain", "by_value"))
+    if ref and val:
+        lines.append(
+            f"  two calls chained on a {ref['mib']} MiB intermediate: through the client {val['s']:.3f} s, "
+            f"by reference {ref['s']:.3f} s ({val['s'] / ref['s']:.1f}x)"
+        )
     big = by.get(("big_first", "by_reference"))
     if big:
         again = by.get(("big_repeat", "by_reference"))
