@@ -338,3 +338,17 @@ def test_servable_build_registers_the_spec_of_the_default_pools_runtime(tmp_path
         ("--pull=never",),
     )
     assert cache_for(tmp_path, config).build_spec(image) == spec  # the pool's cache reads it back
+
+
+def test_the_readme_build_block_is_a_valid_endpoint_config():
+    import re
+
+    import yaml
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = re.search(r"^## Containers\n(.*?)(?=^## |\Z)", readme, re.M | re.S)
+    block = next(
+        b for b in re.findall(r"^```yaml\n(.*?)^```", section.group(1), re.M | re.S) if "build: true" in b
+    )
+    cfg = parse_config({**BASE, **yaml.safe_load(block)})
+    assert cfg.image_cache.build and cfg.build.base_for("podman") == "localhost/py311"
