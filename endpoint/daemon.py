@@ -513,7 +513,7 @@ class Endpoint:
         self._events.append(ev.Tick(now, time.time()))  # running states, lost pools, overrun tasks
         self._pump()
         snapshot = self._snapshot()
-        self._to_manager(m.Heartbeat(snapshot))
+        self._to_manager(m.Heartbeat({**snapshot, **self._troubles()}))
         self.tasklog.tick(
             snapshot["completed"],
             snapshot["failed"],
@@ -772,6 +772,17 @@ class Endpoint:
                 if seconds > self.config.heartbeat_s:
                     out[name] = {"running_s": round(seconds, 1)}
         return out
+
+    def _troubles(self) -> dict[str, Any]:
+        """For the manager's endpoints page (dlhub.manager.web), with each heartbeat: the blocks
+        with their scheduler job ids and states, blocks that ended before their pool ran (the
+        last 5, output cut to 1,000 characters) and version warnings (the last 10)."""
+        errors = list(self.block_errors.items())[-5:]
+        return {
+            "blocks": self._block_states(),
+            "block_errors": {k: {**e, "output": (e.get("output") or "")[-1000:]} for k, e in errors},
+            "version_warnings": self.version_warnings[-10:],
+        }
 
     def _snapshot(self) -> dict[str, Any]:
         """The scheduler's counts, plus what `dlhub status` needs to explain them: tasks at
