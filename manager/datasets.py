@@ -11,6 +11,7 @@ nothing to verify, only that every stored file was uploaded (``files.FileStore``
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
@@ -28,14 +29,16 @@ def publish_dataset(
     record: DatasetRecord | dict,
     *,
     visibility: str | None = None,
+    holds: Callable[[str], bool] | None = None,
 ) -> DatasetRecord:
-    """Store a new version of a data set (ready at once); its stored files must be uploaded."""
+    """Store a new version of a data set (ready at once); its stored files must be uploaded
+    (``holds``: by the publisher, a digest alone not being the bytes; see ``FileStore.holds``)."""
     rec = record if isinstance(record, DatasetRecord) else parse_dataset(record)
     if visibility is not None:
         check_visibility(visibility)
     for path, f in sorted(rec.stored().items()):
         blob = repo.blobs.path(f.sha256)
-        if not blob.exists():
+        if not blob.exists() or (holds is not None and not holds(f.sha256)):
             raise RepositoryError(f"file {path!r} ({f.sha256}) was not uploaded: upload it, then publish")
         if blob.stat().st_size != f.size:
             raise RepositoryError(

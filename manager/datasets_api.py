@@ -110,7 +110,9 @@ def install(app: Any, ctx: dict[str, Any]) -> None:
         if visibility is not None and visibility not in VISIBILITIES:
             raise ApiError(422, "invalid-request", f"visibility must be public or private: {visibility!r}")
         published = await asyncio.to_thread(
-            lambda: publish_dataset(repository, publisher, record, visibility=visibility)
+            lambda: publish_dataset(
+                repository, publisher, record, visibility=visibility, holds=lambda d: store.holds(who[0], d)
+            )
         )
         size = published.size
         return {"ref": published.ref, "status": "ready", "files": len(published.files), "size": size}

@@ -167,6 +167,11 @@ def test_a_data_set_file_by_reference_and_privacy(stack, client, ex, bob, tmp_pa
     assert denied.status_code == 404 and "no stored file" in denied.json()["message"]
     begun = bob_client._http.post("/uploads", json={"size": len(data), "sha256": sha(data)}).json()
     assert begun["complete"] is False  # knowing a digest is not having the bytes
+    # nor can bob list those bytes in a data set of his own to read them through it
+    files = {"scan.bin": {"sha256": sha(data), "size": len(data)}}
+    record = {"name": f"{name}-b", "title": "T", "authors": [{"name": "B"}], "files": files}
+    listed = bob_client._http.post("/datasets", json={"record": record})
+    assert listed.status_code == 400 and "was not uploaded" in listed.json()["message"]
     # a blob URL without a valid grant is not found either
     mine = client._http.post("/refs", json={"sha256": sha(data)}).json()
     assert httpx.get(mine["url"], params={"grant": mine["grant"]}).content == data
