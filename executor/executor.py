@@ -585,6 +585,7 @@ class Executor(cf.Executor):
         started; ``wait`` waits for the rest. ``wait=False`` returns at once: pending futures
         still complete, and the connection closes after the last one."""
         self._shutdown = True
+        self._refs.close()  # File/DataRef's REST client: no submit comes after this
         if cancel_futures:
             pending = [f for f in list(self._futures.values()) if not f.done()]
             if pending:  # sent ones end when the manager answers; wait=True waits for that
