@@ -5,6 +5,15 @@
 
 The wake-up is an eventfd on Linux, a socket pair elsewhere (``_wakeup.py``; ``$DLHUB_WAKEUP``).
 
+The short path: ``submit()`` sends a task from the user's thread straight to the socket when no
+task is in flight (unacknowledged), nothing is queued before it and the socket's lock is free
+(``_sock_lock``: the I/O thread holds it for each turn, between polls); otherwise it queues, as
+every other command does (a burst is batched by the I/O thread). So a serial call costs no
+hand-off on its way out. ZeroMQ sockets are not thread-safe: the lock makes every use exclusive,
+and the I/O thread polls the socket's ``FD`` (a hint, edge-triggered) rather than the socket,
+reading ``EVENTS`` after every use before it sleeps; a user-thread send that finds a
+frame waiting wakes it. ``$DLHUB_CLIENT_SEND=thread`` turns the short path off.
+
 The I/O thread wakes when work is queued or a frame arrives, takes everything that is waiting
 (small frozen ``Send*`` commands, dispatched by type) and sends it as few messages as possible
 (one ``Submit`` per endpoint per wake-up, up to ``batch_size`` tasks): no timer on the latency
@@ -21,6 +30,7 @@ are weak), so an Executor dropped without ``shutdown()`` stops it from a finaliz
 from __future__ import annotations
 
 import itertools
+import os
 import secrets
 import socket
 import threading
@@ -40,7 +50,8 @@ from dlhub.protocol.serialize import runtime_versions
 
 from ._wakeup import make_wakeup
 
-_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+_EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
+SEND_MODES = ("direct", "thread")  # $DLHUB_CLIENT_SEND: user threads may send tasks, or only the I/O thread
 
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 HEARTBEAT_S = 2.0
@@ -152,8 +163,18 @@ class Connection:
         self.code_sent: dict[str, bytes] = {}  # resent after a manager restart
         self._requests: dict[int, Future] = {}
         self._request_ids = itertools.count(1)
+        send_mode = os.environ.get("DLHUB_CLIENT_SEND") or "direct"
+        if send_mode not in SEND_MODES:
+            raise ValueError(f"DLHUB_CLIENT_SEND must be one of {', '.join(SEND_MODES)}, got {send_mode!r}")
         _check_address(address, connect_timeout_s)
         self._wakeup = make_wakeup(wakeup)
+        self._allow_direct = send_mode == "direct"
+        # held by whichever thread uses the socket: the I/O thread for each turn, a user thread for
+        # a direct send (which only tries it: a busy I/O thread means queue instead)
+        self._sock_lock = threading.Lock()
+        self._direct = False  # set by the I/O thread, under the lock, once connected and ready
+        self.direct_sends = 0  # tasks a user thread sent itself (the short path)
+        self.sock: zmq.Socket | None = None
         self._ready = threading.Event()
         self._watch: HandshakeWatch | None = None
         self._error: BaseException | None = None
@@ -187,8 +208,33 @@ class Connection:
         sent: False (the future was cancelled meanwhile) drops it unsent."""
         if self._stop.is_set():  # as send(), without its check for the older tuple form
             return
+        # the short path: straight to the socket when nothing waits before this task and nothing
+        # is in flight (a burst goes through the queue, where the I/O thread batches it)
+        if self._direct and not self.unacked and not self.outgoing and self._sock_lock.acquire(False):
+            try:
+                if self._direct and not self.outgoing and self._send_direct(endpoint, rec, claim):
+                    return
+            finally:
+                self._sock_lock.release()
         self.outgoing.append(_send_task(endpoint, claim, rec))
         self._wakeup.wake()
+
+    def _send_direct(self, endpoint: str, rec: Any, claim: Callable[[], bool]) -> bool:
+        """Under ``_sock_lock``, on a user thread: send one task now; False: queue it instead."""
+        sock = self.sock
+        if claim():
+            task_id = rec[m.T_ID]
+            self.unacked[task_id] = (endpoint, rec)
+            try:
+                sock.send(m.pack(m.Submit(endpoint, [rec])), _NOBLOCK, copy=False)
+            except zmq.ZMQError:  # no connection right now: the I/O thread sends it (claim again)
+                self.unacked.pop(task_id, None)
+                return False
+            self.direct_sends += 1
+        # the send may have taken the socket's signal for a frame that waits: pass it on
+        if sock.get(_EVENTS) & _POLLIN:
+            self._wakeup.wake()
+        return True
 
     def put_code(self, digest: str, blob: bytes) -> None:
         """Queue a function's code (also resent after a manager restart)."""
@@ -270,7 +316,10 @@ class Connection:
         hello_sent = self._send_hello_nowait(sock)
         self.sock = sock
         poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
+        # the socket's FD, not the socket: zmq_poll would use the socket, which a user thread
+        # may be sending on; the FD only hints, so each turn reads EVENTS (in _drain_socket) last
+        sock_fd = sock.get(zmq.FD)
+        poller.register(sock_fd, zmq.POLLIN)
         wake_fd = self._wakeup.fileno()
         poller.register(wake_fd, zmq.POLLIN)
         poller.register(watch.monitor, zmq.POLLIN)
@@ -279,60 +328,81 @@ class Connection:
         try:
             while not self._stop.is_set():
                 events = dict(poller.poll(100 if watch is not None else int(HEARTBEAT_S * 1000)))
-                if watch is not None:  # until the manager answers: a refused handshake fails at once
-                    refused = watch.poll()
-                    if refused is None and watch.failures >= 3 and mechanism == "curve":
-                        refused = (
-                            f"the manager at {self.address} closed the connection during the CURVE "
-                            f"handshake {watch.failures} times: the pinned manager key "
-                            f"{self.server_key} is probably not this manager's (or the token was refused)"
-                        )
-                    if refused is not None and not self._ready.is_set():
-                        self._error = AccessDenied(refused)
-                        self._ready.set()
-                        self._stop.set()
-                        break
-                    if not hello_sent:  # a failed handshake left no pipe; a new one may have one
-                        hello_sent = self._send_hello_nowait(sock)
-                    if self._ready.is_set():
-                        poller.unregister(watch.monitor)
-                        watch.close()
-                        watch = None
-                if sock in events:
-                    last_heard = time.monotonic()
-                    self._drain_socket(sock)
-                if wake_fd in events:
-                    self._wakeup.drain()
-                if self._ready.is_set() and self.outgoing:
-                    self._send_outgoing(sock)
-                now = time.monotonic()
-                if self._ready.is_set() and now - last_heard > self.manager_timeout_s:
-                    if self.unacked or self.pending_ids():
-                        self.on_manager_lost(
-                            f"no answer from the manager at {self.address} for "
-                            f"{self.manager_timeout_s:g} s; the tasks may still run: look them up "
-                            "later with Executor.fetch(task_ids)"
-                        )
-                    last_heard = now  # keep trying; new tasks get a fresh period
-                if now - last_beat >= HEARTBEAT_S and (self.unacked or self.pending_ids()):
-                    # a restarted manager answers "not-registered": we then resync
-                    sock.send(m.pack(m.Heartbeat({})) if now - last_heard < 30 else self._hello())
-                    last_beat = now
-            if self._ready.is_set() and self._error is None:
-                if self.outgoing:
-                    self._send_outgoing(sock)  # e.g. the cancels of shutdown(cancel_futures=True)
-                linger = CLOSE_LINGER_MS  # what was just sent leaves before the socket goes
+                with self._sock_lock:
+                    watch, hello_sent, last_heard, last_beat = self._turn(
+                        sock, poller, events, watch, mechanism, hello_sent, last_heard, last_beat, wake_fd
+                    )
+                if watch is False:
+                    break
+            with self._sock_lock:
+                self._direct = False
+                if self._ready.is_set() and self._error is None:
+                    if self.outgoing:
+                        self._send_outgoing(sock)  # e.g. the cancels of shutdown(cancel_futures=True)
+                    linger = CLOSE_LINGER_MS  # what was just sent leaves before the socket goes
         finally:
-            self._stop.set()
-            for fut in list(self._requests.values()):
-                if not fut.done():
-                    fut.set_exception(ManagerUnreachable("connection closed"))
-            self._requests.clear()
-            if watch is not None:
+            with self._sock_lock:
+                self._direct = False
+                self._stop.set()
+                for fut in list(self._requests.values()):
+                    if not fut.done():
+                        fut.set_exception(ManagerUnreachable("connection closed"))
+                self._requests.clear()
+                if watch:
+                    watch.close()
+                sock.close(linger)
+                ctx.term()
+                self._wakeup.close()
+
+    def _turn(self, sock, poller, events, watch, mechanism, hello_sent, last_heard, last_beat, wake_fd):
+        """One turn of the I/O thread, under ``_sock_lock``; ``watch`` False: stop (refused)."""
+        if watch is not None:  # until the manager answers: a refused handshake fails at once
+            refused = watch.poll()
+            if refused is None and watch.failures >= 3 and mechanism == "curve":
+                refused = (
+                    f"the manager at {self.address} closed the connection during the CURVE "
+                    f"handshake {watch.failures} times: the pinned manager key "
+                    f"{self.server_key} is probably not this manager's (or the token was refused)"
+                )
+            if refused is not None and not self._ready.is_set():
+                self._error = AccessDenied(refused)
+                self._ready.set()
+                self._stop.set()
+                poller.unregister(watch.monitor)
                 watch.close()
-            sock.close(linger)
-            ctx.term()
-            self._wakeup.close()
+                return False, hello_sent, last_heard, last_beat
+            if not hello_sent:  # a failed handshake left no pipe; a new one may have one
+                hello_sent = self._send_hello_nowait(sock)
+            if self._ready.is_set():
+                poller.unregister(watch.monitor)
+                watch.close()
+                watch = None
+        if wake_fd in events:
+            self._wakeup.drain()
+        if self._drain_socket(sock):
+            last_heard = time.monotonic()
+        if self._ready.is_set() and self.outgoing:
+            self._send_outgoing(sock)
+        now = time.monotonic()
+        if self._ready.is_set() and now - last_heard > self.manager_timeout_s:
+            if self.unacked or self.pending_ids():
+                self.on_manager_lost(
+                    f"no answer from the manager at {self.address} for "
+                    f"{self.manager_timeout_s:g} s; the tasks may still run: look them up "
+                    "later with Executor.fetch(task_ids)"
+                )
+            last_heard = now  # keep trying; new tasks get a fresh period
+        if now - last_beat >= HEARTBEAT_S and (self.unacked or self.pending_ids()):
+            # a restarted manager answers "not-registered": we then resync
+            sock.send(m.pack(m.Heartbeat({})) if now - last_heard < 30 else self._hello())
+            last_beat = now
+        if self._drain_socket(sock):  # sends may have taken the FD's signal: read EVENTS last
+            last_heard = time.monotonic()
+        # user threads may send tasks themselves from now on (not before the handshake)
+        self._direct = (
+            self._allow_direct and watch is None and self._ready.is_set() and not self._stop.is_set()
+        )
+        return watch, hello_sent, last_heard, last_beat
 
     def _send_hello_nowait(self, sock: zmq.Socket) -> bool:
         """Hello without waiting: after a failed handshake there is no pipe and a send would block
@@ -343,10 +413,13 @@ class Connection:
         except zmq.Again:
             return False
 
-    def _drain_socket(self, sock: zmq.Socket) -> None:
+    def _drain_socket(self, sock: zmq.Socket) -> bool:
+        """Handle every waiting frame (ending on a read of EVENTS); whether there was one."""
+        got = False
         while True:
             if not sock.get(_EVENTS) & _POLLIN:  # cheaper than a raised zmq.Again
-                return
+                return got
+            got = True
             frame = sock.recv(zmq.NOBLOCK)
             try:
                 msg = m.unpack(frame)
