@@ -37,12 +37,13 @@ import uuid
 import pytest
 from buildwheel import make_wheel
 from conftest import wait_until
-from test_container_pools import (  # noqa: F401  (image, podman_image: fixtures)
+from test_container_pools import (  # noqa: F401  (image, podman_image, shim_path: fixtures)
     TIMEOUT_S,
     endpoint_config,
     image,
     podman_containers,
     podman_image,
+    shim_path,
 )
 
 from dlhub.executor import Client, PublishError, Servable
@@ -377,3 +378,48 @@ def test_a_servable_runs_in_an_image_built_from_its_requirements(
     ).stdout.split()
     assert len(tagged) == 1, tagged  # one image for both servables
     assert ex.submit(probe, 1).exception(TIMEOUT_S) is not None  # not in the pool's own image
+
+
+def test_apptainer_builds_from_the_definition_file_spython_writes(
+    custom_stack_factory,
+    image,  # noqa: F811
+    shim_path,  # noqa: F811
+    tmp_path,
+):
+    """The same through dlhub's Apptainer path: ``apptainer build DEST.sif image.def`` (the line
+    spython's build runs) reaches the recording wrapper and tests/bin's ch-run shim, which builds
+    the definition file spython's SingularityWriter wrote (Bootstrap: localimage FROM the test
+    image, %files, %post run with ``ch-run -w``); workers then ``apptainer exec`` the built image."""
+    shadow_version = "0.0.1.dev7"
+    wheels = tmp_path / "wheelhouse"
+    make_wheel(wheels, "dlhub_probe_pkg", PROBE_VERSION, f"VERSION = {PROBE_VERSION!r}\n")
+    make_wheel(wheels, SHADOW, shadow_version, f"__version__ = {shadow_version!r}\n")
+    endpoint = {
+        **endpoint_config({"type": "apptainer", "image": image}),
+        "image_cache": {"build": True},
+        "build": {"base": {"apptainer": image}, "pip_options": ["--no-index", "--find-links", str(wheels)]},
+    }
+    cs = custom_stack_factory(endpoint=endpoint, name="buildsif", workers=2)
+    inside = {
+        "probe": PROBE_VERSION,
+        "probe_file": "/dlhub/requirements/dlhub_probe_pkg.py",
+        "shadow": shadow_version,
+        "marker": True,
+    }
+    requirements = [f"dlhub_probe_pkg=={PROBE_VERSION}", f"{SHADOW}=={shadow_version}"]
+    with Client(cs.manager.api.url, cs.token, home=str(cs.home)) as client:
+        ref = client.publish(
+            Servable.from_function(
+                probe, **build_meta(f"sif-{uuid.uuid4().hex[:6]}", requirements, [((1,), {"x": 1, **inside})])
+            )
+        )
+    assert cs.executor().submit(ref, 5).result(TIMEOUT_S) == {"x": 5, **inside}
+    calls = shim_path.read_text().splitlines()
+    (build,) = [c.split() for c in calls if c.startswith("build ")]
+    assert build[-1].endswith("/context/image.def") and build[-2].endswith("/image.sif"), build
+    index = json.loads((cs.endpoint_dir / "images" / "index.json").read_text())["entries"]
+    (key,) = [k for k, e in index.items() if e["ref"].startswith("build://")]
+    sif = str(cs.endpoint_dir / "images" / "entries" / key / "image.sif")
+    recipe = (cs.endpoint_dir / "images" / "entries" / key / "recipe.image.def").read_text()
+    assert recipe.startswith(f"Bootstrap: localimage\nFrom: {image}\nStage: spython-base\n"), recipe
+    assert any(c.startswith("exec ") and f" {sif} python3 " in c for c in calls), calls  # a worker in it
