@@ -106,11 +106,12 @@ def bob(stack, tmp_path_factory):
     mine = json.loads((stack.home / "config.json").read_text())
     home = tmp_path_factory.mktemp("home-bob-refs")
     (home / "config.json").write_text(json.dumps({**mine, "token": token}))
-    ex = Executor(endpoint="local", home=str(home))
+    ex, client = Executor(endpoint="local", home=str(home)), Client(home=str(home))
     try:
-        yield ex, Client(home=str(home))
+        yield ex, client
     finally:
         ex.shutdown(wait=False)
+        client.close()
 
 
 def test_a_file_is_uploaded_once_and_staged_once(stack, ex, tmp_path, data_dir):
