@@ -33,8 +33,8 @@ binary: its figure is the code path plus the shim, not real Apptainer). The imag
   call's result checked to come from the built image (``--build-only``: just this figure).
 
     .venv/bin/python benchmarks/containers.py            # 3 cold starts, 3,000 serial calls, 20,000 mapped
-    .venv/bin/python benchmarks/containers.py --quick    # 1 cold start, 600 serial, 4,000 mapped (~41 s idle
-                                                         # without the build figure)
+    .venv/bin/python benchmarks/containers.py --quick    # 1 cold start, 600 serial, 4,000 mapped, 1 build
+    # --quick: ~41 s idle without the build figure; 97 s with it at load ~5
 
 Prints JSON lines, then a human summary. Exits 1 when a result is wrong.
 """
@@ -523,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
         f" first result {c['first_start_first_result_s']:.2f} s cold cache,"
         f" {c['second_start_first_result_s']:.2f} s warm"
     )
-    print_build(by[("image_build_restart", None)])
+    print_build(next(r for r in records if r["metric"] == "image_build_restart"))
     i = by[("servable_image_first_call", "charliecloud")]
     print(
         f"servable image first call (p50 of {i['cold_calls']}): {i['cold_p50_ms']:.0f} ms not warm vs"
