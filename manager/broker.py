@@ -953,15 +953,23 @@ class Manager:
             except Exception:  # a bug must not take the broker down
                 log.exception("error in a call from another thread")
         grouped: dict[tuple[str, bytes], list[bytes]] = {}
+        # A client forgets a task once its result arrives: no Accepted for a task whose result
+        # has gone (a serial caller's tasks usually have), so no wake-up of the client for it.
+        # A result lost with its connection is found again: the client resends what it kept
+        # and asks for its pending results after reconnecting; a resend's ack ("client-again")
+        # is always sent.
+        finished = self.router.finished
         while True:
             try:
                 acks = self._acks.get_nowait()
             except queue.Empty:
                 break
             for link, identity, task_id in acks:
+                if link == "client" and task_id in finished:
+                    continue
                 grouped.setdefault((link, identity), []).append(task_id)
         for (link, identity), ids in grouped.items():
-            sock = self.client_sock if link == "client" else self.endpoint_sock
+            sock = self.endpoint_sock if link == "endpoint" else self.client_sock
             self._send(sock, identity, m.Accepted(ids))
 
 

@@ -129,7 +129,8 @@ class Send(Instruction):
 
 @dataclass(frozen=True, slots=True)
 class PersistReceived(Instruction):
-    """New task rows; ``acks`` are (link, identity, task id) to acknowledge once committed."""
+    """New task rows; ``acks`` are (link, identity, task id) to acknowledge once committed (link
+    "client", "client-again" for a resent task's, whose ack the broker never skips, or "endpoint")."""
 
     rows: list[dict[str, Any]]
     acks: list[tuple[str, bytes, bytes]]

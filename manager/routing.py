@@ -236,8 +236,10 @@ class Router:
                     continue
                 if entry is not None:
                     entry.client = client  # a reconnected client gets the result
-                # already committed (or being committed): acknowledge again after this batch
-                acks.append(("client", client, task_id))
+                # already committed (or being committed): acknowledge again after this batch, even
+                # when finished (a resend: the client may lack the result; "client-again" is never
+                # skipped, as a first submission's ack is once its result has gone)
+                acks.append(("client-again", client, task_id))
                 continue
             origin = self._origin(owner, rec.function, function, origins)
             rec = tasks[i] = m.with_origin(rec, origin)  # whatever the client wrote there is replaced
