@@ -298,6 +298,28 @@ def svg_lines(
     return "".join(parts)
 
 
+LATENCY_BUCKETS = [  # (upper bound in ms, label)
+    (1.0, "<1 ms"),
+    (10.0, "1-10 ms"),
+    (100.0, "10-100 ms"),
+    (1000.0, "0.1-1 s"),
+    (10_000.0, "1-10 s"),
+    (float("inf"), ">10 s"),
+]
+
+
+def latency_histogram(latencies_ms: list[float]) -> list[tuple[str, float]]:
+    """Calls per decade of latency, from the first bucket with calls to the last (at least 3)."""
+    counts = [0] * len(LATENCY_BUCKETS)
+    for ms in latencies_ms:
+        counts[next(i for i, (top, _) in enumerate(LATENCY_BUCKETS) if ms < top)] += 1
+    used = [i for i, n in enumerate(counts) if n]
+    if not used:
+        return []
+    first, last = used[0], max(used[-1], min(len(counts) - 1, used[0] + 2))
+    return [(LATENCY_BUCKETS[i][1], counts[i]) for i in range(first, last + 1)]
+
+
 def summarize(value: Any, depth: int = 0) -> Any:
     """Large nested lists (numpy arrays as JSON) shown as shape + first items."""
     if isinstance(value, list) and len(value) > 20:
@@ -610,10 +632,7 @@ def install(app: Any, api: dict[str, Any]) -> None:
                         batched += per.get("batched_calls", 0) or 0
         figures["cache_hit_rate"] = round(hits / (hits + misses), 3) if hits + misses else None
         figures["mean_batch"] = round(batched / batches, 2) if batches else None
-        bars = [("p50 ms", figures["p50_ms"] or 0), ("p99 ms", figures["p99_ms"] or 0)]
-        if figures["mean_batch"]:
-            bars.append(("mean batch", figures["mean_batch"]))
-        figures["plot"] = svg_bars(bars) if latencies else ""
+        figures["plot"] = svg_bars(latency_histogram(latencies), unit=" calls") if latencies else ""
         return figures
 
     def servable_view(request: Request, owner: str, name: str, version: int | None, **extra: Any):

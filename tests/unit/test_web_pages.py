@@ -123,6 +123,17 @@ def test_plots_carry_their_numbers_as_text():
     assert web.svg_lines({"a": [], "b": []}, now=1.0) == ""
 
 
+def test_latency_histogram_by_decade():
+    assert web.latency_histogram([]) == []
+    assert web.latency_histogram([0.5, 0.7, 3.0]) == [("<1 ms", 2), ("1-10 ms", 1), ("10-100 ms", 0)]
+    assert web.latency_histogram([20.0, 20_000.0]) == [
+        ("10-100 ms", 1),
+        ("0.1-1 s", 0),
+        ("1-10 s", 0),
+        (">10 s", 1),
+    ]
+
+
 def test_large_results_are_summarized():
     assert web.summarize([1, 2, 3]) == [1, 2, 3]
     big = web.summarize([[0.0] * 3] * 100)
