@@ -558,6 +558,21 @@ def install(app: Any, api: dict[str, Any]) -> None:
             return error_page(request, 422, "invalid-request", str(exc))
         hits = api["search"](query, who)["results"]
         shown = hits[(page - 1) * per : page * per]
+        if who[0] and shown:  # a signed-in viewer may see private ones: say which
+            from ..schema import access_table as a
+
+            pairs = [(h["owner"], h["name"]) for h in shown]
+            with engine.connect() as conn:
+                private = set(
+                    conn.execute(
+                        sa.select(a.c.owner, a.c.name).where(
+                            a.c.visibility == "private", sa.tuple_(a.c.owner, a.c.name).in_(pairs)
+                        )
+                    ).all()
+                )
+            shown = [
+                {**h, "visibility": "private"} if (h["owner"], h["name"]) in private else h for h in shown
+            ]
         base = {k: v for k, v in {"q": q, "domain": domain, "author": author, "owner": owner}.items() if v}
         if per != PAGE_SIZE:
             base["per"] = str(per)
@@ -805,13 +820,34 @@ def install(app: Any, api: dict[str, Any]) -> None:
         who, _ = who_of(request)
         if not who[0]:
             return RedirectResponse("/signin?next=/tasks", status_code=303)
+        from dlhub.protocol import messages as m
+
+        from ..schema import versions_table as v
+
         t = tasks_table
-        query = sa.select(t.c.task_id, t.c.state, t.c.endpoint, t.c.t_received, t.c.t_finished)
+        query = sa.select(t.c.task_id, t.c.function, t.c.state, t.c.endpoint, t.c.t_received, t.c.t_finished)
         with engine.connect() as conn:
             rows = conn.execute(
                 query.where(t.c.owner == who[0]).order_by(t.c.t_received.desc()).limit(50)
             ).all()
-        tasks = [{**r._mapping, "task_id": r.task_id.hex()} for r in rows]
+            # the servable each call named (its tasks carry the version's digest)
+            digests = {r.function[len(m.RUN_PREFIX) :] for r in rows if r.function.startswith(m.RUN_PREFIX)}
+            named = {
+                d: (o, n, ver)
+                for d, o, n, ver in conn.execute(
+                    sa.select(v.c.digest, v.c.owner, v.c.name, v.c.version).where(v.c.digest.in_(digests))
+                )
+            }
+        tasks = [
+            {
+                **r._mapping,
+                "task_id": r.task_id.hex(),
+                "servable": named.get(r.function[len(m.RUN_PREFIX) :])
+                if r.function.startswith(m.RUN_PREFIX)
+                else None,
+            }
+            for r in rows
+        ]
         return render(request, "tasks.html", tasks=tasks)
 
     @app.get("/tasks/{task_id}", response_class=HTMLResponse, include_in_schema=False)

@@ -253,8 +253,9 @@ def test_servable_page_and_run_from_the_form(hub, browser):
     assert d.find_element(By.ID, "task-state").text == "succeeded"
     assert json.loads(d.find_element(By.ID, "task-result").text) == 42
     shot(d, "task")
-    d.get(hub.url + "/tasks")
-    assert d.find_elements(By.CSS_SELECTOR, "#tasks tbody tr")
+    d.get(hub.url + "/tasks")  # my recent tasks, newest first, with the servable each named
+    first = d.find_element(By.CSS_SELECTOR, "#tasks tbody tr")
+    assert "alice/adder:1" in first.text and "succeeded" in first.text
     shot(d, "tasks")
 
     # the figures count the call, with its latency in a small plot (its numbers also in text)
@@ -331,6 +332,7 @@ def test_private_servable_is_invisible_to_others_and_anonymous(hub, browser):
     sign_in(d, hub, "alice")
     d.get(hub.url + "/?q=secret")
     assert "alice/secret-model" in result_names(d)
+    assert d.find_element(By.CSS_SELECTOR, ".hit .badge").text == "private"  # says so to its owner
     d.get(hub.url + "/servables/alice/secret-model")
     assert d.find_element(By.ID, "servable-title").text == "Alice's secret"
     sign_out(d)
