@@ -22,7 +22,6 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from .servable import (
-    NAME_PATTERN,
     OWNER_PATTERN,
     SHA256,
     Author,
@@ -30,6 +29,7 @@ from .servable import (
     RelatedIdentifier,
     _explain,
     _Strict,
+    check_name,
 )
 
 DATASET_SCHEMA_VERSION = 1
@@ -108,12 +108,7 @@ class DatasetRecord(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, name: str) -> str:
-        if not re.fullmatch(NAME_PATTERN, name):
-            raise ValueError(
-                f"{name!r} must be lowercase letters, digits, '.', '_' or '-' (up to 80), "
-                "starting with a letter or digit"
-            )
-        return name
+        return check_name(name)
 
     @field_validator("files")
     @classmethod

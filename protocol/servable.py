@@ -31,6 +31,18 @@ from .errors import DLHubError
 
 SCHEMA_VERSION = 2  # 2: vectorized + batching
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,79}$"
+
+
+def check_name(name: str) -> str:
+    """A servable's or data set's name, or ValueError saying what a name may be."""
+    if not re.fullmatch(NAME_PATTERN, name):
+        raise ValueError(
+            f"{name!r} must be lowercase letters, digits, '.', '_' or '-' (up to 80), "
+            "starting with a letter or digit"
+        )
+    return name
+
+
 OWNER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 SHA256 = re.compile(r"^sha256:[0-9a-f]{64}$")
 
@@ -158,12 +170,7 @@ class ServableRecord(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, name: str) -> str:
-        if not re.fullmatch(NAME_PATTERN, name):
-            raise ValueError(
-                f"{name!r} must be lowercase letters, digits, '.', '_' or '-' (up to 80), "
-                "starting with a letter or digit"
-            )
-        return name
+        return check_name(name)
 
     @field_validator("files")
     @classmethod
