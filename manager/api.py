@@ -655,6 +655,9 @@ def create_app(
         with engine.connect() as conn:
             row = conn.execute(sa.select(t.c.owner, *columns).where(t.c.task_id == raw)).first()
         record = dict(row._mapping) if row is not None else None
+        if record is None and servables is not None and servables.manager.task_pending(raw, who[0]):
+            # answered to its caller but not yet committed (group commit): queued, not missing
+            record = {"owner": who[0], **{c.name: None for c in columns}, "state": "queued"}
         if record is None or (who[1] != "admin" and record["owner"] != who[0]):
             # another user's task reads exactly like one that does not exist (no existence leak)
             raise ApiError(404, "not-found", f"there is no task {task_id}")
@@ -670,18 +673,9 @@ def create_app(
 
     @app.get(f"{API}/tasks/{{task_id}}")
     def task(who: User, task_id: TaskId) -> dict[str, Any]:
-        try:
-            raw = bytes.fromhex(task_id)
-        except ValueError:
-            raise ApiError(422, "invalid-request", f"task id {task_id!r} is not hex") from None
         t = tasks_table
-        cols = [c for c in t.c if c.name not in ("payload", "result", "error", "task_id")]
-        with engine.connect() as conn:
-            row = conn.execute(sa.select(*cols).where(t.c.task_id == raw)).first()
-        record = dict(row._mapping) if row is not None else None
-        if record is None or (who[1] != "admin" and record["owner"] != who[0]):
-            raise ApiError(404, "not-found", f"there is no task {task_id}")  # as in task_row
-        return {"task_id": task_id, **record}
+        cols = [c for c in t.c if c.name not in ("payload", "result", "error", "task_id", "owner")]
+        return {"task_id": task_id, **task_row(who, task_id, cols)}
 
     from .datasets_api import install as install_datasets  # data sets and uploads
 

@@ -336,9 +336,21 @@ class Manager:
         """Endpoint name -> connected; from another thread, asked of the loop (which owns the
         Router), on the loop or before it runs, read directly."""
 
-        def read() -> dict[str, bool]:
-            return {name: ep.connected for name, ep in self.router.endpoints.items()}
+        return self.ask(lambda: {name: ep.connected for name, ep in self.router.endpoints.items()}, timeout)
 
+    def task_pending(self, task_id: bytes, owner: str, timeout: float = 5.0) -> bool:
+        """Whether ``owner``'s task is known to the Router though perhaps not yet committed (a
+        REST caller polls the moment its task id is answered, before the group commit)."""
+
+        def read() -> bool:
+            entry = self.router.tasks.get(task_id)
+            return entry is not None and entry.owner == owner
+
+        return self.ask(read, timeout)
+
+    def ask(self, read, timeout: float = 5.0):
+        """``read()`` of Router state from any thread: asked of the loop, which owns the Router
+        (read directly on the loop, or before it runs)."""
         if self._loop_thread in (None, threading.get_ident()):
             return read()
         future: concurrent.futures.Future = concurrent.futures.Future()

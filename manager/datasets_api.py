@@ -22,13 +22,32 @@ passed in (this module imports nothing from ``api``: the import graph stays acyc
 
 import asyncio
 import json
+import re
 from typing import Annotated, Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
+from dlhub.protocol.refs import DATAREF
 from dlhub.protocol.servable import VISIBILITIES, RecordError
 
 from .datasets import get_dataset, linked_servables, publish_dataset
 from .files import GRANT_TTL_S, MAX_FILE_BYTES, DigestMismatch, FileStore, OffsetMismatch, UploadError
 from .repository import NotFound
+
+
+class RefByName(BaseModel):
+    """A data set file, ``owner/name[:v]/path``."""
+
+    model_config = ConfigDict(extra="forbid")
+    ref: str = Field(max_length=1000, pattern=re.sub(r"\(\?P<\w+>", "(", DATAREF.pattern))
+
+
+class RefByDigest(BaseModel):
+    """A file the caller uploaded, by digest."""
+
+    model_config = ConfigDict(extra="forbid")
+    sha256: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
+
 
 UPLOAD_ID_PATTERN = r"^[0-9a-f]{32}$"
 
@@ -192,8 +211,8 @@ def install(app: Any, ctx: dict[str, Any]) -> None:
         else:
             try:
                 owner, name_, version, path = parse_dataref(ref)
-            except ValueError as exc:
-                raise ApiError(422, "invalid-request", str(exc)) from None
+            except ValueError as exc:  # the schema's pattern passed: a path outside the data set
+                raise NotFound(str(exc)) from None
             rec = find(who, owner, name_, version)
             entry = rec.files.get(path)
             if entry is None:
@@ -220,13 +239,13 @@ def install(app: Any, ctx: dict[str, Any]) -> None:
     def make_reference(
         who: User,
         request: Request,
-        ref: Annotated[str | None, Body()] = None,
-        sha256: Annotated[str | None, Body(pattern=r"^sha256:[0-9a-f]{64}$")] = None,
+        body: RefByName | RefByDigest,
     ) -> dict[str, Any]:
         """A task argument by reference: a data set file (``ref``) or a file the caller uploaded
         (``sha256``). Answers its digest, size, where the endpoint fetches it and a read grant
         for that digest (valid 24 h); 404 in the same words as a missing data set for one the
         caller may not see."""
+        ref, sha256 = getattr(body, "ref", None), getattr(body, "sha256", None)
         return reference(who, str(request.base_url), ref, sha256)
 
     @app.get(f"{API}/blobs/{{sha256}}")
