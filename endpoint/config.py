@@ -331,9 +331,13 @@ class ImageCacheConfig(_Frozen):
 class DataCacheConfig(_Frozen):
     """Inputs passed by reference (``File``, ``DataRef``, URLs) are staged once into
     ``endpoints/NAME/data/`` (``endpoint/staging.py``), shared by the endpoint's workers: a disk
-    budget with LRU eviction of files no running task uses."""
+    budget with LRU eviction of files no running task uses. A ``File(path)`` a call returns is
+    copied here too; ``outputs`` says where the caller's reference points: ``manager`` (also
+    stored in the manager's blob store, held by the caller, who can ``.download()`` it) or
+    ``endpoint`` (only here: passed to the next call on this endpoint, not downloadable)."""
 
     budget_gb: Annotated[float, Field(gt=0, le=1_000_000)] = 50.0
+    outputs: Literal["manager", "endpoint"] = "manager"
 
 
 BUILD_RUNTIMES = ("apptainer", "singularity", "podman", "docker")

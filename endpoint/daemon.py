@@ -179,6 +179,7 @@ class Endpoint:
                 "data_cache": {  # inputs by reference (endpoint/staging.py)
                     "root": str(self.run_dir / "data"),
                     "budget_bytes": int(self.config.data_cache.budget_gb * 1e9),
+                    "outputs": self.config.data_cache.outputs,
                 },
                 "accelerators": list(named.pool.accelerators),
                 "walltime_s": None

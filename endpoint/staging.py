@@ -136,8 +136,14 @@ def _sha256_file(path: Path) -> str:
 class DataCache(ImageCache):
     """Files by content digest with a disk budget (LRU), shared by the endpoint's workers."""
 
-    def __init__(self, root: str | os.PathLike, budget_bytes: int = int(DEFAULT_BUDGET_GB * 1e9)):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        budget_bytes: int = int(DEFAULT_BUDGET_GB * 1e9),
+        outputs: str = "manager",
+    ):
         super().__init__(root, budget_bytes)
+        self.outputs = outputs  # where a returned File's reference points: manager | endpoint
         (self.root / "urls").mkdir(mode=0o700, exist_ok=True)
 
     # ---- pins by key (a staged file in use by a running task) ----------------------------------
@@ -248,7 +254,10 @@ class DataCache(ImageCache):
         it is copied (a file already here by digest is not kept twice); its marker."""
         path = Path(path)
         if not path.is_file():
-            raise StagingError(f"the call returned File({str(path)!r}), which is not a file on the endpoint")
+            raise StagingError(
+                f"output {path.name}: the call returned File({str(path)!r}), which is not a file "
+                "on the endpoint"
+            )
         tmp = self.root / "tmp" / f"out.{os.getpid()}.{secrets.token_hex(4)}"
         h = hashlib.sha256()
         try:
@@ -287,6 +296,82 @@ class DataCache(ImageCache):
         now = time.time()
         self._admit(Entry(key, what, "data", size, now, now, str(final), digest, 1))
         self.fetches += 1
+
+
+# why an output stayed at the endpoint, by the task's ``out`` option (None: the task had none)
+LEFT_WHY = {
+    None: "no upload grant came with the call (the caller's Executor knows no REST URL of the "
+    "manager: rest_url, $DLHUB_REST_URL or Executor(rest_url=...); or the manager's REST API "
+    "could not be reached when it asked for one; or the call came from the web interface)",
+    "endpoint": "the call asked for it (with_options(outputs='endpoint'))",
+    "config": "this endpoint's data_cache.outputs is endpoint",
+}
+
+
+def store_output(cache: DataCache, path: Any, out: Any) -> dict[str, Any]:
+    """A ``File(path)`` a call returned: copied into the data cache (its marker), then stored at
+    the manager when the task's ``out`` option is ``[upload URL, grant]`` and the endpoint's
+    policy (``data_cache.outputs``) is ``manager``; else left here, the marker says why."""
+    marker = cache.put_output(path)
+    if cache.outputs == "endpoint":
+        out = "config"
+    if type(out) is list and len(out) == 2 and all(type(v) is str for v in out):
+        upload_output(cache.root / "entries" / marker["sha256"].removeprefix("sha256:"), marker, *out)
+        marker["at"] = "manager"
+    else:
+        marker["at"], marker["why"] = (
+            "endpoint",
+            LEFT_WHY.get(out if type(out) is str else None, LEFT_WHY[None]),
+        )
+    return marker
+
+
+def upload_output(path: Path, marker: dict[str, Any], url: str, grant: str) -> None:
+    """Stream ``path`` (a cache entry, ``marker``'s bytes) to the manager's blob store for the
+    grant's user: ``POST {url}?grant&sha256&size&name`` then ``PUT {url}/{id}`` (the manager
+    hashes it as it arrives and keeps it only when the digest is the one declared)."""
+    import httpx
+
+    name = marker["name"]
+    what = f"output {name}"
+    params = {"grant": grant, "sha256": marker["sha256"], "size": marker["size"], "name": name}
+
+    def refused(response: httpx.Response) -> StagingError:
+        try:
+            message = response.json().get("message") or response.text
+        except ValueError:
+            message = response.text
+        return StagingError(
+            f"{what}: the manager refused to store it "
+            f"(HTTP {response.status_code} from {_plain(url)}): {message}"
+        )
+
+    def pieces():
+        with open(path, "rb") as f:
+            while chunk := f.read(CHUNK_BYTES):
+                yield chunk
+
+    try:
+        begun = httpx.post(url, params=params, timeout=HTTP_TIMEOUT_S)
+        if not begun.is_success:
+            raise refused(begun)
+        answer = begun.json()
+        if answer.get("complete"):  # the caller holds these bytes already
+            return
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(marker["size"])}
+        done = httpx.put(
+            f"{url}/{answer['upload_id']}",
+            params={"grant": grant, "name": name},
+            content=pieces(),
+            headers=headers,
+            timeout=HTTP_TIMEOUT_S,
+        )
+        if not done.is_success:
+            raise refused(done)
+    except httpx.HTTPError as exc:
+        raise StagingError(
+            f"{what}: cannot store it at the manager ({_plain(url)}): {type(exc).__name__}: {exc}"
+        ) from None
 
 
 def _scheme(url: Any) -> str | None:
@@ -359,7 +444,9 @@ def cache_for(config: dict[str, Any]) -> DataCache:
     system's temporary directory (a worker started by hand)."""
     spec = config.get("data_cache") or {}
     root = spec.get("root") or os.path.join(os.environ.get("TMPDIR", "/tmp"), f"dlhub-data-{os.getuid()}")
-    return DataCache(root, int(spec.get("budget_bytes") or DEFAULT_BUDGET_GB * 1e9))
+    return DataCache(
+        root, int(spec.get("budget_bytes") or DEFAULT_BUDGET_GB * 1e9), spec.get("outputs") or "manager"
+    )
 
 
 __all__ = [
@@ -370,4 +457,5 @@ __all__ = [
     "StagingError",
     "register_stager",
     "stage_arguments",
+    "store_output",
 ]

@@ -342,8 +342,8 @@ class Worker:
 
     def _result(self, rec: m.TaskRecord, value: Any, output_key: tuple | None) -> m.ResultRecord:
         """Pack one call's value; a deterministic single call's output is kept under its key."""
-        state, body, error = self._pack_result(value, rec[m.T_SERIALIZER])
-        if state == "succeeded" and output_key is not None:
+        state, body, error = self._pack_result(value, rec[m.T_SERIALIZER], rec)
+        if state == "succeeded" and output_key is not None and value.__class__ is not RefFile:
             self.outputs.put(output_key, body)
         return m.result_record(rec[m.T_ID], state, body, error)
 
@@ -390,8 +390,9 @@ class Worker:
         except BaseException as exc:  # noqa: BLE001 - user code may raise anything
             state, body, error = "failed", None, errors.error_record(exc)
         else:
-            state, body, error = self._pack_result(value, serializer)
-            if key is not None and state == "succeeded":
+            state, body, error = self._pack_result(value, serializer, rec)
+            # an output stored for this caller is not served from the cache to another
+            if key is not None and state == "succeeded" and value.__class__ is not RefFile:
                 self.outputs.put(key, body)
         finally:
             sys.stdout, sys.stderr = old_out, old_err
@@ -409,14 +410,15 @@ class Worker:
             self.data_cache = staging.cache_for(self.config)
         return staging.stage_arguments(self.data_cache, args, kwargs, fn)
 
-    def _pack_result(self, value: Any, serializer: str):
-        if value.__class__ is RefFile:  # a file returned by reference: kept in the data cache
+    def _pack_result(self, value: Any, serializer: str, rec: m.TaskRecord | None = None):
+        if value.__class__ is RefFile:  # a file returned by reference: data cache, then manager
             try:
-                if self.data_cache is None:
-                    from . import staging
+                from . import staging
 
+                if self.data_cache is None:
                     self.data_cache = staging.cache_for(self.config)
-                value = self.data_cache.put_output(value.path)
+                out = m.task_options(rec).get("out") if rec is not None else None
+                value = staging.store_output(self.data_cache, value.path, out)
             except Exception as exc:  # noqa: BLE001 - the output's error is the task's
                 return "failed", None, errors.error_record(exc)
         try:

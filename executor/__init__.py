@@ -22,7 +22,7 @@ from ._progress import as_completed, progress
 from .client import Client, NotFoundError, PublishError
 from .dataset import Dataset
 from .executor import DLHubFuture, Executor
-from .refs import DataRef, File, OutputFile
+from .refs import DataRef, File, OutputFile, OutputNotStored
 from .servable import Servable
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "ManagerUnreachable",
     "NotFoundError",
     "OutputFile",
+    "OutputNotStored",
     "PayloadTooLarge",
     "PublishError",
     "QuotaExceeded",

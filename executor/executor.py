@@ -80,7 +80,7 @@ class DLHubFuture(cf.Future):
         if not self._decoded:
             self._value = deserialize(value) if value is not None else None
             if type(self._value) is dict and MARKER in self._value:  # a File returned by reference
-                self._value = OutputFile(self._value)
+                self._value = OutputFile(self._value, self._executor._refs)
             self._decoded = True
         return self._value
 
@@ -170,8 +170,13 @@ class Executor(cf.Executor):
             (any subset); the endpoint runs it on a pool that offers it, or fails it at once.
         cancel_timeout_s: 0 (default): ``cancel()`` answers at once; above 0, a sent task's
             cancel waits that long at most for the manager's and endpoint's answer.
-        rest_url: the manager's REST API, for ``File``/``DataRef`` arguments (default
-            ``$DLHUB_REST_URL`` or the config file's, for the manager it describes).
+        rest_url: the manager's REST API, for ``File``/``DataRef`` arguments and outputs by
+            reference (default ``$DLHUB_REST_URL`` or the config file's, for the manager it
+            describes).
+        outputs: where a ``File(path)`` a call returns goes: ``"manager"`` (default: stored in
+            the manager's blob store for this user; the ``OutputFile`` can ``download()``; needs
+            the REST URL, else it stays at the endpoint) or ``"endpoint"`` (left in the endpoint's
+            data cache, passed on by digest). Per call: ``with_options(outputs=...)``.
     """
 
     def __init__(
@@ -192,7 +197,11 @@ class Executor(cf.Executor):
         cache: bool = True,
         manager_key: str | None = None,
         rest_url: str | None = None,
+        outputs: str = "manager",
     ):
+        if outputs not in OUTPUT_POLICIES:
+            raise ValueError(f"outputs must be 'manager' or 'endpoint', got {outputs!r}")
+        self.outputs = outputs
         if task_timeout_s is not None and task_timeout_s <= 0:
             raise ValueError(f"task_timeout_s must be positive, got {task_timeout_s!r}")
         if resources is not None:
@@ -318,7 +327,15 @@ class Executor(cf.Executor):
         ``"owner/name:version"``; the manager resolves the name when the task arrives."""
         return self._submit(fn, args, kwargs, self.cache, batch=False)
 
-    def _submit(self, fn: Callable | str, args: tuple, kwargs: dict, cache: bool, batch: bool) -> DLHubFuture:
+    def _submit(
+        self,
+        fn: Callable | str,
+        args: tuple,
+        kwargs: dict,
+        cache: bool,
+        batch: bool,
+        outputs: str | None = None,
+    ) -> DLHubFuture:
         if self._shutdown:
             raise RuntimeError("cannot submit after shutdown")
         if self._denied is not None:
@@ -336,6 +353,9 @@ class Executor(cf.Executor):
             raise TypeError(
                 f"fn must be callable or a servable name 'owner/name[:version]', got {type(fn).__name__}"
             )
+        out = self._refs.output_option(outputs or self.outputs)  # outputs by reference
+        if out is not None:
+            options = {**options, "out": out} if options else {"out": out}
         payload = serialize([list(args), kwargs])
         if len(payload) > self.payload_limit_bytes:
             raise PayloadTooLarge(len(payload), self.payload_limit_bytes, "arguments", RAISE_CLIENT_LIMIT)
@@ -348,10 +368,13 @@ class Executor(cf.Executor):
         self._conn.submit(self.endpoint, rec, fut._claim)
         return fut
 
-    def with_options(self, *, cache: bool = True) -> _CallOptions:
+    def with_options(self, *, cache: bool = True, outputs: str | None = None) -> _CallOptions:
         """The same executor with per-call options: ``ex.with_options(cache=False).submit(...)``
-        runs a deterministic servable even when a cached result exists."""
-        return _CallOptions(self, cache)
+        runs a deterministic servable even when a cached result exists;
+        ``outputs="endpoint"``/``"manager"`` says where a returned ``File`` goes."""
+        if outputs is not None and outputs not in OUTPUT_POLICIES:
+            raise ValueError(f"outputs must be 'manager' or 'endpoint', got {outputs!r}")
+        return _CallOptions(self, cache, outputs)
 
     def map(
         self,
@@ -370,11 +393,11 @@ class Executor(cf.Executor):
         any order; a one-line summary instead when stderr is not a terminal."""
         return self._map(fn, iterables, timeout, batch_size, self.cache, progress)
 
-    def _map(self, fn, iterables, timeout, batch_size, cache, progress=False) -> Iterator:
+    def _map(self, fn, iterables, timeout, batch_size, cache, progress=False, outputs=None) -> Iterator:
         started = time.monotonic()
         deadline = None if timeout is None else started + timeout
         if batch_size is None:
-            fs = [self._submit(fn, args, {}, cache, batch=False) for args in zip(*iterables)]
+            fs = [self._submit(fn, args, {}, cache, False, outputs) for args in zip(*iterables)]
             per_future = 1
         else:
             if not isinstance(fn, str):
@@ -387,7 +410,7 @@ class Executor(cf.Executor):
                 raise ValueError(f"batch_size must be at least 1, got {batch_size}")
             items = list(iterables[0])
             chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
-            fs = [self._submit(fn, (chunk,), {}, cache, batch=True) for chunk in chunks]
+            fs = [self._submit(fn, (chunk,), {}, cache, True, outputs) for chunk in chunks]
             per_future = 0  # a list of results per future
         tracker = _track(fs, fn, started) if progress else None
 
@@ -697,6 +720,9 @@ def _task_id(text: str) -> bytes:
 __all__ = ["DLHubFuture", "Executor", "TaskCancelled"]
 
 
+OUTPUT_POLICIES = ("manager", "endpoint")
+
+
 def _call_options(args: tuple, kwargs: dict, cache: bool, batch: bool) -> dict[str, Any]:
     """Options of a servable call: the input digest (result caches), the first argument's
     length (batching weights), cache=False, and whether it is an explicit batch."""
@@ -720,11 +746,11 @@ def _call_options(args: tuple, kwargs: dict, cache: bool, batch: bool) -> dict[s
 class _CallOptions:
     """An Executor seen with per-call options (from :meth:`Executor.with_options`)."""
 
-    def __init__(self, executor: Executor, cache: bool):
-        self._executor, self._cache = executor, cache
+    def __init__(self, executor: Executor, cache: bool, outputs: str | None = None):
+        self._executor, self._cache, self._outputs = executor, cache, outputs
 
     def submit(self, fn: Callable | str, /, *args: Any, **kwargs: Any) -> DLHubFuture:
-        return self._executor._submit(fn, args, kwargs, self._cache, batch=False)
+        return self._executor._submit(fn, args, kwargs, self._cache, False, self._outputs)
 
     def map(self, fn, *iterables, timeout=None, chunksize=1, batch_size=None, progress=False) -> Iterator:
-        return self._executor._map(fn, iterables, timeout, batch_size, self._cache, progress)
+        return self._executor._map(fn, iterables, timeout, batch_size, self._cache, progress, self._outputs)

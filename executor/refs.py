@@ -14,14 +14,15 @@ object, as its input type declares). The result cache key counts a reference by 
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from dlhub.protocol.refs import MARKER, File, OutputFile, parse_dataref
+from dlhub.protocol.refs import MARKER, File, OutputFile, OutputNotStored, parse_dataref
 
-__all__ = ["DataRef", "File", "OutputFile", "RefEncoder", "has_refs"]
+__all__ = ["DataRef", "File", "OutputFile", "OutputNotStored", "RefEncoder", "has_refs"]
 
 
 class DataRef:
@@ -38,6 +39,8 @@ class DataRef:
 
 REF_TYPES = (File, DataRef, OutputFile)
 REUSE_GRANT_S = 3600.0  # a File's grant (valid 24 h) is reused this long by one Executor
+RETRY_GRANT_S = 60.0  # an upload grant the manager did not give is asked again after this
+log = logging.getLogger("dlhub.executor")
 
 
 def has_refs(args: tuple, kwargs: dict) -> bool:
@@ -56,6 +59,7 @@ class RefEncoder:
         self._client = None
         self._digests: dict[tuple, tuple[str, int]] = {}
         self._granted: dict[str, tuple[float, dict]] = {}  # File digests: answer of /refs, when
+        self._output: tuple[float, list | None] | None = None  # (when, out option) for outputs
         self._lock = threading.Lock()
 
     def client(self):
@@ -100,11 +104,66 @@ class RefEncoder:
             answer = {**answer, "name": value.path.name, "ref": f"file:{value.path}"}
         elif isinstance(value, DataRef):
             answer = self.client()._call("POST", "/refs", json={"ref": value.ref})
-        elif isinstance(value, OutputFile):  # at the endpoint already: found there by digest
-            return dict(value.marker)
+        elif isinstance(value, OutputFile):
+            if value.at != "manager":  # only at the endpoint that made it: found there by digest
+                return dict(value.marker)
+            # stored at the manager: found by digest at the endpoint that made it, which never
+            # fetches it; another endpoint stages it from the manager with this read grant
+            answer = {**self._read_grant(value.sha256), "name": value.name, "ref": f"output {value.name}"}
         else:
             return value
         return {MARKER: 1, **answer}
+
+    def _read_grant(self, digest: str) -> dict:
+        """``POST /refs {sha256}`` for a digest this user holds (reused ``REUSE_GRANT_S``)."""
+        with self._lock:
+            granted = self._granted.get(digest)
+        if granted is not None and time.monotonic() - granted[0] < REUSE_GRANT_S:
+            return granted[1]
+        answer = self.client()._call("POST", "/refs", json={"sha256": digest})
+        with self._lock:
+            self._granted[digest] = (time.monotonic(), answer)
+        return answer
+
+    # ---- outputs by reference (issue 16 item 4) ------------------------------------------------
+
+    def output_option(self, policy: str) -> list | str | None:
+        """A task's ``out`` option: ``[upload URL, grant]`` (asked of the manager once, reused
+        ``REUSE_GRANT_S``) so the endpoint stores a returned ``File`` at the manager; ``"endpoint"``
+        when the call asks to leave it there; None without a REST URL (or when the manager could
+        not give a grant: retried after ``RETRY_GRANT_S``): left at the endpoint."""
+        if policy == "endpoint":
+            return "endpoint"
+        if not self.rest_url:
+            return None
+        known = self._output
+        now = time.monotonic()
+        if known is not None and now - known[0] < (REUSE_GRANT_S if known[1] else RETRY_GRANT_S):
+            return known[1]
+        try:
+            answer = self.client()._call("POST", "/outputs/grant")
+            value = [answer["url"], answer["grant"]]
+        except Exception as exc:  # noqa: BLE001 - outputs are then left at the endpoint
+            log.warning(
+                "no upload grant from %s (outputs by reference stay at the endpoint): %s", self.rest_url, exc
+            )
+            value = None
+        self._output = (now, value)
+        return value
+
+    def download(self, out: OutputFile, target: Path) -> Path:
+        """Stream a manager-stored output into ``target`` (through a temporary file beside it,
+        renamed once its sha256 is checked)."""
+        from .dataset import stream_to
+
+        answer = self._read_grant(out.sha256)
+        client = self.client()
+        what = f"output {out.name}"
+        with client._http.stream("GET", answer["url"], params={"grant": answer["grant"]}) as response:
+            if not response.is_success:
+                response.read()
+                client._raise(response)
+            return stream_to(response.iter_bytes(1 << 20), target, out.sha256, what)
 
     def _upload(self, path: Path) -> tuple[str, dict | None]:
         """The file's digest (hashed once while it is unchanged), uploaded unless the manager

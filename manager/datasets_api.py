@@ -14,6 +14,15 @@
                                                    may not read
     GET  /api/v1/blobs/{sha256}?grant=...          the bytes, for the endpoint staging them (the
                                                    grant is the only credential it takes)
+    POST /api/v1/outputs/grant                     an upload grant for the caller (issue 16 item
+                                                   4): the endpoint that runs the caller's calls
+                                                   stores a returned File(path) with it
+    POST /api/v1/outputs?grant=&sha256=&size=&name=   begin storing one output for the grant's
+                                                   user (complete at once when they hold it)
+    PUT  /api/v1/outputs/{id}?grant=  (bytes)      the whole file, streamed (no bearer token, not
+                                                   buffered: ``api.BoundedBodies`` lets it by);
+                                                   sha256 checked, then held by the grant's user;
+                                                   any failure discards the upload
 
 Visibility is the servables' (one name space): a private data set the caller may not see is
 "there is no data set owner/name" on every route. ``ApiError`` and the app's dependencies are
@@ -50,6 +59,7 @@ class RefByDigest(BaseModel):
 
 
 UPLOAD_ID_PATTERN = r"^[0-9a-f]{32}$"
+OUTPUT_PIECE_BYTES = 4 << 20  # an output's bytes are written to the upload in pieces of this size
 
 
 def install(app: Any, ctx: dict[str, Any]) -> None:
@@ -247,6 +257,76 @@ def install(app: Any, ctx: dict[str, Any]) -> None:
         caller may not see."""
         ref, sha256 = getattr(body, "ref", None), getattr(body, "sha256", None)
         return reference(who, str(request.base_url), ref, sha256)
+
+    # ---- outputs by reference (issue 16, item 4) ---------------------------------------------
+
+    @app.post(f"{API}/outputs/grant")
+    def output_grant(who: User, request: Request) -> dict[str, Any]:
+        """A grant to store this user's call outputs (a ``File`` a call returns) in the blob
+        store, valid 24 h: the client sends it with its tasks, the endpoint uploads with it."""
+        url = f"{str(request.base_url).rstrip('/')}{API}/outputs"
+        return {"url": url, "grant": store.upload_grant(who[0]), "expires_s": GRANT_TTL_S,
+                "max_bytes": MAX_FILE_BYTES}  # fmt: skip
+
+    def granted(grant: str, name: str) -> str:
+        user = store.check_upload_grant(grant)
+        if user is None:
+            raise ApiError(
+                403,
+                "access-denied",
+                f"output {name}: the upload grant is wrong or expired (submit the call again)",
+            )
+        return user
+
+    OutputName = Annotated[str, Query(max_length=255)]
+
+    @app.post(f"{API}/outputs")
+    async def begin_output(
+        grant: Annotated[str, Query(max_length=400)],
+        sha256: Annotated[str, Query(pattern=r"^sha256:[0-9a-f]{64}$")],
+        size: Annotated[int, Query(ge=0, le=MAX_FILE_BYTES)],
+        name: OutputName = "output",
+    ) -> dict[str, Any]:
+        """Begin storing a call's output for the grant's user (no body): an upload id, or
+        ``complete`` when that user holds those bytes already."""
+        user = granted(grant, name)
+        return await asyncio.to_thread(upload_call, store.begin, user, size, sha256)
+
+    @app.put(
+        f"{API}/outputs/{{upload_id}}",
+        openapi_extra={
+            "requestBody": {
+                "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+            }
+        },
+    )
+    async def put_output(
+        upload_id: UploadId,
+        request: Request,
+        grant: Annotated[str, Query(max_length=400)],
+        name: OutputName = "output",
+    ) -> dict[str, Any]:
+        """The output's bytes, streamed whole (written in pieces as they arrive, hashed on the
+        way), then checked against the declared sha256 and stored; on any failure (more bytes
+        than declared, fewer, another digest, the sender gone) the upload is discarded."""
+        user = granted(grant, name)
+        offset = (await asyncio.to_thread(store.status, user, upload_id))["offset"]
+        pieces, held = [], 0
+        try:
+            async for chunk in request.stream():
+                pieces.append(chunk)
+                held += len(chunk)
+                if held >= OUTPUT_PIECE_BYTES:
+                    offset = (
+                        await asyncio.to_thread(upload_call, store.append, user, upload_id, offset, pieces)
+                    )["offset"]
+                    pieces, held = [], 0
+            if pieces:
+                await asyncio.to_thread(upload_call, store.append, user, upload_id, offset, pieces)
+            return await asyncio.to_thread(upload_call, store.finish, user, upload_id)
+        except BaseException:
+            await asyncio.to_thread(store.discard, user, upload_id)
+            raise
 
     @app.get(f"{API}/blobs/{{sha256}}")
     def blob(

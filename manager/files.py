@@ -233,6 +233,35 @@ class FileStore:
             raise missing
         return user
 
+    # ---- upload grants (outputs by reference, issue 16 item 4) -------------------------------
+
+    def upload_grant(self, user: str, ttl_s: float = GRANT_TTL_S) -> str:
+        """A grant to store files for ``user`` (a call's outputs, sent by the endpoint that ran
+        it), valid ``ttl_s``: ``<expires>.<user>.<hmac>``, its HMAC apart from read grants'."""
+        expires = int(self.clock() + ttl_s)
+        mac = hmac.new(self._grant_key(), f"upload|{expires}|{user}".encode(), "sha256").hexdigest()
+        return f"{expires}.{user}.{mac}"
+
+    def check_upload_grant(self, grant: Any) -> str | None:
+        """The user a valid, unexpired upload grant was issued to, else None."""
+        expires, _, rest = (grant if isinstance(grant, str) else "").partition(".")
+        user, _, mac = rest.rpartition(".")
+        if not expires.isdigit() or not user:
+            return None
+        want = hmac.new(self._grant_key(), f"upload|{expires}|{user}".encode(), "sha256").hexdigest()
+        if not hmac.compare_digest(want, mac) or int(expires) < self.clock():
+            return None
+        return user
+
+    def discard(self, user: str, upload_id: str) -> None:
+        """Remove an unfinished upload of ``user`` (an output upload that failed half way)."""
+        try:
+            self._meta(user, upload_id)
+        except NotFound:
+            return
+        with self._lock(upload_id):
+            self._discard(upload_id)
+
     # ---- internals ---------------------------------------------------------------------------
 
     def _part(self, upload_id: str) -> Path:

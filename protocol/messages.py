@@ -44,8 +44,10 @@ TASK_FIELDS = 8
 OLDEST_TASK_FIELDS = 6  # before per-call options (7) and the submitter's origin (8)
 # per-call options: cache (False bypasses result/output caches), key (hex digest of the inputs,
 # computed by the client), len (the first argument's length, for batching weights), batch (the
-# first argument is a list of inputs for a vectorized servable: an explicit client batch)
-OPTION_KEYS = {"cache": (bool,), "key": (str,), "len": (int,), "batch": (bool,)}
+# first argument is a list of inputs for a vectorized servable: an explicit client batch), out
+# (outputs by reference: [upload URL, upload grant] to store a returned File at the manager, or
+# "endpoint" to leave it in the endpoint's data cache; absent: left there, no grant came)
+OPTION_KEYS = {"cache": (bool,), "key": (str,), "len": (int,), "batch": (bool,), "out": (list, str)}
 # a task's origin, written by the manager (what a client sends there is replaced): the submitter,
 # whether an admin, its groups, and the owner of the servable it runs (absent: a function by value)
 ORIGIN_KEYS = {"user": (str,), "admin": (bool,), "groups": (list,), "owner": (str,)}

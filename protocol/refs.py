@@ -32,9 +32,10 @@ DATAREF = re.compile(r"^(?P<owner>[A-Za-z0-9][A-Za-z0-9_.-]{0,127})/(?P<name>[a-
 class File:
     """A local file passed by reference. As an argument (``ex.submit(f, File("scan.h5"))``) it is
     uploaded once by digest and staged once per endpoint; returned by a servable or function it
-    stays at the endpoint (its data cache) and the caller gets an :class:`OutputFile` to pass on
-    (``dlhub.executor.File`` is this class: the worker recognizes it without importing the
-    executor)."""
+    is kept in the endpoint's data cache and stored in the manager's blob store for the caller
+    (or only kept at the endpoint, by policy), and the caller gets an :class:`OutputFile` to
+    ``download()`` or pass on (``dlhub.executor.File`` is this class: the worker recognizes it
+    without importing the executor)."""
 
     def __init__(self, path: Any):
         from pathlib import Path
@@ -46,16 +47,60 @@ class File:
 
 
 class OutputFile:
-    """A file a call returned by reference: it lives in the data cache of the endpoint that ran
-    the call. Pass it to the next call on that endpoint and nothing moves (the worker finds it by
-    digest). ``sha256``, ``size``, ``name``."""
+    """A file a call returned by reference (``File(path)``): ``sha256``, ``size``, ``name``,
+    ``at`` (``"manager"``: stored in the manager's blob store, held by the caller; ``"endpoint"``:
+    only in the data cache of the endpoint that ran the call, ``why`` says why).
 
-    def __init__(self, marker: dict):
-        self.marker = {k: marker[k] for k in (MARKER, "sha256", "size", "name", "ref") if k in marker}
+    ``out.download()`` / ``out.download("dir/or/file")`` streams a manager-stored output to a
+    local file (sha256 checked) and returns its path; pass ``out`` to the next call and nothing
+    moves through the client (the endpoint that made it finds it by digest, another stages it
+    from the manager)."""
+
+    KEYS = (MARKER, "sha256", "size", "name", "ref", "at", "why")
+
+    def __init__(self, marker: dict, refs: Any = None):
+        self.marker = {k: marker[k] for k in self.KEYS if k in marker}
         self.sha256, self.size, self.name = marker.get("sha256"), marker.get("size"), marker.get("name")
+        self.at = marker.get("at", "endpoint")
+        self.why = marker.get("why")
+        self._refs = refs  # the Executor's RefEncoder (its REST client): set by the future
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_refs": None}
 
     def __repr__(self) -> str:
-        return f"OutputFile({self.name!r}, {self.size} bytes, {self.sha256})"
+        return f"OutputFile({self.name!r}, {self.size} bytes, {self.sha256}, at {self.at})"
+
+    def download(self, path: Any = None) -> Any:
+        """The output's bytes in a local file: ``path`` (a folder: the output's name in it;
+        default the output's name in the current directory), streamed and checked against
+        ``sha256`` (a mismatch leaves nothing behind). Returns its ``pathlib.Path``."""
+        from pathlib import Path
+
+        if self.at != "manager":
+            raise OutputNotStored(
+                f"output {self.name} ({self.sha256}) was left at the endpoint that made it, not stored "
+                f"at the manager, so it cannot be downloaded: {self.why or 'the endpoint did not store it'}. "
+                "Pass it to a next call on that endpoint, or return it by value"
+            )
+        if self._refs is None:
+            raise OutputNotStored(
+                f"output {self.name}: this OutputFile came from no Executor, which downloads through "
+                "its REST client (use the one a future's result() gave)"
+            )
+        name = Path(str(self.name or "")).name  # the endpoint's name for it, never a path
+        if name in ("", ".", ".."):
+            name = str(self.sha256).removeprefix("sha256:")
+        target = Path.cwd() / name if path is None else Path(path)
+        if target.is_dir():
+            target = target / name
+        return self._refs.download(self, target)
+
+
+class OutputNotStored(DLHubError):
+    """``OutputFile.download()`` of an output left at the endpoint (not stored at the manager)."""
+
+    code = "output-not-stored"
 
 
 class StagingError(DLHubError):

@@ -18,8 +18,8 @@ import httpx
 import pytest
 from conftest import meta
 
-from dlhub.executor import Client, DataRef, Dataset, Executor, File, OutputFile, Servable
-from dlhub.executor.client import NotFoundError
+from dlhub.executor import Client, DataRef, Dataset, Executor, File, OutputFile, OutputNotStored, Servable
+from dlhub.executor.client import AccessDenied, NotFoundError
 from dlhub.manager.auth import create_user
 from dlhub.manager.store import make_engine
 from dlhub.protocol.refs import StagingError
@@ -54,6 +54,12 @@ def write_file(size):
     os.write(fd, bytes(range(256)) * (size // 256))
     os.close(fd)
     return File(path)
+
+
+def returns_missing():
+    from dlhub.executor import File
+
+    return File("/nonexistent/dir/result.out")
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
@@ -215,7 +221,7 @@ def test_bad_input_is_a_clear_error(ex, tmp_path, data_dir):
     assert no_leftovers(data_dir)
 
 
-def test_an_output_by_reference_stays_at_the_endpoint_and_chains(ex, data_dir):
+def test_an_output_by_reference_is_kept_at_the_endpoint_and_chains(ex, data_dir):
     out = ex.submit(write_file, 256 * 1000).result(60)
     data = bytes(range(256)) * 1000
     assert isinstance(out, OutputFile) and out.sha256 == sha(data) and out.size == len(data)
@@ -225,9 +231,159 @@ def test_an_output_by_reference_stays_at_the_endpoint_and_chains(ex, data_dir):
     got = ex.submit(describe_file, out).result(60)
     assert got["sha256"] == out.sha256 and Path(got["path"]) == data_dir / "entries" / key
     assert entries(data_dir)[key]["uses"] == 2
-    gone = OutputFile(
-        {**out.marker, "sha256": sha(b"never made"), "name": "lost.out", "ref": "output lost.out"}
+    gone = OutputFile(  # an output left at the endpoint only (not stored at the manager)
+        {
+            **out.marker,
+            "sha256": sha(b"never made"),
+            "name": "lost.out",
+            "ref": "output lost.out",
+            "at": "endpoint",
+        }
     )
     with pytest.raises(StagingError, match="output lost.out: not in this endpoint's data cache"):
         ex.submit(describe_file, gone).result(60)
     assert no_leftovers(data_dir)
+
+
+# ---- outputs by reference (issue 16 item 4): stored at the manager, downloaded ---------------
+
+
+def uploads_of(stack, digest: str) -> list:
+    """Unfinished uploads at the manager declared as ``digest``."""
+    found = []
+    for part in (stack.home / "manager" / "blobs" / "uploads").glob("*.json"):
+        if json.loads(part.read_text())["sha256"] == digest:
+            found.append(part)
+    return found
+
+
+def test_an_output_is_stored_at_the_manager_and_downloads(stack, ex, tmp_path, data_dir, monkeypatch):
+    out = ex.submit(write_file, 256 * 4000).result(60)
+    data = bytes(range(256)) * 4000
+    assert isinstance(out, OutputFile) and out.at == "manager" and out.sha256 == sha(data)
+    blob = stack.home / "manager" / "blobs"
+    assert any(p.name.endswith(out.sha256.removeprefix("sha256:")) for p in blob.rglob("*")), "not stored"
+    monkeypatch.chdir(tmp_path)
+    got = out.download()  # default: the output's name in the current directory
+    assert got == tmp_path / out.name and got.read_bytes() == data
+    there = out.download(tmp_path / "sub" / "copy.bin")  # a path given (its folder made)
+    assert there == tmp_path / "sub" / "copy.bin" and there.read_bytes() == data
+    (tmp_path / "into").mkdir()
+    assert out.download(tmp_path / "into") == tmp_path / "into" / out.name  # a folder given
+    assert not list(tmp_path.rglob(".*.part"))
+    # nothing half-written at the manager (uploads are discarded or renamed into the store)
+    assert not uploads_of(stack, out.sha256)
+
+
+def test_a_stored_output_chains_without_moving_through_the_client(ex, data_dir):
+    out = ex.submit(write_file, 256 * 2000).result(60)
+    key = out.sha256.removeprefix("sha256:")
+    uses = entries(data_dir)[key]["uses"]
+    requests = []
+    client = ex._refs.client()
+    real = client._request
+
+    def spy(method, path, **kwargs):
+        requests.append((method, path))
+        return real(method, path, **kwargs)
+
+    client._request = spy
+    try:
+        got = ex.submit(describe_file, out).result(60)
+    finally:
+        client._request = real
+    assert got["sha256"] == out.sha256 and Path(got["path"]) == data_dir / "entries" / key
+    assert entries(data_dir)[key]["uses"] == uses + 1  # found at the endpoint, not fetched again
+    assert all(method == "POST" for method, _ in requests)  # at most a grant asked: no bytes
+    assert no_leftovers(data_dir)
+
+
+def test_another_user_cannot_read_a_stored_output(ex, bob, tmp_path):
+    out = ex.submit(write_file, 256 * 100).result(60)
+    bob_ex, bob_client = bob
+    denied = bob_client._http.post("/refs", json={"sha256": out.sha256})
+    assert denied.status_code == 404
+    with pytest.raises(NotFoundError, match="no stored file"):
+        OutputFile(out.marker, bob_ex._refs).download(tmp_path / "stolen")
+    with pytest.raises(NotFoundError, match="no stored file"):
+        bob_ex.submit(describe_file, out)
+    assert not (tmp_path / "stolen").exists()
+
+
+def test_an_output_left_at_the_endpoint_by_policy(stack, ex, tmp_path, data_dir):
+    out = ex.with_options(outputs="endpoint").submit(write_file, 256 * 300).result(60)
+    assert out.at == "endpoint" and "asked for it" in out.why
+    with pytest.raises(OutputNotStored, match=rf"output {out.name} .* left at the endpoint.*asked for it"):
+        out.download(tmp_path / "x")
+    got = ex.submit(describe_file, out).result(60)  # still passed on by digest
+    assert got["sha256"] == out.sha256
+    # an Executor that knows no REST URL cannot have it stored: left there, and it says why
+    plain = stack.executor()
+    plain._refs.rest_url = None
+    left = plain.submit(write_file, 256 * 301).result(60)
+    assert left.at == "endpoint"
+    with pytest.raises(OutputNotStored, match="rest_url"):
+        left.download(tmp_path / "y")
+    with pytest.raises(ValueError, match="outputs must be"):
+        ex.with_options(outputs="nowhere")
+    assert not (tmp_path / "x").exists() and no_leftovers(data_dir)
+
+
+def test_bad_outputs_are_clear_errors(stack, ex, data_dir):
+    with pytest.raises(StagingError, match=r"output result.out: the call returned File\('/nonexistent"):
+        ex.submit(returns_missing).result(60)
+    # an upload the manager refuses (a forged grant): the task fails naming the file
+    forged = stack.executor()
+    url, grant = forged._refs.output_option("manager")
+    import time
+
+    forged._refs._output = (time.monotonic(), [url, grant[:-4] + "0000"])
+    with pytest.raises(StagingError, match=r"output .*\.out: the manager refused to store it \(HTTP 403"):
+        forged.submit(write_file, 256 * 10).result(60)
+    assert no_leftovers(data_dir)
+
+
+def test_the_manager_checks_what_an_output_upload_declares(stack, client):
+    grant = client._call("POST", "/outputs/grant")
+    data = os.urandom(100_000)
+    wrong = sha(b"something else")
+    begun = httpx.post(grant["url"], params={"grant": grant["grant"], "sha256": wrong, "size": len(data)})
+    assert begun.status_code == 200, begun.text
+    put = httpx.put(
+        f"{grant['url']}/{begun.json()['upload_id']}", params={"grant": grant["grant"]}, content=data
+    )
+    assert put.status_code == 422 and "digest" in put.json()["message"]
+    # more bytes than declared, and no valid grant: refused; nothing kept
+    begun = httpx.post(grant["url"], params={"grant": grant["grant"], "sha256": sha(data), "size": 10})
+    put = httpx.put(
+        f"{grant['url']}/{begun.json()['upload_id']}", params={"grant": grant["grant"]}, content=data
+    )
+    assert put.status_code == 422 and "more bytes than the declared size" in put.json()["message"]
+    bad = httpx.post(grant["url"], params={"grant": "1.x.y", "sha256": sha(data), "size": len(data)})
+    assert bad.status_code == 403 and "upload grant is wrong or expired" in bad.json()["message"]
+    blobs = stack.home / "manager" / "blobs"
+    assert not uploads_of(stack, wrong) and not uploads_of(stack, sha(data))
+    assert not any(
+        p.name.endswith(sha(data).removeprefix("sha256:")) for p in blobs.rglob("*") if p.is_file()
+    )
+    with pytest.raises(AccessDenied):  # a grant is asked with a valid token only
+        Client(client.url, "not-a-token").__enter__()._call("POST", "/outputs/grant")
+
+
+def test_an_endpoint_configured_to_keep_outputs_never_uploads(tmp_path):
+    from dlhub.endpoint.config import DataCacheConfig
+    from dlhub.endpoint.staging import DataCache, store_output
+
+    assert DataCacheConfig(outputs="endpoint").outputs == "endpoint"
+    assert DataCacheConfig().outputs == "manager"
+    with pytest.raises(ValueError):
+        DataCacheConfig(outputs="elsewhere")
+    made = tmp_path / "made.out"
+    made.write_bytes(b"x" * 1000)
+    cache = DataCache(tmp_path / "c", outputs="endpoint")
+    # a grant that would fail if used (nothing listens there): the policy keeps it local
+    marker = store_output(cache, made, ["http://127.0.0.1:9/api/v1/outputs", "1.u.m"])
+    assert marker["at"] == "endpoint" and "data_cache.outputs is endpoint" in marker["why"]
+    assert (tmp_path / "c" / "entries" / sha(b"x" * 1000).removeprefix("sha256:")).exists()
+    with pytest.raises(StagingError, match=r"output made.out: cannot store it at the manager"):
+        store_output(DataCache(tmp_path / "d"), made, ["http://127.0.0.1:9/api/v1/outputs", "1.u.m"])
