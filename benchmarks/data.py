@@ -1,4 +1,5 @@
-"""Inputs by reference vs by value (issue 16, item 3): a large input, first and repeated call, same run.
+"""Inputs and outputs by reference vs by value (issue 16, items 3 and 4): a large input, first and
+repeated call, and a large output, same run.
 
     .venv/bin/python benchmarks/data.py            # 200 MiB both ways, then 1 GiB by reference
     .venv/bin/python benchmarks/data.py --quick    # 16 MiB both ways, results checked (< 20 s)
@@ -13,11 +14,16 @@ staged once into the endpoint's data cache by the worker, then found there).
   reference (first: hash + upload + stage; repeat: median of the next calls, the same file:
   nothing is uploaded or fetched again);
 - ``chain``: two calls chained on a large intermediate output (``produce`` then ``hash_input``):
-  returned as ``File(path)`` (it stays in the endpoint's data cache and the second call finds it
-  by digest) vs returned as bytes and sent back by value through the client;
+  returned as ``File(path)`` and left at the endpoint (``outputs="endpoint"``: kept in its data
+  cache, the second call finds it by digest), returned as ``File(path)`` and also stored at the
+  manager (the default: the worker uploads it, the second call still finds it at the endpoint)
+  vs returned as bytes and sent back by value through the client;
+- ``output``: a large output stored at the manager then ``download()``-ed by the client vs
+  returned by value (bytes in the result), other bytes than the chain's (nothing held before);
 - ``big``: the 1 GiB input by reference, first call (not by value: over the 256 MB payload limit);
-- ``peak_rss_mib``: each process's peak RSS (``VmHWM``) after the by-reference calls and again
-  after the by-value ones (manager, endpoint, each worker; the client's ``ru_maxrss``).
+- ``peak_rss_mib``: each process's peak RSS (``VmHWM``) after the by-reference calls, after the
+  outputs by reference (stored, downloaded, chained) and again after the by-value ones (manager,
+  endpoint, each worker; the client's ``ru_maxrss``).
 
 Every result is checked (digest and size) and the data cache must hold the file once; a wrong
 one exits 1.
@@ -55,13 +61,13 @@ def hash_input(x):
     return h.hexdigest(), size
 
 
-def produce(mib, by_reference):
+def produce(mib, by_reference, seed=None):
     """A large intermediate output: ``mib`` MiB of seeded random bytes, as bytes or as a File."""
     import os
     import random
     import tempfile
 
-    rng = random.Random(mib)
+    rng = random.Random(mib if seed is None else seed)
     if not by_reference:
         return b"".join(rng.randbytes(1 << 20) for _ in range(mib))
     from dlhub.executor import File
@@ -106,6 +112,15 @@ def peak_rss(stack) -> dict[str, float]:
             continue
         out[role] = max(out.get(role, 0.0), round(hwm / 1024, 1))
     return out
+
+
+def seeded_digest(rng, mib: int) -> str:
+    """The hex sha256 of what ``produce`` writes, hashed 1 MiB at a time (the client's peak RSS
+    then shows what downloads cost, not this)."""
+    h = hashlib.sha256()
+    for _ in range(mib):
+        h.update(rng.randbytes(1 << 20))
+    return h.hexdigest()
 
 
 def timed_call(ex, fn, arg) -> tuple[float, tuple]:
@@ -158,21 +173,51 @@ def measure(stack, sizes, emit, args) -> None:
         big_src.unlink()
         emit("peak_rss_mib", "after_big_by_reference", **peak_rss(stack))
 
-    # two calls chained on a large intermediate output: by reference (it stays at the endpoint)
-    # vs through the client (returned by value, sent back by value)
+    # a large output stored at the manager, then downloaded, vs returned by value (other bytes
+    # than the chain's: nothing is held at the manager before)
     import random
 
+    rng = random.Random(mib + 1)
+    fresh = seeded_digest(rng, mib)
+    target = stack.home / "downloaded.bin"
+    t = time.perf_counter()
+    out = ex.submit(produce, mib, True, mib + 1).result(600)
+    stored = time.perf_counter() - t
+    out.download(target)
+    took_ref = time.perf_counter() - t
+    if out.at != "manager" or hash_input(str(target)) != (fresh, mib << 20):
+        problems.append(f"output stored then downloaded: {out!r}, {hash_input(str(target))}")
+    target.unlink()
+
+    # two calls chained on a large intermediate output: by reference (it stays at the endpoint)
+    # vs through the client (returned by value, sent back by value)
     rng = random.Random(mib)
-    chained = hashlib.sha256(b"".join(rng.randbytes(1 << 20) for _ in range(mib))).hexdigest()
-    for system, by_ref in (("by_reference", True), ("by_value", False)):
+    chained = seeded_digest(rng, mib)
+    for system, by_ref, outputs in (
+        ("by_reference", True, "endpoint"),
+        ("by_reference_stored", True, "manager"),
+        ("by_value", False, None),
+    ):
+        caller = ex.with_options(outputs=outputs) if outputs else ex
+        if not by_ref:  # the manager streamed the stored outputs: its peak so far says how
+            emit("peak_rss_mib", "after_outputs_by_reference", **peak_rss(stack))
         t = time.perf_counter()
-        middle = ex.submit(produce, mib, by_ref).result(600)
+        middle = caller.submit(produce, mib, by_ref).result(600)
         got = tuple(ex.submit(hash_input, middle).result(600))
         took = time.perf_counter() - t
         if got != (chained, mib << 20):
             problems.append(f"chain {system}: got {got}, want {(chained, mib << 20)}")
         del middle
         emit("chain", system, mib=mib, s=round(took, 3))
+
+    t = time.perf_counter()
+    value = ex.submit(produce, mib, False, mib + 1).result(600)
+    took_val = time.perf_counter() - t
+    if hash_input(value) != (fresh, mib << 20):
+        problems.append("output by value: wrong bytes")
+    del value
+    emit("output", "stored_then_downloaded", mib=mib, s=round(took_ref, 3), stored_s=round(stored, 3))
+    emit("output", "by_value", mib=mib, s=round(took_val, 3))
 
     # by value: the bytes travel inside every task
     payload = src.read_bytes()
@@ -208,10 +253,22 @@ def summary(records: list[dict]) -> str:
                 f"{ref['s']:.3f} s ({val['s'] / ref['s']:.1f}x)"
             )
     ref, val = by.get(("chain", "by_reference")), by.get(("chain", "by_value"))
+    stored = by.get(("chain", "by_reference_stored"))
     if ref and val:
         lines.append(
             f"  two calls chained on a {ref['mib']} MiB intermediate: through the client {val['s']:.3f} s, "
-            f"by reference {ref['s']:.3f} s ({val['s'] / ref['s']:.1f}x)"
+            f"by reference left at the endpoint {ref['s']:.3f} s ({val['s'] / ref['s']:.1f}x)"
+            + (
+                f", stored at the manager too {stored['s']:.3f} s ({val['s'] / stored['s']:.1f}x)"
+                if stored
+                else ""
+            )
+        )
+    ref, val = by.get(("output", "stored_then_downloaded")), by.get(("output", "by_value"))
+    if ref and val:
+        lines.append(
+            f"  a {ref['mib']} MiB output: by value {val['s']:.3f} s, stored at the manager "
+            f"{ref['stored_s']:.3f} s then downloaded, {ref['s']:.3f} s in all ({val['s'] / ref['s']:.2f}x)"
         )
     big = by.get(("big_first", "by_reference"))
     if big:
@@ -220,7 +277,12 @@ def summary(records: list[dict]) -> str:
             f"  {big['mib']} MiB by reference: first call {big['s']:.1f} s ({big['mib_per_s']} MiB/s "
             f"end to end), repeat {again['s']:.2f} s"
         )
-    for key in ("after_by_reference", "after_big_by_reference", "after_by_value"):
+    for key in (
+        "after_by_reference",
+        "after_big_by_reference",
+        "after_outputs_by_reference",
+        "after_by_value",
+    ):
         rss = by.get(("peak_rss_mib", key))
         if rss:
             fields = {k: v for k, v in rss.items() if k not in ("bench", "system", "metric")}
