@@ -387,3 +387,11 @@ def test_an_endpoint_configured_to_keep_outputs_never_uploads(tmp_path):
     assert (tmp_path / "c" / "entries" / sha(b"x" * 1000).removeprefix("sha256:")).exists()
     with pytest.raises(StagingError, match=r"output made.out: cannot store it at the manager"):
         store_output(DataCache(tmp_path / "d"), made, ["http://127.0.0.1:9/api/v1/outputs", "1.u.m"])
+
+
+def test_a_servable_returning_a_file_is_stored_and_chains(client, ex, name, tmp_path, data_dir):
+    model = client.publish(Servable.from_function(write_file, **meta(name)))
+    out = ex.with_options(cache=False).submit(model, 256 * 50).result(60)
+    assert isinstance(out, OutputFile) and out.at == "manager"
+    assert out.download(tmp_path / "from-servable.bin").read_bytes() == bytes(range(256)) * 50
+    assert ex.submit(describe_file, out).result(60)["sha256"] == out.sha256
