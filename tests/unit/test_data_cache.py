@@ -99,6 +99,25 @@ def test_a_wrong_digest_or_a_404_fails_naming_it_and_keeps_nothing(web, tmp_path
         cache.stage(huge, [])
 
 
+def test_an_unreachable_url_fails_naming_it_and_keeps_nothing(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cache = DataCache(tmp_path / "c")
+    source = {
+        MARKER: 1,
+        "sha256": sha(b"x"),
+        "size": 1,
+        "url": f"http://127.0.0.1:{port}/x.h5",
+        "ref": "scan.h5",
+    }
+    with pytest.raises(StagingError, match=rf"scan.h5: cannot fetch http://127.0.0.1:{port}/x.h5: .*refused"):
+        cache.stage(source, [])
+    assert not list((tmp_path / "c" / "tmp").iterdir()) and cache.entries() == []
+
+
 def test_the_budget_evicts_the_least_recently_used_unpinned_file(web, tmp_path):
     cache = DataCache(tmp_path / "c", budget_bytes=250_000)
     a, b, c = (marker(web, f"{n}.bin", bytes([i]) * 100_000) for i, n in enumerate("abc"))
