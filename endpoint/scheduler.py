@@ -756,25 +756,33 @@ class Scheduler:
                 del by_user[user]
             elif len(ring) > 1:
                 ring.rotate(-1)
-            batch, code = batches.setdefault(w.identity, ([], {}))
-            if digest not in w.known_code:
-                blob = self.code.get(digest)
-                if blob is None:  # evicted from the code cache: fetch it again
-                    self._wait_for_code(task_id)
-                    continue
-                code[digest] = blob
-                w.known_code.add(digest)
-            t.worker = w.identity
-            if not w.assigned:
-                w.head_since = now
-            w.assigned.append(task_id)
-            if m.package_key(digest) is not None:
-                w.warm.add(digest)
-            batch.append(t.record)
+            if not self._assign(w, t, task_id, digest, batches, now, m.package_key(digest) is not None):
+                continue
             heapq.heapreplace(load, (depth + 1, i, w))
         for identity, (batch, code) in batches.items():
             if batch:  # empty when its only task went back to wait for evicted code
                 self.to_workers.append((identity, m.Tasks(batch, code)))
+
+    def _assign(self, w, t, task_id: bytes, digest: str, batches: dict, now: float, warms: bool) -> bool:
+        """Put a task in worker ``w``'s next batch (with its code if the worker lacks it); False
+        when its code was evicted and the task went back to wait for it. ``warms``: the worker
+        keeps the servable loaded after the call."""
+        batch, code = batches.setdefault(w.identity, ([], {}))
+        if digest not in w.known_code:
+            blob = self.code.get(digest)
+            if blob is None:  # evicted from the code cache: fetch it again
+                self._wait_for_code(task_id)
+                return False
+            code[digest] = blob
+            w.known_code.add(digest)
+        t.worker = w.identity
+        if not w.assigned:
+            w.head_since = now
+        w.assigned.append(task_id)
+        if warms:
+            w.warm.add(digest)
+        batch.append(t.record)
+        return True
 
     def _dispatch_images(self, now: float) -> None:
         """Each image's queued calls to the least-loaded of its pool's workers inside it."""
@@ -801,20 +809,8 @@ class Scheduler:
                 if len(w.assigned) > self.prefetch(digest):
                     break
                 queue.popleft()
-                batch, code = batches.setdefault(w.identity, ([], {}))
-                if digest not in w.known_code:
-                    blob = self.code.get(digest)
-                    if blob is None:  # evicted from the code cache: fetch it again
-                        self._wait_for_code(task_id)
-                        continue
-                    code[digest] = blob
-                    w.known_code.add(digest)
-                t.worker = w.identity
-                if not w.assigned:
-                    w.head_since = now
-                w.assigned.append(task_id)
-                w.warm.add(digest)
-                batch.append(t.record)
+                if not self._assign(w, t, task_id, digest, batches, now, True):
+                    continue
                 self.image_used[(pool_name, image)] = now
         for identity, (batch, code) in batches.items():
             if batch:
