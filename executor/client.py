@@ -76,7 +76,9 @@ class Client:
         self.endpoint: str | None = endpoint_from(stored, "rest_url", self.url)
         self._http = httpx.Client(
             base_url=f"{self.url}/api/v1",
-            headers={"Authorization": f"Bearer {token or ''}"},
+            # no token: no header (an empty "Bearer " is not a legal header value), and the
+            # manager answers 401 saying a token is needed where one is
+            headers={"Authorization": f"Bearer {token}"} if token else {},
             timeout=timeout_s,
         )
 

@@ -140,7 +140,7 @@ def test_dlhub_up_writes_the_rest_url(stack):
     assert httpx.get(config["rest_url"] + "/api/v1/health", timeout=5).json() == {"status": "ok"}
 
 
-def test_the_python_client_reads_the_repository_and_maps_errors(api):
+def test_the_python_client_reads_the_repository_and_maps_errors(api, tmp_path):
     from dlhub.executor import Client, NotFoundError
     from dlhub.protocol import AccessDenied
 
@@ -171,6 +171,9 @@ def test_the_python_client_reads_the_repository_and_maps_errors(api):
             as_bob.delete(f"admin/kept:{rec2.version}")
     with Client(cs.manager.api.url, "wrong") as bad, pytest.raises(AccessDenied):
         bad.search()
+    # no token at all (and none in the home): the manager's 401, not an illegal empty header
+    with Client(cs.manager.api.url, home=str(tmp_path)) as anonymous, pytest.raises(AccessDenied):
+        anonymous.search()
 
 
 def test_the_client_reads_url_and_token_from_dlhub_home(stack):
