@@ -358,11 +358,16 @@ class Connection:
         """One turn of the I/O thread, under ``_sock_lock``; ``watch`` False: stop (refused)."""
         if watch is not None:  # until the manager answers: a refused handshake fails at once
             refused = watch.poll()
-            if refused is None and watch.failures >= 3 and mechanism == "curve":
+            if refused is None and watch.failures >= 3:
+                # closed during the handshake again and again (a busy manager may close before
+                # it names the mismatch): a wrong pinned key, or no key for a CURVE manager
                 refused = (
                     f"the manager at {self.address} closed the connection during the CURVE "
                     f"handshake {watch.failures} times: the pinned manager key "
                     f"{self.server_key} is probably not this manager's (or the token was refused)"
+                    if mechanism == "curve"
+                    else f"the manager at {self.address} closed the connection during the handshake "
+                    f"{watch.failures} times: {watch.mismatch()}"
                 )
             if refused is not None and not self._ready.is_set():
                 self._error = AccessDenied(refused)

@@ -9,6 +9,8 @@ broker loop's state. OpenAPI: ``/openapi.json``; docs: ``/docs``.
 """
 
 import asyncio
+import concurrent.futures
+import contextlib
 import inspect
 import json
 import logging
@@ -83,6 +85,7 @@ OUTPUTS_PATH = f"{API}/outputs"  # outputs by reference: authorized by an upload
 # bounds for REST integers (SQLite and PostgreSQL integers are 64-bit; versions are small)
 MAX_VERSION = 2**31 - 1
 MAX_TIMEOUT_S = 30 * 24 * 3600.0
+COMMIT_WAIT_S = 5.0  # a REST run answers its task id once the row is committed, or after this
 # uvicorn: requests handled at once (more: 503), header bytes, idle keep-alive seconds
 REST_CONCURRENCY = 256
 REST_MAX_HEADER_BYTES = 64 * 1024
@@ -636,8 +639,9 @@ def create_app(
             raise ApiError(404, "unknown-endpoint", str(exc)) from None
         except errors.EndpointRequired as exc:
             raise endpoint_required(exc, "JSON field") from None
+        committed: concurrent.futures.Future = concurrent.futures.Future()
         task_id, future = service.submit(
-            who[0], target, m.REF_PREFIX + ref, args, kwargs, timeout_s, cache=cache
+            who[0], target, m.REF_PREFIX + ref, args, kwargs, timeout_s, cache=cache, committed=committed
         )
         tid = task_id.hex()
         location = {"Location": f"{API}/tasks/{tid}/result"}
@@ -649,6 +653,11 @@ def create_app(
             if res is not None:
                 status, body = task_outcome(tid, res[m.R_STATE], res[m.R_PAYLOAD], res[m.R_ERROR])
                 return JSONResponse(body, status_code=status, headers=location)
+        # the id is answered once its row is committed, so the caller's first poll finds it (a
+        # stalled database: answered after COMMIT_WAIT_S anyway; polls of a task still open
+        # read queued, as the Router knows it)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(committed)), COMMIT_WAIT_S)
         return JSONResponse({"task_id": tid, "state": "queued"}, status_code=202, headers=location)
 
     def task_row(who: tuple[str, str], task_id: str, columns) -> dict[str, Any]:

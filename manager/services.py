@@ -237,8 +237,11 @@ class ServableService:
         kwargs: dict,
         timeout_s: float | None = None,
         cache: bool = True,
+        committed: concurrent.futures.Future | None = None,
     ) -> tuple[bytes, concurrent.futures.Future]:
-        """Queue a task as ``owner``; the future gets its result record (JSON-serialized result)."""
+        """Queue a task as ``owner``; the future gets its result record (JSON-serialized result).
+        ``committed`` (optional) is set once the task's row is in the database, where a REST
+        caller's poll reads it."""
         task_id = os.urandom(m.TASK_ID_BYTES)
         payload = serialize([list(args), dict(kwargs)], "msgpack")
         options = None
@@ -257,7 +260,9 @@ class ServableService:
         def enqueue() -> None:
             msg = m.Submit(endpoint, [rec])
             submitted = ev.ClientSubmitted(b"", owner, "manager", msg, time.time(), done)
-            self.manager.route(submitted)
+            self.manager.route(submitted)  # the row's write is enqueued by now: commit after it
+            if committed is not None:
+                self.manager.store.after_commit(lambda: committed.done() or committed.set_result(True))
 
         self.manager.call_soon(enqueue)
         return task_id, future

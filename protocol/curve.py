@@ -204,15 +204,19 @@ class HandshakeWatch:
             elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 return f"the manager at {self.address} refused the token during the handshake (token refused)"
             elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
-                return f"the secure handshake with the manager at {self.address} failed: it does not " + (
-                    "speak CURVE (is it a --insecure-loopback manager? then pin no key)"
-                    if self.mechanism == "curve"
-                    else "accept unencrypted links: pin its CURVE key (manager_key=, $DLHUB_MANAGER_KEY,"
-                    " or `dlhub-endpoint configure --manager-key`; curve_public_key in its manager.json)"
-                )
+                return f"the secure handshake with the manager at {self.address} failed: {self.mismatch()}"
             elif event in (zmq.EVENT_DISCONNECTED, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
                 self.failures += not self.succeeded
         return None
+
+    def mismatch(self) -> str:
+        """What a mechanism mismatch means, for this side's mechanism."""
+        if self.mechanism == "curve":
+            return "it does not speak CURVE (is it a --insecure-loopback manager? then pin no key)"
+        return (
+            "it does not accept unencrypted links: pin its CURVE key (manager_key=, $DLHUB_MANAGER_KEY,"
+            " or `dlhub-endpoint configure --manager-key`; curve_public_key in its manager.json)"
+        )
 
     def timeout_hint(self) -> str:
         """Why a connection that never answered may have failed."""
