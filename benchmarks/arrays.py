@@ -1,0 +1,180 @@
+"""A large float64 array echo through dlhub against a raw zero-copy pyzmq chain (issue 15, item 1).
+
+    .venv/bin/python benchmarks/arrays.py            # 1, 10 and 100 MB
+    .venv/bin/python benchmarks/arrays.py --quick    # 1 and 10 MB (< 60 s)
+
+Same run, one machine:
+
+- ``dlhub``: one ``dlhub up`` stack (manager, endpoint ``local``, 2 workers) on 127.0.0.1;
+  ``Executor.submit(echo, a).result()`` where ``echo`` returns its argument (a numpy float64 array);
+- ``raw``: three processes, client DEALER -> broker ROUTER/ROUTER -> worker DEALER and back; the
+  array goes as its own frame with ``copy=False`` (its buffer, no pickling of the data), the broker
+  forwards the frames untouched and the worker rebuilds it with ``np.frombuffer`` and sends the same
+  buffer back zero-copy.
+
+Per size: the median wall time of N calls for each (after one warm-up call), the ratio dlhub/raw
+(target: within 3x at 100 MB), and afterwards each dlhub process's peak RSS (``VmHWM`` of manager,
+endpoint, workers; the client's ``ru_maxrss``). Every echoed array is checked against the one sent.
+JSON lines as they come, then a summary.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import numpy as np
+import zmq
+from _stack import median, run_bench
+from data import peak_rss
+
+FULL = {"mb": [1, 10, 100], "n": {1: 20, 10: 10, 100: 5}}
+QUICK = {"mb": [1, 10], "n": {1: 10, 10: 5}}
+
+
+def echo(x):
+    return x
+
+
+def make_array(mb: int) -> np.ndarray:
+    return np.random.default_rng(mb).random(mb * 1_000_000 // 8)
+
+
+# ---------------------------------------------------------------- raw zero-copy chain
+
+
+def run_broker() -> None:
+    """Forward [client, header, data] to the worker and back, frames untouched (copy=False)."""
+    ctx = zmq.Context()
+    front, back = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)
+    ports = [s.bind_to_random_port("tcp://127.0.0.1") for s in (front, back)]
+    print(*ports, flush=True)
+    worker = back.recv_multipart()[0]  # the worker's hello
+    poller = zmq.Poller()
+    poller.register(front, zmq.POLLIN)
+    poller.register(back, zmq.POLLIN)
+    while True:
+        for sock, _ in poller.poll():
+            if sock is front:
+                frames = front.recv_multipart(copy=False)
+                if frames[1].bytes == b"STOP":
+                    return
+                back.send_multipart([worker, *frames], copy=False)
+            else:
+                frames = back.recv_multipart(copy=False)
+                front.send_multipart(frames[1:], copy=False)
+
+
+def run_worker(addr: str) -> None:
+    """Rebuild the array from its frame (np.frombuffer, no copy) and send the same buffer back."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(addr)
+    sock.send(b"hello")
+    while True:
+        client, header, data = sock.recv_multipart(copy=False)
+        dtype, shape = header.bytes.decode().split(";")
+        arr = np.frombuffer(data.buffer, dtype=dtype).reshape([int(n) for n in shape.split(",")])
+        out = echo(arr)
+        sock.send_multipart([client, header, memoryview(out)], copy=False)
+
+
+class RawArrayChain:
+    """Client side of the raw chain: one broker and one worker subprocess."""
+
+    def __init__(self) -> None:
+        cmd = [sys.executable, __file__]
+        self.procs = [subprocess.Popen(cmd + ["--raw", "broker"], stdout=subprocess.PIPE, text=True)]
+        front, back = (int(p) for p in self.procs[0].stdout.readline().split())
+        self.procs.append(subprocess.Popen(cmd + ["--raw", "worker", f"tcp://127.0.0.1:{back}"]))
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(f"tcp://127.0.0.1:{front}")
+
+    def call(self, arr: np.ndarray) -> np.ndarray:
+        header = f"{arr.dtype.str};{','.join(map(str, arr.shape))}".encode()
+        self.sock.send_multipart([header, memoryview(arr)], copy=False)
+        header, data = self.sock.recv_multipart(copy=False)
+        dtype, shape = header.bytes.decode().split(";")
+        return np.frombuffer(data.buffer, dtype=dtype).reshape([int(n) for n in shape.split(",")])
+
+    def close(self) -> None:
+        try:
+            self.sock.send_multipart([b"STOP"], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+        self.sock.close(0)
+        self.ctx.term()
+        self.procs[1].kill()
+        try:
+            self.procs[0].wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            self.procs[0].kill()
+        for proc in self.procs:
+            proc.wait()
+        self.procs[0].stdout.close()
+
+
+# ---------------------------------------------------------------- measurement
+
+
+def timed(call, arr: np.ndarray, n: int) -> list[float]:
+    """n timed calls (after one untimed warm-up); raises unless each echo equals ``arr``."""
+    if not np.array_equal(call(arr), arr):
+        raise AssertionError(f"echo of {arr.nbytes} bytes came back different")
+    took = []
+    for _ in range(n):
+        t = time.perf_counter()
+        out = call(arr)
+        took.append(time.perf_counter() - t)
+        if not np.array_equal(out, arr):
+            raise AssertionError(f"echo of {arr.nbytes} bytes came back different")
+        del out
+    return took
+
+
+def measure(stack, sizes, emit, args) -> None:
+    raw = RawArrayChain()
+    try:
+        up_s = stack.up()
+        emit("startup", "dlhub", up_s=round(up_s, 3))
+        ex = stack.ex
+        for mb in sizes["mb"]:
+            arr, n = make_array(mb), sizes["n"][mb]
+            raw_s = median(timed(raw.call, arr, n))
+            emit("echo", "raw", mb=mb, n=n, median_s=round(raw_s, 4))
+            dl_s = median(timed(lambda a: ex.submit(echo, a).result(600), arr, n))
+            emit("echo", "dlhub", mb=mb, n=n, median_s=round(dl_s, 4), ratio=round(dl_s / raw_s, 2))
+            del arr
+        emit("peak_rss_mib", "dlhub", **peak_rss(stack))
+    finally:
+        raw.close()
+
+
+def summary(records: list[dict]) -> str:
+    by = {(r["metric"], r["system"], r.get("mb")): r for r in records}
+    lines = ["float64 array echo: dlhub Executor vs raw zero-copy pyzmq chain (same run, median of n)"]
+    lines.append(f"  {'MB':>5} {'n':>3} {'raw s':>9} {'dlhub s':>9} {'dlhub/raw':>10}")
+    for (metric, system, mb), rec in sorted(by.items(), key=lambda kv: kv[0][2] or 0):
+        if metric == "echo" and system == "dlhub" and ("echo", "raw", mb) in by:
+            raw = by[("echo", "raw", mb)]
+            times = f"{raw['median_s']:>9.4f} {rec['median_s']:>9.4f}"
+            lines.append(f"  {mb:>5} {rec['n']:>3} {times} {rec['ratio']:>9.2f}x")
+    rss = by.get(("peak_rss_mib", "dlhub", None))
+    if rss:
+        fields = {k: v for k, v in rss.items() if k not in ("bench", "system", "metric")}
+        rss_text = ", ".join(f"{k} {v}" for k, v in sorted(fields.items()))
+        lines.append(f"  peak RSS MiB after the run: {rss_text}")
+    error = by.get(("error", "stack", None))
+    if error:
+        lines.append(f"  FAILED: {error['error']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--raw":
+        run_broker() if sys.argv[2] == "broker" else run_worker(sys.argv[3])
+    else:
+        sys.exit(run_bench("arrays", __doc__, FULL, QUICK, measure, summary))
