@@ -20,13 +20,17 @@ JSON lines as they come, then a summary.
 
 from __future__ import annotations
 
+import collections
+import shutil
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import zmq
-from _stack import median, run_bench
+from _stack import marked, median, run_bench
 from data import peak_rss
 
 FULL = {"mb": [1, 10, 100], "n": {1: 20, 10: 10, 100: 5}}
@@ -149,8 +153,68 @@ def measure(stack, sizes, emit, args) -> None:
             emit("echo", "dlhub", mb=mb, n=n, median_s=round(dl_s, 4), ratio=round(dl_s / raw_s, 2))
             del arr
         emit("peak_rss_mib", "dlhub", **peak_rss(stack))
+        if args.profile:
+            profile(stack, make_array(sizes["mb"][-1]), sizes["n"][sizes["mb"][-1]], emit)
     finally:
         raw.close()
+
+
+def _roles(home: Path) -> dict[int, str]:
+    roles = {}
+    for pid in marked(str(home)):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "dlhub.endpoint.worker" in cmd:
+            roles[pid] = f"worker{pid}"
+        elif "dlhub-manager" in cmd or "dlhub.manager" in cmd:
+            roles[pid] = "manager"
+        elif "endpoint" in cmd and "start" in cmd and "dlhub.endpoint.pool" not in cmd:
+            roles[pid] = "endpoint"
+    return roles
+
+
+def profile(stack, arr: np.ndarray, n: int, emit) -> None:
+    """py-spy (200 Hz, non-blocking) on manager, endpoint and workers during ``n`` echoes of
+    ``arr``: per process, the CPU seconds per call of its busiest lines (idle threads excluded)."""
+    if not shutil.which("py-spy"):
+        emit("profile", "dlhub", error="py-spy not found (pip install py-spy)")
+        return
+    ex, out_dir = stack.ex, stack.home / "profile"
+    out_dir.mkdir(exist_ok=True)
+    ex.submit(echo, arr).result(600)
+    spies = {}
+    for pid, role in _roles(stack.home).items():
+        cmd = ["py-spy", "record", "--pid", str(pid), "--rate", "200", "--nonblocking", "--format", "raw"]
+        cmd += ["-o", str(out_dir / f"{role}.txt")]
+        spies[role] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(2)  # py-spy attached
+    took = [time.perf_counter()]
+    for _ in range(n):
+        ex.submit(echo, arr).result(600)
+    took = (time.perf_counter() - took[0]) / n
+    for proc in spies.values():
+        proc.send_signal(signal.SIGINT)
+    for role, proc in spies.items():
+        proc.wait(timeout=60)
+        lines: collections.Counter = collections.Counter()
+        path = out_dir / f"{role}.txt"
+        for line in path.read_text().splitlines() if path.exists() else []:
+            stack_text, _, count = line.rpartition(" ")
+            lines[stack_text.split(";")[-1]] += int(count)
+        if not lines:
+            continue
+        per_call = {k: round(v / 200 / n, 3) for k, v in lines.most_common(8)}
+        total = round(sum(lines.values()) / 200 / n, 3)
+        emit(
+            "profile",
+            role.rstrip("0123456789"),
+            mb=arr.nbytes // 1_000_000,
+            s_per_call=round(took, 3),
+            cpu_s_per_call=total,
+            top=per_call,
+        )
 
 
 def summary(records: list[dict]) -> str:
@@ -167,14 +231,24 @@ def summary(records: list[dict]) -> str:
         fields = {k: v for k, v in rss.items() if k not in ("bench", "system", "metric")}
         rss_text = ", ".join(f"{k} {v}" for k, v in sorted(fields.items()))
         lines.append(f"  peak RSS MiB after the run: {rss_text}")
+    for rec in records:
+        if rec["metric"] == "profile" and "top" in rec:
+            lines.append(f"  profile {rec['system']}: {rec['cpu_s_per_call']} CPU s per {rec['mb']} MB call")
+            lines += [f"      {s:6.3f} s  {where}" for where, s in rec["top"].items()]
     error = by.get(("error", "stack", None))
     if error:
         lines.append(f"  FAILED: {error['error']}")
     return "\n".join(lines)
 
 
+def add_arguments(parser) -> None:
+    parser.add_argument(
+        "--profile", action="store_true", help="then py-spy each dlhub process during the largest echo"
+    )
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--raw":
         run_broker() if sys.argv[2] == "broker" else run_worker(sys.argv[3])
     else:
-        sys.exit(run_bench("arrays", __doc__, FULL, QUICK, measure, summary))
+        sys.exit(run_bench("arrays", __doc__, FULL, QUICK, measure, summary, add_arguments))
