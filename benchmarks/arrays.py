@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/arrays.py            # 1, 10 and 100 MB
     .venv/bin/python benchmarks/arrays.py --quick    # 1 and 10 MB (< 60 s)
+    .venv/bin/python benchmarks/arrays.py --profile  # then py-spy each dlhub process, largest size
 
 Same run, one machine:
 
