@@ -12,7 +12,9 @@ every other command does (a burst is batched by the I/O thread). So a serial cal
 hand-off on its way out. ZeroMQ sockets are not thread-safe: the lock makes every use exclusive,
 and the I/O thread polls the socket's ``FD`` (a hint, edge-triggered) rather than the socket,
 reading ``EVENTS`` after every use before it sleeps; a user-thread send that finds a
-frame waiting wakes it. ``$DLHUB_CLIENT_SEND=thread`` turns the short path off.
+frame waiting wakes it. The short path is opt-in (``$DLHUB_CLIENT_SEND=direct``): it saves the
+client ~60 us of CPU per serial call, but on a quiet machine its p50 was ~20% higher than the
+hand-off's (the default, ``thread``).
 
 The I/O thread wakes when work is queued or a frame arrives, takes everything that is waiting
 (small frozen ``Send*`` commands, dispatched by type) and sends it as few messages as possible
@@ -163,7 +165,9 @@ class Connection:
         self.code_sent: dict[str, bytes] = {}  # resent after a manager restart
         self._requests: dict[int, Future] = {}
         self._request_ids = itertools.count(1)
-        send_mode = os.environ.get("DLHUB_CLIENT_SEND") or "direct"
+        # "thread" by default: on a quiet machine a serial call's p50 was ~20% lower than with
+        # the short path (benchmarks/README.md, issue 15 item 2); "direct" saves client CPU
+        send_mode = os.environ.get("DLHUB_CLIENT_SEND") or "thread"
         if send_mode not in SEND_MODES:
             raise ValueError(f"DLHUB_CLIENT_SEND must be one of {', '.join(SEND_MODES)}, got {send_mode!r}")
         _check_address(address, connect_timeout_s)

@@ -1,6 +1,7 @@
 """The client's short path (issue 15, item 2): a serial call's task leaves from the user's thread
 straight to the socket (no hand-off to the I/O thread), a burst still goes through the I/O
-thread's queue (batched there), and ``$DLHUB_CLIENT_SEND=thread`` turns the short path off."""
+thread's queue (batched there). It is opt-in (``$DLHUB_CLIENT_SEND=direct``); the default,
+``thread``, hands every send to the I/O thread."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ def double(x):
 
 
 def test_serial_calls_take_the_short_path_and_bursts_the_queue(stack, monkeypatch):
-    monkeypatch.delenv("DLHUB_CLIENT_SEND", raising=False)
+    monkeypatch.setenv("DLHUB_CLIENT_SEND", "direct")
     ex = stack.executor()
     try:
         assert ex.submit(double, 0).result(60) == 0
@@ -28,8 +29,12 @@ def test_serial_calls_take_the_short_path_and_bursts_the_queue(stack, monkeypatc
         ex.shutdown()
 
 
-def test_the_short_path_can_be_turned_off(stack, monkeypatch):
-    monkeypatch.setenv("DLHUB_CLIENT_SEND", "thread")
+@pytest.mark.parametrize("mode", [None, "thread"])
+def test_the_short_path_is_off_by_default_and_when_asked(stack, monkeypatch, mode):
+    if mode is None:
+        monkeypatch.delenv("DLHUB_CLIENT_SEND", raising=False)
+    else:
+        monkeypatch.setenv("DLHUB_CLIENT_SEND", mode)
     ex = stack.executor()
     try:
         assert [ex.submit(double, i).result(60) for i in range(20)] == [2 * i for i in range(20)]
