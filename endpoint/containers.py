@@ -86,7 +86,7 @@ HOST_ONLY_VARS = ("PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP", "PYTHONUSERBASE"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 ACCELERATOR_VARS = ("CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "ZE_AFFINITY_MASK")
 # folders of the bundle that are bind targets inside the image (ch-run cannot create them)
-SITE_DIR, CACHE_DIR = "site", "cache"
+SITE_DIR, CACHE_DIR, DATA_DIR = "site", "cache", "data"
 # where an image the endpoint builds from a servable's requirements installs them
 # (endpoint/images.py): on a worker's PYTHONPATH right after dlhub, before the endpoint's
 # site-packages, so a requirement's version wins over the endpoint's; absent in other images
@@ -164,8 +164,8 @@ class Launch:
 def prepare_bundle(dest: str | os.PathLike) -> Path:
     """Copy the installed, pure-Python ``dlhub`` package into ``dest/dlhub`` (the repository
     layout maps top-level folders to ``dlhub.*`` through an editable finder that an image cannot
-    see, so the files are copied: about 1 MB), with the empty bind targets ``dest/site`` and
-    ``dest/cache``. Replaced atomically; returns ``dest``."""
+    see, so the files are copied: about 1 MB), with the empty bind targets ``dest/site``,
+    ``dest/cache`` and ``dest/data``. Replaced atomically; returns ``dest``."""
     import importlib
 
     dest = Path(dest)
@@ -181,7 +181,7 @@ def prepare_bundle(dest: str | os.PathLike) -> Path:
         shutil.copytree(
             src, tmp / "dlhub" / sub, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.so")
         )
-    for d in (SITE_DIR, CACHE_DIR):
+    for d in (SITE_DIR, CACHE_DIR, DATA_DIR):
         (tmp / d).mkdir()
     old = dest.with_name(f"{dest.name}.old.{os.getpid()}")
     if dest.exists():
@@ -202,11 +202,17 @@ def site_dirs() -> list[str]:
 
 
 def dlhub_binds(
-    spec: ContainerSpec, bundle: str | None, cache: str | None
+    spec: ContainerSpec, bundle: str | None, cache: str | None, data: str | None = None
 ) -> tuple[list[str], dict[str, str]]:
-    """Binds and environment that make dlhub importable in the image (``dlhub: bind``)."""
+    """Binds and environment that make dlhub importable in the image (``dlhub: bind``), and the
+    endpoint's data cache (``data``: inputs and outputs by reference) bound in, its path inside
+    in ``DLHUB_DATA_CACHE`` (``<mount>/data``; with ``dlhub: installed`` the same path as on the
+    host, which the runtime must be able to create)."""
     if spec.dlhub == "installed":
-        return [], {}
+        if not data:
+            return [], {}
+        Path(data).mkdir(mode=0o700, parents=True, exist_ok=True)
+        return [f"{data}:{data}"], {"DLHUB_DATA_CACHE": data}
     if not bundle:
         raise ContainerError("container dlhub: bind needs the endpoint's bundle folder (none was prepared)")
     mount = spec.mount.rstrip("/") or "/"
@@ -221,6 +227,10 @@ def dlhub_binds(
         Path(cache).mkdir(mode=0o700, parents=True, exist_ok=True)
         binds.append(f"{cache}:{mount}/{CACHE_DIR}")
         env["DLHUB_SERVABLE_CACHE"] = f"{mount}/{CACHE_DIR}"
+    if data:  # ch-run binds only onto folders that exist in the image: the bundle's data/
+        Path(data).mkdir(mode=0o700, parents=True, exist_ok=True)
+        binds.append(f"{data}:{mount}/{DATA_DIR}")
+        env["DLHUB_DATA_CACHE"] = f"{mount}/{DATA_DIR}"
     return binds, env
 
 

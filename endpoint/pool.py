@@ -80,14 +80,17 @@ class Pool:
         try:
             if raw.get("image_cache"):
                 self.container = self._image_from_cache(raw["image_cache"])
+            data_cache = self.config.get("data_cache") or {}
             binds, env = containers.dlhub_binds(
-                self.container, raw.get("bundle"), self.config.get("servable_cache")
+                self.container, raw.get("bundle"), self.config.get("servable_cache"), data_cache.get("root")
             )
         except (containers.ContainerError, OSError) as exc:
             self._container_problem, binds, env = str(exc), [], {}
         self._container_binds, self._container_env = binds, env
         inside = {k: v for k, v in self.config.items() if k not in ("container", "image_cache")}
         inside["servable_cache"] = env.get("DLHUB_SERVABLE_CACHE")  # None: the image's tmp dir
+        if env.get("DLHUB_DATA_CACHE"):  # staged files: the same cache, seen at its path inside
+            inside["data_cache"] = {**(self.config.get("data_cache") or {}), "root": env["DLHUB_DATA_CACHE"]}
         self._container_inside = inside
         self._container_config = json.dumps(inside).encode()
 

@@ -109,6 +109,16 @@ def where_am_i():
     }
 
 
+def read_inside(path):
+    """A File argument's staged copy, read inside the image."""
+    import hashlib
+    import os
+
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    return {"path": str(path), "sha256": digest, "marker": os.path.exists("/dlhub-test-image")}
+
+
 def die_hard(record: str | None = None):
     import os
 
@@ -181,6 +191,18 @@ def test_charliecloud_pool_runs_functions_inside_the_image(custom_stack_factory,
     assert out["x"] == 5 and out["marker"] and out["python"] == "3.11.2", out
     assert out["file"].startswith("/opt/cache/") and out["file"].endswith("inside_mod.py"), out
     assert list((cs.endpoint_dir / "servables" / "unpacked").rglob("inside_mod.py"))  # the host side
+
+    # a File argument: staged into the endpoint's data cache, which is bound in at /opt/data
+    import hashlib
+
+    from dlhub.executor import File
+
+    scan = tmp_path / "scan.bin"
+    scan.write_bytes(os.urandom(300_000))
+    with cs.executor(rest_url=cs.manager.api.url) as by_ref:
+        got = by_ref.submit(read_inside, File(scan)).result(TIMEOUT_S)
+    assert got["marker"] and got["path"].startswith("/opt/data/"), got
+    assert got["sha256"] == hashlib.sha256(scan.read_bytes()).hexdigest()
 
     # a worker killed inside its container: WorkerLost, the pool starts another one (in the image)
     check_worker_restarted_in_image(cs, ex, tmp_path)
@@ -456,6 +478,17 @@ def test_podman_pool_for_real_and_no_container_outlives_it(podman_image, monkeyp
         wait_until(
             lambda: len(podman_containers(podman_image)) == 2, 30, what="the dead worker's container gone"
         )
+        # a File argument inside podman (which shares no host folder unless bound): the data cache
+        import hashlib
+
+        from dlhub.executor import File
+
+        scan = tmp_path_factory.mktemp("scan") / "scan.bin"
+        scan.write_bytes(os.urandom(200_000))
+        with cs.executor(rest_url=cs.manager.api.url) as by_ref:
+            got = by_ref.submit(read_inside, File(scan)).result(TIMEOUT_S)
+        assert got["marker"] and got["path"].startswith("/opt/data/"), got
+        assert got["sha256"] == hashlib.sha256(scan.read_bytes()).hexdigest()
     finally:
         stop_custom_stack(cs)
     # the pool forwards its stop to the containers (--init) and removes them (rm -f)

@@ -245,6 +245,12 @@ def test_dlhub_binds(tmp_path):
     assert (tmp_path / "cache").is_dir()
     installed = c.ContainerSpec(type="charliecloud", image="/i", dlhub="installed")
     assert c.dlhub_binds(installed, None, str(tmp_path / "cache")) == ([], {})
+    # the endpoint's data cache (inputs/outputs by reference): at <mount>/data, or at its own path
+    binds, env = c.dlhub_binds(spec, str(tmp_path / "b"), None, str(tmp_path / "data"))
+    assert binds[-1] == f"{tmp_path}/data:/srv/data" and env["DLHUB_DATA_CACHE"] == "/srv/data"
+    assert (tmp_path / "data").is_dir() and c.DATA_DIR == "data"
+    data = str(tmp_path / "data")
+    assert c.dlhub_binds(installed, None, None, data) == ([f"{data}:{data}"], {"DLHUB_DATA_CACHE": data})
 
 
 def test_compare_versions_names_what_differs():
