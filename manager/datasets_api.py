@@ -59,6 +59,9 @@ class RefByDigest(BaseModel):
 
 
 UPLOAD_ID_PATTERN = r"^[0-9a-f]{32}$"
+# the OpenAPI description of a raw byte body (upload chunks, outputs), read from the request stream
+BINARY = {"schema": {"type": "string", "format": "binary"}}
+BINARY_BODY = {"requestBody": {"content": {"application/octet-stream": BINARY}}}
 OUTPUT_PIECE_BYTES = 4 << 20  # an output's bytes are written to the upload in pieces of this size
 
 
@@ -105,11 +108,7 @@ def install(app: Any, ctx: dict[str, Any]) -> None:
 
     @app.put(
         f"{API}/uploads/{{upload_id}}",
-        openapi_extra={
-            "requestBody": {
-                "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
-            }
-        },
+        openapi_extra=BINARY_BODY,
     )
     async def upload_chunk(
         who: User, upload_id: UploadId, request: Request, offset: Annotated[int, Query(ge=0)]
@@ -294,11 +293,7 @@ def install(app: Any, ctx: dict[str, Any]) -> None:
 
     @app.put(
         f"{API}/outputs/{{upload_id}}",
-        openapi_extra={
-            "requestBody": {
-                "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
-            }
-        },
+        openapi_extra=BINARY_BODY,
     )
     async def put_output(
         upload_id: UploadId,
