@@ -263,7 +263,8 @@ class Endpoint:
                 if refused is not None:
                     raise EndpointRefused(refused)
                 if self.manager_sock.poll(100):
-                    msg = m.unpack(self.manager_sock.recv())
+                    frame = self.manager_sock.recv()
+                    msg = m.unpack(frame, extra=m.recv_rest(self.manager_sock))
                     if isinstance(msg, m.Welcome):
                         self.registered, self.manager_state = True, "running"
                         self.last_heard_manager = time.monotonic()
@@ -369,10 +370,11 @@ class Endpoint:
         for _ in range(DRAIN_LIMIT):
             if not sock.get(_EVENTS) & _POLLIN:  # cheaper than a raised zmq.Again
                 return
-            frames = sock.recv_multipart(zmq.NOBLOCK)
-            identity, frame = (frames[0], frames[-1]) if routed else (b"", frames[-1])
+            first = sock.recv(zmq.NOBLOCK)
+            identity, frame = (first, sock.recv()) if routed else (b"", first)
+            extra = m.recv_rest(sock)  # large payloads, a frame each: kept as ZeroMQ's buffers
             try:
-                msg = m.unpack(frame, self.config.payload_limit_bytes + 16 * 1024 * 1024)
+                msg = m.unpack(frame, self.config.payload_limit_bytes + 16 * 1024 * 1024, extra)
             except ProtocolError as exc:
                 log.warning("bad frame on %s link: %s", "worker" if routed else "manager", exc)
                 continue
@@ -397,7 +399,7 @@ class Endpoint:
             if kind is ev.SendToWorker:
                 try:
                     self.worker_sock.send_multipart(
-                        [ins.identity, m.pack(ins.message)], zmq.NOBLOCK, copy=False
+                        [ins.identity, *m.pack_frames(ins.message)], zmq.NOBLOCK, copy=False
                     )
                 except zmq.ZMQError as exc:  # the worker vanished: the pool reports the death
                     log.warning("cannot reach worker %r: %s", ins.identity, exc)
@@ -495,7 +497,7 @@ class Endpoint:
         good: results stay unacknowledged and code still waiting is asked again after the next
         Welcome, and the manager re-sends its tasks."""
         try:
-            self.manager_sock.send(m.pack(msg), zmq.NOBLOCK, copy=False)
+            self.manager_sock.send_multipart(m.pack_frames(msg), zmq.NOBLOCK, copy=False)
         except zmq.Again:
             if not self._send_blocked:
                 log.warning(
@@ -741,7 +743,7 @@ class Endpoint:
 
     def _send_worker(self, identity: bytes, msg: m.Message) -> None:
         try:
-            self.worker_sock.send_multipart([identity, m.pack(msg)], zmq.NOBLOCK)
+            self.worker_sock.send_multipart([identity, *m.pack_frames(msg)], zmq.NOBLOCK, copy=False)
         except zmq.ZMQError:
             pass
 

@@ -123,13 +123,16 @@ class Worker:
         )
         self._send(m.pack(hello))
 
-    def _send(self, frame: bytes) -> bool:
+    def _send(self, frame: bytes | list) -> bool:
         """Send without ever blocking (as the pool's ``_send``): with no connection to the endpoint
         (refused at the handshake, e.g. after it restarted with new session keys) a plain send
         would block forever. False: not sent (said once per outage on stderr, which the pool
         logs); results stay in ``unsent`` for the next flush, the rest is dropped."""
         try:
-            self.sock.send(frame, zmq.NOBLOCK, copy=False)
+            if type(frame) is list:  # pack_frames: a large result travels as its own frame
+                self.sock.send_multipart(frame, zmq.NOBLOCK, copy=False)
+            else:
+                self.sock.send(frame, zmq.NOBLOCK, copy=False)
         except zmq.Again:
             if not self._send_blocked:
                 print(
@@ -167,8 +170,8 @@ class Worker:
             if not self.sock.get(_EVENTS) & _POLLIN:  # cheaper than a raised zmq.Again
                 return True
             frame = self.sock.recv(zmq.NOBLOCK)
-            try:
-                msg = m.unpack(frame)
+            try:  # a large payload comes as a frame of its own: its buffer, not a copy
+                msg = m.unpack(frame, extra=m.recv_rest(self.sock))
             except errors.ProtocolError as exc:
                 print(f"dlhub worker {self.worker_id}: bad frame: {exc}", file=sys.stderr)
                 continue
@@ -231,7 +234,7 @@ class Worker:
             self._flush()
 
     def _flush(self) -> None:
-        if self.unsent and self._send(m.pack(m.Results(self.unsent, self.warm.report()))):
+        if self.unsent and self._send(m.pack_frames(m.Results(self.unsent, self.warm.report()))):
             self.unsent = []
 
     # ---- running one task --------------------------------------------------------------------

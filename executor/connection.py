@@ -230,7 +230,7 @@ class Connection:
             task_id = rec[m.T_ID]
             self.unacked[task_id] = (endpoint, rec)
             try:
-                sock.send(m.pack(m.Submit(endpoint, [rec])), _NOBLOCK, copy=False)
+                sock.send_multipart(m.pack_frames(m.Submit(endpoint, [rec])), _NOBLOCK, copy=False)
             except zmq.ZMQError:  # no connection right now: the I/O thread sends it (claim again)
                 self.unacked.pop(task_id, None)
                 return False
@@ -430,8 +430,8 @@ class Connection:
                 return got
             got = True
             frame = sock.recv(zmq.NOBLOCK)
-            try:
-                msg = m.unpack(frame)
+            try:  # a large result comes as a frame of its own: its buffer, not a copy
+                msg = m.unpack(frame, extra=m.recv_rest(sock))
             except ProtocolError:
                 continue
             self._handle(sock, msg)
@@ -484,7 +484,9 @@ class Connection:
             sock.send(m.pack(m.PutCode(digest, blob)))
         for endpoint, recs in by_endpoint.items():
             for i in range(0, len(recs), self.batch_size):
-                sock.send(m.pack(m.Submit(endpoint, recs[i : i + self.batch_size])))
+                sock.send_multipart(
+                    m.pack_frames(m.Submit(endpoint, recs[i : i + self.batch_size])), copy=False
+                )
         pending = self.pending_ids()
         if pending:
             sock.send(m.pack(m.Fetch(pending)))
@@ -496,7 +498,7 @@ class Connection:
         def flush_tasks() -> None:  # keep the user's order: nothing overtakes a task
             for endpoint, batch in batches.items():
                 if batch:
-                    sock.send(m.pack(m.Submit(endpoint, batch)), copy=False)
+                    sock.send_multipart(m.pack_frames(m.Submit(endpoint, batch)), copy=False)
             batches.clear()
             sizes.clear()
 
@@ -512,7 +514,7 @@ class Connection:
                 batch.append(rec)
                 sizes[endpoint] = sizes.get(endpoint, 0) + len(rec[m.T_PAYLOAD])
                 if len(batch) >= self.batch_size or sizes[endpoint] >= MAX_MESSAGE_BYTES:
-                    sock.send(m.pack(m.Submit(endpoint, batch)), copy=False)
+                    sock.send_multipart(m.pack_frames(m.Submit(endpoint, batch)), copy=False)
                     batches[endpoint], sizes[endpoint] = [], 0
                 continue
             flush_tasks()

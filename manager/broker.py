@@ -449,13 +449,13 @@ class Manager:
             if not sock.get(_EVENTS) & _POLLIN:  # cheaper than a raised zmq.Again
                 return
             frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            if len(frames) != 2:
-                log.warning("dropping a message of %d frames (expected 2)", len(frames))
+            if len(frames) < 2:
+                log.warning("dropping a message of %d frames (expected 2 or more)", len(frames))
                 continue
             identity, frame = frames[0].bytes, frames[1]
             user = frame.get("User-Id")
-            try:
-                msg = m.unpack(frame.buffer)
+            try:  # frames past the second: large payloads, each in its own frame (no copies)
+                msg = m.unpack(frame.buffer, extra=frames[2:])
             except ProtocolError as exc:
                 log.warning("bad frame from %r (user %s): %s", identity[:16], user, exc)
                 self._send(sock, identity, m.Refused("protocol", str(exc)))
@@ -534,7 +534,7 @@ class Manager:
                 log.debug("not sending %s to %r: no session", type(msg).__name__, identity[:16])
                 return
         try:
-            sock.send_multipart([identity, m.pack(msg)], zmq.NOBLOCK, copy=False)
+            sock.send_multipart([identity, *m.pack_frames(msg)], zmq.NOBLOCK, copy=False)
         except zmq.ZMQError as exc:  # peer gone: results stay in the store for Fetch
             log.debug("cannot send %s to %r: %s", type(msg).__name__, identity[:16], exc)
 

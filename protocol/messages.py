@@ -64,7 +64,7 @@ class TaskRecord(NamedTuple):
 
     id: bytes
     function: str  # a code digest, or REF_PREFIX/RUN_PREFIX/VERIFY_PREFIX + name
-    payload: bytes
+    payload: bytes  # or a memoryview of the frame it came in (large payloads: pack_frames)
     timeout: float | None
     serializer: str
     resources: dict | None
@@ -371,13 +371,104 @@ def pack(msg: Message) -> bytes:
     return _VERSION_BYTE + msgpack.packb(body, use_bin_type=True)
 
 
-def unpack(frame: bytes | memoryview, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Message:
-    """Decode one frame, or raise :class:`ProtocolError` saying what is wrong with it."""
+# ---- large payloads travel as frames of their own ----------------------------------------------
+
+OOB_MIN_BYTES = 64 * 1024  # a task's or result's payload at least this large gets its own frame
+_OOB_EXT = 1  # msgpack ext type in a payload's place: "this payload is frame 1 + i"
+_OOB_FIELDS = {Submit: (1, T_PAYLOAD), Tasks: (0, T_PAYLOAD), Results: (0, R_PAYLOAD)}
+
+
+def pack_frames(msg: Message) -> list:
+    """``msg`` as the frames of one ZeroMQ message: ``[header, payload, ...]``.
+
+    A task's or result's payload of at least :data:`OOB_MIN_BYTES` is not copied into the msgpack
+    body (two copies of 100 MB per hop: ``packb`` and the version byte's concatenation): its place
+    in the record holds an ext placeholder and the payload itself (bytes, or the memoryview of the
+    frame it arrived in) is a frame of its own, which ``send_multipart(..., copy=False)`` hands to
+    ZeroMQ without a copy. Any other message is ``[pack(msg)]``. Receivers pass the frames after
+    the first to :func:`unpack` as ``extra``."""
+    where = _OOB_FIELDS.get(type(msg))
+    if where is None:
+        return [pack(msg)]
+    index, pos = where
+    records = getattr(msg, msg._FIELDS[index])
+    extra: list | None = None
+    for i, rec in enumerate(records):
+        payload = rec[pos]
+        if payload is not None and len(payload) >= OOB_MIN_BYTES:
+            if extra is None:
+                extra, records = [], list(records)
+            ext = msgpack.ExtType(_OOB_EXT, len(extra).to_bytes(4, "little"))
+            records[i] = (*rec[:pos], ext, *rec[pos + 1 :])
+            extra.append(payload)
+    if extra is None:
+        return [pack(msg)]
+    body = [msg.TYPE]
+    body.extend(getattr(msg, name) for name in msg._FIELDS)
+    body[1 + index] = records
+    return [_VERSION_BYTE + msgpack.packb(body, use_bin_type=True), *extra]
+
+
+def recv_rest(sock: Any) -> list:
+    """The frames after the first of the message being read from ``sock`` (none for a
+    one-frame message), without copying them: payload frames of :func:`pack_frames`."""
+    return sock.recv_multipart(copy=False) if sock.get(_RCVMORE) else []
+
+
+_RCVMORE = 13  # zmq.RCVMORE (this module does not import zmq)
+
+
+class _PayloadFrames:
+    """msgpack's ext hook while decoding a message that came with payload frames: each
+    placeholder becomes a memoryview of its frame (used once); :meth:`check` then makes sure
+    every frame stands in a task's or result's payload and nowhere else."""
+
+    def __init__(self, extra: Any):
+        self.views = [memoryview(x.buffer if hasattr(x, "buffer") else x) for x in extra]
+        self.used = [False] * len(self.views)
+
+    def __call__(self, code: int, data: bytes) -> memoryview:
+        i = int.from_bytes(data, "little") if code == _OOB_EXT and len(data) == 4 else -1
+        if not 0 <= i < len(self.views) or self.used[i]:
+            raise ProtocolError(
+                f"payload placeholder (ext {code}) names no unused frame of {len(self.views)}"
+            )
+        self.used[i] = True
+        return self.views[i]
+
+    def check(self, cls: type, values: list) -> None:
+        where = _OOB_FIELDS.get(cls)
+        if where is None:
+            raise ProtocolError(f"{cls.__name__} carries no payload frames")
+        if not all(self.used):
+            raise ProtocolError(
+                f"{self.used.count(False)} of {len(self.views)} payload frames are not referenced"
+            )
+        index, pos = where
+        records = values[index] if index < len(values) else []
+        placed = sum(1 for r in records if type(r) is list and len(r) > pos and type(r[pos]) is memoryview)
+        if placed != len(self.views):
+            raise ProtocolError("payload frames may stand only in task or result payloads")
+
+
+def _no_frames(code: int, data: bytes) -> Any:
+    raise ProtocolError(f"ext type {code} in a message without payload frames")
+
+
+def unpack(frame: bytes | memoryview, max_bytes: int = DEFAULT_MAX_FRAME_BYTES, extra: Any = ()) -> Message:
+    """Decode one message, or raise :class:`ProtocolError` saying what is wrong with it.
+
+    ``frame`` is its first frame; ``extra`` the rest (``zmq.Frame``s or bytes-like): the payloads
+    :func:`pack_frames` sent out of band, which become memoryviews of those frames, not copies."""
     size = len(frame)
     if size == 0:
         raise ProtocolError("empty frame")
+    frames = _PayloadFrames(extra) if extra else None
+    if frames is not None:
+        size += sum(v.nbytes for v in frames.views)
     if size > max_bytes:
-        raise ProtocolError(f"frame of {size:,} bytes exceeds the limit of {max_bytes:,} bytes")
+        what = "frame" if frames is None else "message"
+        raise ProtocolError(f"{what} of {size:,} bytes exceeds the limit of {max_bytes:,} bytes")
     version = frame[0]
     if version != PROTOCOL_VERSION:
         raise ProtocolError(
@@ -385,7 +476,11 @@ def unpack(frame: bytes | memoryview, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) 
             "upgrade the older side"
         )
     try:
-        body = msgpack.unpackb(frame[1:], raw=False, strict_map_key=False, use_list=True)
+        body = msgpack.unpackb(
+            frame[1:], raw=False, strict_map_key=False, use_list=True, ext_hook=frames or _no_frames
+        )
+    except ProtocolError:
+        raise
     except Exception as exc:
         raise ProtocolError(f"malformed or truncated frame: {exc}") from None
     if not isinstance(body, list) or not body or not isinstance(body[0], int):
@@ -402,7 +497,15 @@ def unpack(frame: bytes | memoryview, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) 
                 f"{cls.__name__}.{name} must be {' or '.join(t.__name__ for t in types)}, "
                 f"got {type(value).__name__}"
             )
+    if frames is not None:
+        frames.check(cls, values)
     msg = cls(*values)
+    _check_message(cls, msg)
+    return msg
+
+
+def _check_message(cls: type, msg: Message) -> None:
+    """The per-type checks of what is inside a decoded message's fields."""
     if cls is Submit or cls is Tasks:
         _check_tasks(msg.tasks)
         if cls is Tasks:
@@ -429,7 +532,6 @@ def unpack(frame: bytes | memoryview, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) 
         _check_code(msg.blobs, "Code.blobs")
     elif cls is StartWorker and msg.image is not None and not (0 < len(msg.image) <= 4096):
         raise ProtocolError("StartWorker.image must be a non-empty image reference (at most 4096 chars)")
-    return msg
 
 
 def _check_ids(ids: list, where: str) -> None:
@@ -466,7 +568,7 @@ def _check_tasks(records: list) -> None:
         tid, function, payload, timeout, _, resources, options, origin = rec
         if type(tid) is not bytes or len(tid) != task_id_bytes:
             raise ProtocolError(f"task #{i} has a malformed task id")
-        if not isinstance(function, str) or not isinstance(payload, bytes):
+        if not isinstance(function, str) or not isinstance(payload, (bytes, memoryview)):
             raise ProtocolError(f"task #{i} needs a function digest (str) and payload (bytes)")
         if timeout is not None and not isinstance(timeout, (int, float)):
             raise ProtocolError(f"task #{i} timeout_s must be a number or nil")
@@ -705,7 +807,7 @@ def check_result(rec: ResultRecord | list) -> str | None:
     state, payload, error, timing, output = rec[R_STATE : R_OUTPUT + 1]
     if state not in TERMINAL_STATES:
         return f"state must be one of {', '.join(sorted(TERMINAL_STATES))}, got {state!r}"
-    if payload is not None and not isinstance(payload, bytes):
+    if payload is not None and not isinstance(payload, (bytes, memoryview)):
         return f"payload must be bytes or nil, got {type(payload).__name__}"
     if error is not None:
         if not isinstance(error, list) or not 2 <= len(error) <= 4:
