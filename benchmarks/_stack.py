@@ -52,8 +52,9 @@ def stats(samples: list[float]) -> dict:
 class Stack:
     """``dlhub up`` / ``dlhub down`` on one home, its Executor and Client, and its metrics."""
 
-    def __init__(self, home: Path, workers: int = WORKERS):
+    def __init__(self, home: Path, workers: int = WORKERS, up_args: tuple[str, ...] = ()):
         self.home, self.workers = home, workers
+        self.up_args = list(up_args)  # more `dlhub up` options, e.g. --insecure-loopback
         self.unpack_cache = home / "unpacked"  # the workers' DLHUB_SERVABLE_CACHE, kept in the home
         self.ex = None
         self.client = None
@@ -68,7 +69,7 @@ class Stack:
             MARK: str(self.home),
         }
         cmd = dlhub_command() + ["up", "--home", str(self.home), "--workers", str(self.workers)]
-        cmd += ["--detach", "--no-examples"]
+        cmd += ["--detach", "--no-examples", *self.up_args]
         log = self.home / "bench-dlhub-up.log"
         start = time.perf_counter()
         with open(log, "a") as out:  # a file, not a pipe: a detached daemon may keep it open

@@ -22,6 +22,8 @@ from pydantic import (
     model_validator,
 )
 
+from dlhub.protocol.curve import is_loopback
+
 
 class ConfigError(ValueError):
     """A config file could not be loaded; the message names the key and the problem."""
@@ -403,6 +405,22 @@ class EndpointConfig(_Frozen):
     # (an absolute path) or an image reference the pool's runtime runs (URI, podman/docker name)
     images: dict[str, str] = Field(default_factory=dict)
     build: BuildConfig = BuildConfig()  # images built from requirements (image_cache.build)
+    # the links to pools and workers: CURVE-encrypted (default), or "plain": ZeroMQ PLAIN with a
+    # per-session password, not encrypted, only where every pool dials a loopback address (each
+    # encrypted hop costs ~0.3 s per 100 MB each way; `dlhub up --insecure-loopback` sets it)
+    worker_link: Literal["curve", "plain"] = "curve"
+
+    @model_validator(mode="after")
+    def _plain_links_stay_on_this_host(self):
+        if self.worker_link == "plain":
+            for name, named in self.all_pools().items():
+                if not is_loopback(named.pool.worker_address):
+                    raise ValueError(
+                        f"worker_link: plain sends tasks unencrypted, so it needs workers on this host; "
+                        f"pool {name!r} has worker_address {named.pool.worker_address!r} "
+                        "(use 127.0.0.1, or drop worker_link for CURVE)"
+                    )
+        return self
 
     @model_validator(mode="after")
     def _build_needs_a_builder(self):

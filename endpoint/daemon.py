@@ -145,9 +145,12 @@ class Endpoint:
         self.worker_sock.setsockopt(zmq.RCVHWM, 0)
         self.worker_sock.setsockopt(zmq.LINGER, 0)
         # CurveZMQ to pools and workers too: a key pair per session, the client half in pool.json
+        # (worker_link: plain, loopback only: PLAIN with the client secret as the password)
         self.link_keys = new_link_keys()
-        self._link_auth = start_link_authenticator(self.ctx, self.link_keys["client_public"])
-        secure_link_server(self.worker_sock, self.link_keys)
+        plain = self.config.worker_link == "plain"
+        password = self.link_keys["client_secret"] if plain else None
+        self._link_auth = start_link_authenticator(self.ctx, self.link_keys["client_public"], password)
+        secure_link_server(self.worker_sock, self.link_keys, plain)
         addr = self.config.pool.worker_address
         if self.config.pool.worker_port:
             self.worker_sock.bind(f"tcp://{addr}:{self.config.pool.worker_port}")
@@ -157,6 +160,13 @@ class Endpoint:
         self._write_pool_config()
         self._register(register_timeout_s)
         self._start_pools()
+
+    def _link_secrets(self) -> dict[str, Any]:
+        """What pool.json gives pools and workers to get in: the CURVE client keys, or the PLAIN
+        password (``worker_link: plain``)."""
+        if self.config.worker_link == "plain":
+            return {"plain": {"password": self.link_keys["client_secret"]}}
+        return {"curve": {k: v for k, v in self.link_keys.items() if k != "server_secret"}}
 
     def _write_pool_config(self) -> None:
         """One JSON file per named pool: what its pool processes and workers need to start."""
@@ -168,7 +178,7 @@ class Endpoint:
                 "pool_name": name,
                 "endpoint_url": self.worker_url,
                 "token": self.pool_token,
-                "curve": {k: v for k, v in self.link_keys.items() if k != "server_secret"},
+                **self._link_secrets(),
                 "workers_per_node": named.pool.workers_per_node,
                 "heartbeat_s": self.config.heartbeat_s,
                 "heartbeat_threshold_s": self.config.heartbeat_threshold_s,

@@ -413,6 +413,9 @@ def _up_endpoint(
     config["manager"] = {"address": manager_info["endpoint_url"], "token": token}
     if manager_info.get("curve_public_key"):  # the endpoint pins the manager's key
         config["manager"]["key"] = manager_info["curve_public_key"]
+        config.pop("worker_link", None)  # CURVE to its workers too
+    else:  # --insecure-loopback: nothing here is encrypted, the workers' links neither
+        config["worker_link"] = "plain"
     config.setdefault("pool", {})["workers_per_node"] = workers
     # keep one block warm: the local pool should not go cold between calls
     config.setdefault("provider", {"type": "local", "init_blocks": 1, "min_blocks": 1, "max_blocks": 1})

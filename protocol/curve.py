@@ -254,8 +254,9 @@ def new_link_keys() -> dict[str, str]:
     }
 
 
-def start_link_authenticator(ctx: zmq.Context, client_public: str) -> Any:
-    """ZAP for the endpoint's worker socket: only the session's client key gets in."""
+def start_link_authenticator(ctx: zmq.Context, client_public: str, plain_password: str | None = None) -> Any:
+    """ZAP for the endpoint's worker socket: only the session's client key gets in (with
+    ``plain_password``, a loopback-only PLAIN link: only that password, as user ``pool``)."""
     from zmq.auth.thread import ThreadAuthenticator
 
     class _OneKey:
@@ -264,21 +265,35 @@ def start_link_authenticator(ctx: zmq.Context, client_public: str) -> Any:
 
     auth = ThreadAuthenticator(ctx)
     auth.start()
-    auth.configure_curve_callback(LINK_ZAP_DOMAIN, _OneKey())
+    if plain_password is not None:
+        auth.configure_plain(LINK_ZAP_DOMAIN, {LINK_PLAIN_USER: plain_password})
+    else:
+        auth.configure_curve_callback(LINK_ZAP_DOMAIN, _OneKey())
     return auth
 
 
-def secure_link_server(sock: zmq.Socket, keys: dict[str, str]) -> None:
+LINK_PLAIN_USER = "pool"
+
+
+def secure_link_server(sock: zmq.Socket, keys: dict[str, str], plain: bool = False) -> None:
+    """CURVE (the default), or with ``plain`` ZeroMQ PLAIN: authenticated by the session's
+    secret as a password, not encrypted (``worker_link: plain``, loopback only)."""
     sock.setsockopt_string(zmq.ZAP_DOMAIN, LINK_ZAP_DOMAIN)
+    if plain:
+        sock.plain_server = True
+        return
     sock.curve_server = True
     sock.curve_secretkey = keys["server_secret"].encode("ascii")
 
 
 def secure_link_client(sock: zmq.Socket, pool_config: dict[str, Any]) -> None:
-    """A pool's or worker's socket to its endpoint: CURVE with the keys in pool.json (a pool.json
-    from an endpoint without them: plain, as before)."""
+    """A pool's or worker's socket to its endpoint: CURVE with the keys in pool.json, or PLAIN
+    with its password (a pool.json from an endpoint without either: plain, as before)."""
     keys = pool_config.get("curve")
     if keys:
         sock.curve_serverkey = keys["server_public"].encode("ascii")
         sock.curve_publickey = keys["client_public"].encode("ascii")
         sock.curve_secretkey = keys["client_secret"].encode("ascii")
+    elif pool_config.get("plain"):
+        sock.plain_username = LINK_PLAIN_USER.encode()
+        sock.plain_password = pool_config["plain"]["password"].encode("ascii")

@@ -249,9 +249,9 @@ class Stack:
         self.executors.clear()
 
 
-def start_stack(home: Path, workers: int = 2, examples: bool = False) -> Stack:
+def start_stack(home: Path, workers: int = 2, examples: bool = False, up_args: tuple[str, ...] = ()) -> Stack:
     flag = "--examples" if examples else "--no-examples"
-    proc = dlhub_cli("up", "--home", str(home), "--workers", str(workers), "--detach", flag)
+    proc = dlhub_cli("up", "--home", str(home), "--workers", str(workers), "--detach", flag, *up_args)
     stack = Stack(home)
     if proc.returncode != 0:
         stop_stack(stack)

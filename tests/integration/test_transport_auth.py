@@ -18,7 +18,7 @@ import time
 import psutil
 import pytest
 import zmq
-from conftest import wait_until
+from conftest import start_stack, stop_stack, wait_until
 
 from dlhub.protocol import AccessDenied, ManagerUnreachable
 from dlhub.protocol import messages as m
@@ -330,6 +330,48 @@ def test_worker_links_are_curve_too(hub, ctx):
     keyed.send(worker_hello("not-the-pool-token"))
     reply = _recv(keyed)
     assert isinstance(reply, m.Refused) and reply.code == "access-denied", reply
+
+
+def _echo(x):
+    return x
+
+
+def test_insecure_loopback_stack_links_its_workers_with_a_password(tmp_path, ctx):
+    """`dlhub up --insecure-loopback`: nothing on this host is encrypted, the workers' links
+    neither (``worker_link: plain``), but they are still authenticated: pool.json holds a
+    per-session PLAIN password (no CURVE keys), a peer with another password gets no frame in,
+    one with it still needs the pool token; tasks run, large payloads too."""
+    import numpy as np
+    import yaml
+
+    stack = start_stack(tmp_path / "home", workers=1, up_args=("--insecure-loopback",))
+    try:
+        config = yaml.safe_load((stack.endpoint_dir / "config.yaml").read_text())
+        assert config["worker_link"] == "plain" and "key" not in config["manager"]
+        cfg = json.loads((stack.endpoint_dir / "pool-default.json").read_text())
+        assert "curve" not in cfg and len(cfg["plain"]["password"]) == 40
+        ex = stack.executor()
+        assert ex.submit(pow, 2, 5).result(60) == 32
+        arr = np.arange(2**20, dtype=np.float64)  # 8 MB: its own frame on every hop
+        assert np.array_equal(ex.submit(_echo, arr).result(60), arr)
+
+        versions = {"protocol": m.PROTOCOL_VERSION}
+        hello = m.pack(m.Hello("worker", "w-test", cfg["token"], "w-test", versions, {}))
+        wrong = ctx.socket(zmq.DEALER)
+        wrong.linger = 0
+        wrong.plain_username, wrong.plain_password = b"pool", b"not-the-password"
+        wrong.connect(cfg["endpoint_url"])
+        _send(wrong, hello)
+        assert _recv(wrong, 1.0) is None
+        keyed = ctx.socket(zmq.DEALER)
+        keyed.linger = 0
+        secure_link_client(keyed, cfg)
+        keyed.connect(cfg["endpoint_url"])
+        keyed.send(m.pack(m.Hello("worker", "w-test", "not-the-pool-token", "w-test", {}, {})))
+        reply = _recv(keyed)
+        assert isinstance(reply, m.Refused) and reply.code == "access-denied", reply
+    finally:
+        stop_stack(stack)
 
 
 def test_rest_over_tls(tmp_path):

@@ -304,3 +304,13 @@ def test_batching_and_worker_cache_settings_are_checked():
                 "worker_cache": {"memory_budget_mb": -1},
             }
         )
+
+
+def test_a_plain_worker_link_needs_workers_on_this_host(tmp_path):
+    """worker_link: plain (no encryption to pools and workers) only where every pool dials a
+    loopback address; the error names the pool and its address."""
+    local = parse_config(with_changes(worker_link="plain", pool__worker_address="127.0.0.1"))
+    assert local.worker_link == "plain" and parse_config(with_changes()).worker_link == "curve"
+    text = error_for(tmp_path, with_changes(worker_link="plain", pool__worker_address="10.1.2.3"))
+    assert "worker_link: plain" in text and "'default'" in text and "10.1.2.3" in text
+    assert "worker_link" in error_for(tmp_path, with_changes(worker_link="none"))
