@@ -4,18 +4,24 @@
     .venv/bin/python benchmarks/arrays.py --quick    # 1 and 10 MB (< 60 s)
     .venv/bin/python benchmarks/arrays.py --profile  # then py-spy each dlhub process, largest size
 
-Same run, one machine:
+Same run, one machine, two transports:
 
-- ``dlhub``: one ``dlhub up`` stack (manager, endpoint ``local``, 2 workers) on 127.0.0.1;
+- ``dlhub``: one ``dlhub up`` stack (manager, endpoint ``local``, 2 workers) on 127.0.0.1, as
+  deployed: CURVE-encrypted links (client-manager, manager-endpoint, endpoint-worker);
   ``Executor.submit(echo, a).result()`` where ``echo`` returns its argument (a numpy float64 array);
+- ``dlhub-plain``: a second stack started with ``dlhub up --insecure-loopback``: the same links
+  unencrypted (ZeroMQ PLAIN, tokens and the workers' session password still checked);
 - ``raw``: three processes, client DEALER -> broker ROUTER/ROUTER -> worker DEALER and back; the
   array goes as its own frame with ``copy=False`` (its buffer, no pickling of the data), the broker
   forwards the frames untouched and the worker rebuilds it with ``np.frombuffer`` and sends the same
-  buffer back zero-copy.
+  buffer back zero-copy. Unencrypted: the baseline of ``dlhub-plain``;
+- ``raw-curve``: the same chain with both of the broker's sockets CURVE servers: the baseline of
+  ``dlhub`` (the same encryption on 2 hops each way where dlhub has 3).
 
-Per size: the median wall time of N calls for each (after one warm-up call), the ratio dlhub/raw
-(target: within 3x at 100 MB), and afterwards each dlhub process's peak RSS (``VmHWM`` of manager,
-endpoint, workers; the client's ``ru_maxrss``). Every echoed array is checked against the one sent.
+Per size: the median wall time of N calls for each (after one warm-up call), the ratio of each
+dlhub stack to its baseline (target: within 3x at 100 MB) and to the unencrypted raw chain, and
+afterwards each dlhub process's peak RSS (``VmHWM`` of manager, endpoint, workers; the client's
+``ru_maxrss``, both stacks' clients being this process). Every echoed array is checked.
 JSON lines as they come, then a summary.
 """
 
@@ -31,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import zmq
-from _stack import marked, median, run_bench
+from _stack import Stack, marked, median, run_bench
 from data import peak_rss
 
 FULL = {"mb": [1, 10, 100], "n": {1: 20, 10: 10, 100: 5}}
@@ -49,12 +55,23 @@ def make_array(mb: int) -> np.ndarray:
 # ---------------------------------------------------------------- raw zero-copy chain
 
 
-def run_broker() -> None:
-    """Forward [client, header, data] to the worker and back, frames untouched (copy=False)."""
+def curve_client(sock: zmq.Socket, server_key: str | None) -> None:
+    """With a server key: this socket speaks CURVE (a fresh client key pair), as dlhub's do."""
+    if server_key:
+        public, secret = zmq.curve_keypair()
+        sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = server_key.encode(), public, secret
+
+
+def run_broker(curve: bool) -> None:
+    """Forward [client, header, data] to the worker and back, frames untouched (copy=False);
+    with ``curve`` both of its sockets are CURVE servers (the same encryption as dlhub's links)."""
     ctx = zmq.Context()
     front, back = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)
+    public, secret = zmq.curve_keypair()
+    for sock in (front, back) if curve else ():
+        sock.curve_server, sock.curve_secretkey = True, secret
     ports = [s.bind_to_random_port("tcp://127.0.0.1") for s in (front, back)]
-    print(*ports, flush=True)
+    print(*ports, public.decode() if curve else "-", flush=True)
     worker = back.recv_multipart()[0]  # the worker's hello
     poller = zmq.Poller()
     poller.register(front, zmq.POLLIN)
@@ -71,10 +88,11 @@ def run_broker() -> None:
                 front.send_multipart(frames[1:], copy=False)
 
 
-def run_worker(addr: str) -> None:
+def run_worker(addr: str, server_key: str | None) -> None:
     """Rebuild the array from its frame (np.frombuffer, no copy) and send the same buffer back."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
+    curve_client(sock, server_key)
     sock.connect(addr)
     sock.send(b"hello")
     while True:
@@ -88,14 +106,16 @@ def run_worker(addr: str) -> None:
 class RawArrayChain:
     """Client side of the raw chain: one broker and one worker subprocess."""
 
-    def __init__(self) -> None:
-        cmd = [sys.executable, __file__]
-        self.procs = [subprocess.Popen(cmd + ["--raw", "broker"], stdout=subprocess.PIPE, text=True)]
-        front, back = (int(p) for p in self.procs[0].stdout.readline().split())
-        self.procs.append(subprocess.Popen(cmd + ["--raw", "worker", f"tcp://127.0.0.1:{back}"]))
+    def __init__(self, curve: bool = False) -> None:
+        cmd = [sys.executable, __file__, "--raw"]
+        broker = cmd + ["broker", "curve" if curve else "plain"]
+        self.procs = [subprocess.Popen(broker, stdout=subprocess.PIPE, text=True)]
+        front, back, key = self.procs[0].stdout.readline().split()
+        self.procs.append(subprocess.Popen(cmd + ["worker", f"tcp://127.0.0.1:{back}", key]))
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        curve_client(self.sock, None if key == "-" else key)
         self.sock.connect(f"tcp://127.0.0.1:{front}")
 
     def call(self, arr: np.ndarray) -> np.ndarray:
@@ -141,23 +161,47 @@ def timed(call, arr: np.ndarray, n: int) -> list[float]:
 
 
 def measure(stack, sizes, emit, args) -> None:
-    raw = RawArrayChain()
+    """Per size, in turn: raw chain (no encryption), dlhub --insecure-loopback (PLAIN links, no
+    encryption: the same transport), raw chain with CURVE, dlhub as deployed (CURVE links)."""
+    raws = {"raw": RawArrayChain(curve=False), "raw-curve": RawArrayChain(curve=True)}
+    plain_home = stack.home.with_name(stack.home.name + "-plain")  # a sibling: its own processes
+    plain_home.mkdir(exist_ok=True)
+    plain = Stack(plain_home, up_args=("--insecure-loopback",))
     try:
-        up_s = stack.up()
-        emit("startup", "dlhub", up_s=round(up_s, 3))
-        ex = stack.ex
+        emit("startup", "dlhub", up_s=round(stack.up(), 3))
+        emit("startup", "dlhub-plain", up_s=round(plain.up(), 3))
+        pairs = (("dlhub-plain", plain, "raw"), ("dlhub", stack, "raw-curve"))
         for mb in sizes["mb"]:
             arr, n = make_array(mb), sizes["n"][mb]
-            raw_s = median(timed(raw.call, arr, n))
-            emit("echo", "raw", mb=mb, n=n, median_s=round(raw_s, 4))
-            dl_s = median(timed(lambda a: ex.submit(echo, a).result(600), arr, n))
-            emit("echo", "dlhub", mb=mb, n=n, median_s=round(dl_s, 4), ratio=round(dl_s / raw_s, 2))
+            raw_s = {}
+            for name, chain in raws.items():
+                raw_s[name] = median(timed(chain.call, arr, n))
+                emit("echo", name, mb=mb, n=n, median_s=round(raw_s[name], 4))
+            for system, st, baseline in pairs:
+                dl_s = median(timed(lambda a, ex=st.ex: ex.submit(echo, a).result(600), arr, n))
+                emit(
+                    "echo",
+                    system,
+                    mb=mb,
+                    n=n,
+                    median_s=round(dl_s, 4),
+                    baseline=baseline,
+                    ratio=round(dl_s / raw_s[baseline], 2),
+                    ratio_vs_raw=round(dl_s / raw_s["raw"], 2),
+                )
             del arr
         emit("peak_rss_mib", "dlhub", **peak_rss(stack))
+        emit("peak_rss_mib", "dlhub-plain", **peak_rss(plain))
         if args.profile:
             profile(stack, make_array(sizes["mb"][-1]), sizes["n"][sizes["mb"][-1]], emit)
     finally:
-        raw.close()
+        for chain in raws.values():
+            chain.close()
+        try:
+            plain.down()
+        except RuntimeError as exc:  # say it, without hiding what failed before
+            print(f"stopping the --insecure-loopback stack: {exc}", file=sys.stderr)
+        shutil.rmtree(plain_home, ignore_errors=True)
 
 
 def _roles(home: Path) -> dict[int, str]:
@@ -221,17 +265,22 @@ def profile(stack, arr: np.ndarray, n: int, emit) -> None:
 def summary(records: list[dict]) -> str:
     by = {(r["metric"], r["system"], r.get("mb")): r for r in records}
     lines = ["float64 array echo: dlhub Executor vs raw zero-copy pyzmq chain (same run, median of n)"]
-    lines.append(f"  {'MB':>5} {'n':>3} {'raw s':>9} {'dlhub s':>9} {'dlhub/raw':>10}")
-    for (metric, system, mb), rec in sorted(by.items(), key=lambda kv: kv[0][2] or 0):
-        if metric == "echo" and system == "dlhub" and ("echo", "raw", mb) in by:
-            raw = by[("echo", "raw", mb)]
+    head = f"  {'MB':>5} {'n':>3} {'transport':>9} {'raw s':>9} {'dlhub s':>9} {'dlhub/raw':>10}"
+    lines.append(head)
+    for mb in sorted({r["mb"] for r in records if r["metric"] == "echo"}):
+        for system, transport in (("dlhub-plain", "plain"), ("dlhub", "CURVE")):
+            rec = by.get(("echo", system, mb))
+            if rec is None:
+                continue
+            raw = by[("echo", rec["baseline"], mb)]
             times = f"{raw['median_s']:>9.4f} {rec['median_s']:>9.4f}"
-            lines.append(f"  {mb:>5} {rec['n']:>3} {times} {rec['ratio']:>9.2f}x")
-    rss = by.get(("peak_rss_mib", "dlhub", None))
-    if rss:
-        fields = {k: v for k, v in rss.items() if k not in ("bench", "system", "metric")}
-        rss_text = ", ".join(f"{k} {v}" for k, v in sorted(fields.items()))
-        lines.append(f"  peak RSS MiB after the run: {rss_text}")
+            lines.append(f"  {mb:>5} {rec['n']:>3} {transport:>9} {times} {rec['ratio']:>9.2f}x")
+    for system in ("dlhub-plain", "dlhub"):
+        rss = by.get(("peak_rss_mib", system, None))
+        if rss:
+            fields = {k: v for k, v in rss.items() if k not in ("bench", "system", "metric")}
+            rss_text = ", ".join(f"{k} {v}" for k, v in sorted(fields.items()))
+            lines.append(f"  peak RSS MiB after the run ({system}): {rss_text}")
     for rec in records:
         if rec["metric"] == "profile" and "top" in rec:
             lines.append(f"  profile {rec['system']}: {rec['cpu_s_per_call']} CPU s per {rec['mb']} MB call")
@@ -250,6 +299,9 @@ def add_arguments(parser) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--raw":
-        run_broker() if sys.argv[2] == "broker" else run_worker(sys.argv[3])
+        if sys.argv[2] == "broker":
+            run_broker(sys.argv[3] == "curve")
+        else:
+            run_worker(sys.argv[3], None if sys.argv[4] == "-" else sys.argv[4])
     else:
         sys.exit(run_bench("arrays", __doc__, FULL, QUICK, measure, summary, add_arguments))

@@ -8,9 +8,7 @@ in-band (plain data goes to msgpack anyway). Below ``OOB_MIN_BYTES`` the old 0x0
 from __future__ import annotations
 
 import pickle
-import statistics
 import struct
-import time
 from typing import Any
 
 import dill
@@ -351,30 +349,3 @@ def test_method_of_names_it() -> None:
 
 
 # ---- timing (printed, not asserted) -------------------------------------------------------------
-
-
-def test_timing_of_a_100_mb_array_printed() -> None:
-    arr = np.random.default_rng(0).random(100 * 2**20 // 8)
-
-    def median(fn: Any, runs: int = 5) -> float:
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times) * 1000
-
-    old_buf = b"\x02" + pickle.dumps(arr, protocol=5)
-    new_buf = serialize(arr)
-    frame = bytearray(new_buf)
-    assert method_of(new_buf) == "pickle5"
-    figures = {
-        "old serialize (in-band)": median(lambda: b"\x02" + pickle.dumps(arr, protocol=5)),
-        "old deserialize (dill, bytes)": median(lambda: dill.loads(old_buf[1:])),
-        "new serialize (pickle5)": median(lambda: serialize(arr)),
-        "new deserialize from bytes": median(lambda: deserialize(new_buf)),
-        "new deserialize from bytearray": median(lambda: deserialize(frame)),
-    }
-    print("\n100 MiB float64 array, medians of 5:")
-    for label, ms in figures.items():
-        print(f"  {label:34s} {ms:8.2f} ms")
