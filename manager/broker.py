@@ -167,7 +167,7 @@ class Manager:
         ensure_admin(engine, self.config.admin_user, self.home / "admin.token")
         self._backfill_keys(engine)
         self.auth = Authenticator(engine, refresh_s=None)  # refreshed by _watch_users
-        self.store = TaskStore(engine, self._on_commit)
+        self.store = TaskStore(engine, self._on_commit, blob_dir=self.home / "task-blobs")
         self.repository = Repository(engine, self.home / "blobs")
         interrupted = self.repository.fail_interrupted()
         if interrupted:

@@ -9,12 +9,16 @@ migrations that bring an older database up to it, and the engine settings.
       dataset_links                       which data sets a servable version was trained/validated on
     dlhub_meta                          schema version, users generation
 
+tasks.payload and tasks.result are ``SpilledBinary``: a large value lives in a file of the task
+store's and the row holds a marker that reads back as the file's bytes (store.py says when).
+
 The modules that read and write these import from here and not from each other, so the package's
 import graph stays acyclic (tests/unit/test_import_graph.py).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +31,71 @@ SCHEMA_VERSION = 9  # 2: tasks.resources; 3: servable_versions.digest; 4: tasks.
 # 6: users.revoked, groups, group_members; 7: servable_access, servable_shares; 8: endpoint_owners;
 # 9: servable_versions.record_type (data sets beside servables), dataset_links
 metadata = sa.MetaData()
+
+log = logging.getLogger(__name__)
+
+# ---- large payloads and results live in files (issue 15): the column holds a marker ------------
+
+BLOB_MARKER = b"\x00dlhub-blob\x00"  # 0x00 never starts a dlhub payload (serializer ids 0x01..)
+BLOB_MARKER_LEN = len(BLOB_MARKER) + 64  # + the sha256 hex of the content
+_HEX = frozenset(b"0123456789abcdef")
+
+# The task blob directories of this process (TaskStore registers its own), searched in order.
+# A marker names content, never a place: a file's name is the sha256 of its bytes, so a file of
+# that name in any registered directory is the right one, and a row cannot point anywhere else.
+BLOB_DIRS: list[Path] = []
+
+
+def blob_marker(digest: str) -> bytes:
+    """What the SQL column holds for content stored as a file under ``digest`` (sha256 hex)."""
+    return BLOB_MARKER + digest.encode("ascii")
+
+
+def blob_digest(value: bytes | bytearray | memoryview | None) -> str | None:
+    """The digest a column value refers to, or None when the value is the content itself."""
+    if value is None or len(value) != BLOB_MARKER_LEN or bytes(value[: len(BLOB_MARKER)]) != BLOB_MARKER:
+        return None
+    hexd = bytes(value[len(BLOB_MARKER) :])
+    return hexd.decode("ascii") if _HEX.issuperset(hexd) else None
+
+
+def blob_path(root: Path, kind: str, digest: str) -> Path:
+    """Where content ``digest`` of column ``kind`` ("payload" or "result") lives under ``root``."""
+    return root / kind / digest[:2] / digest[2:]
+
+
+def read_blob(kind: str, digest: str) -> bytes | None:
+    """The content of a spilled ``kind`` column, from the first registered directory that has
+    it; None (logged as an error) when none has: a task whose file is gone reads as having no
+    payload or result rather than failing every query that touches its row (or the restart)."""
+    for root in list(BLOB_DIRS):
+        try:
+            with open(blob_path(root, kind, digest), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            continue
+    log.error("task %s file %s is missing (looked in %s)", kind, digest, [str(d) for d in BLOB_DIRS])
+    return None
+
+
+class SpilledBinary(sa.types.TypeDecorator):
+    """LargeBinary whose marker values read back as their file's bytes (the DDL is unchanged:
+    no migration). Writes pass through: only the task store's writer spills, on its raw DBAPI
+    connection; a value written through SQLAlchemy stays in the row."""
+
+    impl = sa.LargeBinary
+    cache_ok = True
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+
+    def process_result_value(self, value, dialect):
+        if value is None or len(value) != BLOB_MARKER_LEN:
+            return value
+        digest = blob_digest(value)
+        return value if digest is None else read_blob(self.kind, digest)
+
 
 tasks_table = sa.Table(
     "tasks",
@@ -45,8 +114,9 @@ tasks_table = sa.Table(
     sa.Column("t_dispatched", sa.Float, nullable=True),
     sa.Column("t_started", sa.Float, nullable=True),
     sa.Column("t_finished", sa.Float, nullable=True),
-    sa.Column("payload", sa.LargeBinary, nullable=True),  # dropped once the task is terminal
-    sa.Column("result", sa.LargeBinary, nullable=True),
+    # payload dropped once the task is terminal; either may be a marker of a file (SpilledBinary)
+    sa.Column("payload", SpilledBinary("payload"), nullable=True),
+    sa.Column("result", SpilledBinary("result"), nullable=True),
     sa.Column("error", sa.LargeBinary, nullable=True),  # msgpack of the wire error record
     sa.Column("stdout", sa.Text, nullable=True),
     sa.Column("stderr", sa.Text, nullable=True),

@@ -11,25 +11,57 @@ carries small frozen commands (``_Insert``, ``_Update``, ``_PutCode``, ``_PutCac
 ``health()`` says, from any thread, whether a group commit is stuck (failing and retrying, or
 blocked on another process's lock for over ``STALL_S``), since when and how much waits behind it.
 SQLite in WAL mode is the default; the SQL is plain SQLAlchemy Core so PostgreSQL can follow.
+
+Large values live in files, not rows (issue 15): a ``payload`` or ``result`` of at least
+``BLOB_MIN_BYTES`` is written by the writer thread, before its transaction commits, to
+``<blob_dir>/<payload|result>/<sha256[:2]>/<sha256[2:]>`` (content-addressed: an existing file is
+reused; written under a temporary name, then renamed), and the column holds a 76-byte marker
+(``schema.blob_marker``) that every SQLAlchemy read turns back into the bytes
+(``schema.SpilledBinary``). SQL stays small and SQLite spends no CPU copying megabytes.
+
+    freed when   a payload file: once the update that ends its task (payload set to NULL) has
+                 committed and no other unfinished task refers to the same content (a refcount per
+                 digest, kept by the writer, rebuilt from the unfinished rows at start). A result
+                 file: never, like its row (there is no task purge).
+    left over    a kill between a file's write and its commit, or between a commit and the unlink,
+                 leaves an unreferenced file: payload files no unfinished row refers to and older
+                 than ``ORPHAN_AGE_S`` are removed at the next start; result files stay.
+    durable      as the database is: files are not fsynced, as SQLite in WAL mode with
+                 synchronous=NORMAL does not fsync each commit. A killed process loses nothing;
+                 a power loss may lose the last commits and files the OS had not written out yet
+                 (such a value reads as missing: None, logged; a short file is rewritten when the
+                 same content comes again).
+
+``blob_dir`` defaults to ``task-blobs`` beside a SQLite file (the broker passes
+``<home>/task-blobs``, also for PostgreSQL); without one (an in-memory database) nothing is
+spilled. Managers sharing one database must share it, as they share the repository's blobs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import msgpack
 import sqlalchemy as sa
 
 from .schema import (  # noqa: F401 - re-exported: callers import these from the store
+    BLOB_DIRS,
+    BLOB_MARKER_LEN,
     MIGRATIONS,
     SCHEMA_VERSION,
     TERMINAL,
+    blob_digest,
+    blob_marker,
+    blob_path,
     code_table,
     endpoint_owners_table,
     group_members_table,
@@ -44,6 +76,9 @@ from .schema import (  # noqa: F401 - re-exported: callers import these from the
 )
 
 log = logging.getLogger(__name__)
+
+BLOB_MIN_BYTES = 64 * 1024  # a payload or result this large goes to a file, the row holds a marker
+ORPHAN_AGE_S = 3600.0  # an unreferenced payload file older than this is removed at start
 
 
 def endpoint_owner(engine: sa.Engine, name: str) -> str | None:
@@ -124,15 +159,26 @@ class _Batch:
     code: dict[str, bytes] = field(default_factory=dict)
     cached: dict[str, tuple[bytes, float]] = field(default_factory=dict)  # result cache rows
     acks: list[tuple[str, bytes, bytes]] = field(default_factory=list)  # (kind, ident, task_id)
+    freed: list[str] = field(default_factory=list)  # payload digests to release once committed
 
 
 class TaskStore:
     """Asynchronous, group-committed writes plus synchronous reads."""
 
     def __init__(
-        self, engine: sa.Engine, on_commit: Callable[[list], None], commit_interval_s: float = 0.005
+        self,
+        engine: sa.Engine,
+        on_commit: Callable[[list], None],
+        commit_interval_s: float = 0.005,
+        blob_dir: Path | str | None = None,
     ):
         self.engine = engine
+        self.blob_dir = Path(blob_dir) if blob_dir is not None else _default_blob_dir(engine)
+        if self.blob_dir is not None:
+            BLOB_DIRS.append(self.blob_dir)  # readers resolve markers there (until close)
+        # the writer's: live tasks' payload files by task id, and how many live tasks share each
+        self._payload_of: dict[bytes, str] = {}
+        self._payload_refs: dict[str, int] = {}
         self.commit_interval_s = commit_interval_s
         self._on_commit = on_commit
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -151,6 +197,8 @@ class TaskStore:
         self._last_commit = time.monotonic()  # the last commit that landed (or the start)
 
     def start(self) -> None:
+        if self.blob_dir is not None:
+            self._load_payload_refs()
         self._thread.start()
 
     def close(self, timeout: float = 10.0) -> None:
@@ -158,6 +206,8 @@ class TaskStore:
         self._thread.join(timeout)
         if self._raw is not None:
             self._raw.close()
+        if self.blob_dir is not None and self.blob_dir in BLOB_DIRS:
+            BLOB_DIRS.remove(self.blob_dir)
         with self._readers_lock:
             readers, self._readers = self._readers, []
         for conn in readers:
@@ -335,6 +385,8 @@ class TaskStore:
             self._writing = (last_commit, writes, 0, None) if writes else None
             self._write_until_it_lands(batch)
             self._writing = None
+            if batch.freed:
+                self._release(batch.freed)
             if batch.acks:
                 self._on_commit(batch.acks)
             for ev in flushes:
@@ -417,6 +469,8 @@ class TaskStore:
         would sit on the broker's GIL for every group commit)."""
         if not (batch.inserts or batch.updates or batch.code or batch.cached):
             return
+        if self.blob_dir is not None:
+            self._spill(batch)  # again on a retry: what is spilled already is a small marker
         if self._raw is None:
             self._raw = self.engine.raw_connection()
         cur = self._raw.cursor()
@@ -449,6 +503,117 @@ class TaskStore:
             cur.close()
         self.commits += 1
         self.rows_written += len(batch.inserts) + len(batch.updates)
+
+    # ---- large values in files (the writer thread; the refcounts are its alone) ------------
+
+    def _spill(self, batch: _Batch) -> None:
+        """Write this batch's large payloads and results to files and put markers in their place;
+        note the payload files its updates release (in ``batch.freed``, unlinked after commit)."""
+        for task_id, row in batch.inserts.items():
+            spilled = self._spill_values(task_id, row)
+            if spilled is not None:
+                batch.inserts[task_id] = {**row, **spilled}  # the caller's dict stays as it was
+        for task_id, changes in batch.updates.items():
+            if "payload" in changes:
+                old = self._payload_of.pop(task_id, None)
+                if old is not None:
+                    batch.freed.append(old)
+            spilled = self._spill_values(task_id, changes)
+            if spilled is not None:
+                changes.update(spilled)
+
+    def _spill_values(self, task_id: bytes, cols: dict[str, Any]) -> dict[str, bytes] | None:
+        out = None
+        for kind in ("payload", "result"):
+            value = cols.get(kind)
+            if value is None or _nbytes(value) < BLOB_MIN_BYTES:
+                continue
+            digest = self._put_file(kind, value)
+            if out is None:
+                out = {}
+            out[kind] = blob_marker(digest)
+            if kind == "payload" and self._payload_of.get(task_id) != digest:
+                old = self._payload_of.get(task_id)
+                if old is not None:  # a payload replaced before the commit (not done today)
+                    self._release([old])
+                self._payload_of[task_id] = digest
+                self._payload_refs[digest] = self._payload_refs.get(digest, 0) + 1
+        return out
+
+    def _put_file(self, kind: str, value: bytes | bytearray | memoryview) -> str:
+        """Store ``value`` under its sha256 (reusing an existing file); returns the hex digest."""
+        if isinstance(value, memoryview) and not value.c_contiguous:  # not from a frame: copy once
+            value = value.tobytes()
+        digest = hashlib.sha256(value).hexdigest()
+        path = blob_path(self.blob_dir, kind, digest)
+        try:
+            if path.stat().st_size == _nbytes(value):  # not one cut short by a power loss
+                return digest
+        except FileNotFoundError:
+            pass
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "wb") as f:
+            f.write(value)  # the buffer itself: no join, no copy
+        os.replace(tmp, path)
+        return digest
+
+    def _release(self, digests: list[str]) -> None:
+        """Drop one reference to each payload file; unlink a file nobody refers to any more."""
+        for digest in digests:
+            left = self._payload_refs.get(digest, 0) - 1
+            if left > 0:
+                self._payload_refs[digest] = left
+                continue
+            self._payload_refs.pop(digest, None)
+            try:
+                blob_path(self.blob_dir, "payload", digest).unlink(missing_ok=True)
+            except OSError as exc:  # left for the sweep at the next start
+                log.warning("could not remove payload file %s: %s", digest, exc)
+
+    def _load_payload_refs(self) -> None:
+        """Rebuild the payload refcounts from the unfinished rows' markers (before the writer
+        starts), then remove old payload files none of them refers to: left by a kill."""
+        t = tasks_table
+        marker = sa.type_coerce(t.c.payload, sa.LargeBinary).label("marker")  # the raw column
+        query = sa.select(t.c.task_id, marker).where(
+            t.c.state.not_in(TERMINAL), sa.func.length(t.c.payload) == BLOB_MARKER_LEN
+        )
+        with self.engine.connect() as conn:
+            for task_id, value in conn.execute(query):
+                digest = blob_digest(value)
+                if digest is not None:
+                    self._payload_of[task_id] = digest
+                    self._payload_refs[digest] = self._payload_refs.get(digest, 0) + 1
+        root = self.blob_dir / "payload"
+        if not root.is_dir():
+            return
+        cutoff = time.time() - ORPHAN_AGE_S
+        for path in root.glob("*/*"):
+            name = path.parent.name + path.name
+            if name in self._payload_refs:
+                continue
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    log.info("removed an unreferenced payload file %s", path.name)
+            except OSError:  # gone already, or not ours to remove
+                continue
+
+
+def _nbytes(value: bytes | bytearray | memoryview) -> int:
+    return value.nbytes if isinstance(value, memoryview) else len(value)
+
+
+def _default_blob_dir(engine: sa.Engine) -> Path | None:
+    """``task-blobs`` beside a SQLite file; None (nothing spilled) for anything else."""
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+        return None
+    if database.startswith("file:"):
+        return None
+    return Path(database).resolve().parent / "task-blobs"
 
 
 _TASK_COLUMNS = [c.name for c in tasks_table.c]
