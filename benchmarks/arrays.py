@@ -32,6 +32,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -164,8 +165,7 @@ def measure(stack, sizes, emit, args) -> None:
     """Per size, in turn: raw chain (no encryption), dlhub --insecure-loopback (PLAIN links, no
     encryption: the same transport), raw chain with CURVE, dlhub as deployed (CURVE links)."""
     raws = {"raw": RawArrayChain(curve=False), "raw-curve": RawArrayChain(curve=True)}
-    plain_home = stack.home.with_name(stack.home.name + "-plain")  # a sibling: its own processes
-    plain_home.mkdir(exist_ok=True)
+    plain_home = Path(tempfile.mkdtemp(prefix="bench-arrays-plain-"))  # not a prefix of the other
     plain = Stack(plain_home, up_args=("--insecure-loopback",))
     try:
         emit("startup", "dlhub", up_s=round(stack.up(), 3))
