@@ -523,3 +523,19 @@ def meta(name: str, **overrides: Any) -> dict[str, Any]:
         "domains": ["testing"],
     }
     return {**fields, **overrides}
+
+
+def task_row(n: int, payload: bytes | memoryview | None = b"x", t_received: float = 1.0) -> dict:
+    """A ``tasks`` row for TaskStore tests: task ``n`` (its id ``n`` as 16 big-endian bytes),
+    alice's, dispatched to ``ep``."""
+    return {
+        "task_id": n.to_bytes(16, "big"),
+        "owner": "alice",
+        "client_session": "s",
+        "endpoint": "ep",
+        "function": "sha256:f",
+        "state": "dispatched",
+        "result_serializer": "auto",
+        "t_received": t_received,
+        "payload": payload,
+    }

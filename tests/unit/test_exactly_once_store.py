@@ -8,7 +8,7 @@ import threading
 import time
 
 import sqlalchemy as sa
-from conftest import fresh_pg_database
+from conftest import fresh_pg_database, task_row
 
 from dlhub.manager.routing import Router
 from dlhub.manager.store import TaskStore, make_engine, migrate
@@ -129,20 +129,7 @@ def test_a_group_commit_blocked_by_a_database_lock_is_retried_until_it_lands(tmp
     locker = sqlite3.connect(path, isolation_level=None)
     try:
         locker.execute("BEGIN EXCLUSIVE")  # a real lock held by another connection
-        rows = [
-            {
-                "task_id": tid(n),
-                "owner": "alice",
-                "client_session": "s",
-                "endpoint": "ep",
-                "function": "sha256:f",
-                "state": "dispatched",
-                "result_serializer": "auto",
-                "t_received": 1.0,
-                "payload": b"x",
-            }
-            for n in range(1, 61)
-        ]
+        rows = [task_row(n) for n in range(1, 61)]
         store.received(rows, [("client", CLIENT, tid(n)) for n in range(1, 61)])
         time.sleep(1.0)
         assert store.commit_failures >= 1, "the lock did not make the commit fail"

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from conftest import task_row
 
 from dlhub.manager import store as store_mod
 from dlhub.manager.store import (
@@ -36,17 +37,7 @@ def tid(n: int) -> bytes:
 
 
 def row(n: int, payload) -> dict:
-    return {
-        "task_id": tid(n),
-        "owner": "alice",
-        "client_session": "s",
-        "endpoint": "ep",
-        "function": "sha256:f",
-        "state": "dispatched",
-        "result_serializer": "auto",
-        "t_received": float(n),
-        "payload": payload,
-    }
+    return task_row(n, payload, t_received=float(n))
 
 
 def finished(result=None) -> dict:

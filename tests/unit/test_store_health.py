@@ -7,6 +7,7 @@ import sqlite3
 import time
 
 import sqlalchemy as sa
+from conftest import task_row
 
 from dlhub.manager.store import STALL_S, TaskStore, make_engine, migrate
 from dlhub.protocol import messages as m
@@ -17,17 +18,7 @@ def tid(n: int) -> bytes:
 
 
 def row(n: int) -> dict:
-    return {
-        "task_id": tid(n),
-        "owner": "alice",
-        "client_session": "s",
-        "endpoint": "ep",
-        "function": "sha256:f",
-        "state": "dispatched",
-        "result_serializer": "auto",
-        "t_received": 1.0,
-        "payload": b"x",
-    }
+    return task_row(n)
 
 
 def store_on(path, busy_timeout_ms: int | None = None) -> TaskStore:
