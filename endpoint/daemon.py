@@ -507,7 +507,7 @@ class Endpoint:
         good: results stay unacknowledged and code still waiting is asked again after the next
         Welcome, and the manager re-sends its tasks."""
         try:
-            self.manager_sock.send_multipart(m.pack_frames(msg), zmq.NOBLOCK, copy=False)
+            m.send_message(self.manager_sock, msg, zmq.NOBLOCK)
         except zmq.Again:
             if not self._send_blocked:
                 log.warning(

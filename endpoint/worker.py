@@ -234,7 +234,8 @@ class Worker:
             self._flush()
 
     def _flush(self) -> None:
-        if self.unsent and self._send(m.pack_frames(m.Results(self.unsent, self.warm.report()))):
+        frames = m.pack_frames(m.Results(self.unsent, self.warm.report())) if self.unsent else None
+        if frames and self._send(frames if len(frames) > 1 else frames[0]):
             self.unsent = []
 
     # ---- running one task --------------------------------------------------------------------

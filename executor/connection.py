@@ -230,7 +230,7 @@ class Connection:
             task_id = rec[m.T_ID]
             self.unacked[task_id] = (endpoint, rec)
             try:
-                sock.send_multipart(m.pack_frames(m.Submit(endpoint, [rec])), _NOBLOCK, copy=False)
+                m.send_message(sock, m.Submit(endpoint, [rec]), _NOBLOCK)
             except zmq.ZMQError:  # no connection right now: the I/O thread sends it (claim again)
                 self.unacked.pop(task_id, None)
                 return False
@@ -484,9 +484,7 @@ class Connection:
             sock.send(m.pack(m.PutCode(digest, blob)))
         for endpoint, recs in by_endpoint.items():
             for i in range(0, len(recs), self.batch_size):
-                sock.send_multipart(
-                    m.pack_frames(m.Submit(endpoint, recs[i : i + self.batch_size])), copy=False
-                )
+                m.send_message(sock, m.Submit(endpoint, recs[i : i + self.batch_size]))
         pending = self.pending_ids()
         if pending:
             sock.send(m.pack(m.Fetch(pending)))
@@ -498,7 +496,7 @@ class Connection:
         def flush_tasks() -> None:  # keep the user's order: nothing overtakes a task
             for endpoint, batch in batches.items():
                 if batch:
-                    sock.send_multipart(m.pack_frames(m.Submit(endpoint, batch)), copy=False)
+                    m.send_message(sock, m.Submit(endpoint, batch))
             batches.clear()
             sizes.clear()
 
@@ -514,7 +512,7 @@ class Connection:
                 batch.append(rec)
                 sizes[endpoint] = sizes.get(endpoint, 0) + len(rec[m.T_PAYLOAD])
                 if len(batch) >= self.batch_size or sizes[endpoint] >= MAX_MESSAGE_BYTES:
-                    sock.send_multipart(m.pack_frames(m.Submit(endpoint, batch)), copy=False)
+                    m.send_message(sock, m.Submit(endpoint, batch))
                     batches[endpoint], sizes[endpoint] = [], 0
                 continue
             flush_tasks()
