@@ -416,7 +416,7 @@ class Endpoint:
             elif kind is ev.SendResults:
                 for res in ins.results:
                     self.unacked[res[m.R_ID]] = res
-                self._to_manager(m.Results(ins.results))
+                self._to_manager(m.Results(ins.results, ins.info))
             elif kind is ev.SendStates:
                 self._to_manager(m.States(ins.updates))
             elif kind is ev.RequestCode:

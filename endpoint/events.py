@@ -15,7 +15,7 @@ An event log (``DLHUB_SCHEDULER_LOG=path``, off by default) holds every event ha
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -200,6 +200,7 @@ class SendToWorker:
 @dataclass(frozen=True, slots=True)
 class SendResults:
     results: list
+    info: dict = field(default_factory=dict)  # {"uncacheable": [hex task ids]} (see Results)
 
 
 @dataclass(frozen=True, slots=True)

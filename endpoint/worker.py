@@ -95,6 +95,9 @@ class Worker:
         self.local: deque[list] = deque()
         self.cancelled: set[bytes] = set()
         self.unsent: list[list] = []
+        # tasks (hex ids) whose result names an output this worker stored for the caller: the
+        # manager must not give it to another caller from its result cache (it cannot download it)
+        self.uncacheable: list[str] = []
         self._send_blocked = False  # the last send found no connection to the endpoint
         self.parent = os.getppid()
         signal.signal(signal.SIGALRM, _on_alarm)
@@ -234,9 +237,14 @@ class Worker:
             self._flush()
 
     def _flush(self) -> None:
-        frames = m.pack_frames(m.Results(self.unsent, self.warm.report())) if self.unsent else None
-        if frames and self._send(frames if len(frames) > 1 else frames[0]):
-            self.unsent = []
+        if not self.unsent:
+            return
+        info = self.warm.report()
+        if self.uncacheable:
+            info = {**info, "uncacheable": self.uncacheable}
+        frames = m.pack_frames(m.Results(self.unsent, info))
+        if self._send(frames if len(frames) > 1 else frames[0]):
+            self.unsent, self.uncacheable = [], []
 
     # ---- running one task --------------------------------------------------------------------
 
@@ -425,6 +433,8 @@ class Worker:
                 value = staging.store_output(self.data_cache, value.path, out)
             except Exception as exc:  # noqa: BLE001 - the output's error is the task's
                 return "failed", None, errors.error_record(exc)
+            if rec is not None:
+                self.uncacheable.append(rec[m.T_ID].hex())
         try:
             if serializer == gc.GC_SERIALIZER:  # as the Globus Compute SDK decodes it
                 body = gc.serialize_result(value).encode()

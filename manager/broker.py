@@ -794,7 +794,8 @@ class Manager:
             self._send(self.endpoint_sock, identity, m.Refused("not-registered", "say Hello first"))
             return
         if isinstance(msg, m.Results):
-            self.route(ev.EndpointResultsArrived(identity, msg.results, time.time()))
+            flagged = m.uncacheable_ids(msg.info)  # results naming an output stored for their caller
+            self.route(ev.EndpointResultsArrived(identity, msg.results, time.time(), flagged))
         elif isinstance(msg, m.States):
             self.route(ev.EndpointStatesArrived(identity, msg.updates))
         elif isinstance(msg, m.Heartbeat):

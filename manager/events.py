@@ -74,6 +74,7 @@ class EndpointResultsArrived(Event):
     identity: bytes
     results: list[list]
     now: float
+    uncacheable: frozenset = frozenset()  # task ids whose result must not be shared or cached
 
 
 @dataclass(frozen=True, slots=True)

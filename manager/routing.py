@@ -620,13 +620,17 @@ class Router:
         if ep is not None:
             ep.connected = False
 
-    def endpoint_results(self, identity: bytes, results: list[list]) -> None:
+    def endpoint_results(
+        self, identity: bytes, results: list[list], uncacheable: frozenset = frozenset()
+    ) -> None:
+        """``uncacheable``: tasks whose result names an output stored for their caller (another
+        caller could not download it): neither cached nor given to identical calls."""
         ep = self._endpoint(identity)
         results = self._valid_results(ep, results)
         for res in results:
             if not self._from_dispatched(ep, res[m.R_ID], "a result"):
                 continue
-            self._finish(res, ep)
+            self._finish(res, ep, res[m.R_ID] not in uncacheable)
             if ep is not None:
                 ep.last_seen = self._time()
 
@@ -737,7 +741,7 @@ class Router:
 
     # ---- results -----------------------------------------------------------------------------
 
-    def _finish(self, res: list, ep: EndpointState | None) -> None:
+    def _finish(self, res: list, ep: EndpointState | None, shareable: bool = True) -> None:
         task_id = res[m.R_ID]
         entry = self.tasks.get(task_id)
         acks = [("endpoint", ep.identity, task_id)] if ep is not None and ep.identity else []
@@ -778,7 +782,7 @@ class Router:
                 del self.open_by_user[entry.owner]
         self._remember_finished(task_id, res[m.R_STATE])
         if entry.cache_key is not None and self.leaders.get(entry.cache_key) == task_id:
-            self._leader_finished(entry, res)
+            self._leader_finished(entry, res, shareable)
         callback = self.callbacks.pop(task_id, None)
         if callback is not None:
             self._notify(callback, res)
@@ -788,12 +792,13 @@ class Router:
             if watcher != entry.client:
                 self._result_to_client(watcher, res)
 
-    def _leader_finished(self, entry: TaskEntry, res: list) -> None:
+    def _leader_finished(self, entry: TaskEntry, res: list, shareable: bool = True) -> None:
         """Cache a success and give it to every coalesced call; after a failure (cancelled, lost,
-        an exception) each of them runs itself."""
+        an exception), or a success that names an output stored for its caller (not
+        ``shareable``), each of them runs itself."""
         del self.leaders[entry.cache_key]
         followers = self.followers.pop(res[m.R_ID], [])
-        if res[m.R_STATE] == "succeeded" and res[m.R_PAYLOAD] is not None:
+        if shareable and res[m.R_STATE] == "succeeded" and res[m.R_PAYLOAD] is not None:
             self.result_cache.put(entry.cache_key, res[m.R_PAYLOAD])
             for task_id in followers:
                 self._finish(
@@ -924,7 +929,7 @@ _HANDLERS: dict[type, Callable[[Router, Any], None]] = {
     ev.CodePut: lambda r, e: r.put_code(e.digest, e.blob),
     ev.CodeLoaded: lambda r, e: r.remember_code(e.blobs),
     ev.EndpointRegistered: lambda r, e: r.endpoint_hello(e.identity, e.hello, e.owner),
-    ev.EndpointResultsArrived: lambda r, e: r.endpoint_results(e.identity, e.results),
+    ev.EndpointResultsArrived: lambda r, e: r.endpoint_results(e.identity, e.results, e.uncacheable),
     ev.EndpointStatesArrived: lambda r, e: r.endpoint_states(e.identity, e.updates),
     ev.EndpointHeartbeat: lambda r, e: r.endpoint_heartbeat(e.identity, e.info),
     ev.EndpointCancelRefused: lambda r, e: r.endpoint_cancel_refused(e.identity, e.msg),

@@ -17,6 +17,7 @@ What a record is belongs to each side (the Router logs one event a record, the S
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 from collections.abc import Iterator
@@ -24,6 +25,13 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["EventLog", "read_log"]
+
+
+class _Pickler(pickle.Pickler):
+    """Large payloads arrive as memoryviews of ZeroMQ frames (``messages.pack_frames``), which
+    pickle refuses: logged as the bytes they hold, so a replay sees the same values."""
+
+    dispatch_table = {memoryview: lambda view: (bytes, (view.tobytes(),))}
 
 
 class EventLog:
@@ -36,7 +44,9 @@ class EventLog:
 
     def append(self, record: Any) -> None:
         # one write() of the whole frame: a concurrent reader or a crash sees whole frames or a torn tail
-        self._file.write(pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL))
+        buffer = io.BytesIO()
+        _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(record)
+        self._file.write(buffer.getbuffer())
         self._file.flush()
 
     @property

@@ -239,10 +239,29 @@ class Tasks(Message):
 
 @_message(7)
 class Results(Message):
-    """``info``: what a worker reports beside results (warm loads, evictions, cache counts)."""
+    """``info``: what a worker reports beside results (warm loads, evictions, cache counts);
+    from a worker and from an endpoint, ``uncacheable``: hex ids of tasks whose result names an
+    output stored for their caller (:func:`uncacheable_ids`)."""
 
     results: list
     info: dict = field(default_factory=dict)
+
+
+def uncacheable_ids(info: Any) -> frozenset:
+    """The task ids a ``Results.info["uncacheable"]`` names (hex strings): results that name an
+    output stored for their caller, which another caller could not download, so the manager
+    neither caches them nor gives them to identical calls. Anything malformed names none."""
+    flagged = info.get("uncacheable") if isinstance(info, dict) else None
+    if not isinstance(flagged, list):
+        return frozenset()
+    ids = set()
+    for tid in flagged:
+        if isinstance(tid, str) and len(tid) == 2 * TASK_ID_BYTES:
+            try:
+                ids.add(bytes.fromhex(tid))
+            except ValueError:
+                continue
+    return frozenset(ids)
 
 
 @_message(8)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import meta
+from conftest import meta, wait_until
 
 from dlhub.executor import Client, DataRef, Dataset, Executor, File, OutputFile, OutputNotStored, Servable
 from dlhub.executor.client import AccessDenied, NotFoundError
@@ -395,3 +395,32 @@ def test_a_servable_returning_a_file_is_stored_and_chains(client, ex, name, tmp_
     assert isinstance(out, OutputFile) and out.at == "manager"
     assert out.download(tmp_path / "from-servable.bin").read_bytes() == bytes(range(256)) * 50
     assert ex.submit(describe_file, out).result(60)["sha256"] == out.sha256
+
+
+def test_a_result_naming_a_stored_output_is_not_cached_for_another_caller(custom_stack_factory, tmp_path):
+    """A deterministic servable returning a File: its result names an output stored for its
+    caller, which nobody else can download, so the manager neither caches it nor hands it to an
+    identical call (the worker flags it, the endpoint passes the flag on): bob's identical call
+    runs and stores an output of his own, which he downloads. Plain results still cache."""
+    from dlhub.manager.auth import users_generation
+
+    cs = custom_stack_factory(endpoint={"policy": {"allowed_users": ["alice-out", "bob-out"]}})
+    engine = cs.manager.auth.engine
+    tokens = {who: create_user(engine, who) for who in ("alice-out", "bob-out")}
+    wait_until(lambda: cs.manager.auth.generation == users_generation(engine), 10, what="the new users")
+    rest = cs.manager.api.url
+    admin = Client(rest, cs.token)
+    model = admin.publish(Servable.from_function(write_file, **meta("out-cache", deterministic=True)))
+    plain = admin.publish(Servable.from_function(twice, **meta("plain-cache", deterministic=True)))
+    alice, bob = (cs.executor(token=tokens[who], rest_url=rest) for who in ("alice-out", "bob-out"))
+    hits = lambda: cs.manager.status()["result_cache"]["hits"]  # noqa: E731
+    before = hits()
+    mine = alice.submit(model, 256 * 40).result(60)
+    assert isinstance(mine, OutputFile) and mine.at == "manager"
+    theirs = bob.submit(model, 256 * 40).result(60)
+    again = alice.submit(model, 256 * 40).result(60)
+    assert hits() == before, "a result naming a stored output came from the result cache"
+    assert theirs.download(tmp_path / "bob.bin").read_bytes() == bytes(range(256)) * 40
+    assert again.download(tmp_path / "alice.bin").read_bytes() == bytes(range(256)) * 40
+    assert alice.submit(plain, 21).result(60) == 42 and bob.submit(plain, 21).result(60) == 42
+    assert hits() == before + 1  # bob's plain value came from the cache

@@ -69,3 +69,17 @@ def test_both_loops_write_through_the_shared_log_and_read_their_own_format(tmp_p
         for method, events in calls:
             log.write(method, events)
     assert list(sev.read_log(scheduler_path)) == calls == list(eventlog.read_log(scheduler_path))
+
+
+def test_a_large_payload_held_as_a_frame_view_is_logged_as_its_bytes(tmp_path):
+    """Payloads of 64 KiB or more arrive as memoryviews of ZeroMQ frames (pickle refuses those):
+    the log holds their bytes, so a replay sees the same values."""
+    payload = bytes(range(256)) * 512
+    res = m.result_record(b"\x01" * 16, "succeeded", memoryview(payload))
+    event = rev.EndpointResultsArrived(b"ep", [res], 1.0, frozenset({b"\x01" * 16}))
+    path = tmp_path / "big.log"
+    with eventlog.EventLog(path) as log:
+        log.append(event)
+    (back,) = list(eventlog.read_log(path))
+    assert back.results[0][m.R_PAYLOAD] == payload and type(back.results[0][m.R_PAYLOAD]) is bytes
+    assert back.uncacheable == frozenset({b"\x01" * 16})

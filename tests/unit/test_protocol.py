@@ -612,3 +612,18 @@ def test_start_worker_image_is_checked():
         m.unpack(m.pack(m.StartWorker("w1", "")))
     with pytest.raises(ProtocolError, match="StartWorker.image"):
         m.unpack(body(m.StartWorker.TYPE, "w1", 7))
+
+
+@pytest.mark.parametrize(
+    "info, ids",
+    [
+        ({"uncacheable": ["00" * 16, "ff" * 16]}, {bytes(16), b"\xff" * 16}),
+        ({"uncacheable": ["zz" * 16, "00" * 15, 7, None, "00" * 16]}, {bytes(16)}),  # the valid one only
+        ({"uncacheable": "00" * 16}, set()),
+        ({}, set()),
+        (None, set()),
+        ([], set()),
+    ],
+)
+def test_uncacheable_ids_take_only_well_formed_task_ids(info, ids):
+    assert m.uncacheable_ids(info) == frozenset(ids)
