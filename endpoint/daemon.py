@@ -98,6 +98,7 @@ class Endpoint:
             log, lambda function: describe_function(function, self.scheduler.labels, self.scheduler.code)
         )
         self.unacked: dict[bytes, list] = {}
+        self.unacked_uncacheable: set[str] = set()  # hex ids among them: resent with the flag
         self.registered = False
         self.manager_state = "connecting"
         self.last_heard_manager = time.monotonic()
@@ -416,6 +417,7 @@ class Endpoint:
             elif kind is ev.SendResults:
                 for res in ins.results:
                     self.unacked[res[m.R_ID]] = res
+                self.unacked_uncacheable.update(ins.info.get("uncacheable", ()))
                 self._to_manager(m.Results(ins.results, ins.info))
             elif kind is ev.SendStates:
                 self._to_manager(m.States(ins.updates))
@@ -653,6 +655,12 @@ class Endpoint:
 
     # ---- messages from the manager -------------------------------------------------------------
 
+    def _resend_results(self, results: list) -> None:
+        """Results the manager has not acknowledged, again, with the flag of those that name an
+        output stored for their caller (the manager must not cache or share them)."""
+        flagged = [r[m.R_ID].hex() for r in results if r[m.R_ID].hex() in self.unacked_uncacheable]
+        self._to_manager(m.Results(results, {"uncacheable": flagged} if flagged else {}))
+
     def _on_manager(self, msg: m.Message) -> None:
         now = self.last_heard_manager = time.monotonic()
         if isinstance(msg, m.Tasks):
@@ -661,7 +669,7 @@ class Endpoint:
                 res = self.unacked.get(rec[m.T_ID])
                 (fresh if res is None else done).append(rec if res is None else res)
             if done:
-                self._to_manager(m.Results(done))
+                self._resend_results(done)
             self._events.append(ev.TasksArrived(now, fresh))
         elif isinstance(msg, m.Code):
             self._events += self.packages.keep(msg.blobs, now)  # servables' policies first
@@ -669,7 +677,8 @@ class Endpoint:
             self._events.append(ev.CodeArrived(now, msg.blobs))
         elif isinstance(msg, m.Accepted):
             for task_id in msg.task_ids:
-                self.unacked.pop(task_id, None)
+                if self.unacked.pop(task_id, None) is not None and self.unacked_uncacheable:
+                    self.unacked_uncacheable.discard(task_id.hex())
         elif isinstance(msg, m.Cancel):
             self._events.append(ev.CancelRequested(now, msg.task_ids))
         elif isinstance(msg, m.Welcome):
@@ -683,7 +692,7 @@ class Endpoint:
             self._events.append(ev.ManagerSession(now))  # code asked of an earlier session: asked again
             self.registered, self.manager_state = True, "running"
             if self.unacked:
-                self._to_manager(m.Results(list(self.unacked.values())))
+                self._resend_results(list(self.unacked.values()))
         elif isinstance(msg, m.Refused):
             if msg.code == "not-registered":  # the manager restarted
                 self._say_hello()
