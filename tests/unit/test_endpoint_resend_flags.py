@@ -19,7 +19,7 @@ def test_resent_results_keep_their_uncacheable_flag_until_acknowledged():
     sent: list = []
     endpoint = _endpoint_sending_to(sent)
     stored, plain = b"\x01" * 16, b"\x02" * 16
-    results = [m.result_record(stored, "succeeded", b"\x01\xc0"), m.result_record(plain, "succeeded", b"\x01\xc0")]
+    results = [m.result_record(tid, "succeeded", b"\x01\xc0") for tid in (stored, plain)]
     endpoint._carry_out([ev.SendResults(results, {"uncacheable": [stored.hex()]})])
     assert m.uncacheable_ids(sent[-1].info) == {stored}
 
