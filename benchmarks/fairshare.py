@@ -143,8 +143,16 @@ def main(argv: list[str] | None = None) -> int:
         help="alice's tasks sleep this long (default 0: no-ops); 1 keeps her backlog at the endpoint "
         "on a small machine, where no-ops saturate the manager first",
     )
+    parser.add_argument(
+        "--prefetch-target-ms",
+        type=float,
+        default=None,
+        help="the endpoint's pool.prefetch_target_ms (default: the config's, 2): the work each "
+        "worker keeps queued behind its running task, which another user's call waits behind",
+    )
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
+    prefetch = {} if args.prefetch_target_ms is None else {"prefetch_target_ms": args.prefetch_target_ms}
     from dlhub.executor import Executor
 
     def emit(**fields) -> None:
@@ -172,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             config = {
                 "name": "shared",
                 "manager": {"address": info["endpoint_url"], "token": admin},
-                "pool": {"workers_per_node": 2},
+                "pool": {"workers_per_node": 2, **prefetch},
                 "heartbeat_s": 0.5,
                 "policy": {"allowed_users": ["alice", "bob"]},
             }
