@@ -153,17 +153,7 @@ def test_a_group_commit_on_a_dropped_connection_is_retried_on_a_new_one(tmp_path
         store = TaskStore(engine, on_commit=acks)
         store.start()
         try:
-            row = {
-                "owner": "alice",
-                "client_session": "s",
-                "endpoint": "ep",
-                "function": "sha256:f",
-                "state": "dispatched",
-                "result_serializer": "auto",
-                "t_received": 1.0,
-                "payload": b"x",
-            }
-            store.received([{**row, "task_id": tid(1)}], [("client", CLIENT, tid(1))])
+            store.received([task_row(1)], [("client", CLIENT, tid(1))])
             assert store.flush(10) and acks.ids("client") == {tid(1)}  # the writer has a connection
             killer = sa.create_engine(url)
             with killer.connect() as con:
@@ -174,7 +164,7 @@ def test_a_group_commit_on_a_dropped_connection_is_retried_on_a_new_one(tmp_path
                     )
                 ).scalar()
             assert n >= 1
-            store.received([{**row, "task_id": tid(2)}], [("client", CLIENT, tid(2))])
+            store.received([task_row(2)], [("client", CLIENT, tid(2))])
             assert store.flush(10)
             assert acks.ids("client") == {tid(1), tid(2)}
             assert store.commit_failures >= 1, "the dropped connection did not make the commit fail"
