@@ -275,6 +275,22 @@ def test_large_numpy_array_round_trip(ex):
     assert (total, dtype, shape) == (int(arr.sum()), arr.dtype.str, arr.shape)
 
 
+def test_a_large_result_array_is_a_writable_view_of_the_frame_it_came_in(ex):
+    """Zero-copy to the caller: the array a large result decodes to shares the memory of the
+    ZeroMQ frame the result arrived in (no copy after the kernel's), and it is writable."""
+    import zmq
+
+    arr = np.arange(2**20, dtype=np.float64)  # 8 MB: a payload frame of its own on every hop
+    back = ex.submit(identity, arr).result(120)
+    np.testing.assert_array_equal(back, arr)
+    base = back
+    while isinstance(base, np.ndarray):
+        base = base.base
+    assert isinstance(base, memoryview) and isinstance(base.obj, zmq.Frame), type(base)
+    back[0] = -1.0  # writable, as an array unpickled in-band was
+    assert back[0] == -1.0
+
+
 def test_task_timeout(stack):
     tex = stack.executor(task_timeout_s=0.5)
     t0 = time.monotonic()
