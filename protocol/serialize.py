@@ -61,8 +61,8 @@ METHOD_NAMES = {MSGPACK: "msgpack", DILL: "dill", JSON: "json", PICKLE5: "pickle
 METHOD_IDS = {name: mid for mid, name in METHOD_NAMES.items()}
 _H_MSGPACK, _H_DILL, _H_JSON, _H_PICKLE5, _H_CODE = (bytes([m]) for m in (MSGPACK, DILL, JSON, PICKLE5, CODE))
 
-# Out-of-band buffers smaller than this in all stay in-band: the 0x02 bytes of before, unchanged
-# (other versions and stored results read them), and no header or padding for a small array.
+# A buffer (a numpy array's data) smaller than this stays in the pickle stream: the 0x02 bytes of
+# before, unchanged, and no header or padding for a small array; a value with none larger is 0x02.
 OOB_MIN_BYTES = 64 * 1024
 OOB_ALIGN = 64  # each buffer starts at a multiple of this from the method byte (cache lines, SIMD)
 _META_LEN = struct.Struct("<I")
@@ -92,17 +92,27 @@ def serialize(obj: Any, method: str = "auto") -> bytes:
     if method == "auto":
         # plain pickle is ~25x faster than dill for arrays and plain objects, and dill reads it;
         # anything that needs dill (lambdas, closures, classes of __main__) falls through
+        # one pass: a buffer under OOB_MIN_BYTES stays in the stream (the callback's True), byte
+        # for byte the in-band pickle of before; a larger one goes apart (collected)
         buffers: list[pickle.PickleBuffer] = []
+
+        def in_band(buffer: pickle.PickleBuffer) -> bool | None:
+            if memoryview(buffer).nbytes < OOB_MIN_BYTES:
+                return True
+            buffers.append(buffer)
+            return None
+
         try:
-            body = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+            body = pickle.dumps(obj, protocol=5, buffer_callback=in_band)
         except Exception:
             body = None
         if body is not None and b"__main__" not in body:  # the stream only: buffers are data
+            if not buffers:
+                return _H_DILL + body
             packed = _out_of_band(body, buffers)
             if packed is not None:
                 return packed
-            if buffers:  # too small to travel apart: the in-band pickle, byte for byte as before
-                body = pickle.dumps(obj, protocol=5)
+            body = pickle.dumps(obj, protocol=5)  # a buffer that is not contiguous: all in-band
             if b"__main__" not in body:
                 return _H_DILL + body
     if method in ("auto", "dill"):

@@ -91,7 +91,7 @@ def test_dict_of_arrays_and_plain_values() -> None:
     buf = serialize(value)
     assert method_of(buf) == "pickle5"
     _, sizes, _ = layout(buf)
-    assert sizes == [a.nbytes, b.nbytes, small.nbytes]  # the repeated array once, by reference
+    assert sizes == [a.nbytes, b.nbytes]  # the repeated array once, by reference; small in-band
     back = deserialize(buf)
     same(back["a"], a)
     same(back["nested"][0], b)
@@ -194,11 +194,18 @@ def test_a_small_closure_keeps_the_old_dill_bytes() -> None:
     assert serialize(plain, "dill") == b"\x02" + dill.dumps(plain, protocol=5)
 
 
-def test_the_threshold_is_the_total_of_the_buffers() -> None:
+def test_the_threshold_is_per_buffer() -> None:
+    """auto decides each array as pickle meets it (one pass): only large ones go apart."""
     assert method_of(serialize(np.ones(OOB_MIN_BYTES // 8))) == "pickle5"
     assert method_of(serialize(np.ones(OOB_MIN_BYTES // 8 - 1))) == "dill"
     halves = [np.ones(OOB_MIN_BYTES // 16), np.ones(OOB_MIN_BYTES // 16)]
-    assert method_of(serialize(halves)) == "pickle5"
+    assert serialize(halves) == b"\x02" + pickle.dumps(halves, protocol=5)  # in-band, as before
+    mixed = [np.ones(8), np.ones(OOB_MIN_BYTES // 8)]
+    buf = serialize(mixed)
+    _, sizes, _ = layout(buf)
+    assert method_of(buf) == "pickle5" and sizes == [OOB_MIN_BYTES]  # the small one in the stream
+    for back, arr in zip(deserialize(buf), mixed):
+        same(back, arr)
 
 
 def test_main_is_looked_for_in_the_stream_only() -> None:
@@ -242,7 +249,11 @@ def test_a_memoryview_of_another_format_is_read_as_bytes() -> None:
 
 
 def test_buffers_are_aligned_and_padded_with_zeros() -> None:
-    arrays = [np.arange(OOB_MIN_BYTES + 1, dtype=np.int8), np.ones(BIG + 3), np.zeros(7, np.int16)]
+    arrays = [
+        np.arange(OOB_MIN_BYTES + 1, dtype=np.int8),
+        np.ones(BIG + 3),
+        np.zeros(OOB_MIN_BYTES // 2 + 7, np.int16),
+    ]
     buf = serialize(arrays)
     stream, sizes, offsets = layout(buf)
     assert sizes == [a.nbytes for a in arrays]
