@@ -98,7 +98,7 @@ class Endpoint:
             log, lambda function: describe_function(function, self.scheduler.labels, self.scheduler.code)
         )
         self.unacked: dict[bytes, list] = {}
-        self.unacked_uncacheable: set[str] = set()  # hex ids among them: resent with the flag
+        self.unacked_uncacheable: set[bytes] = set()  # those among them resent with the flag
         self.registered = False
         self.manager_state = "connecting"
         self.last_heard_manager = time.monotonic()
@@ -417,7 +417,7 @@ class Endpoint:
             elif kind is ev.SendResults:
                 for res in ins.results:
                     self.unacked[res[m.R_ID]] = res
-                self.unacked_uncacheable.update(ins.info.get("uncacheable", ()))
+                self.unacked_uncacheable |= m.uncacheable_ids(ins.info)
                 self._to_manager(m.Results(ins.results, ins.info))
             elif kind is ev.SendStates:
                 self._to_manager(m.States(ins.updates))
@@ -658,7 +658,7 @@ class Endpoint:
     def _resend_results(self, results: list) -> None:
         """Results the manager has not acknowledged, again, with the flag of those that name an
         output stored for their caller (the manager must not cache or share them)."""
-        flagged = [r[m.R_ID].hex() for r in results if r[m.R_ID].hex() in self.unacked_uncacheable]
+        flagged = [r[m.R_ID].hex() for r in results if r[m.R_ID] in self.unacked_uncacheable]
         self._to_manager(m.Results(results, {"uncacheable": flagged} if flagged else {}))
 
     def _on_manager(self, msg: m.Message) -> None:
@@ -678,7 +678,7 @@ class Endpoint:
         elif isinstance(msg, m.Accepted):
             for task_id in msg.task_ids:
                 if self.unacked.pop(task_id, None) is not None and self.unacked_uncacheable:
-                    self.unacked_uncacheable.discard(task_id.hex())
+                    self.unacked_uncacheable.discard(task_id)
         elif isinstance(msg, m.Cancel):
             self._events.append(ev.CancelRequested(now, msg.task_ids))
         elif isinstance(msg, m.Welcome):

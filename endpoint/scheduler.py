@@ -157,7 +157,7 @@ class Scheduler:
         # outputs
         self.to_workers: list[tuple[bytes, m.Message]] = []
         self.results: list[list] = []
-        self.uncacheable: set[str] = set()  # hex ids: results naming an output stored for their caller
+        self.uncacheable: set[bytes] = set()  # results naming an output stored for their caller
         self.states: list[list] = []
         self.code_requests: list[str] = []
         self.kill_requests: list[tuple[str, str, str]] = []  # (pool_id, worker_id, reason)
@@ -222,12 +222,10 @@ class Scheduler:
             out.append(ev.LogFailures(list(self.failures)))
             self.failures.clear()
         if self.results:
-            flagged = self.uncacheable and [
-                tid for tid in (r[m.R_ID].hex() for r in self.results) if tid in self.uncacheable
-            ]
+            flagged = self.uncacheable and [r[m.R_ID] for r in self.results if r[m.R_ID] in self.uncacheable]
             if flagged:
                 self.uncacheable.difference_update(flagged)
-                out.append(ev.SendResults(self.results, {"uncacheable": flagged}))
+                out.append(ev.SendResults(self.results, {"uncacheable": [t.hex() for t in flagged]}))
             else:
                 out.append(ev.SendResults(self.results))
             self.results = []
@@ -629,9 +627,7 @@ class Scheduler:
         if w is not None and isinstance(info.get("warm"), list):
             w.warm = {f for f in info["warm"] if isinstance(f, str)}
         self.batcher.count_reported(info.get("servables"))
-        flagged = info.get("uncacheable")
-        if isinstance(flagged, list):  # passed on to the manager with these tasks' results
-            self.uncacheable.update(t for t in flagged if isinstance(t, str) and len(t) == 32)
+        self.uncacheable |= m.uncacheable_ids(info)  # passed on to the manager with their results
 
     def _image_of(self, t: TaskState) -> str | None:
         return self.function_images.get(t.record[m.T_FUNCTION])

@@ -124,18 +124,15 @@ class Worker:
                 **({"image": self.config["image"]} if self.config.get("image") else {}),
             },
         )
-        self._send(m.pack(hello))
+        self._send(hello)
 
-    def _send(self, frame: bytes | list) -> bool:
+    def _send(self, msg: m.Message) -> bool:
         """Send without ever blocking (as the pool's ``_send``): with no connection to the endpoint
         (refused at the handshake, e.g. after it restarted with new session keys) a plain send
         would block forever. False: not sent (said once per outage on stderr, which the pool
         logs); results stay in ``unsent`` for the next flush, the rest is dropped."""
         try:
-            if type(frame) is list:  # pack_frames: a large result travels as its own frame
-                self.sock.send_multipart(frame, zmq.NOBLOCK, copy=False)
-            else:
-                self.sock.send(frame, zmq.NOBLOCK, copy=False)
+            m.send_message(self.sock, msg, zmq.NOBLOCK)  # a large result: a frame of its own
         except zmq.Again:
             if not self._send_blocked:
                 print(
@@ -203,7 +200,7 @@ class Worker:
             else:
                 refused.append(task_id)
         if refused:
-            self._send(m.pack(m.CancelRefused(refused, "already running or finished")))
+            self._send(m.CancelRefused(refused, "already running or finished"))
 
     def _run_one(self) -> None:
         rec = self.local.popleft()
@@ -242,8 +239,7 @@ class Worker:
         info = self.warm.report()
         if self.uncacheable:
             info = {**info, "uncacheable": self.uncacheable}
-        frames = m.pack_frames(m.Results(self.unsent, info))
-        if self._send(frames if len(frames) > 1 else frames[0]):
+        if self._send(m.Results(self.unsent, info)):
             self.unsent, self.uncacheable = [], []
 
     # ---- running one task --------------------------------------------------------------------
