@@ -138,7 +138,8 @@ def main() -> None:
 @click.option(
     "--insecure-loopback",
     is_flag=True,
-    help="no CURVE encryption on the manager's ZeroMQ links (this host only; tokens still checked)",
+    help="no CURVE encryption on the manager's ZeroMQ links nor the local endpoint's worker links "
+    "(worker_link: plain; this host only; tokens and passwords still checked)",
 )
 @click.option(
     "--amqp",
