@@ -149,8 +149,11 @@ fi
 T_START=$(secs "$T0" "$(now)")
 
 # ---------------------------------------------------------------- 4. admin user
-if ctl list_users 2>/dev/null | awk '{print $1}' | grep -qx guest; then ctl delete_user guest >/dev/null; fi
-if ctl list_users 2>/dev/null | awk '{print $1}' | grep -qx "$RMQ_ADMIN_USER"; then
+# The list is read into a variable first: `list_users | grep -q` under pipefail fails when grep
+# stops reading early (SIGPIPE to the writer), which a long user list makes likely.
+users=$(ctl list_users 2>/dev/null | awk '{print $1}') || die "rabbitmqctl list_users failed"
+if grep -qx guest <<<"$users"; then ctl delete_user guest >/dev/null; fi
+if grep -qx "$RMQ_ADMIN_USER" <<<"$users"; then
     ctl change_password "$RMQ_ADMIN_USER" "$RMQ_ADMIN_PASSWORD" >/dev/null
 else
     ctl add_user "$RMQ_ADMIN_USER" "$RMQ_ADMIN_PASSWORD" >/dev/null

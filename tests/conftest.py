@@ -99,6 +99,57 @@ def checkout_gains_no_files() -> Iterator[None]:
         )
 
 
+# ---- the shared RabbitMQ gains no users or queues: what the run's managers created is deleted --
+
+
+def _rabbit_api(method: str, path: str) -> Any:
+    """One call to the management API of the broker scripts/rabbitmq-localhost.sh runs, or None
+    when it is not there (most runs on a laptop)."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    port = os.environ.get("RMQ_MGMT_PORT", "15672")
+    user = os.environ.get("RMQ_ADMIN_USER", "dlhub-admin")
+    auth = f"{user}:{os.environ.get('RMQ_ADMIN_PASSWORD', 'dlhub-admin')}"
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/api/{path}", method=method)
+    req.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            body = resp.read()
+    except (OSError, urllib.error.HTTPError):
+        return None
+    return json.loads(body) if body else {}
+
+
+def _rabbit_names() -> tuple[set[str], set[str]] | None:
+    users, queues = _rabbit_api("GET", "users"), _rabbit_api("GET", "queues/%2F?columns=name")
+    if users is None or queues is None:
+        return None
+    return (
+        {u["name"] for u in users if u["name"].startswith("dlhub-gc-")},
+        {q["name"] for q in queues if q["name"].startswith("dlhub.gc.")},
+    )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def rabbitmq_gains_no_users() -> Iterator[None]:
+    """The Globus Compute tests' managers create a RabbitMQ user per dlhub user (random names,
+    so runs do not collide) and a queue per task group; a long-lived broker would keep them all.
+    Delete, after the run, the ones that were not there before it."""
+    import urllib.parse
+
+    before = _rabbit_names()
+    yield
+    after = _rabbit_names()
+    if before is None or after is None:
+        return
+    for name in sorted(after[0] - before[0]):
+        _rabbit_api("DELETE", f"users/{urllib.parse.quote(name, safe='')}")
+    for name in sorted(after[1] - before[1]):
+        _rabbit_api("DELETE", f"queues/%2F/{urllib.parse.quote(name, safe='')}")
+
+
 def wait_until(pred: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> Any:
     """Poll ``pred`` until it returns something truthy (returned) or fail after ``timeout`` s."""
     deadline = time.monotonic() + timeout
