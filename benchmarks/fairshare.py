@@ -126,11 +126,12 @@ def _where(mgr_home: Path, calls: list[tuple[str, float, float]]) -> dict:
                 parts.append((row[0] - sent, row[1] - row[0], row[2] - row[1], answered - row[2]))
     engine.dispose()
     names = ("to_manager", "manager_to_worker_start", "run_and_result_to_manager", "manager_to_client")
-    return (
-        {n: round(1000 * statistics.median(p[i] for p in parts), 2) for i, n in enumerate(names)}
-        if parts
-        else {}
-    )
+    if not parts:
+        return {}
+    where = {n: round(1000 * statistics.median(p[i] for p in parts), 2) for i, n in enumerate(names)}
+    slowest = sorted(parts, key=sum)[-3:]  # where the tail went: the three slowest calls, in full
+    where["slowest_calls"] = [{n: round(1000 * p[i], 2) for i, n in enumerate(names)} for p in slowest]
+    return where
 
 
 def main(argv: list[str] | None = None) -> int:

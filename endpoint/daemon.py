@@ -41,6 +41,7 @@ from dlhub.protocol.curve import (
     secure_link_server,
     start_link_authenticator,
 )
+from dlhub.protocol.loopgc import LoopGC
 from dlhub.protocol.private import write_private
 from dlhub.protocol.serialize import runtime_versions
 
@@ -337,6 +338,7 @@ class Endpoint:
         poller.register(self.manager_sock, zmq.POLLIN)
         poller.register(self.worker_sock, zmq.POLLIN)
         next_beat = 0.0
+        loop_gc = LoopGC()  # full collections between turns, not pauses inside them
         try:
             while not self._stop.is_set():
                 wait_ms = max(1, min(250, int(self.config.heartbeat_s * 1000)))
@@ -344,6 +346,7 @@ class Endpoint:
                 if due is not None:  # a batch delay ends sooner: wake for it
                     wait_ms = max(1, min(wait_ms, int((due - time.monotonic()) * 1000) + 1))
                 events = dict(poller.poll(wait_ms))
+                loop_gc.tick(idle=not events)
                 if not events:  # idle: tell the manager which tasks are running (off the hot path)
                     self._events.append(ev.Idle(time.monotonic(), time.time()))
                 if self.manager_sock in events:
@@ -363,6 +366,7 @@ class Endpoint:
                     next_beat = now + self.config.heartbeat_s
                 self._pump()
         finally:
+            loop_gc.close()
             self._shutdown()
 
     def stop(self, drain: bool = False) -> None:

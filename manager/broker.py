@@ -32,6 +32,7 @@ from dlhub.protocol import PROTOCOL_VERSION, ProtocolError
 from dlhub.protocol import messages as m
 from dlhub.protocol.curve import is_loopback, publish_local_key, split_tcp, unpublish_local_key
 from dlhub.protocol.errors import RAISE_MANAGER_LIMIT, infra_error
+from dlhub.protocol.loopgc import LoopGC
 from dlhub.protocol.serialize import runtime_versions
 
 from . import events as ev
@@ -60,6 +61,10 @@ TRIM_EVERY_S = 2.0  # how often freed heap memory goes back to the system
 USERS_POLL_S = 0.2  # how often the manager looks for user changes (revocations, new tokens)
 CLOSE_AFTER_S = 0.3  # a revoked user's sessions get their refusal, then their connections close
 DRAIN_LIMIT = 1000  # frames read from one socket before the loop looks at the others
+# ... or this long: a turn is bounded by work, so one user's flood of frames delays another's
+# frame (and every result waiting to go out at Flush) by a few ms, not by the whole flood
+DRAIN_BUDGET_S = 0.002  # client submissions read in one turn (results: RESULTS_BUDGET_S)
+RESULTS_BUDGET_S = 0.01  # results read in one turn before they go out (Flush) and others are read
 ENDPOINT_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"  # as an endpoint's config.yaml requires
 
 
@@ -398,13 +403,18 @@ class Manager:
         for conns in (self.client_conns, self.endpoint_conns):
             poller.register(conns.monitor, zmq.POLLIN)
         next_tick = time.monotonic() + 1.0
+        loop_gc = LoopGC()  # full collections between turns, not 0.2-1 s pauses inside them
         try:
             while not self._stop.is_set():
                 events = dict(poller.poll(1000))
-                if self.client_sock in events:
-                    self._drain(self.client_sock, self._on_client, self._admit_client)
+                loop_gc.tick(idle=not events)
+                # results first (they end work; submissions add it), then submissions for at
+                # most DRAIN_BUDGET_S: under a flood the backlog waits in the flooding client's
+                # own pipe, which ZeroMQ serves fairly against other clients' pipes
                 if self.endpoint_sock in events:
-                    self._drain(self.endpoint_sock, self._on_endpoint, self._admit_endpoint)
+                    self._drain(self.endpoint_sock, self._on_endpoint, self._admit_endpoint, RESULTS_BUDGET_S)
+                if self.client_sock in events:
+                    self._drain(self.client_sock, self._on_client, self._admit_client, DRAIN_BUDGET_S)
                 if self._ack_fd in events:
                     self._send_acks()
                 if self.client_conns.monitor in events or self.endpoint_conns.monitor in events:
@@ -416,6 +426,7 @@ class Manager:
                     next_tick = time.monotonic() + 1.0
                 self._flush()
         finally:
+            loop_gc.close()
             self._loop_thread = None
             self._shutdown()
 
@@ -442,12 +453,14 @@ class Manager:
         except FileNotFoundError:
             pass
 
-    def _drain(self, sock: zmq.Socket, handler, admit) -> None:
-        """Read waiting frames; each one's user is the one ZAP authenticated for its connection
-        (the ``User-Id`` frame property), which ``admit`` checks against the identity's session."""
+    def _drain(self, sock: zmq.Socket, handler, admit, budget_s: float) -> None:
+        """Read waiting frames (at most ``DRAIN_LIMIT``, or until ``budget_s`` have passed; the
+        rest next turn); each one's user is the one ZAP authenticated for its connection (the
+        ``User-Id`` frame property), which ``admit`` checks against the identity's session."""
+        deadline = time.monotonic() + budget_s
         for _ in range(DRAIN_LIMIT):
-            if not sock.get(_EVENTS) & _POLLIN:  # cheaper than a raised zmq.Again
-                return
+            if not sock.get(_EVENTS) & _POLLIN or time.monotonic() > deadline:
+                return  # (EVENTS: cheaper than a raised zmq.Again)
             frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             if len(frames) < 2:
                 log.warning("dropping a message of %d frames (expected 2 or more)", len(frames))
