@@ -551,9 +551,15 @@ class TaskStore:
                 return digest
         except FileNotFoundError:
             pass
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        for attempt in (1, 2):  # a second time when another manager removed the emptied folder
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                break
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
         with open(fd, "wb") as f:
             f.write(value)  # the buffer itself: no join, no copy
         os.replace(tmp, path)
@@ -567,10 +573,13 @@ class TaskStore:
                 self._payload_refs[digest] = left
                 continue
             self._payload_refs.pop(digest, None)
+            path = blob_path(self.blob_dir, "payload", digest)
             try:
-                blob_path(self.blob_dir, "payload", digest).unlink(missing_ok=True)
+                path.unlink(missing_ok=True)
             except OSError as exc:  # left for the sweep at the next start
                 log.warning("could not remove payload file %s: %s", digest, exc)
+                continue
+            _remove_if_empty(path.parent)
 
     def _load_payload_refs(self) -> None:
         """Rebuild the payload refcounts from the unfinished rows' markers (before the writer
@@ -600,6 +609,16 @@ class TaskStore:
                     log.info("removed an unreferenced payload file %s", path.name)
             except OSError:  # gone already, or not ours to remove
                 continue
+        for folder in root.iterdir():  # and the folders that emptied (files are removed one by one)
+            _remove_if_empty(folder)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """Remove a blob folder (``<kind>/<sha256[:2]>``) that no file is left in; keep it otherwise."""
+    try:
+        folder.rmdir()
+    except OSError:  # not empty (ENOTEMPTY), gone already, or not a folder
+        pass
 
 
 def _nbytes(value: bytes | bytearray | memoryview) -> int:

@@ -100,6 +100,8 @@ def test_large_payload_and_result_are_files_and_every_reader_gets_the_bytes(db_u
         store.update([(tid(2), finished(b"\x01small"))])
         assert store.flush(10)
         assert not file_of(blobs, "payload", payload).exists()  # the last reference is gone
+        assert not file_of(blobs, "payload", payload).parent.exists()  # and its emptied folder
+        assert file_of(blobs, "result", result).exists()  # results live with their rows
         assert store.lookup([tid(2)])[tid(2)]["result"] == b"\x01small"
     finally:
         store.close()
@@ -255,6 +257,10 @@ def test_old_unreferenced_payload_files_are_swept_at_start(tmp_path, blobs):
     again = open_store(url, blobs)
     try:
         assert not file_of(blobs, "payload", orphan).exists()  # a kill's leftover
+        kept = {file_of(blobs, "payload", d).parent for d in (fresh, live)}
+        assert file_of(blobs, "payload", orphan).parent not in kept  # (the contents are fixed)
+        assert not file_of(blobs, "payload", orphan).parent.exists()  # its folder went with it
+        assert all(folder.exists() for folder in kept)
         assert file_of(blobs, "payload", fresh).exists()  # maybe a commit still on its way
         assert file_of(blobs, "payload", live).exists()  # task 1 refers to it
     finally:
