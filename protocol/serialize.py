@@ -15,21 +15,9 @@ the buffers as opaque bytes. Methods:
 
 ``auto`` picks msgpack when the value round-trips exactly and dill otherwise.
 
-The pickle5 layout (offsets from the method byte; integers little-endian)::
-
-    0      0x04
-    1      u32 N: length of the meta
-    5      meta, N bytes of msgpack: [pickle stream (bin), [size0, size1, ...]]
-    ...    zero padding to the next multiple of 64
-    o0     buffer 0, size0 bytes, then zero padding to the next multiple of 64
-    o1     buffer 1, ...                         (every o_i % 64 == 0)
-    end    the payload ends at the padding after the last buffer (a multiple of 64)
-
-The stream is a protocol-5 pickle (``pickle`` or dill, read back with dill when it names dill)
-whose ``NEXT_BUFFER`` opcodes take the buffers in order. :func:`deserialize` hands them to the
-unpickler as slices of its input, so a numpy array shares the memory of a writable input (a
-bytearray, a writable memoryview of a ZeroMQ frame); from a read-only one (bytes) each buffer is
-copied into a bytearray, so arrays always come back writable, as they did in-band.
+The pickle5 layout, its encoder and the checked reading of a payload are in :mod:`.oob`; this
+module picks the method and dispatches to it (``PICKLE5``, ``OOB_MIN_BYTES`` and ``OOB_ALIGN``
+are importable from here as before).
 """
 
 from __future__ import annotations
@@ -44,7 +32,6 @@ import json
 import os
 import pickle
 import platform
-import struct
 import sys
 import sysconfig
 import textwrap
@@ -55,28 +42,24 @@ from typing import Any
 import msgpack
 
 from .errors import SerializationError
+from .oob import OOB_ALIGN as OOB_ALIGN  # re-exported: the pickle5 payload lives in .oob
+from .oob import (
+    OOB_MIN_BYTES,
+    PICKLE5,
+    _dill,
+    _dill_out_of_band,
+    _out_of_band,
+    _out_of_band_parts,
+)
 
-MSGPACK, DILL, JSON, PICKLE5, CODE = 0x01, 0x02, 0x03, 0x04, 0x10
+MSGPACK, DILL, JSON, CODE = 0x01, 0x02, 0x03, 0x10
 METHOD_NAMES = {MSGPACK: "msgpack", DILL: "dill", JSON: "json", PICKLE5: "pickle5", CODE: "code"}
 METHOD_IDS = {name: mid for mid, name in METHOD_NAMES.items()}
-_H_MSGPACK, _H_DILL, _H_JSON, _H_PICKLE5, _H_CODE = (bytes([m]) for m in (MSGPACK, DILL, JSON, PICKLE5, CODE))
-
-# A buffer (a numpy array's data) smaller than this stays in the pickle stream: the 0x02 bytes of
-# before, unchanged, and no header or padding for a small array; a value with none larger is 0x02.
-OOB_MIN_BYTES = 64 * 1024
-OOB_ALIGN = 64  # each buffer starts at a multiple of this from the method byte (cache lines, SIMD)
-_META_LEN = struct.Struct("<I")
-_OOB_HEADER = 1 + _META_LEN.size
+_H_MSGPACK, _H_DILL, _H_JSON, _H_CODE = (bytes([m]) for m in (MSGPACK, DILL, JSON, CODE))
 
 
 def _packb(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True, strict_types=True)
-
-
-def _dill():
-    import dill  # imported lazily: a plain-data client never pays for it
-
-    return dill
 
 
 def serialize(obj: Any, method: str = "auto") -> bytes:
@@ -116,7 +99,7 @@ def serialize(obj: Any, method: str = "auto") -> bytes:
             if b"__main__" not in body:
                 return _H_DILL + body
     if method in ("auto", "dill"):
-        packed = _dill_out_of_band(obj)
+        packed = _dill_out_of_band(obj, _H_DILL)
         if packed is not None:
             return packed
         try:
@@ -133,76 +116,6 @@ def serialize(obj: Any, method: str = "auto") -> bytes:
                 f"result of type {type(obj).__name__} cannot be encoded as JSON: {exc}"
             ) from None
     raise SerializationError(f"unknown serializer {method!r}; use auto, msgpack, dill or json")
-
-
-def _aligned(offset: int) -> int:
-    return offset + (-offset % OOB_ALIGN)
-
-
-def _out_of_band(stream: bytes, buffers: list[pickle.PickleBuffer]) -> bytes | None:
-    """The pickle5 payload of ``stream`` and its buffers, built with one copy of their bytes; None
-    to stay in-band (buffers under :data:`OOB_MIN_BYTES`, or one that is not contiguous)."""
-    if not buffers:
-        return None
-    try:
-        views = [b.raw() for b in buffers]  # 1-d bytes; BufferError when not contiguous
-    except BufferError:
-        return None
-    if sum(v.nbytes for v in views) < OOB_MIN_BYTES:
-        return None
-    meta = msgpack.packb([stream, [v.nbytes for v in views]], use_bin_type=True)
-    if len(meta) > 0xFFFFFFFF:
-        return None
-    parts: list[bytes | memoryview] = [_H_PICKLE5, _META_LEN.pack(len(meta)), meta]
-    end = _OOB_HEADER + len(meta)
-    for view in views:
-        parts.append(bytes(_aligned(end) - end))
-        parts.append(view)
-        end = _aligned(end) + view.nbytes
-    parts.append(bytes(_aligned(end) - end))
-    return b"".join(parts)
-
-
-@functools.lru_cache(maxsize=1)
-def _dill_pickler() -> type:
-    """A dill Pickler that lets numpy arrays go out of band.
-
-    dill saves every ndarray through ``ndarray.__reduce__``, which copies the data into the stream
-    whatever the protocol; an exact ndarray here takes numpy's protocol-5 reduction instead (a
-    PickleBuffer when contiguous, ``__reduce__`` otherwise). Subclasses keep dill's way, which also
-    carries their ``__dict__``. ``arrays`` counts the arrays that went this way.
-    """
-
-    class OutOfBandPickler(_dill().Pickler):
-        arrays = 0
-
-        def reducer_override(self, obj: Any) -> Any:
-            numpy = sys.modules.get("numpy")
-            if numpy is not None and type(obj) is numpy.ndarray:
-                self.arrays += 1
-                return obj.__reduce_ex__(self.proto)
-            return NotImplemented
-
-    return OutOfBandPickler
-
-
-def _dill_out_of_band(obj: Any) -> bytes | None:
-    """``obj`` by dill (its default settings, as ``dill.dumps``) with the arrays out of band: the
-    pickle5 payload, the 0x02 one when nothing went another way than dill's own, or None where
-    dill's own in-band bytes must be made (small arrays; an error, which that pass then reports)."""
-    import io
-
-    buffers: list[pickle.PickleBuffer] = []
-    file = io.BytesIO()
-    pickler = _dill_pickler()(file, 5, buffer_callback=buffers.append)
-    try:
-        pickler.dump(obj)
-    except Exception:
-        return None
-    stream = file.getvalue()
-    if not buffers and not pickler.arrays:
-        return _H_DILL + stream  # byte for byte what dill.dumps gives
-    return _out_of_band(stream, buffers)
 
 
 def plain(value: Any, str_keys: bool = False) -> Any:
@@ -255,73 +168,6 @@ def deserialize(buf: bytes | bytearray | memoryview) -> Any:
             f"cannot deserialize {METHOD_NAMES[method]} buffer: {type(exc).__name__}: {exc}"
         ) from exc
     raise SerializationError(f"unknown serializer id 0x{method:02x}")
-
-
-def _out_of_band_parts(
-    buf: bytes | bytearray | memoryview,
-) -> tuple[bytes, list[memoryview] | list[bytearray]]:
-    """The pickle stream and the buffers of a pickle5 payload, every length checked against it.
-
-    The buffers are slices of a writable ``buf`` (the arrays share its memory); of a read-only one
-    they are bytearray copies, so that the arrays are writable either way. A stream that mentions
-    dill (its loader functions live in ``dill._dill``) is for dill's loads; stdlib pickle's is
-    faster and needs no import of dill.
-    """
-    try:
-        view = memoryview(buf).cast("B")
-    except TypeError as exc:
-        raise SerializationError(f"pickle5 buffer is not contiguous bytes: {exc}") from None
-    total = view.nbytes
-    if total < _OOB_HEADER:
-        raise SerializationError(
-            f"pickle5 buffer truncated: {total} bytes, shorter than its {_OOB_HEADER}-byte header"
-        )
-    (meta_len,) = _META_LEN.unpack_from(view, 1)
-    offset = _OOB_HEADER + meta_len
-    if offset > total:
-        raise SerializationError(
-            f"pickle5 buffer truncated: its header names a {meta_len:,}-byte meta, "
-            f"{total - _OOB_HEADER:,} bytes follow"
-        )
-    try:
-        meta = msgpack.unpackb(view[_OOB_HEADER:offset], raw=False)
-    except Exception as exc:
-        raise SerializationError(f"pickle5 meta is not msgpack: {type(exc).__name__}: {exc}") from None
-    if not (
-        type(meta) is list
-        and len(meta) == 2
-        and type(meta[0]) is bytes
-        and type(meta[1]) is list
-        and all(type(n) is int and n >= 0 for n in meta[1])
-    ):
-        raise SerializationError(
-            "pickle5 meta is not [pickle stream (bin), [buffer sizes (non-negative ints)]]: "
-            f"{type(meta).__name__} {_short(meta)}"
-        )
-    stream, sizes = meta
-    spans = []
-    for i, size in enumerate(sizes):
-        start = _aligned(offset)
-        offset = start + size
-        if offset > total:
-            raise SerializationError(
-                f"pickle5 buffer truncated: buffer {i} of {len(sizes)} ({size:,} bytes at offset "
-                f"{start:,}) runs past the end of the {total:,}-byte payload"
-            )
-        spans.append((start, offset))
-    if _aligned(offset) != total:
-        raise SerializationError(
-            f"pickle5 buffer is {total:,} bytes, its meta describes {_aligned(offset):,} "
-            f"({'truncated' if total < _aligned(offset) else 'trailing bytes'})"
-        )
-    if view.readonly:
-        return stream, [bytearray(view[a:b]) for a, b in spans]
-    return stream, [view[a:b] for a, b in spans]
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def method_of(buf: bytes) -> str:
