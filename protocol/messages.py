@@ -22,6 +22,8 @@ top-level field, the shape of each task/result record and of every list of task 
 :class:`ProtocolError` with what was wrong. It never lets a malformed frame crash a loop.
 The fields of a result record an endpoint sends are checked by :func:`check_result`; the
 checks of heartbeat and pool info live in :mod:`.reports` and are re-exported here.
+The primitives of large payloads' own frames (placeholders, :func:`recv_rest`, the size check)
+live in :mod:`.frames`, also re-exported here; :func:`pack_frames` and :func:`unpack` use them.
 """
 
 from __future__ import annotations
@@ -33,6 +35,16 @@ from typing import Any, ClassVar, NamedTuple
 import msgpack
 
 from .errors import ProtocolError
+from .frames import (  # noqa: F401 (re-exported: callers use m.recv_rest, m.OOB_MIN_BYTES)
+    _OOB_EXT,
+    _RCVMORE,
+    OOB_MIN_BYTES,
+    _no_frames,
+    _PayloadFrames,
+    check_size,
+    recv_rest,
+    split_payloads,
+)
 from .reports import (  # noqa: F401 (re-exported: callers use m.check_heartbeat_info etc.)
     HEARTBEAT_FIELDS,
     check_heartbeat_info,
@@ -398,10 +410,8 @@ def pack(msg: Message) -> bytes:
     return _VERSION_BYTE + msgpack.packb(body, use_bin_type=True)
 
 
-# ---- large payloads travel as frames of their own ----------------------------------------------
+# ---- large payloads travel as frames of their own (the primitives are in frames.py) -----------
 
-OOB_MIN_BYTES = 64 * 1024  # a task's or result's payload at least this large gets its own frame
-_OOB_EXT = 1  # msgpack ext type in a payload's place: "this payload is frame 1 + i"
 _OOB_FIELDS = {Submit: (1, T_PAYLOAD), Tasks: (0, T_PAYLOAD), Results: (0, R_PAYLOAD)}
 
 
@@ -418,16 +428,7 @@ def pack_frames(msg: Message) -> list:
     if where is None:
         return [pack(msg)]
     index, pos = where
-    records = getattr(msg, msg._FIELDS[index])
-    extra: list | None = None
-    for i, rec in enumerate(records):
-        payload = rec[pos]
-        if payload is not None and len(payload) >= OOB_MIN_BYTES:
-            if extra is None:
-                extra, records = [], list(records)
-            ext = msgpack.ExtType(_OOB_EXT, len(extra).to_bytes(4, "little"))
-            records[i] = (*rec[:pos], ext, *rec[pos + 1 :])
-            extra.append(payload)
+    records, extra = split_payloads(getattr(msg, msg._FIELDS[index]), pos)
     if extra is None:
         return [pack(msg)]
     body = [msg.TYPE]
@@ -446,66 +447,12 @@ def send_message(sock: Any, msg: Message, flags: int = 0) -> None:
         sock.send_multipart(frames, flags, copy=False)
 
 
-def recv_rest(sock: Any) -> list:
-    """The frames after the first of the message being read from ``sock`` (none for a
-    one-frame message), without copying them: payload frames of :func:`pack_frames`."""
-    return sock.recv_multipart(copy=False) if sock.get(_RCVMORE) else []
-
-
-_RCVMORE = 13  # zmq.RCVMORE (this module does not import zmq)
-
-
-class _PayloadFrames:
-    """msgpack's ext hook while decoding a message that came with payload frames: each
-    placeholder becomes a memoryview of its frame (used once); :meth:`check` then makes sure
-    every frame stands in a task's or result's payload and nowhere else."""
-
-    def __init__(self, extra: Any):
-        self.views = [memoryview(x.buffer if hasattr(x, "buffer") else x) for x in extra]
-        self.used = [False] * len(self.views)
-
-    def __call__(self, code: int, data: bytes) -> memoryview:
-        i = int.from_bytes(data, "little") if code == _OOB_EXT and len(data) == 4 else -1
-        if not 0 <= i < len(self.views) or self.used[i]:
-            raise ProtocolError(
-                f"payload placeholder (ext {code}) names no unused frame of {len(self.views)}"
-            )
-        self.used[i] = True
-        return self.views[i]
-
-    def check(self, cls: type, values: list) -> None:
-        where = _OOB_FIELDS.get(cls)
-        if where is None:
-            raise ProtocolError(f"{cls.__name__} carries no payload frames")
-        if not all(self.used):
-            raise ProtocolError(
-                f"{self.used.count(False)} of {len(self.views)} payload frames are not referenced"
-            )
-        index, pos = where
-        records = values[index] if index < len(values) else []
-        placed = sum(1 for r in records if type(r) is list and len(r) > pos and type(r[pos]) is memoryview)
-        if placed != len(self.views):
-            raise ProtocolError("payload frames may stand only in task or result payloads")
-
-
-def _no_frames(code: int, data: bytes) -> Any:
-    raise ProtocolError(f"ext type {code} in a message without payload frames")
-
-
 def unpack(frame: bytes | memoryview, max_bytes: int = DEFAULT_MAX_FRAME_BYTES, extra: Any = ()) -> Message:
     """Decode one message, or raise :class:`ProtocolError` saying what is wrong with it.
 
     ``frame`` is its first frame; ``extra`` the rest (``zmq.Frame``s or bytes-like): the payloads
     :func:`pack_frames` sent out of band, which become memoryviews of those frames, not copies."""
-    size = len(frame)
-    if size == 0:
-        raise ProtocolError("empty frame")
-    frames = _PayloadFrames(extra) if extra else None
-    if frames is not None:
-        size += sum(v.nbytes for v in frames.views)
-    if size > max_bytes:
-        what = "frame" if frames is None else "message"
-        raise ProtocolError(f"{what} of {size:,} bytes exceeds the limit of {max_bytes:,} bytes")
+    frames = check_size(frame, max_bytes, extra)
     version = frame[0]
     if version != PROTOCOL_VERSION:
         raise ProtocolError(
@@ -535,7 +482,7 @@ def unpack(frame: bytes | memoryview, max_bytes: int = DEFAULT_MAX_FRAME_BYTES, 
                 f"got {type(value).__name__}"
             )
     if frames is not None:
-        frames.check(cls, values)
+        frames.check(cls, values, _OOB_FIELDS.get(cls))
     msg = cls(*values)
     _check_message(cls, msg)
     return msg
