@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,10 +145,15 @@ def rabbitmq_gains_no_users() -> Iterator[None]:
     after = _rabbit_names()
     if before is None or after is None:
         return
-    for name in sorted(after[0] - before[0]):
-        _rabbit_api("DELETE", f"users/{urllib.parse.quote(name, safe='')}")
-    for name in sorted(after[1] - before[1]):
-        _rabbit_api("DELETE", f"queues/%2F/{urllib.parse.quote(name, safe='')}")
+    left = [
+        name
+        for kind, names in (("users", after[0] - before[0]), ("queues/%2F", after[1] - before[1]))
+        for name in sorted(names)
+        if _rabbit_api("DELETE", f"{kind}/{urllib.parse.quote(name, safe='')}") is None
+    ]
+    if left:  # not a test failure (the broker is shared), but not silent either
+        what = f"{len(left)} RabbitMQ users/queues the tests created: {left[:5]}"
+        warnings.warn(f"could not delete {what}", stacklevel=2)
 
 
 def wait_until(pred: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> Any:
