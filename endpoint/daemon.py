@@ -52,7 +52,8 @@ from .packages import PackageCache
 from .scheduler import Scheduler
 from .tasklog import TaskLog, describe_function
 
-_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+_EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
+PUBLISH_SETTLE_S = 0.1  # work that only ended reaches Parsl's scaling view within this (_publish)
 
 log = logging.getLogger("dlhub.endpoint")
 
@@ -120,7 +121,8 @@ class Endpoint:
         self.provider_io: dict[str, OffLoop] = {}  # pool name -> the thread its provider queries run on
         # what Parsl's poller thread reads (scaling): replaced whole by the loop, never changed in place
         self._published: tuple[dict[str, int], frozenset[str]] = ({}, frozenset())
-        self._published_at: tuple[int, int] = (-1, -1)
+        self._published_at: tuple = ()
+        self._publish_due = 0.0  # when a change that only ended work is published at the latest
 
     # ---- start-up ----------------------------------------------------------------------------
 
@@ -312,12 +314,21 @@ class Endpoint:
     def _publish(self, force: bool = False) -> None:
         """Publish what Parsl's poller thread reads to scale (tasks held per pool, blocks whose
         workers hold tasks) as one immutable value: that thread never reads the Scheduler,
-        which only this loop changes. Cheap to skip when nothing came or went."""
+        which only this loop changes. Skipped when nothing came or went. Work that arrived or
+        moved (tasks received or requeued, workers and pools come or gone) is published at once:
+        a block must never look idle while it holds tasks. Work that only ended is published
+        within PUBLISH_SETTLE_S: until then the block looks busy a little longer, which only
+        delays a scale-in, and a serial caller's finished calls do not each pay for it."""
         s = self.scheduler
-        mark = (len(s.tasks), s.counters["completed"])
+        c = s.counters
+        grown = (c["received"], c["requeued"], c["worker_lost"], len(s.workers), len(s.pools))
+        mark = (grown, c["completed"], len(s.tasks))
         if not force and mark == self._published_at:
             return
-        self._published_at = mark
+        now = time.monotonic()
+        if not force and self._published_at and grown == self._published_at[0] and now < self._publish_due:
+            return
+        self._published_at, self._publish_due = mark, now + PUBLISH_SETTLE_S
         busy = {w.pool_id for w in s.workers.values() if w.assigned}
         blocks = frozenset(p.block_id for p in s.pools.values() if p.pool_id in busy)
         self._published = ({name: n for name, n in s.held_by_pool.items() if n}, blocks)
@@ -413,9 +424,7 @@ class Endpoint:
             kind = type(ins)
             if kind is ev.SendToWorker:
                 try:
-                    self.worker_sock.send_multipart(
-                        [ins.identity, *m.pack_frames(ins.message)], zmq.NOBLOCK, copy=False
-                    )
+                    m.send_frames(self.worker_sock, [ins.identity, *m.pack_frames(ins.message)], _NOBLOCK)
                 except zmq.ZMQError as exc:  # the worker vanished: the pool reports the death
                     log.warning("cannot reach worker %r: %s", ins.identity, exc)
             elif kind is ev.SendResults:
@@ -513,7 +522,7 @@ class Endpoint:
         good: results stay unacknowledged and code still waiting is asked again after the next
         Welcome, and the manager re-sends its tasks."""
         try:
-            m.send_message(self.manager_sock, msg, zmq.NOBLOCK)
+            m.send_message(self.manager_sock, msg, _NOBLOCK)
         except zmq.Again:
             if not self._send_blocked:
                 log.warning(
@@ -766,7 +775,7 @@ class Endpoint:
 
     def _send_worker(self, identity: bytes, msg: m.Message) -> None:
         try:
-            self.worker_sock.send_multipart([identity, *m.pack_frames(msg)], zmq.NOBLOCK, copy=False)
+            m.send_frames(self.worker_sock, [identity, *m.pack_frames(msg)], _NOBLOCK)
         except zmq.ZMQError:
             pass
 

@@ -390,10 +390,13 @@ class Connection:
             self._wakeup.drain()
         if self._drain_socket(sock):
             last_heard = time.monotonic()
+        sent = False  # a send may take the FD's signal for a frame that waits: then drain again
         if self._ready.is_set() and self.outgoing:
             self._send_outgoing(sock)
+            sent = True
         now = time.monotonic()
         if self._ready.is_set() and now - last_heard > self.manager_timeout_s:
+            sent = True  # (what it calls may send)
             if self.unacked or self.pending_ids():
                 self.on_manager_lost(
                     f"no answer from the manager at {self.address} for "
@@ -404,8 +407,8 @@ class Connection:
         if now - last_beat >= HEARTBEAT_S and (self.unacked or self.pending_ids()):
             # a restarted manager answers "not-registered": we then resync
             sock.send(m.pack(m.Heartbeat({})) if now - last_heard < 30 else self._hello())
-            last_beat = now
-        if self._drain_socket(sock):  # sends may have taken the FD's signal: read EVENTS last
+            last_beat, sent = now, True
+        if sent and self._drain_socket(sock):  # the sends may have taken the FD's signal: EVENTS last
             last_heard = time.monotonic()
         # user threads may send tasks themselves from now on (not before the handshake)
         self._direct = (

@@ -53,7 +53,7 @@ from .services import ServableService
 from .store import TaskStore, claim_endpoint, endpoint_owner, make_engine, migrate
 from .zap import ZAP_DOMAIN, UserAuthenticator, load_or_create_keypair
 
-_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+_EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
 
 log = logging.getLogger("dlhub.manager")
 
@@ -461,7 +461,7 @@ class Manager:
         for _ in range(DRAIN_LIMIT):
             if not sock.get(_EVENTS) & _POLLIN or time.monotonic() > deadline:
                 return  # (EVENTS: cheaper than a raised zmq.Again)
-            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            frames = sock.recv_multipart(_NOBLOCK, copy=False)
             if len(frames) < 2:
                 log.warning("dropping a message of %d frames (expected 2 or more)", len(frames))
                 continue
@@ -512,8 +512,12 @@ class Manager:
                     log.info("session %r ended with its connection", identity[:24])
 
     def _flush(self) -> None:
-        self._check_connections()  # sends leave at Flush: none to a session whose connection ended
-        self.route(_FLUSH)
+        """Send what the Router holds. A turn with nothing to send (most turns of a serial
+        caller) skips the Flush event and the connection check, unless events are being logged
+        for replay, where each turn's Flush is part of the record."""
+        if self.router.sends_waiting() or self.router.event_log is not None:
+            self._check_connections()  # sends leave at Flush: none to a session whose connection ended
+            self.route(_FLUSH)
 
     def _check_connections(self) -> None:
         """Read waiting connection events before sending (cheap when none wait)."""
@@ -547,7 +551,7 @@ class Manager:
                 log.debug("not sending %s to %r: no session", type(msg).__name__, identity[:16])
                 return
         try:
-            sock.send_multipart([identity, *m.pack_frames(msg)], zmq.NOBLOCK, copy=False)
+            m.send_frames(sock, [identity, *m.pack_frames(msg)], _NOBLOCK)
         except zmq.ZMQError as exc:  # peer gone: results stay in the store for Fetch
             log.debug("cannot send %s to %r: %s", type(msg).__name__, identity[:16], exc)
 

@@ -272,8 +272,8 @@ class Router:
                 "state": state,
                 "timeout_s": rec[m.T_TIMEOUT],
                 "result_serializer": rec[m.T_SERIALIZER],
-                "resources": json.dumps(rec[m.T_RESOURCES]) if rec[m.T_RESOURCES] else None,
-                "options": json.dumps(options) if options else None,
+                "resources": _json(rec[m.T_RESOURCES]) if rec[m.T_RESOURCES] else None,
+                "options": _json(options) if options else None,
                 "t_received": now,
                 "t_dispatched": now if state == "dispatched" else None,
                 "payload": rec[m.T_PAYLOAD],
@@ -836,6 +836,10 @@ class Router:
     def _result_to_client(self, client: bytes, res: list) -> None:
         self._results_out.setdefault(client, []).append(res)
 
+    def sends_waiting(self) -> bool:
+        """Whether a Flush would send anything now (most loop turns: no)."""
+        return bool(self.outbox or self._results_out)
+
     def drain(self) -> list[tuple[str, bytes, m.Message]]:
         """Everything to send now; results are coalesced into one message per client."""
         for client, results in self._results_out.items():
@@ -910,6 +914,36 @@ def _cancelled_error() -> list:
     return errors.infra_error("cancelled", "task was cancelled before it started")
 
 
+_JSON_MEMO: dict[tuple, str] = {}
+_JSON_MEMO_MAX = 1024
+_MEMO_SCALARS = (str, int, bool, type(None))  # exact types: True and 1 must not share a key
+
+
+def _json(value: dict) -> str:
+    """``json.dumps(value)`` of a task's resources or options, remembered: a caller sends the
+    same ones with every call (e.g. its outputs' upload grant), and dumping them again cost
+    more than the rest of storing the task. Only mappings of str, int, bool, None and lists of
+    str are remembered (their key holds each value's exact type); anything else (floats, whose
+    0.0 and -0.0 are equal, nested values) is dumped each time."""
+    key = []
+    for k, v in value.items():
+        t = type(v)
+        if t in _MEMO_SCALARS:
+            key.append((k, t, v))
+        elif t is list and all(type(x) is str for x in v):
+            key.append((k, t, tuple(v)))
+        else:
+            return json.dumps(value)
+    key = tuple(key)
+    text = _JSON_MEMO.get(key)
+    if text is None:
+        text = json.dumps(value)
+        if len(_JSON_MEMO) >= _JSON_MEMO_MAX:
+            _JSON_MEMO.clear()
+        _JSON_MEMO[key] = text
+    return text
+
+
 def _pack_error(record: list | None) -> bytes | None:
     from .store import pack_error
 
@@ -917,7 +951,7 @@ def _pack_error(record: list | None) -> bytes | None:
 
 
 def _flush(router: Router, _event: ev.Flush) -> None:
-    if router.outbox or router._results_out:  # most loop turns have nothing to send
+    if router.sends_waiting():  # most loop turns have nothing to send
         router.instructions.extend([ev.Send(*out) for out in router.drain()])
 
 

@@ -22,6 +22,7 @@ from .errors import ProtocolError
 OOB_MIN_BYTES = 64 * 1024  # a task's or result's payload at least this large gets its own frame
 _OOB_EXT = 1  # msgpack ext type in a payload's place: "this payload is frame 1 + i"
 _RCVMORE = 13  # zmq.RCVMORE (this module does not import zmq)
+_SNDMORE = 2  # zmq.SNDMORE
 
 
 def split_payloads(records: Any, pos: int) -> tuple[Any, list | None]:
@@ -38,6 +39,19 @@ def split_payloads(records: Any, pos: int) -> tuple[Any, list | None]:
             records[i] = (*rec[:pos], ext, *rec[pos + 1 :])
             extra.append(payload)
     return records, extra
+
+
+def send_frames(sock: Any, frames: list, flags: int = 0) -> None:
+    """``sock.send_multipart(frames, flags, copy=False)`` without its per-call costs, which
+    show on every hop of a small call: pyzmq checks each frame's buffer interface and builds
+    ``SNDMORE | flags`` as an enum per frame; here the flags are plain ints, and the frames are
+    ours (bytes, memoryviews, ``zmq.Frame``s)."""
+    flags = int(flags)
+    more = flags | _SNDMORE
+    send = sock.send
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        send(frame, more if i < last else flags, copy=False)
 
 
 def recv_rest(sock: Any) -> list:

@@ -43,6 +43,7 @@ from .frames import (  # noqa: F401 (re-exported: callers use m.recv_rest, m.OOB
     _PayloadFrames,
     check_size,
     recv_rest,
+    send_frames,
     split_payloads,
 )
 from .reports import (  # noqa: F401 (re-exported: callers use m.check_heartbeat_info etc.)
@@ -444,7 +445,7 @@ def send_message(sock: Any, msg: Message, flags: int = 0) -> None:
     if len(frames) == 1:
         sock.send(frames[0], flags, copy=False)
     else:
-        sock.send_multipart(frames, flags, copy=False)
+        send_frames(sock, frames, flags)
 
 
 def unpack(frame: bytes | memoryview, max_bytes: int = DEFAULT_MAX_FRAME_BYTES, extra: Any = ()) -> Message:
