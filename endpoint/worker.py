@@ -147,11 +147,13 @@ class Worker:
 
     def run(self) -> None:
         self.connect()
+        poller = zmq.Poller()  # one for the worker's life (Socket.poll builds one per call)
+        poller.register(self.sock, zmq.POLLIN)
         try:
             while True:
                 if not self.local:
                     self._flush()
-                    if not self.sock.poll(1000):
+                    if not poller.poll(1000):
                         if os.getppid() != self.parent:
                             return  # the pool is gone
                         continue

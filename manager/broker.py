@@ -61,6 +61,12 @@ TRIM_EVERY_S = 2.0  # how often freed heap memory goes back to the system
 USERS_POLL_S = 0.2  # how often the manager looks for user changes (revocations, new tokens)
 CLOSE_AFTER_S = 0.3  # a revoked user's sessions get their refusal, then their connections close
 DRAIN_LIMIT = 1000  # frames read from one socket before the loop looks at the others
+# An endpoint's results are acknowledged (Accepted, after the commit) at most this late, or at
+# once when this many wait: one message, and one endpoint wake-up, per many results rather than
+# per result (a serial caller's results came one commit, one Accepted each). The endpoint keeps
+# a result until its ack, so an ack sent later only keeps a copy there a little longer.
+ENDPOINT_ACK_DELAY_S = 0.05
+ENDPOINT_ACK_BATCH = 1000
 # ... or this long: a turn is bounded by work, so one user's flood of frames delays another's
 # frame (and every result waiting to go out at Flush) by a few ms, not by the whole flood
 DRAIN_BUDGET_S = 0.002  # client submissions read in one turn (results: RESULTS_BUDGET_S)
@@ -154,6 +160,10 @@ class Manager:
         # reads that may wait on the database or the disk (Fetch, Query, code): never on the loop
         self._io = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="dlhub-io")
         self._ack_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        # results' acks waiting to go to endpoints: identity -> (its session's user, task ids)
+        self._endpoint_acks: dict[bytes, tuple[str, list[bytes]]] = {}
+        self._endpoint_acks_n = 0
+        self._endpoint_acks_due: float | None = None
         self.clients: dict[bytes, _Client] = {}
         self.endpoint_users: dict[bytes, str] = {}  # endpoint identity -> the user of its token
         self._endpoint_owners: dict[str, str] = {}  # endpoint name -> the user who owns it (cache)
@@ -406,7 +416,11 @@ class Manager:
         loop_gc = LoopGC()  # full collections between turns, not 0.2-1 s pauses inside them
         try:
             while not self._stop.is_set():
-                events = dict(poller.poll(1000))
+                wait_ms = 1000
+                due = self._endpoint_acks_due
+                if due is not None:  # wake for the acks that wait
+                    wait_ms = max(0, min(wait_ms, int((due - time.monotonic()) * 1000) + 1))
+                events = dict(poller.poll(wait_ms))
                 loop_gc.tick(idle=not events)
                 # results first (they end work; submissions add it), then submissions for at
                 # most DRAIN_BUDGET_S: under a flood the backlog waits in the flooding client's
@@ -417,6 +431,8 @@ class Manager:
                     self._drain(self.client_sock, self._on_client, self._admit_client, DRAIN_BUDGET_S)
                 if self._ack_fd in events:
                     self._send_acks()
+                if self._endpoint_acks_due is not None and time.monotonic() >= self._endpoint_acks_due:
+                    self._send_endpoint_acks()
                 if self.client_conns.monitor in events or self.endpoint_conns.monitor in events:
                     self._connections_ended()
                 if self._closing and time.monotonic() >= self._closing[0][0]:
@@ -436,6 +452,8 @@ class Manager:
             self.api.stop()
         self.servables.close()
         self._io.shutdown(wait=True, cancel_futures=True)
+        if self._endpoint_acks:  # what was committed need not come again after the restart
+            self._send_endpoint_acks()
         self.store.flush()
         self.store.close()
         self.client_conns.close()
@@ -999,8 +1017,30 @@ class Manager:
                     continue
                 grouped.setdefault((link, identity), []).append(task_id)
         for (link, identity), ids in grouped.items():
-            sock = self.endpoint_sock if link == "endpoint" else self.client_sock
-            self._send(sock, identity, m.Accepted(ids))
+            if link == "client":
+                self._send(self.client_sock, identity, m.Accepted(ids))
+                continue
+            user = self.endpoint_users.get(identity)
+            if user is None:  # its session ended: it resends them after its next Hello
+                continue
+            waiting = self._endpoint_acks.get(identity)
+            if waiting is None or waiting[0] != user:
+                waiting = self._endpoint_acks[identity] = (user, [])
+            waiting[1].extend(ids)
+            self._endpoint_acks_n += len(ids)
+        if self._endpoint_acks and self._endpoint_acks_due is None:
+            self._endpoint_acks_due = time.monotonic() + ENDPOINT_ACK_DELAY_S
+        if self._endpoint_acks_n >= ENDPOINT_ACK_BATCH:
+            self._send_endpoint_acks()
+
+    def _send_endpoint_acks(self) -> None:
+        """Send the results' acks that wait, each only to the session of the user it was for."""
+        waiting, self._endpoint_acks = self._endpoint_acks, {}
+        self._endpoint_acks_n, self._endpoint_acks_due = 0, None
+        self._check_connections()
+        for identity, (user, ids) in waiting.items():
+            if self.endpoint_users.get(identity) == user:
+                self._send(self.endpoint_sock, identity, m.Accepted(ids))
 
 
 def _unknown_task(task_id: bytes) -> list:
