@@ -1017,7 +1017,7 @@ class Manager:
                     continue
                 grouped.setdefault((link, identity), []).append(task_id)
         for (link, identity), ids in grouped.items():
-            if link == "client":
+            if link != "endpoint":  # "client", "client-again"
                 self._send(self.client_sock, identity, m.Accepted(ids))
                 continue
             user = self.endpoint_users.get(identity)
