@@ -241,7 +241,7 @@ def test_failures_must_be_in_a_row(tmp_path):
     t = [0.0]
     ep = make_endpoint(tmp_path, t)
     ex = ep.executors["default"] = FakeExecutor([str(i) for i in range(2 * MAX_EARLY_BLOCK_FAILURES)], "job")
-    ep.worker_sock = types.SimpleNamespace(send=lambda *a, **k: None, send_multipart=lambda *a, **k: None)
+    ep.worker_sock = types.SimpleNamespace(send=lambda *a, **k: None)
     blocks = list(ex.blocks_to_job_id)
     early_failures(ep, ex, "default", blocks[: MAX_EARLY_BLOCK_FAILURES - 1])
     info = {"block_id": "default/9", "pool_name": "default"}
