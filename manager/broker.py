@@ -162,7 +162,6 @@ class Manager:
         self._ack_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         # results' acks waiting to go to endpoints: identity -> (its session's user, task ids)
         self._endpoint_acks: dict[bytes, tuple[str, list[bytes]]] = {}
-        self._endpoint_acks_n = 0
         self._endpoint_acks_due: float | None = None
         self.clients: dict[bytes, _Client] = {}
         self.endpoint_users: dict[bytes, str] = {}  # endpoint identity -> the user of its token
@@ -1027,16 +1026,15 @@ class Manager:
             if waiting is None or waiting[0] != user:
                 waiting = self._endpoint_acks[identity] = (user, [])
             waiting[1].extend(ids)
-            self._endpoint_acks_n += len(ids)
         if self._endpoint_acks and self._endpoint_acks_due is None:
             self._endpoint_acks_due = time.monotonic() + ENDPOINT_ACK_DELAY_S
-        if self._endpoint_acks_n >= ENDPOINT_ACK_BATCH:
+        if sum(len(ids) for _, ids in self._endpoint_acks.values()) >= ENDPOINT_ACK_BATCH:
             self._send_endpoint_acks()
 
     def _send_endpoint_acks(self) -> None:
         """Send the results' acks that wait, each only to the session of the user it was for."""
         waiting, self._endpoint_acks = self._endpoint_acks, {}
-        self._endpoint_acks_n, self._endpoint_acks_due = 0, None
+        self._endpoint_acks_due = None
         self._check_connections()
         for identity, (user, ids) in waiting.items():
             if self.endpoint_users.get(identity) == user:
