@@ -212,22 +212,33 @@ def workers_of(pool: int) -> dict[str, psutil.Process]:
     """The pool's worker processes by worker id (the runtime execs the image's python)."""
     out = {}
     for p in psutil.Process(pool).children():
-        cmd = p.cmdline()
+        try:
+            cmd = p.cmdline()
+        except psutil.Error:  # gone (or a zombie) between children() and cmdline()
+            continue
         if "dlhub.endpoint.worker" in cmd:
             out[cmd[cmd.index("--worker-id") + 1]] = p
     return out
 
 
+def workers_when(pool: int, ok) -> dict[str, psutil.Process] | None:
+    """The pool's workers when one look at them satisfies ``ok``, else None: one look, because a
+    replacement is briefly not a worker on its command line while the runtime execs it, and two
+    looks could each see a different set."""
+    workers = workers_of(pool)
+    return workers if ok(workers) else None
+
+
 def check_worker_restarted_in_image(cs, ex, tmp_path: Path) -> None:
     (pool,) = wait_until(lambda: pool_pids(cs.endpoint_dir), TIMEOUT_S, what="the pool process")
-    before = wait_until(lambda: len(workers_of(pool)) == 2 and workers_of(pool), TIMEOUT_S, what="2 workers")
+    before = wait_until(lambda: workers_when(pool, lambda w: len(w) == 2), TIMEOUT_S, what="2 workers")
     record = tmp_path / "dead-worker"
     with pytest.raises(WorkerLost):
         ex.submit(die_hard, str(record)).result(TIMEOUT_S)
     dead = record.read_text()
     assert dead in before
     after = wait_until(
-        lambda: len(workers_of(pool)) == 2 and dead not in workers_of(pool) and workers_of(pool),
+        lambda: workers_when(pool, lambda w: len(w) == 2 and dead not in w),
         TIMEOUT_S,
         what="the pool to replace the dead worker",
     )
