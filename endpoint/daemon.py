@@ -14,6 +14,11 @@ one ``Results`` and one ``States`` message to the manager, one ``Tasks`` message
 Nothing here waits: sends are NOBLOCK, provider commands run off the loop. Results
 are kept until the manager acknowledges them (it commits first), and are re-sent after the link
 comes back; the manager re-sends tasks the same way, and ids already held are ignored.
+
+Beside it, in their own modules: the watch over its Parsl blocks (``blocks.py``: provider
+answers, blocks that ended) and servables' container images (``servable_images.py``: checked at
+verification, fetched off the loop), each an object the Endpoint owns and calls only on its loop;
+and the files its pools start from (``pool_config.py``: written once at start-up).
 """
 
 from __future__ import annotations
@@ -29,9 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import zmq
-from parsl.jobs.states import JobState
 
-from dlhub.protocol import ProtocolError, errors
+from dlhub.protocol import ProtocolError
 from dlhub.protocol import messages as m
 from dlhub.protocol.curve import (
     HandshakeWatch,
@@ -46,10 +50,13 @@ from dlhub.protocol.private import write_private
 from dlhub.protocol.serialize import runtime_versions
 
 from . import events as ev
-from .config import EndpointConfig, walltime_seconds
-from .offloop import Inline, OffLoop, Outcome
+from .blocks import BlockWatch
+from .config import EndpointConfig
+from .offloop import OffLoop
 from .packages import PackageCache
+from .pool_config import write_pool_configs
 from .scheduler import Scheduler
+from .servable_images import ServableImages
 from .tasklog import TaskLog, describe_function
 
 _EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
@@ -58,8 +65,6 @@ PUBLISH_SETTLE_S = 0.1  # work that only ended reaches Parsl's scaling view with
 log = logging.getLogger("dlhub.endpoint")
 
 DRAIN_LIMIT = 1000
-UNSEEN_JOB_GRACE_S = 30.0  # accounting may learn of a new job this late on a busy cluster
-MAX_EARLY_BLOCK_FAILURES = 3  # then stop scaling and fail tasks with the blocks' error
 MAX_HELD_IN_HELLO = 500_000  # task ids a Hello lists (8 MB); more: the manager resends all
 
 
@@ -107,18 +112,12 @@ class Endpoint:
         self._last_hello = 0.0
         self._send_blocked = False  # the last send to the manager found no connection
         self._draining_since: float | None = None
-        self._ended_blocks: set[str] = set()
         self.version_warnings: list[str] = []  # shown in status
-        self._terminal_since: dict[str, float] = {}  # block -> when a terminal status was first seen
-        self._early_failures: dict[str, int] = {}  # pool -> blocks in a row that ended before registering
-        self.block_errors: dict[str, dict[str, Any]] = {}  # blocks that ended before their pool ran
-        self._blocks_with_pool: set[str] = set()  # blocks whose pool registered at least once
         self._stop = threading.Event()
         self.poller = None
         self.executors: dict[str, Any] = {}  # pool name -> PoolExecutor
-        self.image_io: OffLoop | None = None  # servables' image pulls (at verification)
-        self._images_fetched: dict[str, str | None] = {}  # image -> the fetch's error (None: ok)
-        self.provider_io: dict[str, OffLoop] = {}  # pool name -> the thread its provider queries run on
+        self.blocks = BlockWatch(config, self.scheduler, self.executors, self._write_status)
+        self.images = ServableImages(config, self.run_dir)  # servables' images (at verification)
         # what Parsl's poller thread reads (scaling): replaced whole by the loop, never changed in place
         self._published: tuple[dict[str, int], frozenset[str]] = ({}, frozenset())
         self._published_at: tuple = ()
@@ -161,68 +160,11 @@ class Endpoint:
         else:
             self.worker_sock.bind_to_random_port(f"tcp://{addr}")
         self.worker_url = self.worker_sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._write_pool_config()
+        self.pool_config_paths = write_pool_configs(
+            self.config, self.run_dir, self.worker_url, self.pool_token, self.link_keys
+        )
         self._register(register_timeout_s)
         self._start_pools()
-
-    def _link_secrets(self) -> dict[str, Any]:
-        """What pool.json gives pools and workers to get in: the CURVE client keys, or the PLAIN
-        password (``worker_link: plain``)."""
-        if self.config.worker_link == "plain":
-            return {"plain": {"password": self.link_keys["client_secret"]}}
-        return {"curve": {k: v for k, v in self.link_keys.items() if k != "server_secret"}}
-
-    def _write_pool_config(self) -> None:
-        """One JSON file per named pool: what its pool processes and workers need to start."""
-        self.pool_config_paths: dict[str, Path] = {}
-        bundle = None
-        for name, named in self.config.all_pools().items():
-            path = self.pool_config_paths[name] = self.run_dir / f"pool-{name}.json"
-            cfg = {
-                "pool_name": name,
-                "endpoint_url": self.worker_url,
-                "token": self.pool_token,
-                **self._link_secrets(),
-                "workers_per_node": named.pool.workers_per_node,
-                "heartbeat_s": self.config.heartbeat_s,
-                "heartbeat_threshold_s": self.config.heartbeat_threshold_s,
-                "payload_limit_bytes": self.config.payload_limit_bytes,
-                "output_limit_bytes": self.config.output_limit_bytes,
-                "worker_cache": self.config.worker_cache.model_dump(),
-                "servable_cache": str(self.run_dir / "servables" / "unpacked"),  # not a shared /tmp
-                "data_cache": {  # inputs by reference (endpoint/staging.py)
-                    "root": str(self.run_dir / "data"),
-                    "budget_bytes": int(self.config.data_cache.budget_gb * 1e9),
-                    "outputs": self.config.data_cache.outputs,
-                },
-                "accelerators": list(named.pool.accelerators),
-                "walltime_s": None
-                if named.provider.type == "local"
-                else walltime_seconds(named.provider.walltime),
-            }
-            container = named.pool.container
-            if container.type != "none":  # workers run in an image (endpoint/containers.py)
-                cfg["container"] = container.model_dump(mode="json")
-                if container.dlhub == "bind":  # a copy of this dlhub, bound into the image
-                    if bundle is None:
-                        from .containers import prepare_bundle
-
-                        bundle = str(prepare_bundle(self.run_dir / "container"))
-                    cfg["container"]["bundle"] = bundle
-                from .images import is_local
-
-                cfg["image_cache"] = {  # servables' own images (StartWorker) come from it too
-                    "root": str(self.run_dir / "images"),
-                    "budget_bytes": int(self.config.image_cache.budget_gb * 1e9),
-                }
-                if not is_local(container.image):  # a URI: fetched once into the image cache
-                    cfg["container"]["image_cache"] = {
-                        "root": str(self.run_dir / "images"),
-                        "budget_bytes": int(self.config.image_cache.budget_gb * 1e9),
-                    }
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(cfg, f)
 
     def _hello(self) -> m.Hello:
         return m.Hello(
@@ -307,7 +249,7 @@ class Endpoint:
                 label=f"dlhub-{name}",
                 pool_name=name,
             )
-            self.provider_io[name] = OffLoop(f"dlhub-provider-{name}")
+            self.blocks.provider_io[name] = OffLoop(f"dlhub-provider-{name}")
         self._publish(force=True)
         self.poller = start_scaling(list(self.executors.values()), self.run_dir, self.config)
 
@@ -364,8 +306,8 @@ class Endpoint:
                     self._drain(self.manager_sock, None)
                 if self.worker_sock in events:
                     self._drain(self.worker_sock, True)
-                self._provider_answers()
-                self._image_answers()
+                self.blocks.answers()
+                self.images.answers(self._events)
                 now = time.monotonic()
                 if self._draining_since is not None and (
                     not any(w.assigned for w in self.scheduler.workers.values())
@@ -438,7 +380,7 @@ class Endpoint:
                 now = time.monotonic()
                 found, learned = self.packages.from_disk(ins.digests, now)
                 if found:  # kept on disk from an earlier fetch: no need to ask
-                    checks = self._image_checks(found, now)
+                    checks = self.images.checks(found, now)
                     self._carry_out(self.scheduler.handle(*learned, *checks, ev.CodeFound(now, found)))
                 rest = [d for d in ins.digests if d not in found]
                 if rest:
@@ -452,68 +394,6 @@ class Endpoint:
                 self._send_worker(ins.pool_identity, m.KillWorker(ins.worker_id, ins.reason))
             elif kind is ev.PoolDropped:
                 log.warning("pool %s lost (missed heartbeats); its tasks were re-queued", ins.pool_id)
-
-    def _image_checks(self, blobs: dict[str, bytes], now: float) -> list[ev.Event]:
-        """ImageUnavailable for each servable package whose container this endpoint cannot run."""
-        from dlhub.protocol.servable import PACKAGE_HEADER, unpack_package
-
-        out: list[ev.Event] = []
-        for function, blob in blobs.items():
-            package = m.package_key(function)
-            if package is None or not blob or blob[0] != PACKAGE_HEADER:
-                continue
-            try:
-                record = unpack_package(blob)[0]
-            except Exception:  # a bad package fails its tasks at the worker, with the reason
-                continue
-            container = record.container
-            build = container is None and record.requirements and self.config.image_cache.build
-            if container is not None or build:
-                from .images import is_local, servable_build, servable_image
-
-                if build:  # an image built from its requirements (image_cache.build): build://KEY
-                    image, problem = servable_build(record.requirements, self.config, self.run_dir)
-                else:
-                    image, problem = servable_image(container, self.config)
-                if problem is not None:
-                    log.warning("servable package %s: %s", package[:12], problem)
-                    out.append(ev.ImageUnavailable(now, package, problem))
-                elif image is not None:  # its calls run on workers started inside this image
-                    fetching = not is_local(image) and self._fetch_image(image)
-                    out.append(ev.ServableImage(now, package, image, fetching))
-        return out
-
-    def _fetch_image(self, image: str) -> bool:
-        """Pull a servable's image into the endpoint's image cache off the loop, when it is
-        verified (so its first call does not wait for a pull); True while that fetch runs. Its
-        outcome comes back as ImageFetched (a failed pull fails the servable with the reason)."""
-        if self._images_fetched.get(image) is None and image in self._images_fetched:
-            return False  # fetched already (a failed one is tried again)
-        if self.image_io is None:
-            self.image_io = OffLoop("dlhub-image-fetch")
-        if not self.image_io.busy(image):
-            from .images import cache_for
-
-            runtime = next(iter(self.config.all_pools().values())).pool.container.type
-            cache = cache_for(self.run_dir, self.config)
-            log.info("fetching servable image %s into the image cache (%s)", image, runtime)
-            self.image_io.submit(image, lambda: cache.image_for(image, runtime))
-        return True
-
-    def _image_answers(self) -> None:
-        """Servable images fetched (or not) since the last look: ImageFetched events."""
-        if self.image_io is None:
-            return
-        for outcome in self.image_io.outcomes():
-            error = None
-            if outcome.error is not None:
-                failed = "build failed" if outcome.key.startswith("build://") else "pull failed"
-                error = f"image {outcome.key}: {failed}: {outcome.error}"
-                log.warning("%s", error)
-            else:
-                log.info("servable image %s fetched in %.1f s", outcome.key, outcome.seconds)
-            self._images_fetched[outcome.key] = error
-            self._events.append(ev.ImageFetched(time.monotonic(), outcome.key, error))
 
     def _to_manager(self, msg: m.Message) -> None:
         """Send without ever blocking. With no connection to the manager (its handshake refused
@@ -554,117 +434,10 @@ class Endpoint:
                 log.warning("manager silent for %.0f s: disconnected", now - self.last_heard_manager)
             self.manager_state = "disconnected"
             self._say_hello()
-        self._watch_blocks()
-        self._forget_scaled_in()
+        self.blocks.watch()
+        self.blocks.forget_scaled_in()
         self._publish(force=True)
         self._write_status()
-
-    # ---- blocks -------------------------------------------------------------------------------
-
-    def _watch_blocks(self) -> None:
-        """Ask the providers now about blocks that matter now (Parsl's own polls are 5-60 s apart):
-        blocks whose pool has not registered (a failing worker_init shows up here within one
-        block start) and blocks whose pool went quiet (ended by walltime, scancel, node loss)."""
-        by_block = {p.block_id: p for p in list(self.scheduler.pools.values())}
-        now = self.scheduler.clock()
-        quiet = {b for b, p in by_block.items() if now - p.last_seen > 2 * self.config.heartbeat_s}
-        for name, ex in self.executors.items():
-            scaled_in = {b for b, st in list(ex._status.items()) if st.state == JobState.SCALED_IN}
-            watch = [
-                b
-                for b in list(ex.blocks_to_job_id)
-                if f"{name}/{b}" not in self._ended_blocks
-                and b not in scaled_in
-                and (f"{name}/{b}" not in by_block or f"{name}/{b}" in quiet)
-            ]
-            io = self.provider_io.get(name) or self.provider_io.setdefault(name, Inline())
-            if not watch or io.busy(name):
-                continue  # one query per pool at a time: a slow one is shown in status, not felt
-            io.submit(name, _status_query, ex, watch)
-        self._provider_answers()
-
-    def _provider_answers(self) -> None:
-        """Act on the provider answers that came back since the last look (events to the loop)."""
-        for name, io in list(self.provider_io.items()):
-            for outcome in io.outcomes():
-                self._block_statuses(name, outcome)
-
-    def _block_statuses(self, name: str, outcome: Outcome) -> None:
-        """A provider's answer (from its OffLoop thread) about blocks the loop asked after."""
-        if outcome.seconds > self.config.heartbeat_s:
-            log.warning("the %s provider took %.1f s to answer a status query", name, outcome.seconds)
-        if outcome.error is not None:
-            log.warning("cannot ask the provider about pool %s's blocks: %s", name, outcome.error)
-            return
-        ex = self.executors[name]
-        by_block = {p.block_id: p for p in list(self.scheduler.pools.values())}
-        now = self.scheduler.clock()
-        watch, statuses = outcome.value
-        for block_id, st in zip(watch, statuses):
-            key = f"{name}/{block_id}"
-            pool = by_block.get(key)
-            if key in self._ended_blocks or (
-                pool is not None and now - pool.last_seen <= 2 * self.config.heartbeat_s
-            ):
-                continue  # settled, or its pool spoke up while the query ran
-            if st is None or not st.terminal:
-                self._terminal_since.pop(key, None)
-                continue
-            # Confirm before acting: the state must hold across queries a while apart. A
-            # block whose pool never registered and that reads COMPLETED may just be
-            # unknown to sacct yet (Parsl reads "missing" as COMPLETED): give it longer.
-            first = self._terminal_since.setdefault(key, now)
-            grace = max(2.0, 2 * self.config.heartbeat_s)
-            if key not in by_block and st.state == JobState.COMPLETED:
-                grace = max(grace, UNSEEN_JOB_GRACE_S)
-            if now - first >= grace:
-                self._block_ended(ex, name, block_id, st, by_block.get(key))
-                self._write_status()  # the log and `dlhub status` name it together
-
-    def _forget_scaled_in(self) -> None:
-        """Pools of blocks we cancelled as idle are expected to go: drop them quietly."""
-        scaled_in = {
-            f"{name}/{b}"
-            for name, ex in self.executors.items()
-            for b, st in list(ex._status.items())
-            if st.state == JobState.SCALED_IN
-        }
-        for pool in list(self.scheduler.pools.values()):
-            if pool.block_id in scaled_in:
-                self.scheduler.apply(
-                    ev.PoolLost(self.scheduler.clock(), pool.pool_id, f"block {pool.block_id} was scaled in")
-                )
-                log.info("block %s scaled in (idle); its pool is gone", pool.block_id)
-
-    def _block_ended(self, ex: Any, pool_name: str, block_id: str, st: Any, pool: Any) -> None:
-        key = f"{pool_name}/{block_id}"
-        self._ended_blocks.add(key)
-        ex.mark_ended(block_id, st)
-        job_id = ex.blocks_to_job_id[block_id]
-        kind = self.config.all_pools()[pool_name].provider.type
-        reason = f"block {key} ({kind} job {job_id}) ended: {st.state.name}"
-        if st.message:
-            reason += f" ({st.message})"
-        if pool is not None:
-            self.scheduler.apply(ev.PoolLost(self.scheduler.clock(), pool.pool_id, reason))
-            log.warning("%s; its tasks were re-queued", reason)
-            return
-        if key in self._blocks_with_pool:  # its pool ran, and was dropped (missed heartbeats) first
-            log.warning("%s after its pool was lost", reason)
-            return
-        tail = _tail(st.stderr_path) or _tail(st.stdout_path)
-        failures = self._early_failures[pool_name] = self._early_failures.get(pool_name, 0) + 1
-        self.block_errors[key] = {"job_id": job_id, "state": st.state.name, "reason": reason, "output": tail}
-        log.error("%s before its pool started (check worker_init):\n%s", reason, tail)
-        if failures >= MAX_EARLY_BLOCK_FAILURES and pool_name not in self.scheduler.refused_pools:
-            message = (
-                f"endpoint {self.config.name!r} cannot start workers in pool {pool_name!r}: {failures} "
-                f"blocks in a row ended before their pool started; last: {reason}: {tail[-1000:]}"
-            )
-            log.error("%s; its scaling stopped and its tasks fail until a restart", message)
-            ex.set_bad_state_and_fail_all(RuntimeError(message))  # Parsl's strategy skips it now
-            error = errors.infra_error("lost", message)
-            self.scheduler.apply(ev.PoolRefused(self.scheduler.clock(), pool_name, error))
 
     # ---- messages from the manager -------------------------------------------------------------
 
@@ -686,7 +459,7 @@ class Endpoint:
             self._events.append(ev.TasksArrived(now, fresh))
         elif isinstance(msg, m.Code):
             self._events += self.packages.keep(msg.blobs, now)  # servables' policies first
-            self._events += self._image_checks(msg.blobs, now)  # images before tasks are queued
+            self._events += self.images.checks(msg.blobs, now)  # images before tasks are queued
             self._events.append(ev.CodeArrived(now, msg.blobs))
         elif isinstance(msg, m.Accepted):
             for task_id in msg.task_ids:
@@ -761,8 +534,7 @@ class Endpoint:
             block = str(hello.info.get("block_id"))
             self.scheduler.apply(ev.PoolJoined(now, identity, hello.name, block, dict(hello.info), drain_in))
             log.info("pool %s registered (block %s)", hello.name, hello.info.get("block_id"))
-            self._blocks_with_pool.add(block)
-            self._early_failures[str(hello.info.get("pool_name", "default"))] = 0
+            self.blocks.pool_registered(block, str(hello.info.get("pool_name", "default")))
             self._send_worker(identity, m.Welcome(self.session, {}))
         elif hello.role == "worker":
             pool_id, pool_name = str(hello.info.get("pool_id")), str(hello.info.get("pool_name", "default"))
@@ -789,32 +561,22 @@ class Endpoint:
             "manager": self.config.manager.address,
             "updated": time.time(),
             "started": self.started,
-            "blocks": self._block_states(),
-            "block_errors": self.block_errors,
+            "blocks": self.blocks.block_states(),
+            "block_errors": self.blocks.block_errors,
             "version_warnings": self.version_warnings,
             "failing": {pool: error[1] for pool, error in self.scheduler.refused_pools.items()},
-            "provider_queries": self._slow_queries(),
+            "provider_queries": self.blocks.slow_queries(),
             "versions": runtime_versions(),
             **self._snapshot(),
         }
-
-    def _slow_queries(self) -> dict[str, dict[str, Any]]:
-        """Provider status queries running longer than a heartbeat (the loop does not wait on
-        them; this says a scheduler command is slow instead of the endpoint being slow)."""
-        out = {}
-        for name, io in self.provider_io.items():
-            for _, seconds in io.in_flight().items():
-                if seconds > self.config.heartbeat_s:
-                    out[name] = {"running_s": round(seconds, 1)}
-        return out
 
     def _troubles(self) -> dict[str, Any]:
         """For the manager's endpoints page (dlhub.manager.web), with each heartbeat: the blocks
         with their scheduler job ids and states, blocks that ended before their pool ran (the
         last 5, output cut to 1,000 characters) and version warnings (the last 10)."""
-        errors = list(self.block_errors.items())[-5:]
+        errors = list(self.blocks.block_errors.items())[-5:]
         return {
-            "blocks": self._block_states(),
+            "blocks": self.blocks.block_states(),
             "block_errors": {k: {**e, "output": (e.get("output") or "")[-1000:]} for k, e in errors},
             "version_warnings": self.version_warnings[-10:],
         }
@@ -825,30 +587,10 @@ class Endpoint:
         snapshot = self.scheduler.snapshot()
         snapshot["on_workers"] = sum(len(w.assigned) for w in list(self.scheduler.workers.values()))
         snapshot["heartbeat_s"] = self.config.heartbeat_s
-        # each pool's provider status queries (run off the loop): a hung sacct shows in
-        # `dlhub status` through the heartbeat, instead of being felt
-        provider = {}
-        for io in list(self.provider_io.values()):
-            provider.update(io.health())
+        provider = self.blocks.provider_health()  # a hung sacct shows in `dlhub status`
         if provider:
             snapshot["provider"] = provider
         return snapshot
-
-    def _block_states(self) -> dict[str, dict[str, Any]]:
-        """Parsl's view of each block (its polls are up to 60 s apart), corrected by what we
-        know first-hand: a block whose pool is registered is running."""
-        registered = {p.block_id: p for p in list(self.scheduler.pools.values())}
-        out = {}
-        for name, ex in self.executors.items():
-            states = ex.block_states()
-            for block_id, state in states.items():
-                pool = registered.get(f"{name}/{block_id}")
-                if pool is not None and state["state"] in ("PENDING", "UNKNOWN"):
-                    state["state"] = "RUNNING"
-                if pool is not None:
-                    state["pool"] = pool.pool_id
-            out[name] = states
-        return out
 
     def _write_status(self) -> None:
         write_private(self.run_dir / "status.json", json.dumps(self.status(), default=str))  # 0600
@@ -867,8 +609,7 @@ class Endpoint:
                 self.poller.close(timeout=10)
             except Exception:
                 log.exception("error while scaling in blocks")
-        for io in self.provider_io.values():
-            io.close()
+        self.blocks.close()
         if self.scheduler.event_log is not None:
             self.scheduler.event_log.close()
         for ex in self.executors.values():
@@ -895,25 +636,7 @@ def _offers(named: Any) -> dict[str, Any]:
     return offers
 
 
-def _tail(path: str | None, limit: int = 4000) -> str:
-    """The end of a block's output file (blank when it cannot be read)."""
-    if not path:
-        return ""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - limit))
-            return f.read().decode(errors="replace").strip()
-    except OSError:
-        return ""
-
-
 def install_signal_handlers(endpoint: Endpoint) -> None:
     """SIGTERM drains (a second one stops at once); SIGINT stops at once."""
     signal.signal(signal.SIGTERM, lambda *_: endpoint.stop(drain=True))
     signal.signal(signal.SIGINT, lambda *_: endpoint.stop(drain=False))
-
-
-def _status_query(ex: Any, watch: list[str]) -> tuple[list[str], list[Any]]:
-    """Runs on the pool's OffLoop thread: the provider's status command for these blocks."""
-    return watch, ex.fresh_status(watch)

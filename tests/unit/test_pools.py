@@ -9,8 +9,9 @@ import pytest
 from parsl.jobs.states import JobState, JobStatus
 
 from dlhub.endpoint import pool as pool_module
+from dlhub.endpoint.blocks import MAX_EARLY_BLOCK_FAILURES
 from dlhub.endpoint.config import parse_config
-from dlhub.endpoint.daemon import MAX_EARLY_BLOCK_FAILURES, Endpoint
+from dlhub.endpoint.daemon import Endpoint
 from dlhub.endpoint.pool import ACCELERATOR_VARS, Pool
 from dlhub.protocol import messages as m
 from dlhub.protocol.serialize import runtime_versions
@@ -86,7 +87,7 @@ class FakeProvider:
 
 
 class FakeExecutor:
-    """What _watch_blocks and _block_ended use of a PoolExecutor."""
+    """What BlockWatch.watch and BlockWatch.block_ended use of a PoolExecutor."""
 
     def __init__(self, blocks: list[str], prefix: str):
         self.blocks_to_job_id = {b: f"{prefix}{b}" for b in blocks}
@@ -136,7 +137,7 @@ def watch_until(ep: Endpoint, t: list[float], done, beats: int = 4) -> int:
     """Run the endpoint's block watch once a heartbeat (clock advanced by hand) until ``done()``;
     return how many watches it took (the endpoint may confirm a terminal state once more)."""
     for n in range(1, beats + 1):
-        ep._watch_blocks()
+        ep.blocks.watch()
         if done():
             return n
         t[0] += ep.config.heartbeat_s
@@ -160,9 +161,9 @@ def test_watch_asks_only_about_blocks_without_a_live_pool(tmp_path):
     s.add_pool(b"p:b", "pool-b", "default/1", {})  # registered, silent for 10 s > 2 heartbeats
     t[0] = 100.0
     s.pool_heartbeat("pool-a")
-    ep._watch_blocks()
+    ep.blocks.watch()
     assert ex.provider.asked == [["job1", "job2"]]  # not the live one, not the scaled-in one
-    assert ep.block_errors == {} and s.refused_pools == {}
+    assert ep.blocks.block_errors == {} and s.refused_pools == {}
 
 
 def test_a_block_ending_before_its_pool_started_is_recorded_with_its_output(tmp_path):
@@ -170,16 +171,16 @@ def test_a_block_ending_before_its_pool_started_is_recorded_with_its_output(tmp_
     ep = make_endpoint(tmp_path, t)
     ex = ep.executors["default"] = FakeExecutor(["0"], "job")
     ex.provider.states["job0"] = failed_block(tmp_path, "b0", "module: command not found\n")
-    watch_until(ep, t, lambda: "default/0" in ep.block_errors)
-    err = ep.block_errors["default/0"]
+    watch_until(ep, t, lambda: "default/0" in ep.blocks.block_errors)
+    err = ep.blocks.block_errors["default/0"]
     assert err["job_id"] == "job0" and err["state"] == "FAILED"
     assert err["reason"] == "block default/0 (local job job0) ended: FAILED (exit code 3)"
     assert err["output"] == "module: command not found"
     assert ep.scheduler.refused_pools == {} and ex.bad is None  # one failure is not yet a pattern
     asked = len(ex.provider.asked)
     t[0] += 10
-    ep._watch_blocks()  # an ended block is not asked about again
-    assert len(ex.provider.asked) == asked and list(ep.block_errors) == ["default/0"]
+    ep.blocks.watch()  # an ended block is not asked about again
+    assert len(ex.provider.asked) == asked and list(ep.blocks.block_errors) == ["default/0"]
     assert ex._status["0"].state == JobState.FAILED  # Parsl's strategy sees it gone
     status = ep.status()
     assert status["block_errors"]["default/0"]["output"] == "module: command not found"
@@ -202,12 +203,12 @@ def test_a_block_ending_under_a_running_pool_requeues_its_tasks(tmp_path):
     watch_until(ep, t, lambda: "pool-a" not in s.pools)
     assert list(s.queue) == [rec(1)[m.T_ID]]
     assert s.tasks[rec(1)[m.T_ID]].retries == 1
-    assert ep.block_errors == {}  # not an early failure: its pool had run
+    assert ep.blocks.block_errors == {}  # not an early failure: its pool had run
 
 
 def early_failures(ep: Endpoint, ex: FakeExecutor, pool: str, blocks: list[str], text: str = "x") -> None:
     for b in blocks:
-        ep._block_ended(ex, pool, b, failed_block(ep.run_dir, f"{pool}-{b}", text), None)
+        ep.blocks.block_ended(ex, pool, b, failed_block(ep.run_dir, f"{pool}-{b}", text), None)
 
 
 def test_after_max_early_failures_the_pools_tasks_fail_with_the_blocks_error(tmp_path):
@@ -308,16 +309,16 @@ def test_fresh_status_asks_past_the_cache_and_leaves_it_as_it_was(tmp_path):
 
 
 def test_completed_for_a_block_that_never_registered_needs_the_long_grace(tmp_path):
-    from dlhub.endpoint.daemon import UNSEEN_JOB_GRACE_S
+    from dlhub.endpoint.blocks import UNSEEN_JOB_GRACE_S
 
     t = [0.0]
     ep = make_endpoint(tmp_path, t)
     ex = ep.executors["default"] = FakeExecutor(["0"], "job")
     ex.provider.states["job0"] = JobStatus(JobState.COMPLETED)  # maybe just unknown to sacct
     for _ in range(5):  # well past the normal 2-heartbeat confirmation
-        ep._watch_blocks()
+        ep.blocks.watch()
         t[0] += ep.config.heartbeat_s
-    assert ep.block_errors == {} and ex._status["0"].state == JobState.RUNNING
+    assert ep.blocks.block_errors == {} and ex._status["0"].state == JobState.RUNNING
     t[0] = UNSEEN_JOB_GRACE_S + 1
-    ep._watch_blocks()
-    assert "default/0" in ep.block_errors  # still "ended" half a minute on: believe it
+    ep.blocks.watch()
+    assert "default/0" in ep.blocks.block_errors  # still "ended" half a minute on: believe it
