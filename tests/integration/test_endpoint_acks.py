@@ -14,7 +14,7 @@ import zmq
 
 from dlhub.executor.connection import Connection
 from dlhub.manager import Manager, ManagerConfig
-from dlhub.manager.broker import ENDPOINT_ACK_DELAY_S
+from dlhub.manager.acks import ENDPOINT_ACK_DELAY_S
 from dlhub.protocol import messages as m
 from dlhub.protocol.curve import secure_dealer
 from dlhub.protocol.serialize import runtime_versions
