@@ -29,6 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
+
 from dlhub.protocol import errors
 from dlhub.protocol import messages as m
 from dlhub.protocol.gc_serialize import endpoint_uuid
@@ -945,9 +947,9 @@ def _json(value: dict) -> str:
 
 
 def _pack_error(record: list | None) -> bytes | None:
-    from .store import pack_error
-
-    return pack_error(record)
+    """An error record as the store keeps it (``store.pack_error``; not imported from there: the
+    Router stays free of the database layer). Most results have none: no call then."""
+    return None if record is None else msgpack.packb(record, use_bin_type=True)
 
 
 def _flush(router: Router, _event: ev.Flush) -> None:
