@@ -65,6 +65,13 @@ PUBLISH_SETTLE_S = 0.1  # work that only ended reaches Parsl's scaling view with
 log = logging.getLogger("dlhub.endpoint")
 
 DRAIN_LIMIT = 1000
+# The manager link is read for at most this long a turn (what was read is handled, and results go
+# out, before more is read): a flood of one user's tasks delays a worker's result by a few ms, not
+# by the whole flood. Workers' results are read without a budget: they end work.
+MANAGER_DRAIN_BUDGET_S = 0.002
+# Results go to the manager at most this many in a message: the manager handles a message at once,
+# so a smaller one keeps its turn short (and another user's result in the next message waits less)
+RESULTS_PER_MESSAGE = 256
 MAX_HELD_IN_HELLO = 500_000  # task ids a Hello lists (8 MB); more: the manager resends all
 
 
@@ -303,7 +310,7 @@ class Endpoint:
                 if not events:  # idle: tell the manager which tasks are running (off the hot path)
                     self._events.append(ev.Idle(time.monotonic(), time.time()))
                 if self.manager_sock in events:
-                    self._drain(self.manager_sock, None)
+                    self._drain(self.manager_sock, None, MANAGER_DRAIN_BUDGET_S)
                 if self.worker_sock in events:
                     self._drain(self.worker_sock, True)
                 self.blocks.answers()
@@ -334,9 +341,15 @@ class Endpoint:
         else:
             self._stop.set()
 
-    def _drain(self, sock: zmq.Socket, routed: bool | None) -> None:
-        for _ in range(DRAIN_LIMIT):
+    def _drain(self, sock: zmq.Socket, routed: bool | None, budget_s: float | None = None) -> None:
+        """Read waiting frames: at most ``DRAIN_LIMIT``, and when ``budget_s`` is given, no more
+        once it has passed (at least one: every turn makes progress; the rest next turn, as
+        zmq_poll is level-triggered)."""
+        deadline = None if budget_s is None else time.monotonic() + budget_s
+        for i in range(DRAIN_LIMIT):
             if not sock.get(_EVENTS) & _POLLIN:  # cheaper than a raised zmq.Again
+                return
+            if i and deadline is not None and time.monotonic() > deadline:
                 return
             first = sock.recv(zmq.NOBLOCK)
             identity, frame = (first, sock.recv()) if routed else (b"", first)
@@ -373,7 +386,8 @@ class Endpoint:
                 for res in ins.results:
                     self.unacked[res[m.R_ID]] = res
                 self.unacked_uncacheable |= m.uncacheable_ids(ins.info)
-                self._to_manager(m.Results(ins.results, ins.info))
+                for i in range(0, len(ins.results), RESULTS_PER_MESSAGE):  # (info: for each part)
+                    self._to_manager(m.Results(ins.results[i : i + RESULTS_PER_MESSAGE], ins.info))
             elif kind is ev.SendStates:
                 self._to_manager(m.States(ins.updates))
             elif kind is ev.RequestCode:
@@ -445,7 +459,9 @@ class Endpoint:
         """Results the manager has not acknowledged, again, with the flag of those that name an
         output stored for their caller (the manager must not cache or share them)."""
         flagged = [r[m.R_ID].hex() for r in results if r[m.R_ID] in self.unacked_uncacheable]
-        self._to_manager(m.Results(results, {"uncacheable": flagged} if flagged else {}))
+        info = {"uncacheable": flagged} if flagged else {}
+        for i in range(0, len(results), RESULTS_PER_MESSAGE):
+            self._to_manager(m.Results(results[i : i + RESULTS_PER_MESSAGE], info))
 
     def _on_manager(self, msg: m.Message) -> None:
         now = self.last_heard_manager = time.monotonic()

@@ -13,6 +13,7 @@ latency path). User payloads stay opaque bytes: nothing here unpickles them.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import functools
 import logging
@@ -56,6 +57,11 @@ DRAIN_LIMIT = 1000  # frames read from one socket before the loop looks at the o
 # frame (and every result waiting to go out at Flush) by a few ms, not by the whole flood
 DRAIN_BUDGET_S = 0.002  # client submissions read in one turn (results: RESULTS_BUDGET_S)
 RESULTS_BUDGET_S = 0.01  # results read in one turn before they go out (Flush) and others are read
+# ... and a frame is not a unit of work: one Submit may carry a client's 1,024 tasks (tens of ms
+# on a busy manager). The Router takes a Submit this many tasks at a time; the rest waits in
+# ``_submit_slices`` and goes first in the next turns, before any other client frame is read
+# (so nothing overtakes it: a Cancel or Fetch that followed it still finds its tasks)
+SUBMIT_SLICE = 256
 
 
 _FLUSH = ev.Flush()  # immutable: one instance serves every loop turn
@@ -79,6 +85,8 @@ class Manager(SessionsMixin):
         self._io = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="dlhub-io")
         self._ack_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.clients: dict[bytes, ClientSession] = {}
+        # the rest of Submits taken SUBMIT_SLICE tasks at a time: (identity, its session, the rest)
+        self._submit_slices: collections.deque[tuple[bytes, ClientSession, m.Submit]] = collections.deque()
         self.endpoint_users: dict[bytes, str] = {}  # endpoint identity -> the user of its token
         self._endpoint_owners: dict[str, str] = {}  # endpoint name -> the user who owns it (cache)
         # connections to close: (when, users, their client IPs, their endpoint IPs)
@@ -334,7 +342,7 @@ class Manager(SessionsMixin):
         loop_gc = LoopGC()  # full collections between turns, not 0.2-1 s pauses inside them
         try:
             while not self._stop.is_set():
-                wait_ms = 1000
+                wait_ms = 0 if self._submit_slices else 1000  # slices of a Submit wait: no sleeping
                 due = self.acks.endpoint_due
                 if due is not None:  # wake for the acks that wait
                     wait_ms = max(0, min(wait_ms, int((due - time.monotonic()) * 1000) + 1))
@@ -345,8 +353,10 @@ class Manager(SessionsMixin):
                 # own pipe, which ZeroMQ serves fairly against other clients' pipes
                 if self.endpoint_sock in events:
                     self._drain(self.endpoint_sock, self._on_endpoint, self._admit_endpoint, RESULTS_BUDGET_S)
-                if self.client_sock in events:
-                    self._drain(self.client_sock, self._on_client, self._admit_client, DRAIN_BUDGET_S)
+                if self.client_sock in events or self._submit_slices:
+                    deadline = time.monotonic() + DRAIN_BUDGET_S
+                    if self._submit_rest(deadline):  # what an earlier Submit left goes first
+                        self._drain(self.client_sock, self._on_client, self._admit_client, DRAIN_BUDGET_S)
                 if self._ack_fd in events:
                     self._send_acks()
                 if self.acks.endpoint_due is not None and time.monotonic() >= self.acks.endpoint_due:
@@ -394,8 +404,9 @@ class Manager(SessionsMixin):
         rest next turn); each one's user is the one ZAP authenticated for its connection (the
         ``User-Id`` frame property), which ``admit`` checks against the identity's session."""
         deadline = time.monotonic() + budget_s
+        slices = self._submit_slices if sock is self.client_sock else ()  # they go on first
         for _ in range(DRAIN_LIMIT):
-            if not sock.get(_EVENTS) & _POLLIN or time.monotonic() > deadline:
+            if not sock.get(_EVENTS) & _POLLIN or time.monotonic() > deadline or slices:
                 return  # (EVENTS: cheaper than a raised zmq.Again)
             frames = sock.recv_multipart(_NOBLOCK, copy=False)
             if len(frames) < 2:
@@ -489,7 +500,7 @@ class Manager(SessionsMixin):
             return
         if isinstance(msg, m.Submit):
             self._check_sizes(identity, msg)
-            self.route(ev.ClientSubmitted(identity, client.user, client.session, msg, time.time()))
+            self._submit(identity, client, msg)
         elif isinstance(msg, m.PutCode):
             self._put_code(client, msg)
         elif isinstance(msg, m.Cancel):
@@ -509,6 +520,27 @@ class Manager(SessionsMixin):
                 identity,
                 m.Refused("unexpected", f"{type(msg).__name__} is not a client message"),
             )
+
+    def _submit(self, identity: bytes, client: ClientSession, msg: m.Submit) -> None:
+        """Route the first ``SUBMIT_SLICE`` tasks; the rest goes to the front of the slices that
+        wait (taken before any other client frame)."""
+        if len(msg.tasks) > SUBMIT_SLICE:
+            rest = m.Submit(msg.endpoint, msg.tasks[SUBMIT_SLICE:])
+            self._submit_slices.appendleft((identity, client, rest))
+            msg = m.Submit(msg.endpoint, msg.tasks[:SUBMIT_SLICE])
+        self.route(ev.ClientSubmitted(identity, client.user, client.session, msg, time.time()))
+
+    def _submit_rest(self, deadline: float) -> bool:
+        """Route what sliced Submits left, until ``deadline``; True when none is left. A slice
+        whose session ended (disconnected, revoked) is dropped: nothing of it was acknowledged,
+        so the client sends it again after its next Hello."""
+        while self._submit_slices:
+            if time.monotonic() > deadline:
+                return False
+            identity, client, msg = self._submit_slices.popleft()
+            if self.clients.get(identity) is client:
+                self._submit(identity, client, msg)
+        return True
 
     def _check_sizes(self, identity: bytes, msg: m.Submit) -> None:
         limit = self.config.payload_limit_bytes

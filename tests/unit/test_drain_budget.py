@@ -42,9 +42,12 @@ def link():
 
 
 class Broker:
-    """What ``_drain`` needs of a Manager: nothing but its handler and admission check here."""
+    """What ``_drain`` needs of a Manager besides the handler and admission check it is given:
+    its client socket and the slices of Submits waiting (none: this link is not the client one)."""
 
     _drain = Manager._drain
+    client_sock = None
+    _submit_slices = ()
 
 
 def test_a_turn_reads_for_its_budget_and_leaves_the_rest_in_order(link):
@@ -65,3 +68,17 @@ def test_a_turn_reads_for_its_budget_and_leaves_the_rest_in_order(link):
         turns += 1
     assert seen == list(range(FRAMES))  # every frame, once, in the order sent
     assert turns >= 3
+
+
+def test_waiting_submit_slices_hold_back_only_the_client_link(link):
+    """A Submit's slices go before any other client frame, but results (the endpoint link) are
+    read meanwhile."""
+    seen: list[int] = []
+    broker = Broker()
+    broker._submit_slices = [("identity", "session", "the rest of a Submit")]
+    broker.client_sock = link  # this link as the client link: nothing is read while slices wait
+    broker._drain(link, lambda identity, msg: seen.append(msg.info["n"]), lambda *args: True, 0.02)
+    assert seen == [] and link.get(zmq.EVENTS) & zmq.POLLIN
+    broker.client_sock = object()  # this link as another one: read as usual
+    broker._drain(link, lambda identity, msg: seen.append(msg.info["n"]), lambda *args: True, 0.02)
+    assert seen[:3] == [0, 1, 2]
