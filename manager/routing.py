@@ -16,35 +16,36 @@ A task lives in ``tasks`` from receipt until its terminal state is committed. Ta
 endpoint that is offline wait in its ``pending`` queue (state ``queued``); tasks sent to an
 endpoint stay in its ``inflight`` map until their result arrives, and are re-sent when the
 endpoint registers again (the endpoint drops ids it already holds).
+
+Here: the Router's state, its clients' side (submit, cancel, Query) and a task's way to its
+terminal state. Its endpoints' side (Hello, heartbeats, results, states) is mixed in from
+``.endpoints``; code blobs and packages are kept by a ``.code_book.CodeBook`` it composes; how a
+task's values are stored (row columns, who may see it) is in ``.task_rows``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
-
 from dlhub.protocol import errors
 from dlhub.protocol import messages as m
-from dlhub.protocol.gc_serialize import endpoint_uuid
-from dlhub.protocol.policy import Policy
 
 from . import events as ev
+from .code_book import CodeBook, note_sent
+from .code_book import code_matches as code_matches  # re-exported: the broker imports it here
+from .endpoints import EndpointsMixin, EndpointState
 from .result_cache import ResultCache, cache_key
-
-log = logging.getLogger("dlhub.manager.routing")
+from .task_rows import _cancelled_error, _json, _pack_error
+from .task_rows import may_see as may_see  # re-exported: the broker imports it here
 
 FINISHED_MEMORY = 200_000  # recently finished task ids kept to recognise late resends
 MAX_OPEN_TASKS_PER_USER = 1_000_000  # default quota: tasks one user may have queued or running
 MAX_TASKS_PER_MESSAGE = 2048
-MAX_CODE_PER_ENDPOINT = 100_000  # distinct code digests remembered per endpoint (what it may fetch)
 
 
 @dataclass
@@ -59,24 +60,7 @@ class TaskEntry:
     counted: bool = False  # in its owner's open-task count (tasks recovered at start are not)
 
 
-@dataclass
-class EndpointState:
-    name: str
-    identity: bytes | None = None
-    session: str = ""
-    connected: bool = False
-    last_seen: float = 0.0
-    versions: dict = field(default_factory=dict)
-    info: dict = field(default_factory=dict)
-    owner: str | None = None  # the user whose token registered it
-    policy: Policy | None = None  # from its Hello (None: an endpoint from before policies)
-    pending: OrderedDict = field(default_factory=OrderedDict)  # task_id -> None (not yet sent)
-    inflight: dict = field(default_factory=dict)  # task_id -> None (sent, no result yet)
-    # digests of the code its tasks named (most recent last): all the code it may fetch
-    code_sent: OrderedDict = field(default_factory=OrderedDict)
-
-
-class Router:
+class Router(EndpointsMixin):
     def __init__(
         self,
         store: Any,
@@ -104,10 +88,9 @@ class Router:
         # servable's owner; both go into each task's origin for the endpoint to check
         self.principal = principal
         self.servable_owner = servable_owner
-        # servables: ("owner/name[:version]", user) -> "servable:<digest>" (raises DLHubError), and
-        # digest -> package blob for endpoints that ask for it
+        # servables: ("owner/name[:version]", user) -> "servable:<digest>" (raises DLHubError); the
+        # code book reads servable packages (digest -> package blob) for endpoints that ask for them
         self.resolve = resolve
-        self.packages = packages
         self.callbacks: dict[bytes, Callable[[list], None]] = {}  # internal tasks (REST, verify)
         self._endpoint_uuids: dict[str, str] = {}  # Globus Compute UUID -> endpoint name
         # deterministic servables: answered from the cache, identical calls in flight coalesced
@@ -123,9 +106,7 @@ class Router:
         }
         self.endpoint_by_identity: dict[bytes, str] = {}
         self.finished: OrderedDict[bytes, str] = OrderedDict()
-        self.code: OrderedDict[str, bytes] = OrderedDict()
-        self.code_bytes = 0
-        self.code_cache_bytes = 256 * 1024 * 1024
+        self.code_book = CodeBook(store, packages)  # code blobs and packages endpoints may fetch
         self.outbox: list[tuple[str, bytes, m.Message]] = []
         self._results_out: dict[bytes, list] = {}  # client identity -> results to send
         self.counters = {
@@ -379,16 +360,6 @@ class Router:
         except errors.DLHubError as exc:
             return errors.infra_error(exc.code, str(exc))
 
-    def endpoint_by_uuid(self, key: str) -> EndpointState | None:
-        """The endpoint whose Globus Compute UUID (``uuid5`` of its name, as ``dlhub-endpoint
-        list`` and ``dlhub status`` show it) is ``key``: usable wherever a name is."""
-        if len(key) != 36:
-            return None
-        if len(self._endpoint_uuids) != len(self.endpoints):  # endpoints are only ever added
-            self._endpoint_uuids = {endpoint_uuid(name): name for name in self.endpoints}
-        name = self._endpoint_uuids.get(key)
-        return self.endpoints.get(name) if name is not None else None
-
     def _reply_now(self, client: bytes, callback: Callable[[list], None] | None, res: list) -> None:
         if callback is not None:
             self._notify(callback, res)
@@ -458,12 +429,12 @@ class Router:
                 out.append({"task_id": task_id, "state": "unknown"})
         return out
 
-    # ---- code ------------------------------------------------------------------------------
+    # ---- code (kept by the code book) ---------------------------------------------------------
 
     def put_code(self, digest: str, blob: bytes) -> None:
-        if digest not in self.code:
+        if digest not in self.code_book:
             self._write(ev.PersistCode(digest, blob))
-        self._remember_code(digest, blob)
+        self.code_book.keep(digest, blob)
 
     def code_for(self, digests: list[str], identity: bytes | None = None) -> dict[str, bytes]:
         """The blobs of ``digests`` we have (reading the store and packages here: callers
@@ -480,230 +451,20 @@ class Router:
         endpoint (``identity``): only the code of tasks sent to it, so an endpoint cannot read
         other users' functions or private servables by guessing or learning a digest; the rest
         it is told are missing."""
-        if identity is not None:
-            ep = self._endpoint(identity)
-            allowed = ep.code_sent if ep is not None else {}
-            refused = [d for d in digests if d not in allowed]
-            if refused:
-                log.warning(
-                    "endpoint %r asked for %d code blob(s) none of its tasks named, refused: %s",
-                    ep.name if ep is not None else identity[:16],
-                    len(refused),
-                    ", ".join(str(d)[:24] for d in refused[:3]),
-                )
-                digests = [d for d in digests if d in allowed]
-        out, missing = {}, []
-        for digest in digests:
-            blob = self.code.get(digest)
-            if blob is None:
-                missing.append(digest)
-            else:
-                self.code.move_to_end(digest)
-                out[digest] = blob
-        return out, missing
+        if identity is None:
+            return self.code_book.in_memory(digests)
+        ep = self._endpoint(identity)
+        if ep is None:  # not a registered endpoint: no task named any code to it
+            return self.code_book.in_memory(digests, {}, identity[:16])
+        return self.code_book.in_memory(digests, ep.code_sent, ep.name)
 
     def load_code(self, digests: list[str]) -> dict[str, bytes]:
-        """Read code blobs and servable packages from the store and the blob files. Touches no
-        Router state (runs on the broker's I/O pool); :meth:`remember_code` keeps them after."""
-        out = {}
-        for digest in digests:
-            if m.package_key(digest) is not None:
-                blob = self.packages(m.package_key(digest)) if self.packages else None
-            else:
-                blob = self.store.get_code(digest)
-            if blob is not None:
-                out[digest] = blob
-        return out
+        """Read code blobs and servable packages (on the broker's I/O pool: touches no Router
+        state); :meth:`remember_code` keeps them after."""
+        return self.code_book.load(digests)
 
     def remember_code(self, blobs: dict[str, bytes]) -> None:
-        for digest, blob in blobs.items():
-            self._remember_code(digest, blob)
-
-    def _remember_code(self, digest: str, blob: bytes) -> None:
-        if digest in self.code:
-            self.code.move_to_end(digest)
-            return
-        self.code[digest] = blob
-        self.code_bytes += len(blob)
-        while self.code_bytes > self.code_cache_bytes and len(self.code) > 1:
-            _, old = self.code.popitem(last=False)
-            self.code_bytes -= len(old)
-
-    # ---- endpoints ---------------------------------------------------------------------------
-
-    def endpoint_hello(self, identity: bytes, hello: m.Hello, owner: str | None = None) -> None:
-        """Register an endpoint; ``owner`` is the user whose token it presented (its policy's
-        default ``allowed_users``)."""
-        now = self._time()
-        ep = self.endpoints.get(hello.name)
-        if ep is None:
-            ep = self.endpoints[hello.name] = EndpointState(hello.name)
-        if ep.identity is not None and ep.identity != identity:
-            self.endpoint_by_identity.pop(ep.identity, None)
-        ep.identity, ep.session, ep.connected, ep.last_seen = identity, hello.session, True, now
-        bad_versions = m.check_plain_data(hello.versions, "versions")
-        if bad_versions:
-            log.warning("endpoint %r sent malformed Hello versions, ignored: %s", hello.name, bad_versions)
-        ep.versions = {} if bad_versions else dict(hello.versions)
-        held, info = held_ids(hello.info)
-        ep.info = self._valid_info(hello.name, info) or {}
-        ep.owner, ep.policy = owner, self._policy(hello.name, info, owner)
-        self.endpoint_by_identity[identity] = ep.name
-        welcome = {"name": ep.name, "owner": owner} if owner else {"name": ep.name}
-        self.outbox.append(("endpoint", identity, m.Welcome(ep.session, welcome)))
-        # in flight: sent before; only what the endpoint does not hold goes again (lost with a
-        # dropped connection, or a restarted endpoint's), not a burst of everything
-        resend = [self.tasks[t].record for t in ep.inflight if t in self.tasks and t not in held]
-        self.counters["resent"] += len(resend)
-        waiting = [self.tasks[t].record for t in ep.pending if t in self.tasks]
-        if waiting and ep.policy is not None:  # queued while its policy was unknown (or changed)
-            waiting = self._admitted(ep, waiting)
-        if waiting:
-            updates = []
-            for rec in waiting:
-                ep.inflight[rec[m.T_ID]] = None
-                self.tasks[rec[m.T_ID]].state = "dispatched"
-                updates.append((rec[m.T_ID], {"state": "dispatched", "t_dispatched": now}))
-            ep.pending.clear()
-            self._write(ev.PersistUpdates(updates))
-        if resend or waiting:
-            self._send_tasks(ep, resend + waiting)
-
-    @staticmethod
-    def _policy(name: str, info: Any, owner: str | None) -> Policy | None:
-        """The policy an endpoint sent in its Hello (None: it sent none, or a malformed one,
-        logged: the endpoint still enforces its own)."""
-        data = info.get("policy") if isinstance(info, dict) else None
-        if data is None:
-            return None
-        try:
-            return Policy.from_wire(name, data, owner)
-        except ValueError as exc:
-            log.warning("endpoint %r sent a malformed policy, not mirrored: %s", name, exc)
-            return None
-
-    def _admitted(self, ep: EndpointState, records: list[list]) -> list[list]:
-        """The records ``ep``'s policy admits; the others fail now with the refusal."""
-        out = []
-        for rec in records:
-            refused = ep.policy.refusal(m.task_origin(rec), rec[m.T_FUNCTION])
-            if refused is None:
-                out.append(rec)
-                continue
-            self.counters["refused"] += 1
-            ep.pending.pop(rec[m.T_ID], None)
-            self._finish(m.result_record(rec[m.T_ID], "failed", error=ep.policy.error(refused)), ep=None)
-        return out
-
-    def endpoint_heartbeat(self, identity: bytes, info: dict) -> bool:
-        """Record a heartbeat; False when the identity is not a registered endpoint."""
-        ep = self._endpoint(identity)
-        if ep is None:
-            return False
-        ep.last_seen, ep.connected = self._time(), True
-        valid = self._valid_info(ep.name, info)
-        if valid is not None:  # a bad one keeps the last good info
-            ep.info = valid
-        return True
-
-    @staticmethod
-    def _valid_info(name: str, info: Any) -> dict | None:
-        """The endpoint's info if every field checks out, else None (logged, naming the field),
-        so no malformed report reaches /metrics or `dlhub status`."""
-        problem = m.check_heartbeat_info(info)
-        if problem:
-            log.warning("endpoint %r sent malformed heartbeat info, ignored: %s", name, problem)
-            return None
-        return dict(info)
-
-    def endpoint_gone(self, identity: bytes) -> None:
-        """The endpoint said goodbye: its tasks wait (re-sent when it registers again)."""
-        ep = self._endpoint(identity)
-        if ep is not None:
-            ep.connected = False
-
-    def endpoint_results(
-        self, identity: bytes, results: list[list], uncacheable: frozenset = frozenset()
-    ) -> None:
-        """``uncacheable``: tasks whose result names an output stored for their caller (another
-        caller could not download it): neither cached nor given to identical calls."""
-        ep = self._endpoint(identity)
-        results = self._valid_results(ep, results)
-        for res in results:
-            if not self._from_dispatched(ep, res[m.R_ID], "a result"):
-                continue
-            self._finish(res, ep, res[m.R_ID] not in uncacheable)
-            if ep is not None:
-                ep.last_seen = self._time()
-
-    def _valid_results(self, ep: EndpointState | None, results: list[list]) -> list[list]:
-        """Results whose fields check out; a malformed one is logged and its task fails with a
-        ``protocol`` error saying what was wrong (rather than staying unfinished forever)."""
-        problems = [m.check_result(res) for res in results]
-        if not any(problems):
-            return results
-        valid = []
-        for res, problem in zip(results, problems):
-            if not problem:
-                valid.append(res)
-                continue
-            name = ep.name if ep is not None else "?"
-            log.warning(
-                "endpoint %r sent a malformed result for task %s: %s", name, res[m.R_ID].hex(), problem
-            )
-            message = f"endpoint {name!r} sent a malformed result: {problem}"
-            valid.append(
-                m.result_record(res[m.R_ID], "failed", None, errors.infra_error("protocol", message))
-            )
-        return valid
-
-    def endpoint_states(self, identity: bytes, updates: list[list]) -> None:
-        changes = []
-        ep = self._endpoint(identity)
-        for task_id, state, ts in updates:
-            entry = self.tasks.get(task_id)
-            if entry is None or entry.state in m.TERMINAL_STATES or state not in m.TASK_STATES:
-                continue
-            if not self._from_dispatched(ep, task_id, "a state"):
-                continue
-            entry.state = state
-            col = "t_started" if state == "running" else "t_dispatched"
-            changes.append((task_id, {"state": state, col: ts}))
-        if changes:
-            self._write(ev.PersistUpdates(changes))
-
-    def endpoint_cancel_refused(self, identity: bytes, msg: m.CancelRefused) -> None:
-        by_client: dict[bytes, list] = {}
-        ep = self._endpoint(identity)
-        for task_id in msg.task_ids:
-            entry = self.tasks.get(task_id)
-            if entry is not None and self._from_dispatched(ep, task_id, "a cancel answer"):
-                by_client.setdefault(entry.client, []).append(task_id)
-        for client, ids in by_client.items():
-            self.outbox.append(("client", client, m.CancelRefused(ids, msg.reason)))
-
-    def _from_dispatched(self, ep: EndpointState | None, task_id: bytes, what: str) -> bool:
-        """Whether news of ``task_id`` comes from the endpoint it was dispatched to (or is about a
-        task this manager no longer holds: acknowledged again, changes nothing). Any other
-        endpoint's is dropped with a warning naming both."""
-        entry = self.tasks.get(task_id)
-        if entry is None or (ep is not None and ep.name == entry.endpoint):
-            return True
-        log.warning(
-            "dropped %s for task %s from endpoint %r: that task was dispatched to %r",
-            what,
-            task_id.hex(),
-            ep.name if ep is not None else "(unregistered)",
-            entry.endpoint,
-        )
-        return False
-
-    def tick(self) -> None:
-        """Mark endpoints whose heartbeats stopped as disconnected (their tasks wait)."""
-        now = self._time()
-        for ep in self.endpoints.values():
-            if ep.connected and now - ep.last_seen > self.endpoint_timeout_s:
-                ep.connected = False
+        self.code_book.remember(blobs)
 
     def recover(self, rows: list[dict[str, Any]]) -> None:
         """Re-queue tasks that were committed but unfinished when the manager stopped, and
@@ -851,20 +612,9 @@ class Router:
         return out
 
     def _send_tasks(self, ep: EndpointState, records: list[list]) -> None:
-        for rec in records:
-            digest = rec[m.T_FUNCTION]
-            if digest in ep.code_sent:
-                ep.code_sent.move_to_end(digest)
-            else:
-                ep.code_sent[digest] = None
-                if len(ep.code_sent) > MAX_CODE_PER_ENDPOINT:
-                    ep.code_sent.popitem(last=False)
+        note_sent(ep.code_sent, records)
         for i in range(0, len(records), MAX_TASKS_PER_MESSAGE):
             self.outbox.append(("endpoint", ep.identity, m.Tasks(records[i : i + MAX_TASKS_PER_MESSAGE], {})))
-
-    def _endpoint(self, identity: bytes) -> EndpointState | None:
-        name = self.endpoint_by_identity.get(identity)
-        return self.endpoints.get(name) if name is not None else None
 
     def status(self) -> dict[str, Any]:
         now = self._time()
@@ -884,72 +634,6 @@ class Router:
             "result_cache": self.result_cache.stats() if self.result_cache is not None else None,
             **self.counters,
         }
-
-
-def held_ids(info: Any) -> tuple[frozenset[bytes], Any]:
-    """The task ids an endpoint's Hello says it holds (``info["held"]``: the ids concatenated,
-    16 bytes each; queued, running, or finished with the result not yet acknowledged), and the
-    info without them. Malformed or absent: none held (everything in flight is sent again)."""
-    if not isinstance(info, dict) or "held" not in info:
-        return frozenset(), info
-    raw = info["held"]
-    info = {k: v for k, v in info.items() if k != "held"}
-    n = m.TASK_ID_BYTES
-    if not isinstance(raw, bytes) or len(raw) % n:
-        log.warning("an endpoint's Hello held malformed task ids (%s), ignored", type(raw).__name__)
-        return frozenset(), info
-    return frozenset(raw[i : i + n] for i in range(0, len(raw), n)), info
-
-
-def may_see(user: str | None, owner: str) -> bool:
-    """Whether ``user`` may see a task of ``owner`` (None: an admin, who may see all)."""
-    return user is None or user == owner
-
-
-def code_matches(digest: str, blob: bytes) -> bool:
-    """Whether ``digest`` is ``sha256:<hex>`` of ``blob``: code is stored and served only under
-    its own digest, so nobody can plant a blob under the digest of another user's function."""
-    return digest == "sha256:" + hashlib.sha256(blob).hexdigest()
-
-
-def _cancelled_error() -> list:
-    return errors.infra_error("cancelled", "task was cancelled before it started")
-
-
-_JSON_MEMO: dict[tuple, str] = {}
-_JSON_MEMO_MAX = 1024
-_MEMO_SCALARS = (str, int, bool, type(None))  # exact types: True and 1 must not share a key
-
-
-def _json(value: dict) -> str:
-    """``json.dumps(value)`` of a task's resources or options, remembered: a caller sends the
-    same ones with every call (e.g. its outputs' upload grant), and dumping them again cost
-    more than the rest of storing the task. Only mappings of str, int, bool, None and lists of
-    str are remembered (their key holds each value's exact type); anything else (floats, whose
-    0.0 and -0.0 are equal, nested values) is dumped each time."""
-    key = []
-    for k, v in value.items():
-        t = type(v)
-        if t in _MEMO_SCALARS:
-            key.append((k, t, v))
-        elif t is list and all(type(x) is str for x in v):
-            key.append((k, t, tuple(v)))
-        else:
-            return json.dumps(value)
-    key = tuple(key)
-    text = _JSON_MEMO.get(key)
-    if text is None:
-        text = json.dumps(value)
-        if len(_JSON_MEMO) >= _JSON_MEMO_MAX:
-            _JSON_MEMO.clear()
-        _JSON_MEMO[key] = text
-    return text
-
-
-def _pack_error(record: list | None) -> bytes | None:
-    """An error record as the store keeps it (``store.pack_error``; not imported from there: the
-    Router stays free of the database layer). Most results have none: no call then."""
-    return None if record is None else msgpack.packb(record, use_bin_type=True)
 
 
 def _flush(router: Router, _event: ev.Flush) -> None:

@@ -11,7 +11,7 @@ import zmq
 from test_pools import make_endpoint, rec
 
 from dlhub.endpoint import events as ev
-from dlhub.manager.routing import _json
+from dlhub.manager.task_rows import _json
 from dlhub.protocol import messages as m
 
 
