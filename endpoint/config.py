@@ -315,7 +315,7 @@ class ImageCacheConfig(_Frozen):
     ``library://`` container may be fetched into the cache (false: only catalogue entries and
     local images; a servable naming a registry image fails its verification). ``build``: a
     servable with requirements and no container runs in an image the endpoint builds FROM
-    ``build.base`` with them installed (``endpoint/images.py``)."""
+    ``build.base`` with them installed (``endpoint/image_build.py``)."""
 
     budget_gb: Annotated[float, Field(gt=0, le=1_000_000)] = 20.0
     allow_pull: bool = True

@@ -35,7 +35,7 @@ endpoint's installed ``dlhub`` package (:func:`prepare_bundle`) at ``container.m
 ``/opt``, a folder that exists in the image) and the host environment's site-packages (the
 worker's pyzmq, msgpack, dill ...) at ``<mount>/site``, with
 ``PYTHONPATH=<mount>:/dlhub/requirements:<mount>/site`` (``/dlhub/requirements``: a servable's
-requirements in an image the endpoint built, see ``images.py``);
+requirements in an image the endpoint built, see ``image_build.py``);
 the image's Python must have the endpoint's major.minor version (``dlhub-endpoint check`` says).
 ``installed``: the image has dlhub and its dependencies; nothing is bound, PYTHONPATH untouched.
 """
