@@ -156,6 +156,8 @@ class Manager(SessionsMixin):
         self.zap.start()
         self.client_sock, self.client_conns = self._router_socket(self.config.client_port)
         self.endpoint_sock, self.endpoint_conns = self._router_socket(self.config.endpoint_port)
+        # both links' connection monitors, for one zmq_poll before each send (_check_connections)
+        self._monitors = [(self.client_conns.monitor, _POLLIN), (self.endpoint_conns.monitor, _POLLIN)]
         self.client_url = self.client_sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.endpoint_url = self.endpoint_sock.getsockopt_string(zmq.LAST_ENDPOINT)
         info = {
@@ -408,7 +410,7 @@ class Manager(SessionsMixin):
         for _ in range(DRAIN_LIMIT):
             if not sock.get(_EVENTS) & _POLLIN or time.monotonic() > deadline or slices:
                 return  # (EVENTS: cheaper than a raised zmq.Again)
-            frames = sock.recv_multipart(_NOBLOCK, copy=False)
+            frames = m.recv_frames(sock, _NOBLOCK)
             if len(frames) < 2:
                 log.warning("dropping a message of %d frames (expected 2 or more)", len(frames))
                 continue

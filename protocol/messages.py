@@ -42,6 +42,7 @@ from .frames import (  # noqa: F401 (re-exported: callers use m.recv_rest, m.OOB
     _no_frames,
     _PayloadFrames,
     check_size,
+    recv_frames,
     recv_rest,
     send_frames,
     split_payloads,

@@ -37,6 +37,19 @@ def test_send_frames_arrive_as_one_multipart_message(pair):
     assert b.recv_multipart() == [b"alone"]
 
 
+def test_recv_frames_reads_each_message_whole_and_only_it(pair):
+    a, b = pair
+    big = b"x" * (m.OOB_MIN_BYTES + 1)
+    m.send_frames(a, [b"id", b"header", big])
+    a.send(b"alone")
+    first = m.recv_frames(b, zmq.NOBLOCK)
+    assert [f.bytes for f in first] == [b"id", b"header", big]
+    assert all(isinstance(f, zmq.Frame) for f in first)  # not copied
+    assert [f.bytes for f in m.recv_frames(b)] == [b"alone"]  # the next message, not a part of the last
+    with pytest.raises(zmq.Again):
+        m.recv_frames(b, zmq.NOBLOCK)
+
+
 def test_send_frames_noblock_raises_again_without_a_peer():
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
