@@ -87,9 +87,9 @@ def test_a_reply_from_before_the_reset_fails_nothing():
 
 
 def test_code_evicted_before_dispatch_is_asked_again_once_without_receiving_the_task_again(monkeypatch):
-    import dlhub.endpoint.scheduler as scheduler_module
+    import dlhub.endpoint.code_wait as code_wait_module
 
-    monkeypatch.setattr(scheduler_module, "CODE_CACHE_BYTES", 12)
+    monkeypatch.setattr(code_wait_module, "CODE_CACHE_BYTES", 12)
     s = make()
     s.add_code({A: b"\x10aaaaaaa"})
     s.add_tasks([rec(1, A), rec(2, A)])
