@@ -531,7 +531,9 @@ class Scheduler:
             fifo = by_user[user]
             task_id = fifo[0]
             t = self.tasks.get(task_id)
-            if t is None:  # cancelled while queued: dropped, costing its user no turn
+            if t is None or t.worker is not None:
+                # cancelled (or finished) while queued: dropped, costing its user no turn; or an
+                # entry left behind by such a task whose id came again and was dispatched already
                 fifo.popleft()
                 if not fifo:
                     ring.popleft()

@@ -266,6 +266,26 @@ def test_cancel_queued_prefetched_running_and_unknown():
     assert results(s)[tid(2)][m.R_STATE] == "cancelled"
 
 
+def test_a_task_cancelled_while_queued_and_sent_again_goes_to_a_worker_once():
+    """A cancelled queued task leaves its queue entry behind (dropped when reached); the same id
+    sent again must not then sit in the queue twice and reach a worker twice."""
+    s = with_workers(make(min_prefetch=4), W1)
+    s.add_tasks([rec(1), rec(2)])
+    s.dispatch()
+    assert sent(s) == {W1: [tid(1), tid(2)]}
+    s.add_tasks([rec(3)])
+    assert s.cancel([tid(3)]) == []  # still queued: cancelled here, its queue entry left behind
+    results(s)
+    s.add_tasks([rec(3)])  # the same id again (a resend)
+    s.dispatch()
+    assert sent(s) == {W1: [tid(3)]}  # once (twice before: both queue entries were dispatched)
+    assert list(s.workers[W1].assigned).count(tid(3)) == 1
+    s.worker_results(W1, [m.result_record(tid(n), "succeeded", b"\x01\x00") for n in (1, 2, 3)])
+    s.dispatch()
+    assert sent(s) == {}  # nothing left over to send again
+    assert [r[m.R_ID] for r in s.results].count(tid(3)) == 1
+
+
 # ---- prefetch adapts to task duration -----------------------------------------------------------
 
 
