@@ -386,8 +386,7 @@ class Endpoint:
                 for res in ins.results:
                     self.unacked[res[m.R_ID]] = res
                 self.unacked_uncacheable |= m.uncacheable_ids(ins.info)
-                for i in range(0, len(ins.results), RESULTS_PER_MESSAGE):  # (info: for each part)
-                    self._to_manager(m.Results(ins.results[i : i + RESULTS_PER_MESSAGE], ins.info))
+                self._results_to_manager(ins.results, ins.info)
             elif kind is ev.SendStates:
                 self._to_manager(m.States(ins.updates))
             elif kind is ev.RequestCode:
@@ -459,7 +458,11 @@ class Endpoint:
         """Results the manager has not acknowledged, again, with the flag of those that name an
         output stored for their caller (the manager must not cache or share them)."""
         flagged = [r[m.R_ID].hex() for r in results if r[m.R_ID] in self.unacked_uncacheable]
-        info = {"uncacheable": flagged} if flagged else {}
+        self._results_to_manager(results, {"uncacheable": flagged} if flagged else {})
+
+    def _results_to_manager(self, results: list, info: dict) -> None:
+        """At most ``RESULTS_PER_MESSAGE`` results a message, each part with ``info`` (the flags
+        name task ids; the manager applies them to the results of the message they came with)."""
         for i in range(0, len(results), RESULTS_PER_MESSAGE):
             self._to_manager(m.Results(results[i : i + RESULTS_PER_MESSAGE], info))
 
