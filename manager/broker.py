@@ -40,6 +40,7 @@ from .api import ApiServer
 from .auth import Authenticator, backfill_curve_key, ensure_admin, users_without_curve_key
 from .config import ManagerConfig, write_manager_info
 from .connections import ConnectionTracker, raise_open_file_limit
+from .fair_share import LOAD_SAMPLE_S
 from .repository import Repository
 from .result_cache import ResultCache
 from .routing import Router, code_matches, may_see
@@ -127,6 +128,7 @@ class Manager(SessionsMixin):
             principal=self._principal,
             servable_owner=self.servables.owner_of,
             max_open_tasks_per_user=self.config.max_open_tasks_per_user,
+            max_inflight_per_user=self.config.max_inflight_per_user,
             emit=True,  # writes and callbacks come back as instructions, carried out by route()
             event_log=os.environ.get("DLHUB_ROUTER_EVENT_LOG") or None,  # replay: events.replay
         )
@@ -341,14 +343,26 @@ class Manager(SessionsMixin):
         for conns in (self.client_conns, self.endpoint_conns):
             poller.register(conns.monitor, zmq.POLLIN)
         next_tick = time.monotonic() + 1.0
+        # the loop's busy fraction (wall time in turns, not in poll), told to the Router every
+        # LOAD_SAMPLE_S: it sizes each user's fair share of an endpoint while users compete
+        busy_s, load_since = 0.0, time.monotonic()
         loop_gc = LoopGC()  # full collections between turns, not 0.2-1 s pauses inside them
         try:
             while not self._stop.is_set():
-                wait_ms = 0 if self._submit_slices else 1000  # slices of a Submit wait: no sleeping
+                # slices of a Submit wait: no sleeping; tasks held for fair share: a load sample
+                # (and their release) at least every LOAD_SAMPLE_S
+                router = self.router
+                wait_ms = (
+                    0 if self._submit_slices else 1 if router.paced() else 100 if router.holding() else 1000
+                )
                 due = self.acks.endpoint_due
                 if due is not None:  # wake for the acks that wait
                     wait_ms = max(0, min(wait_ms, int((due - time.monotonic()) * 1000) + 1))
                 events = dict(poller.poll(wait_ms))
+                turn_start = time.monotonic()
+                if turn_start - load_since >= LOAD_SAMPLE_S:
+                    self.route(ev.LoopLoad(busy_s / (turn_start - load_since), time.time()))
+                    busy_s, load_since = 0.0, turn_start
                 loop_gc.tick(idle=not events)
                 # results first (they end work; submissions add it), then submissions for at
                 # most DRAIN_BUDGET_S: under a flood the backlog waits in the flooding client's
@@ -371,6 +385,7 @@ class Manager(SessionsMixin):
                     self.route(ev.Tick(time.time()))
                     next_tick = time.monotonic() + 1.0
                 self._flush()
+                busy_s += time.monotonic() - turn_start
         finally:
             loop_gc.close()
             self._loop_thread = None
@@ -437,7 +452,7 @@ class Manager(SessionsMixin):
         for replay, where each turn's Flush is part of the record."""
         if self.router.sends_waiting() or self.router.event_log is not None:
             self._check_connections()  # sends leave at Flush: none to a session whose connection ended
-            self.route(_FLUSH)
+            self.route(ev.Flush(time.time()) if self.router.paced() else _FLUSH)
 
     def route(self, *events: ev.Event) -> None:
         """On the loop: hand ``events`` to the Router and carry out what it says."""

@@ -104,6 +104,15 @@ def main() -> None:
     help="quota: tasks one user may have queued or running at once; more fail at once with "
     "QuotaExceeded (admins are exempt)",
 )
+@click.option(
+    "--max-inflight-per-user",
+    default=4096,
+    show_default=True,
+    type=click.IntRange(1),
+    metavar="N",
+    help="fair share: tasks of one user in flight on one endpoint (at least twice its workers); "
+    "the rest wait at the manager (queued), and fewer while other users submit to a busy manager",
+)
 def serve(
     home,
     db_url,
@@ -125,6 +134,7 @@ def serve(
     tls_cert,
     tls_key,
     max_open_tasks_per_user,
+    max_inflight_per_user,
 ) -> None:
     """Run the manager in the foreground (writes manager.json with its addresses)."""
     from logging.handlers import RotatingFileHandler
@@ -163,6 +173,7 @@ def serve(
             tls_cert=tls_cert,
             tls_key=tls_key,
             max_open_tasks_per_user=max_open_tasks_per_user,
+            max_inflight_per_user=max_inflight_per_user,
         )
     except ValueError as exc:
         raise click.ClickException(str(exc))

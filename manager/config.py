@@ -15,6 +15,7 @@ from typing import Any
 
 from dlhub.protocol.curve import is_loopback
 
+from .fair_share import MAX_INFLIGHT_PER_USER
 from .routing import MAX_OPEN_TASKS_PER_USER
 
 ENDPOINT_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"  # as an endpoint's config.yaml requires
@@ -40,6 +41,8 @@ class ManagerConfig:
     tls_cert: str | None = None  # REST over HTTPS: certificate and key files (PEM) for uvicorn
     tls_key: str | None = None
     max_open_tasks_per_user: int = MAX_OPEN_TASKS_PER_USER  # quota: queued + running, admins exempt
+    # fair share: a user's tasks in flight on one endpoint (the rest wait at the manager, queued)
+    max_inflight_per_user: int = MAX_INFLIGHT_PER_USER
 
     def __post_init__(self) -> None:
         if self.insecure_loopback and not is_loopback(self.host):
@@ -58,6 +61,10 @@ class ManagerConfig:
         if not isinstance(self.max_open_tasks_per_user, int) or self.max_open_tasks_per_user < 1:
             raise ValueError(
                 f"max_open_tasks_per_user must be a positive integer, got {self.max_open_tasks_per_user!r}"
+            )
+        if not isinstance(self.max_inflight_per_user, int) or self.max_inflight_per_user < 1:
+            raise ValueError(
+                f"max_inflight_per_user must be a positive integer, got {self.max_inflight_per_user!r}"
             )
         if self.endpoint_timeout_s <= 0:
             raise ValueError(f"endpoint_timeout_s must be positive, got {self.endpoint_timeout_s}")

@@ -28,6 +28,7 @@ from dlhub.protocol.gc_serialize import endpoint_uuid
 from dlhub.protocol.policy import Policy
 
 from . import events as ev
+from . import fair_share
 
 if TYPE_CHECKING:
     from .routing import TaskEntry
@@ -48,6 +49,11 @@ class EndpointState:
     policy: Policy | None = None  # from its Hello (None: an endpoint from before policies)
     pending: OrderedDict = field(default_factory=OrderedDict)  # task_id -> None (not yet sent)
     inflight: dict = field(default_factory=dict)  # task_id -> None (sent, no result yet)
+    # fair share (.fair_share): each user's tasks in ``inflight``, the tasks each user has waiting
+    # here for room (user -> task ids, oldest first; state queued), and who submitted when
+    inflight_by_user: dict = field(default_factory=dict)
+    held: dict = field(default_factory=dict)
+    recent: dict = field(default_factory=dict)
     # digests of the code its tasks named (most recent last): all the code it may fetch
     code_sent: OrderedDict = field(default_factory=OrderedDict)
 
@@ -105,16 +111,15 @@ class EndpointsMixin:
         waiting = [self.tasks[t].record for t in ep.pending if t in self.tasks]
         if waiting and ep.policy is not None:  # queued while its policy was unknown (or changed)
             waiting = self._admitted(ep, waiting)
-        if waiting:
-            updates = []
-            for rec in waiting:
-                ep.inflight[rec[m.T_ID]] = None
-                self.tasks[rec[m.T_ID]].state = "dispatched"
-                updates.append((rec[m.T_ID], {"state": "dispatched", "t_dispatched": now}))
-            ep.pending.clear()
-            self._write(ev.PersistUpdates(updates))
-        if resend or waiting:
-            self._send_tasks(ep, resend + waiting)
+        ep.pending.clear()
+        if resend:
+            self._send_tasks(ep, resend)
+        # what waited goes as each user's fair share allows (the rest stays held here)
+        for rec in waiting:
+            fair_share.hold(ep, self.tasks[rec[m.T_ID]].owner, [rec[m.T_ID]])
+        self._release(ep)
+        if ep.held:
+            self._holding.add(ep.name)
 
     @staticmethod
     def _policy(name: str, info: Any, owner: str | None) -> Policy | None:
@@ -251,6 +256,8 @@ class EndpointsMixin:
         for ep in self.endpoints.values():
             if ep.connected and now - ep.last_seen > self.endpoint_timeout_s:
                 ep.connected = False
+            if ep.recent:
+                fair_share.forget_idle_users(ep, now)
 
 
 def held_ids(info: Any) -> tuple[frozenset[bytes], Any]:

@@ -109,8 +109,20 @@ class Tick(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class LoopLoad(Event):
+    """The fraction of wall time the loop spent working (not waiting in poll) since the last
+    sample: sizes the fair-share window while users compete (:mod:`.fair_share`)."""
+
+    busy: float
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
 class Flush(Event):
-    """The loop is about to sleep: everything held to send goes out now."""
+    """The loop is about to sleep: everything held to send goes out now. ``now``: the time, when
+    tasks held for fair share go at a rate (else the last event's time serves)."""
+
+    now: float | None = None
 
 
 # ---- instructions ------------------------------------------------------------------------------

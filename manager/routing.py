@@ -36,6 +36,7 @@ from dlhub.protocol import errors
 from dlhub.protocol import messages as m
 
 from . import events as ev
+from . import fair_share
 from .code_book import CodeBook, note_sent
 from .code_book import code_matches as code_matches  # re-exported: the broker imports it here
 from .endpoints import EndpointsMixin, EndpointState
@@ -74,6 +75,7 @@ class Router(EndpointsMixin):
         principal: Callable[[str], tuple[bool, frozenset[str]]] | None = None,
         servable_owner: Callable[[str], str | None] | None = None,
         max_open_tasks_per_user: int = MAX_OPEN_TASKS_PER_USER,
+        max_inflight_per_user: int = fair_share.MAX_INFLIGHT_PER_USER,
         emit: bool = False,
         event_log: str | None = None,
     ):
@@ -120,6 +122,13 @@ class Router(EndpointsMixin):
         # quota: a user (admins exempt) may have this many tasks open (queued or running) at once
         self.max_open_tasks_per_user = max_open_tasks_per_user
         self.open_by_user: dict[str, int] = {}
+        # fair share of each endpoint (.fair_share): a user's tasks in flight there, at most
+        # max_inflight_per_user (or the window while users compete); the rest wait here
+        self.max_inflight_per_user = max_inflight_per_user
+        self.share = fair_share.ShareWindow()
+        self._release_due: set[str] = set()  # endpoints where held tasks may have room now
+        self._holding: set[str] = set()  # endpoints with held tasks (may be stale: then none)
+        self._paced = False  # users compete and tasks are held: released at the window's rate
 
     # ---- events in, instructions out ---------------------------------------------------------
 
@@ -181,7 +190,13 @@ class Router(EndpointsMixin):
             for rec in msg.tasks:
                 self._reply_now(client, callback, m.result_record(rec[m.T_ID], "failed", error=err))
             return
-        rows, acks, fresh = [], [], []
+        rows, acks, fresh, held = [], [], [], []
+        ep.recent[owner] = now
+        free = (  # none while this user has tasks held here: they go first (in order)
+            fair_share.grant(ep, owner, len(msg.tasks), now, self.max_inflight_per_user, self.share)
+            if ep.connected and ep.identity is not None and owner not in ep.held
+            else 0
+        )
         resolved: dict[str, str | list] = {}
         origins: dict[str | None, dict] = {}  # servable owner -> this submitter's origin
         tasks = msg.tasks
@@ -243,8 +258,11 @@ class Router(EndpointsMixin):
                 state = "succeeded"
             elif leader is not None:
                 state = "queued"  # waits for the identical call already running
+            elif ep.connected and free > 0:
+                state = "dispatched"
+                free -= 1
             else:
-                state = "dispatched" if ep.connected else "queued"
+                state = "queued"  # the endpoint is offline, or this user has its share in flight there
             options = m.task_options(rec)
             row = {
                 "task_id": task_id,
@@ -286,14 +304,21 @@ class Router(EndpointsMixin):
                 continue
             if key is not None:
                 self.leaders[key] = task_id
-            fresh.append(rec)
+            if state == "queued" and ep.connected and ep.identity is not None:
+                held.append(task_id)
+            else:
+                fresh.append(rec)
         self.counters["received"] += len(rows)
         self._write(ev.PersistReceived(rows, acks))
+        if held:
+            fair_share.hold(ep, owner, held)
+            self._holding.add(ep.name)
         if not fresh:
             return
         if ep.connected and ep.identity is not None:
             for rec in fresh:
                 ep.inflight[rec[m.T_ID]] = None
+            ep.inflight_by_user[owner] = ep.inflight_by_user.get(owner, 0) + len(fresh)
             self._send_tasks(ep, fresh)
         else:
             for rec in fresh:
@@ -381,8 +406,8 @@ class Router(EndpointsMixin):
             if waiting_for is not None:  # coalesced: it waits here, for another task's result
                 self.followers[waiting_for].remove(task_id)
                 self._finish(m.result_record(task_id, "cancelled", error=_cancelled_error()), ep=None)
-            elif task_id in ep.pending:
-                del ep.pending[task_id]
+            elif task_id in ep.pending or fair_share.unhold(ep, entry.owner, task_id):
+                ep.pending.pop(task_id, None)
                 self._finish(m.result_record(task_id, "cancelled", error=_cancelled_error()), ep=None)
             elif ep.connected and ep.identity is not None:
                 forward.setdefault(ep.identity, []).append(task_id)
@@ -520,8 +545,18 @@ class Router(EndpointsMixin):
             return
         entry.state = res[m.R_STATE]
         endpoint = self.endpoints.get(entry.endpoint)
-        if endpoint is not None:
-            endpoint.inflight.pop(task_id, None)
+        if endpoint is not None and task_id in endpoint.inflight:
+            del endpoint.inflight[task_id]
+            by_user = endpoint.inflight_by_user
+            left = by_user.get(entry.owner, 0) - 1
+            if left > 0:
+                by_user[entry.owner] = left
+            else:
+                by_user.pop(entry.owner, None)
+            if endpoint.held:  # a place is free: held tasks may go at Flush
+                self._release_due.add(endpoint.name)
+        elif endpoint is not None and endpoint.held:  # held here, answered anyway (a resent result)
+            fair_share.unhold(endpoint, entry.owner, task_id)
         timing = res[m.R_TIMING] or [None, None]
         output = res[m.R_OUTPUT] or [None, None]
         change = {
@@ -591,6 +626,7 @@ class Router(EndpointsMixin):
                 )
                 for e in runnable:
                     ep.inflight[e.record[m.T_ID]] = None
+                    ep.inflight_by_user[e.owner] = ep.inflight_by_user.get(e.owner, 0) + 1
                 self._send_tasks(ep, [e.record for e in runnable])
             else:
                 for e in runnable:
@@ -601,15 +637,62 @@ class Router(EndpointsMixin):
 
     def sends_waiting(self) -> bool:
         """Whether a Flush would send anything now (most loop turns: no)."""
-        return bool(self.outbox or self._results_out)
+        return bool(self.outbox or self._results_out or self._release_due or self._paced)
 
     def drain(self) -> list[tuple[str, bytes, m.Message]]:
-        """Everything to send now; results are coalesced into one message per client."""
+        """Everything to send now (held tasks that have room first); results are coalesced into
+        one message per client."""
+        if self._paced:  # released at the window's rate: every turn takes what has come due
+            self._release_due |= self._holding
+        if self._release_due:
+            for name in self._release_due:
+                ep = self.endpoints.get(name)
+                if ep is not None:
+                    self._release(ep)
+                    if not ep.held:
+                        self._holding.discard(name)
+            self._release_due = set()
         for client, results in self._results_out.items():
             self.outbox.append(("client", client, m.Results(results)))
         self._results_out = {}
         out, self.outbox = self.outbox, []
         return out
+
+    def _release(self, ep: EndpointState) -> None:
+        """Send the held tasks of ``ep`` that its users' fair share has room for now."""
+        if not ep.held or not ep.connected or ep.identity is None:
+            return
+        now = self._time()
+        records, updates = [], []
+        for task_id in fair_share.releasable(ep, now, self.max_inflight_per_user, self.share):
+            entry = self.tasks.get(task_id)
+            if entry is None or entry.state in m.TERMINAL_STATES:
+                continue
+            entry.state = "dispatched"
+            ep.inflight[task_id] = None
+            ep.inflight_by_user[entry.owner] = ep.inflight_by_user.get(entry.owner, 0) + 1
+            records.append(entry.record)
+            updates.append((task_id, {"state": "dispatched", "t_dispatched": now}))
+        if records:
+            self._write(ev.PersistUpdates(updates))
+            self._send_tasks(ep, records)
+
+    def loop_load(self, busy: float) -> None:
+        """The loop's busy fraction since the last sample: sizes the window of competing users."""
+        now = self._time()
+        contended = any(ep.recent and fair_share.contended(ep, None, now) for ep in self.endpoints.values())
+        self.share.sample(busy, contended)
+        self._release_due.update(self._holding)
+        self._paced = contended and bool(self._holding)
+
+    def holding(self) -> bool:
+        """Whether tasks wait here for their user's fair share (the loop then samples its load,
+        which releases them, at least every LOAD_SAMPLE_S)."""
+        return bool(self._holding)
+
+    def paced(self) -> bool:
+        """Whether held tasks go at the window's rate (the loop then turns every millisecond)."""
+        return self._paced
 
     def _send_tasks(self, ep: EndpointState, records: list[list]) -> None:
         note_sent(ep.code_sent, records)
@@ -625,12 +708,14 @@ class Router(EndpointsMixin):
                     "last_seen_s_ago": round(now - ep.last_seen, 3) if ep.last_seen else None,
                     "pending": len(ep.pending),
                     "inflight": len(ep.inflight),
+                    "held": fair_share.held_count(ep),  # waiting here for their user's fair share
                     "versions": ep.versions,
                     "info": ep.info,
                 }
                 for ep in self.endpoints.values()
             },
             "tasks_open": len(self.tasks),
+            "fair_share_window": self.share.size,
             "result_cache": self.result_cache.stats() if self.result_cache is not None else None,
             **self.counters,
         }
@@ -655,5 +740,6 @@ _HANDLERS: dict[type, Callable[[Router, Any], None]] = {
     ev.EndpointCancelRefused: lambda r, e: r.endpoint_cancel_refused(e.identity, e.msg),
     ev.EndpointLeft: lambda r, e: r.endpoint_gone(e.identity),
     ev.Tick: lambda r, e: r.tick(),
+    ev.LoopLoad: lambda r, e: r.loop_load(e.busy),
     ev.Flush: _flush,
 }

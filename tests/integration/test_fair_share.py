@@ -20,7 +20,7 @@ from conftest import RESULT_TIMEOUT_S, wait_until
 from dlhub.executor import QuotaExceeded
 
 BACKLOG_CAP = 20_000  # alice keeps up to this many tasks open
-BACKLOG_READY = 5_000  # bob starts once this many of hers wait at the endpoint
+BACKLOG_READY = 5_000  # bob starts once this many of hers wait for the endpoint
 BOB_CALLS = 20
 BOB_BUDGET_S = 30.0  # all of bob's calls under the backlog (a FIFO: each waits for thousands)
 
@@ -80,6 +80,13 @@ def add_users(cs) -> dict[str, str]:
     return {name: create_user(cs.manager.auth.engine, name, "user") for name in ("alice", "bob")}
 
 
+def waiting(cs) -> int:
+    """alice's tasks waiting for the endpoint: in its queue, or held at the manager (beyond her
+    fair share in flight there, ``max_inflight_per_user``)."""
+    held = cs.manager.status()["endpoints"].get(cs.endpoint_name, {}).get("held", 0)
+    return cs.status().get("queued", 0) + held
+
+
 def timed_calls(ex, n: int, deadline: float) -> list[float]:
     """Latencies (s) of ``n`` serial no-op calls, each waited for until ``deadline``."""
     out = []
@@ -127,14 +134,14 @@ def test_bobs_call_is_not_stuck_behind_alices_backlog(custom_stack_factory):
 
     alice = Backlog(cs, tokens["alice"])
     try:
-        wait_until(  # her tasks wait at the endpoint (not upstream, in the manager's socket)
-            lambda: cs.status().get("queued", 0) >= BACKLOG_READY or alice.proc.poll() is not None,
+        wait_until(  # her tasks wait for the endpoint (not upstream, in the manager's socket)
+            lambda: waiting(cs) >= BACKLOG_READY or alice.proc.poll() is not None,
             60,
-            what="alice's backlog queued at the endpoint",
+            what="alice's backlog queued for the endpoint",
         )
         assert alice.proc.poll() is None, "alice's process exited"
         busy = timed_calls(bob, BOB_CALLS, time.monotonic() + BOB_BUDGET_S)
-        open_after, queued_after = alice.open, cs.status().get("queued", 0)
+        open_after, queued_after = alice.open, waiting(cs)
     finally:
         alice.stop()
 

@@ -1,0 +1,189 @@
+"""Fair share of an endpoint at the manager (``manager/fair_share.py``): a user's tasks in flight
+on an endpoint are bounded (the rest wait at the manager, queued, and go oldest first as results
+free places); while another user submits there too, the heavy user's tasks go at a rate sized by
+the manager loop's load, and a light user's call is never held. The Router is driven directly
+with its own clock, writing to a real TaskStore on SQLite."""
+
+from __future__ import annotations
+
+import pytest
+
+from dlhub.manager import events as ev
+from dlhub.manager import fair_share
+from dlhub.manager.routing import Router
+from dlhub.manager.store import TaskStore, make_engine, migrate
+from dlhub.protocol import messages as m
+
+ALICE, BOB = b"c:alice", b"c:bob"
+EP = b"e:ep:s1"
+
+
+def tid(n: int) -> bytes:
+    return n.to_bytes(m.TASK_ID_BYTES, "big")
+
+
+def tasks(first: int, last: int) -> list[list]:
+    return [m.task_record(tid(n), "sha256:f", b"\x01\x90", None, "auto") for n in range(first, last + 1)]
+
+
+def hello() -> m.Hello:
+    return m.Hello("endpoint", "ep", "tok", "s1", {"python": "3.11.7", "dill": "0.4"}, {"pid": 1})
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def env(tmp_path):
+    engine = make_engine(f"sqlite:///{tmp_path / 'fs.db'}")
+    migrate(engine)
+    store = TaskStore(engine, on_commit=lambda acks: None)
+    store.start()
+    clock = Clock()
+    router = Router(store, clock=clock, known_endpoints=["ep"], max_inflight_per_user=5)
+    router.endpoint_hello(EP, hello())
+    router.drain()
+    try:
+        yield router, store, clock
+    finally:
+        store.close()
+
+
+def sent(router: Router) -> list[int]:
+    """Task numbers sent to the endpoint since the last drain, in order."""
+    out = []
+    for link, _, msg in router.drain():
+        if link == "endpoint" and isinstance(msg, m.Tasks):
+            out += [int.from_bytes(r[m.T_ID], "big") for r in msg.tasks]
+    return out
+
+
+def finish(router: Router, *numbers: int) -> None:
+    router.endpoint_results(EP, [m.result_record(tid(n), "succeeded", b"ok") for n in numbers])
+
+
+def submit(router: Router, client: bytes, user: str, first: int, last: int) -> None:
+    router.submit(client, user, "s", m.Submit("ep", tasks(first, last)))
+
+
+def test_a_user_has_at_most_max_inflight_on_an_endpoint_and_the_rest_go_oldest_first(env):
+    router, store, _ = env
+    submit(router, ALICE, "alice", 1, 12)
+    assert sent(router) == [1, 2, 3, 4, 5]
+    status = router.status()["endpoints"]["ep"]
+    assert (status["inflight"], status["held"]) == (5, 7)
+    # what waits here is stored as queued, not dispatched (Query and a restart read it so)
+    store.flush()
+    rows = store.read([tid(5), tid(6)], [])
+    assert (rows[tid(5)]["state"], rows[tid(6)]["state"]) == ("dispatched", "queued")
+    assert rows[tid(6)]["t_dispatched"] is None
+    # a later submission waits behind her held tasks, in order
+    submit(router, ALICE, "alice", 13, 13)
+    assert sent(router) == []
+    finish(router, 2, 4, 5)
+    assert sent(router) == [6, 7, 8]
+    finish(router, 1, 3, 6, 7, 8)
+    assert sent(router) == [9, 10, 11, 12, 13]
+    store.flush()
+    assert store.read([tid(9)], [])[tid(9)]["state"] == "dispatched"
+    assert router.status()["endpoints"]["ep"]["held"] == 0
+
+
+def test_a_held_task_can_be_cancelled_and_is_never_sent(env):
+    router, _, _ = env
+    submit(router, ALICE, "alice", 1, 7)
+    assert sent(router) == [1, 2, 3, 4, 5]
+    router.cancel(ALICE, [tid(6)], "alice")
+    results = [r for link, _, msg in router.drain() if isinstance(msg, m.Results) for r in msg.results]
+    assert [(r[m.R_ID], r[m.R_STATE]) for r in results] == [(tid(6), "cancelled")]
+    finish(router, 1, 2)
+    assert sent(router) == [7]
+
+
+def test_held_tasks_wait_while_the_endpoint_is_away_and_go_when_it_is_back(env):
+    router, _, _ = env
+    submit(router, ALICE, "alice", 1, 8)
+    assert sent(router) == [1, 2, 3, 4, 5]
+    router.endpoint_gone(EP)
+    submit(router, ALICE, "alice", 9, 9)  # offline: waits in the endpoint's pending queue
+    finish(router, 1, 2, 3)
+    assert sent(router) == []  # results of a gone endpoint free places, but nothing goes to it
+    router.endpoint_hello(EP, hello())
+    # 4 and 5 are re-sent (the endpoint does not say it holds them); then her oldest held ones
+    assert sent(router) == [4, 5, 6, 7, 8]
+    finish(router, 4, 5, 6)
+    assert sent(router) == [9]
+
+
+def test_an_endpoint_with_many_workers_gets_twice_its_workers_per_user(env):
+    router, _, _ = env
+    router.endpoint_heartbeat(EP, {"workers": 8})
+    submit(router, ALICE, "alice", 1, 20)
+    assert len(sent(router)) == 16
+
+
+def test_while_users_compete_a_light_users_call_goes_at_once_and_the_heavy_user_is_paced(env):
+    router, _, clock = env
+    router.max_inflight_per_user = 1000
+    submit(router, ALICE, "alice", 1, 100)
+    assert len(sent(router)) == 100  # alone: only the cap applies
+    clock.now += 0.5
+    submit(router, BOB, "bob", 1001, 1001)
+    assert sent(router) == [1001]  # bob: light, never held
+    # alice's next tasks wait: she already has more than the window in flight
+    clock.now += 0.01
+    submit(router, ALICE, "alice", 101, 400)
+    assert sent(router) == []
+    # the manager's loop is busy: the window and the rate shrink
+    for _ in range(10):
+        router.handle(ev.LoopLoad(0.95, clock.now))
+    assert router.share.size == fair_share.WINDOW_MIN
+    assert router.share.rate == fair_share.RATE_MIN
+    router.drain()
+    finish(router, *range(1, 101))
+    clock.now += 0.05
+    released = sent(router)
+    assert 0 < len(released) <= fair_share.WINDOW_MIN  # at the window's rate, oldest first
+    assert released == list(range(101, 101 + len(released)))
+    # bob still goes at once, whatever alice's tokens
+    submit(router, BOB, "bob", 1002, 1002)
+    assert 1002 in sent(router)
+    # bob stops: after CONTENTION_S alice is alone again, and only the cap applies
+    clock.now += fair_share.CONTENTION_S + 0.1
+    router.handle(ev.LoopLoad(0.95, clock.now))
+    assert router.share.size == fair_share.WINDOW_START
+    finish(router, *released, 1001, 1002)
+    assert sorted(sent(router)) == list(range(101 + len(released), 401))
+    assert router.status()["endpoints"]["ep"]["held"] == 0
+
+
+def test_an_idle_loop_lets_the_heavy_users_rate_grow_again(env):
+    router, _, clock = env
+    router.share.sample(0.9, contended=True)
+    low = router.share.rate
+    for _ in range(5):
+        assert router.share.sample(0.1, contended=True)
+    assert router.share.rate > low * 2
+    assert router.share.size > fair_share.WINDOW_MIN
+
+
+def test_the_token_bucket_refills_at_the_rate_and_keeps_only_a_short_burst():
+    window = fair_share.ShareWindow()
+    window.rate = 1000.0
+    assert window.take(100, 10.0) == 5  # a first call: a full burst (5 ms of the rate)
+    assert window.take(100, 10.0) == 0
+    assert window.take(100, 10.002) == 2
+    assert window.take(100, 20.0) == 5  # ten idle seconds still give one burst, not 10,000
+
+
+def test_the_manager_config_checks_max_inflight_per_user():
+    from dlhub.manager.config import ManagerConfig
+
+    assert ManagerConfig(home="/tmp/unused").max_inflight_per_user == fair_share.MAX_INFLIGHT_PER_USER
+    with pytest.raises(ValueError, match="max_inflight_per_user must be a positive integer, got 0"):
+        ManagerConfig(home="/tmp/unused", max_inflight_per_user=0)
