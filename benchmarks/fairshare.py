@@ -233,14 +233,19 @@ def main(argv: list[str] | None = None) -> int:
 
             threading.Thread(target=read, daemon=True).start()
             queued = lambda: _read_json(status).get("queued", 0)  # noqa: E731
+            watcher = Executor(endpoint="shared", manager=info["client_url"], token=admin, home=str(home))
+
+            def held() -> int:  # hers waiting at the manager for her fair share of the endpoint
+                return watcher.status()["endpoints"].get("shared", {}).get("held", 0)
+
             _wait(
                 lambda: queued() >= 1_000 or alice.poll() is not None, 120, "alice's backlog at the endpoint"
             )
-            queued_first = queued()
+            queued_first, held_first = queued(), held()
             busy, deadline = [], time.monotonic() + sizes["budget_s"]
             while len(busy) < sizes["bob_calls"] and time.monotonic() < deadline:
                 busy.append(call())
-            queued_last, alice_open = queued(), progress["open"]
+            queued_last, held_last, alice_open = queued(), held(), progress["open"]
             alice.stdin.close()
             emit(
                 phase="busy",
@@ -250,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
                 alice_task_ms=args.alice_task_ms,
                 alice_queued_at_endpoint_first=queued_first,
                 alice_queued_at_endpoint_last=queued_last,
+                alice_held_at_manager_first=held_first,
+                alice_held_at_manager_last=held_last,
                 alice_open_last=alice_open,
                 alice_submitted=progress["submitted"],
             )
@@ -266,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                 target="p50 <= 3x idle",
             )
             bob.shutdown()
+            watcher.shutdown()
         except Exception as exc:
             emit(error=f"{type(exc).__name__}: {exc}")
             return 1
