@@ -13,7 +13,6 @@ latency path). User payloads stay opaque bytes: nothing here unpickles them.
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import functools
 import logging
@@ -38,6 +37,7 @@ from . import events as ev
 from .acks import CommitAcks
 from .api import ApiServer
 from .auth import Authenticator, backfill_curve_key, ensure_admin, users_without_curve_key
+from .client_backlog import ClientBacklog
 from .config import ManagerConfig, write_manager_info
 from .connections import ConnectionTracker, raise_open_file_limit
 from .fair_share import LOAD_SAMPLE_S
@@ -59,9 +59,9 @@ DRAIN_LIMIT = 1000  # frames read from one socket before the loop looks at the o
 DRAIN_BUDGET_S = 0.002  # client submissions read in one turn (results: RESULTS_BUDGET_S)
 RESULTS_BUDGET_S = 0.01  # results read in one turn before they go out (Flush) and others are read
 # ... and a frame is not a unit of work: one Submit may carry a client's 1,024 tasks (tens of ms
-# on a busy manager). The Router takes a Submit this many tasks at a time; the rest waits in
-# ``_submit_slices`` and goes first in the next turns, before any other client frame is read
-# (so nothing overtakes it: a Cancel or Fetch that followed it still finds its tasks)
+# on a busy manager). The Router takes a Submit this many tasks at a time; the rest waits in the
+# client backlog (.client_backlog) with that client's later frames behind it (nothing of a client
+# overtakes its own frames), and clients take turns there while other clients' frames are read
 SUBMIT_SLICE = 256
 
 
@@ -86,8 +86,8 @@ class Manager(SessionsMixin):
         self._io = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="dlhub-io")
         self._ack_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.clients: dict[bytes, ClientSession] = {}
-        # the rest of Submits taken SUBMIT_SLICE tasks at a time: (identity, its session, the rest)
-        self._submit_slices: collections.deque[tuple[bytes, ClientSession, m.Submit]] = collections.deque()
+        # the rest of Submits taken SUBMIT_SLICE tasks at a time, and their clients' later frames
+        self._backlog = ClientBacklog()
         self.endpoint_users: dict[bytes, str] = {}  # endpoint identity -> the user of its token
         self._endpoint_owners: dict[str, str] = {}  # endpoint name -> the user who owns it (cache)
         # connections to close: (when, users, their client IPs, their endpoint IPs)
@@ -349,12 +349,10 @@ class Manager(SessionsMixin):
         loop_gc = LoopGC()  # full collections between turns, not 0.2-1 s pauses inside them
         try:
             while not self._stop.is_set():
-                # slices of a Submit wait: no sleeping; tasks held for fair share: a load sample
-                # (and their release) at least every LOAD_SAMPLE_S
+                # client work waits: no sleeping; tasks held for fair share: a load sample (and
+                # their release) at least every LOAD_SAMPLE_S, every 1 ms while they go at a rate
                 router = self.router
-                wait_ms = (
-                    0 if self._submit_slices else 1 if router.paced() else 100 if router.holding() else 1000
-                )
+                wait_ms = 0 if self._backlog else 1 if router.paced() else 100 if router.holding() else 1000
                 due = self.acks.endpoint_due
                 if due is not None:  # wake for the acks that wait
                     wait_ms = max(0, min(wait_ms, int((due - time.monotonic()) * 1000) + 1))
@@ -369,10 +367,9 @@ class Manager(SessionsMixin):
                 # own pipe, which ZeroMQ serves fairly against other clients' pipes
                 if self.endpoint_sock in events:
                     self._drain(self.endpoint_sock, self._on_endpoint, self._admit_endpoint, RESULTS_BUDGET_S)
-                if self.client_sock in events or self._submit_slices:
-                    deadline = time.monotonic() + DRAIN_BUDGET_S
-                    if self._submit_rest(deadline):  # what an earlier Submit left goes first
-                        self._drain(self.client_sock, self._on_client, self._admit_client, DRAIN_BUDGET_S)
+                if self.client_sock in events or self._backlog:
+                    self._submit_rest(time.monotonic() + DRAIN_BUDGET_S)  # client by client
+                    self._drain(self.client_sock, self._on_client, self._admit_client, DRAIN_BUDGET_S)
                 if self._ack_fd in events:
                     self._send_acks()
                 if self.acks.endpoint_due is not None and time.monotonic() >= self.acks.endpoint_due:
@@ -421,10 +418,12 @@ class Manager(SessionsMixin):
         rest next turn); each one's user is the one ZAP authenticated for its connection (the
         ``User-Id`` frame property), which ``admit`` checks against the identity's session."""
         deadline = time.monotonic() + budget_s
-        slices = self._submit_slices if sock is self.client_sock else ()  # they go on first
+        backlog = self._backlog if sock is self.client_sock else None  # client work waiting
         for _ in range(DRAIN_LIMIT):
-            if not sock.get(_EVENTS) & _POLLIN or time.monotonic() > deadline or slices:
+            if not sock.get(_EVENTS) & _POLLIN or time.monotonic() > deadline:
                 return  # (EVENTS: cheaper than a raised zmq.Again)
+            if backlog is not None and backlog.full():
+                return  # the rest stays in the socket until the backlog shrinks
             frames = m.recv_frames(sock, _NOBLOCK)
             if len(frames) < 2:
                 log.warning("dropping a message of %d frames (expected 2 or more)", len(frames))
@@ -515,6 +514,12 @@ class Manager(SessionsMixin):
         if client is None:
             self._send(self.client_sock, identity, m.Refused("not-registered", "say Hello first"))
             return
+        if self._backlog.waiting(identity):  # its earlier work waits: this frame goes behind it
+            self._backlog.defer(identity, client, msg)
+            return
+        self._handle_client(identity, client, msg)
+
+    def _handle_client(self, identity: bytes, client: ClientSession, msg: m.Message) -> None:
         if isinstance(msg, m.Submit):
             self._check_sizes(identity, msg)
             self._submit(identity, client, msg)
@@ -539,24 +544,31 @@ class Manager(SessionsMixin):
             )
 
     def _submit(self, identity: bytes, client: ClientSession, msg: m.Submit) -> None:
-        """Route the first ``SUBMIT_SLICE`` tasks; the rest goes to the front of the slices that
-        wait (taken before any other client frame)."""
+        """Route the first ``SUBMIT_SLICE`` tasks; the rest goes first in this client's backlog."""
         if len(msg.tasks) > SUBMIT_SLICE:
-            rest = m.Submit(msg.endpoint, msg.tasks[SUBMIT_SLICE:])
-            self._submit_slices.appendleft((identity, client, rest))
+            self._backlog.put_rest(identity, client, m.Submit(msg.endpoint, msg.tasks[SUBMIT_SLICE:]))
             msg = m.Submit(msg.endpoint, msg.tasks[:SUBMIT_SLICE])
         self.route(ev.ClientSubmitted(identity, client.user, client.session, msg, time.time()))
 
     def _submit_rest(self, deadline: float) -> bool:
-        """Route what sliced Submits left, until ``deadline``; True when none is left. A slice
-        whose session ended (disconnected, revoked) is dropped: nothing of it was acknowledged,
-        so the client sends it again after its next Hello."""
-        while self._submit_slices:
+        """Handle what waits in the client backlog, a piece per client in turn, until
+        ``deadline``; True when none is left. A piece whose session ended (disconnected, revoked)
+        is dropped: nothing of it was acknowledged, so the client sends it again after its next
+        Hello."""
+        pieces = self._backlog.take()
+        while self._backlog:
             if time.monotonic() > deadline:
                 return False
-            identity, client, msg = self._submit_slices.popleft()
-            if self.clients.get(identity) is client:
-                self._submit(identity, client, msg)
+            identity, client, msg, rest = next(pieces)
+            if self.clients.get(identity) is not client:
+                continue
+            try:
+                if rest:
+                    self._submit(identity, client, msg)
+                else:
+                    self._handle_client(identity, client, msg)
+            except Exception:  # a bug must not take the broker down
+                log.exception("error handling %s", type(msg).__name__)
         return True
 
     def _check_sizes(self, identity: bytes, msg: m.Submit) -> None:

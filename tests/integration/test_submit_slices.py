@@ -76,3 +76,56 @@ def test_a_large_submit_goes_in_slices_in_order_and_a_cancel_after_it_finds_its_
     sizes = [len(e.msg.tasks) for e in submitted]
     assert sizes == [SUBMIT_SLICE] * 3 + [40], sizes  # one event of 808 without the slices
     assert [t[m.T_ID] for e in submitted for t in e.msg.tasks] == ids
+
+
+def test_another_clients_frame_is_not_held_up_by_a_large_submits_slices(tmp_path, monkeypatch):
+    """Only the sliced Submit's own client waits behind its slices: a second client's Submit, sent
+    right after a large one, is routed between its slices, not after the last one."""
+    log_path = tmp_path / "router-events.log"
+    monkeypatch.setenv("DLHUB_ROUTER_EVENT_LOG", str(log_path))
+    mgr = Manager(ManagerConfig(home=tmp_path / "manager", rest_port=None))
+    mgr.start_thread()
+    ctx = zmq.Context()
+    ep, alice, bob = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+    big = 8 * SUBMIT_SLICE
+    try:
+        token = (tmp_path / "manager" / "admin.token").read_text().strip()
+        links = (
+            (ep, mgr.endpoint_url, "e:slices"),
+            (alice, mgr.client_url, "c:a"),
+            (bob, mgr.client_url, "c:b"),
+        )
+        for sock, url, ident in links:
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.IDENTITY, f"{ident}:{uuid.uuid4().hex[:8]}".encode())
+            secure_dealer(sock, url, token, mgr.curve_public_key)
+            sock.connect(url)
+        _say_hello(ep, "endpoint", "slices", token)
+        _say_hello(alice, "client", "", token)
+        _say_hello(bob, "client", "", token)
+
+        alice_ids = [os.urandom(m.TASK_ID_BYTES) for _ in range(big)]
+        bob_id = os.urandom(m.TASK_ID_BYTES)
+        fn = "sha256:" + "0" * 64
+        alice.send(m.pack(m.Submit("slices", [m.task_record(t, fn, b"\x01\x90") for t in alice_ids])))
+        bob.send(m.pack(m.Submit("slices", [m.task_record(bob_id, fn, b"\x01\x90")])))
+
+        arrived: list[bytes] = []
+        deadline = time.monotonic() + 20
+        while len(arrived) < big + 1:
+            assert time.monotonic() < deadline, f"{len(arrived)} of {big + 1} tasks"
+            if ep.poll(100):
+                msg = m.unpack(ep.recv())
+                if isinstance(msg, m.Tasks):
+                    arrived.extend(t[m.T_ID] for t in msg.tasks)
+    finally:
+        for sock in (alice, bob, ep):
+            sock.close(0)
+        mgr.stop()
+        ctx.term()
+
+    assert [t for t in arrived if t != bob_id] == alice_ids  # hers each once, in order
+    submitted = [e for e in rev.read_events(log_path) if isinstance(e, rev.ClientSubmitted)]
+    bobs_turn = next(i for i, e in enumerate(submitted) if e.msg.tasks[0][m.T_ID] == bob_id)
+    slices_after = len(submitted) - 1 - bobs_turn
+    assert slices_after >= 1, f"bob's Submit was routed after all {len(submitted) - 1} of alice's slices"

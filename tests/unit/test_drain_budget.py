@@ -11,6 +11,7 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from dlhub.manager.broker import Manager
+from dlhub.manager.client_backlog import ClientBacklog
 from dlhub.protocol import messages as m
 
 FRAMES = 300
@@ -47,7 +48,7 @@ class Broker:
 
     _drain = Manager._drain
     client_sock = None
-    _submit_slices = ()
+    _backlog = ClientBacklog()
 
 
 def test_a_turn_reads_for_its_budget_and_leaves_the_rest_in_order(link):
@@ -70,13 +71,14 @@ def test_a_turn_reads_for_its_budget_and_leaves_the_rest_in_order(link):
     assert turns >= 3
 
 
-def test_waiting_submit_slices_hold_back_only_the_client_link(link):
-    """A Submit's slices go before any other client frame, but results (the endpoint link) are
-    read meanwhile."""
+def test_a_full_client_backlog_holds_back_only_the_client_link(link):
+    """Past its limit the client backlog (Submit slices, frames behind them) stops the reading of
+    client frames, but results (the endpoint link) are read meanwhile."""
     seen: list[int] = []
     broker = Broker()
-    broker._submit_slices = [("identity", "session", "the rest of a Submit")]
-    broker.client_sock = link  # this link as the client link: nothing is read while slices wait
+    broker._backlog = ClientBacklog(limit=1)
+    broker._backlog.put_rest(b"identity", "session", m.Submit("ep", []))
+    broker.client_sock = link  # this link as the client link: nothing is read while it is full
     broker._drain(link, lambda identity, msg: seen.append(msg.info["n"]), lambda *args: True, 0.02)
     assert seen == [] and link.get(zmq.EVENTS) & zmq.POLLIN
     broker.client_sock = object()  # this link as another one: read as usual
