@@ -183,3 +183,32 @@ def test_a_user_over_the_open_task_quota_gets_quota_exceeded_at_once(custom_stac
     assert [f.result(RESULT_TIMEOUT_S) for f in held] == [3.0] * 3
     assert alice.submit(nap, 0.0).result(RESULT_TIMEOUT_S) == 0.0
     assert cs.manager.status()["over_quota"] == 1
+
+
+def test_a_users_tasks_in_flight_on_an_endpoint_are_bounded_and_the_rest_wait_at_the_manager(
+    custom_stack_factory,
+):
+    cs = custom_stack_factory(
+        name="window",
+        manager_kwargs={"max_inflight_per_user": 4},
+        endpoint={"heartbeat_s": 0.5, "policy": {"allowed_users": ["alice", "bob"]}},
+        workers=1,
+    )
+    tokens = add_users(cs)
+    alice = cs.executor(token=tokens["alice"])
+    futures = [alice.submit(nap, 0.02) for _ in range(40)]
+    seen: list[tuple[int, int]] = []  # (in flight, held) as the manager reports them
+
+    def look() -> bool:
+        ep = cs.manager.status()["endpoints"]["window"]
+        seen.append((ep["inflight"], ep["held"]))
+        return ep["held"] > 0
+
+    wait_until(look, 10, what="alice's tasks held at the manager")
+    assert [f.result(RESULT_TIMEOUT_S) for f in futures] == [0.02] * 40  # each ran, none lost
+    assert max(inflight for inflight, _ in seen) <= 4, seen
+    ep = cs.manager.status()["endpoints"]["window"]
+    assert (ep["inflight"], ep["held"]) == (0, 0)
+    # what waited at the manager was recorded as queued there, then dispatched when it went
+    rows = cs.manager.store.read([bytes.fromhex(f.task_id) for f in futures[-3:]], [])
+    assert all(row["state"] == "succeeded" and row["t_dispatched"] for row in rows.values()), rows
