@@ -3,9 +3,12 @@ no-ops on the same endpoint (issue 10, item 7: p50 no worse than 3x idle).
 
 A manager (`dlhub-manager serve`, its own process), one endpoint whose policy lets alice and bob
 submit, 2 workers. alice submits her no-ops from her own process as fast as it can; bob's serial
-calls start once her backlog is at the endpoint and stop before it drains (calls made after it
-drained are not counted). The endpoint serves users round-robin, so bob waits behind at most
-what is already prefetched at the workers (about ``prefetch_target_ms``, 2 ms, of work each).
+calls start once she has submitted all of her backlog and 1,000 of it wait for the endpoint (in
+its queue, or held at the manager beyond her fair share in flight there), and stop within a time
+budget. The endpoint serves users
+round-robin, so bob waits behind at most what is already prefetched at the workers (about
+``prefetch_target_ms``, 2 ms, of work each); the manager paces her tasks while bob submits, so
+its loop is not saturated by her flood (``manager/fair_share.py``).
 
     .venv/bin/python benchmarks/fairshare.py            # alice: 100,000 no-ops; bob: 200 calls
     .venv/bin/python benchmarks/fairshare.py --quick    # alice: 20,000 no-ops; bob: 50 calls
@@ -238,8 +241,16 @@ def main(argv: list[str] | None = None) -> int:
             def held() -> int:  # hers waiting at the manager for her fair share of the endpoint
                 return watcher.status()["endpoints"].get("shared", {}).get("held", 0)
 
+            # her backlog is in place: all of it submitted, and 1,000 waiting (queued at the
+            # endpoint, or held at the manager beyond her share in flight there)
+            total = sizes["alice_tasks"]
             _wait(
-                lambda: queued() >= 1_000 or alice.poll() is not None, 120, "alice's backlog at the endpoint"
+                lambda: (
+                    (progress["submitted"] >= total and queued() + held() >= 1_000)
+                    or alice.poll() is not None
+                ),
+                120,
+                "alice's backlog",
             )
             queued_first, held_first = queued(), held()
             busy, deadline = [], time.monotonic() + sizes["budget_s"]
