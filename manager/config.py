@@ -87,11 +87,3 @@ def write_manager_info(home: Path, info: dict[str, Any]) -> None:
     tmp = home / "manager.json.tmp"
     tmp.write_text(json.dumps(info, indent=2))
     tmp.replace(home / "manager.json")
-
-
-def read_manager_info(home: Path) -> dict[str, Any] | None:
-    """What the manager of ``home`` wrote in ``manager.json`` (None: no such file, or not JSON)."""
-    try:
-        return json.loads((Path(home) / "manager.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None

@@ -4,7 +4,7 @@ Singularity/Apptainer definition file), the builders' command lines (recorded by
 executables on PATH; the host's pip runs for real, offline, from a wheel made here), a build
 asked for by two threads at once done once, a warm cache building nothing, a failed build's
 reason, and the config keys (image_cache.build, build.*). podman builds for real in
-tests/integration/test_servable_builds.py."""
+tests/integration/test_servable_images.py."""
 
 from __future__ import annotations
 
