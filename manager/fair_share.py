@@ -16,13 +16,20 @@ frames find the loop waiting in poll, not behind a backlog. A user alone on an e
 paced by load. The cost of contention falls on the heavy user's throughput, not on anyone's
 latency; a light user (fewer tasks in flight than the window) is never held.
 
-Sans-I/O like the Router: the time and the load come with the events.
+Here: the window (:class:`ShareWindow`), the functions on an endpoint's share, and the Router's
+side of it (:class:`FairShareMixin`: releasing held tasks, load samples). Sans-I/O like the
+Router: the time and the load come with the events.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from itertools import islice
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from dlhub.protocol import messages as m
+
+from . import events as ev
 
 if TYPE_CHECKING:
     from .endpoints import EndpointState
@@ -161,3 +168,68 @@ def releasable(ep: EndpointState, now: float, max_inflight: int, window: ShareWi
 
 def held_count(ep: EndpointState) -> int:
     return sum(len(queue) for queue in ep.held.values())
+
+
+class FairShareMixin:
+    """The Router's handling of held tasks (mixed into the Router, whose state it works on, as
+    ``.endpoints.EndpointsMixin`` is). These are the attributes it uses:"""
+
+    endpoints: dict[str, EndpointState]
+    tasks: dict[bytes, Any]
+    share: ShareWindow
+    max_inflight_per_user: int
+    _release_due: set[str]  # endpoints where held tasks may have room now
+    _holding: set[str]  # endpoints with held tasks (may be stale: then none)
+    _paced: bool  # users compete and tasks are held: released at the window's rate
+    _time: Callable[[], float]
+    _write: Callable[[ev.Persist], None]
+    _send_tasks: Callable[[EndpointState, list[list]], None]
+
+    def holding(self) -> bool:
+        """Whether tasks wait here for their user's fair share (the loop then samples its load,
+        which releases them, at least every LOAD_SAMPLE_S)."""
+        return bool(self._holding)
+
+    def paced(self) -> bool:
+        """Whether held tasks go at the window's rate (the loop then turns every millisecond)."""
+        return self._paced
+
+    def loop_load(self, busy: float) -> None:
+        """The loop's busy fraction since the last sample: sizes the window of competing users."""
+        now = self._time()
+        competing = any(ep.recent and contended(ep, None, now) for ep in self.endpoints.values())
+        self.share.sample(busy, competing)
+        self._release_due.update(self._holding)
+        self._paced = competing and bool(self._holding)
+
+    def _release_held(self) -> None:
+        """At Flush: send what has room, on every endpoint where a place freed (and, while
+        paced, on every endpoint holding tasks: the rate's tokens come with time)."""
+        if self._paced:
+            self._release_due |= self._holding
+        for name in self._release_due:
+            ep = self.endpoints.get(name)
+            if ep is not None:
+                self._release(ep)
+                if not ep.held:
+                    self._holding.discard(name)
+        self._release_due = set()
+
+    def _release(self, ep: EndpointState) -> None:
+        """Send the held tasks of ``ep`` that its users' fair share has room for now."""
+        if not ep.held or not ep.connected or ep.identity is None:
+            return
+        now = self._time()
+        records, updates = [], []
+        for task_id in releasable(ep, now, self.max_inflight_per_user, self.share):
+            entry = self.tasks.get(task_id)
+            if entry is None or entry.state in m.TERMINAL_STATES:
+                continue
+            entry.state = "dispatched"
+            ep.inflight[task_id] = None
+            ep.inflight_by_user[entry.owner] = ep.inflight_by_user.get(entry.owner, 0) + 1
+            records.append(entry.record)
+            updates.append((task_id, {"state": "dispatched", "t_dispatched": now}))
+        if records:
+            self._write(ev.PersistUpdates(updates))
+            self._send_tasks(ep, records)

@@ -61,7 +61,7 @@ class TaskEntry:
     counted: bool = False  # in its owner's open-task count (tasks recovered at start are not)
 
 
-class Router(EndpointsMixin):
+class Router(EndpointsMixin, fair_share.FairShareMixin):
     def __init__(
         self,
         store: Any,
@@ -642,57 +642,13 @@ class Router(EndpointsMixin):
     def drain(self) -> list[tuple[str, bytes, m.Message]]:
         """Everything to send now (held tasks that have room first); results are coalesced into
         one message per client."""
-        if self._paced:  # released at the window's rate: every turn takes what has come due
-            self._release_due |= self._holding
-        if self._release_due:
-            for name in self._release_due:
-                ep = self.endpoints.get(name)
-                if ep is not None:
-                    self._release(ep)
-                    if not ep.held:
-                        self._holding.discard(name)
-            self._release_due = set()
+        if self._release_due or self._paced:
+            self._release_held()
         for client, results in self._results_out.items():
             self.outbox.append(("client", client, m.Results(results)))
         self._results_out = {}
         out, self.outbox = self.outbox, []
         return out
-
-    def _release(self, ep: EndpointState) -> None:
-        """Send the held tasks of ``ep`` that its users' fair share has room for now."""
-        if not ep.held or not ep.connected or ep.identity is None:
-            return
-        now = self._time()
-        records, updates = [], []
-        for task_id in fair_share.releasable(ep, now, self.max_inflight_per_user, self.share):
-            entry = self.tasks.get(task_id)
-            if entry is None or entry.state in m.TERMINAL_STATES:
-                continue
-            entry.state = "dispatched"
-            ep.inflight[task_id] = None
-            ep.inflight_by_user[entry.owner] = ep.inflight_by_user.get(entry.owner, 0) + 1
-            records.append(entry.record)
-            updates.append((task_id, {"state": "dispatched", "t_dispatched": now}))
-        if records:
-            self._write(ev.PersistUpdates(updates))
-            self._send_tasks(ep, records)
-
-    def loop_load(self, busy: float) -> None:
-        """The loop's busy fraction since the last sample: sizes the window of competing users."""
-        now = self._time()
-        contended = any(ep.recent and fair_share.contended(ep, None, now) for ep in self.endpoints.values())
-        self.share.sample(busy, contended)
-        self._release_due.update(self._holding)
-        self._paced = contended and bool(self._holding)
-
-    def holding(self) -> bool:
-        """Whether tasks wait here for their user's fair share (the loop then samples its load,
-        which releases them, at least every LOAD_SAMPLE_S)."""
-        return bool(self._holding)
-
-    def paced(self) -> bool:
-        """Whether held tasks go at the window's rate (the loop then turns every millisecond)."""
-        return self._paced
 
     def _send_tasks(self, ep: EndpointState, records: list[list]) -> None:
         note_sent(ep.code_sent, records)
