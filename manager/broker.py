@@ -352,7 +352,8 @@ class Manager(SessionsMixin):
                 # client work waits: no sleeping; tasks held for fair share: a load sample (and
                 # their release) at least every LOAD_SAMPLE_S, every 1 ms while they go at a rate
                 router = self.router
-                wait_ms = 0 if self._backlog else 1 if router.paced() else 100 if router.holding() else 1000
+                backlog = self._backlog.size  # pieces of client work waiting (an int: read every turn)
+                wait_ms = 0 if backlog else 1 if router.paced() else 100 if router.holding() else 1000
                 due = self.acks.endpoint_due
                 if due is not None:  # wake for the acks that wait
                     wait_ms = max(0, min(wait_ms, int((due - time.monotonic()) * 1000) + 1))
@@ -367,7 +368,7 @@ class Manager(SessionsMixin):
                 # own pipe, which ZeroMQ serves fairly against other clients' pipes
                 if self.endpoint_sock in events:
                     self._drain(self.endpoint_sock, self._on_endpoint, self._admit_endpoint, RESULTS_BUDGET_S)
-                if self.client_sock in events or self._backlog:
+                if self.client_sock in events or backlog:
                     self._submit_rest(time.monotonic() + DRAIN_BUDGET_S)  # client by client
                     self._drain(self.client_sock, self._on_client, self._admit_client, DRAIN_BUDGET_S)
                 if self._ack_fd in events:
@@ -556,7 +557,7 @@ class Manager(SessionsMixin):
         is dropped: nothing of it was acknowledged, so the client sends it again after its next
         Hello."""
         pieces = self._backlog.take()
-        while self._backlog:
+        while self._backlog.size:
             if time.monotonic() > deadline:
                 return False
             identity, client, msg, rest = next(pieces)
