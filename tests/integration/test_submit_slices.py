@@ -28,6 +28,18 @@ def _say_hello(sock, role: str, name: str, token: str) -> None:
     assert isinstance(m.unpack(sock.recv()), m.Welcome)
 
 
+def _link(ctx, mgr, token: str, role: str, ident: str):
+    """A DEALER on the manager's ``role`` link ("endpoint" or "client"), past its Hello."""
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IDENTITY, f"{ident}:{uuid.uuid4().hex[:8]}".encode())
+    url = mgr.endpoint_url if role == "endpoint" else mgr.client_url
+    secure_dealer(sock, url, token, mgr.curve_public_key)
+    sock.connect(url)
+    _say_hello(sock, role, "slices" if role == "endpoint" else "", token)
+    return sock
+
+
 def test_a_large_submit_goes_in_slices_in_order_and_a_cancel_after_it_finds_its_last_task(
     tmp_path, monkeypatch
 ):
@@ -36,16 +48,13 @@ def test_a_large_submit_goes_in_slices_in_order_and_a_cancel_after_it_finds_its_
     mgr = Manager(ManagerConfig(home=tmp_path / "manager", rest_port=None))
     mgr.start_thread()
     ctx = zmq.Context()
-    ep, client = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+    socks = []
     try:
         token = (tmp_path / "manager" / "admin.token").read_text().strip()
-        for sock, url, ident in ((ep, mgr.endpoint_url, "e:slices"), (client, mgr.client_url, "c:slices")):
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.IDENTITY, f"{ident}:{uuid.uuid4().hex[:8]}".encode())
-            secure_dealer(sock, url, token, mgr.curve_public_key)
-            sock.connect(url)
-        _say_hello(ep, "endpoint", "slices", token)
-        _say_hello(client, "client", "", token)
+        ep = _link(ctx, mgr, token, "endpoint", "e:slices")
+        socks.append(ep)
+        client = _link(ctx, mgr, token, "client", "c:slices")
+        socks.append(client)
 
         ids = [os.urandom(m.TASK_ID_BYTES) for _ in range(TASKS)]
         tasks = [m.task_record(t, "sha256:" + "0" * 64, b"\x01\x90") for t in ids]
@@ -67,8 +76,8 @@ def test_a_large_submit_goes_in_slices_in_order_and_a_cancel_after_it_finds_its_
         assert arrived == ids  # each once, in the order sent
         assert cancelled_after == TASKS  # the Cancel did not overtake the slices
     finally:
-        client.close(0)
-        ep.close(0)
+        for sock in socks:
+            sock.close(0)
         mgr.stop()
         ctx.term()
 
@@ -86,23 +95,13 @@ def test_another_clients_frame_is_not_held_up_by_a_large_submits_slices(tmp_path
     mgr = Manager(ManagerConfig(home=tmp_path / "manager", rest_port=None))
     mgr.start_thread()
     ctx = zmq.Context()
-    ep, alice, bob = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
     big = 8 * SUBMIT_SLICE
+    socks = []
     try:
         token = (tmp_path / "manager" / "admin.token").read_text().strip()
-        links = (
-            (ep, mgr.endpoint_url, "e:slices"),
-            (alice, mgr.client_url, "c:a"),
-            (bob, mgr.client_url, "c:b"),
-        )
-        for sock, url, ident in links:
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.IDENTITY, f"{ident}:{uuid.uuid4().hex[:8]}".encode())
-            secure_dealer(sock, url, token, mgr.curve_public_key)
-            sock.connect(url)
-        _say_hello(ep, "endpoint", "slices", token)
-        _say_hello(alice, "client", "", token)
-        _say_hello(bob, "client", "", token)
+        for role, ident in (("endpoint", "e:slices"), ("client", "c:a"), ("client", "c:b")):
+            socks.append(_link(ctx, mgr, token, role, ident))
+        ep, alice, bob = socks
 
         alice_ids = [os.urandom(m.TASK_ID_BYTES) for _ in range(big)]
         bob_id = os.urandom(m.TASK_ID_BYTES)
@@ -119,7 +118,7 @@ def test_another_clients_frame_is_not_held_up_by_a_large_submits_slices(tmp_path
                 if isinstance(msg, m.Tasks):
                     arrived.extend(t[m.T_ID] for t in msg.tasks)
     finally:
-        for sock in (alice, bob, ep):
+        for sock in socks:
             sock.close(0)
         mgr.stop()
         ctx.term()
