@@ -187,3 +187,81 @@ def test_the_manager_config_checks_max_inflight_per_user():
     assert ManagerConfig(home="/tmp/unused").max_inflight_per_user == fair_share.MAX_INFLIGHT_PER_USER
     with pytest.raises(ValueError, match="max_inflight_per_user must be a positive integer, got 0"):
         ManagerConfig(home="/tmp/unused", max_inflight_per_user=0)
+
+
+def check_books(router: Router) -> None:
+    """Every open task is in exactly one place of its endpoint (pending, held or in flight), and
+    the per-user in-flight counts are those of the in-flight map."""
+    ep = router.endpoints["ep"]
+    held = {t for queue in ep.held.values() for t in queue}
+    for task_id, entry in router.tasks.items():
+        places = (task_id in ep.pending) + (task_id in held) + (task_id in ep.inflight)
+        assert places == 1, (task_id.hex(), entry.state, places)
+        # waiting here (held, or pending while the endpoint was away) is what "queued" means
+        assert (entry.state == "queued") == (task_id in held or task_id in ep.pending), entry.state
+    counts: dict[str, int] = {}
+    for task_id in ep.inflight:
+        if task_id in router.tasks:
+            owner = router.tasks[task_id].owner
+            counts[owner] = counts.get(owner, 0) + 1
+    assert {u: n for u, n in ep.inflight_by_user.items() if n} == counts
+    assert all(held_ids for held_ids in ep.held.values())  # no empty queues left behind
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_submits_results_cancels_and_reconnects_keep_the_books(env, seed):
+    """Random steps of two users on one endpoint: every task ends once, none is sent while held,
+    and the accounting (pending / held / in flight, per-user counts) stays exact."""
+    import random
+
+    router, _, clock = env
+    rng = random.Random(seed)
+    clients = {"alice": ALICE, "bob": BOB}
+    next_id, sent_ids, ended = 1, [], set()
+    for _ in range(400):
+        step = rng.random()
+        clock.now += rng.choice((0.0, 0.001, 0.3))
+        if step < 0.3:
+            user = rng.choice(("alice", "bob"))
+            n = rng.randint(1, 12)
+            submit(router, clients[user], user, next_id, next_id + n - 1)
+            next_id += n
+        elif step < 0.55:
+            inflight = list(router.endpoints["ep"].inflight)
+            if inflight and router.endpoints["ep"].connected:
+                done = rng.sample(inflight, min(len(inflight), rng.randint(1, 5)))
+                router.endpoint_results(EP, [m.result_record(t, "succeeded", b"ok") for t in done])
+        elif step < 0.65:
+            open_ids = list(router.tasks)
+            if open_ids:
+                task_id = rng.choice(open_ids)
+                router.cancel(clients[router.tasks[task_id].owner], [task_id], router.tasks[task_id].owner)
+        elif step < 0.72:
+            router.endpoint_gone(EP)
+        elif step < 0.8:
+            router.endpoint_hello(EP, hello())
+        else:
+            router.handle(ev.LoopLoad(rng.random(), clock.now))
+            router._now = None  # back to the test's clock for the calls that follow
+        for link, _, msg in router.drain():
+            if link == "endpoint" and isinstance(msg, m.Tasks):
+                for rec in msg.tasks:
+                    assert rec[m.T_ID] in router.tasks, "a task that ended was sent"
+                    sent_ids.append(rec[m.T_ID])
+            elif link == "client" and isinstance(msg, m.Results):
+                for res in msg.results:
+                    assert res[m.R_ID] not in ended, "a task ended twice"
+                    ended.add(res[m.R_ID])
+        check_books(router)
+    # the endpoint comes back, answers everything, and no task is left behind
+    router.endpoint_hello(EP, hello())
+    router.max_inflight_per_user = 10**6
+    clock.now += 5
+    for _ in range(100):
+        router.drain()
+        inflight = list(router.endpoints["ep"].inflight)
+        if not router.tasks:
+            break
+        router.endpoint_results(EP, [m.result_record(t, "succeeded", b"ok") for t in inflight])
+        clock.now += 0.01
+    assert not router.tasks
