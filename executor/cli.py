@@ -676,12 +676,12 @@ def _endpoint_rows(ep: dict, ep_info: dict) -> list[tuple[str, str]]:
     else:
         heard = f", last heard {_ago(ago)}" if ago is not None else ""
         rows = [("state", f"[red]disconnected[/]{heard} ({versions})")]
-    rows.append(
-        (
-            "tasks",
-            f"{ep['pending']} waiting at the manager, {ep['inflight']} sent to the endpoint (no result yet)",
-        )
-    )
+    held = ep.get("held") or 0  # beyond their user's share in flight there (fair share)
+    waiting, sent = ep["pending"] + held, ep["inflight"]
+    tasks = f"{waiting} waiting at the manager, {sent} sent to the endpoint (no result yet)"
+    if held:
+        tasks += f"; {held} of those waiting are held for their user's fair share"
+    rows.append(("tasks", tasks))
     queued, on_workers = ep_info.get("queued"), ep_info.get("on_workers")
     if on_workers is None and queued is not None:  # an endpoint of an older version
         on_workers = max(0, ep_info.get("outstanding", 0) - queued)

@@ -265,3 +265,16 @@ def test_random_submits_results_cancels_and_reconnects_keep_the_books(env, seed)
         router.endpoint_results(EP, [m.result_record(t, "succeeded", b"ok") for t in inflight])
         clock.now += 0.01
     assert not router.tasks
+
+
+def test_dlhub_status_counts_held_tasks_as_waiting_at_the_manager(env):
+    from dlhub.executor.cli import _endpoint_rows
+
+    router, _, _ = env
+    submit(router, ALICE, "alice", 1, 12)
+    ep = router.status()["endpoints"]["ep"]
+    rows = dict(_endpoint_rows(ep, {"workers": 2, "queued": 0, "on_workers": 5}))
+    assert rows["tasks"] == (
+        "7 waiting at the manager, 5 sent to the endpoint (no result yet); "
+        "7 of those waiting are held for their user's fair share"
+    )
