@@ -371,7 +371,10 @@ class History:
     def add(self, status: dict, now: float | None = None) -> None:
         now = time.time() if now is None else now
         row = {"t": now, "done": status.get("finished", 0) or 0}
-        row["queue"] = sum(e.get("pending", 0) + e.get("inflight", 0) for e in status["endpoints"].values())
+        row["queue"] = sum(
+            e.get("pending", 0) + e.get("held", 0) + e.get("inflight", 0)
+            for e in status["endpoints"].values()
+        )
         with self.lock:
             if self.samples and now - self.samples[-1]["t"] < 1.0:
                 self.samples[-1] = row
@@ -903,6 +906,7 @@ def install(app: Any, api: dict[str, Any]) -> None:
                         "connected",
                         "last_seen_s_ago",
                         "pending",
+                        "held",
                         "inflight",
                         "versions",
                         "mismatches",

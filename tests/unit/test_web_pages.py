@@ -163,3 +163,9 @@ def test_history_throughput_and_queue_depth():
     assert series["throughput (tasks/s)"] == [(1010.0, round(20 / 9.5, 2))]
     h.add(status(20, 0), now=1000.0 + web.History.KEEP_S + 5)  # the oldest fall out
     assert [t for t, _ in h.series()["queue depth"]][0] == 1010.0
+
+
+def test_queue_depth_counts_tasks_held_for_fair_share():
+    h = web.History()
+    h.add({"finished": 0, "endpoints": {"e": {"pending": 1, "held": 40, "inflight": 8}}}, now=1000.0)
+    assert h.series()["queue depth"] == [(1000.0, 49)]
