@@ -368,11 +368,16 @@ def test_endpoints_page_updates_while_tasks_run(hub, browser):
     d = browser
     d.get(hub.url + "/endpoints")
     assert "custom" in live_text(d, "endpoints-live")
+
     # its blocks with their scheduler job ids (the local provider's: a process id), from the heartbeat
-    blocks = d.execute_script(
-        "return [...document.querySelectorAll('table.blocks tbody tr')].map(r => r.textContent.trim())"
-    )
-    assert blocks and all(b.startswith("default/") and "RUNNING" in b for b in blocks), blocks
+    # (run alone, this test can load the page before the endpoint's first report of its blocks)
+    def blocks() -> list[str]:
+        return d.execute_script(
+            "return [...document.querySelectorAll('table.blocks tbody tr')].map(r => r.textContent.trim())"
+        )
+
+    wait_until(blocks, 15, what="the endpoint's blocks on the page")
+    assert all(b.startswith("default/") and "RUNNING" in b for b in blocks()), blocks()
     ex = hub.executor(token=hub.tokens["alice"])
     futures = [ex.submit("alice/sleeper", 1.0) for _ in range(8)]  # 2 workers: a queue for ~4 s
     try:
