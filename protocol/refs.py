@@ -24,9 +24,13 @@ from .errors import DLHubError
 
 MARKER = "__dlhub_ref__"
 URL = re.compile(r"^https?://[^\s/]+(/\S*)?$")
-# owner/name[:version]/path/in/the/data/set
+# owner/name[:version]/path/in/the/data/set. The path's first character is neither whitespace nor
+# a control character, spelled so every regex engine that reads this pattern agrees (Python's re,
+# pydantic-core's Rust regex, the OpenAPI fuzzer's generator): Python counts U+0085 as whitespace,
+# a generator that goes by Unicode categories (it is a control) did not, and the REST API then
+# refused a reference its own schema allowed
 DATAREF = re.compile(r"^(?P<owner>[A-Za-z0-9][A-Za-z0-9_.-]{0,127})/(?P<name>[a-z0-9][a-z0-9_.-]{0,79})"
-                     r"(?::(?P<version>[1-9][0-9]{0,8}))?/(?P<path>\S.*)$")  # fmt: skip
+                     r"(?::(?P<version>[1-9][0-9]{0,8}))?/(?P<path>[^\s\x00-\x1f\x7f-\x9f].*)$")  # fmt: skip
 
 
 class File:
