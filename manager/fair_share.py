@@ -120,6 +120,8 @@ def grant(
     """How many of ``wanted`` more tasks of ``user`` may go to ``ep`` now: up to its cap in flight
     alone; while others submit there too, up to the window and at the window's rate."""
     inflight = ep.inflight_by_user.get(user, 0)
+    if len(ep.recent) == 1 and inflight + wanted <= max_inflight:
+        return wanted  # the common case: nobody else submits here, and they fit the least cap
     free = cap(ep, max_inflight) - inflight
     if free <= 0:
         return 0

@@ -192,15 +192,9 @@ class Router(EndpointsMixin, fair_share.FairShareMixin):
             return
         rows, acks, fresh, held = [], [], [], []
         ep.recent[owner] = now
-        # how many may go now: none while this user has tasks held here (they go first, in
-        # order); all when nobody else submits here and they fit the cap (the common case)
+        # how many may go now: none while this user has tasks held here (they go first, in order)
         if not ep.connected or ep.identity is None or owner in ep.held:
             free = 0
-        elif (
-            len(ep.recent) == 1
-            and ep.inflight_by_user.get(owner, 0) + len(msg.tasks) <= self.max_inflight_per_user
-        ):
-            free = len(msg.tasks)
         else:
             free = fair_share.grant(ep, owner, len(msg.tasks), now, self.max_inflight_per_user, self.share)
         resolved: dict[str, str | list] = {}
