@@ -629,6 +629,7 @@ class Endpoint:
             except Exception:
                 log.exception("error while scaling in blocks")
         self.blocks.close()
+        self.images.close()
         if self.scheduler.event_log is not None:
             self.scheduler.event_log.close()
         for ex in self.executors.values():

@@ -84,6 +84,12 @@ class ServableImages:
             self.image_io.submit(image, lambda: cache.image_for(image, runtime))
         return True
 
+    def close(self) -> None:
+        """The endpoint stops: the fetch thread ends after the fetch it runs now (not waited
+        for; an image half-pulled is pulled again next time)."""
+        if self.image_io is not None:
+            self.image_io.close()
+
     def answers(self, events: list[ev.Event]) -> None:
         """Servable images fetched (or not) since the last look: ImageFetched events, appended to
         the loop's ``events`` (each turn: nothing is made when no fetch ever ran)."""
