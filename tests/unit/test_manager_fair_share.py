@@ -268,7 +268,7 @@ def test_random_submits_results_cancels_and_reconnects_keep_the_books(env, seed)
 
 
 def test_dlhub_status_counts_held_tasks_as_waiting_at_the_manager(env):
-    from dlhub.executor.cli import _endpoint_rows
+    from dlhub.executor.status_view import _endpoint_rows
 
     router, _, _ = env
     submit(router, ALICE, "alice", 1, 12)
