@@ -6,6 +6,10 @@
                                                         TaskStore.enqueue --> writer thread
     writer thread --eventfd--> loop: send Accepted for what was committed
 
+    client frame --> Manager._on_client (.clients: a Submit a slice at a time, the rest in the
+                     client backlog; Query/Fetch rows read off the loop) --> events --> Router
+    Hello --> .sessions (admission, revocation, connections that end)
+
 One thread owns both sockets. Each wake-up drains every waiting frame before it sends, so
 results and tasks that arrive together leave together (batching between hops, no timers on the
 latency path). User payloads stay opaque bytes: nothing here unpickles them.
@@ -29,7 +33,6 @@ import zmq
 from dlhub.protocol import ProtocolError
 from dlhub.protocol import messages as m
 from dlhub.protocol.curve import is_loopback, publish_local_key, split_tcp, unpublish_local_key
-from dlhub.protocol.errors import RAISE_MANAGER_LIMIT, infra_error
 from dlhub.protocol.loopgc import LoopGC
 from dlhub.protocol.serialize import runtime_versions
 
@@ -38,12 +41,14 @@ from .acks import CommitAcks
 from .api import ApiServer
 from .auth import Authenticator, backfill_curve_key, ensure_admin, users_without_curve_key
 from .client_backlog import ClientBacklog
+from .clients import SUBMIT_SLICE as SUBMIT_SLICE  # re-exported: tests import it from here
+from .clients import ClientsMixin
 from .config import ManagerConfig, write_manager_info
 from .connections import ConnectionTracker, raise_open_file_limit
 from .fair_share import LOAD_SAMPLE_S
 from .repository import Repository
 from .result_cache import ResultCache
-from .routing import Router, code_matches, may_see
+from .routing import Router
 from .services import ServableService
 from .sessions import ClientSession, SessionsMixin
 from .store import TaskStore, make_engine, migrate
@@ -58,11 +63,7 @@ DRAIN_LIMIT = 1000  # frames read from one socket before the loop looks at the o
 # frame (and every result waiting to go out at Flush) by a few ms, not by the whole flood
 DRAIN_BUDGET_S = 0.002  # client submissions read in one turn (results: RESULTS_BUDGET_S)
 RESULTS_BUDGET_S = 0.01  # results read in one turn before they go out (Flush) and others are read
-# ... and a frame is not a unit of work: one Submit may carry a client's 1,024 tasks (tens of ms
-# on a busy manager). The Router takes a Submit this many tasks at a time; the rest waits in the
-# client backlog (.client_backlog) with that client's later frames behind it (nothing of a client
-# overtakes its own frames), and clients take turns there while other clients' frames are read
-SUBMIT_SLICE = 256
+# ... and a frame is not a unit of work: a Submit is taken SUBMIT_SLICE tasks at a time (.clients)
 
 
 _FLUSH = ev.Flush()  # immutable: one instance serves every loop turn
@@ -70,10 +71,11 @@ _FLUSH = ev.Flush()  # immutable: one instance serves every loop turn
 _SESSIONLESS = (m.Refused, m.Welcome)
 
 
-class Manager(SessionsMixin):
-    """Run with :meth:`start` then :meth:`run` (blocking) or :meth:`start_thread`. Sessions
-    (admission, revocation, connections that end) are in :mod:`.sessions`; acknowledgements
-    after commit in :mod:`.acks`."""
+class Manager(ClientsMixin, SessionsMixin):
+    """Run with :meth:`start` then :meth:`run` (blocking) or :meth:`start_thread`. What client
+    messages do (Submit, PutCode, Cancel, Query, Fetch, status) is in :mod:`.clients`; sessions
+    (admission, revocation, connections that end) in :mod:`.sessions`; acknowledgements after
+    commit in :mod:`.acks`."""
 
     def __init__(self, config: ManagerConfig):
         self.config = config
@@ -505,181 +507,6 @@ class Manager(SessionsMixin):
                 log.exception("error in a call from another thread")
         self.acks.send(self.router.finished)
 
-    # ---- clients ---------------------------------------------------------------------------
-
-    def _on_client(self, identity: bytes, msg: m.Message) -> None:
-        if isinstance(msg, m.Hello):
-            self._client_hello(identity, msg)
-            return
-        client = self.clients.get(identity)
-        if client is None:
-            self._send(self.client_sock, identity, m.Refused("not-registered", "say Hello first"))
-            return
-        if self._backlog.waiting(identity):  # its earlier work waits: this frame goes behind it
-            self._backlog.defer(identity, client, msg)
-            return
-        self._handle_client(identity, client, msg)
-
-    def _handle_client(self, identity: bytes, client: ClientSession, msg: m.Message) -> None:
-        if isinstance(msg, m.Submit):
-            self._check_sizes(identity, msg)
-            self._submit(identity, client, msg)
-        elif isinstance(msg, m.PutCode):
-            self._put_code(client, msg)
-        elif isinstance(msg, m.Cancel):
-            self.route(ev.ClientCancelled(identity, msg.task_ids, client.viewer))
-        elif isinstance(msg, m.Fetch):
-            self._fetch(identity, msg.task_ids, client.viewer)
-        elif isinstance(msg, m.Query):
-            self._query(identity, msg, client.viewer)
-        elif isinstance(msg, m.StatusRequest):  # per-servable figures only of what the caller may see
-            status = self.servables.visible_status(self._status(), client.user)
-            self._send(self.client_sock, identity, m.Status(msg.request_id, status))
-        elif isinstance(msg, m.Heartbeat):
-            self._send(self.client_sock, identity, m.Heartbeat({}))
-        else:
-            self._send(
-                self.client_sock,
-                identity,
-                m.Refused("unexpected", f"{type(msg).__name__} is not a client message"),
-            )
-
-    def _submit(self, identity: bytes, client: ClientSession, msg: m.Submit) -> None:
-        """Route the first ``SUBMIT_SLICE`` tasks; the rest goes first in this client's backlog."""
-        if len(msg.tasks) > SUBMIT_SLICE:
-            self._backlog.put_rest(identity, client, m.Submit(msg.endpoint, msg.tasks[SUBMIT_SLICE:]))
-            msg = m.Submit(msg.endpoint, msg.tasks[:SUBMIT_SLICE])
-        self.route(ev.ClientSubmitted(identity, client.user, client.session, msg, time.time()))
-
-    def _submit_rest(self, deadline: float) -> bool:
-        """Handle what waits in the client backlog, a piece per client in turn, until
-        ``deadline``; True when none is left. A piece whose session ended (disconnected, revoked)
-        is dropped: nothing of it was acknowledged, so the client sends it again after its next
-        Hello."""
-        pieces = self._backlog.take()
-        while self._backlog.size:
-            if time.monotonic() > deadline:
-                return False
-            identity, client, msg, rest = next(pieces)
-            if self.clients.get(identity) is not client:
-                continue
-            try:
-                if rest:
-                    self._submit(identity, client, msg)
-                else:
-                    self._handle_client(identity, client, msg)
-            except Exception:  # a bug must not take the broker down
-                log.exception("error handling %s", type(msg).__name__)
-        return True
-
-    def _check_sizes(self, identity: bytes, msg: m.Submit) -> None:
-        limit = self.config.payload_limit_bytes
-        too_big = [t for t in msg.tasks if len(t[m.T_PAYLOAD]) > limit]
-        if not too_big:
-            return
-        results = [
-            m.result_record(
-                t[m.T_ID],
-                "failed",
-                error=infra_error(
-                    "payload-too-large",
-                    f"payload of {len(t[m.T_PAYLOAD]):,} bytes exceeds the limit of {limit:,} bytes; "
-                    f"{RAISE_MANAGER_LIMIT}",
-                ),
-            )
-            for t in too_big
-        ]
-        msg.tasks[:] = [t for t in msg.tasks if len(t[m.T_PAYLOAD]) <= limit]
-        self._send(self.client_sock, identity, m.Results(results))
-
-    def _put_code(self, client: ClientSession, msg: m.PutCode) -> None:
-        """Store a function's code only under its own digest (sha256 of the blob)."""
-        if not code_matches(msg.digest, msg.blob):
-            log.warning(
-                "refused PutCode from %s: digest %s is not the sha256 of its %d-byte blob",
-                client.user,
-                str(msg.digest)[:80],
-                len(msg.blob),
-            )
-            return
-        self.route(ev.CodePut(msg.digest, msg.blob))
-
-    @staticmethod
-    def _checked_code(blobs: dict[str, bytes]) -> dict[str, bytes]:
-        """Function code goes to endpoints only under its own digest (a blob stored under another
-        one, e.g. by a manager from before digests were checked, is withheld and logged)."""
-        out = {}
-        for digest, blob in blobs.items():
-            if m.package_key(digest) is None and not code_matches(digest, blob):
-                log.warning("withheld code %s from an endpoint: the stored blob does not match it", digest)
-                continue
-            out[digest] = blob
-        return out
-
-    def _query(self, identity: bytes, msg: m.Query, user: str | None) -> None:
-        """Task states: from memory, and (read off the loop) from the store."""
-
-        def reply(stored: dict[bytes, dict]) -> None:
-            records = self.router.task_records(msg.task_ids, user, stored)
-            self._send(self.client_sock, identity, m.TaskInfo(msg.request_id, records))
-
-        wanted, finished = self.router.stored_ids(msg.task_ids)
-        if wanted:
-            self.off_loop(lambda: self.store.read(wanted, finished), reply)
-        else:
-            reply({})
-
-    def _fetch(self, identity: bytes, task_ids: list[bytes], user: str | None = None) -> None:
-        """Resend stored results; tasks still running will be routed to this client. ``user``:
-        the caller (None: an admin); another user's task is answered as an unknown id, and a
-        running one keeps going to its submitter (an admin's fetch gets a copy). Stored rows
-        are read off the loop."""
-        results, missing = [], []
-        for task_id in task_ids:
-            entry = self.router.tasks.get(task_id)
-            if entry is not None and may_see(user, entry.owner):
-                me = self.clients.get(identity)
-                if me is not None and me.user != entry.owner and entry.client in self.clients:
-                    entry.watchers.append(identity)  # an admin looks; the submitter still gets it
-                else:
-                    entry.client = identity
-            elif entry is None:
-                missing.append(task_id)
-            else:
-                results.append(_unknown_task(task_id))
-        if results:
-            self._send(self.client_sock, identity, m.Results(results))
-        if missing:
-            finished = [t for t in missing if t in self.router.finished]
-            self.off_loop(
-                lambda: self.store.read(missing, finished),
-                lambda rows: self._fetched(identity, missing, user, rows),
-            )
-
-    def _fetched(self, identity: bytes, missing: list[bytes], user: str | None, rows: dict) -> None:
-        from .store import unpack_error
-
-        results = []
-        stored = {t: row for t, row in rows.items() if may_see(user, row["owner"])}
-        for task_id in missing:
-            if task_id not in stored:
-                results.append(_unknown_task(task_id))
-        for task_id, row in stored.items():
-            if row["state"] in m.TERMINAL_STATES:
-                output = [row["stdout"], row["stderr"]] if row["stdout"] or row["stderr"] else None
-                results.append(
-                    m.result_record(
-                        task_id,
-                        row["state"],
-                        row["result"],
-                        unpack_error(row["error"]),
-                        [row["t_started"], row["t_finished"]],
-                        output,
-                    )
-                )
-        if results:
-            self._send(self.client_sock, identity, m.Results(results))
-
     # ---- endpoints -------------------------------------------------------------------------
 
     def _on_endpoint(self, identity: bytes, msg: m.Message) -> None:
@@ -718,10 +545,3 @@ class Manager(SessionsMixin):
                 identity,
                 m.Refused("unexpected", f"{type(msg).__name__} is not an endpoint message"),
             )
-
-
-def _unknown_task(task_id: bytes) -> list:
-    """Fetch's answer for an id that does not exist, or that belongs to another user."""
-    return m.result_record(
-        task_id, "lost", error=infra_error("lost", f"task {task_id.hex()} is unknown to this manager")
-    )
