@@ -210,5 +210,7 @@ def test_a_users_tasks_in_flight_on_an_endpoint_are_bounded_and_the_rest_wait_at
     ep = cs.manager.status()["endpoints"]["window"]
     assert (ep["inflight"], ep["held"]) == (0, 0)
     # what waited at the manager was recorded as queued there, then dispatched when it went
-    rows = cs.manager.store.read([bytes.fromhex(f.task_id) for f in futures[-3:]], [])
+    # (their results came before their rows' commit: read waits for it, as for any finished task)
+    last = [bytes.fromhex(f.task_id) for f in futures[-3:]]
+    rows = cs.manager.store.read(last, last)
     assert all(row["state"] == "succeeded" and row["t_dispatched"] for row in rows.values()), rows
