@@ -18,9 +18,9 @@ traceback as ``__cause__``; otherwise as a typed :class:`dlhub.protocol.RemoteEr
 
 from __future__ import annotations
 
+import os
 import threading
 import time
-import types
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -47,7 +47,6 @@ from dlhub.protocol.serialize import (
     serialize,
     serialize_function,
 )
-from dlhub.protocol.task_ids import new_task_id
 
 from ._progress import TaskProgress
 from .config import ClientConfig
@@ -360,7 +359,7 @@ class Executor(cf.Executor):
         payload = serialize([list(args), kwargs])
         if len(payload) > self.payload_limit_bytes:
             raise PayloadTooLarge(len(payload), self.payload_limit_bytes, "arguments", RAISE_CLIENT_LIMIT)
-        task_id = new_task_id()
+        task_id = os.urandom(m.TASK_ID_BYTES)
         fut = DLHubFuture(task_id, self)
         self._futures[task_id] = fut
         rec = m.task_record(
@@ -661,9 +660,6 @@ def _weak(method: Callable, default: Any = None) -> Callable:
     return call
 
 
-_FunctionType = types.FunctionType
-
-
 class _CodeCache:
     """Code digests by function object, held weakly: a cached function (or the object behind a
     bound method) dies when the caller drops it. Digests already sent are remembered as text."""
@@ -682,9 +678,6 @@ class _CodeCache:
         return (fn,)
 
     def get(self, fn: Callable) -> str | None:
-        if type(fn) is _FunctionType:  # the common case, a plain function: its own key
-            entry = self._digests.get((id(fn),))
-            return entry[1] if entry is not None and entry[0][0]() is fn else None
         parts = self._parts(fn)
         entry = self._digests.get(tuple(map(id, parts)))
         if entry is None or any(ref() is not part for ref, part in zip(entry[0], parts)):
