@@ -17,15 +17,14 @@ endpoint that is offline wait in its ``pending`` queue (state ``queued``); tasks
 endpoint stay in its ``inflight`` map until their result arrives, and are re-sent when the
 endpoint registers again (the endpoint drops ids it already holds).
 
-Here: the Router's state, its clients' side (submit, cancel, Query) and a task's way to its
-terminal state. Its endpoints' side (Hello, heartbeats, results, states) is mixed in from
-``.endpoints``; code blobs and packages are kept by a ``.code_book.CodeBook`` it composes; how a
-task's values are stored (row columns, who may see it) is in ``.task_rows``.
+Here: the Router's state, its clients' side (submit, cancel) and a task's way to its terminal
+state. Mixed in: its endpoints' side (Hello, heartbeats, results) from ``.endpoints``, held tasks
+from ``.fair_share``, its reads of the store (code, restart, Query's rows) from ``.router_store``.
+It composes a ``.code_book.CodeBook`` (code blobs); a task's row columns are in ``.task_rows``.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -41,10 +40,10 @@ from .code_book import CodeBook, note_sent
 from .code_book import code_matches as code_matches  # re-exported: the broker imports it here
 from .endpoints import EndpointsMixin, EndpointState
 from .result_cache import ResultCache, cache_key
+from .router_store import FINISHED_MEMORY, StoreMixin
 from .task_rows import _cancelled_error, _json, _pack_error
 from .task_rows import may_see as may_see  # re-exported: the broker imports it here
 
-FINISHED_MEMORY = 200_000  # recently finished task ids kept to recognise late resends
 MAX_OPEN_TASKS_PER_USER = 1_000_000  # default quota: tasks one user may have queued or running
 MAX_TASKS_PER_MESSAGE = 2048
 
@@ -61,7 +60,9 @@ class TaskEntry:
     counted: bool = False  # in its owner's open-task count (tasks recovered at start are not)
 
 
-class Router(EndpointsMixin, fair_share.FairShareMixin):
+class Router(EndpointsMixin, fair_share.FairShareMixin, StoreMixin):
+    _task_entry = TaskEntry  # for .router_store's recover (which does not import this module)
+
     def __init__(
         self,
         store: Any,
@@ -423,109 +424,6 @@ class Router(EndpointsMixin, fair_share.FairShareMixin):
         if leader is not None and leader != task_id and task_id in self.followers.get(leader, ()):
             return leader
         return None
-
-    def stored_ids(self, task_ids: list[bytes]) -> tuple[list[bytes], list[bytes]]:
-        """What ``Query``/``Fetch`` must read from the store (ids not in memory), and which of
-        those we know finished (their row may still be on its way: see ``TaskStore.read``).
-        The broker reads off the loop."""
-        wanted = [t for t in task_ids if t not in self.tasks]
-        return wanted, [t for t in wanted if t in self.finished]
-
-    def task_records(
-        self, task_ids: list[bytes], user: str | None = None, stored: dict[bytes, dict] | None = None
-    ) -> list[dict[str, Any]]:
-        """Task states for ``Query``: memory first (newest), then ``stored`` (the rows of
-        :meth:`stored_ids`, read by the caller; None: read here, for callers without an I/O
-        pool). ``user``: the caller (None: an admin, who sees all); another user's task reads
-        as unknown."""
-        if stored is None:
-            stored = self.store.read(*self.stored_ids(task_ids))
-        out = []
-        for task_id in task_ids:
-            entry = self.tasks.get(task_id)
-            if entry is not None and may_see(user, entry.owner):
-                out.append({"task_id": task_id, "state": entry.state, "endpoint": entry.endpoint})
-            elif entry is None and task_id in stored and may_see(user, stored[task_id]["owner"]):
-                row = stored[task_id]
-                row.pop("result", None)
-                row.pop("error", None)
-                out.append(row)
-            else:
-                out.append({"task_id": task_id, "state": "unknown"})
-        return out
-
-    # ---- code (kept by the code book) ---------------------------------------------------------
-
-    def put_code(self, digest: str, blob: bytes) -> None:
-        if digest not in self.code_book:
-            self._write(ev.PersistCode(digest, blob))
-        self.code_book.keep(digest, blob)
-
-    def code_for(self, digests: list[str], identity: bytes | None = None) -> dict[str, bytes]:
-        """The blobs of ``digests`` we have (reading the store and packages here: callers
-        without an I/O pool; the broker uses :meth:`code_in_memory` and :meth:`load_code`)."""
-        out, missing = self.code_in_memory(digests, identity)
-        loaded = self.load_code(missing)
-        self.remember_code(loaded)
-        return {**out, **loaded}
-
-    def code_in_memory(
-        self, digests: list[str], identity: bytes | None = None
-    ) -> tuple[dict[str, bytes], list[str]]:
-        """The blobs of ``digests`` held in memory, and the digests still to load. Asked by an
-        endpoint (``identity``): only the code of tasks sent to it, so an endpoint cannot read
-        other users' functions or private servables by guessing or learning a digest; the rest
-        it is told are missing."""
-        if identity is None:
-            return self.code_book.in_memory(digests)
-        ep = self._endpoint(identity)
-        if ep is None:  # not a registered endpoint: no task named any code to it
-            return self.code_book.in_memory(digests, {}, identity[:16])
-        return self.code_book.in_memory(digests, ep.code_sent, ep.name)
-
-    def load_code(self, digests: list[str]) -> dict[str, bytes]:
-        """Read code blobs and servable packages (on the broker's I/O pool: touches no Router
-        state); :meth:`remember_code` keeps them after."""
-        return self.code_book.load(digests)
-
-    def remember_code(self, blobs: dict[str, bytes]) -> None:
-        self.code_book.remember(blobs)
-
-    def recover(self, rows: list[dict[str, Any]]) -> None:
-        """Re-queue tasks that were committed but unfinished when the manager stopped, and
-        remember the most recently finished ones: after a kill, clients resend every task they
-        hold no acknowledgement for, including tasks that finished and were committed while
-        their result and ack were still unsent. Those are recognised (acknowledged again; the
-        client's Fetch is answered from the store), never run a second time.
-
-        Re-queued tasks go to their endpoint when it says Hello again. The Welcome goes out
-        first, on the same ordered link: the endpoint answers it by resending every result it
-        still holds unacknowledged, and answers a re-sent task it has a result for with that
-        result (a task it still runs or queues is dropped as held), so nothing it ran runs again.
-        """
-        finished = getattr(self.store, "recently_finished", None)
-        if finished is not None:
-            for task_id, state in finished(FINISHED_MEMORY):
-                self._remember_finished(task_id, state)
-        origins: dict[str, dict] = {}  # user -> its origins by servable owner
-        for row in rows:
-            ep = self.endpoints.setdefault(row["endpoint"], EndpointState(row["endpoint"]))
-            user = row.get("owner") or ""
-            origin = self._origin(user, row["function"], row["function"], origins.setdefault(user, {}))
-            rec = m.task_record(
-                row["task_id"],
-                row["function"],
-                row["payload"] or b"",
-                row["timeout_s"],
-                row["result_serializer"],
-                json.loads(row["resources"]) if row.get("resources") else None,
-                json.loads(row["options"]) if row.get("options") else None,
-                origin,
-            )
-            self.tasks[row["task_id"]] = TaskEntry(
-                rec, row["endpoint"], b"", "queued", owner=row.get("owner") or ""
-            )
-            ep.pending[row["task_id"]] = None
 
     # ---- results -----------------------------------------------------------------------------
 
