@@ -666,10 +666,20 @@ def create_app(
         except ValueError:
             raise ApiError(422, "invalid-request", f"task id {task_id!r} is not hex") from None
         t = tasks_table
-        with engine.connect() as conn:
-            row = conn.execute(sa.select(t.c.owner, *columns).where(t.c.task_id == raw)).first()
-        record = dict(row._mapping) if row is not None else None
-        if record is None and servables is not None and servables.manager.task_pending(raw, who[0]):
+
+        def read() -> dict[str, Any] | None:
+            with engine.connect() as conn:
+                row = conn.execute(sa.select(t.c.owner, *columns).where(t.c.task_id == raw)).first()
+            return dict(row._mapping) if row is not None else None
+
+        record = read()
+        manager = servables.manager if servables is not None else None
+        if (record is None or record["state"] not in TERMINAL) and manager and manager.task_finished(raw):
+            # its result went out before its row's group commit (a caller who just got it from
+            # the Executor asks at once): wait for that commit, then read the row that landed
+            manager.store.flush()
+            record = read()
+        if record is None and manager is not None and manager.task_pending(raw, who[0]):
             # answered to its caller but not yet committed (group commit): queued, not missing
             record = {"owner": who[0], **{c.name: None for c in columns}, "state": "queued"}
         if record is None or (who[1] != "admin" and record["owner"] != who[0]):

@@ -295,6 +295,12 @@ class Manager(ClientsMixin, SessionsMixin):
 
         return self.ask(read, timeout)
 
+    def task_finished(self, task_id: bytes, timeout: float = 5.0) -> bool:
+        """Whether the Router saw this task end lately (its row may still be on its way: the
+        result goes out before the group commit). Says nothing of whose task it is: callers
+        read the row for that."""
+        return bool(self.ask(lambda: task_id in self.router.finished, timeout))
+
     def ask(self, read, timeout: float = 5.0):
         """``read()`` of Router state from any thread: asked of the loop, which owns the Router
         (read directly on the loop, or before it runs)."""

@@ -11,6 +11,7 @@ PostgreSQL is not reachable.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import subprocess
@@ -204,9 +205,17 @@ def test_a_manager_on_postgresql_runs_publishes_restarts_and_returns_results(tmp
         assert by_name.result(RESULT_TIMEOUT_S) == 42
 
         # it all lives in PostgreSQL, none of it in a SQLite file under the home
+        # (results go out before their rows' group commit: the last rows land within its window)
         ids = [f.task_id for f in futures] + [by_name.task_id]
-        stored = pg_rows(pg_database, "SELECT encode(task_id, 'hex'), state FROM tasks")
-        assert {t: s for t, s in stored if t in ids} == dict.fromkeys(ids, "succeeded"), stored
+
+        def stored() -> dict[str, str]:
+            rows = pg_rows(pg_database, "SELECT encode(task_id, 'hex'), state FROM tasks")
+            return {t: s for t, s in rows if t in ids}
+
+        succeeded = dict.fromkeys(ids, "succeeded")
+        with contextlib.suppress(AssertionError):  # the assert below says what the rows read
+            wait_until(lambda: stored() == succeeded, 10, 0.05, what="the tasks' rows")
+        assert stored() == succeeded, stored()
         versions = pg_rows(
             pg_database, f"SELECT owner, version, status FROM servable_versions WHERE name = '{name}'"
         )

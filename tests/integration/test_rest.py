@@ -94,6 +94,28 @@ def test_search_describe_versions_and_delete(api):
     assert client.get("/api/v1/servables", params={"q": "no-op"}, headers=admin).json()["count"] == 0
 
 
+def test_a_task_just_answered_reads_finished_before_its_row_is_committed(api):
+    """The Executor gets a result before the group commit writes its row; asking the REST API
+    at once must read the finished task, not "there is no task" (the row is not there yet) or
+    a state it left. The commit window is stretched to 1 s so the row is surely behind."""
+    cs, client, admin, _ = api
+    ex = cs.executor()
+    assert ex.submit(square, 2).result(30) == 4  # the function's code is known: one round trip
+    cs.manager.store.commit_interval_s = 1.0
+    try:
+        for x in (3, 4, 5):
+            fut = ex.submit(square, x)
+            assert fut.result(30) == x * x
+            r = client.get(f"/api/v1/tasks/{fut.task_id}", headers=admin)
+            assert r.status_code == 200, r.text
+            assert r.json()["state"] == "succeeded", r.json()
+            # /result reads the finished row too (a Python client's result: not JSON, said so)
+            r = client.get(f"/api/v1/tasks/{fut.task_id}/result", headers=admin)
+            assert (r.status_code, r.json()["code"]) == (406, "not-json"), r.text
+    finally:
+        cs.manager.store.commit_interval_s = 0.02
+
+
 def test_task_status_of_a_task_that_ran(api):
     cs, client, admin, bob = api
     fut = cs.executor().submit(square, 9)
