@@ -7,7 +7,9 @@ diabetes-rf, digits-cnn, composition-pipeline) are trained once here with the ex
 build functions; dlhub serves them published (`dlhub up` in a temp home), every peer serves the
 SAME model files (joblib pickles, a TorchScript file; the featurizer is examples.py's own function)
 from a subprocess of a separate venv, benchmarks/.venv-peers (created on demand from
-benchmarks/peers-requirements.txt), driven over HTTP with httpx from this process:
+benchmarks/peers-requirements.txt; PyTriton from its own, benchmarks/.venv-pytriton, from
+peers-pytriton-requirements.txt: its Triton Python-backend stub is built for NumPy 1.x and hands
+every tensor over as garbage under NumPy 2), driven over HTTP with httpx from this process:
 
     dlhub-off  dlhub, result cache off (`with_options(cache=False)`), diabetes-rf unbatched
     dlhub-on   the same stack, cache on, diabetes-rf vectorized (endpoint batching, max 256)
@@ -54,6 +56,22 @@ from _stack import Stack, kill_marked, stats  # noqa: E402
 PEERS_DIR = HERE / "_peers"
 PEERS_VENV = HERE / ".venv-peers"
 PEERS_PY = PEERS_VENV / "bin" / "python"
+# PyTriton (0.5.7 through 0.7.0) needs NumPy 1.x: under NumPy 2 its Python-backend stub reads every
+# input tensor as garbage (a BYTES element's length prefix read from the wrong bytes: "unpack_from
+# requires a buffer of 842150454 bytes"; an FP32 identity model answers "output tensor shape does
+# not match"), and 0.7.0 pins numpy<2. NumPy 1.26 reads the models NumPy 2 pickled (numpy._core).
+PYTRITON_VENV = HERE / ".venv-pytriton"
+PYTRITON_PY = PYTRITON_VENV / "bin" / "python"
+VENVS = {  # peer venvs: (folder, its python, requirements file)
+    "peers": (PEERS_VENV, PEERS_PY, HERE / "peers-requirements.txt"),
+    "pytriton": (PYTRITON_VENV, PYTRITON_PY, HERE / "peers-pytriton-requirements.txt"),
+}
+
+
+def venv_of(system: str) -> str:
+    return "pytriton" if system == "pytriton" else "peers"
+
+
 EXAMPLES_PY = ROOT / "executor" / "examples.py"
 OWNER = "admin"
 NAMES = [
@@ -241,12 +259,12 @@ class PeerSystem:
             # Triton's Python-backend stub links libpython3.11.so.1.0: without this it finds the
             # system's (Debian 3.11.2) and runs it on the venv's 3.11.7 stdlib, and every model's
             # initialize fails in multiprocessing (RLock has no _recursion_count)
-            libdir = Path(os.path.realpath(PEERS_VENV / "bin" / "python")).parent.parent / "lib"
+            libdir = Path(os.path.realpath(PYTRITON_PY)).parent.parent / "lib"
             env["LD_LIBRARY_PATH"] = f"{libdir}{os.pathsep}{env.get('LD_LIBRARY_PATH', '')}"
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(
                 [
-                    str(PEERS_PY),
+                    str(VENVS[venv_of(system)][1]),
                     str(PEERS_DIR / f"{system}_app.py"),
                     str(self.port),
                     str(workers),
@@ -464,21 +482,23 @@ def make_verifier(expected: dict, emit):
     return verify
 
 
-def ensure_peers_venv(emit) -> str | None:
-    if PEERS_PY.exists():
+def ensure_peers_venv(emit, name: str = "peers") -> str | None:
+    """Create the peer venv ``name`` (see :data:`VENVS`) unless it exists; why not, if it failed."""
+    venv, python, requirements = VENVS[name]
+    if python.exists():
         return None
     t0 = time.perf_counter()
     try:
-        subprocess.run([sys.executable, "-m", "venv", str(PEERS_VENV)], check=True, timeout=300)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
         subprocess.run(
-            [str(PEERS_PY), "-m", "pip", "install", "-q", "-r", str(HERE / "peers-requirements.txt")],
+            [str(python), "-m", "pip", "install", "-q", "-r", str(requirements)],
             check=True,
             timeout=1800,
         )
     except (OSError, subprocess.SubprocessError) as exc:
-        shutil.rmtree(PEERS_VENV, ignore_errors=True)
-        return f"creating {PEERS_VENV} failed: {exc!r}"
-    emit("peers_venv", "peers", install_s=round(time.perf_counter() - t0, 1))
+        shutil.rmtree(venv, ignore_errors=True)
+        return f"creating {venv} failed: {exc!r}"
+    emit("peers_venv", name, install_s=round(time.perf_counter() - t0, 1))
     return None
 
 
@@ -501,13 +521,13 @@ def run(sizes: dict, systems: list[str], emit, tmp: Path) -> None:
 
     probe = ("diabetes-rf", ins["diabetes-rf"])
 
-    if any(s in PEERS for s in systems):
-        error = ensure_peers_venv(emit)
+    for name in sorted({venv_of(s) for s in systems if s in PEERS}):
+        error = ensure_peers_venv(emit, name)
         if error:
             for s in systems:
-                if s in PEERS:
+                if s in PEERS and venv_of(s) == name:
                     emit("error", s, error=error)
-            systems = [s for s in systems if s not in PEERS]
+            systems = [s for s in systems if not (s in PEERS and venv_of(s) == name)]
 
     for system in systems:
         try:
