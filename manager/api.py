@@ -674,12 +674,15 @@ def create_app(
 
         record = read()
         manager = servables.manager if servables is not None else None
-        if (record is None or record["state"] not in TERMINAL) and manager and manager.task_finished(raw):
+        standing = None
+        if (record is None or record["state"] not in TERMINAL) and manager is not None:
+            standing = manager.task_standing(raw, who[0])  # one ask of the loop
+        if standing == "finished":
             # its result went out before its row's group commit (a caller who just got it from
             # the Executor asks at once): wait for that commit, then read the row that landed
             manager.store.flush()
             record = read()
-        if record is None and manager is not None and manager.task_pending(raw, who[0]):
+        elif record is None and standing == "pending":
             # answered to its caller but not yet committed (group commit): queued, not missing
             record = {"owner": who[0], **{c.name: None for c in columns}, "state": "queued"}
         if record is None or (who[1] != "admin" and record["owner"] != who[0]):

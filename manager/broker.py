@@ -285,21 +285,20 @@ class Manager(ClientsMixin, SessionsMixin):
 
         return self.ask(lambda: {name: ep.connected for name, ep in self.router.endpoints.items()}, timeout)
 
-    def task_pending(self, task_id: bytes, owner: str, timeout: float = 5.0) -> bool:
-        """Whether ``owner``'s task is known to the Router though perhaps not yet committed (a
-        REST caller polls the moment its task id is answered, before the group commit)."""
+    def task_standing(self, task_id: bytes, owner: str, timeout: float = 5.0) -> str | None:
+        """What the Router knows of a task whose row a REST caller did not find committed, in one
+        ask of the loop: ``"finished"`` when it saw the task end lately (the result goes out
+        before the group commit: its row is on its way; says nothing of whose task it is, the
+        row says that), ``"pending"`` when ``owner``'s task is known though perhaps not yet
+        committed (a caller polls the moment its task id is answered), else None."""
 
-        def read() -> bool:
+        def read() -> str | None:
+            if task_id in self.router.finished:
+                return "finished"
             entry = self.router.tasks.get(task_id)
-            return entry is not None and entry.owner == owner
+            return "pending" if entry is not None and entry.owner == owner else None
 
         return self.ask(read, timeout)
-
-    def task_finished(self, task_id: bytes, timeout: float = 5.0) -> bool:
-        """Whether the Router saw this task end lately (its row may still be on its way: the
-        result goes out before the group commit). Says nothing of whose task it is: callers
-        read the row for that."""
-        return bool(self.ask(lambda: task_id in self.router.finished, timeout))
 
     def ask(self, read, timeout: float = 5.0):
         """``read()`` of Router state from any thread: asked of the loop, which owns the Router
