@@ -793,7 +793,7 @@ def plots(records: list[dict], out: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes (~7 min with every system; full ~14 min)")
+    parser.add_argument("--quick", action="store_true", help="small sizes (~7 min; full ~14 min)")
     parser.add_argument(
         "--systems", default=",".join(ALL_SYSTEMS), help="comma-separated subset of " + ",".join(ALL_SYSTEMS)
     )
