@@ -32,13 +32,10 @@ One JSON line per measurement, then a summary; `--plots DIR` writes PNGs from th
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import random
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -48,43 +45,24 @@ import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
+from _eval_peers import (  # noqa: E402
+    EXAMPLES_PY,
+    NAMES,
+    PEERS_DIR,
+    PEERS_PY,
+    TIMEOUT,
+    PeerSystem,
+    ensure_peers_venv,
+    venv_of,
+)
+from _eval_report import markdown, plots, summary  # noqa: E402
 from _stack import Stack, kill_marked, stats  # noqa: E402
 
-PEERS_DIR = HERE / "_peers"
-PEERS_VENV = HERE / ".venv-peers"
-PEERS_PY = PEERS_VENV / "bin" / "python"
-# PyTriton (0.5.7 through 0.7.0) needs NumPy 1.x: under NumPy 2 its Python-backend stub reads every
-# input tensor as garbage (a BYTES element's length prefix read from the wrong bytes: "unpack_from
-# requires a buffer of 842150454 bytes"; an FP32 identity model answers "output tensor shape does
-# not match"), and 0.7.0 pins numpy<2. NumPy 1.26 reads the models NumPy 2 pickled (numpy._core).
-PYTRITON_VENV = HERE / ".venv-pytriton"
-PYTRITON_PY = PYTRITON_VENV / "bin" / "python"
-VENVS = {  # peer venvs: (folder, its python, requirements file)
-    "peers": (PEERS_VENV, PEERS_PY, HERE / "peers-requirements.txt"),
-    "pytriton": (PYTRITON_VENV, PYTRITON_PY, HERE / "peers-pytriton-requirements.txt"),
-}
-
-
-def venv_of(system: str) -> str:
-    return "pytriton" if system == "pytriton" else "peers"
-
-
-EXAMPLES_PY = ROOT / "executor" / "examples.py"
 OWNER = "admin"
-NAMES = [
-    "noop",
-    "composition-featurizer",
-    "composition-rf",
-    "diabetes-rf",
-    "digits-cnn",
-    "composition-pipeline",
-]
 PEERS = ["fastapi", "litserve", "ray", "mlserver", "pytriton"]
 ALL_SYSTEMS = ["dlhub", *PEERS, "htex"]
-TIMEOUT = 120
 
 FULL = {
     "latency": 200,
@@ -166,12 +144,6 @@ def inputs() -> dict:
 # ---- the systems: call(name, x) -> output, one thread-safe client each ------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class DlhubSystem:
     """One `dlhub up` stack; ``cache``/``batched`` pick the dlhub-off or dlhub-on row."""
 
@@ -239,111 +211,6 @@ def _htex_task(peers_dir, model_dir, examples_py, name, x):
     import models
 
     return models.cached(model_dir)[name][0](x)
-
-
-class PeerSystem:
-    """A peer server: ``_peers/<system>_app.py PORT WORKERS BATCH MODEL_DIR`` in the peers venv."""
-
-    def __init__(self, system: str, tmp: Path, workers: int, batch: int, model_dir: Path):
-        import httpx
-
-        self.system, self.port = system, free_port()
-        self.log = tmp / f"{system}-{workers}-{batch}.log"
-        env = {
-            **os.environ,
-            "EVAL_EXAMPLES_PY": str(EXAMPLES_PY),
-            "EVAL_MODEL_DIR": str(model_dir),
-            "PYTHONPATH": str(PEERS_DIR),
-            "RAY_USAGE_STATS_ENABLED": "0",
-        }
-        env.pop("VIRTUAL_ENV", None)
-        if system == "pytriton":
-            # Triton's Python-backend stub links libpython3.11.so.1.0: without this it finds the
-            # system's (Debian 3.11.2) and runs it on the venv's 3.11.7 stdlib, and every model's
-            # initialize fails in multiprocessing (RLock has no _recursion_count)
-            libdir = Path(os.path.realpath(PYTRITON_PY)).parent.parent / "lib"
-            env["LD_LIBRARY_PATH"] = f"{libdir}{os.pathsep}{env.get('LD_LIBRARY_PATH', '')}"
-        with open(self.log, "w") as out:
-            self.proc = subprocess.Popen(
-                [
-                    str(VENVS[venv_of(system)][1]),
-                    str(PEERS_DIR / f"{system}_app.py"),
-                    str(self.port),
-                    str(workers),
-                    str(batch),
-                    str(model_dir),
-                ],
-                cwd=PEERS_DIR,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                start_new_session=True,
-            )
-        self.local = threading.local()
-        self.httpx = httpx
-
-    def client(self):
-        c = getattr(self.local, "c", None)
-        if c is None:
-            c = self.local.c = self.httpx.Client(timeout=TIMEOUT)
-        return c
-
-    def call(self, name: str, x):
-        base = f"http://127.0.0.1:{self.port}"
-        c = self.client()
-        if self.system == "fastapi":
-            r = c.post(f"{base}/predict/{name}", json={"x": x})
-        elif self.system in ("litserve", "ray"):
-            r = c.post(f"{base}/predict", json={"name": name, "x": x})
-        else:  # mlserver, pytriton: KServe V2, one BYTES element holding the JSON input
-            body = {
-                "inputs": [
-                    {
-                        "name": "x",
-                        "shape": [1, 1] if self.system == "pytriton" else [1],
-                        "datatype": "BYTES",
-                        "data": [json.dumps(x)],
-                    }
-                ]
-            }
-            r = c.post(f"{base}/v2/models/{name}/infer", json=body)
-            r.raise_for_status()
-            data = r.json()["outputs"][0]["data"]
-            return json.loads(data[0])
-        r.raise_for_status()
-        return r.json()["y"]
-
-    def wait_ready(self, probe_name: str, probe_x, deadline_s: float = 240) -> None:
-        end = time.monotonic() + deadline_s
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"{self.system} exited {self.proc.returncode}:\n{self.log.read_text()[-2500:]}"
-                )
-            try:
-                self.call(probe_name, probe_x)
-                return
-            except Exception:  # noqa: BLE001 - not up yet
-                if time.monotonic() > end:
-                    raise RuntimeError(
-                        f"{self.system} not ready in {deadline_s}s:\n{self.log.read_text()[-2500:]}"
-                    )
-                time.sleep(0.05)
-
-    def close(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(5)
-        if self.system == "ray":  # ray's own daemons leave the process group
-            subprocess.run(
-                [str(PEERS_VENV / "bin" / "ray"), "stop", "--force"], capture_output=True, timeout=60
-            )
 
 
 # ---- the measurements ----------------------------------------------------------------------
@@ -495,26 +362,6 @@ def make_verifier(expected: dict, emit):
     return verify
 
 
-def ensure_peers_venv(emit, name: str = "peers") -> str | None:
-    """Create the peer venv ``name`` (see :data:`VENVS`) unless it exists; why not, if it failed."""
-    venv, python, requirements = VENVS[name]
-    if python.exists():
-        return None
-    t0 = time.perf_counter()
-    try:
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
-        subprocess.run(
-            [str(python), "-m", "pip", "install", "-q", "-r", str(requirements)],
-            check=True,
-            timeout=1800,
-        )
-    except (OSError, subprocess.SubprocessError) as exc:
-        shutil.rmtree(venv, ignore_errors=True)
-        return f"creating {venv} failed: {exc!r}"
-    emit("peers_venv", name, install_s=round(time.perf_counter() - t0, 1))
-    return None
-
-
 def run(sizes: dict, systems: list[str], emit, tmp: Path) -> None:
     model_dir = tmp / "models"
     os.environ["EVAL_EXAMPLES_PY"] = str(EXAMPLES_PY)
@@ -614,181 +461,6 @@ def run(sizes: dict, systems: list[str], emit, tmp: Path) -> None:
             traceback.print_exc()
             text = f"{type(exc).__name__}: {exc}"
             emit("error", system, error=text if len(text) < 3000 else text[:500] + " ... " + text[-2500:])
-
-
-# ---- summary and plots ---------------------------------------------------------------------
-
-
-def summary(records: list[dict]) -> str:
-    lines = ["Evaluation against peers (ratios: system / dlhub-on, same run)"]
-    lat = [r for r in records if r["metric"] == "latency"]
-    base = {r["servable"]: r["p50_ms"] for r in lat if r["system"] == "dlhub-on"}
-    systems = list(dict.fromkeys(r["system"] for r in lat))
-    lines.append("p50 ms per servable (x dlhub-on):")
-    lines.append("  " + "system".ljust(16) + "".join(n[:14].rjust(16) for n in NAMES))
-    for s in systems:
-        row = "  " + s.ljust(16)
-        for n in NAMES:
-            v = next((r["p50_ms"] for r in lat if r["system"] == s and r["servable"] == n), None)
-            b = base.get(n)
-            row += (f"{v:.2f} ({v / b:.1f}x)" if v is not None and b else "-").rjust(16)
-        lines.append(row)
-    for metric, key, field in (
-        ("throughput", "concurrency", "calls_per_s"),
-        ("memo", "share", "calls_per_s"),
-        ("workers", "workers", "calls_per_s"),
-        ("batch_sweep", "rows", "per_row_us"),
-        ("cold_start", "workers", "seconds"),
-    ):
-        recs = [r for r in records if r["metric"] == metric]
-        if not recs:
-            continue
-        lines.append(f"{metric} ({field} by {key}):")
-        for s in dict.fromkeys(r["system"] for r in recs):
-            lines.append(
-                "  " + s.ljust(16) + "  ".join(f"{r[key]}: {r[field]}" for r in recs if r["system"] == s)
-            )
-    for r in records:
-        if r["metric"] == "error":
-            lines.append(f"FAILED {r['system']}: {r['error'].splitlines()[0][:300]}")
-    return "\n".join(lines)
-
-
-def markdown(records: list[dict]) -> str:
-    """The README tables: every value beside its ratio to dlhub-on from the same run."""
-    out = []
-    lat = [r for r in records if r["metric"] == "latency"]
-    systems = list(dict.fromkeys(r["system"] for r in lat))
-    base = {r["servable"]: r["p50_ms"] for r in lat if r["system"] == "dlhub-on"}
-    out.append("| p50 / p99 ms (p50 x dlhub-on) | " + " | ".join(NAMES) + " |")
-    out.append("|---" * (len(NAMES) + 1) + "|")
-    for s in systems:
-        cells = []
-        for n in NAMES:
-            r = next((r for r in lat if r["system"] == s and r["servable"] == n), None)
-            b = base.get(n)
-            cells.append(
-                f"{r['p50_ms']:.2f} / {r['p99_ms']:.1f} ({r['p50_ms'] / b:.1f}x)" if r and b else "-"
-            )
-        out.append(f"| {s} | " + " | ".join(cells) + " |")
-    for metric, key, field in (
-        ("throughput", "concurrency", "calls_per_s"),
-        ("batch_sweep", "rows", "per_row_us"),
-        ("memo", "share", "calls_per_s"),
-        ("workers", "workers", "calls_per_s"),
-        ("cold_start", "workers", "seconds"),
-    ):
-        recs = [r for r in records if r["metric"] == metric]
-        if not recs:
-            continue
-        keys = list(dict.fromkeys(r[key] for r in recs))
-        ref = "dlhub" if metric == "cold_start" else "dlhub-on"
-        base = {r[key]: r[field] for r in recs if r["system"] == ref}
-        out += ["", f"| {metric}: {field} (x {ref}) by {key} | " + " | ".join(map(str, keys)) + " |"]
-        out.append("|---" * (len(keys) + 1) + "|")
-        for s in dict.fromkeys(r["system"] for r in recs):
-            cells = []
-            for k in keys:
-                v = next((r[field] for r in recs if r["system"] == s and r[key] == k), None)
-                b = base.get(k)
-                cells.append("-" if v is None else f"{v} ({v / b:.2f}x)" if b else str(v))
-            out.append(f"| {s} | " + " | ".join(cells) + " |")
-    for r in records:
-        if r["metric"] == "error":
-            out += ["", f"- **{r['system']} failed**: {r['error'].splitlines()[0][:300]}"]
-    return "\n".join(out)
-
-
-def plots(records: list[dict], out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-
-    def series(metric, key, field):
-        recs = [r for r in records if r["metric"] == metric]
-        return {
-            s: ([r[key] for r in recs if r["system"] == s], [r[field] for r in recs if r["system"] == s])
-            for s in dict.fromkeys(r["system"] for r in recs)
-        }
-
-    lat = [r for r in records if r["metric"] == "latency"]
-    if lat:
-        systems = list(dict.fromkeys(r["system"] for r in lat))
-        fig, axes = plt.subplots(1, 2, figsize=(14, 5))
-        for ax, field in zip(axes, ("p50_ms", "p99_ms")):
-            w = 0.8 / len(systems)
-            for i, s in enumerate(systems):
-                vals = [
-                    next((r[field] for r in lat if r["system"] == s and r["servable"] == n), 0) for n in NAMES
-                ]
-                ax.bar([j + i * w for j in range(len(NAMES))], vals, w, label=s)
-            ax.set_xticks([j + 0.4 - w / 2 for j in range(len(NAMES))], NAMES, rotation=30, ha="right")
-            ax.set_yscale("log")
-            ax.set_ylabel(f"{field} (log)")
-            ax.set_title(f"serial {field} per servable")
-        axes[0].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "eval-latency.png", dpi=90)
-        plt.close(fig)
-        written.append("eval-latency.png")
-    for metric, key, field, xlog, fname, title in (
-        (
-            "throughput",
-            "concurrency",
-            "calls_per_s",
-            True,
-            "eval-throughput.png",
-            "diabetes-rf calls/s vs concurrent callers",
-        ),
-        (
-            "batch_sweep",
-            "rows",
-            "per_row_us",
-            True,
-            "eval-batching.png",
-            "diabetes-rf: us per row vs rows per call",
-        ),
-        (
-            "memo",
-            "share",
-            "calls_per_s",
-            False,
-            "eval-memo.png",
-            "diabetes-rf calls/s vs share of repeated inputs",
-        ),
-        ("workers", "workers", "calls_per_s", False, "eval-workers.png", "diabetes-rf calls/s vs workers"),
-        (
-            "cold_start",
-            "workers",
-            "seconds",
-            False,
-            "eval-cold-start.png",
-            "seconds from launch to first prediction",
-        ),
-    ):
-        data = series(metric, key, field)
-        if not data:
-            continue
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for s, (xs, ys) in data.items():
-            ax.plot(xs, ys, marker="o", label=s)
-        if xlog:
-            ax.set_xscale("log", base=2)
-        if metric in ("batch_sweep", "throughput"):
-            ax.set_yscale("log")
-        ax.set_xlabel(key)
-        ax.set_ylabel(field)
-        ax.set_title(title)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / fname, dpi=90)
-        plt.close(fig)
-        written.append(fname)
-    return written
 
 
 def main(argv: list[str] | None = None) -> int:
