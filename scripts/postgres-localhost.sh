@@ -287,6 +287,9 @@ T0=$(now)
 pg_admin -v user="$PG_USER" -v pass="$PG_PASSWORD" -v db="$PG_DB" <<'SQL' || die "creating role/database failed"
 SELECT format('CREATE ROLE %I LOGIN', :'user') WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = :'user') \gexec
 SELECT format('ALTER ROLE %I LOGIN CREATEDB PASSWORD %L', :'user', :'pass') \gexec
+-- tests drop their databases WITH (FORCE); an autovacuum worker in one (no role of its own)
+-- makes that fail with "must be a member of the role ... or of pg_signal_backend" unless granted
+SELECT format('GRANT pg_signal_backend TO %I', :'user') \gexec
 SELECT format('CREATE DATABASE %I OWNER %I', :'db', :'user') WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = :'db') \gexec
 SELECT format('ALTER DATABASE %I OWNER TO %I', :'db', :'user') \gexec
 SQL

@@ -525,9 +525,26 @@ def fresh_pg_database(prefix: str) -> Iterator[str]:
     try:
         yield sa.make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
     finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        _drop_pg_database(admin, name)
         admin.dispose()
+
+
+def _drop_pg_database(admin: Any, name: str) -> None:
+    """DROP ... WITH (FORCE), tried again for a few seconds: an autovacuum worker in the new
+    database makes it fail for a role without pg_signal_backend (a server set up before
+    scripts/postgres-localhost.sh granted it), and such a worker ends on its own."""
+    import sqlalchemy as sa
+
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with admin.connect() as conn:
+                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            return
+        except (sa.exc.OperationalError, sa.exc.ProgrammingError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 # ---- servables on the session stack: clients, unique names, metadata ----------------------------

@@ -486,8 +486,16 @@ def test_failing_worker_init_is_reported_within_one_block_start(slurm_stack, lag
         wait_until(reported, 10, 0.1, what="the failure to be named")
     except AssertionError:
         raise ProductBug(f"status.json/endpoint.log do not name the failure\n{describe(cs)}") from None
-    errors_ = leaves(cs.status()["block_errors"])
-    product_check(any(e["job_id"] == job_id and e["state"] == "FAILED" for e in errors_), errors_)
+
+    # the endpoint logs the failure, then writes status.json: the log may name it a moment first
+    def recorded() -> list[dict]:
+        return [e for e in leaves(cs.status().get("block_errors")) if e["job_id"] == job_id]
+
+    try:
+        errors_ = wait_until(recorded, 5, 0.1, what="status.json's block_errors to hold the job")
+    except AssertionError:
+        raise ProductBug(f"the log names the failure, status.json does not\n{describe(cs)}") from None
+    product_check(any(e["state"] == "FAILED" for e in errors_), errors_)
     assert cs.status()["workers"] == 0
 
 
