@@ -9,8 +9,6 @@ broker loop's state. OpenAPI: ``/openapi.json``; docs: ``/docs``.
 """
 
 import asyncio
-import concurrent.futures
-import contextlib
 import inspect
 import json
 import logging
@@ -23,19 +21,19 @@ from typing import TYPE_CHECKING, Annotated, Any
 import sqlalchemy as sa
 
 from dlhub.protocol import errors
-from dlhub.protocol import messages as m
 from dlhub.protocol.search import PARAMS, SearchParameterError, SearchQuery
 from dlhub.protocol.servable import OWNER_PATTERN, VISIBILITIES, RecordError, parse_record
 
 from .auth import Authenticator
+from .bodies import API, MAX_UPLOAD_PART, BodyTooLarge, BoundedBodies
 from .datasets import linked_datasets
 from .repository import Access, NotFound, Repository, RepositoryError, Viewer, no_servable
-from .store import TERMINAL, tasks_table, unpack_error
+from .sharing_api import shares_of
+from .tasks_api import task_outcome as task_outcome  # re-exported: (status, body) of a task
 
 if TYPE_CHECKING:
     from .services import ServableService
 
-API = "/api/v1"
 log = logging.getLogger("dlhub.manager.api")
 
 
@@ -63,157 +61,12 @@ def endpoint_required(exc: errors.EndpointRequired, field: str) -> ApiError:
     )
 
 
-# HTTP status of a failed task, by its error code (the JSON body carries code and message)
-TASK_ERROR_STATUS = {
-    "servable-not-found": 404,
-    "unknown-endpoint": 404,
-    "payload-too-large": 413,
-    "task-timeout": 504,
-    "worker-lost": 502,
-    "endpoint-lost": 502,
-    "lost": 502,
-    "cancelled": 409,
-    "quota-exceeded": 429,
-}
-MAX_UPLOAD_PART = 1024 * 1024 * 1024
-# request bodies: JSON (run, share...) up to MAX_BODY_BYTES; a publish (multipart, the files of a
-# servable) up to MAX_PUBLISH_BYTES in all. Larger: 413 before the body is read.
-MAX_BODY_BYTES = 32 * 1024 * 1024
-MAX_PUBLISH_BYTES = MAX_UPLOAD_PART
-PUBLISH_PATH = f"{API}/servables"
-OUTPUTS_PATH = f"{API}/outputs"  # outputs by reference: authorized by an upload grant, streamed
 # bounds for REST integers (SQLite and PostgreSQL integers are 64-bit; versions are small)
 MAX_VERSION = 2**31 - 1
-MAX_TIMEOUT_S = 30 * 24 * 3600.0
-COMMIT_WAIT_S = 5.0  # a REST run answers its task id once the row is committed, or after this
 # uvicorn: requests handled at once (more: 503), header bytes, idle keep-alive seconds
 REST_CONCURRENCY = 256
 REST_MAX_HEADER_BYTES = 64 * 1024
 REST_KEEP_ALIVE_S = 5
-
-
-def task_outcome(task_id: str, state: str, payload: bytes | None, error: list | None) -> tuple[int, dict]:
-    """(HTTP status, body) for a task: 200 with the JSON result, 202 while it runs, else an error."""
-    from .services import result_value
-
-    if state not in TERMINAL:
-        return 202, {"task_id": task_id, "state": state}
-    if state == "succeeded":
-        try:
-            value = result_value([b"", state, payload, None, None, None])
-        except (errors.SerializationError, ValueError):
-            return 406, {
-                "code": "not-json",
-                "message": "this result was serialized for a Python client; read it with Executor.fetch",
-                "task_id": task_id,
-            }
-        return 200, {"task_id": task_id, "state": state, "result": value}
-    code, message, tb_text = (error or ["lost", f"task ended {state}", ""])[:3]
-    status = TASK_ERROR_STATUS.get(code, 422)  # 422: the servable raised on this input
-    body = {"code": code if code in TASK_ERROR_STATUS else "task-failed", "message": message}
-    return status, {**body, "task_id": task_id, "state": state, "traceback": tb_text or None}
-
-
-# An unauthenticated body up to this size is read (and dropped) before the 401, so the client
-# reads the answer instead of a connection reset; anything larger is refused unread.
-DRAIN_BEFORE_REFUSAL_BYTES = 1 << 20
-
-
-class BodyTooLarge(Exception):
-    """A body streamed without Content-Length went past its limit."""
-
-
-class BoundedBodies:
-    """ASGI middleware: a request with a body (POST/PUT/PATCH/DELETE: every such route needs a
-    token) is refused before a byte of it is read when its token is not valid (401) or its
-    Content-Length is above the limit (413); a body streamed without Content-Length is counted
-    as it arrives and refused at the limit. Errors are the API's JSON ``{code, message}``."""
-
-    def __init__(self, app: Any, check_token: Callable[[str], Any]):
-        self.app, self.check_token = app, check_token
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH", "DELETE"):
-            return await self.app(scope, receive, send)
-        if scope["path"].startswith(OUTPUTS_PATH) and b"grant=" in scope.get("query_string", b""):
-            # a call's output stored by its endpoint: the route checks the upload grant before it
-            # reads a byte, then streams the body to disk (declared size at most MAX_FILE_BYTES)
-            return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-        ok = scheme.lower() == "bearer" and token.strip()
-        if not ok or await asyncio.to_thread(self.check_token, token.strip()) is None:
-            await self._drain_small(receive, headers.get(b"content-length"))
-            return await self._refuse(
-                send, 401, "access-denied", "a valid 'Authorization: Bearer <token>' header is required"
-            )
-        publish = scope["method"] == "POST" and scope["path"].rstrip("/") == PUBLISH_PATH
-        limit = MAX_PUBLISH_BYTES if publish else MAX_BODY_BYTES
-        what = "a publish" if publish else "a request body"
-        too_large = f"{what} may be at most {limit:,} bytes"
-        length = headers.get(b"content-length")
-        if length is not None:
-            if not length.isdigit():
-                return await self._refuse(send, 400, "bad-request", "Content-Length is not a number")
-            if int(length) > limit:
-                return await self._refuse(send, 413, "payload-too-large", f"{too_large}; got {int(length):,}")
-        if publish:  # large: streamed to the form parser, counted on the way
-            seen = 0
-
-            async def counted() -> dict:
-                nonlocal seen
-                message = await receive()
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise BodyTooLarge(too_large)
-                return message
-
-            return await self.app(scope, counted, send)
-        chunks, seen = [], 0  # small: read here (at most the limit), then replayed
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client went away
-            chunks.append(message.get("body", b""))
-            seen += len(chunks[-1])
-            if seen > limit:
-                return await self._refuse(send, 413, "payload-too-large", too_large)
-            if not message.get("more_body"):
-                break
-        body, replayed = b"".join(chunks), False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        return await self.app(scope, replay, send)
-
-    @staticmethod
-    async def _drain_small(receive: Callable, length: bytes | None) -> None:
-        """Read and drop a small body before refusing it: closing a connection with unread bytes
-        makes the kernel reset it, and a client still sending then sees "connection reset"
-        instead of the 401. Large bodies (the attack) are not read: they get the reset."""
-        if length is not None and (not length.isdigit() or int(length) > DRAIN_BEFORE_REFUSAL_BYTES):
-            return
-        seen = 0
-        while seen <= DRAIN_BEFORE_REFUSAL_BYTES:
-            message = await receive()
-            if message["type"] != "http.request":
-                return
-            seen += len(message.get("body", b""))
-            if not message.get("more_body"):
-                return
-
-    @staticmethod
-    async def _refuse(send: Callable, status: int, code: str, message: str) -> None:
-        body = json.dumps({"code": code, "message": message}).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        headers.append((b"connection", b"close"))  # the unread body must not be parsed as a request
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
 
 
 def search_parameters(query: Callable[..., Any]) -> Callable[..., SearchQuery]:
@@ -247,9 +100,9 @@ def create_app(
     engine: sa.Engine, repository: Repository, auth: Authenticator, servables: "ServableService | None" = None
 ):
     """The FastAPI app (imported here: FastAPI costs ~0.4 s, kept off the manager's start-up)."""
-    from fastapi import Body, Depends, FastAPI, Header, Path, Query, Request
+    from fastapi import Depends, FastAPI, Header, Path, Query, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, PlainTextResponse
+    from fastapi.responses import PlainTextResponse
     from starlette.datastructures import UploadFile
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -440,80 +293,18 @@ def create_app(
         must_own(who, owner, name)
         return {"deleted": repository.delete(owner, name, version)}
 
-    def shares_of(access: Access) -> dict[str, list[str]]:
-        return {"users": sorted(access.users), "groups": sorted(access.groups)}
+    from .sharing_api import install as install_sharing  # access, share, unshare, visibility
 
-    def access_body(owner: str, name: str, access: Access) -> dict[str, Any]:
-        return {"servable": f"{owner}/{name}", "visibility": access.visibility, **shares_of(access)}
-
-    def principals(users: list[str], groups: list[str]) -> tuple[list[str], list[str]]:
-        """Checked user and group names (422 naming a bad one; at least one of either)."""
-        if not users and not groups:
-            raise ApiError(422, "invalid-request", "name at least one of 'users' or 'groups'")
-        for kind, names in (("user", users), ("group", groups)):
-            for principal in names:
-                if not isinstance(principal, str) or not re.fullmatch(OWNER_PATTERN, principal):
-                    raise ApiError(422, "invalid-request", f"{kind} name {principal!r} is not valid")
-        return sorted(set(users)), sorted(set(groups))
-
-    @app.get(f"{API}/servables/{{owner}}/{{name}}/access")
-    def get_access(who: User, owner: str, name: str) -> dict[str, Any]:
-        """Visibility and shares (owner and admins)."""
-        must_own(who, owner, name)
-        if not repository.exists(owner, name):
-            raise NotFound(no_servable(owner, name))
-        return access_body(owner, name, repository.access(owner, name))
-
-    @app.post(f"{API}/servables/{{owner}}/{{name}}/share")
-    def share(
-        who: User,
-        owner: str,
-        name: str,
-        users: Annotated[list[str], Body()] = [],  # noqa: B006 - FastAPI copies defaults
-        groups: Annotated[list[str], Body()] = [],  # noqa: B006
-    ) -> dict[str, Any]:
-        """Let ``users`` and members of ``groups`` see and run a private servable (owner, admins)."""
-        must_own(who, owner, name)
-        users, groups = principals(users, groups)
-        body = access_body(owner, name, repository.share(owner, name, users, groups))
-        warnings = unknown_principals(users, groups)
-        return {**body, "warnings": warnings} if warnings else body
-
-    def unknown_principals(users: list[str], groups: list[str]) -> list[str]:
-        """Shares with names nobody has (yet) are kept, as the owner asked, but said out loud."""
-        from .store import groups_table, users_table
-
-        with engine.connect() as conn:
-            known_users = set(
-                conn.execute(sa.select(users_table.c.name).where(users_table.c.name.in_(users))).scalars()
-            )
-            known_groups = set(
-                conn.execute(sa.select(groups_table.c.name).where(groups_table.c.name.in_(groups))).scalars()
-            )
-        return [f"there is no user {u!r} (yet)" for u in users if u not in known_users] + [
-            f"there is no group {g!r} (yet)" for g in groups if g not in known_groups
-        ]
-
-    @app.post(f"{API}/servables/{{owner}}/{{name}}/unshare")
-    def unshare(
-        who: User,
-        owner: str,
-        name: str,
-        users: Annotated[list[str], Body()] = [],  # noqa: B006 - FastAPI copies defaults
-        groups: Annotated[list[str], Body()] = [],  # noqa: B006
-    ) -> dict[str, Any]:
-        """Take shares back (owner, admins); the servable's owner and admins always see it."""
-        must_own(who, owner, name)
-        users, groups = principals(users, groups)
-        return access_body(owner, name, repository.unshare(owner, name, users, groups))
-
-    @app.put(f"{API}/servables/{{owner}}/{{name}}/visibility")
-    def set_visibility(
-        who: User, owner: str, name: str, visibility: Annotated[str, Body(embed=True)]
-    ) -> dict[str, Any]:
-        """``{"visibility": "public" | "private"}`` (owner, admins)."""
-        must_own(who, owner, name)
-        return access_body(owner, name, repository.set_visibility(owner, name, visibility))
+    # what the route modules take besides create_app's locals (module-level names of this one)
+    shared = {
+        "ApiError": ApiError,
+        "API": API,
+        "MAX_VERSION": MAX_VERSION,
+        "endpoint_required": endpoint_required,
+        "search_parameters": search_parameters,
+        "shares_of": shares_of,
+    }
+    handlers = install_sharing(app, {**locals(), **shared})
 
     def need_services() -> Any:
         if servables is None:
@@ -613,106 +404,15 @@ def create_app(
         service.verify(published, endpoint, who[0])  # the endpoint policy checks the publisher
         return {"ref": published.ref, "status": "pending", "verifying_on": endpoint}
 
-    @app.post(f"{API}/servables/{{owner}}/{{name}}/run")
-    async def run(
-        who: User,
-        owner: str,
-        name: str,
-        args: Annotated[list[Any], Body()] = [],  # noqa: B006 - FastAPI copies defaults
-        kwargs: Annotated[dict[str, Any], Body()] = {},  # noqa: B006
-        version: Annotated[int | None, Body(ge=1, le=MAX_VERSION)] = None,
-        endpoint: Annotated[str | None, Body()] = None,
-        wait_s: Annotated[float, Body(ge=0, le=3600, allow_inf_nan=False)] = 30.0,
-        timeout_s: Annotated[float | None, Body(gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)] = None,
-        cache: Annotated[bool, Body()] = True,
-    ):
-        """Run a servable with JSON arguments. ``wait_s`` 0: return the task id at once (202);
-        otherwise wait that long for the result (200), else 202 with the id to poll."""
-        service = need_services()
-        ref = f"{owner}/{name}" + (f":{version}" if version else "")
-        try:
-            await asyncio.to_thread(service.resolve, ref, viewer_of(who))
-            target = service.default_endpoint(endpoint)
-        except errors.ServableNotFound as exc:
-            raise ApiError(404, "servable-not-found", str(exc)) from None
-        except errors.UnknownEndpoint as exc:
-            raise ApiError(404, "unknown-endpoint", str(exc)) from None
-        except errors.EndpointRequired as exc:
-            raise endpoint_required(exc, "JSON field") from None
-        committed: concurrent.futures.Future = concurrent.futures.Future()
-        task_id, future = service.submit(
-            who[0], target, m.REF_PREFIX + ref, args, kwargs, timeout_s, cache=cache, committed=committed
-        )
-        tid = task_id.hex()
-        location = {"Location": f"{API}/tasks/{tid}/result"}
-        if wait_s:
-            try:
-                res = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), wait_s)
-            except asyncio.TimeoutError:
-                res = None
-            if res is not None:
-                status, body = task_outcome(tid, res[m.R_STATE], res[m.R_PAYLOAD], res[m.R_ERROR])
-                return JSONResponse(body, status_code=status, headers=location)
-        # the id is answered once its row is committed, so the caller's first poll finds it (a
-        # stalled database: answered after COMMIT_WAIT_S anyway; polls of a task still open
-        # read queued, as the Router knows it)
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(committed)), COMMIT_WAIT_S)
-        return JSONResponse({"task_id": tid, "state": "queued"}, status_code=202, headers=location)
+    from .tasks_api import install as install_tasks  # run, a task's state and result
 
-    def task_row(who: tuple[str, str], task_id: str, columns) -> dict[str, Any]:
-        try:
-            raw = bytes.fromhex(task_id)
-        except ValueError:
-            raise ApiError(422, "invalid-request", f"task id {task_id!r} is not hex") from None
-        t = tasks_table
-
-        def read() -> dict[str, Any] | None:
-            with engine.connect() as conn:
-                row = conn.execute(sa.select(t.c.owner, *columns).where(t.c.task_id == raw)).first()
-            return dict(row._mapping) if row is not None else None
-
-        record = read()
-        manager = servables.manager if servables is not None else None
-        standing = None
-        if (record is None or record["state"] not in TERMINAL) and manager is not None:
-            standing = manager.task_standing(raw, who[0])  # one ask of the loop
-        if standing == "finished":
-            # its result went out before its row's group commit (a caller who just got it from
-            # the Executor asks at once): wait for that commit, then read the row that landed
-            manager.store.flush()
-            record = read()
-        elif record is None and standing == "pending":
-            # answered to its caller but not yet committed (group commit): queued, not missing
-            record = {"owner": who[0], **{c.name: None for c in columns}, "state": "queued"}
-        if record is None or (who[1] != "admin" and record["owner"] != who[0]):
-            # another user's task reads exactly like one that does not exist (no existence leak)
-            raise ApiError(404, "not-found", f"there is no task {task_id}")
-        return record
-
-    @app.get(f"{API}/tasks/{{task_id}}/result")
-    def task_result(who: User, task_id: TaskId):
-        """200 with the JSON result; 202 while the task runs; an error status when it failed."""
-        t = tasks_table
-        row = task_row(who, task_id, [t.c.state, t.c.result, t.c.error])
-        status, body = task_outcome(task_id, row["state"], row["result"], unpack_error(row["error"]))
-        return JSONResponse(body, status_code=status)
-
-    @app.get(f"{API}/tasks/{{task_id}}")
-    def task(who: User, task_id: TaskId) -> dict[str, Any]:
-        t = tasks_table
-        cols = [c for c in t.c if c.name not in ("payload", "result", "error", "task_id", "owner")]
-        return {"task_id": task_id, **task_row(who, task_id, cols)}
-
+    handlers |= install_tasks(app, {**locals(), **shared})
     from .datasets_api import install as install_datasets  # data sets and uploads
 
-    install_datasets(
-        app, {**locals(), "ApiError": ApiError, "API": API, "MAX_VERSION": MAX_VERSION,
-              "search_parameters": search_parameters},
-    )  # fmt: skip
+    install_datasets(app, {**locals(), **shared})
     from .web import install as install_web  # the pages call the handlers above (dlhub.manager.web)
 
-    install_web(app, {**locals(), "ApiError": ApiError})
+    install_web(app, {**locals(), **handlers, **shared})
     return app
 
 

@@ -20,7 +20,7 @@
     POST /api/v1/outputs?grant=&sha256=&size=&name=   begin storing one output for the grant's
                                                    user (complete at once when they hold it)
     PUT  /api/v1/outputs/{id}?grant=  (bytes)      the whole file, streamed (no bearer token, not
-                                                   buffered: ``api.BoundedBodies`` lets it by);
+                                                   buffered: ``bodies.BoundedBodies`` lets it by);
                                                    sha256 checked, then held by the grant's user;
                                                    any failure discards the upload
 
