@@ -6,6 +6,11 @@
 Every error is JSON ``{"code": ..., "message": ...}`` with its HTTP status (never a 200 carrying
 an error string). Requests use their own database connections, so this thread never touches the
 broker loop's state. OpenAPI: ``/openapi.json``; docs: ``/docs``.
+
+Here: the app, its errors and dependencies, the servables' routes (search, describe, versions,
+delete, publish) and the server. Installed on the app by ``create_app``: ``.bodies`` (the body
+limits, checked before a body is read), ``.sharing_api`` (access, share, unshare, visibility),
+``.tasks_api`` (run, a task's state and result), ``.datasets_api`` and the web pages.
 """
 
 import asyncio
