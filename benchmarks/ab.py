@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/ab.py --baseline 872119a              # 10 rounds of 4 blocks of 200 calls
     .venv/bin/python benchmarks/ab.py --baseline HEAD~5 --rounds 4    # fewer (~1 min)
-    .venv/bin/python benchmarks/ab.py --baseline 872119a --quick      # 2 rounds of 4 blocks of 50
+    .venv/bin/python benchmarks/ab.py                                 # uncommitted changes vs HEAD
+    .venv/bin/python benchmarks/ab.py --quick                         # 2 rounds of 4 blocks of 50 (CI)
 
 Why: a before/after figure taken as two runs minutes apart mostly measures what else the shared
 machine did meanwhile (serial p50s of one tree moved 0.89-1.05 ms between runs here). Here the
@@ -114,7 +115,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--baseline", help="commit to compare against (any git revision)")
+    parser.add_argument("--baseline", default="HEAD", help="commit to compare against (default HEAD)")
     parser.add_argument("--rounds", type=int, default=10, help="ABBA rounds (default 10)")
     parser.add_argument("--block", type=int, default=200, help="serial calls per block (default 200)")
     parser.add_argument("--quick", action="store_true", help="2 rounds of blocks of 50")
@@ -123,8 +124,6 @@ def main() -> int:
     if args.child:
         child(args.child)
         return 0
-    if not args.baseline:
-        parser.error("--baseline REV is required")
     rounds, block = (2, 50) if args.quick else (args.rounds, args.block)
     rev = subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "--short", args.baseline], capture_output=True, text=True
