@@ -30,6 +30,7 @@ def install(app: Any, ctx: dict[str, Any]) -> dict[str, Any]:
 
     ApiError, API, User = ctx["ApiError"], ctx["API"], ctx["User"]
     repository, engine, must_own = ctx["repository"], ctx["engine"], ctx["must_own"]
+    Names = Annotated[list[str], Body()]  # users or groups, in the JSON body
 
     def access_body(owner: str, name: str, access: Access) -> dict[str, Any]:
         return {"servable": f"{owner}/{name}", "visibility": access.visibility, **shares_of(access)}
@@ -43,29 +44,6 @@ def install(app: Any, ctx: dict[str, Any]) -> dict[str, Any]:
                 if not isinstance(principal, str) or not re.fullmatch(OWNER_PATTERN, principal):
                     raise ApiError(422, "invalid-request", f"{kind} name {principal!r} is not valid")
         return sorted(set(users)), sorted(set(groups))
-
-    @app.get(f"{API}/servables/{{owner}}/{{name}}/access")
-    def get_access(who: User, owner: str, name: str) -> dict[str, Any]:
-        """Visibility and shares (owner and admins)."""
-        must_own(who, owner, name)
-        if not repository.exists(owner, name):
-            raise NotFound(no_servable(owner, name))
-        return access_body(owner, name, repository.access(owner, name))
-
-    @app.post(f"{API}/servables/{{owner}}/{{name}}/share")
-    def share(
-        who: User,
-        owner: str,
-        name: str,
-        users: Annotated[list[str], Body()] = [],  # noqa: B006 - FastAPI copies defaults
-        groups: Annotated[list[str], Body()] = [],  # noqa: B006
-    ) -> dict[str, Any]:
-        """Let ``users`` and members of ``groups`` see and run a private servable (owner, admins)."""
-        must_own(who, owner, name)
-        users, groups = principals(users, groups)
-        body = access_body(owner, name, repository.share(owner, name, users, groups))
-        warnings = unknown_principals(users, groups)
-        return {**body, "warnings": warnings} if warnings else body
 
     def unknown_principals(users: list[str], groups: list[str]) -> list[str]:
         """Shares with names nobody has (yet) are kept, as the owner asked, but said out loud."""
@@ -82,13 +60,36 @@ def install(app: Any, ctx: dict[str, Any]) -> dict[str, Any]:
             f"there is no group {g!r} (yet)" for g in groups if g not in known_groups
         ]
 
+    @app.get(f"{API}/servables/{{owner}}/{{name}}/access")
+    def get_access(who: User, owner: str, name: str) -> dict[str, Any]:
+        """Visibility and shares (owner and admins)."""
+        must_own(who, owner, name)
+        if not repository.exists(owner, name):
+            raise NotFound(no_servable(owner, name))
+        return access_body(owner, name, repository.access(owner, name))
+
+    @app.post(f"{API}/servables/{{owner}}/{{name}}/share")
+    def share(
+        who: User,
+        owner: str,
+        name: str,
+        users: Names = [],  # noqa: B006 - FastAPI copies defaults
+        groups: Names = [],  # noqa: B006
+    ) -> dict[str, Any]:
+        """Let ``users`` and members of ``groups`` see and run a private servable (owner, admins)."""
+        must_own(who, owner, name)
+        users, groups = principals(users, groups)
+        body = access_body(owner, name, repository.share(owner, name, users, groups))
+        warnings = unknown_principals(users, groups)
+        return {**body, "warnings": warnings} if warnings else body
+
     @app.post(f"{API}/servables/{{owner}}/{{name}}/unshare")
     def unshare(
         who: User,
         owner: str,
         name: str,
-        users: Annotated[list[str], Body()] = [],  # noqa: B006 - FastAPI copies defaults
-        groups: Annotated[list[str], Body()] = [],  # noqa: B006
+        users: Names = [],  # noqa: B006 - FastAPI copies defaults
+        groups: Names = [],  # noqa: B006
     ) -> dict[str, Any]:
         """Take shares back (owner, admins); the servable's owner and admins always see it."""
         must_own(who, owner, name)
